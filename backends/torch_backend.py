@@ -1,0 +1,402 @@
+"""PyTorch + transformers + PEFT (+ bitsandbytes) backend: LoRA and QLoRA on CUDA, and on CPU for tests.
+
+Only numpy arrays, Python numbers, strings and Paths leave this module (SPEC §2).
+"""
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import math
+import random
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from overnight.backend import Batch, OutOfMemory, SetupInfo, StepResult
+from overnight.config import ConfigError
+
+_OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+PREFERENCE_BETA = 0.1  # DPO and ORPO both use beta 0.1 (the papers' and TRL's default)
+STATE_FORMAT = 1
+
+
+def _bnb_version() -> str | None:
+    try:
+        import bitsandbytes
+
+        return bitsandbytes.__version__
+    except Exception:
+        return None
+
+
+class TorchBackend:
+    name = "torch"
+
+    def __init__(self) -> None:
+        self._model = None
+        self._optimizer = None
+        self._params: list[torch.nn.Parameter] = []
+        self._param_names: list[str] = []
+
+    # ------------------------------------------------------------------ setup
+
+    def setup(self, cfg: Any, seed: int) -> SetupInfo:
+        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self._cfg = cfg
+        self._method = cfg.data.method
+        self._optimizer_name = cfg.train.optimizer
+        self._device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        on_cuda = self._device.type == "cuda"
+        if self._optimizer_name == "paged_adamw_8bit" and not on_cuda:
+            raise ConfigError(
+                "config key 'train.optimizer': paged_adamw_8bit needs a CUDA GPU (bitsandbytes paged optimizers are "
+                "CUDA-only); use train.optimizer=adamw on this machine"
+            )
+        bits = cfg.model.quantization.bits
+        # bf16 where the GPU has it (Ampere and newer); fp32 on CPU and on older GPUs, where fp16 would need a grad scaler.
+        self._compute_dtype = torch.bfloat16 if on_cuda and torch.cuda.is_bf16_supported() else torch.float32
+
+        model_dir = self._resolve_model_dir(cfg.model.path)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        except Exception as exc:
+            raise ConfigError(f"config key 'model.path': cannot load a tokenizer from {model_dir}: {exc}") from None
+
+        load_kwargs: dict[str, Any] = {"dtype": self._compute_dtype}
+        if bits in (4, 8):
+            from transformers import BitsAndBytesConfig
+
+            if bits == 4:
+                quant = BitsAndBytesConfig(
+                    load_in_4bit=True,
+                    bnb_4bit_quant_type="nf4",
+                    bnb_4bit_use_double_quant=True,
+                    bnb_4bit_compute_dtype=self._compute_dtype,
+                )
+            else:
+                quant = BitsAndBytesConfig(load_in_8bit=True)
+            load_kwargs["quantization_config"] = quant
+            load_kwargs["device_map"] = {"": self._device.index if on_cuda else "cpu"}
+        try:
+            model = AutoModelForCausalLM.from_pretrained(str(model_dir), **load_kwargs)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"config key 'model.path': cannot load a causal LM from {model_dir}: {exc}") from None
+        if bits == 0:
+            model.to(self._device)
+        model.config.use_cache = False
+
+        embed_rows = model.get_input_embeddings().weight.shape[0]
+        if len(tokenizer) > embed_rows:
+            raise ConfigError(
+                f"config key 'model.path': the tokenizer in {model_dir} has {len(tokenizer)} tokens but the model's "
+                f"embedding has only {embed_rows} rows"
+            )
+
+        # Non-reentrant checkpointing needs no input-grad hook and replays the dropout RNG exactly.
+        ckpt_kwargs = {"use_reentrant": False}
+        if bits in (4, 8):
+            model = prepare_model_for_kbit_training(
+                model, use_gradient_checkpointing=cfg.model.grad_checkpoint, gradient_checkpointing_kwargs=ckpt_kwargs
+            )
+        elif cfg.model.grad_checkpoint:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
+
+        num_layers = model.config.get_text_config().num_hidden_layers
+        n = cfg.lora.layers
+        layers = None if n == -1 or n >= num_layers else list(range(num_layers - n, num_layers))
+        lora_config = LoraConfig(
+            r=cfg.lora.rank,
+            lora_alpha=cfg.lora.alpha,  # PEFT scales by lora_alpha / r, the same scale mlx-lm is given (SPEC §4)
+            lora_dropout=cfg.lora.dropout,
+            target_modules=list(cfg.lora.targets),
+            layers_to_transform=layers,
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+        _seed_everything(seed)  # right before LoRA init, so the adapter's initial weights depend on the seed alone
+        try:
+            with warnings.catch_warnings():
+                # PEFT probes a property transformers 5 deprecated; the warning is theirs, not the user's.
+                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+                model = get_peft_model(model, lora_config)
+        except ValueError as exc:
+            raise ConfigError(f"config key 'lora.targets' {list(cfg.lora.targets)}: {exc}") from None
+        self._model = model
+        self._params = [p for p in model.parameters() if p.requires_grad]
+        self._param_names = [name for name, p in model.named_parameters() if p.requires_grad]
+        if not self._params:
+            raise ConfigError(f"config key 'lora.targets': {list(cfg.lora.targets)} matched no trainable module")
+        self._optimizer = self._build_optimizer()
+        trainable, total = model.get_nb_trainable_parameters()
+        lora_modules = sorted({name.split(".lora_")[0] for name in self._param_names})
+        details = {
+            "device": str(self._device),
+            "compute_dtype": str(self._compute_dtype).replace("torch.", ""),
+            "quantization": {0: "none", 4: "bitsandbytes nf4, double quantization, blocksize 64",
+                             8: "bitsandbytes int8"}[bits],
+            "lora_layers": layers if layers is not None else list(range(num_layers)),
+            "lora_modules": len(lora_modules),
+            "lora_scale": cfg.lora.alpha / cfg.lora.rank,
+            "optimizer": self._optimizer_name,
+            "grad_checkpoint": bool(cfg.model.grad_checkpoint),
+            "method": self._method,
+            "tokenizer_size": len(tokenizer),
+        }
+        if bits == 4 and cfg.model.quantization.group_size != 64:
+            details["note"] = (f"model.quantization.group_size={cfg.model.quantization.group_size} is not used by "
+                               "bitsandbytes, whose NF4 blocksize is 64")
+        return SetupInfo(trainable_params=int(trainable), total_params=int(total), model_dir=model_dir, details=details)
+
+    @staticmethod
+    def _resolve_model_dir(path: str) -> Path:
+        if not path:
+            raise ConfigError("config key 'model.path' is empty: give a local model folder or a hub id")
+        local = Path(path).expanduser()
+        if local.is_dir():
+            return local.resolve()
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(repo_id=path))
+        except Exception as exc:
+            raise ConfigError(
+                f"config key 'model.path': '{path}' is not a local folder and could not be fetched from the hub: {exc}"
+            ) from None
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        train = self._cfg.train
+        if self._optimizer_name == "paged_adamw_8bit":
+            import bitsandbytes as bnb
+
+            return bnb.optim.PagedAdamW8bit(self._params, lr=train.learning_rate, weight_decay=train.weight_decay)
+        return torch.optim.AdamW(self._params, lr=train.learning_rate, weight_decay=train.weight_decay)
+
+    # ------------------------------------------------------------------ steps
+
+    def _autocast(self):
+        if self._device.type == "cuda" and self._compute_dtype != torch.float32:
+            return torch.autocast("cuda", dtype=self._compute_dtype)
+        return contextlib.nullcontext()
+
+    def _tensors(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        dev = self._device
+        ids = torch.from_numpy(np.ascontiguousarray(batch.input_ids, dtype=np.int64)).to(dev, non_blocking=True)
+        attn = torch.from_numpy(np.ascontiguousarray(batch.attention_mask, dtype=np.int64)).to(dev, non_blocking=True)
+        mask = torch.from_numpy(np.ascontiguousarray(batch.loss_mask, dtype=np.float32)).to(dev, non_blocking=True)
+        return ids, attn, mask
+
+    def _token_logps(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token log-probabilities of the targets (B, T-1) and their mask (B, T-1)."""
+        ids, attn, mask = self._tensors(batch)
+        with self._autocast():
+            logits = self._model(input_ids=ids, attention_mask=attn, use_cache=False).logits
+        # Token t is predicted from tokens < t, so logits at t-1 score input_ids[t].
+        logits = logits[:, :-1].float()
+        targets = ids[:, 1:]
+        logp = -F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+        return logp.view(targets.shape), mask[:, 1:]
+
+    def _objective(self, batch: Batch) -> torch.Tensor:
+        """The micro-batch's summed objective: summed target-token CE (sft, cpt) or summed per-pair loss (dpo, orpo).
+        Dividing by the step's total weight (tokens or pairs) makes any split into micro-batches the same update."""
+        if self._method in ("dpo", "orpo"):
+            if not batch.paired or batch.num_rows % 2:
+                raise ValueError(f"method {self._method} needs paired rows (chosen, rejected), got an unpaired batch")
+            logp, mask = self._token_logps(batch)
+            sums = (logp * mask).sum(dim=1)
+            if self._method == "dpo":
+                with torch.no_grad(), self._model.disable_adapter():
+                    ref_logp, _ = self._token_logps(batch)
+                    ref_sums = (ref_logp * mask).sum(dim=1)
+                margin = (sums[0::2] - ref_sums[0::2]) - (sums[1::2] - ref_sums[1::2])
+                return -F.logsigmoid(PREFERENCE_BETA * margin).sum()
+            # ORPO: length-normalised log-probs; odds = p / (1 - p). Clamp keeps log(1 - p) finite when p -> 1.
+            avg = (sums / mask.sum(dim=1).clamp(min=1)).clamp(max=-1e-6)
+            log_odds = (avg[0::2] - avg[1::2]) - (torch.log(-torch.expm1(avg[0::2])) - torch.log(-torch.expm1(avg[1::2])))
+            return (-avg[0::2] - PREFERENCE_BETA * F.logsigmoid(log_odds)).sum()
+        logp, mask = self._token_logps(batch)
+        return -(logp * mask).sum()
+
+    def _weight(self, batch: Batch) -> int:
+        if self._method in ("dpo", "orpo"):
+            return batch.num_rows // 2
+        return batch.num_target_tokens
+
+    def train_step(self, micro_batches: list[Batch], lr: float) -> StepResult:
+        model, optimizer = self._model, self._optimizer
+        model.train()
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        total = sum(self._weight(mb) for mb in micro_batches)
+        tokens = sum(mb.num_target_tokens for mb in micro_batches)
+        if total == 0:
+            raise ValueError("a training step with no target tokens: every loss_mask entry is 0 "
+                             "(check data.mask_prompt and model.max_seq_length)")
+        max_norm = self._cfg.train.max_grad_norm
+        try:
+            loss_sum = torch.zeros((), dtype=torch.float32, device=self._device)
+            for mb in micro_batches:
+                objective = self._objective(mb)
+                (objective / total).backward()
+                loss_sum += objective.detach()
+            # max_norm 0 means no clipping; inf still yields the global norm and scales grads by exactly 1.
+            norm = torch.nn.utils.clip_grad_norm_(self._params, max_norm if max_norm > 0 else math.inf)
+            loss_value, norm_value = torch.stack([loss_sum, norm.float()]).tolist()  # the step's one host sync
+            # A non-finite step is reported (the loop stops on it) but never applied, so saved weights stay finite.
+            if math.isfinite(loss_value) and math.isfinite(norm_value):
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        except _OOM as exc:
+            self._recover_from_oom()
+            raise OutOfMemory(f"CUDA out of memory in a step of {sum(mb.num_rows for mb in micro_batches)} rows: {exc}") from None
+        return StepResult(loss=loss_value / total, tokens=tokens, grad_norm=norm_value)
+
+    def _recover_from_oom(self) -> None:
+        self._optimizer.zero_grad(set_to_none=True)
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def eval_loss(self, batch: Batch) -> tuple[float, int]:
+        """(summed loss, weight): target tokens for sft/cpt; for dpo/orpo the weight is the number of pairs."""
+        self._model.eval()
+        try:
+            with torch.no_grad():
+                value = self._objective(batch).item()
+        except _OOM as exc:
+            self._recover_from_oom()
+            raise OutOfMemory(f"CUDA out of memory in evaluation: {exc}") from None
+        return value, self._weight(batch)
+
+    def generate(self, prompt_ids: np.ndarray, max_new_tokens: int, eos_id: int | None) -> np.ndarray:
+        """Greedy continuation, without the prompt and without the end-of-sequence token."""
+        self._model.eval()
+        ids = torch.as_tensor(np.asarray(prompt_ids, dtype=np.int64).reshape(1, -1), device=self._device)
+        kwargs: dict[str, Any] = {"do_sample": False, "num_beams": 1, "max_new_tokens": int(max_new_tokens),
+                                  "use_cache": True}
+        if eos_id is not None:
+            kwargs.update(eos_token_id=int(eos_id), pad_token_id=int(eos_id))
+        with torch.no_grad(), self._autocast(), warnings.catch_warnings():
+            # Model folders often ship sampling defaults (temperature, top_p) that greedy decoding ignores.
+            warnings.simplefilter("ignore", UserWarning)
+            out = self._model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
+        new = out[0, ids.shape[1]:].cpu().numpy().astype(np.int64)
+        if eos_id is not None:
+            hits = np.flatnonzero(new == eos_id)
+            if hits.size:
+                new = new[: hits[0]]
+        return new
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _peft_model(self):
+        # torch.compile wraps the module in _orig_mod, whose state-dict keys PeftModel.from_pretrained cannot read.
+        return getattr(self._model, "_orig_mod", self._model)
+
+    def save(self, directory: Path) -> None:
+        directory = Path(directory)
+        self._peft_model().save_pretrained(str(directory / "adapter"), safe_serialization=True)
+        torch.save(self._optimizer.state_dict(), directory / "optimizer.pt")
+        torch.save(
+            {"cpu": torch.get_rng_state(),
+             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+            directory / "rng_torch.pt",
+        )
+        py_state = random.getstate()
+        np_state = np.random.get_state()
+        rng = {
+            "python": [py_state[0], list(py_state[1]), py_state[2]],
+            "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        }
+        (directory / "rng_state.json").write_text(json.dumps(rng))
+        state = {
+            "format": STATE_FORMAT,
+            "optimizer": self._optimizer_name,
+            "method": self._method,
+            "quantization_bits": self._cfg.model.quantization.bits,
+            "trainable": self._param_names,
+        }
+        (directory / "backend_state.json").write_text(json.dumps(state, indent=1))
+
+    def load(self, directory: Path) -> None:
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        state = json.loads((directory / "backend_state.json").read_text())
+        if state["optimizer"] != self._optimizer_name:
+            # bitsandbytes keeps state1/state2 where torch AdamW keeps exp_avg/exp_avg_sq (bitsandbytes #782).
+            raise ConfigError(
+                f"config key 'train.optimizer': the checkpoint in {directory} was trained with {state['optimizer']}, "
+                f"this run asks for {self._optimizer_name}; optimizer state cannot move between the two"
+            )
+        if state["trainable"] != self._param_names:
+            raise ValueError(f"the checkpoint in {directory} holds a different set of LoRA parameters than this model "
+                             "(lora.rank, lora.layers or lora.targets changed?)")
+
+        weights = load_file(str(directory / "adapter" / "adapter_model.safetensors"), device=str(self._device))
+        result = set_peft_model_state_dict(self._peft_model(), weights)
+        unexpected = list(getattr(result, "unexpected_keys", []) or [])
+        if unexpected:
+            raise ValueError(f"adapter in {directory} has tensors this model lacks: {unexpected[:5]}")
+        missing = [k for k in (getattr(result, "missing_keys", []) or []) if "lora_" in k]
+        if missing:
+            raise ValueError(f"adapter in {directory} lacks LoRA tensors: {missing[:5]}")
+
+        self._optimizer.load_state_dict(torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=True))
+
+        rng = json.loads((directory / "rng_state.json").read_text())
+        py = rng["python"]
+        random.setstate((py[0], tuple(py[1]), py[2]))
+        np_state = rng["numpy"]
+        np.random.set_state((np_state[0], np.asarray(np_state[1], dtype=np.uint32), *np_state[2:]))
+        torch_rng = torch.load(directory / "rng_torch.pt", map_location="cpu", weights_only=True)
+        torch.set_rng_state(torch_rng["cpu"])
+        if torch.cuda.is_available() and torch_rng["cuda"]:
+            for index, cuda_state in enumerate(torch_rng["cuda"][: torch.cuda.device_count()]):
+                torch.cuda.set_rng_state(cuda_state, index)
+
+    # ------------------------------------------------------------------ reporting
+
+    def memory(self) -> dict[str, float]:
+        import psutil
+
+        mb = 1024.0 * 1024.0
+        rss = psutil.Process().memory_info().rss / mb
+        if self._device_is_cuda():
+            allocated = torch.cuda.memory_allocated() / mb
+            return {
+                "memory_mb": allocated,
+                "allocated_mb": allocated,
+                "reserved_mb": torch.cuda.memory_reserved() / mb,
+                "peak_mb": torch.cuda.max_memory_allocated() / mb,
+                "rss_mb": rss,
+            }
+        return {"memory_mb": rss, "rss_mb": rss}
+
+    def _device_is_cuda(self) -> bool:
+        device = getattr(self, "_device", None)
+        return device.type == "cuda" if device is not None else torch.cuda.is_available()
+
+    def versions(self) -> dict[str, str]:
+        import peft
+        import transformers
+
+        out = {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
+        bnb = _bnb_version()
+        if bnb is not None:
+            out["bitsandbytes"] = bnb
+        return out
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device

@@ -1,0 +1,180 @@
+"""The Backend protocol, the small value types that cross it, and the lazy registry.
+
+Only numpy arrays, Python numbers, strings and Paths cross this boundary, so the core
+never touches a framework type. Backends live in ``overnight.backends.<name>_backend``
+and are imported only when chosen.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import platform
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+
+@dataclass
+class Batch:
+    """One micro-batch of token ids.
+
+    ``input_ids``: int32 (B, T), right-padded with ``pad_id``.
+    ``loss_mask``: float32 (B, T); ``loss_mask[b, t] == 1`` means token ``t`` is a target,
+    i.e. the loss includes predicting ``input_ids[b, t]`` from ``input_ids[b, :t]``.
+    Column 0 is therefore always 0. Padding positions are 0.
+    ``attention_mask``: int32 (B, T), 1 for real tokens, 0 for padding.
+    For preference methods (dpo, orpo) rows come in pairs: row 2i is "chosen",
+    row 2i+1 is "rejected" for the same prompt.
+    """
+
+    input_ids: np.ndarray
+    loss_mask: np.ndarray
+    attention_mask: np.ndarray
+    pad_id: int = 0
+    paired: bool = False  # preference pairs: row 2i chosen, 2i+1 rejected
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def num_target_tokens(self) -> int:
+        return int(self.loss_mask.sum())
+
+    def split(self, parts: int) -> list["Batch"]:
+        """Split into ``parts`` micro-batches of (nearly) equal rows; used on OOM.
+
+        Preference pairs stay together."""
+        unit = 2 if self.paired else 1
+        units = self.num_rows // unit
+        parts = max(1, min(parts, units))
+        bounds = np.linspace(0, units, parts + 1).astype(int) * unit
+        return [
+            Batch(self.input_ids[a:b], self.loss_mask[a:b], self.attention_mask[a:b], self.pad_id, self.paired)
+            for a, b in zip(bounds[:-1], bounds[1:])
+            if b > a
+        ]
+
+
+@dataclass
+class SetupInfo:
+    trainable_params: int
+    total_params: int
+    model_dir: Path  # a local folder holding the tokenizer files (hub ids resolved by the backend)
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class StepResult:
+    loss: float  # token-weighted mean loss over all micro-batches of the step
+    tokens: int  # target tokens in the step
+    grad_norm: float  # global gradient norm before clipping
+
+
+class OutOfMemory(RuntimeError):
+    """Raised by a backend when a step ran out of device memory; the loop halves the micro-batch."""
+
+
+class Backend(Protocol):
+    name: str
+
+    def setup(self, cfg: Any, seed: int) -> SetupInfo:
+        """Load model, quantize if asked, attach LoRA, build the optimizer. ``cfg`` is overnight.config.Config."""
+
+    def train_step(self, micro_batches: list[Batch], lr: float) -> StepResult:
+        """One optimizer update: accumulate gradients over ``micro_batches`` (token-weighted),
+        clip to cfg.train.max_grad_norm, step AdamW with learning rate ``lr``."""
+
+    def eval_loss(self, batch: Batch) -> tuple[float, int]:
+        """(sum of target-token losses, number of target tokens), without gradients."""
+
+    def save(self, directory: Path) -> None:
+        """Write everything a resume needs into ``directory`` (it exists; it is a temporary folder
+        owned by the checkpoint manager, which fsyncs, hashes and commits it afterwards, so write
+        plain file names directly). The adapter goes into ``directory / "adapter"`` in the backend's
+        native loadable format (SPEC §5): the core copies that folder to RUN_DIR/adapter/.
+        Optimizer state and framework RNG state go beside it."""
+
+    def load(self, directory: Path) -> None:
+        """Restore what ``save`` wrote, so training continues exactly as if uninterrupted."""
+
+    def memory(self) -> dict[str, float]:
+        """Memory figures in MB; must include 'memory_mb' (the figure the progress line shows).
+        May include 'limit_mb' (e.g. Metal's recommended working set) for the near-limit warning."""
+
+    def generate(self, prompt_ids: np.ndarray, max_new_tokens: int, eos_id: int | None) -> np.ndarray:
+        """Greedy continuation token ids (without the prompt)."""
+
+    def versions(self) -> dict[str, str]:
+        """Library versions, recorded in each checkpoint manifest."""
+
+
+# ---------------------------------------------------------------------------
+# Registry
+
+BACKENDS = {
+    "mlx": ("overnight.backends.mlx_backend", "MLXBackend", ("mlx", "mlx_lm")),
+    "torch": ("overnight.backends.torch_backend", "TorchBackend", ("torch", "transformers", "peft")),
+}
+
+
+class BackendUnavailable(RuntimeError):
+    pass
+
+
+def _installed(modules: tuple[str, ...]) -> bool:
+    return all(importlib.util.find_spec(m) is not None for m in modules)
+
+
+def _is_apple_silicon() -> bool:
+    return sys.platform == "darwin" and platform.machine() == "arm64"
+
+
+def _torch_cuda_visible() -> bool:
+    # Importing torch is the only reliable way to ask; only done when torch is installed.
+    try:
+        import torch  # noqa: PLC0415  (lazy on purpose: the core must not import it at load)
+
+        return bool(torch.cuda.is_available())
+    except Exception:
+        return False
+
+
+def choose_backend(requested: str) -> tuple[str, str]:
+    """Return (name, why) following SPEC §3's auto rule."""
+    if ":" in requested:  # a third-party backend given as "package.module:ClassName"
+        return requested, "named as module:Class"
+    if requested in BACKENDS:
+        if not _installed(BACKENDS[requested][2]):
+            extra = "mlx" if requested == "mlx" else "cuda"
+            raise BackendUnavailable(
+                f"backend '{requested}' is not installed: pip install 'overnight[{extra}]'"
+            )
+        return requested, "requested"
+    if requested != "auto":
+        raise BackendUnavailable(f"unknown backend '{requested}': choose auto, mlx or torch")
+    if _is_apple_silicon() and _installed(BACKENDS["mlx"][2]):
+        return "mlx", "Apple Silicon with mlx installed"
+    if _installed(BACKENDS["torch"][2]) and _torch_cuda_visible():
+        return "torch", "CUDA is visible to torch"
+    for name in ("torch", "mlx"):
+        if _installed(BACKENDS[name][2]):
+            return name, f"no Apple Silicon GPU or CUDA; {name} is the first installed of torch, mlx"
+    raise BackendUnavailable(
+        "no backend installed: pip install 'overnight[mlx]' (Apple Silicon) or 'overnight[cuda]' (CUDA)"
+    )
+
+
+def get_backend(requested: str = "auto", announce=print) -> Backend:
+    name, why = choose_backend(requested)
+    module_name, class_name = name.split(":", 1) if ":" in name else BACKENDS[name][:2]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise BackendUnavailable(f"backend '{name}' cannot be imported: {exc}") from None
+    if announce:
+        announce(f"backend: {name} ({why})")
+    return getattr(module, class_name)()

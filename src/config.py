@@ -1,0 +1,321 @@
+"""The config: one dataclass tree, loaded as defaults < YAML < flags < --set, validated in one place."""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user mistake in the config: the CLI prints it and exits 2."""
+
+
+@dataclass
+class QuantizationConfig:
+    bits: int = 4  # 0 = no quantization (plain LoRA); 4 = QLoRA; 8 = 8-bit base
+    group_size: int = 64
+
+
+@dataclass
+class ModelConfig:
+    path: str = ""  # local Hugging Face / MLX folder, or a hub id
+    quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
+    max_seq_length: int = 2048
+    grad_checkpoint: bool = False
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    layers: int = 16  # the last N transformer blocks; -1 = all
+    targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+@dataclass
+class DataConfig:
+    path: str = "data"  # a folder with train.jsonl and (optionally) val.jsonl / valid.jsonl
+    method: str = "sft"
+    streaming: bool = True
+    packing: bool | None = None  # None = on for cpt, off otherwise
+    mask_prompt: bool = True
+    truncate: bool = True  # rows longer than max_seq_length: truncate (True) or drop (False)
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 8
+    grad_accumulation: int = 1
+    max_steps: int = 2000
+    learning_rate: float = 1e-4
+    schedule: str = "cosine"
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.0  # the schedule decays to learning_rate * min_lr_ratio
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    optimizer: str = "adamw"  # adamw | paged_adamw_8bit (torch on CUDA only)
+    seed: int = 42
+    report_every: int = 10  # steps between metrics.jsonl train lines and heartbeat rewrites
+
+
+@dataclass
+class EvalConfig:
+    every_steps: int = 250
+    max_batches: int = 50
+    batch_size: int = 0  # 0 = train.batch_size
+    predictions: int = 3  # fixed validation prompts generated at each eval; 0 = off
+    max_new_tokens: int = 48
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 250
+    keep_last: int = 3
+    keep_best: bool = True
+
+
+@dataclass
+class EarlyStoppingConfig:
+    enabled: bool = True
+    patience: int = 5
+    min_delta: float = 0.01
+    warmup_steps: int = 50
+    check_every_steps: int = 50
+    grad_spike_threshold: float = 1000.0
+    grad_spike_patience: int = 3
+    stuck_steps: int = 10  # circuit breaker: loss unchanged (or non-finite) this many steps in a row
+
+
+@dataclass
+class OutputConfig:
+    dir: str = "runs/overnight"
+
+
+@dataclass
+class NotifyConfig:
+    webhook_url: str | None = None
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    notify: NotifyConfig = field(default_factory=NotifyConfig)
+    backend: str = "auto"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def get(self, dotted: str) -> Any:
+        node: Any = self
+        for part in dotted.split("."):
+            node = getattr(node, part)
+        return node
+
+    @property
+    def packing(self) -> bool:
+        return self.data.method == "cpt" if self.data.packing is None else self.data.packing
+
+
+# Config fields that change what training computes: a resume with any of them changed is refused
+# (SPEC §7). max_steps is left out on purpose so a finished run can be extended.
+TRAINING_KEYS = (
+    "model.path", "model.quantization.bits", "model.quantization.group_size", "model.max_seq_length",
+    "lora.rank", "lora.alpha", "lora.dropout", "lora.layers", "lora.targets",
+    "data.method", "data.packing", "data.mask_prompt", "data.truncate",
+    "train.batch_size", "train.grad_accumulation", "train.learning_rate", "train.schedule",
+    "train.warmup_steps", "train.min_lr_ratio", "train.weight_decay", "train.max_grad_norm",
+    "train.optimizer", "train.seed",
+)
+
+CHOICES = {
+    "data.method": ("sft", "cpt", "dpo", "orpo"),
+    "train.schedule": ("cosine", "linear", "constant"),
+    "train.optimizer": ("adamw", "paged_adamw_8bit"),
+    "backend": ("auto", "mlx", "torch"),
+    "model.quantization.bits": (0, 4, 8),
+}
+
+
+def _closest(name: str, options: list[str]) -> str:
+    match = difflib.get_close_matches(name, options, n=1, cutoff=0.5)
+    return f" (did you mean '{match[0]}'?)" if match else f" (valid: {', '.join(options)})"
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        hint = next(a for a in args if a is not type(None))
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
+        return [_coerce(key, v, args[0]) for v in value]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
+            return value.lower() in ("true", "yes", "on", "1")
+        raise ConfigError(f"config key '{key}': expected true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
+    if hint is float:
+        # YAML 1.1 reads `1e-5` (no dot) as a string; accept it as the number the user meant.
+        if isinstance(value, bool):
+            raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"config key '{key}': expected a number, got {value!r}") from None
+    if hint is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"config key '{key}': expected text, got {value!r}")
+        return str(value)
+    return value
+
+
+def _apply(node: Any, values: dict[str, Any], prefix: str = "") -> None:
+    if not isinstance(values, dict):
+        raise ConfigError(f"config section '{prefix.rstrip('.') or 'top level'}' must be a mapping, got {values!r}")
+    hints = typing.get_type_hints(type(node))
+    names = [f.name for f in dataclasses.fields(node)]
+    for key, value in values.items():
+        dotted = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"unknown config key '{dotted}'" + _closest(str(key), names))
+        current = getattr(node, key)
+        if dataclasses.is_dataclass(current):
+            _apply(current, value if value is not None else {}, dotted + ".")
+        else:
+            setattr(node, key, _coerce(dotted, value, hints[key]))
+
+
+def set_dotted(cfg: Config, dotted: str, raw: str) -> None:
+    """Apply one `--set a.b=c`; the value is parsed as YAML (so 1e-5, true, [a, b] work)."""
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    parts = dotted.split(".")
+    nested: Any = value
+    for part in reversed(parts):
+        nested = {part: nested}
+    _apply(cfg, nested)
+
+
+def validate(cfg: Config) -> Config:
+    for key, options in CHOICES.items():
+        if key == "backend" and ":" in cfg.backend:
+            continue  # a plugin backend "package.module:ClassName"
+        if cfg.get(key) not in options:
+            raise ConfigError(
+                f"config key '{key}': {cfg.get(key)!r} is not one of {', '.join(map(str, options))}"
+                + _closest(str(cfg.get(key)), [str(o) for o in options])
+            )
+    positive = ("model.max_seq_length", "lora.rank", "train.batch_size", "train.grad_accumulation",
+                "train.max_steps", "eval.every_steps", "eval.max_batches", "checkpoint.every_steps",
+                "checkpoint.keep_last", "early_stopping.patience", "early_stopping.grad_spike_patience",
+                "early_stopping.check_every_steps", "early_stopping.stuck_steps", "train.report_every",
+                "model.quantization.group_size")
+    for key in positive:
+        if cfg.get(key) < 1:
+            raise ConfigError(f"config key '{key}' must be at least 1, got {cfg.get(key)}")
+    non_negative = ("train.learning_rate", "train.warmup_steps", "train.weight_decay", "train.max_grad_norm",
+                    "early_stopping.warmup_steps", "early_stopping.min_delta", "eval.predictions",
+                    "eval.batch_size", "eval.max_new_tokens", "lora.alpha", "train.min_lr_ratio")
+    for key in non_negative:
+        if cfg.get(key) < 0:
+            raise ConfigError(f"config key '{key}' must not be negative, got {cfg.get(key)}")
+    if not 0.0 <= cfg.lora.dropout < 1.0:
+        raise ConfigError(f"config key 'lora.dropout' must be in [0, 1), got {cfg.lora.dropout}")
+    if cfg.lora.layers == 0 or cfg.lora.layers < -1:
+        raise ConfigError(f"config key 'lora.layers' must be a positive number of blocks or -1 (all), got {cfg.lora.layers}")
+    if not cfg.lora.targets:
+        raise ConfigError("config key 'lora.targets' must name at least one module, e.g. [q_proj, v_proj]")
+    if cfg.train.min_lr_ratio > 1:
+        raise ConfigError(f"config key 'train.min_lr_ratio' must be in [0, 1], got {cfg.train.min_lr_ratio}")
+    return cfg
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"config file {path}{where} is not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must be a YAML mapping of sections (model:, lora:, train:, ...)")
+    return data
+
+
+def build_config(yaml_path: Path | None = None, flags: dict[str, Any] | None = None,
+                 sets: list[str] | None = None) -> Config:
+    """defaults < YAML < flags (already mapped to dotted keys) < --set KEY=VALUE."""
+    cfg = Config()
+    if yaml_path is not None:
+        try:
+            _apply(cfg, load_yaml(yaml_path))
+        except ConfigError as exc:
+            raise ConfigError(f"{yaml_path}: {exc}") from None
+    for dotted, value in (flags or {}).items():
+        if value is not None:
+            parts = dotted.split(".")
+            nested: Any = value
+            for part in reversed(parts):
+                nested = {part: nested}
+            _apply(cfg, nested)
+    for item in sets or []:
+        if "=" not in item:
+            raise ConfigError(f"--set expects KEY=VALUE, got '{item}' (e.g. --set train.learning_rate=2e-4)")
+        key, raw = item.split("=", 1)
+        set_dotted(cfg, key.strip(), raw)
+    return validate(cfg)
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    cfg = Config()
+    _apply(cfg, data)
+    return validate(cfg)
+
+
+def dump_config(cfg: Config, path: Path) -> None:
+    from .fsutil import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,140 @@
+"""The one training loop. It knows the Backend protocol, never a framework."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from .backend import Batch, OutOfMemory
+from .checkpoint import CheckpointManager, NonFiniteWeights, export_adapter
+from .schedule import lr_at
+from .scoring import BestTracker
+from .stopping import EarlyStopping, Stop
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. out of memory at batch 1); the message says what to try."""
+
+
+@dataclass
+class Outcome:
+    status: str  # completed | stopped | interrupted
+    step: int
+    exit_code: int = 0
+    reason: str = ""
+    best_step: int | None = None
+    adapter_from: int | None = None
+
+
+def _train_step_with_oom_fallback(backend, micro: list[Batch], lr: float, splits: int, say) -> tuple:
+    """Run one optimizer step; on OOM halve the micro-batch and double accumulation (same effective
+    batch, same data) and try again, down to one row per micro-batch."""
+    while True:
+        pieces = [part for batch in micro for part in batch.split(splits)] if splits > 1 else micro
+        try:
+            return backend.train_step(pieces, lr), splits
+        except OutOfMemory:
+            rows = max(p.num_rows // (2 if p.paired else 1) for p in pieces)
+            if rows <= 1:
+                raise TrainingError(
+                    "out of memory even at one example per micro-batch; try model.grad_checkpoint=true, "
+                    "a smaller model.max_seq_length, fewer lora.layers, or a smaller lora.rank") from None
+            splits *= 2
+            say(f"out of memory: micro-batch halved to about {max(1, rows // 2)} rows, accumulation doubled "
+                f"(x{splits}); the effective batch is unchanged")
+
+
+def train(cfg, backend, stream, validator, checkpoints: CheckpointManager, files, progress, *,
+          fingerprint: dict, resume_state: dict | None = None, interrupted: Callable[[], int | None] = lambda: None,
+          predict: Callable[[int], None] | None = None, notify: Callable[..., None] = lambda *a, **k: None,
+          say: Callable[[str], None] = print) -> Outcome:
+    t = cfg.train
+    stopper, best = EarlyStopping(cfg.early_stopping), BestTracker()
+    step, tokens_seen, elapsed, splits = 0, 0, 0.0, 1
+    if resume_state:  # everything the uninterrupted run would have had in memory at this step
+        step, tokens_seen = resume_state["step"], resume_state["tokens_seen"]
+        elapsed, splits = resume_state["elapsed_s"], resume_state["micro_splits"]
+        stopper.restore(resume_state["early_stopping"])
+        best.restore(resume_state["best"])
+        stream.restore(resume_state["data"])
+    last_saved = step
+    versions = backend.versions()
+
+    def save_checkpoint() -> None:
+        state = {"step": step, "tokens_seen": tokens_seen, "elapsed_s": elapsed, "micro_splits": splits,
+                 "early_stopping": stopper.state(), "best": best.state(), "data": stream.state()}
+        path = checkpoints.save(step, backend.save, state, fingerprint, versions)
+        files.event("checkpoint", step, path=str(path.relative_to(files.dir)))
+        checkpoints.rotate(best.best_step)
+        notify("checkpoint", step=step)
+
+    stop: Stop | None = None
+    signal_code = None
+    while step < t.max_steps:
+        micro = [stream.next_batch() for _ in range(t.grad_accumulation)]
+        lr = lr_at(step, t)
+        progress.step_started()
+        result, new_splits = _train_step_with_oom_fallback(backend, micro, lr, splits, say)
+        if new_splits != splits:
+            files.event("oom", step, micro_splits=new_splits)
+            notify("oom", step=step, micro_splits=new_splits)
+            splits = new_splits
+        step_time = progress.step_finished()  # eval and save time never enter the ETA
+        step += 1
+        tokens_seen += result.tokens
+        elapsed += step_time
+        best.add_train_loss(result.loss)
+        memory = backend.memory()
+        progress.update(step, result.loss, best.loss_avg(), step - last_saved, memory["memory_mb"],
+                        memory.get("limit_mb"))
+        if step % t.report_every == 0 or step == 1:
+            files.event("train", step, loss=result.loss, loss_avg=best.loss_avg(), lr=lr, tokens=result.tokens,
+                        tokens_per_sec=result.tokens / step_time if step_time > 0 else None,
+                        grad_norm=result.grad_norm, memory_mb=memory["memory_mb"], elapsed_s=elapsed)
+            files.heartbeat(step)
+
+        stop = stopper.after_step(step, result.loss, result.grad_norm)
+        new_best = False
+        if stop is None and validator.enabled and step % cfg.eval.every_steps == 0:
+            evaluation = validator.run(backend)
+            if evaluation:
+                scores = best.score(evaluation["val_loss"])
+                new_best = best.offer(step, scores["score"], evaluation["val_loss"])
+                files.event("eval", step, **evaluation, **scores, best=new_best)
+                notify("eval", step=step, val_loss=evaluation["val_loss"], best=new_best)
+                if predict:
+                    predict(step)
+        if stop is None and stopper.check_due(step):
+            stop = stopper.check_plateau(step, best.loss_avg())
+
+        signal_code = interrupted()
+        # Save on schedule, at the end, at every stop, and whenever a new best appears (so the best
+        # is always a real checkpoint, whatever the checkpoint interval).
+        if (step % cfg.checkpoint.every_steps == 0 or step == t.max_steps or stop or signal_code
+                or (new_best and cfg.checkpoint.keep_best)):
+            try:
+                save_checkpoint()
+                last_saved = step
+            except NonFiniteWeights:
+                say(f"the weights at step {step} are not finite, so they were not saved; "
+                    f"the last good checkpoint is step {last_saved}")
+        if stop:
+            say(f"stopping early: {stop.message}")
+            files.event("stop", step, reason=stop.code, message=stop.message)
+            notify("early_stopped", step=step, reason=stop.message)
+            break
+        if signal_code:
+            files.event("interrupted", step, signal=signal_code - 128)
+            return Outcome("interrupted", step, signal_code, f"signal {signal_code - 128}", best.best_step)
+
+    # The final adapter: the best-scored checkpoint when it is still there, else the newest good one.
+    chosen = None
+    if best.best_step is not None and checkpoints.path_for(best.best_step).is_dir():
+        chosen = best.best_step
+    if chosen is None:
+        latest = checkpoints.latest_valid()
+        chosen = latest.step if latest else None
+    if chosen is not None:
+        export_adapter(checkpoints.path_for(chosen), files.dir)
+    status = "stopped" if stop else "completed"
+    reason = stop.message if stop else f"reached max_steps {t.max_steps}"
+    return Outcome(status, step, 0, reason, best.best_step, chosen)
