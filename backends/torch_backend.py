@@ -99,14 +99,16 @@ class TorchBackend:
                 f"embedding has only {embed_rows} rows"
             )
 
-        # Non-reentrant checkpointing needs no input-grad hook and replays the dropout RNG exactly.
-        ckpt_kwargs = {"use_reentrant": False}
         if bits in (4, 8):
-            model = prepare_model_for_kbit_training(
-                model, use_gradient_checkpointing=cfg.model.grad_checkpoint, gradient_checkpointing_kwargs=ckpt_kwargs
-            )
-        elif cfg.model.grad_checkpoint:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
+            # Checkpointing is switched on below for every path; PEFT's own switch uses the name transformers 5 deprecated.
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        if cfg.model.grad_checkpoint:
+            # Non-reentrant checkpointing needs no input-grad hook and replays the dropout RNG exactly.
+            ckpt_kwargs = {"use_reentrant": False}
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs=ckpt_kwargs)
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
 
         num_layers = model.config.get_text_config().num_hidden_layers
         n = cfg.lora.layers

@@ -290,8 +290,9 @@ def build_config(yaml_path: Path | None = None, flags: dict[str, Any] | None = N
     """defaults < YAML < flags (already mapped to dotted keys) < --set KEY=VALUE."""
     cfg = Config()
     if yaml_path is not None:
+        values = load_yaml(yaml_path)
         try:
-            _apply(cfg, load_yaml(yaml_path))
+            _apply(cfg, values)
         except ConfigError as exc:
             raise ConfigError(f"{yaml_path}: {exc}") from None
     for dotted, value in (flags or {}).items():

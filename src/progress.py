@@ -38,7 +38,7 @@ class Progress:
             from tqdm import tqdm
 
             self._bar = tqdm(total=total_steps, initial=start_step, file=out or sys.stderr,
-                             bar_format="Training: {percentage:.0f}% | {postfix}", dynamic_ncols=True)
+                             bar_format="Training: {percentage:.0f}% | {desc}", dynamic_ncols=True)
 
     # The loop brackets only the training step with these, so eval and checkpoint time never
     # enter the ETA.
@@ -78,7 +78,7 @@ class Progress:
         self.last_line = f"Training: {100.0 * step / max(1, self.total):.0f}% | {postfix}"
         if self._bar is not None:
             self._bar.n = step
-            self._bar.set_postfix_str(postfix, refresh=True)
+            self._bar.set_description_str(postfix, refresh=True)
         return self.last_line
 
     def write(self, message: str) -> None:

@@ -1,0 +1,498 @@
+"""MLX backend: LoRA / QLoRA on Apple Silicon (and on Linux CPU through ``mlx[cpu]``).
+
+Built on mlx-lm's pieces: ``load_model`` reads Hugging Face or MLX folders, ``quantize_model``
+makes the in-memory 4-bit base, ``linear_to_lora_layers`` attaches the adapters, and the saved
+adapter folder is the one ``mlx_lm.load(model, adapter_path=...)`` reads.
+
+Loss normalisation (what ``StepResult.loss`` and ``eval_loss`` count):
+  sft, cpt  summed target-token cross-entropy / target tokens.
+  orpo      summed chosen-token NLL + beta * (odds-ratio loss of each pair x its chosen tokens),
+            over chosen target tokens, so the step stays one sum over one count and splitting a
+            batch into more micro-batches (the OOM fallback) gives the same update.
+  dpo       summed pair losses / pairs; the reference is the same base with LoRA scaled to 0.
+``StepResult.tokens`` is always the number of target tokens processed (for throughput).
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_map, tree_map_with_path
+
+from overnight.backend import Batch, OutOfMemory, SetupInfo, StepResult
+from overnight.config import ConfigError
+from overnight.fsutil import atomic_write_text, fsync_dir, fsync_file
+
+PREFERENCE_BETA = 0.1
+ADAPTER_WEIGHTS = "adapters.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+OPTIMIZER_FILE = "optimizer.safetensors"
+STATE_FILE = "mlx_state.json"
+_MB = 1024 * 1024
+
+
+# ---------------------------------------------------------------------------
+# Losses. Each returns the *sum* the step normalises later; see the module docstring.
+
+def _token_nll(model, inputs, targets, mask):
+    logits = model(inputs)
+    return nn.losses.cross_entropy(logits, targets).astype(mx.float32) * mask
+
+
+def _ce_loss(model, inputs, targets, mask):
+    return _token_nll(model, inputs, targets, mask).sum()
+
+
+def _orpo_loss(model, inputs, targets, mask):
+    nll = _token_nll(model, inputs, targets, mask)
+    ntoks = mask.sum(axis=1)
+    # Mean log-probability per row, kept strictly below 0 so log(1 - p) stays finite.
+    mean_logp = mx.minimum(-nll.sum(axis=1) / mx.maximum(ntoks, 1.0), -1e-7)
+    log_odds = mean_logp - mx.log(-mx.expm1(mean_logp))
+    ratio = log_odds[0::2] - log_odds[1::2]
+    or_loss = mx.logaddexp(mx.zeros_like(ratio), -ratio)  # -log(sigmoid(ratio))
+    return nll[0::2].sum() + PREFERENCE_BETA * (or_loss * ntoks[0::2]).sum()
+
+
+def _row_logps(model, inputs, targets, mask):
+    return -_token_nll(model, inputs, targets, mask).sum(axis=1)
+
+
+def _dpo_loss(model, inputs, targets, mask, ref_logps):
+    logps = _row_logps(model, inputs, targets, mask)
+    margin = (logps[0::2] - ref_logps[0::2]) - (logps[1::2] - ref_logps[1::2])
+    return mx.logaddexp(mx.zeros_like(margin), -PREFERENCE_BETA * margin).sum()
+
+
+LOSSES = {"sft": _ce_loss, "cpt": _ce_loss, "orpo": _orpo_loss, "dpo": _dpo_loss}
+
+
+def _loss_weight(batch: Batch, method: str) -> int:
+    if method == "dpo":
+        return batch.num_rows // 2
+    if method == "orpo":
+        return int(batch.loss_mask[0::2, 1:].sum())
+    return int(batch.loss_mask[:, 1:].sum())
+
+
+# ---------------------------------------------------------------------------
+# Helpers
+
+
+def _is_oom(exc: BaseException) -> bool:
+    if isinstance(exc, MemoryError):
+        return True
+    text = str(exc).lower()
+    return any(s in text for s in ("out of memory", "outofmemory", "unable to allocate", "insufficient memory"))
+
+
+def _save_safetensors(path: Path, arrays: dict[str, mx.array], metadata: dict[str, str] | None = None) -> None:
+    """Write through a temporary name, fsync, rename: mx.save_safetensors truncates its target in
+    place (a kill mid-write leaves a corrupt file) and appends `.safetensors` to any other name."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp-{secrets.token_hex(4)}.safetensors")
+    try:
+        mx.save_safetensors(str(tmp), arrays, metadata=metadata or {})
+        fsync_file(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def _resolve_model_dir(path: str) -> Path:
+    local = Path(path).expanduser()
+    if local.exists():
+        if not (local / "config.json").is_file():
+            raise ConfigError(f"model.path {path}: the folder has no config.json (not a Hugging Face or MLX model)")
+        return local
+    from huggingface_hub import snapshot_download
+    from mlx_lm.utils import DEFAULT_ALLOW_PATTERNS
+
+    try:
+        return Path(snapshot_download(path, allow_patterns=DEFAULT_ALLOW_PATTERNS))
+    except Exception as exc:  # offline, unknown repo, gated: all the same to the user
+        raise ConfigError(
+            f"model.path '{path}' is not a local folder and could not be fetched from the hub: {exc}"
+        ) from None
+
+
+def _lora_keys(block: nn.Module, targets: list[str]) -> list[str]:
+    """Map targets (`q_proj` or `self_attn.q_proj`) onto the paths mlx-lm expects inside a block."""
+    from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
+
+    kinds = (nn.Linear, nn.QuantizedLinear, SwitchLinear, QuantizedSwitchLinear, nn.Embedding, nn.QuantizedEmbedding)
+    candidates = [p for p, m in block.named_modules() if p and (isinstance(m, kinds) or hasattr(m, "to_lora"))]
+    keys, missing = set(), []
+    for target in targets:
+        found = [p for p in candidates if p == target or p.endswith("." + target)]
+        if not found:
+            missing.append(target)
+        keys.update(found)
+    if missing:
+        raise ConfigError(
+            f"config key 'lora.targets': {', '.join(missing)} not found in the model's blocks; "
+            f"available: {', '.join(sorted(candidates))}"
+        )
+    return sorted(keys)
+
+
+def _enable_grad_checkpoint(layers: list[nn.Module]) -> None:
+    """Recompute each block's activations in the backward pass.
+
+    Python looks `__call__` up on the class, so the class is patched (as mlx-lm does), but only
+    instances flagged here checkpoint: other models of the same class in the process are untouched.
+    """
+    cls = type(layers[0])
+    if not getattr(cls, "_overnight_checkpoint_patch", False):
+        call = cls.__call__
+
+        def checkpointed_call(self, *args, **kwargs):
+            if not getattr(self, "_overnight_checkpoint", False):
+                return call(self, *args, **kwargs)
+
+            def inner(params, *args, **kwargs):
+                self.update(params)
+                return call(self, *args, **kwargs)
+
+            return mx.checkpoint(inner)(self.trainable_parameters(), *args, **kwargs)
+
+        cls.__call__ = checkpointed_call
+        cls._overnight_checkpoint_patch = True
+    for layer in layers:
+        layer._overnight_checkpoint = True
+
+
+def _step_seed(seed: int, step: int) -> int:
+    # The dropout key of every update is a pure function of (seed, step): a resume, an OOM retry
+    # or an extra eval in between cannot shift it.
+    return int(np.random.SeedSequence([seed, step]).generate_state(1, np.uint64)[0])
+
+
+# ---------------------------------------------------------------------------
+
+
+class MLXBackend:
+    name = "mlx"
+
+    def __init__(self) -> None:
+        self.model: nn.Module | None = None
+        self.optimizer: optim.Optimizer | None = None
+        self.method = "sft"
+        self.seed = 0
+        self.updates = 0
+        self.max_grad_norm = 0.0
+        self.adapter_config: dict[str, Any] = {}
+        self._lora_modules: list[nn.Module] = []
+        self._training = None
+        self.limit_bytes: int | None = None
+
+    # -- setup -------------------------------------------------------------
+
+    def setup(self, cfg: Any, seed: int) -> SetupInfo:
+        from mlx_lm.tuner.utils import linear_to_lora_layers
+        from mlx_lm.utils import get_total_parameters, load_model, quantize_model
+
+        if cfg.train.optimizer != "adamw":
+            raise ConfigError(
+                f"config key 'train.optimizer': {cfg.train.optimizer} runs only on the torch backend with CUDA; "
+                "use adamw with the mlx backend"
+            )
+        self.method = cfg.data.method
+        self.seed = int(seed)
+        self.max_grad_norm = float(cfg.train.max_grad_norm)
+        details: dict[str, Any] = {"device": str(mx.default_device()), "method": self.method}
+
+        model_dir = _resolve_model_dir(cfg.model.path)
+        model, model_config = load_model(model_dir)
+
+        bits, group_size = cfg.model.quantization.bits, cfg.model.quantization.group_size
+        if model_config.get("quantization"):
+            q = model_config["quantization"]
+            details["quantization"] = (
+                f"pre-quantized {q.get('bits')}-bit {q.get('mode', 'affine')} (group {q.get('group_size')}), used as is"
+            )
+        elif bits:
+            # quantize_model prints its own summary; the run's output stays ours.
+            with contextlib.redirect_stdout(io.StringIO()):
+                model, model_config = quantize_model(model, model_config, group_size=group_size, bits=bits, mode="affine")
+            details["quantization"] = f"{bits}-bit affine (group {group_size}), quantized in memory"
+        else:
+            details["quantization"] = "none"
+        base_params = get_total_parameters(model)
+
+        blocks = len(model.layers)
+        num_layers = blocks if cfg.lora.layers == -1 else min(cfg.lora.layers, blocks)
+        if cfg.lora.layers > blocks:
+            details["lora_layers_note"] = f"lora.layers={cfg.lora.layers} but the model has {blocks} blocks; using all"
+        lora_parameters = {
+            "rank": cfg.lora.rank,
+            "scale": cfg.lora.alpha / cfg.lora.rank,
+            "dropout": cfg.lora.dropout,
+            "keys": _lora_keys(model.layers[-1], list(cfg.lora.targets)),
+        }
+        model.freeze()
+        mx.random.seed(self.seed)  # same seed, same LoRA init
+        linear_to_lora_layers(model, num_layers, lora_parameters)
+        if cfg.model.grad_checkpoint:
+            _enable_grad_checkpoint(list(model.layers))
+        self._lora_modules = [m for _, m in model.named_modules() if "lora_a" in m and isinstance(getattr(m, "scale", None), float)]
+
+        self.adapter_config = {
+            "fine_tune_type": "lora",
+            "num_layers": num_layers,
+            "lora_parameters": lora_parameters,
+            "model": str(cfg.model.path),
+            "overnight": {"lora_alpha": cfg.lora.alpha, "method": self.method, "quantization": details["quantization"]},
+        }
+        self.model = model
+        self.optimizer = optim.AdamW(learning_rate=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay)
+        # A fixed state tree from the start: load() replaces leaves in it and compile sees one structure.
+        self.optimizer.init(model.trainable_parameters())
+        mx.eval(model.parameters(), self.optimizer.state)
+        self._build_steps()
+        self._set_training(True)
+
+        recommended = mx.device_info().get("max_recommended_working_set_size")
+        if recommended:
+            # Keep the weights resident and make MLX reclaim its cache before it pushes past what the
+            # GPU may use; the default memory limit (1.5x) lets a long run drift into swap overnight.
+            self.limit_bytes = int(recommended)
+            mx.set_memory_limit(self.limit_bytes)
+            try:
+                mx.set_wired_limit(self.limit_bytes)
+                details["wired_limit_mb"] = round(self.limit_bytes / _MB)
+            except (RuntimeError, ValueError) as exc:
+                details["wired_limit_note"] = f"wired limit not set: {exc}"
+            details["memory_limit_mb"] = round(self.limit_bytes / _MB)
+
+        trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+        details.update(lora_layers=num_layers, lora_keys=lora_parameters["keys"], lora_scale=lora_parameters["scale"])
+        return SetupInfo(trainable_params=int(trainable), total_params=int(base_params + trainable),
+                         model_dir=Path(model_dir), details=details)
+
+    def _build_steps(self) -> None:
+        """(Re)compile the step functions. mx.compile captures the state trees it is given, so this
+        runs again whenever one of them is replaced (load, an OOM restore)."""
+        model, optimizer = self.model, self.optimizer
+        value_and_grad = nn.value_and_grad(model, LOSSES[self.method])
+        max_norm = self.max_grad_norm
+
+        def accumulate(acc, *batch):
+            loss, grads = value_and_grad(model, *batch)
+            if acc is not None:
+                grads = tree_map(lambda a, g: a + g, acc, grads)
+            return loss, grads
+
+        def update(grads, weight):
+            grads = tree_map(lambda g: g / weight, grads)
+            if max_norm > 0:
+                grads, norm = optim.clip_grad_norm(grads, max_norm)
+            else:
+                norm = mx.sqrt(sum((g.astype(mx.float32) ** 2).sum() for _, g in tree_flatten(grads)))
+            optimizer.update(model, grads)
+            return norm
+
+        state = [model.state, optimizer.state]
+        # value_and_grad writes traced parameters into the model, so the model is an output too.
+        self._accumulate = mx.compile(accumulate, inputs=[model.state, mx.random.state],
+                                      outputs=[model.state, mx.random.state])
+        self._update = mx.compile(update, inputs=state, outputs=state)
+        loss_fn = LOSSES[self.method]
+        self._eval = mx.compile(lambda *batch: loss_fn(model, *batch), inputs=[model.state])
+
+    def _set_training(self, training: bool) -> None:
+        # Dropout reads the flag while a graph is traced; each compiled function only ever runs
+        # in one mode, so a cached trace never sees the other one.
+        if self._training is not training:
+            self.model.train(training)
+            self._training = training
+
+    @contextlib.contextmanager
+    def _lora_off(self):
+        scales = [m.scale for m in self._lora_modules]
+        for m in self._lora_modules:
+            m.scale = 0.0
+        try:
+            yield
+        finally:
+            for m, s in zip(self._lora_modules, scales):
+                m.scale = s
+
+    def _device_batch(self, batch: Batch) -> tuple[mx.array, ...]:
+        ids = np.asarray(batch.input_ids, dtype=np.int32)
+        inputs, targets = mx.array(ids[:, :-1]), mx.array(ids[:, 1:])
+        mask = mx.array(np.asarray(batch.loss_mask[:, 1:], dtype=np.float32))
+        if batch.paired != (self.method in ("dpo", "orpo")):
+            raise ValueError(f"method {self.method} got a batch with paired={batch.paired}")
+        if self.method != "dpo":
+            return inputs, targets, mask
+        # The reference policy is the frozen base: the same weights with every LoRA scale at 0,
+        # no dropout. Its graph is recorded now, so restoring the scales afterwards is safe.
+        was_training = self._training
+        self._set_training(False)
+        with self._lora_off():
+            ref = mx.stop_gradient(_row_logps(self.model, inputs, targets, mask))
+        self._set_training(was_training)
+        mx.async_eval(ref)
+        return inputs, targets, mask, ref
+
+    # -- training ----------------------------------------------------------
+
+    def train_step(self, micro_batches: list[Batch], lr: float) -> StepResult:
+        weight = sum(_loss_weight(b, self.method) for b in micro_batches)
+        tokens = sum(int(b.loss_mask.sum()) for b in micro_batches)
+        if weight == 0:
+            raise ValueError(
+                "a training step has no target tokens: every label is masked "
+                "(prompts longer than model.max_seq_length with data.mask_prompt on?)"
+            )
+        self._set_training(True)
+        self.optimizer.learning_rate = lr
+        mx.random.seed(_step_seed(self.seed, self.updates))
+        before = None
+        try:
+            acc = loss_sum = None
+            for batch in micro_batches:
+                loss, acc = self._accumulate(acc, *self._device_batch(batch))
+                loss_sum = loss if loss_sum is None else loss_sum + loss
+                # Schedules this micro-batch without waiting for it, and cuts the lazy graph so the
+                # next one does not hold its activations.
+                mx.async_eval(loss_sum, acc)
+            # One wait before the update: an OOM in forward/backward surfaces here, weights untouched.
+            mx.eval(loss_sum, acc)
+            before = (self.model.trainable_parameters(), tree_map(lambda x: x, self.optimizer.state))
+            norm = self._update(acc, mx.array(weight, dtype=mx.float32))
+            mx.eval(norm, self.model.trainable_parameters(), self.optimizer.state)
+        except (RuntimeError, MemoryError) as exc:
+            if not _is_oom(exc):
+                raise
+            if before is not None:
+                self.model.update(before[0])
+                self.optimizer.state = before[1]
+                self._build_steps()
+            del acc, loss_sum
+            mx.clear_cache()
+            raise OutOfMemory(str(exc)) from exc
+        self.updates += 1
+        return StepResult(loss=loss_sum.item() / weight, tokens=tokens, grad_norm=float(norm.item()))
+
+    def eval_loss(self, batch: Batch) -> tuple[float, int]:
+        weight = _loss_weight(batch, self.method)
+        self._set_training(False)
+        try:
+            loss = self._eval(*self._device_batch(batch))
+            return float(loss.item()), weight
+        except (RuntimeError, MemoryError) as exc:
+            if _is_oom(exc):
+                mx.clear_cache()
+                raise OutOfMemory(str(exc)) from exc
+            raise
+
+    def generate(self, prompt_ids: np.ndarray, max_new_tokens: int, eos_id: int | None) -> np.ndarray:
+        """Greedy continuation with a KV cache; stops at eos (not included) or max_new_tokens."""
+        from mlx_lm.models.cache import make_prompt_cache
+
+        prompt = np.asarray(prompt_ids, dtype=np.int32).reshape(1, -1)
+        if prompt.size == 0:
+            raise ValueError("generate needs at least one prompt token")
+        self._set_training(False)
+        cache = make_prompt_cache(self.model)
+        y, out = mx.array(prompt), []
+        for _ in range(max(0, int(max_new_tokens))):
+            logits = self.model(y, cache=cache)
+            token = int(mx.argmax(logits[0, -1]).item())
+            if eos_id is not None and token == eos_id:
+                break
+            out.append(token)
+            y = mx.array([[token]], dtype=mx.int32)
+        return np.asarray(out, dtype=np.int64)
+
+    # -- checkpoints -------------------------------------------------------
+
+    def save(self, directory: Path) -> None:
+        directory = Path(directory)
+        adapter_dir = directory / "adapter"
+        adapter_dir.mkdir(parents=True, exist_ok=True)
+        _save_safetensors(adapter_dir / ADAPTER_WEIGHTS, dict(tree_flatten(self.model.trainable_parameters())),
+                          {"format": "mlx"})
+        atomic_write_text(adapter_dir / ADAPTER_CONFIG, json.dumps(self.adapter_config, indent=2) + "\n")
+        _save_safetensors(directory / OPTIMIZER_FILE, dict(tree_flatten(self.optimizer.state)), {"format": "mlx"})
+        state = {
+            "updates": self.updates,
+            # The RNG is re-seeded from (seed, update count) before every update, so these two
+            # numbers are the whole MLX random state training depends on.
+            "rng": {"seed": self.seed, "step": self.updates},
+            "method": self.method,
+            "versions": self.versions(),
+        }
+        atomic_write_text(directory / STATE_FILE, json.dumps(state, indent=2) + "\n")
+
+    def load(self, directory: Path) -> None:
+        directory = Path(directory)
+        adapter_dir = directory / "adapter"
+        saved_config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+        for key in ("num_layers", "lora_parameters"):
+            if saved_config.get(key) != self.adapter_config[key]:
+                raise ValueError(
+                    f"checkpoint {directory}: adapter {key} {saved_config.get(key)!r} differs from this run's "
+                    f"{self.adapter_config[key]!r}"
+                )
+        weights = mx.load(str(adapter_dir / ADAPTER_WEIGHTS))
+        _check_same_tree("adapter", weights, dict(tree_flatten(self.model.trainable_parameters())))
+        opt_saved = mx.load(str(directory / OPTIMIZER_FILE))
+        _check_same_tree("optimizer state", opt_saved, dict(tree_flatten(self.optimizer.state)))
+        state = json.loads((directory / STATE_FILE).read_text(encoding="utf-8"))
+
+        self.model.load_weights(list(weights.items()), strict=False)
+        self.optimizer.state = tree_map_with_path(lambda path, _: opt_saved[path], self.optimizer.state)
+        self.updates = int(state["updates"])
+        self.seed = int(state["rng"]["seed"])
+        mx.eval(self.model.trainable_parameters(), self.optimizer.state)
+        self._build_steps()
+
+    # -- reporting ---------------------------------------------------------
+
+    def memory(self) -> dict[str, float]:
+        """memory_mb is the larger of MLX's active+cache and the process RSS: on CPU MLX's buffers
+        live inside RSS, on Metal the allocator's figure is what approaches the working-set limit,
+        and cache growth with a flat peak is the slow creep users report (mlx #3993)."""
+        import psutil
+
+        active, cache = mx.get_active_memory() / _MB, mx.get_cache_memory() / _MB
+        rss = psutil.Process().memory_info().rss / _MB
+        figures = {
+            "memory_mb": max(active + cache, rss),
+            "active_mb": active,
+            "peak_mb": mx.get_peak_memory() / _MB,
+            "cache_mb": cache,
+            "rss_mb": rss,
+        }
+        if self.limit_bytes:
+            figures["limit_mb"] = self.limit_bytes / _MB
+        return figures
+
+    def versions(self) -> dict[str, str]:
+        import mlx_lm
+
+        return {"mlx": mx.__version__, "mlx_lm": mlx_lm.__version__}
+
+
+def _check_same_tree(what: str, saved: dict[str, mx.array], current: dict[str, mx.array]) -> None:
+    missing, extra = sorted(set(current) - set(saved)), sorted(set(saved) - set(current))
+    wrong = [k for k in set(saved) & set(current) if saved[k].shape != current[k].shape or saved[k].dtype != current[k].dtype]
+    if missing or extra or wrong:
+        raise ValueError(
+            f"checkpoint {what} does not match this model: missing {missing[:3]}, unexpected {extra[:3]}, "
+            f"different shape/dtype {sorted(wrong)[:3]}"
+        )

@@ -1,0 +1,338 @@
+"""Reading JSONL training data and refusing bad files before anything is trained or written.
+
+Four row formats (SPEC §9), detected per file from its first row:
+    chat        {"messages": [{"role": "user", "content": ...}, {"role": "assistant", ...}]}
+    completion  {"prompt": ..., "completion": ...}
+    text        {"text": ...}
+    preference  {"prompt": ..., "chosen": ..., "rejected": ...}
+Every problem names file, line and key, and says what to do about it.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+FORMAT_KEYS = {
+    "chat": ("messages",),
+    "completion": ("prompt", "completion"),
+    "text": ("text",),
+    "preference": ("prompt", "chosen", "rejected"),
+}
+METHOD_FORMATS = {
+    "sft": ("chat", "completion", "text"),
+    "cpt": ("text",),
+    "dpo": ("preference",),
+    "orpo": ("preference",),
+}
+ROLES = ("system", "user", "assistant", "tool")
+EXAMPLES = {
+    "chat": '{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}',
+    "completion": '{"prompt": "Q: 2+2?\\nA:", "completion": " 4"}',
+    "text": '{"text": "Some document."}',
+    "preference": '{"prompt": "Q: 2+2?", "chosen": "4", "rejected": "5"}',
+}
+MAX_KEPT_PROBLEMS = 1000  # all problems are counted; this many are kept with their text
+SHOWN_PROBLEMS = 20
+
+
+class DataError(Exception):
+    """A problem with the user's data: the CLI prints the message and exits 2."""
+
+
+@dataclass
+class Problem:
+    file: Path
+    line: int | None  # None: the problem is about the whole file
+    key: str | None
+    message: str
+    hint: str = ""
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}" if self.line is not None else str(self.file)
+        key = f" key '{self.key}':" if self.key else ""
+        hint = f" -> {self.hint}" if self.hint else ""
+        return f"{where}:{key} {self.message}{hint}"
+
+
+def format_keys_text(fmt: str) -> str:
+    return ", ".join(f"'{k}'" for k in FORMAT_KEYS[fmt])
+
+
+def method_needs(method: str) -> str:
+    return " or ".join(f"{fmt} rows ({format_keys_text(fmt)})" for fmt in METHOD_FORMATS[method])
+
+
+# ---------------------------------------------------------------------------
+# Lines
+
+def line_content(raw: bytes, at_file_start: bool) -> bytes:
+    """The line without surrounding whitespace (and without a UTF-8 byte-order mark at the file start)."""
+    if at_file_start and raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    return raw.strip()
+
+
+def iter_lines(path: Path, counts: Any = None) -> Iterator[tuple[int, int, bytes]]:
+    """(line number, byte offset of the line start, content) for each non-blank line.
+    Blank lines are skipped and, when ``counts`` is given, counted in ``counts.blank_lines``."""
+    offset = 0
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            content = line_content(raw, offset == 0)
+            if content:
+                yield lineno, offset, content
+            elif counts is not None:
+                counts.blank_lines += 1
+            offset += len(raw)
+
+
+def line_number_at(path: Path, offset: int) -> int:
+    """The 1-based line number of the line starting at ``offset`` (only used to word an error)."""
+    count = 0
+    with open(path, "rb") as f:
+        remaining = offset
+        while remaining > 0:
+            chunk = f.read(min(remaining, 1 << 20))
+            if not chunk:
+                break
+            count += chunk.count(b"\n")
+            remaining -= len(chunk)
+    return count + 1
+
+
+def parse_line(content: bytes) -> tuple[Any, tuple[str, str] | None]:
+    """(value, None) or (None, (message, hint))."""
+    try:
+        text = content.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return None, (f"invalid UTF-8 at byte {exc.start + 1} of the line",
+                      "save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8) or remove the line")
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        return None, ("JSON nested too deeply", "each line must be one flat JSON object")
+    except json.JSONDecodeError as exc:
+        return None, (f"not valid JSON ({exc.msg} at column {exc.colno})",
+                      "each line must be one complete JSON object; check quotes, commas and brackets")
+    except ValueError as exc:  # e.g. an integer literal too long for Python's int parser
+        return None, (f"not valid JSON ({exc})", "each line must be one JSON object")
+    if not isinstance(value, dict):
+        return None, (f"the line is a JSON {type(value).__name__.replace('dict', 'object')}, not an object",
+                      "each line must be one JSON object such as " + EXAMPLES["text"])
+    return value, None
+
+
+def detect_format(row: dict) -> str | None:
+    if "messages" in row:
+        return "chat"
+    if "chosen" in row or "rejected" in row:
+        return "preference"
+    if "completion" in row:
+        return "completion"
+    if "text" in row:
+        return "text"
+    return None
+
+
+def _is_text(value: Any) -> bool:
+    return isinstance(value, str)
+
+
+def row_problems(row: dict, fmt: str) -> list[tuple[str | None, str, str]]:
+    """(key, message, hint) for each way ``row`` fails the ``fmt`` format."""
+    out: list[tuple[str | None, str, str]] = []
+    for key in FORMAT_KEYS[fmt]:
+        if key not in row:
+            out.append((key, "missing", f"{fmt} rows need {format_keys_text(fmt)}, e.g. {EXAMPLES[fmt]}"))
+    if out:
+        return out
+    if fmt == "chat":
+        messages = row["messages"]
+        if not isinstance(messages, list) or not messages:
+            return [("messages", "must be a non-empty list of {\"role\", \"content\"} objects", f"e.g. {EXAMPLES['chat']}")]
+        for i, msg in enumerate(messages):
+            key = f"messages[{i}]"
+            if not isinstance(msg, dict):
+                out.append((key, "must be an object with 'role' and 'content'", f"e.g. {EXAMPLES['chat']}"))
+                continue
+            role = msg.get("role")
+            if role not in ROLES:
+                hint = "use one of " + ", ".join(ROLES)
+                if role in ("human", "gpt", "bot", "model"):
+                    hint += " (ShareGPT-style 'human'/'gpt' become 'user'/'assistant')"
+                out.append((key + ".role", f"is {role!r}", hint))
+            if not _is_text(msg.get("content")):
+                out.append((key + ".content", f"must be a string, got {type(msg.get('content')).__name__}",
+                            "put the message text in 'content' as a string"))
+        if not out and not any(m.get("role") == "assistant" for m in messages):
+            out.append(("messages", "has no assistant message, so there is nothing to learn",
+                        "add the answer as {\"role\": \"assistant\", \"content\": ...} or remove the line"))
+        return out
+    for key in FORMAT_KEYS[fmt]:
+        value = row[key]
+        if not _is_text(value):
+            out.append((key, f"must be a string, got {type(value).__name__}", f"e.g. {EXAMPLES[fmt]}"))
+        elif key != "prompt" and not value.strip():
+            out.append((key, "is empty, so there is nothing to learn", "fill it in or remove the line"))
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Files
+
+def find_data_files(data_path: Path) -> tuple[Path, Path | None]:
+    """(train file, validation file or None). A folder needs train.jsonl and may hold val.jsonl or
+    valid.jsonl (val.jsonl wins when both exist); a single file is used as the training file."""
+    data_path = Path(data_path)
+    if not data_path.exists():
+        raise DataError(f"{data_path}: no such file or folder -> pass --data with a folder holding train.jsonl "
+                        "(and val.jsonl), or a .jsonl file")
+    if data_path.is_file():
+        return data_path, None
+    train = data_path / "train.jsonl"
+    if not train.is_file():
+        found = sorted(p.name for p in data_path.iterdir() if p.suffix in (".jsonl", ".json"))
+        extra = f" (found: {', '.join(found)})" if found else ""
+        raise DataError(f"{data_path}: missing train.jsonl{extra} -> put the training rows in {train}, "
+                        "one JSON object per line")
+    for name in ("val.jsonl", "valid.jsonl"):
+        if (data_path / name).is_file():
+            return train, data_path / name
+    return train, None
+
+
+@dataclass
+class FileReport:
+    path: Path
+    format: str | None = None
+    format_line: int | None = None  # the line the format was detected from
+    rows: int = 0
+    blank_lines: int = 0
+    problems: list[Problem] = field(default_factory=list)
+    problem_count: int = 0
+    lengths: np.ndarray | None = None  # tokens per row (a pair counts its longer side), when a tokenizer was given
+    too_long: int = 0
+
+    def add(self, line: int | None, key: str | None, message: str, hint: str = "") -> None:
+        self.problem_count += 1
+        if len(self.problems) < MAX_KEPT_PROBLEMS:
+            self.problems.append(Problem(self.path, line, key, message, hint))
+
+
+@dataclass
+class DataReport:
+    method: str
+    train: FileReport
+    val: FileReport | None
+    max_seq_length: int | None = None
+    truncate: bool = True
+    packing: bool = False
+
+    @property
+    def files(self) -> list[FileReport]:
+        return [self.train] + ([self.val] if self.val is not None else [])
+
+    @property
+    def problems(self) -> list[Problem]:
+        return [p for f in self.files for p in f.problems]
+
+    @property
+    def problem_count(self) -> int:
+        return sum(f.problem_count for f in self.files)
+
+    @property
+    def ok(self) -> bool:
+        return self.problem_count == 0
+
+    def warnings(self) -> list[str]:
+        """One line per file with rows longer than max_seq_length (packed data has none: it is cut into blocks)."""
+        out = []
+        for f in self.files:
+            if f.too_long and not self.packing:
+                action = "truncated to fit" if self.truncate else "dropped (data.truncate=false)"
+                out.append(f"{f.path}: {f.too_long} of {f.rows} rows are longer than max_seq_length="
+                           f"{self.max_seq_length} tokens and will be {action}")
+        return out
+
+    def raise_if_problems(self) -> None:
+        if self.ok:
+            return
+        shown = self.problems[:SHOWN_PROBLEMS]
+        lines = [f"{self.problem_count} problem(s) in the data; nothing was trained or written:"]
+        lines += [f"  {p}" for p in shown]
+        if self.problem_count > len(shown):
+            lines.append(f"  ... and {self.problem_count - len(shown)} more "
+                         f"(`overnight validate-data {self.train.path.parent}` lists them all)")
+        raise DataError("\n".join(lines))
+
+
+def check_file(path: Path, method: str, length_fn: Callable[[dict, str], int] | None = None,
+               max_seq_length: int | None = None) -> FileReport:
+    """One full pass over ``path``: every line parsed and checked against the file's format and the method."""
+    report = FileReport(path)
+    try:
+        if not path.is_file():
+            report.add(None, None, "is not a file", "pass a .jsonl file or a folder holding train.jsonl")
+            return report
+        allowed = METHOD_FORMATS[method]
+        misfit_reported = False
+        lengths: list[int] = []
+        for lineno, _, content in iter_lines(path, report):
+            row, err = parse_line(content)
+            if err:
+                report.add(lineno, None, *err)
+                continue
+            fmt = detect_format(row)
+            if fmt is None:
+                found = ", ".join(f"'{k}'" for k in list(row)[:8]) or "none"
+                hint = f"method {method} needs {method_needs(method)}"
+                if "conversations" in row:
+                    hint = "ShareGPT 'conversations' must be converted to 'messages' with 'role'/'content'; " + hint
+                elif "prompt" in row:
+                    needed = "'chosen' and 'rejected'" if method in ("dpo", "orpo") else "'completion'"
+                    hint = f"a 'prompt' needs {needed}; " + hint
+                report.add(lineno, None, f"the row has none of the keys of a known format (found keys: {found})", hint)
+                continue
+            if report.format is None:
+                report.format, report.format_line = fmt, lineno
+            if fmt != report.format:
+                report.add(lineno, FORMAT_KEYS[fmt][-1],
+                           f"row is in {fmt} format but the file is in {report.format} format "
+                           f"(from line {report.format_line})",
+                           f"one file holds one format; make this row {format_keys_text(report.format)}")
+                continue
+            if fmt not in allowed and not misfit_reported:
+                misfit_reported = True
+                better = [m for m, fmts in METHOD_FORMATS.items() if fmt in fmts]
+                report.add(lineno, FORMAT_KEYS[fmt][-1],
+                           f"rows are in {fmt} format, which method '{method}' cannot train on",
+                           f"method {method} needs {method_needs(method)}; "
+                           f"{fmt} rows fit --method {' or '.join(better)}")
+            row_errs = row_problems(row, fmt)
+            for key, message, hint in row_errs:
+                report.add(lineno, key, message, hint)
+            if row_errs or fmt not in allowed:
+                continue
+            report.rows += 1
+            if length_fn is not None:
+                try:
+                    lengths.append(length_fn(row, fmt))
+                except DataError as exc:
+                    report.add(lineno, None, str(exc))
+    except OSError as exc:
+        report.add(None, None, f"cannot be read ({exc.strerror or exc})", "check the path and its permissions")
+        return report
+    if report.rows == 0 and report.problem_count == 0:
+        report.add(None, None, "is empty (no rows)",
+                   f"add one JSON object per line; method {method} needs {method_needs(method)}")
+    if length_fn is not None:
+        report.lengths = np.asarray(lengths, dtype=np.int64)
+        if max_seq_length is not None:
+            report.too_long = int((report.lengths > max_seq_length).sum())
+    return report
+
+

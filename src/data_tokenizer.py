@@ -1,0 +1,296 @@
+"""Tokenization from a model folder's Hugging Face tokenizer files, without transformers.
+
+Both backends train on the ids made here, so the same data gives the same tokens on MLX and torch.
+The behaviour follows transformers' `AutoTokenizer` on the same folder: tokenizer.json's post-processor
+decides the special tokens `encode` adds (rebuilt from `add_bos_token`/`add_eos_token` when
+tokenizer_config.json sets them, as transformers does), and chat templates are rendered with the same
+sandboxed Jinja environment and variables.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .data_formats import DataError
+
+
+def _token_text(value: Any) -> str | None:
+    # tokenizer_config.json stores special tokens as strings or as serialized AddedToken objects.
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) and value else None
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"{path}: cannot be read as JSON ({exc}) -> re-save the model folder's tokenizer files") from None
+    return data if isinstance(data, dict) else {}
+
+
+def _compile_template(source: str):
+    import jinja2
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class GenerationTag(jinja2.ext.Extension):
+        # transformers uses {% generation %} to track assistant spans; rendering only needs the body.
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller):
+            return caller()
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[GenerationTag, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env.from_string(source)
+
+
+def _find_chat_template(model_dir: Path, config: dict) -> str | None:
+    # Newer transformers save the template beside the config; it wins over tokenizer_config.json.
+    jinja_file = model_dir / "chat_template.jinja"
+    if jinja_file.is_file():
+        return jinja_file.read_text(encoding="utf-8")
+    template = _read_json(model_dir / "chat_template.json").get("chat_template") or config.get("chat_template")
+    if isinstance(template, list):  # named templates: use "default", else the first
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default") or next(iter(named.values()), None)
+    return template if isinstance(template, str) and template else None
+
+
+class TextTokenizer:
+    """encode / decode / chat template over `tokenizers.Tokenizer` + tokenizer_config.json."""
+
+    def __init__(self, model_dir: Path):
+        from tokenizers import Tokenizer, processors
+
+        self.model_dir = Path(model_dir)
+        path = self.model_dir / "tokenizer.json"
+        if not path.is_file():
+            raise DataError(f"{self.model_dir}: no tokenizer.json -> the model folder needs Hugging Face fast "
+                            "tokenizer files (tokenizer.json, tokenizer_config.json)")
+        try:
+            self._tok = Tokenizer.from_file(str(path))
+        except Exception as exc:  # the Rust side raises plain Exception for a malformed file
+            raise DataError(f"{path}: cannot be loaded by `tokenizers` ({exc})") from None
+        config = _read_json(self.model_dir / "tokenizer_config.json")
+        special_map = _read_json(self.model_dir / "special_tokens_map.json")
+        model_config = _read_json(self.model_dir / "config.json")
+
+        self.special_tokens: dict[str, str] = {}
+        for name in ("bos_token", "eos_token", "pad_token", "unk_token"):
+            text = _token_text(config.get(name)) or _token_text(special_map.get(name))
+            if text is not None:
+                self.special_tokens[name] = text
+        self.bos_id = self._id_of("bos_token", model_config.get("bos_token_id"))
+        self.eos_id = self._id_of("eos_token", model_config.get("eos_token_id"))
+        pad = self._id_of("pad_token", model_config.get("pad_token_id"))
+        self.pad_id = pad if pad is not None else (self.eos_id if self.eos_id is not None else 0)
+
+        if "add_bos_token" in config or "add_eos_token" in config:
+            # transformers rebuilds the post-processor from these flags when they are given explicitly.
+            add_bos = bool(config.get("add_bos_token")) and self.bos_id is not None
+            add_eos = bool(config.get("add_eos_token")) and self.eos_id is not None
+            bos, eos = self.special_tokens.get("bos_token"), self.special_tokens.get("eos_token")
+            single = f"{bos + ':0 ' if add_bos else ''}$A:0{' ' + eos + ':0' if add_eos else ''}"
+            pair = f"{single}{' ' + bos + ':1' if add_bos else ''} $B:1{' ' + eos + ':1' if add_eos else ''}"
+            special = ([(bos, self.bos_id)] if add_bos else []) + ([(eos, self.eos_id)] if add_eos else [])
+            self._tok.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=special)
+
+        # What encode(add_special_tokens=True) puts around a text, found by asking the post-processor.
+        bare = self._tok.encode("a", add_special_tokens=False).ids
+        full = self._tok.encode("a", add_special_tokens=True).ids
+        start = next((i for i in range(len(full) - len(bare) + 1) if full[i:i + len(bare)] == bare), 0)
+        self.prefix_ids: list[int] = full[:start]
+        self.suffix_ids: list[int] = full[start + len(bare):]
+
+        self.chat_template_source = _find_chat_template(self.model_dir, config)
+        self._template = None
+        self.vocab_size = self._tok.get_vocab_size()
+
+    def _id_of(self, name: str, fallback: Any) -> int | None:
+        text = self.special_tokens.get(name)
+        if text is not None:
+            token_id = self._tok.token_to_id(text)
+            if token_id is not None:
+                return token_id
+        if isinstance(fallback, list):
+            fallback = fallback[0] if fallback else None
+        return fallback if isinstance(fallback, int) else None
+
+    @property
+    def has_chat_template(self) -> bool:
+        return self.chat_template_source is not None
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Ids without added special tokens, and each token's (start, end) character span in ``text``."""
+        enc = self._tok.encode(text, add_special_tokens=False)
+        return enc.ids, enc.offsets
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+        """The rendered conversation text; tokenize it with add_special_tokens=False (the template
+        already holds the special tokens, as in transformers)."""
+        if self.chat_template_source is None:
+            raise DataError(f"{self.model_dir}: the tokenizer has no chat template -> use prompt/completion or "
+                            "text rows, or a model whose tokenizer_config.json has a chat_template")
+        if self._template is None:
+            self._template = _compile_template(self.chat_template_source)
+        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                     **self.special_tokens)
+
+
+def load_tokenizer(model_dir: Path) -> TextTokenizer:
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise DataError(f"{model_dir}: not a model folder -> pass a local folder with tokenizer.json "
+                        "(a hub id must be downloaded first)")
+    return TextTokenizer(model_dir)
+
+
+# ---------------------------------------------------------------------------
+# Rows -> token ids and loss masks
+
+@dataclass
+class Encoded:
+    """A row as tokens: a shared prompt and one response per sequence (a preference pair has two).
+    For chat and text rows the whole sequence is the "response" and the prompt is empty; the loss
+    mask (1 = target) then marks the assistant turns."""
+
+    prompt: list[int]
+    prompt_mask: list[int]
+    responses: list[tuple[list[int], list[int]]]
+    keep: int = 0  # leading prompt tokens (BOS) that left-truncation must keep
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt) + max(len(ids) for ids, _ in self.responses)
+
+
+def _with_eos(tok: TextTokenizer, ids: list[int]) -> list[int]:
+    if tok.eos_id is not None and (not ids or ids[-1] != tok.eos_id):
+        ids = ids + [tok.eos_id]
+    return ids
+
+
+def _assistant_spans(tok: TextTokenizer, messages: list[dict], text: str) -> list[tuple[int, int]]:
+    """Character spans of the assistant turns in the rendered ``text``: from the end of the rendered
+    generation prompt to the end of the rendered turn, so the end-of-turn tokens are learned too."""
+    spans = []
+    search = 0
+    eos = tok.special_tokens.get("eos_token")
+    for i, message in enumerate(messages):
+        if message.get("role") != "assistant":
+            continue
+        span = None
+        try:
+            before = tok.apply_chat_template(messages[:i], add_generation_prompt=True)
+            upto = tok.apply_chat_template(messages[:i + 1])
+            if len(before) < len(upto) and text.startswith(upto) and upto.startswith(before):
+                span = (len(before), len(upto))
+        except Exception:
+            span = None
+        if span is None:
+            # Templates that render earlier turns differently (e.g. dropping reasoning): find the content.
+            content = message.get("content", "")
+            start = text.find(content, search)
+            if start < 0:
+                raise DataError(f"the chat template does not render assistant message {i} verbatim, so its "
+                                "tokens cannot be found for the loss mask -> set data.mask_prompt=false")
+            end = start + len(content)
+            if eos and text.startswith(eos, end):
+                end += len(eos)
+            span = (start, end)
+        spans.append(span)
+        search = span[1]
+    return spans
+
+
+def encode_row(tok: TextTokenizer, row: dict, fmt: str, mask_prompt: bool = True) -> Encoded:
+    """Token ids and loss masks for one validated row.
+
+    text: BOS (if the tokenizer adds one) + text + EOS, all targets.
+    completion / preference: BOS + prompt, then each response + EOS; prompt tokens are targets only
+    for completion rows with mask_prompt off. Prompt and response are tokenized separately so the
+    boundary is exact. chat: the model's chat template; with mask_prompt only assistant turns are
+    targets."""
+    if fmt == "text":
+        ids = _with_eos(tok, tok.prefix_ids + tok.encode(row["text"], add_special_tokens=False))
+        mask = [0] * len(tok.prefix_ids) + [1] * (len(ids) - len(tok.prefix_ids))
+        return Encoded([], [], [(ids, mask)])
+    if fmt == "chat":
+        try:
+            text = tok.apply_chat_template(row["messages"])
+        except DataError:
+            raise
+        except Exception as exc:
+            raise DataError(f"the chat template failed on this row ({exc}) -> check roles and their order") from None
+        ids, offsets = tok.encode_with_offsets(text)
+        if not mask_prompt:
+            return Encoded([], [], [(ids, [1] * len(ids))])
+        starts = np.array([s for s, _ in offsets], dtype=np.int64)
+        ends = np.array([e for _, e in offsets], dtype=np.int64)
+        mask = np.zeros(len(ids), dtype=bool)
+        for a, b in _assistant_spans(tok, row["messages"], text):
+            mask |= (starts < b) & (ends > a)
+        return Encoded([], [], [(ids, mask.astype(int).tolist())])
+    prompt = tok.prefix_ids + tok.encode(row["prompt"], add_special_tokens=False)
+    keep = len(tok.prefix_ids)
+    if fmt == "completion":
+        resp = _with_eos(tok, tok.encode(row["completion"], add_special_tokens=False))
+        prompt_mask = [0] * keep + [0 if mask_prompt else 1] * (len(prompt) - keep)
+        return Encoded(prompt, prompt_mask, [(resp, [1] * len(resp))], keep)
+    if fmt == "preference":
+        pair = []
+        for key in ("chosen", "rejected"):
+            resp = _with_eos(tok, tok.encode(row[key], add_special_tokens=False))
+            pair.append((resp, [1] * len(resp)))
+        return Encoded(prompt, [0] * len(prompt), pair, keep)
+    raise ValueError(f"unknown format {fmt}")
+
+
+def fit(enc: Encoded, max_len: int) -> list[tuple[list[int], list[int]]]:
+    """The row's sequences (prompt + response), cut to ``max_len`` tokens.
+
+    Chat and text rows lose their end. Prompted rows lose the start of the prompt first (after BOS),
+    but keep at least half of ``max_len`` for it, then the end of the response; a pair is cut the
+    same way on both sides so chosen and rejected share one prompt."""
+    prompt, prompt_mask = enc.prompt, enc.prompt_mask
+    if enc.length > max_len and prompt:
+        longest = max(len(ids) for ids, _ in enc.responses)
+        keep_prompt = max(max_len - longest, min(len(prompt), max_len // 2), enc.keep)
+        if keep_prompt < len(prompt):
+            tail = keep_prompt - enc.keep
+            prompt = prompt[:enc.keep] + (prompt[len(prompt) - tail:] if tail else [])
+            prompt_mask = prompt_mask[:enc.keep] + (prompt_mask[len(prompt_mask) - tail:] if tail else [])
+    out = []
+    for ids, mask in enc.responses:
+        room = max(max_len - len(prompt), 0)
+        out.append(((prompt + ids[:room])[:max_len], (prompt_mask + mask[:room])[:max_len]))
+    return out

@@ -1,0 +1,480 @@
+"""The PyTorch backend for real on CPU (plain LoRA, bitsandbytes 4-bit and 8-bit); CUDA-only paths behind `cuda`."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import has
+
+pytestmark = [
+    pytest.mark.torch,
+    pytest.mark.skipif(not has("torch", "transformers", "peft"), reason="needs torch, transformers and peft"),
+]
+
+SENTENCES = [
+    "The capital of France is Paris.",
+    "The capital of Japan is Tokyo.",
+    "3 plus 4 is 7. 8 plus 4 is 12.",
+    "The opposite of hot is cold.",
+    "Reverse the words: red blue green",
+    "The cat sat quietly near the garden.",
+    "Rain fell all morning and the sun was warm.",
+    "What is the capital of Austria? Vienna.",
+]
+PREFERENCES = [
+    ("What is 7 plus 10?\n", "7 plus 10 is 17.", "7 plus 10 is 15."),
+    ("What is the capital of Cuba?\n", "The capital of Cuba is Havana.", "The capital of Cuba is Oslo."),
+    ("What is 8 plus 4?\n", "8 plus 4 is 12.", "8 plus 4 is 10."),
+    ("Opposite of up?\n", "The opposite of up is down.", "The opposite of up is left."),
+]
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def make_config(model_dir: Path, bits: int = 0, **overrides):
+    from overnight.config import Config, set_dotted
+
+    cfg = Config()
+    cfg.model.path = str(model_dir)
+    cfg.model.quantization.bits = bits
+    cfg.lora.rank = 8
+    cfg.lora.alpha = 16.0
+    cfg.lora.dropout = 0.0
+    cfg.lora.layers = -1
+    for key, value in overrides.items():
+        set_dotted(cfg, key.replace("__", "."), json.dumps(value))
+    return cfg
+
+
+def make_backend(model_dir: Path, bits: int = 0, seed: int = 0, **overrides):
+    from overnight.backends.torch_backend import TorchBackend
+
+    backend = TorchBackend()
+    info = backend.setup(make_config(model_dir, bits, **overrides), seed)
+    return backend, info
+
+
+def tokenizer(model_dir: Path):
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+
+
+def sft_batch(model_dir: Path, sentences=SENTENCES, pad_id: int = 0):
+    """Right-padded rows whose every token after the first is a target."""
+    rows = [enc.ids for enc in tokenizer(model_dir).encode_batch(list(sentences))]
+    width = max(map(len, rows))
+    ids = np.full((len(rows), width), pad_id, np.int32)
+    loss_mask = np.zeros((len(rows), width), np.float32)
+    attention = np.zeros((len(rows), width), np.int32)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = row
+        attention[i, : len(row)] = 1
+        loss_mask[i, 1: len(row)] = 1
+    from overnight.backend import Batch
+
+    return Batch(ids, loss_mask, attention, pad_id)
+
+
+def preference_batch(model_dir: Path, pad_id: int = 0):
+    """Rows 2i / 2i+1 = prompt + chosen / prompt + rejected; only the response tokens are targets."""
+    from overnight.backend import Batch
+
+    tok = tokenizer(model_dir)
+    rows, starts = [], []
+    for prompt, chosen, rejected in PREFERENCES:
+        prompt_ids = tok.encode(prompt).ids
+        for answer in (chosen, rejected):
+            rows.append(prompt_ids + tok.encode(answer, add_special_tokens=False).ids)
+            starts.append(len(prompt_ids))
+    width = max(map(len, rows))
+    ids = np.full((len(rows), width), pad_id, np.int32)
+    loss_mask = np.zeros((len(rows), width), np.float32)
+    attention = np.zeros((len(rows), width), np.int32)
+    for i, (row, start) in enumerate(zip(rows, starts)):
+        ids[i, : len(row)] = row
+        attention[i, : len(row)] = 1
+        loss_mask[i, start: len(row)] = 1
+    return Batch(ids, loss_mask, attention, pad_id, paired=True)
+
+
+def lora_weights(backend) -> dict[str, np.ndarray]:
+    return {name: p.detach().cpu().float().numpy().copy()
+            for name, p in backend._model.named_parameters() if p.requires_grad}
+
+
+# --------------------------------------------------------------------------- training
+
+
+@pytest.mark.parametrize("bits", [0, 4])
+def test_training_lowers_loss(tiny_model_dir, bits):
+    backend, info = make_backend(tiny_model_dir, bits=bits)
+    assert 0 < info.trainable_params < info.total_params
+    batch = sft_batch(tiny_model_dir)
+    losses = [backend.train_step([batch], 1e-2).loss for _ in range(30)]
+    assert all(math.isfinite(x) for x in losses)
+    assert losses[-1] < losses[0] - 0.5, losses
+
+
+def test_step_result_is_token_weighted_and_eval_agrees(tiny_model_dir):
+    backend, _ = make_backend(tiny_model_dir)
+    batch = sft_batch(tiny_model_dir)
+    total, tokens = backend.eval_loss(batch)
+    assert tokens == batch.num_target_tokens
+    result = backend.train_step([batch], 1e-3)
+    assert result.tokens == batch.num_target_tokens
+    # Same weights, no dropout: the step's loss is the evaluated loss per target token.
+    assert result.loss == pytest.approx(total / tokens, rel=1e-6)
+    assert result.grad_norm > 0
+
+
+def test_splitting_into_micro_batches_gives_the_same_update(tiny_model_dir):
+    batch = sft_batch(tiny_model_dir)
+    whole, _ = make_backend(tiny_model_dir)
+    split, _ = make_backend(tiny_model_dir)
+    # Uneven rows per part: a plain mean of per-micro-batch means would differ from the token-weighted loss.
+    parts = batch.split(3)
+    assert len({p.num_target_tokens for p in parts}) > 1
+    for _ in range(3):
+        a = whole.train_step([batch], 1e-2)
+        b = split.train_step(parts, 1e-2)
+        assert b.loss == pytest.approx(a.loss, rel=1e-5)
+        assert b.grad_norm == pytest.approx(a.grad_norm, rel=1e-4)
+        assert b.tokens == a.tokens
+    for name, value in lora_weights(whole).items():
+        np.testing.assert_allclose(lora_weights(split)[name], value, rtol=1e-4, atol=1e-6)
+
+
+def test_gradients_are_clipped_to_max_grad_norm(tiny_model_dir, monkeypatch):
+    import torch
+
+    backend, _ = make_backend(tiny_model_dir, train__max_grad_norm=1e-3)
+    batch = sft_batch(tiny_model_dir)
+    backend.train_step([batch], 1e-2)  # B moves off zero, so A gets gradients too
+    before = lora_weights(backend)
+    seen = {}
+    original = torch.optim.AdamW.step
+
+    def spy(self, *args, **kwargs):
+        seen["norm"] = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in backend._params])).item()
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
+    result = backend.train_step([batch], 1e-2)
+    assert result.grad_norm > 1e-2  # reported before clipping
+    assert seen["norm"] == pytest.approx(1e-3, rel=1e-3)  # applied after clipping
+    assert any(not np.array_equal(before[k], v) for k, v in lora_weights(backend).items())
+
+
+def test_same_seed_same_losses_other_seed_other_init(tiny_model_dir):
+    batch = sft_batch(tiny_model_dir)
+    runs = []
+    for seed in (3, 3, 4):
+        backend, _ = make_backend(tiny_model_dir, seed=seed, lora__dropout=0.1)
+        runs.append([backend.train_step([batch], 1e-2).loss for _ in range(4)])
+    assert runs[0] == runs[1]
+    assert runs[0] != runs[2]
+
+
+def test_lora_layers_targets_and_scale(tiny_model_dir):
+    backend, info = make_backend(tiny_model_dir, lora__layers=1, lora__targets=["q_proj", "v_proj"])
+    names = [n for n, p in backend._model.named_parameters() if p.requires_grad]
+    assert names and all(".layers.1." in n for n in names)
+    assert {n.split(".")[-4] for n in names} == {"q_proj", "v_proj"}
+    assert info.details["lora_layers"] == [1]
+    from peft.tuners.lora import LoraLayer
+
+    scales = {m.scaling["default"] for m in backend._model.modules() if isinstance(m, LoraLayer)}
+    assert scales == {2.0}  # alpha / rank = 16 / 8
+
+
+def test_unknown_target_is_a_config_error(tiny_model_dir):
+    from overnight.config import ConfigError
+
+    with pytest.raises(ConfigError, match="lora.targets"):
+        make_backend(tiny_model_dir, lora__targets=["no_such_proj"])
+
+
+def test_grad_checkpointing_is_on_and_changes_nothing(tiny_model_dir):
+    batch = sft_batch(tiny_model_dir)
+    runs = []
+    for flag in (False, True):
+        backend, info = make_backend(tiny_model_dir, bits=4, lora__dropout=0.1, model__grad_checkpoint=flag)
+        assert backend._model.base_model.model.is_activation_checkpointing == flag
+        runs.append([backend.train_step([batch], 1e-2).loss for _ in range(3)])
+    # The recomputed forward replays the same dropout masks.
+    np.testing.assert_allclose(runs[1], runs[0], rtol=1e-6)
+
+
+# --------------------------------------------------------------------------- quantization
+
+
+def test_4bit_layers_are_really_nf4_double_quant(tiny_model_dir):
+    import bitsandbytes as bnb
+    import torch
+
+    backend, info = make_backend(tiny_model_dir, bits=4)
+    linear4 = [m for m in backend._model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    # 2 blocks x (q, k, v, o, gate, up, down); lm_head stays full precision.
+    assert len(linear4) == 14
+    for module in linear4:
+        weight = module.weight
+        assert weight.dtype == torch.uint8
+        assert weight.quant_state.quant_type == "nf4"
+        assert weight.quant_state.nested  # double quantization: the absmax scales are quantized too
+        out_features, in_features = weight.quant_state.shape
+        assert weight.numel() * 2 == out_features * in_features  # two 4-bit values per byte
+    assert "nf4" in info.details["quantization"]
+    # The adapters train in fp32 beside the frozen 4-bit weights.
+    assert {p.dtype for p in backend._params} == {torch.float32}
+
+
+def test_8bit_path_trains(tiny_model_dir):
+    import bitsandbytes as bnb
+
+    backend, _ = make_backend(tiny_model_dir, bits=8)
+    assert any(isinstance(m, bnb.nn.Linear8bitLt) for m in backend._model.modules())
+    batch = sft_batch(tiny_model_dir)
+    losses = [backend.train_step([batch], 1e-2).loss for _ in range(10)]
+    assert losses[-1] < losses[0]
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+@pytest.mark.parametrize("bits", [0, 4])
+def test_save_load_continue_equals_uninterrupted(tiny_model_dir, tmp_path, bits):
+    batches = [sft_batch(tiny_model_dir, SENTENCES[i:] + SENTENCES[:i]) for i in range(6)]
+    lrs = [1e-2, 8e-3, 6e-3, 4e-3, 2e-3, 1e-3]
+    opts = dict(lora__dropout=0.1, train__weight_decay=0.01)
+
+    straight, _ = make_backend(tiny_model_dir, bits=bits, seed=7, **opts)
+    expected = [straight.train_step([b], lr).loss for b, lr in zip(batches, lrs)]
+
+    first, _ = make_backend(tiny_model_dir, bits=bits, seed=7, **opts)
+    got = [first.train_step([b], lr).loss for b, lr in zip(batches[:3], lrs[:3])]
+    first.save(tmp_path)
+    # Global RNGs drift after the save (as in a real process that goes on or restarts); load must undo it.
+    import random
+
+    import torch
+    torch.rand(100)
+    np.random.rand(10)
+    random.random()
+    resumed, _ = make_backend(tiny_model_dir, bits=bits, seed=99, **opts)
+    resumed.load(tmp_path)
+    got += [resumed.train_step([b], lr).loss for b, lr in zip(batches[3:], lrs[3:])]
+
+    assert got == expected
+    final = lora_weights(resumed)
+    for name, value in lora_weights(straight).items():
+        assert np.array_equal(final[name], value), name
+
+
+def test_saved_adapter_loads_with_peft_from_pretrained(tiny_model_dir, tmp_path):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    backend, _ = make_backend(tiny_model_dir)
+    batch = sft_batch(tiny_model_dir)
+    for _ in range(5):
+        backend.train_step([batch], 1e-2)
+    backend.save(tmp_path)
+    adapter = tmp_path / "adapter"
+    assert (adapter / "adapter_model.safetensors").is_file()
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["r"] == 8 and config["lora_alpha"] == 16 and not config.get("use_rslora")
+
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+    loaded = PeftModel.from_pretrained(base, str(adapter)).eval()
+    ids = torch.as_tensor(batch.input_ids, dtype=torch.long)
+    attn = torch.as_tensor(batch.attention_mask, dtype=torch.long)
+    backend._model.eval()
+    with torch.no_grad():
+        want = backend._model(input_ids=ids, attention_mask=attn).logits
+        got = loaded(input_ids=ids, attention_mask=attn).logits
+    torch.testing.assert_close(got, want)
+    with torch.no_grad(), loaded.disable_adapter():
+        plain = loaded(input_ids=ids, attention_mask=attn).logits
+    assert not torch.allclose(plain, want)  # the adapter really changes the model
+
+
+def test_resume_with_another_optimizer_is_refused(tiny_model_dir, tmp_path):
+    from overnight.config import ConfigError
+
+    backend, _ = make_backend(tiny_model_dir)
+    backend.train_step([sft_batch(tiny_model_dir)], 1e-3)
+    backend.save(tmp_path)
+    state = json.loads((tmp_path / "backend_state.json").read_text())
+    assert state["optimizer"] == "adamw"
+    state["optimizer"] = "paged_adamw_8bit"
+    (tmp_path / "backend_state.json").write_text(json.dumps(state))
+    other, _ = make_backend(tiny_model_dir)
+    with pytest.raises(ConfigError, match="train.optimizer"):
+        other.load(tmp_path)
+
+
+def test_resume_into_a_different_lora_shape_is_refused(tiny_model_dir, tmp_path):
+    backend, _ = make_backend(tiny_model_dir)
+    backend.save(tmp_path)
+    other, _ = make_backend(tiny_model_dir, lora__layers=1)
+    with pytest.raises(ValueError, match="LoRA parameters"):
+        other.load(tmp_path)
+
+
+@pytest.mark.skipif(has("torch") and cuda_available(), reason="checks the CPU refusal")
+def test_paged_optimizer_is_refused_on_cpu(tiny_model_dir):
+    from overnight.config import ConfigError
+
+    with pytest.raises(ConfigError, match="train.optimizer"):
+        make_backend(tiny_model_dir, train__optimizer="paged_adamw_8bit")
+
+
+# --------------------------------------------------------------------------- preference methods
+
+
+def test_dpo_starts_at_log2_and_learns(tiny_model_dir):
+    backend, _ = make_backend(tiny_model_dir, data__method="dpo")
+    batch = preference_batch(tiny_model_dir)
+    total, pairs = backend.eval_loss(batch)
+    assert pairs == len(PREFERENCES)
+    # LoRA B starts at zero, so policy == reference and every pair's loss is -log sigmoid(0).
+    assert total / pairs == pytest.approx(math.log(2), abs=1e-6)
+    losses = [backend.train_step([batch], 1e-2).loss for _ in range(15)]
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-6)
+    assert losses[-1] < losses[0] - 0.05
+
+
+def test_orpo_learns_and_split_matches(tiny_model_dir):
+    batch = preference_batch(tiny_model_dir)
+    whole, _ = make_backend(tiny_model_dir, data__method="orpo")
+    split, _ = make_backend(tiny_model_dir, data__method="orpo")
+    parts = batch.split(2)
+    assert all(p.paired and p.num_rows % 2 == 0 for p in parts)
+    losses = []
+    for _ in range(15):
+        a = whole.train_step([batch], 1e-2)
+        b = split.train_step(parts, 1e-2)
+        assert b.loss == pytest.approx(a.loss, rel=1e-5)
+        losses.append(a.loss)
+    assert losses[-1] < losses[0] - 0.5
+
+
+def test_preference_method_needs_paired_batches(tiny_model_dir):
+    backend, _ = make_backend(tiny_model_dir, data__method="dpo")
+    with pytest.raises(ValueError, match="paired"):
+        backend.train_step([sft_batch(tiny_model_dir)], 1e-3)
+
+
+# --------------------------------------------------------------------------- generation and reporting
+
+
+def test_generate_is_greedy_and_stops_at_eos(tiny_model_dir):
+    import torch
+
+    backend, _ = make_backend(tiny_model_dir)
+    prompt = np.asarray(tokenizer(tiny_model_dir).encode("The capital of France is").ids)
+    out = backend.generate(prompt, 12, None)
+    assert out.dtype.kind == "i" and len(out) == 12
+    assert np.array_equal(backend.generate(prompt, 12, None), out)
+    # Greedy by hand: argmax of the next-token logits, one token at a time.
+    ids = torch.as_tensor(prompt[None], dtype=torch.long)
+    with torch.no_grad():
+        for _ in range(12):
+            nxt = backend._model(input_ids=ids).logits[0, -1].argmax()
+            ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
+    assert np.array_equal(ids[0, len(prompt):].numpy(), out)
+    # Treating the third generated token as end-of-sequence stops right before it.
+    eos = int(out[2])
+    first = int(np.flatnonzero(out == eos)[0])
+    assert np.array_equal(backend.generate(prompt, 12, eos), out[:first])
+
+
+def test_memory_and_versions(tiny_model_dir):
+    backend, _ = make_backend(tiny_model_dir)
+    memory = backend.memory()
+    assert memory["memory_mb"] > 0 and memory["rss_mb"] > 0
+    versions = backend.versions()
+    assert {"torch", "transformers", "peft"} <= set(versions)
+    if has("bitsandbytes"):
+        assert "bitsandbytes" in versions
+
+
+def test_registry_finds_the_backend():
+    from overnight.backend import get_backend
+    from overnight.backends.torch_backend import TorchBackend
+
+    assert isinstance(get_backend("torch", announce=None), TorchBackend)
+
+
+# --------------------------------------------------------------------------- CUDA only
+
+
+@pytest.mark.cuda
+def test_cuda_qlora_bf16_trains_and_reports_memory(tiny_model_dir):
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    backend, info = make_backend(tiny_model_dir, bits=4, model__grad_checkpoint=True)
+    assert info.details["device"].startswith("cuda")
+    if torch.cuda.is_bf16_supported():
+        assert info.details["compute_dtype"] == "bfloat16"
+    batch = sft_batch(tiny_model_dir)
+    losses = [backend.train_step([batch], 1e-2).loss for _ in range(30)]
+    assert losses[-1] < losses[0] - 0.5
+    memory = backend.memory()
+    assert {"memory_mb", "allocated_mb", "reserved_mb", "peak_mb", "rss_mb"} <= set(memory)
+    assert 0 < memory["allocated_mb"] <= memory["reserved_mb"]
+    assert memory["peak_mb"] >= memory["allocated_mb"]
+
+
+@pytest.mark.cuda
+def test_cuda_paged_adamw_8bit_trains_and_resumes(tiny_model_dir, tmp_path):
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    batches = [sft_batch(tiny_model_dir, SENTENCES[i:] + SENTENCES[:i]) for i in range(6)]
+    opts = dict(train__optimizer="paged_adamw_8bit", lora__dropout=0.1)
+    straight, _ = make_backend(tiny_model_dir, bits=4, seed=5, **opts)
+    expected = [straight.train_step([b], 1e-2).loss for b in batches]
+    assert expected[-1] < expected[0]
+
+    first, _ = make_backend(tiny_model_dir, bits=4, seed=5, **opts)
+    got = [first.train_step([b], 1e-2).loss for b in batches[:3]]
+    first.save(tmp_path)
+    resumed, _ = make_backend(tiny_model_dir, bits=4, seed=6, **opts)
+    resumed.load(tmp_path)
+    got += [resumed.train_step([b], 1e-2).loss for b in batches[3:]]
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+
+
+@pytest.mark.cuda
+def test_cuda_out_of_memory_becomes_backend_oom(tiny_model_dir):
+    import torch
+
+    from overnight.backend import Batch, OutOfMemory
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    backend, _ = make_backend(tiny_model_dir)
+    free, _ = torch.cuda.mem_get_info()
+    # Logits alone (rows x 1024 x vocab 512 x 4 bytes) exceed the free memory.
+    rows = int(free // (1024 * 512 * 4)) + 8
+    ids = np.ones((rows, 1024), np.int32)
+    huge = Batch(ids, np.ones_like(ids, dtype=np.float32), np.ones_like(ids))
+    with pytest.raises(OutOfMemory):
+        backend.train_step([huge], 1e-3)
+    assert all(p.grad is None for p in backend._params)
+    small = sft_batch(tiny_model_dir)
+    assert math.isfinite(backend.train_step([small], 1e-3).loss)  # still usable afterwards
