@@ -14,7 +14,7 @@ cut into max_seq_length blocks; the state is (epoch, document, token offset in i
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -123,19 +123,19 @@ class RowSource:
         first = self.row(0)
         self.format = detect_format(first)
         if self.format is None:
-            raise DataError(f"{self.path}:{self._lineno(0)}: the row has none of the keys of a known format "
+            raise DataError(f"{self.path}:{self.lineno(0)}: the row has none of the keys of a known format "
                             "-> run `overnight validate-data` on the data for details")
 
     def __len__(self) -> int:
         return len(self.offsets)
 
-    def _lineno(self, i: int) -> int:
+    def lineno(self, i: int) -> int:
         return line_number_at(self.path, int(self.offsets[i]))
 
     def _parse(self, content: bytes, lineno: int | None = None, index: int | None = None) -> dict:
         row, err = parse_line(content)
         if err:
-            lineno = lineno if lineno is not None else self._lineno(index)
+            lineno = lineno if lineno is not None else self.lineno(index)
             raise DataError(f"{self.path}:{lineno}: {err[0]} -> {err[1]}")
         return row
 
@@ -158,7 +158,7 @@ class RowSource:
         if problems:
             key, message, hint = problems[0]
             key_text = f" key '{key}':" if key else ""
-            raise DataError(f"{self.path}:{self._lineno(i)}:{key_text} {message}"
+            raise DataError(f"{self.path}:{self.lineno(i)}:{key_text} {message}"
                             + (f" -> {hint}" if hint else " -> run `overnight validate-data` on the data"))
         return row
 
@@ -209,11 +209,9 @@ class TrainStream:
     or skipped (cfg.data.truncate); `truncated` and `dropped` count them as they are met, while
     check_data(..., tokenizer=...) counts them up front for the warning."""
 
-    def __init__(self, train_file: Path, tokenizer: TextTokenizer, cfg: Any, *,
-                 log: Callable[[str], None] | None = None):
+    def __init__(self, train_file: Path, tokenizer: TextTokenizer, cfg: Any):
         self.tok = tokenizer
         self.cfg = cfg
-        self.log = log
         self.method = cfg.data.method
         self.paired = self.method in PAIRED_METHODS
         self.packing = bool(cfg.packing)
@@ -258,7 +256,7 @@ class TrainStream:
         try:
             return encode_row(self.tok, row, self.format, self.cfg.data.mask_prompt)
         except DataError as exc:
-            raise DataError(f"{self.source.path}:{self.source._lineno(i)}: {exc}") from None
+            raise DataError(f"{self.source.path}:{self.source.lineno(i)}: {exc}") from None
 
     def _rows_batch(self) -> Batch:
         while True:
@@ -385,7 +383,7 @@ def eval_batches(val_file: Path, tokenizer: TextTokenizer, cfg: Any, max_batches
         try:
             return encode_row(tokenizer, row, source.format, cfg.data.mask_prompt)
         except DataError as exc:
-            raise DataError(f"{val_file}:{source._lineno(i)}: {exc}") from None
+            raise DataError(f"{val_file}:{source.lineno(i)}: {exc}") from None
 
     if cfg.packing:
         ids: list[int] = []
