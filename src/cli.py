@@ -183,7 +183,7 @@ def cmd_train(args) -> int:
 
     # Refuse bad data before anything is written or loaded.
     train_file, val_file = data.find_data_files(Path(cfg.data.path))
-    data.check_data(Path(cfg.data.path), cfg.data.method)
+    data.check_data(Path(cfg.data.path), cfg.data.method, cfg=cfg).raise_if_problems()
 
     checkpoints = CheckpointManager(run_dir, cfg.checkpoint.keep_last, cfg.checkpoint.keep_best, log=say)
     resume_from = decide_resume(args, run_dir, checkpoints)

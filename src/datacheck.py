@@ -1,0 +1,86 @@
+"""`overnight validate-data PATH [--method M] [--model DIR]`: the pre-training data check, on its own.
+
+Prints rows per file and format, token-length statistics when a model folder is given, and every
+problem as file:line. Returns 0 when the data is clean, 2 otherwise.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .config import Config
+from .data import DataError, check_data, find_data_files, load_tokenizer
+from .data_formats import METHOD_FORMATS, detect_format, iter_lines, parse_line
+
+
+def infer_method(train_file: Path) -> str:
+    """dpo for preference rows, sft for everything else (text rows also fit cpt)."""
+    try:
+        for _, _, content in iter_lines(train_file):
+            row, err = parse_line(content)
+            if err is None and detect_format(row) is not None:
+                return "dpo" if detect_format(row) == "preference" else "sft"
+    except OSError:
+        pass
+    return "sft"
+
+
+def validate_data_main(path: str, method: str | None, model: str | None, max_seq_length: int | None = None,
+                       out: Callable[[str], None] = print) -> int:
+    cfg = Config()
+    if max_seq_length is not None:
+        cfg.model.max_seq_length = max_seq_length
+    try:
+        train_file, _ = find_data_files(Path(path))
+        if method is None:
+            method, how = infer_method(train_file), "inferred from the rows; pass --method to check for another"
+        elif method not in METHOD_FORMATS:
+            raise DataError(f"unknown method '{method}' -> use one of {', '.join(METHOD_FORMATS)}")
+        else:
+            how = "as asked"
+        cfg.data.method = method
+        tokenizer = load_tokenizer(Path(model)) if model else None
+        report = check_data(Path(path), method, tokenizer=tokenizer, cfg=cfg)
+    except DataError as exc:
+        out(f"error: {exc}")
+        return 2
+
+    out(f"data: {path} (method {method}, {how})")
+    for f in report.files:
+        fmt = f"{f.format} format" if f.format else "format unknown"
+        blank = f", {f.blank_lines} blank line(s) skipped" if f.blank_lines else ""
+        out(f"  {f.path}: {f.rows} valid row(s), {fmt}{blank}")
+        if f.lengths is not None and len(f.lengths):
+            unit = "tokens per pair (longer side)" if method in ("dpo", "orpo") else "tokens per row"
+            too_long = f"{f.too_long} longer than max_seq_length {cfg.model.max_seq_length}"
+            if f.too_long and not report.packing:
+                too_long += " (would be truncated)" if cfg.data.truncate else " (would be dropped)"
+            out(f"    {unit}: min {int(f.lengths.min())}, median {int(np.median(f.lengths))}, "
+                f"max {int(f.lengths.max())}; {too_long}")
+    if tokenizer is None:
+        out("  (pass --model DIR for token-length statistics)")
+    if report.ok:
+        out("no problems: the data is ready to train")
+        return 0
+    out(f"{report.problem_count} problem(s):")
+    for problem in report.problems:
+        out(f"  {problem}")
+    hidden = report.problem_count - len(report.problems)
+    if hidden:
+        out(f"  ... and {hidden} more not listed")
+    return 2
+
+
+if __name__ == "__main__":
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m overnight.datacheck")
+    p.add_argument("path")
+    p.add_argument("--method", default=None)
+    p.add_argument("--model", default=None)
+    p.add_argument("--max-seq-length", type=int, default=None)
+    a = p.parse_args()
+    sys.exit(validate_data_main(a.path, a.method, a.model, a.max_seq_length))

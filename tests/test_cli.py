@@ -1,0 +1,205 @@
+"""The command line as a user runs it: real subprocesses, the real data pipeline and tiny model's
+tokenizer, and the numpy reference backend (plugged in as module:Class) for speed."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from overnight.checkpoint import CheckpointManager
+from overnight.rundir import read_metrics
+
+from conftest import DATA_DIR, ROOT
+
+TESTS = Path(__file__).resolve().parent
+REF = "refbackend:NumpyBackend"
+
+
+def env(**faults) -> dict:
+    e = dict(os.environ)
+    e["PYTHONPATH"] = os.pathsep.join([str(TESTS), e.get("PYTHONPATH", "")])
+    e["OVERNIGHT_REF_FAULTS"] = json.dumps(faults)
+    e.pop("OVERNIGHT_FAULT", None)
+    return e
+
+
+def base_args(model: Path, out: Path, steps: int = 12, *extra: str) -> list[str]:
+    return ["train", "--backend", REF, "--model", str(model), "--data", str(DATA_DIR), "--output", str(out),
+            "--max-steps", str(steps), "--batch-size", "4", "--quiet",
+            "--set", "train.report_every=1", "--set", "eval.every_steps=4", "--set", "checkpoint.every_steps=5",
+            "--set", "eval.max_batches=2", "--set", "train.warmup_steps=2", "--set", "lora.rank=4",
+            "--set", "model.max_seq_length=128", "--set", "train.learning_rate=0.02", *extra]
+
+
+def overnight(*args: str, faults: dict | None = None, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "overnight", *args], capture_output=True, text=True,
+                          env=env(**(faults or {})), stdin=subprocess.DEVNULL, timeout=timeout, cwd=ROOT, **kw)
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if r["event"] == "train"}
+
+
+def test_train_help_shows_every_spec_flag():
+    out = overnight("train", "--help").stdout
+    for flag in ("--set", "--backend", "--auto-resume", "--fresh", "--resume-from", "--before-step", "--output",
+                 "--model", "--data", "--method", "--batch-size", "--lora-rank", "--lora-layers", "--max-steps",
+                 "--learning-rate", "--no-streaming", "--seed"):
+        assert flag in out, flag
+
+
+def test_unknown_key_exits_2_naming_it(tmp_path):
+    result = overnight("train", "--set", "bogus.key=1", "--output", str(tmp_path / "run"))
+    assert result.returncode == 2
+    assert "bogus" in result.stderr and "Traceback" not in result.stderr
+    result = overnight("train", "--set", "train.learning_rat=1e-4", "--model", "m")
+    assert result.returncode == 2 and "learning_rate" in result.stderr
+
+
+def test_bad_data_exits_2_before_anything_is_written(tmp_path, tiny_model_dir):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.jsonl").write_text('{"prompt": "a", "completion": "b"}\nnot json\n')
+    out = tmp_path / "run"
+    args = base_args(tiny_model_dir, out)
+    args[args.index("--data") + 1] = str(data)
+    result = overnight(*args)
+    assert result.returncode == 2, result.stderr
+    assert "train.jsonl:2" in result.stderr and "Traceback" not in result.stderr
+    assert not out.exists()
+
+
+def test_full_run_writes_the_run_directory(tmp_path, tiny_model_dir):
+    out = tmp_path / "run"
+    result = overnight(*base_args(tiny_model_dir, out))
+    assert result.returncode == 0, result.stderr + result.stdout
+    assert "backend: refbackend:NumpyBackend" in result.stdout
+    for name in ("config.yaml", "metrics.jsonl", "heartbeat.json", "predictions.jsonl", "adapter"):
+        assert (out / name).exists(), name
+    events = {r["event"] for r in read_metrics(out)}
+    assert {"start", "train", "eval", "checkpoint", "end"} <= events
+    train = [r for r in read_metrics(out) if r["event"] == "train"][0]
+    assert {"loss", "loss_avg", "lr", "tokens", "tokens_per_sec", "grad_norm", "memory_mb", "elapsed_s"} <= set(train)
+    assert "completed at step 12" in overnight("status", str(out)).stdout
+    listing = overnight("checkpoints", str(out)).stdout
+    assert "12" in listing and "valid" in listing and "*" in listing
+    heartbeat = json.loads((out / "heartbeat.json").read_text())
+    assert heartbeat["state"] == "completed" and heartbeat["step"] == 12 and heartbeat["pid"]
+
+
+def test_existing_run_without_terminal_or_flag_is_refused_then_fresh_archives(tmp_path, tiny_model_dir):
+    out = tmp_path / "run"
+    assert overnight(*base_args(tiny_model_dir, out, 5)).returncode == 0
+    refused = overnight(*base_args(tiny_model_dir, out, 10))
+    assert refused.returncode == 3
+    assert "--auto-resume" in refused.stderr and "--fresh" in refused.stderr
+    fresh = overnight(*base_args(tiny_model_dir, out, 5), "--fresh")
+    assert fresh.returncode == 0, fresh.stderr
+    archives = list(out.glob("archive-*"))
+    assert len(archives) == 1 and (archives[0] / "checkpoints" / "step-00000005" / "COMMIT").is_file()
+    assert [r["event"] for r in read_metrics(out)][0] == "start"
+
+
+def wait_for_step(run_dir: Path, step: int, proc, timeout: float = 60) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if json.loads((run_dir / "heartbeat.json").read_text())["step"] >= step:
+                return
+        except (OSError, ValueError, KeyError):
+            pass
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.02)
+    raise AssertionError("the run never reached step %d" % step)
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signal_saves_exits_and_resume_is_exact(tmp_path, tiny_model_dir, sig, code):
+    straight = tmp_path / "straight"
+    assert overnight(*base_args(tiny_model_dir, straight, 16)).returncode == 0
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "overnight", *base_args(tiny_model_dir, out, 16)],
+                            env=env(sleep_s=0.15), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL, text=True)
+    wait_for_step(out, 3, proc)
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == code, stderr
+    interrupted = [r for r in read_metrics(out) if r["event"] == "interrupted"]
+    assert len(interrupted) == 1
+    stopped_at = interrupted[0]["step"]
+    assert 3 <= stopped_at < 16
+    assert CheckpointManager(out).latest_valid().step == stopped_at
+    assert "interrupted" in overnight("status", str(out)).stdout
+    resumed = overnight(*base_args(tiny_model_dir, out, 16), "--auto-resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert [r["from_step"] for r in read_metrics(out) if r["event"] == "resume"] == [stopped_at]
+    assert losses(out) == losses(straight)
+    assert (out / "adapter" / "adapter.safetensors").read_bytes() == \
+        (straight / "adapter" / "adapter.safetensors").read_bytes()
+
+
+def test_config_change_on_resume_is_refused_naming_fields_unless_allowed(tmp_path, tiny_model_dir):
+    out = tmp_path / "run"
+    assert overnight(*base_args(tiny_model_dir, out, 5)).returncode == 0
+    changed = base_args(tiny_model_dir, out, 10, "--set", "lora.rank=8", "--auto-resume")
+    refused = overnight(*changed)
+    assert refused.returncode == 3 and "lora.rank: 4 -> 8" in refused.stderr
+    assert "--allow-config-change" in refused.stderr
+    # A change the saved state can still carry (the learning rate) goes ahead when explicitly allowed.
+    new_lr = base_args(tiny_model_dir, out, 10, "--set", "train.learning_rate=0.01", "--auto-resume")
+    assert overnight(*new_lr).returncode == 3
+    allowed = overnight(*new_lr, "--allow-config-change")
+    assert allowed.returncode == 0, allowed.stderr
+    resume = [r for r in read_metrics(out) if r["event"] == "resume"]
+    assert resume[-1]["from_step"] == 5 and "train.learning_rate: 0.02 -> 0.01" in resume[-1]["overridden"]
+
+
+def test_resume_from_and_before_step(tmp_path, tiny_model_dir):
+    out = tmp_path / "run"
+    assert overnight(*base_args(tiny_model_dir, out, 12, "--set", "checkpoint.keep_last=5")).returncode == 0
+    result = overnight(*base_args(tiny_model_dir, out, 12, "--set", "checkpoint.keep_last=5"), "--before-step", "8")  # checkpoints: 4, 5, 8 (new bests), 10, 12
+    assert result.returncode == 0, result.stderr
+    assert [r["from_step"] for r in read_metrics(out) if r["event"] == "resume"] == [5]
+    missing = overnight(*base_args(tiny_model_dir, out, 12, "--set", "checkpoint.keep_last=5"), "--resume-from", "7")
+    assert missing.returncode == 3 and "no valid checkpoint at step 7" in missing.stderr
+
+
+def test_terminal_prompt_yes_and_no(tmp_path, tiny_model_dir):
+    import pty
+
+    out = tmp_path / "run"
+    assert overnight(*base_args(tiny_model_dir, out, 5)).returncode == 0
+
+    def run_with_answer(answer: str) -> tuple[int, str]:
+        pid, fd = pty.fork()
+        if pid == 0:  # child: the CLI on a terminal
+            os.execve(sys.executable, [sys.executable, "-m", "overnight", *base_args(tiny_model_dir, out, 8)],
+                      env(**{}))
+        seen = b""
+        while b"[Y/n]" not in seen:
+            seen += os.read(fd, 1024)
+        assert b"Resume from step 5? [Y/n]" in seen
+        os.write(fd, answer.encode() + b"\n")
+        while True:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            seen += chunk
+        _, status = os.waitpid(pid, 0)
+        return os.waitstatus_to_exitcode(status), seen.decode(errors="replace")
+
+    code, text = run_with_answer("n")
+    assert code == 3 and "--fresh" in text
+    code, text = run_with_answer("y")
+    assert code == 0, text
+    assert [r["from_step"] for r in read_metrics(out) if r["event"] == "resume"] == [5]
