@@ -65,3 +65,12 @@ def test_lists_from_set_and_yaml():
     cfg = build_config(None, {}, ["lora.targets=[q_proj, v_proj]"])
     assert cfg.lora.targets == ["q_proj", "v_proj"]
     assert build_config(None, {}, ["lora.targets=q_proj,o_proj"]).lora.targets == ["q_proj", "o_proj"]
+
+
+def test_every_bundled_preset_loads():
+    from pathlib import Path
+
+    presets = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+    assert len(presets) >= 7
+    for preset in presets:
+        build_config(preset)

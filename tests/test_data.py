@@ -1,0 +1,487 @@
+"""Data pipeline: formats, refusals, tokenization, batches, and a resumable, deterministic order."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import DATA_DIR, has
+
+from overnight.config import Config
+from overnight.data import (
+    DataError,
+    TrainStream,
+    check_data,
+    eval_batches,
+    find_data_files,
+    load_tokenizer,
+    prediction_prompts,
+)
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_model_dir):
+    return load_tokenizer(tiny_model_dir)
+
+
+def make_cfg(method="sft", batch_size=4, max_seq_length=128, seed=0, streaming=True, **data) -> Config:
+    cfg = Config()
+    cfg.data.method = method
+    cfg.data.streaming = streaming
+    cfg.train.batch_size = batch_size
+    cfg.train.seed = seed
+    cfg.model.max_seq_length = max_seq_length
+    for key, value in data.items():
+        setattr(cfg.data, key, value)
+    return cfg
+
+
+def write_jsonl(path: Path, rows: list, raw: bool = False) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        for row in rows:
+            f.write(row if raw else (json.dumps(row) + "\n").encode())
+    return path
+
+
+def targets(tok, batch, b: int) -> str:
+    ids = batch.input_ids[b][batch.loss_mask[b] == 1]
+    return tok.decode(ids, skip_special_tokens=False)
+
+
+def real(tok, batch, b: int) -> str:
+    return tok.decode(batch.input_ids[b][batch.attention_mask[b] == 1], skip_special_tokens=False)
+
+
+def item_numbers(tok, batch) -> list[int]:
+    """Rows written as {"text": "item N ..."}: which rows a batch holds."""
+    return [int(real(tok, batch, b).split("item ")[1].split()[0]) for b in range(batch.num_rows)]
+
+
+def numbered_rows(n: int, rng_seed: int = 0) -> list[dict]:
+    rng = np.random.default_rng(rng_seed)
+    return [{"text": f"item {i} " + "word " * int(rng.integers(1, 30))} for i in range(n)]
+
+
+# ---------------------------------------------------------------------------
+# Tokenizer
+
+
+def test_tokenizer_matches_transformers(tok, tiny_model_dir):
+    if not has("transformers"):
+        pytest.skip("transformers not installed")
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    for text in ["What is 3 plus 4?", " two  spaces\n\nand <|assistant|> here", "Zürich 東京 🙂", ""]:
+        assert tok.encode(text) == hf(text).input_ids
+        assert tok.encode(text, add_special_tokens=False) == hf(text, add_special_tokens=False).input_ids
+        ids = tok.encode(text)
+        assert tok.decode(ids) == hf.decode(ids, skip_special_tokens=True)
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id)
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"}]
+    for gen in (False, True):
+        assert tok.apply_chat_template(chat, gen) == hf.apply_chat_template(chat, tokenize=False,
+                                                                            add_generation_prompt=gen)
+
+
+def test_explicit_add_bos_and_eos_flags_match_transformers(tmp_path, tiny_model_dir):
+    """tokenizer_config.json's add_bos_token/add_eos_token override tokenizer.json, as in transformers."""
+    if not has("transformers"):
+        pytest.skip("transformers not installed")
+    from transformers import AutoTokenizer
+
+    model = tmp_path / "flags"
+    model.mkdir()
+    for name in ("tokenizer.json", "special_tokens_map.json", "config.json"):
+        (model / name).write_bytes((tiny_model_dir / name).read_bytes())
+    config = json.loads((tiny_model_dir / "tokenizer_config.json").read_text())
+    config.update(add_bos_token=False, add_eos_token=True)
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    ours, hf = load_tokenizer(model), AutoTokenizer.from_pretrained(str(model))
+    assert ours.encode("a b c") == hf("a b c").input_ids
+    assert ours.prefix_ids == [] and ours.suffix_ids == [ours.eos_id]
+
+
+def test_chat_template_generation_tags_and_missing_template(tmp_path, tiny_model_dir):
+    model = tmp_path / "tagged"
+    model.mkdir()
+    for name in ("tokenizer.json", "special_tokens_map.json", "config.json"):
+        (model / name).write_bytes((tiny_model_dir / name).read_bytes())
+    config = json.loads((tiny_model_dir / "tokenizer_config.json").read_text())
+    (model / "chat_template.jinja").write_text(
+        "{% for m in messages %}{% if m.role == 'assistant' %}{% generation %}A: {{ m.content }}{% endgeneration %}"
+        "{% else %}U: {{ m.content }}{% endif %}\n{% endfor %}")
+    del config["chat_template"]
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    chat = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
+    assert load_tokenizer(model).apply_chat_template(chat) == "U: x\nA: y\n"
+    (model / "chat_template.jinja").unlink()
+    bare = load_tokenizer(model)
+    assert not bare.has_chat_template
+    with pytest.raises(DataError, match="no chat template"):
+        bare.apply_chat_template(chat)
+    cfg = make_cfg()
+    with pytest.raises(DataError, match="chat template"):
+        TrainStream(DATA_DIR / "train.jsonl", bare, cfg)
+    report = check_data(DATA_DIR, "sft", tokenizer=bare, cfg=cfg)
+    assert [p.line for p in report.problems] == [1, 1] and "no chat template" in str(report.problems[0])
+
+
+def test_load_tokenizer_refuses_a_folder_without_tokenizer_json(tmp_path):
+    with pytest.raises(DataError, match="no tokenizer.json"):
+        load_tokenizer(tmp_path)
+    with pytest.raises(DataError, match="not a model folder"):
+        load_tokenizer(tmp_path / "missing")
+
+
+# ---------------------------------------------------------------------------
+# Formats
+
+
+def test_chat_loss_only_on_assistant_turns(tok, tmp_path):
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 plus 2?"},
+            {"role": "assistant", "content": "2 plus 2 is 4."}, {"role": "user", "content": "And 3 plus 3?"},
+            {"role": "assistant", "content": "3 plus 3 is 6."}]
+    path = write_jsonl(tmp_path / "train.jsonl", [{"messages": chat}])
+    batch = TrainStream(path, tok, make_cfg(batch_size=1)).next_batch()
+    assert real(tok, batch, 0) == tok.apply_chat_template(chat)
+    assert targets(tok, batch, 0) == "2 plus 2 is 4.<|eos|>\n3 plus 3 is 6.<|eos|>\n"
+    full = TrainStream(path, tok, make_cfg(batch_size=1, mask_prompt=False)).next_batch()
+    assert full.loss_mask[0].sum() == full.attention_mask[0].sum() - 1  # all but the first token
+
+
+def test_prompt_completion_and_text_rows(tok, tmp_path):
+    path = write_jsonl(tmp_path / "pc.jsonl", [{"prompt": "Q: 2+2?\nA:", "completion": " 4"}])
+    batch = TrainStream(path, tok, make_cfg(batch_size=1)).next_batch()
+    assert real(tok, batch, 0) == "<|bos|>Q: 2+2?\nA: 4<|eos|>"
+    assert targets(tok, batch, 0) == " 4<|eos|>"
+    unmasked = TrainStream(path, tok, make_cfg(batch_size=1, mask_prompt=False)).next_batch()
+    assert targets(tok, unmasked, 0) == "Q: 2+2?\nA: 4<|eos|>"
+
+    path = write_jsonl(tmp_path / "text.jsonl", [{"text": "The cat sat."}])
+    batch = TrainStream(path, tok, make_cfg(batch_size=1)).next_batch()
+    assert real(tok, batch, 0) == "<|bos|>The cat sat.<|eos|>"
+    assert targets(tok, batch, 0) == "The cat sat.<|eos|>"
+
+
+@pytest.mark.parametrize("method", ["dpo", "orpo"])
+def test_preference_pairs(tok, method):
+    cfg = make_cfg(method=method, batch_size=3)
+    stream = TrainStream(DATA_DIR / "preference" / "train.jsonl", tok, cfg)
+    batch = stream.next_batch()
+    assert batch.paired and batch.num_rows == 6
+    rows = [json.loads(line) for line in (DATA_DIR / "preference" / "train.jsonl").read_text().splitlines()]
+    by_prompt = {r["prompt"]: r for r in rows}
+    for i in range(3):
+        chosen, rejected = real(tok, batch, 2 * i), real(tok, batch, 2 * i + 1)
+        prompt = chosen.removeprefix("<|bos|>").split("\n")[0] + "\n"
+        assert rejected.startswith("<|bos|>" + prompt)
+        row = by_prompt[prompt]
+        assert targets(tok, batch, 2 * i) == row["chosen"] + "<|eos|>"
+        assert targets(tok, batch, 2 * i + 1) == row["rejected"] + "<|eos|>"
+    assert [len(b.input_ids) for b in batch.split(2)] == [2, 4]  # pairs stay together
+
+
+def test_bundled_data_is_small_and_valid(tok):
+    total = sum(p.stat().st_size for p in DATA_DIR.rglob("*") if p.is_file())
+    assert total < 1_000_000
+    for path, method in [(DATA_DIR, "sft"), (DATA_DIR / "preference", "dpo"), (DATA_DIR / "text", "cpt")]:
+        report = check_data(path, method, tokenizer=tok)
+        assert report.ok, report.problems
+        assert report.train.rows >= 200 and report.val is not None and report.val.rows >= 30
+
+
+def test_sample_data_script_reproduces_the_files(tmp_path):
+    script = (DATA_DIR / "make_sample_data.py").read_text()
+    copy = tmp_path / "make_sample_data.py"
+    copy.write_text(script)
+    subprocess.run([sys.executable, str(copy)], check=True)
+    for path in DATA_DIR.rglob("*.jsonl"):
+        assert (tmp_path / path.relative_to(DATA_DIR)).read_bytes() == path.read_bytes(), path
+
+
+# ---------------------------------------------------------------------------
+# Files and refusals
+
+
+def test_find_data_files(tmp_path):
+    write_jsonl(tmp_path / "a" / "train.jsonl", [{"text": "x"}])
+    assert find_data_files(tmp_path / "a") == (tmp_path / "a" / "train.jsonl", None)
+    write_jsonl(tmp_path / "a" / "valid.jsonl", [{"text": "x"}])
+    assert find_data_files(tmp_path / "a")[1] == tmp_path / "a" / "valid.jsonl"
+    write_jsonl(tmp_path / "a" / "val.jsonl", [{"text": "x"}])
+    assert find_data_files(tmp_path / "a")[1] == tmp_path / "a" / "val.jsonl"
+    assert find_data_files(tmp_path / "a" / "val.jsonl") == (tmp_path / "a" / "val.jsonl", None)
+    write_jsonl(tmp_path / "b" / "training.jsonl", [{"text": "x"}])
+    with pytest.raises(DataError, match=r"missing train.jsonl \(found: training.jsonl\)"):
+        find_data_files(tmp_path / "b")
+    with pytest.raises(DataError, match="no such file or folder"):
+        find_data_files(tmp_path / "nope")
+    with pytest.raises(DataError, match="missing train.jsonl"):
+        check_data(tmp_path / "b", "sft")
+
+
+REFUSALS = [
+    # (lines, method, expected line, expected key, words in the message)
+    ([b'{"text": "ok"}\n', b'{"text": "a",}\n'], "sft", 2, None, "not valid JSON"),
+    ([b'{"text": "ok"}\n', b'{"text": "caf\xe9"}\n'], "sft", 2, None, "invalid UTF-8"),
+    ([b'{"text": "ok"}\n', b'{"question": "a", "answer": "b"}\n'], "sft", 2, None, "none of the keys"),
+    ([b'{"prompt": "a", "chosen": "b"}\n'], "dpo", 1, "rejected", "missing"),
+    ([b'{"text": "ok"}\n'], "dpo", 1, "text", "cannot train on"),
+    ([b'{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}\n'], "cpt",
+     1, "messages", "cannot train on"),
+    ([b'{"prompt": "a", "chosen": "b", "rejected": "c"}\n'], "sft", 1, "rejected", "cannot train on"),
+    ([b'{"text": "ok"}\n', b'{"prompt": "a", "completion": "b"}\n'], "sft", 2, "completion", "file is in text"),
+    ([b'{"messages": [{"role": "human", "content": "a"}]}\n'], "sft", 1, "messages[0].role", "ShareGPT"),
+    ([b'{"messages": [{"role": "user", "content": "a"}]}\n'], "sft", 1, "messages", "no assistant"),
+    ([b'{"text": ["a"]}\n'], "sft", 1, "text", "must be a string"),
+    ([b'{"prompt": "a", "completion": "  "}\n'], "sft", 1, "completion", "is empty"),
+    ([b'["text", "a"]\n'], "sft", 1, None, "not an object"),
+]
+
+
+@pytest.mark.parametrize("lines,method,line,key,words", REFUSALS)
+def test_refusals_name_file_line_key_and_hint(tmp_path, lines, method, line, key, words):
+    path = write_jsonl(tmp_path / "d" / "train.jsonl", lines, raw=True)
+    report = check_data(tmp_path / "d", method)
+    assert not report.ok
+    problem = report.problems[0]
+    assert (problem.file, problem.line, problem.key) == (path, line, key)
+    assert words in problem.message + problem.hint and problem.hint
+    with pytest.raises(DataError) as err:
+        report.raise_if_problems()
+    assert f"{path}:{line}:" in str(err.value) and "nothing was trained or written" in str(err.value)
+    if key:
+        assert f"key '{key}'" in str(err.value)
+
+
+def test_empty_files_and_blank_lines(tmp_path):
+    write_jsonl(tmp_path / "d" / "train.jsonl", [b"\n", b"   \n"], raw=True)
+    report = check_data(tmp_path / "d", "sft")
+    assert [str(p) for p in report.problems] == [
+        f"{tmp_path / 'd' / 'train.jsonl'}: is empty (no rows) -> add one JSON object per line; method sft needs "
+        "chat rows ('messages') or completion rows ('prompt', 'completion') or text rows ('text')"]
+    write_jsonl(tmp_path / "d" / "train.jsonl", [b'\xef\xbb\xbf{"text": "a"}\n', b"\n", b'{"text": "b"}'], raw=True)
+    write_jsonl(tmp_path / "d" / "val.jsonl", [], raw=True)
+    report = check_data(tmp_path / "d", "sft")
+    assert report.train.rows == 2 and report.train.blank_lines == 1
+    assert [(p.file.name, p.line) for p in report.problems] == [("val.jsonl", None)]
+    write_jsonl(tmp_path / "d" / "val.jsonl", [{"text": "a"}])
+    assert check_data(tmp_path / "d", "sft").ok
+
+
+def test_problem_list_is_capped_in_the_error(tmp_path):
+    write_jsonl(tmp_path / "d" / "train.jsonl", [b"oops\n"] * 30, raw=True)
+    report = check_data(tmp_path / "d", "sft")
+    assert report.problem_count == 30
+    with pytest.raises(DataError) as err:
+        report.raise_if_problems()
+    text = str(err.value)
+    assert text.count("not valid JSON") == 20 and "and 10 more" in text and "validate-data" in text
+
+
+def test_packing_is_refused_for_preference_methods(tok):
+    cfg = make_cfg(method="dpo", packing=True)
+    report = check_data(DATA_DIR / "preference", "dpo", cfg=cfg)
+    assert "data.packing cannot be used with method dpo" in str(report.problems[0])
+    with pytest.raises(DataError, match="data.packing"):
+        TrainStream(DATA_DIR / "preference" / "train.jsonl", tok, cfg)
+
+
+def test_stream_refuses_a_bad_line_with_file_and_line(tok, tmp_path):
+    """Without check_data first, a bad row still stops with file:line, never a traceback."""
+    lines = [b'{"text": "a b c"}\n'] * 5 + [b'{"text": 3}\n', b"\n", b"{broken\n"]
+    path = write_jsonl(tmp_path / "train.jsonl", lines, raw=True)
+    for streaming in (True, False):
+        with pytest.raises(DataError, match=r"train.jsonl:(6|8):"):
+            stream = TrainStream(path, tok, make_cfg(batch_size=2, streaming=streaming))
+            for _ in range(4):
+                stream.next_batch()
+    with pytest.raises(DataError, match="cannot train on"):
+        TrainStream(path, tok, make_cfg(method="dpo"))
+
+
+# ---------------------------------------------------------------------------
+# Too-long rows
+
+
+def test_too_long_rows_truncated_or_dropped_and_counted(tok, tmp_path):
+    rows = [{"text": "short one"}] * 6 + [{"text": "long " * 80}] * 2
+    d = tmp_path / "d"
+    write_jsonl(d / "train.jsonl", rows)
+    cfg = make_cfg(batch_size=8, max_seq_length=32)
+    report = check_data(d, "sft", tokenizer=tok, cfg=cfg)
+    assert report.ok and report.train.too_long == 2
+    assert report.warnings() == [f"{d / 'train.jsonl'}: 2 of 8 rows are longer than max_seq_length=32 tokens "
+                                 "and will be truncated to fit"]
+    batch = TrainStream(d / "train.jsonl", tok, cfg).next_batch()
+    assert batch.num_rows == 8 and batch.input_ids.shape[1] == 32
+    assert batch.attention_mask.sum(1).max() == 32
+
+    cfg = make_cfg(batch_size=8, max_seq_length=32, truncate=False)
+    assert "will be dropped" in check_data(d, "sft", tokenizer=tok, cfg=cfg).warnings()[0]
+    stream = TrainStream(d / "train.jsonl", tok, cfg)
+    batch = stream.next_batch()
+    assert batch.num_rows == 6 and stream.dropped == 2
+    cfg = make_cfg(batch_size=8, max_seq_length=32, method="cpt")
+    assert check_data(d, "cpt", tokenizer=tok, cfg=cfg).warnings() == []  # packing cuts documents anyway
+
+
+def test_long_prompt_is_cut_from_the_left_keeping_bos_and_response(tok, tmp_path):
+    path = write_jsonl(tmp_path / "train.jsonl",
+                       [{"prompt": "filler " * 60 + "END?", "chosen": "yes", "rejected": "no way"}])
+    batch = TrainStream(path, tok, make_cfg(method="dpo", batch_size=1, max_seq_length=24)).next_batch()
+    for b, answer in ((0, "yes"), (1, "no way")):
+        assert real(tok, batch, b).startswith("<|bos|>") and real(tok, batch, b).endswith("END?" + answer + "<|eos|>")
+        assert targets(tok, batch, b) == answer + "<|eos|>"
+        assert batch.attention_mask[b].sum() <= 24
+
+
+# ---------------------------------------------------------------------------
+# Batches and order
+
+
+def test_padding_masks_and_bucketing(tok, tmp_path):
+    rows = [{"text": "item %d " % i + ("x" if i % 2 else "long words " * 12)} for i in range(64)]
+    path = write_jsonl(tmp_path / "train.jsonl", rows)
+    stream = TrainStream(path, tok, make_cfg(batch_size=4))
+    for _ in range(16):
+        batch = stream.next_batch()
+        width = batch.input_ids.shape[1]
+        lengths = batch.attention_mask.sum(1)
+        assert width % 8 == 0 and width - 8 < lengths.max() <= width
+        assert batch.input_ids.dtype == np.int32 and batch.loss_mask.dtype == np.float32
+        assert (batch.loss_mask[:, 0] == 0).all()
+        assert (batch.input_ids[batch.attention_mask == 0] == tok.pad_id).all()
+        assert (batch.loss_mask[batch.attention_mask == 0] == 0).all()
+        parity = {n % 2 for n in item_numbers(tok, batch)}
+        assert len(parity) == 1  # a whole window fits here, so short and long rows never share a batch
+
+
+def test_every_sample_once_per_epoch_and_epochs_differ(tok, tmp_path):
+    path = write_jsonl(tmp_path / "train.jsonl", numbered_rows(150))
+    stream = TrainStream(path, tok, make_cfg(batch_size=4))
+    assert stream.samples_per_epoch == 150
+    epochs: list[list[int]] = [[], []]
+    while stream.epoch < 2:
+        epoch = stream.epoch
+        epochs[epoch] += item_numbers(tok, stream.next_batch())
+    assert sorted(epochs[0]) == list(range(150)) and sorted(epochs[1]) == list(range(150))
+    assert epochs[0] != epochs[1]
+    other = TrainStream(path, tok, make_cfg(batch_size=4, seed=1))
+    assert [n for _ in range(10) for n in item_numbers(tok, other.next_batch())] != epochs[0][:40]
+
+
+def batches_equal(a, b) -> bool:
+    return (a.paired == b.paired and np.array_equal(a.input_ids, b.input_ids)
+            and np.array_equal(a.loss_mask, b.loss_mask) and np.array_equal(a.attention_mask, b.attention_mask))
+
+
+CASES = {
+    "sft-rows": ("sft", "train.jsonl", {}),
+    "dpo-pairs": ("dpo", "preference/train.jsonl", {}),
+    "cpt-packed": ("cpt", "text/train.jsonl", {}),
+    "sft-packed": ("sft", "train.jsonl", {"packing": True}),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_resume_sees_the_same_batches(tok, case):
+    method, rel, extra = CASES[case]
+    cfg = make_cfg(method=method, batch_size=16, max_seq_length=64, **extra)
+    path = DATA_DIR / rel
+    reference = TrainStream(path, tok, cfg)
+    expected = [reference.next_batch() for _ in range(70)]  # spans epoch boundaries for every case
+    assert reference.epoch >= 1
+    for k in (0, 1, 13, 29, 55):
+        first = TrainStream(path, tok, cfg)
+        for _ in range(k):
+            first.next_batch()
+        state = json.loads(json.dumps(first.state()))
+        resumed = TrainStream(path, tok, make_cfg(method=method, batch_size=16, max_seq_length=64,
+                                                  streaming=False, **extra))
+        resumed.restore(state)
+        assert resumed.epoch == first.epoch
+        for j in range(k, min(k + 12, len(expected))):
+            assert batches_equal(resumed.next_batch(), expected[j]), (case, k, j)
+
+
+def test_streaming_equals_non_streaming(tok):
+    for method, rel, extra in CASES.values():
+        cfgs = [make_cfg(method=method, batch_size=8, max_seq_length=48, streaming=s, **extra) for s in (True, False)]
+        a, b = (TrainStream(DATA_DIR / rel, tok, c) for c in cfgs)
+        assert a.source.rows is None and b.source.rows is not None
+        for _ in range(40):
+            assert batches_equal(a.next_batch(), b.next_batch())
+
+
+def test_restore_refuses_a_state_from_other_data_or_batch_size(tok, tmp_path):
+    path = write_jsonl(tmp_path / "train.jsonl", numbered_rows(20))
+    state = TrainStream(path, tok, make_cfg(batch_size=4)).state()
+    with pytest.raises(DataError, match="batch_size 4 -> 2"):
+        TrainStream(path, tok, make_cfg(batch_size=2)).restore(state)
+    write_jsonl(tmp_path / "train.jsonl", numbered_rows(21))
+    with pytest.raises(DataError, match="samples_per_epoch 20 -> 21"):
+        TrainStream(path, tok, make_cfg(batch_size=4)).restore(state)
+
+
+def test_packing_blocks(tok):
+    cfg = make_cfg(method="cpt", batch_size=4, max_seq_length=40)
+    stream = TrainStream(DATA_DIR / "text" / "train.jsonl", tok, cfg)
+    batch = stream.next_batch()
+    assert batch.input_ids.shape == (4, 40) and batch.attention_mask.all()
+    text = tok.decode(batch.input_ids.reshape(-1), skip_special_tokens=False)
+    assert "<|eos|><|bos|>" in text  # documents joined, each ending with EOS
+    first_epoch_tokens = 0
+    while stream.epoch == 0:
+        first_epoch_tokens += int(stream.next_batch().attention_mask.sum())
+    docs = [json.loads(line)["text"] for line in (DATA_DIR / "text" / "train.jsonl").read_text().splitlines()]
+    assert first_epoch_tokens + 4 * 40 == sum(len(tok.encode(d)) + 1 for d in docs)
+
+
+# ---------------------------------------------------------------------------
+# Validation batches and prompts
+
+
+def test_eval_batches_are_a_fixed_subset(tok):
+    cfg = make_cfg(batch_size=4)
+    a = eval_batches(DATA_DIR / "val.jsonl", tok, cfg, max_batches=3, batch_size=5)
+    b = eval_batches(DATA_DIR / "val.jsonl", tok, cfg, max_batches=3, batch_size=5)
+    assert len(a) == 3 and all(x.num_rows == 5 for x in a)
+    assert all(batches_equal(x, y) for x, y in zip(a, b))
+    c = eval_batches(DATA_DIR / "val.jsonl", tok, make_cfg(seed=7), max_batches=3, batch_size=5)
+    assert not all(batches_equal(x, y) for x, y in zip(a, c))
+    everything = eval_batches(DATA_DIR / "val.jsonl", tok, cfg, max_batches=100, batch_size=8)
+    assert sum(x.num_rows for x in everything) == 48
+    pairs = eval_batches(DATA_DIR / "preference" / "val.jsonl", tok, make_cfg(method="dpo"), 2, 4)
+    assert [x.num_rows for x in pairs] == [8, 8] and pairs[0].paired
+    packed = eval_batches(DATA_DIR / "text" / "val.jsonl", tok, make_cfg(method="cpt", max_seq_length=32), 2, 4)
+    assert [x.input_ids.shape for x in packed] == [(4, 32), (4, 32)]
+
+
+def test_prediction_prompts(tok):
+    cfg = make_cfg()
+    chat = prediction_prompts(DATA_DIR / "val.jsonl", tok, cfg, 3)
+    first = json.loads((DATA_DIR / "val.jsonl").read_text().splitlines()[0])["messages"]
+    assert len(chat) == 3 and chat[0][0] == tok.apply_chat_template(first[:-1], add_generation_prompt=True)
+    assert chat[0][0].endswith("<|assistant|>\n") and chat[0][1].dtype == np.int32
+    assert tok.decode(chat[0][1], skip_special_tokens=False) == chat[0][0]
+    pref = prediction_prompts(DATA_DIR / "preference" / "val.jsonl", tok, make_cfg(method="dpo"), 2)
+    assert pref[0][0].startswith("What is") and pref[0][1][0] == tok.bos_id
+    text = prediction_prompts(DATA_DIR / "text" / "val.jsonl", tok, make_cfg(method="cpt"), 1)
+    full = json.loads((DATA_DIR / "text" / "val.jsonl").read_text().splitlines()[0])["text"]
+    assert full.startswith(text[0][0]) and 0 < len(text[0][0]) <= len(full) // 2 + 1
+    assert prediction_prompts(DATA_DIR / "val.jsonl", tok, cfg, 0) == []
+
+
+def test_core_data_modules_import_no_ml_framework():
+    code = ("import sys, overnight.data, overnight.datacheck, overnight.tinymodel; "
+            "bad = [m for m in ('torch', 'mlx', 'transformers', 'peft', 'bitsandbytes') if m in sys.modules]; "
+            "print(bad); sys.exit(1 if bad else 0)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
