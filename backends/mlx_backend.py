@@ -158,7 +158,8 @@ def _enable_grad_checkpoint(layers: list[nn.Module]) -> None:
         call = cls.__call__
 
         def checkpointed_call(self, *args, **kwargs):
-            if not getattr(self, "_overnight_checkpoint", False):
+            # Only a backward pass gains from recomputation; eval and generation (KV cache) run plainly.
+            if not (self.training and getattr(self, "_overnight_checkpoint", False)):
                 return call(self, *args, **kwargs)
 
             def inner(params, *args, **kwargs):
@@ -225,7 +226,8 @@ class MLXBackend:
         elif bits:
             # quantize_model prints its own summary; the run's output stays ours.
             with contextlib.redirect_stdout(io.StringIO()):
-                model, model_config = quantize_model(model, model_config, group_size=group_size, bits=bits, mode="affine")
+                model, model_config = quantize_model(model, model_config, group_size=group_size, bits=bits,
+                                                     mode="affine")
             details["quantization"] = f"{bits}-bit affine (group {group_size}), quantized in memory"
         else:
             details["quantization"] = "none"
@@ -246,7 +248,8 @@ class MLXBackend:
         linear_to_lora_layers(model, num_layers, lora_parameters)
         if cfg.model.grad_checkpoint:
             _enable_grad_checkpoint(list(model.layers))
-        self._lora_modules = [m for _, m in model.named_modules() if "lora_a" in m and isinstance(getattr(m, "scale", None), float)]
+        self._lora_modules = [m for _, m in model.named_modules()
+                              if "lora_a" in m and isinstance(getattr(m, "scale", None), float)]
 
         self.adapter_config = {
             "fine_tune_type": "lora",
@@ -381,7 +384,7 @@ class MLXBackend:
                 self.model.update(before[0])
                 self.optimizer.state = before[1]
                 self._build_steps()
-            del acc, loss_sum
+            del acc, loss_sum  # drop the step's buffers before handing the cache back
             mx.clear_cache()
             raise OutOfMemory(str(exc)) from exc
         self.updates += 1
@@ -490,7 +493,8 @@ class MLXBackend:
 
 def _check_same_tree(what: str, saved: dict[str, mx.array], current: dict[str, mx.array]) -> None:
     missing, extra = sorted(set(current) - set(saved)), sorted(set(saved) - set(current))
-    wrong = [k for k in set(saved) & set(current) if saved[k].shape != current[k].shape or saved[k].dtype != current[k].dtype]
+    wrong = [k for k in set(saved) & set(current)
+             if saved[k].shape != current[k].shape or saved[k].dtype != current[k].dtype]
     if missing or extra or wrong:
         raise ValueError(
             f"checkpoint {what} does not match this model: missing {missing[:3]}, unexpected {extra[:3]}, "

@@ -83,13 +83,13 @@ class TorchBackend:
             else:
                 quant = BitsAndBytesConfig(load_in_8bit=True)
             load_kwargs["quantization_config"] = quant
+        if on_cuda or bits in (4, 8):
+            # Straight onto the device: no full-precision copy of a large model in host memory first.
             load_kwargs["device_map"] = {"": self._device.index if on_cuda else "cpu"}
         try:
             model = AutoModelForCausalLM.from_pretrained(str(model_dir), **load_kwargs)
         except (OSError, ValueError) as exc:
             raise ConfigError(f"config key 'model.path': cannot load a causal LM from {model_dir}: {exc}") from None
-        if bits == 0:
-            model.to(self._device)
         model.config.use_cache = False
 
         embed_rows = model.get_input_embeddings().weight.shape[0]
@@ -103,7 +103,7 @@ class TorchBackend:
             # Checkpointing is switched on below for every path; PEFT's own switch uses the name transformers 5 deprecated.
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         if cfg.model.grad_checkpoint:
-            # Non-reentrant checkpointing needs no input-grad hook and replays the dropout RNG exactly.
+            # Non-reentrant: its recompute replays the saved RNG state, so dropout masks (and losses) do not change.
             ckpt_kwargs = {"use_reentrant": False}
             if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
                 model.activation_checkpointing_enable(activation_checkpointing_kwargs=ckpt_kwargs)
@@ -130,6 +130,9 @@ class TorchBackend:
                 model = get_peft_model(model, lora_config)
         except ValueError as exc:
             raise ConfigError(f"config key 'lora.targets' {list(cfg.lora.targets)}: {exc}") from None
+        if not Path(cfg.model.path).expanduser().is_dir():
+            # adapter_config.json then names the hub id, not this machine's cache folder.
+            model.peft_config["default"].base_model_name_or_path = cfg.model.path
         self._model = model
         self._params = [p for p in model.parameters() if p.requires_grad]
         self._param_names = [name for name, p in model.named_parameters() if p.requires_grad]
@@ -166,7 +169,9 @@ class TorchBackend:
         try:
             from huggingface_hub import snapshot_download
 
-            return Path(snapshot_download(repo_id=path))
+            # Original-format duplicates (consolidated .pth, gguf, other frameworks) are never read here.
+            ignore = ["original/*", "*.pth", "*.gguf", "*.msgpack", "*.h5", "*.ot", "*.onnx", "*.onnx_data"]
+            return Path(snapshot_download(repo_id=path, ignore_patterns=ignore))
         except Exception as exc:
             raise ConfigError(
                 f"config key 'model.path': '{path}' is not a local folder and could not be fetched from the hub: {exc}"
@@ -188,43 +193,40 @@ class TorchBackend:
         return contextlib.nullcontext()
 
     def _tensors(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self._method in ("dpo", "orpo") and (not batch.paired or batch.num_rows % 2):
+            raise ValueError(f"method {self._method} needs paired rows (chosen, rejected), got an unpaired batch")
         dev = self._device
         ids = torch.from_numpy(np.ascontiguousarray(batch.input_ids, dtype=np.int64)).to(dev, non_blocking=True)
         attn = torch.from_numpy(np.ascontiguousarray(batch.attention_mask, dtype=np.int64)).to(dev, non_blocking=True)
         mask = torch.from_numpy(np.ascontiguousarray(batch.loss_mask, dtype=np.float32)).to(dev, non_blocking=True)
         return ids, attn, mask
 
-    def _token_logps(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-token log-probabilities of the targets (B, T-1) and their mask (B, T-1)."""
-        ids, attn, mask = self._tensors(batch)
+    def _token_logps(self, ids: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """Log-probability of each next token, (B, T-1): entry t-1 scores input_ids[:, t] given input_ids[:, :t]."""
         with self._autocast():
             logits = self._model(input_ids=ids, attention_mask=attn, use_cache=False).logits
-        # Token t is predicted from tokens < t, so logits at t-1 score input_ids[t].
         logits = logits[:, :-1].float()
         targets = ids[:, 1:]
         logp = -F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
-        return logp.view(targets.shape), mask[:, 1:]
+        return logp.view(targets.shape)
 
-    def _objective(self, batch: Batch) -> torch.Tensor:
+    def _objective(self, ids: torch.Tensor, attn: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The micro-batch's summed objective: summed target-token CE (sft, cpt) or summed per-pair loss (dpo, orpo).
         Dividing by the step's total weight (tokens or pairs) makes any split into micro-batches the same update."""
-        if self._method in ("dpo", "orpo"):
-            if not batch.paired or batch.num_rows % 2:
-                raise ValueError(f"method {self._method} needs paired rows (chosen, rejected), got an unpaired batch")
-            logp, mask = self._token_logps(batch)
-            sums = (logp * mask).sum(dim=1)
-            if self._method == "dpo":
-                with torch.no_grad(), self._model.disable_adapter():
-                    ref_logp, _ = self._token_logps(batch)
-                    ref_sums = (ref_logp * mask).sum(dim=1)
-                margin = (sums[0::2] - ref_sums[0::2]) - (sums[1::2] - ref_sums[1::2])
-                return -F.logsigmoid(PREFERENCE_BETA * margin).sum()
-            # ORPO: length-normalised log-probs; odds = p / (1 - p). Clamp keeps log(1 - p) finite when p -> 1.
+        mask = mask[:, 1:]
+        sums = (self._token_logps(ids, attn) * mask).sum(dim=1)
+        if self._method == "dpo":
+            with torch.no_grad(), self._model.disable_adapter():
+                ref_sums = (self._token_logps(ids, attn) * mask).sum(dim=1)
+            margin = (sums[0::2] - ref_sums[0::2]) - (sums[1::2] - ref_sums[1::2])
+            return -F.logsigmoid(PREFERENCE_BETA * margin).sum()
+        if self._method == "orpo":
+            # Per pair: NLL of the chosen answer (length-normalised) + beta * odds-ratio loss, odds = p / (1 - p)
+            # on length-normalised log-probs. The clamp keeps log(1 - p) finite when p -> 1.
             avg = (sums / mask.sum(dim=1).clamp(min=1)).clamp(max=-1e-6)
             log_odds = (avg[0::2] - avg[1::2]) - (torch.log(-torch.expm1(avg[0::2])) - torch.log(-torch.expm1(avg[1::2])))
             return (-avg[0::2] - PREFERENCE_BETA * F.logsigmoid(log_odds)).sum()
-        logp, mask = self._token_logps(batch)
-        return -(logp * mask).sum()
+        return -sums.sum()
 
     def _weight(self, batch: Batch) -> int:
         if self._method in ("dpo", "orpo"):
@@ -232,33 +234,43 @@ class TorchBackend:
         return batch.num_target_tokens
 
     def train_step(self, micro_batches: list[Batch], lr: float) -> StepResult:
-        model, optimizer = self._model, self._optimizer
-        model.train()
-        for group in optimizer.param_groups:
+        self._model.train()
+        for group in self._optimizer.param_groups:
             group["lr"] = lr
         total = sum(self._weight(mb) for mb in micro_batches)
         tokens = sum(mb.num_target_tokens for mb in micro_batches)
         if total == 0:
             raise ValueError("a training step with no target tokens: every loss_mask entry is 0 "
                              "(check data.mask_prompt and model.max_seq_length)")
-        max_norm = self._cfg.train.max_grad_norm
         try:
-            loss_sum = torch.zeros((), dtype=torch.float32, device=self._device)
-            for mb in micro_batches:
-                objective = self._objective(mb)
-                (objective / total).backward()
-                loss_sum += objective.detach()
-            # max_norm 0 means no clipping; inf still yields the global norm and scales grads by exactly 1.
-            norm = torch.nn.utils.clip_grad_norm_(self._params, max_norm if max_norm > 0 else math.inf)
-            loss_value, norm_value = torch.stack([loss_sum, norm.float()]).tolist()  # the step's one host sync
-            # A non-finite step is reported (the loop stops on it) but never applied, so saved weights stay finite.
-            if math.isfinite(loss_value) and math.isfinite(norm_value):
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            loss_value, norm_value = self._accumulate_and_step(micro_batches, total)
         except _OOM as exc:
-            self._recover_from_oom()
-            raise OutOfMemory(f"CUDA out of memory in a step of {sum(mb.num_rows for mb in micro_batches)} rows: {exc}") from None
-        return StepResult(loss=loss_value / total, tokens=tokens, grad_norm=norm_value)
+            message = str(exc).splitlines()[0] if str(exc) else "CUDA out of memory"
+        else:
+            return StepResult(loss=loss_value / total, tokens=tokens, grad_norm=norm_value)
+        # Outside the except block: the traceback, and the activations its frames hold, are gone by now.
+        self._recover_from_oom()
+        rows = sum(mb.num_rows for mb in micro_batches)
+        raise OutOfMemory(f"out of memory in a step of {rows} rows in {len(micro_batches)} micro-batches: {message}")
+
+    def _accumulate_and_step(self, micro_batches: list[Batch], total: int) -> tuple[float, float]:
+        # Every upload is queued before any compute, so no copy waits on the GPU mid-step.
+        inputs = [self._tensors(mb) for mb in micro_batches]
+        loss_sum = torch.zeros((), dtype=torch.float32, device=self._device)
+        for ids, attn, mask in inputs:
+            objective = self._objective(ids, attn, mask)
+            (objective / total).backward()
+            loss_sum += objective.detach()
+            del objective
+        max_norm = self._cfg.train.max_grad_norm
+        # max_norm 0 means no clipping; inf still yields the global norm and scales grads by exactly 1.
+        norm = torch.nn.utils.clip_grad_norm_(self._params, max_norm if max_norm > 0 else math.inf)
+        loss_value, norm_value = torch.stack([loss_sum, norm.float()]).tolist()  # the step's one host sync
+        # A non-finite step is reported (the loop stops on it) but never applied, so saved weights stay finite.
+        if math.isfinite(loss_value) and math.isfinite(norm_value):
+            self._optimizer.step()
+        self._optimizer.zero_grad(set_to_none=True)
+        return loss_value, norm_value
 
     def _recover_from_oom(self) -> None:
         self._optimizer.zero_grad(set_to_none=True)
@@ -271,11 +283,13 @@ class TorchBackend:
         self._model.eval()
         try:
             with torch.no_grad():
-                value = self._objective(batch).item()
+                value = self._objective(*self._tensors(batch)).item()
         except _OOM as exc:
-            self._recover_from_oom()
-            raise OutOfMemory(f"CUDA out of memory in evaluation: {exc}") from None
-        return value, self._weight(batch)
+            message = str(exc).splitlines()[0] if str(exc) else "CUDA out of memory"
+        else:
+            return value, self._weight(batch)
+        self._recover_from_oom()
+        raise OutOfMemory(f"out of memory evaluating a batch of {batch.num_rows} rows: {message}")
 
     def generate(self, prompt_ids: np.ndarray, max_new_tokens: int, eos_id: int | None) -> np.ndarray:
         """Greedy continuation, without the prompt and without the end-of-sequence token."""

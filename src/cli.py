@@ -181,9 +181,13 @@ def cmd_train(args) -> int:
         raise ConfigError("no model given: pass --model PATH_OR_ID or set model.path in the config")
     run_dir = Path(cfg.output.dir)
 
-    # Refuse bad data before anything is written or loaded.
+    # Refuse bad data before anything is written or loaded. With a local model folder the check
+    # tokenizes every row exactly as training will; a hub model is checked again once downloaded.
     train_file, val_file = data.find_data_files(Path(cfg.data.path))
-    data.check_data(Path(cfg.data.path), cfg.data.method, cfg=cfg).raise_if_problems()
+    local_model = Path(cfg.model.path).expanduser()
+    tokenizer = data.load_tokenizer(local_model) if local_model.is_dir() else None
+    report = data.check_data(Path(cfg.data.path), cfg.data.method, tokenizer=tokenizer, cfg=cfg)
+    report.raise_if_problems()
 
     checkpoints = CheckpointManager(run_dir, cfg.checkpoint.keep_last, cfg.checkpoint.keep_best, log=say)
     resume_from = decide_resume(args, run_dir, checkpoints)
@@ -208,7 +212,12 @@ def cmd_train(args) -> int:
     info = backend.setup(cfg, cfg.train.seed)
     say(f"model: {cfg.model.path} | trainable params {info.trainable_params:,} of {info.total_params:,} "
         f"({100.0 * info.trainable_params / max(1, info.total_params):.3f}%)")
-    tokenizer = data.load_tokenizer(Path(info.model_dir))
+    if tokenizer is None:
+        tokenizer = data.load_tokenizer(Path(info.model_dir))
+        report = data.check_data(Path(cfg.data.path), cfg.data.method, tokenizer=tokenizer, cfg=cfg)
+        report.raise_if_problems()
+    for warning in report.warnings():
+        say(f"warning: {warning}")
     stream = data.TrainStream(train_file, tokenizer, cfg)
     eval_batch_size = cfg.eval.batch_size or cfg.train.batch_size
     validator = Validator(

@@ -13,6 +13,7 @@ cut into max_seq_length blocks; the state is (epoch, document, token offset in i
 """
 from __future__ import annotations
 
+from array import array
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +89,9 @@ def check_data(data_path: Path, method: str, *, tokenizer: TextTokenizer | None 
         if tokenizer is not None and f.format == "chat" and not tokenizer.has_chat_template:
             f.add(f.format_line, "messages", f"the tokenizer in {tokenizer.model_dir} has no chat template",
                   "use prompt/completion or text rows, or a model with a chat_template in tokenizer_config.json")
+        if f.rows and f.too_long == f.rows and not report.truncate and not packing:
+            f.add(None, None, f"every row is longer than max_seq_length={max_len} tokens and data.truncate=false "
+                  "drops them all", "raise model.max_seq_length or set data.truncate=true")
     if packing and method in PAIRED_METHODS:
         report.train.add(None, None, f"data.packing cannot be used with method {method}",
                          "set data.packing=false (preference pairs are never packed)")
@@ -105,19 +109,20 @@ class RowSource:
         self.path = Path(path)
         if not self.path.is_file():
             raise DataError(f"{self.path}: no such file -> check data.path")
-        offsets, lengths, rows = [], [], []
+        # Typed arrays keep the index at 12 bytes a row (a Python list of ints costs several times that).
+        offsets, lengths, rows = array("q"), array("i"), []
         try:
             for lineno, offset, content in iter_lines(self.path):
                 offsets.append(offset)
-                lengths.append(len(content))
+                lengths.append(min(len(content), 2**31 - 1))
                 if not streaming:
                     rows.append(self._parse(content, lineno))
         except OSError as exc:
             raise DataError(f"{self.path}: cannot be read ({exc.strerror or exc})") from None
         if not offsets:
             raise DataError(f"{self.path}: is empty (no rows) -> add one JSON object per line")
-        self.offsets = np.asarray(offsets, dtype=np.int64)
-        self.lengths = np.asarray(lengths, dtype=np.int64)
+        self.offsets = np.frombuffer(offsets, dtype=np.int64)
+        self.lengths = np.frombuffer(lengths, dtype=np.int32)
         self.rows = rows if not streaming else None
         self._handle = None
         first = self.row(0)
@@ -163,9 +168,12 @@ class RowSource:
         return row
 
     def close(self) -> None:
-        if self._handle is not None:
+        if getattr(self, "_handle", None) is not None:
             self._handle.close()
             self._handle = None
+
+    def __del__(self) -> None:
+        self.close()
 
 
 def _open_source(path: Path, tokenizer: TextTokenizer, cfg: Any, streaming: bool) -> RowSource:
@@ -205,9 +213,11 @@ class TrainStream:
 
     sft/cpt: `cfg.train.batch_size` rows per batch. dpo/orpo: that many pairs, as 2*batch_size rows
     (row 2i chosen, 2i+1 rejected, targets on the response only). The last batch of an epoch may be
-    smaller, so every sample is used exactly once per epoch. Rows longer than max_seq_length are cut
-    or skipped (cfg.data.truncate); `truncated` and `dropped` count them as they are met, while
-    check_data(..., tokenizer=...) counts them up front for the warning."""
+    smaller, so every sample is used exactly once per epoch; `epoch` is the epoch of the batch
+    served last. Rows longer than max_seq_length are cut or skipped (cfg.data.truncate); `truncated`
+    and `dropped` count them as they are met, while check_data(..., tokenizer=...) counts them up
+    front for the warning. On out-of-memory, split the batch (Batch.split) rather than changing
+    cfg.train.batch_size: the order depends on the batch size, and restore() refuses a different one."""
 
     def __init__(self, train_file: Path, tokenizer: TextTokenizer, cfg: Any):
         self.tok = tokenizer
@@ -238,7 +248,8 @@ class TrainStream:
 
     def _perm(self, epoch: int) -> np.ndarray:
         if self._perm_cache is None or self._perm_cache[0] != epoch:
-            self._perm_cache = (epoch, _rng(self.seed, epoch).permutation(self.samples_per_epoch))
+            perm = _rng(self.seed, epoch).permutation(self.samples_per_epoch)
+            self._perm_cache = (epoch, perm.astype(np.int32) if self.samples_per_epoch < 2**31 else perm)
         return self._perm_cache[1]
 
     def _plan(self, epoch: int, window: int) -> list[np.ndarray]:
@@ -259,6 +270,7 @@ class TrainStream:
             raise DataError(f"{self.source.path}:{self.source.lineno(i)}: {exc}") from None
 
     def _rows_batch(self) -> Batch:
+        empty = 0
         while True:
             if self._window_index * self.window >= self.samples_per_epoch:
                 self.epoch += 1
@@ -272,8 +284,14 @@ class TrainStream:
             self._batch_in_window += 1
             self._position += len(members)
             seqs = self._sequences(members)
-            if seqs:  # empty only when every row of the batch was too long and dropped
+            if seqs:
                 return collate(seqs, self.tok.pad_id, self.max_len, self.paired)
+            # Every row of the batch was too long and dropped; a whole epoch of that would loop forever.
+            empty += 1
+            if empty > self.samples_per_epoch:
+                raise DataError(f"{self.source.path}: every row is longer than max_seq_length={self.max_len} "
+                                "tokens and data.truncate=false drops them -> raise model.max_seq_length "
+                                "or set data.truncate=true")
 
     def _sequences(self, members) -> list[tuple[list[int], list[int]]]:
         seqs = []

@@ -270,17 +270,28 @@ class DataReport:
         raise DataError("\n".join(lines))
 
 
+@dataclass
+class _Tally:
+    """Rows of one format seen in a file (the file's format is chosen after the pass)."""
+
+    first_line: int
+    count: int = 0
+    valid: int = 0
+    lines: list[int] = field(default_factory=list)  # the first MAX_KEPT_PROBLEMS line numbers
+    lengths: list[int] = field(default_factory=list)
+
+
 def check_file(path: Path, method: str, length_fn: Callable[[dict, str], int] | None = None,
                max_seq_length: int | None = None) -> FileReport:
-    """One full pass over ``path``: every line parsed and checked against the file's format and the method."""
+    """One full pass over ``path``: every line parsed and checked. The file's format is the most common
+    one among the formats the method can use (else the most common overall), so a single odd row is
+    the one reported, wherever it is."""
     report = FileReport(path)
+    tallies: dict[str, _Tally] = {}
     try:
         if not path.is_file():
             report.add(None, None, "is not a file", "pass a .jsonl file or a folder holding train.jsonl")
             return report
-        allowed = METHOD_FORMATS[method]
-        misfit_reported = False
-        lengths: list[int] = []
         for lineno, _, content in iter_lines(path, report):
             row, err = parse_line(content)
             if err:
@@ -297,42 +308,52 @@ def check_file(path: Path, method: str, length_fn: Callable[[dict, str], int] | 
                     hint = f"a 'prompt' needs {needed}; " + hint
                 report.add(lineno, None, f"the row has none of the keys of a known format (found keys: {found})", hint)
                 continue
-            if report.format is None:
-                report.format, report.format_line = fmt, lineno
-            if fmt != report.format:
-                report.add(lineno, FORMAT_KEYS[fmt][-1],
-                           f"row is in {fmt} format but the file is in {report.format} format "
-                           f"(from line {report.format_line})",
-                           f"one file holds one format; make this row {format_keys_text(report.format)}")
-                continue
-            if fmt not in allowed and not misfit_reported:
-                misfit_reported = True
-                better = [m for m, fmts in METHOD_FORMATS.items() if fmt in fmts]
-                report.add(lineno, FORMAT_KEYS[fmt][-1],
-                           f"rows are in {fmt} format, which method '{method}' cannot train on",
-                           f"method {method} needs {method_needs(method)}; "
-                           f"{fmt} rows fit --method {' or '.join(better)}")
+            tally = tallies.setdefault(fmt, _Tally(lineno))
+            tally.count += 1
+            if len(tally.lines) < MAX_KEPT_PROBLEMS:
+                tally.lines.append(lineno)
             row_errs = row_problems(row, fmt)
             for key, message, hint in row_errs:
                 report.add(lineno, key, message, hint)
-            if row_errs or fmt not in allowed:
+            if row_errs:
                 continue
-            report.rows += 1
-            if length_fn is not None:
+            tally.valid += 1
+            if length_fn is not None and fmt in METHOD_FORMATS[method]:
                 try:
-                    lengths.append(length_fn(row, fmt))
+                    tally.lengths.append(length_fn(row, fmt))
                 except DataError as exc:
                     report.add(lineno, None, str(exc))
     except OSError as exc:
         report.add(None, None, f"cannot be read ({exc.strerror or exc})", "check the path and its permissions")
         return report
+
+    if tallies:
+        fitting = [f for f in tallies if f in METHOD_FORMATS[method]] or list(tallies)
+        fmt = max(fitting, key=lambda f: (tallies[f].count, -tallies[f].first_line))
+        chosen = tallies[fmt]
+        report.format, report.format_line = fmt, chosen.first_line
+        for other, tally in tallies.items():
+            if other == fmt:
+                continue
+            for lineno in tally.lines:
+                report.add(lineno, FORMAT_KEYS[other][-1],
+                           f"row is in {other} format but the file is in {fmt} format (like line {chosen.first_line})",
+                           f"one file holds one format; make this row {format_keys_text(fmt)}")
+            report.problem_count += tally.count - len(tally.lines)
+        if fmt in METHOD_FORMATS[method]:
+            report.rows = chosen.valid
+        else:
+            better = [m for m, fmts in METHOD_FORMATS.items() if fmt in fmts]
+            report.add(chosen.first_line, FORMAT_KEYS[fmt][-1],
+                       f"rows are in {fmt} format, which method '{method}' cannot train on",
+                       f"method {method} needs {method_needs(method)}; {fmt} rows fit --method {' or '.join(better)}")
+        report.problems.sort(key=lambda p: p.line or 0)
+        del report.problems[MAX_KEPT_PROBLEMS:]
     if report.rows == 0 and report.problem_count == 0:
         report.add(None, None, "is empty (no rows)",
                    f"add one JSON object per line; method {method} needs {method_needs(method)}")
     if length_fn is not None:
-        report.lengths = np.asarray(lengths, dtype=np.int64)
+        report.lengths = np.asarray(tallies[report.format].lengths if report.rows else [], dtype=np.int64)
         if max_seq_length is not None:
             report.too_long = int((report.lengths > max_seq_length).sum())
     return report
-
-

@@ -2,9 +2,9 @@
 
 Both backends train on the ids made here, so the same data gives the same tokens on MLX and torch.
 The behaviour follows transformers' `AutoTokenizer` on the same folder: tokenizer.json's post-processor
-decides the special tokens `encode` adds (rebuilt from `add_bos_token`/`add_eos_token` when
-tokenizer_config.json sets them, as transformers does), and chat templates are rendered with the same
-sandboxed Jinja environment and variables.
+alone decides the special tokens `encode` adds (transformers 5 ignores tokenizer_config.json's
+`add_bos_token`/`add_eos_token` when a tokenizer.json exists), and chat templates are rendered with the
+same sandboxed Jinja environment and variables.
 """
 from __future__ import annotations
 
@@ -83,7 +83,7 @@ class TextTokenizer:
     """encode / decode / chat template over `tokenizers.Tokenizer` + tokenizer_config.json."""
 
     def __init__(self, model_dir: Path):
-        from tokenizers import Tokenizer, processors
+        from tokenizers import Tokenizer
 
         self.model_dir = Path(model_dir)
         path = self.model_dir / "tokenizer.json"
@@ -107,16 +107,6 @@ class TextTokenizer:
         self.eos_id = self._id_of("eos_token", model_config.get("eos_token_id"))
         pad = self._id_of("pad_token", model_config.get("pad_token_id"))
         self.pad_id = pad if pad is not None else (self.eos_id if self.eos_id is not None else 0)
-
-        if "add_bos_token" in config or "add_eos_token" in config:
-            # transformers rebuilds the post-processor from these flags when they are given explicitly.
-            add_bos = bool(config.get("add_bos_token")) and self.bos_id is not None
-            add_eos = bool(config.get("add_eos_token")) and self.eos_id is not None
-            bos, eos = self.special_tokens.get("bos_token"), self.special_tokens.get("eos_token")
-            single = f"{bos + ':0 ' if add_bos else ''}$A:0{' ' + eos + ':0' if add_eos else ''}"
-            pair = f"{single}{' ' + bos + ':1' if add_bos else ''} $B:1{' ' + eos + ':1' if add_eos else ''}"
-            special = ([(bos, self.bos_id)] if add_bos else []) + ([(eos, self.eos_id)] if add_eos else [])
-            self._tok.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=special)
 
         # What encode(add_special_tokens=True) puts around a text, found by asking the post-processor.
         bare = self._tok.encode("a", add_special_tokens=False).ids

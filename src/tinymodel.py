@@ -58,10 +58,14 @@ def bundled_corpus(data_dir: Path = BUNDLED_DATA) -> list[str]:
                     collect(value[key])
 
     for path in sorted(data_dir.rglob("*.jsonl")):
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                if line.strip():
-                    collect(json.loads(line))
+        with open(path, "rb") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    collect(json.loads(line.decode("utf-8")))
+                except (UnicodeDecodeError, ValueError) as exc:
+                    raise ValueError(f"{path}:{lineno}: not a JSON line ({exc}); fix it or leave the file out") from None
     return texts
 
 
@@ -109,7 +113,9 @@ def init_weights(rng: np.random.Generator, vocab_size: int, hidden: int, layers:
         weights[p + "input_layernorm.weight"] = np.ones(hidden, np.float32)
         weights[p + "post_attention_layernorm.weight"] = np.ones(hidden, np.float32)
     weights["model.norm.weight"] = np.ones(hidden, np.float32)
-    weights["lm_head.weight"] = normal(vocab_size, hidden)
+    # The head gets std 1/sqrt(hidden) so a unit-RMS final state can reach logits of about +-sqrt(hidden):
+    # with 0.02 the logits could never leave a near-uniform distribution, whatever LoRA learns upstream.
+    weights["lm_head.weight"] = normal(vocab_size, hidden, scale=1.0 / np.sqrt(hidden))
     return weights
 
 
@@ -210,7 +216,11 @@ def main(argv: list[str] | None = None) -> int:
         if not args.corpus.is_dir():
             print(f"error: --corpus {args.corpus} is not a folder of .jsonl files", file=sys.stderr)
             return 2
-        corpus = bundled_corpus(args.corpus)
+        try:
+            corpus = bundled_corpus(args.corpus)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         if not corpus:
             print(f"error: --corpus {args.corpus} holds no text in *.jsonl files", file=sys.stderr)
             return 2

@@ -85,12 +85,15 @@ def test_tokenizer_matches_transformers(tok, tiny_model_dir):
     chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
             {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"}]
     for gen in (False, True):
-        assert tok.apply_chat_template(chat, gen) == hf.apply_chat_template(chat, tokenize=False,
-                                                                            add_generation_prompt=gen)
+        text = tok.apply_chat_template(chat, gen)
+        assert text == hf.apply_chat_template(chat, tokenize=False, add_generation_prompt=gen)
+        hf_ids = hf.apply_chat_template(chat, tokenize=True, add_generation_prompt=gen)
+        hf_ids = hf_ids if isinstance(hf_ids, list) else hf_ids["input_ids"]
+        assert tok.encode(text, add_special_tokens=False) == hf_ids
 
 
-def test_explicit_add_bos_and_eos_flags_match_transformers(tmp_path, tiny_model_dir):
-    """tokenizer_config.json's add_bos_token/add_eos_token override tokenizer.json, as in transformers."""
+def test_add_bos_and_eos_flags_follow_transformers(tmp_path, tiny_model_dir):
+    """With a tokenizer.json, transformers ignores tokenizer_config.json's add_bos_token/add_eos_token."""
     if not has("transformers"):
         pytest.skip("transformers not installed")
     from transformers import AutoTokenizer
@@ -104,7 +107,7 @@ def test_explicit_add_bos_and_eos_flags_match_transformers(tmp_path, tiny_model_
     (model / "tokenizer_config.json").write_text(json.dumps(config))
     ours, hf = load_tokenizer(model), AutoTokenizer.from_pretrained(str(model))
     assert ours.encode("a b c") == hf("a b c").input_ids
-    assert ours.prefix_ids == [] and ours.suffix_ids == [ours.eos_id]
+    assert ours.prefix_ids == [ours.bos_id] and ours.suffix_ids == []
 
 
 def test_chat_template_generation_tags_and_missing_template(tmp_path, tiny_model_dir):
@@ -115,10 +118,11 @@ def test_chat_template_generation_tags_and_missing_template(tmp_path, tiny_model
     config = json.loads((tiny_model_dir / "tokenizer_config.json").read_text())
     (model / "chat_template.jinja").write_text(
         "{% for m in messages %}{% if m.role == 'assistant' %}{% generation %}A: {{ m.content }}{% endgeneration %}"
-        "{% else %}U: {{ m.content }}{% endif %}\n{% endfor %}")
+        "{% else %}U: {{ m.content }}{% endif %}\n{{ '\\n' }}{% endfor %}")
     del config["chat_template"]
     (model / "tokenizer_config.json").write_text(json.dumps(config))
     chat = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
+    # trim_blocks eats the newline after a block tag, as in transformers; the '\n' expression stays
     assert load_tokenizer(model).apply_chat_template(chat) == "U: x\nA: y\n"
     (model / "chat_template.jinja").unlink()
     bare = load_tokenizer(model)
@@ -176,14 +180,14 @@ def test_preference_pairs(tok, method):
     batch = stream.next_batch()
     assert batch.paired and batch.num_rows == 6
     rows = [json.loads(line) for line in (DATA_DIR / "preference" / "train.jsonl").read_text().splitlines()]
-    by_prompt = {r["prompt"]: r for r in rows}
+    triples = {(r["prompt"], r["chosen"], r["rejected"]) for r in rows}
     for i in range(3):
         chosen, rejected = real(tok, batch, 2 * i), real(tok, batch, 2 * i + 1)
         prompt = chosen.removeprefix("<|bos|>").split("\n")[0] + "\n"
         assert rejected.startswith("<|bos|>" + prompt)
-        row = by_prompt[prompt]
-        assert targets(tok, batch, 2 * i) == row["chosen"] + "<|eos|>"
-        assert targets(tok, batch, 2 * i + 1) == row["rejected"] + "<|eos|>"
+        chosen_target, rejected_target = targets(tok, batch, 2 * i), targets(tok, batch, 2 * i + 1)
+        assert chosen_target.endswith("<|eos|>") and rejected_target.endswith("<|eos|>")
+        assert (prompt, chosen_target[:-7], rejected_target[:-7]) in triples
     assert [len(b.input_ids) for b in batch.split(2)] == [2, 4]  # pairs stay together
 
 
@@ -237,6 +241,10 @@ REFUSALS = [
      1, "messages", "cannot train on"),
     ([b'{"prompt": "a", "chosen": "b", "rejected": "c"}\n'], "sft", 1, "rejected", "cannot train on"),
     ([b'{"text": "ok"}\n', b'{"prompt": "a", "completion": "b"}\n'], "sft", 2, "completion", "file is in text"),
+    ([b'{"text": "odd one"}\n'] + [b'{"prompt": "a", "completion": "b"}\n'] * 2, "sft", 1, "text",
+     "file is in completion format"),
+    ([b'{"text": "x"}\n'] * 2 + [b'{"prompt": "a", "chosen": "b", "rejected": "c"}\n'], "dpo", 1, "text",
+     "file is in preference format"),
     ([b'{"messages": [{"role": "human", "content": "a"}]}\n'], "sft", 1, "messages[0].role", "ShareGPT"),
     ([b'{"messages": [{"role": "user", "content": "a"}]}\n'], "sft", 1, "messages", "no assistant"),
     ([b'{"text": ["a"]}\n'], "sft", 1, "text", "must be a string"),
@@ -328,6 +336,11 @@ def test_too_long_rows_truncated_or_dropped_and_counted(tok, tmp_path):
     stream = TrainStream(d / "train.jsonl", tok, cfg)
     batch = stream.next_batch()
     assert batch.num_rows == 6 and stream.dropped == 2
+    write_jsonl(d / "all_long.jsonl", rows[6:])
+    with pytest.raises(DataError, match="every row is longer than max_seq_length=32"):
+        TrainStream(d / "all_long.jsonl", tok, cfg).next_batch()
+    report = check_data(d / "all_long.jsonl", "sft", tokenizer=tok, cfg=cfg)
+    assert "every row is longer than max_seq_length=32" in str(report.problems[0])
     cfg = make_cfg(batch_size=8, max_seq_length=32, method="cpt")
     assert check_data(d, "cpt", tokenizer=tok, cfg=cfg).warnings() == []  # packing cuts documents anyway
 
@@ -368,9 +381,11 @@ def test_every_sample_once_per_epoch_and_epochs_differ(tok, tmp_path):
     stream = TrainStream(path, tok, make_cfg(batch_size=4))
     assert stream.samples_per_epoch == 150
     epochs: list[list[int]] = [[], []]
-    while stream.epoch < 2:
-        epoch = stream.epoch
-        epochs[epoch] += item_numbers(tok, stream.next_batch())
+    while True:
+        numbers = item_numbers(tok, stream.next_batch())
+        if stream.epoch == 2:  # `epoch` is the epoch of the batch just served
+            break
+        epochs[stream.epoch] += numbers
     assert sorted(epochs[0]) == list(range(150)) and sorted(epochs[1]) == list(range(150))
     assert epochs[0] != epochs[1]
     other = TrainStream(path, tok, make_cfg(batch_size=4, seed=1))

@@ -68,6 +68,13 @@ def test_main_builds_and_rejects_bad_sizes(tmp_path, capsys):
     assert json.loads((tmp_path / "cli" / "config.json").read_text())["hidden_size"] == 128
     assert main([str(tmp_path / "bad"), "--vocab-size", "100"]) == 2
     assert "vocab_size must be at least" in capsys.readouterr().err
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.jsonl").write_text('{"text": "hello there"}\nnot json\n')
+    assert main([str(tmp_path / "c"), "--corpus", str(corpus)]) == 2
+    assert f"{corpus / 'a.jsonl'}:2: not a JSON line" in capsys.readouterr().err
+    (corpus / "a.jsonl").write_text('{"text": "hello there"}\n')
+    assert main([str(tmp_path / "c"), "--corpus", str(corpus)]) == 0
 
 
 def test_tokenizers_library_matches_transformers(tiny_model_dir):

@@ -149,8 +149,9 @@ def test_splitting_into_micro_batches_gives_the_same_update(tiny_model_dir):
         assert b.loss == pytest.approx(a.loss, rel=1e-5)
         assert b.grad_norm == pytest.approx(a.grad_norm, rel=1e-4)
         assert b.tokens == a.tokens
+    # Adam divides by sqrt(v), which magnifies float rounding on tiny gradients; each step moves weights ~1e-2.
     for name, value in lora_weights(whole).items():
-        np.testing.assert_allclose(lora_weights(split)[name], value, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(lora_weights(split)[name], value, rtol=1e-3, atol=1e-5)
 
 
 def test_gradients_are_clipped_to_max_grad_norm(tiny_model_dir, monkeypatch):
@@ -261,16 +262,20 @@ def test_save_load_continue_equals_uninterrupted(tiny_model_dir, tmp_path, bits)
 
     first, _ = make_backend(tiny_model_dir, bits=bits, seed=7, **opts)
     got = [first.train_step([b], lr).loss for b, lr in zip(batches[:3], lrs[:3])]
-    first.save(tmp_path)
-    # Global RNGs drift after the save (as in a real process that goes on or restarts); load must undo it.
     import random
 
     import torch
+
+    py_state, np_state = random.getstate(), np.random.get_state()[1].copy()
+    first.save(tmp_path)
+    # Global RNGs drift after the save (as in a real process that goes on or restarts); load must undo it.
     torch.rand(100)
     np.random.rand(10)
     random.random()
     resumed, _ = make_backend(tiny_model_dir, bits=bits, seed=99, **opts)
     resumed.load(tmp_path)
+    assert random.getstate() == py_state
+    assert np.array_equal(np.random.get_state()[1], np_state)
     got += [resumed.train_step([b], lr).loss for b, lr in zip(batches[3:], lrs[3:])]
 
     assert got == expected
@@ -329,6 +334,39 @@ def test_resume_into_a_different_lora_shape_is_refused(tiny_model_dir, tmp_path)
     other, _ = make_backend(tiny_model_dir, lora__layers=1)
     with pytest.raises(ValueError, match="LoRA parameters"):
         other.load(tmp_path)
+
+
+@pytest.mark.skipif(not has("bitsandbytes"), reason="needs bitsandbytes")
+def test_8bit_optimizer_state_round_trips_on_cpu(tiny_model_dir, tmp_path):
+    """bitsandbytes runs its 8-bit AdamW un-paged on CPU; this exercises the save/load path the CUDA paged one uses
+    (quantized state1/state2 + absmax, wrapped by bitsandbytes' state_dict) without a GPU."""
+    import warnings
+
+    import torch
+
+    def backend(seed):
+        # Rank 64 makes the adapter matrices 4096 values, bitsandbytes' threshold for 8-bit state.
+        b, _ = make_backend(tiny_model_dir, bits=4, seed=seed, lora__rank=64, lora__alpha=128.0, lora__dropout=0.1)
+        b._optimizer_name = "paged_adamw_8bit"  # bypasses the CPU refusal on purpose
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            b._optimizer = b._build_optimizer()
+        return b
+
+    batches = [sft_batch(tiny_model_dir, SENTENCES[i:] + SENTENCES[:i]) for i in range(6)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "paged optimizers are not supported on CPU"
+        straight = backend(1)
+        expected = [straight.train_step([b], 1e-2).loss for b in batches]
+        assert any(s.get("state1") is not None and s["state1"].dtype == torch.uint8
+                   for s in straight._optimizer.state.values())
+        first = backend(1)
+        got = [first.train_step([b], 1e-2).loss for b in batches[:3]]
+        first.save(tmp_path)
+        resumed = backend(2)
+        resumed.load(tmp_path)
+        got += [resumed.train_step([b], 1e-2).loss for b in batches[3:]]
+    assert got == expected
 
 
 @pytest.mark.skipif(has("torch") and cuda_available(), reason="checks the CPU refusal")
@@ -456,7 +494,7 @@ def test_cuda_paged_adamw_8bit_trains_and_resumes(tiny_model_dir, tmp_path):
     resumed, _ = make_backend(tiny_model_dir, bits=4, seed=6, **opts)
     resumed.load(tmp_path)
     got += [resumed.train_step([b], 1e-2).loss for b in batches[3:]]
-    np.testing.assert_allclose(got, expected, rtol=1e-5)
+    np.testing.assert_allclose(got, expected, rtol=1e-4)
 
 
 @pytest.mark.cuda
