@@ -432,7 +432,7 @@ def test_dpo_starts_at_log2_and_learns(tiny_model_dir):
     assert results[0].loss == pytest.approx(np.log(2), rel=1e-5)
     assert results[0].tokens == batch.num_target_tokens
     total, pairs = backend.eval_loss(batch)
-    assert total / pairs < np.log(2) - 0.05
+    assert total / pairs < np.log(2) - 0.3
 
 
 def test_orpo_lowers_its_loss(tiny_model_dir):
@@ -445,7 +445,7 @@ def test_orpo_lowers_its_loss(tiny_model_dir):
     assert total > nll_only  # the odds-ratio term is added on top of SFT on the chosen answers
     for _ in range(10):
         backend.train_step([batch], LR)
-    assert backend.eval_loss(batch)[0] < total - 0.1 * chosen_tokens
+    assert backend.eval_loss(batch)[0] < total - 1.0 * chosen_tokens
 
 
 def test_paired_batches_must_match_the_method(tiny_model_dir, sft_data):
@@ -462,7 +462,7 @@ def _train_cli(model_dir: Path, out: Path, *extra: str) -> subprocess.CompletedP
     cmd = [sys.executable, "-m", "overnight", "train", "--backend", "mlx", "--model", str(model_dir),
            "--data", str(DATA), "--output", str(out), "--lora-rank", "8",
            "--set", "eval.every_steps=6", "--set", "checkpoint.every_steps=6", "--set", "train.report_every=1",
-           "--set", "train.batch_size=4", "--set", "train.learning_rate=1e-2", "--set", "train.warmup_steps=2",
+           "--set", "train.batch_size=4", "--set", "train.learning_rate=2e-3", "--set", "train.warmup_steps=2",
            "--set", "eval.max_batches=4", "--set", "eval.max_new_tokens=8", *extra]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, stdin=subprocess.DEVNULL)
@@ -493,7 +493,9 @@ def test_cli_end_to_end(tiny_model_dir, tmp_path):
     for key in ("loss", "loss_avg", "lr", "tokens", "tokens_per_sec", "grad_norm", "memory_mb", "elapsed_s"):
         assert key in train[-1], key
     evals = _events(run_dir, "eval")
-    assert [e["step"] for e in evals] == [6, 12] and evals[1]["val_loss"] < evals[0]["val_loss"]
+    assert [e["step"] for e in evals] == [6, 12]
+    # Step 1's loss is the base model's (LoRA B starts at zero): the adapter is clearly better on held-out rows.
+    assert all(e["val_loss"] < train[0]["loss"] - 0.5 for e in evals), (train[0]["loss"], evals)
     model, _ = mlx_lm.load(str(tiny_model_dir), adapter_path=str(run_dir / "adapter"))
     assert model(mx.array([[1, 4, 204]])).shape == (1, 3, 512)
 
