@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import os
 import secrets
 from pathlib import Path
@@ -381,14 +382,22 @@ class MLXBackend:
             if not _is_oom(exc):
                 raise
             if before is not None:
-                self.model.update(before[0])
-                self.optimizer.state = before[1]
-                self._build_steps()
+                self._restore(before)
             del acc, loss_sum  # drop the step's buffers before handing the cache back
             mx.clear_cache()
             raise OutOfMemory(str(exc)) from exc
         self.updates += 1
-        return StepResult(loss=loss_sum.item() / weight, tokens=tokens, grad_norm=float(norm.item()))
+        loss_value, norm_value = loss_sum.item() / weight, float(norm.item())
+        if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
+            # A non-finite step is reported (the loop stops on it) but never applied, so the
+            # weights stay finite and the stop can still commit a checkpoint.
+            self._restore(before)
+        return StepResult(loss=loss_value, tokens=tokens, grad_norm=norm_value)
+
+    def _restore(self, before) -> None:
+        self.model.update(before[0])
+        self.optimizer.state = before[1]
+        self._build_steps()  # compile captured the replaced optimizer state
 
     def eval_loss(self, batch: Batch) -> tuple[float, int]:
         weight = _loss_weight(batch, self.method)

@@ -524,3 +524,19 @@ def test_cli_resume_matches_the_uninterrupted_run(tiny_model_dir, tmp_path):
     assert resumed == original and [s for s, _, _ in resumed] == list(range(7, 13))
     original_evals = [e["val_loss"] for e in _events(straight, "eval") if e["step"] > 6]
     assert [e["val_loss"] for e in after_resume(crashed, "eval")] == original_evals
+
+
+def test_a_non_finite_step_is_reported_but_never_applied(tiny_model_dir, sft_data):
+    steps, _ = sft_data
+    backend = _backend(tiny_model_dir)
+    backend.train_step(steps[0], LR)
+    before = _adapter(backend)
+    # Poison the frozen embedding of a token the next batch uses: its loss and gradients are NaN.
+    embed = backend.model.model.embed_tokens
+    token = int(steps[1][0].input_ids[0, 1])
+    embed.weight = mx.where(mx.arange(embed.weight.shape[0])[:, None] == token, mx.array(float("nan")), embed.weight)
+    result = backend.train_step(steps[1], LR)
+    assert not np.isfinite(result.loss)
+    after = _adapter(backend)
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+    assert all(np.isfinite(v).all() for v in after.values())
