@@ -48,20 +48,45 @@ class CheckpointInfo:
 
 
 def _fault(point: str) -> None:
-    """Fault injection for the crash tests: OVERNIGHT_FAULT=<point>[:<nth>] SIGKILLs this process
-    the nth time (default first) the save reaches ``point``. Unset in normal use."""
+    """Fault injection for the crash tests: OVERNIGHT_FAULT=<point>[:<nth>[:enospc]] SIGKILLs this
+    process (or, with ``enospc``, raises the OSError a full disk gives) the nth time (default first)
+    the save reaches ``point``. Unset in normal use."""
     spec = os.environ.get("OVERNIGHT_FAULT")
     if not spec:
         return
-    name, _, nth = spec.partition(":")
+    name, _, rest = spec.partition(":")
     if name != point:
         return
+    nth, _, action = rest.partition(":")
     _fault.counts[point] = _fault.counts.get(point, 0) + 1
     if _fault.counts[point] == int(nth or 1):
+        if action == "enospc":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), point)
         os.kill(os.getpid(), signal.SIGKILL)
 
 
 _fault.counts = {}
+
+
+DISK_FULL_BELOW = 1 << 20  # bytes free under which a failed write is taken to be a full disk
+
+
+def _disk_full(exc: BaseException, folder: Path) -> bool:
+    """Writers report a full disk in their own ways: OSError(ENOSPC) from Python, "No space left on
+    device (os error 28)" inside a SafetensorError, and a bare RuntimeError from torch.save and
+    mx.save_safetensors. The errno, the text, or else the filesystem itself (almost nothing free) tells."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(text in str(exc) for text in ("No space left on device", "os error 28", "Disk quota exceeded")):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    try:
+        return shutil.disk_usage(folder).free < DISK_FULL_BELOW
+    except OSError:
+        return False
 
 
 def sha256_file(path: Path) -> str:
@@ -189,13 +214,40 @@ class CheckpointManager:
             self.quarantine(info)
         return None
 
+    def set_aside_after(self, step: int) -> list[Path]:
+        """Resuming from an older checkpoint (--resume-from, --before-step) starts a new timeline: the old
+        timeline's later checkpoints move to ``checkpoints/superseded/`` (kept, never deleted), so a later
+        save at the same step writes the new state and a crash never resumes the abandoned timeline."""
+        moved = []
+        for later, path in self._step_dirs():
+            if later > step:
+                target = self.root / "superseded" / f"{path.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+                target.parent.mkdir(exist_ok=True)
+                os.rename(path, target)
+                moved.append(target)
+        if moved:
+            fsync_dir(self.root)
+            self.log(f"resuming from step {step}: {len(moved)} later checkpoint(s) of the previous timeline were "
+                     f"moved to {self.root / 'superseded'}")
+        return moved
+
     def cleanup_leftovers(self) -> list[Path]:
-        """Remove ``*.tmp-*`` folders: saves (or deletions) a crash interrupted. They never count."""
+        """Remove ``*.tmp-*`` folders: saves (or deletions) a crash interrupted. They never count. Also the
+        run folder's own: an adapter export or a heartbeat rewrite a crash cut short (the next run
+        exports the adapter again)."""
         removed = []
         if self.root.is_dir():
             for entry in self.root.iterdir():
                 if ".tmp-" in entry.name:
                     shutil.rmtree(entry, ignore_errors=True)
+                    removed.append(entry)
+        if self.root.parent.is_dir():
+            for entry in self.root.parent.iterdir():
+                if entry.name.startswith(("adapter.tmp-", ".heartbeat.json.tmp-")):
+                    if entry.is_dir():
+                        shutil.rmtree(entry, ignore_errors=True)
+                    else:
+                        entry.unlink(missing_ok=True)
                     removed.append(entry)
         if removed:
             fsync_dir(self.root)
@@ -261,11 +313,13 @@ class CheckpointManager:
             _fault("after_rename")
             fsync_dir(self.root)
         except BaseException as exc:
+            full = isinstance(exc, Exception) and not isinstance(exc, CheckpointError) and _disk_full(exc, self.root)
             shutil.rmtree(tmp, ignore_errors=True)
-            if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            if full:
                 raise CheckpointError(
                     f"disk full while saving step {step} into {self.root}; the partial save was removed and the "
-                    "previous checkpoints are intact. Free some space and resume with --auto-resume"
+                    "previous checkpoints are intact. Free some space and resume with --auto-resume "
+                    f"(the writer said: {str(exc)[:200] or exc.__class__.__name__})"
                 ) from None
             if isinstance(exc, OSError):
                 raise CheckpointError(f"could not save step {step} into {self.root}: {exc}") from None
@@ -306,6 +360,7 @@ def export_adapter(checkpoint: Path, run_dir: Path) -> Path:
     if target.exists():
         old = Path(run_dir) / f"adapter.tmp-old-{secrets.token_hex(4)}"
         os.rename(target, old)
+        _fault("during_export")
         os.rename(tmp, target)
         shutil.rmtree(old, ignore_errors=True)
     else:

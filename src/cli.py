@@ -228,7 +228,16 @@ def cmd_train(args) -> int:
         prompts = data.prediction_prompts(val_file, tokenizer, cfg, cfg.eval.predictions)
         predict = _predictor(backend, tokenizer, prompts, cfg.eval.max_new_tokens, run_dir)
     if resume_from is not None:
-        backend.load(resume_from.path)
+        try:
+            backend.load(resume_from.path)
+        except Exception as exc:
+            if not overridden or isinstance(exc, ConfigError):
+                raise
+            raise ResumeRefused(
+                f"--allow-config-change cannot carry this change ({'; '.join(overridden)}): the checkpoint at step "
+                f"{resume_from.step} does not load into the changed setup ({exc.__class__.__name__}: "
+                f"{str(exc)[:300]}). Undo the change, or start over with --fresh") from None
+        checkpoints.set_aside_after(resume_from.step)  # --resume-from / --before-step: a new timeline
         say(f"resuming from step {resume_from.step} ({resume_from.path})")
         files.event("resume", resume_from.step, from_step=resume_from.step, overridden=overridden or None)
         if overridden:

@@ -128,8 +128,9 @@ def train(cfg, backend, stream, validator, checkpoints: CheckpointManager, files
 
     # The final adapter: the best-scored checkpoint when it is still there, else the newest good one.
     chosen = None
-    if best.best_step is not None and checkpoints.path_for(best.best_step).is_dir():
-        chosen = best.best_step
+    if best.best_step is not None:  # verified again (and quarantined if it rotted): never export a corrupted copy
+        found = checkpoints.latest_valid(at_step=best.best_step)
+        chosen = found.step if found else None
     if chosen is None:
         latest = checkpoints.latest_valid()
         chosen = latest.step if latest else None
