@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import platform
+import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -134,13 +135,14 @@ def _is_apple_silicon() -> bool:
 
 
 def _torch_cuda_visible() -> bool:
-    # Importing torch is the only reliable way to ask; only done when torch is installed.
+    # Asked in a child process so that the core never imports torch itself (SPEC §2); only the
+    # chosen backend module imports its framework.
     try:
-        import torch  # noqa: PLC0415  (lazy on purpose: the core must not import it at load)
-
-        return bool(torch.cuda.is_available())
-    except Exception:
+        probe = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.is_available())"],
+                               capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.SubprocessError):
         return False
+    return probe.returncode == 0 and probe.stdout.strip().endswith("True")
 
 
 def choose_backend(requested: str) -> tuple[str, str]:
