@@ -319,6 +319,13 @@ class TorchBackend:
     def save(self, directory: Path) -> None:
         directory = Path(directory)
         self._peft_model().save_pretrained(str(directory / "adapter"), safe_serialization=True)
+        # PEFT writes target_modules from a set, so its order changes between processes; sort it so
+        # the same adapter is the same bytes (the manifest and the crash tests compare bytes).
+        config_path = directory / "adapter" / "adapter_config.json"
+        adapter_config = json.loads(config_path.read_text())
+        if isinstance(adapter_config.get("target_modules"), list):
+            adapter_config["target_modules"] = sorted(adapter_config["target_modules"])
+            config_path.write_text(json.dumps(adapter_config, indent=2, sort_keys=True))
         torch.save(self._optimizer.state_dict(), directory / "optimizer.pt")
         torch.save(
             {"cpu": torch.get_rng_state(),
