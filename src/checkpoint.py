@@ -24,7 +24,7 @@ from typing import Callable
 
 import numpy as np
 
-from .fsutil import atomic_write_text, fsync_dir, fsync_file
+from .fsutil import atomic_write_text, fsync_dir, fsync_file, sha256_file
 
 FORMAT_VERSION = 1
 STEP_DIR = re.compile(r"^step-(\d{8})$")
@@ -87,14 +87,6 @@ def _disk_full(exc: BaseException, folder: Path) -> bool:
         return shutil.disk_usage(folder).free < DISK_FULL_BELOW
     except OSError:
         return False
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _files(root: Path) -> list[Path]:

@@ -250,9 +250,8 @@ def cmd_train(args) -> int:
 
     flag = SignalFlag()
     flag.install()
-    progress = Progress(cfg.train.max_steps, resume_state["step"] if resume_state else 0,
-                        enabled=not args.quiet, warn=say)
     start_step = resume_state["step"] if resume_state else 0
+    progress = Progress(cfg.train.max_steps, start_step, enabled=not args.quiet, warn=say)
     files.heartbeat(start_step)
     try:
         outcome = train(cfg, backend, stream, validator, checkpoints, files, progress, fingerprint=fingerprint,

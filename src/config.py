@@ -310,12 +310,6 @@ def build_config(yaml_path: Path | None = None, flags: dict[str, Any] | None = N
     return validate(cfg)
 
 
-def config_from_dict(data: dict[str, Any]) -> Config:
-    cfg = Config()
-    _apply(cfg, data)
-    return validate(cfg)
-
-
 def dump_config(cfg: Config, path: Path) -> None:
     from .fsutil import atomic_write_text
 

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from .config import TRAINING_KEYS, Config
+from .fsutil import sha256_file
 
 _MODEL_FILES = ("config.json",)
 
@@ -28,13 +29,7 @@ def _model_identity(path: str) -> dict:
 
 
 def _file_digest(path: Path | None) -> str | None:
-    if path is None:
-        return None
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return sha256_file(path) if path is not None else None
 
 
 def compute(cfg: Config, train_file: Path, val_file: Path | None) -> dict:

@@ -1,6 +1,7 @@
 """Durable file writes: temp name in the same folder, fsync (F_FULLFSYNC on macOS), rename, fsync the folder."""
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 import sys
@@ -39,6 +40,14 @@ def fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def atomic_write_bytes(path: Path, data: bytes, durable: bool = True) -> None:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 
 @dataclass
@@ -80,7 +80,3 @@ class EarlyStopping:
     def restore(self, state: dict) -> None:
         for key, value in state.items():
             setattr(self, key, value)
-
-
-def stop_as_dict(stop: Stop | None) -> dict | None:
-    return asdict(stop) if stop else None

@@ -22,10 +22,6 @@ class Validator:
     def enabled(self) -> bool:
         return self._make_batches is not None
 
-    @property
-    def loaded(self) -> bool:
-        return self._batches is not None
-
     def run(self, backend) -> dict | None:
         if self._make_batches is None:
             return None
