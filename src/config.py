@@ -93,6 +93,11 @@ class EarlyStoppingConfig:
 
 
 @dataclass
+class PreferenceConfig:
+    beta: float = 0.1  # dpo: scale of the reward margin; orpo: weight of the odds-ratio term (SPEC §9)
+
+
+@dataclass
 class OutputConfig:
     dir: str = "runs/overnight"
 
@@ -111,6 +116,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     notify: NotifyConfig = field(default_factory=NotifyConfig)
     backend: str = "auto"
@@ -137,7 +143,7 @@ TRAINING_KEYS = (
     "data.method", "data.packing", "data.mask_prompt", "data.truncate",
     "train.batch_size", "train.grad_accumulation", "train.learning_rate", "train.schedule",
     "train.warmup_steps", "train.min_lr_ratio", "train.weight_decay", "train.max_grad_norm",
-    "train.optimizer", "train.seed",
+    "train.optimizer", "train.seed", "preference.beta",
 )
 
 CHOICES = {
@@ -231,7 +237,26 @@ def set_dotted(cfg: Config, dotted: str, raw: str) -> None:
     _apply(cfg, nested)
 
 
+def _leaves(node: Any, prefix: str = ""):
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _leaves(value, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", value
+
+
 def validate(cfg: Config) -> Config:
+    import math
+
+    for name, value in _leaves(cfg):
+        # nan passes every `< 0` test below and inf trains nothing useful: refuse both by name
+        # (a spike threshold of inf is allowed: it switches the spike check off).
+        infinite_ok = name == "early_stopping.grad_spike_threshold" and not math.isnan(value if isinstance(value, float) else 0)
+        if isinstance(value, float) and not math.isfinite(value) and not infinite_ok:
+            raise ConfigError(f"config key '{name}' must be a finite number, got {value}")
+    if cfg.train.seed < 0:
+        raise ConfigError(f"config key 'train.seed' must be 0 or a positive integer, got {cfg.train.seed}")
     for key, options in CHOICES.items():
         if key == "backend" and ":" in cfg.backend:
             continue  # a plugin backend "package.module:ClassName"
@@ -250,7 +275,8 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"config key '{key}' must be at least 1, got {cfg.get(key)}")
     non_negative = ("train.learning_rate", "train.warmup_steps", "train.weight_decay", "train.max_grad_norm",
                     "early_stopping.warmup_steps", "early_stopping.min_delta", "eval.predictions",
-                    "eval.batch_size", "eval.max_new_tokens", "lora.alpha", "train.min_lr_ratio")
+                    "eval.batch_size", "eval.max_new_tokens", "lora.alpha", "train.min_lr_ratio",
+                    "preference.beta")
     for key in non_negative:
         if cfg.get(key) < 0:
             raise ConfigError(f"config key '{key}' must not be negative, got {cfg.get(key)}")

@@ -74,3 +74,20 @@ def test_every_bundled_preset_loads():
     assert len(presets) >= 7
     for preset in presets:
         build_config(preset)
+
+
+@pytest.mark.parametrize("item, key", [
+    ("train.learning_rate=nan", "train.learning_rate"), ("train.learning_rate=.inf", "train.learning_rate"),
+    ("train.learning_rate=-.inf", "train.learning_rate"), ("lora.alpha=nan", "lora.alpha"),
+    ("train.seed=-1", "train.seed"), ("preference.beta=-0.5", "preference.beta"),
+])
+def test_non_finite_numbers_and_negative_seeds_are_refused_by_name(item, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        build_config(None, {}, [item])
+
+
+def test_preference_beta_is_a_training_key_with_the_papers_default():
+    from overnight.config import TRAINING_KEYS
+
+    assert build_config().preference.beta == 0.1 and "preference.beta" in TRAINING_KEYS
+    assert build_config(None, {}, ["preference.beta=0.25"]).preference.beta == 0.25
