@@ -17,11 +17,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from overnight import lora_init, objectives
 from overnight.backend import Batch, OutOfMemory, SetupInfo, StepResult
 from overnight.config import ConfigError
 
 _OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
-PREFERENCE_BETA = 0.1  # DPO and ORPO both use beta 0.1 (the papers' and TRL's default)
 STATE_FORMAT = 1
 
 
@@ -51,6 +51,7 @@ class TorchBackend:
 
         self._cfg = cfg
         self._method = cfg.data.method
+        self._beta = float(cfg.preference.beta)
         self._optimizer_name = cfg.train.optimizer
         self._device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         on_cuda = self._device.type == "cuda"
@@ -60,8 +61,10 @@ class TorchBackend:
                 "CUDA-only); use train.optimizer=adamw on this machine"
             )
         bits = cfg.model.quantization.bits
-        # bf16 where the GPU has it (Ampere and newer); fp32 on CPU and on older GPUs, where fp16 would need a grad scaler.
-        self._compute_dtype = torch.bfloat16 if on_cuda and torch.cuda.is_bf16_supported() else torch.float32
+        # bf16 where the GPU has it natively (Ampere and newer); fp32 on CPU and on older GPUs, where bf16 would be
+        # emulated (slow) and fp16 would need a grad scaler.
+        native_bf16 = on_cuda and torch.cuda.is_bf16_supported(including_emulation=False)
+        self._compute_dtype = torch.bfloat16 if native_bf16 else torch.float32
 
         model_dir = self._resolve_model_dir(cfg.model.path)
         try:
@@ -88,9 +91,15 @@ class TorchBackend:
             load_kwargs["device_map"] = {"": self._device.index if on_cuda else "cpu"}
         try:
             model = AutoModelForCausalLM.from_pretrained(str(model_dir), **load_kwargs)
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"config key 'model.path': cannot load a causal LM from {model_dir}: {exc}") from None
+        except Exception as exc:  # noqa: BLE001 - a truncated or corrupt weight file raises SafetensorError, not OSError
+            if isinstance(exc, (_OOM, MemoryError)):
+                raise
+            raise ConfigError(
+                f"config key 'model.path': cannot load a causal LM from {model_dir}: {exc.__class__.__name__}: "
+                f"{str(exc)[:300]}. Check that the weight files are complete (re-download or re-copy the model)"
+            ) from None
         model.config.use_cache = False
+        _keep_4bit_weights_unpacked(model)
 
         embed_rows = model.get_input_embeddings().weight.shape[0]
         if len(tokenizer) > embed_rows:
@@ -134,6 +143,7 @@ class TorchBackend:
             # adapter_config.json then names the hub id, not this machine's cache folder.
             model.peft_config["default"].base_model_name_or_path = cfg.model.path
         self._model = model
+        _init_lora_a(model, seed)
         self._params = [p for p in model.parameters() if p.requires_grad]
         self._param_names = [name for name, p in model.named_parameters() if p.requires_grad]
         if not self._params:
@@ -210,56 +220,52 @@ class TorchBackend:
         logp = -F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
         return logp.view(targets.shape)
 
-    def _objective(self, ids: torch.Tensor, attn: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """The micro-batch's summed objective: summed target-token CE (sft, cpt) or summed per-pair loss (dpo, orpo).
-        Dividing by the step's total weight (tokens or pairs) makes any split into micro-batches the same update."""
+    def _objective(self, ids: torch.Tensor, attn: torch.Tensor, mask: torch.Tensor, token_scale: float,
+                   pair_scale: float) -> torch.Tensor:
+        """This micro-batch's share of the step objective (src/objectives.py, SPEC §9): its token sums times
+        token_scale plus its pair sums times pair_scale, the scales being 1/T and 1/P of the whole step."""
         mask = mask[:, 1:]
         sums = (self._token_logps(ids, attn) * mask).sum(dim=1)
         if self._method == "dpo":
             with torch.no_grad(), self._model.disable_adapter():
                 ref_sums = (self._token_logps(ids, attn) * mask).sum(dim=1)
             margin = (sums[0::2] - ref_sums[0::2]) - (sums[1::2] - ref_sums[1::2])
-            return -F.logsigmoid(PREFERENCE_BETA * margin).sum()
+            return -F.logsigmoid(self._beta * margin).sum() * pair_scale
         if self._method == "orpo":
-            # Per pair: NLL of the chosen answer (length-normalised) + beta * odds-ratio loss, odds = p / (1 - p)
-            # on length-normalised log-probs. The clamp keeps log(1 - p) finite when p -> 1.
-            avg = (sums / mask.sum(dim=1).clamp(min=1)).clamp(max=-1e-6)
-            log_odds = (avg[0::2] - avg[1::2]) - (torch.log(-torch.expm1(avg[0::2])) - torch.log(-torch.expm1(avg[1::2])))
-            return (-avg[0::2] - PREFERENCE_BETA * F.logsigmoid(log_odds)).sum()
-        return -sums.sum()
-
-    def _weight(self, batch: Batch) -> int:
-        if self._method in ("dpo", "orpo"):
-            return batch.num_rows // 2
-        return batch.num_target_tokens
+            avg = (sums / mask.sum(dim=1).clamp(min=1)).clamp(max=objectives.AVG_LOGP_MAX)
+            log_odds = avg - torch.log(-torch.expm1(avg))
+            odds_ratio_loss = -F.logsigmoid(log_odds[0::2] - log_odds[1::2]).sum()
+            return -sums[0::2].sum() * token_scale + self._beta * odds_ratio_loss * pair_scale
+        return -sums.sum() * token_scale
 
     def train_step(self, micro_batches: list[Batch], lr: float) -> StepResult:
         self._model.train()
         for group in self._optimizer.param_groups:
             group["lr"] = lr
-        total = sum(self._weight(mb) for mb in micro_batches)
+        token_scale, pair_scale, weight = objectives.step_scales(self._method, micro_batches)
         tokens = sum(mb.num_target_tokens for mb in micro_batches)
-        if total == 0:
+        if weight == 0:
             raise ValueError("a training step with no target tokens: every loss_mask entry is 0 "
                              "(check data.mask_prompt and model.max_seq_length)")
         try:
-            loss_value, norm_value = self._accumulate_and_step(micro_batches, total)
+            loss_value, norm_value = self._accumulate_and_step(micro_batches, token_scale, pair_scale)
         except _OOM as exc:
             message = str(exc).splitlines()[0] if str(exc) else "CUDA out of memory"
         else:
-            return StepResult(loss=loss_value / total, tokens=tokens, grad_norm=norm_value)
+            return StepResult(loss=loss_value, tokens=tokens, grad_norm=norm_value)
         # Outside the except block: the traceback, and the activations its frames hold, are gone by now.
         self._recover_from_oom()
         rows = sum(mb.num_rows for mb in micro_batches)
         raise OutOfMemory(f"out of memory in a step of {rows} rows in {len(micro_batches)} micro-batches: {message}")
 
-    def _accumulate_and_step(self, micro_batches: list[Batch], total: int) -> tuple[float, float]:
+    def _accumulate_and_step(self, micro_batches: list[Batch], token_scale: float,
+                             pair_scale: float) -> tuple[float, float]:
         # Every upload is queued before any compute, so no copy waits on the GPU mid-step.
         inputs = [self._tensors(mb) for mb in micro_batches]
         loss_sum = torch.zeros((), dtype=torch.float32, device=self._device)
         for ids, attn, mask in inputs:
-            objective = self._objective(ids, attn, mask)
-            (objective / total).backward()
+            objective = self._objective(ids, attn, mask, token_scale, pair_scale)
+            objective.backward()
             loss_sum += objective.detach()
             del objective
         max_norm = self._cfg.train.max_grad_norm
@@ -279,15 +285,18 @@ class TorchBackend:
             torch.cuda.empty_cache()
 
     def eval_loss(self, batch: Batch) -> tuple[float, int]:
-        """(summed loss, weight): target tokens for sft/cpt; for dpo/orpo the weight is the number of pairs."""
+        """(objective x weight, weight) with the batch's own normalisers; weight = target tokens (sft, cpt) or
+        pairs (dpo, orpo), as src/objectives.py defines."""
         self._model.eval()
+        token_scale, pair_scale, _ = objectives.step_scales(self._method, [batch])
+        weight = objectives.eval_weight(self._method, batch)
         try:
             with torch.no_grad():
-                value = self._objective(*self._tensors(batch)).item()
+                value = self._objective(*self._tensors(batch), token_scale, pair_scale).item()
         except _OOM as exc:
             message = str(exc).splitlines()[0] if str(exc) else "CUDA out of memory"
         else:
-            return value, self._weight(batch)
+            return value * weight, weight
         self._recover_from_oom()
         raise OutOfMemory(f"out of memory evaluating a batch of {batch.num_rows} rows: {message}")
 
@@ -417,6 +426,29 @@ class TorchBackend:
         if bnb is not None:
             out["bitsandbytes"] = bnb
         return out
+
+
+def _keep_4bit_weights_unpacked(model) -> None:
+    """bitsandbytes' Linear4bit repacks its weight for a faster CPU kernel (AVX512-BF16) the first time it runs
+    in eval mode without grad, and every later matmul then rounds differently. Whether an eval ran earlier in
+    the process would change training numerics, so a resumed run would drift from an uninterrupted one: keep
+    the one layout training uses, always."""
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+
+
+def _init_lora_a(model, seed: int) -> None:
+    """Replace PEFT's lora_A draws with the framework-free ones (src/lora_init.py), so torch and mlx start
+    from the same adapter for the same seed; lora_B stays zero."""
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            lora_a = getattr(module, "lora_A", None)
+            if not isinstance(lora_a, torch.nn.ModuleDict) or "default" not in lora_a:
+                continue
+            weight = lora_a["default"].weight
+            values = lora_init.lora_a(seed, lora_init.neutral_module_name(name), *weight.shape)
+            weight.copy_(torch.from_numpy(values).to(weight.dtype))
 
 
 def _seed_everything(seed: int) -> None:

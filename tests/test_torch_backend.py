@@ -238,6 +238,22 @@ def test_4bit_layers_are_really_nf4_double_quant(tiny_model_dir):
     assert {p.dtype for p in backend._params} == {torch.float32}
 
 
+def test_an_earlier_eval_does_not_change_4bit_training(tiny_model_dir):
+    """bitsandbytes repacks a Linear4bit weight the first time it runs in eval mode without grad on CPUs with
+    AVX512-BF16, after which training rounds differently (and backprops through an unregistered kernel). A
+    resumed process re-runs steps without the evals the first process ran, so this must not matter. (On a CPU
+    without AVX512-BF16 bitsandbytes never repacks and this passes trivially.)"""
+    batch = sft_batch(tiny_model_dir)
+    evaluated, _ = make_backend(tiny_model_dir, bits=4)
+    fresh, _ = make_backend(tiny_model_dir, bits=4)
+    evaluated.eval_loss(batch)
+    evaluated.generate(batch.input_ids[0, :4], 3, None)
+    after_eval = [evaluated.train_step([batch], 1e-2).loss for _ in range(3)]
+    assert [fresh.train_step([batch], 1e-2).loss for _ in range(3)] == after_eval
+    for name, value in lora_weights(fresh).items():
+        assert np.array_equal(lora_weights(evaluated)[name], value), name
+
+
 def test_8bit_path_trains(tiny_model_dir):
     import bitsandbytes as bnb
 
