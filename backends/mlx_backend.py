@@ -4,12 +4,8 @@ Built on mlx-lm's pieces: ``load_model`` reads Hugging Face or MLX folders, ``qu
 makes the in-memory 4-bit base, ``linear_to_lora_layers`` attaches the adapters, and the saved
 adapter folder is the one ``mlx_lm.load(model, adapter_path=...)`` reads.
 
-Loss normalisation (what ``StepResult.loss`` and ``eval_loss`` count):
-  sft, cpt  summed target-token cross-entropy / target tokens.
-  orpo      summed chosen-token NLL + beta * (odds-ratio loss of each pair x its chosen tokens),
-            over chosen target tokens, so the step stays one sum over one count and splitting a
-            batch into more micro-batches (the OOM fallback) gives the same update.
-  dpo       summed pair losses / pairs; the reference is the same base with LoRA scaled to 0.
+Objectives and their normalisation are src/objectives.py's (SPEC §9), the same as the torch backend's;
+the AdamW is torch's (bias correction on); LoRA A comes from src/lora_init.py.
 ``StepResult.tokens`` is always the number of target tokens processed (for throughput).
 """
 from __future__ import annotations
@@ -29,11 +25,11 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 
+from overnight import lora_init, objectives
 from overnight.backend import Batch, OutOfMemory, SetupInfo, StepResult
 from overnight.config import ConfigError
 from overnight.fsutil import atomic_write_text, fsync_dir, fsync_file
 
-PREFERENCE_BETA = 0.1
 ADAPTER_WEIGHTS = "adapters.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -42,47 +38,39 @@ _MB = 1024 * 1024
 
 
 # ---------------------------------------------------------------------------
-# Losses. Each returns the *sum* the step normalises later; see the module docstring.
+# Objectives (src/objectives.py): each returns this micro-batch's share of the step objective, its token
+# sums times token_scale (1/T of the step) plus its pair sums times pair_scale (1/P of the step).
 
 def _token_nll(model, inputs, targets, mask):
     logits = model(inputs)
     return nn.losses.cross_entropy(logits, targets).astype(mx.float32) * mask
 
 
-def _ce_loss(model, inputs, targets, mask):
-    return _token_nll(model, inputs, targets, mask).sum()
-
-
-def _orpo_loss(model, inputs, targets, mask):
-    nll = _token_nll(model, inputs, targets, mask)
-    ntoks = mask.sum(axis=1)
-    # Mean log-probability per row, kept strictly below 0 so log(1 - p) stays finite.
-    mean_logp = mx.minimum(-nll.sum(axis=1) / mx.maximum(ntoks, 1.0), -1e-7)
-    log_odds = mean_logp - mx.log(-mx.expm1(mean_logp))
-    ratio = log_odds[0::2] - log_odds[1::2]
-    or_loss = mx.logaddexp(mx.zeros_like(ratio), -ratio)  # -log(sigmoid(ratio))
-    return nll[0::2].sum() + PREFERENCE_BETA * (or_loss * ntoks[0::2]).sum()
-
-
 def _row_logps(model, inputs, targets, mask):
     return -_token_nll(model, inputs, targets, mask).sum(axis=1)
 
 
-def _dpo_loss(model, inputs, targets, mask, ref_logps):
-    logps = _row_logps(model, inputs, targets, mask)
-    margin = (logps[0::2] - ref_logps[0::2]) - (logps[1::2] - ref_logps[1::2])
-    return mx.logaddexp(mx.zeros_like(margin), -PREFERENCE_BETA * margin).sum()
+def _neg_logsigmoid(x):
+    return mx.logaddexp(mx.zeros_like(x), -x)
 
 
-LOSSES = {"sft": _ce_loss, "cpt": _ce_loss, "orpo": _orpo_loss, "dpo": _dpo_loss}
+def make_objective(method: str, beta: float):
+    def cross_entropy(model, token_scale, pair_scale, inputs, targets, mask):
+        return _token_nll(model, inputs, targets, mask).sum() * token_scale
 
+    def orpo(model, token_scale, pair_scale, inputs, targets, mask):
+        row_nll = _token_nll(model, inputs, targets, mask).sum(axis=1)
+        avg_logp = mx.minimum(-row_nll / mx.maximum(mask.sum(axis=1), 1.0), objectives.AVG_LOGP_MAX)
+        log_odds = avg_logp - mx.log(-mx.expm1(avg_logp))
+        odds_ratio_loss = _neg_logsigmoid(log_odds[0::2] - log_odds[1::2]).sum()
+        return row_nll[0::2].sum() * token_scale + beta * odds_ratio_loss * pair_scale
 
-def _loss_weight(batch: Batch, method: str) -> int:
-    if method == "dpo":
-        return batch.num_rows // 2
-    if method == "orpo":
-        return int(batch.loss_mask[0::2, 1:].sum())
-    return int(batch.loss_mask[:, 1:].sum())
+    def dpo(model, token_scale, pair_scale, inputs, targets, mask, ref_logps):
+        logps = _row_logps(model, inputs, targets, mask)
+        margin = (logps[0::2] - ref_logps[0::2]) - (logps[1::2] - ref_logps[1::2])
+        return _neg_logsigmoid(beta * margin).sum() * pair_scale
+
+    return {"sft": cross_entropy, "cpt": cross_entropy, "orpo": orpo, "dpo": dpo}[method]
 
 
 # ---------------------------------------------------------------------------
@@ -148,31 +136,91 @@ def _lora_keys(block: nn.Module, targets: list[str]) -> list[str]:
     return sorted(keys)
 
 
-def _enable_grad_checkpoint(layers: list[nn.Module]) -> None:
-    """Recompute each block's activations in the backward pass.
+class _KeyBox:
+    """Holds a dropout key outside the module tree (an mx.array attribute would become a parameter)."""
+    key = None
 
-    Python looks `__call__` up on the class, so the class is patched (as mlx-lm does), but only
-    instances flagged here checkpoint: other models of the same class in the process are untouched.
+
+class KeyedDropout(nn.Module):
+    """LoRA dropout whose mask comes from a key its block hands it (see _patch_blocks), not from the global
+    RNG at call time, so the recomputation of a checkpointed block draws the very same mask."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self._p_keep = 1.0 - p
+        self._box = _KeyBox()
+
+    def __call__(self, x):
+        if self._p_keep == 1.0 or not self.training:
+            return x
+        mask = mx.random.bernoulli(self._p_keep, x.shape, key=self._box.key)
+        return (mask * x) * (1.0 / self._p_keep)
+
+
+def _patch_blocks(layers: list[nn.Module], grad_checkpoint: bool) -> None:
+    """Give each block's LoRA dropouts keys drawn once per block call, and optionally recompute the block's
+    activations in the backward pass (gradient checkpointing).
+
+    mx.checkpoint re-runs the block in the backward pass; with dropout drawing from the global RNG the
+    recomputation would use another mask than the forward (wrong gradients). Drawing one key per block
+    call outside the checkpoint and passing it in makes forward and recompute see the same masks, and the
+    masks are the same with checkpointing on or off.
+    Python looks `__call__` up on the class, so the class is patched (as mlx-lm does), but only instances
+    flagged here change: other models of the same class in the process are untouched.
     """
     cls = type(layers[0])
-    if not getattr(cls, "_overnight_checkpoint_patch", False):
+    if not getattr(cls, "_overnight_block_patch", False):
         call = cls.__call__
 
-        def checkpointed_call(self, *args, **kwargs):
-            # Only a backward pass gains from recomputation; eval and generation (KV cache) run plainly.
-            if not (self.training and getattr(self, "_overnight_checkpoint", False)):
+        def patched_call(self, *args, **kwargs):
+            dropouts = getattr(self, "_overnight_dropouts", [])
+            checkpoint = getattr(self, "_overnight_checkpoint", False)
+            # Eval and generation (KV cache) run plainly: no dropout, nothing to recompute.
+            if not self.training or not (dropouts or checkpoint):
                 return call(self, *args, **kwargs)
 
-            def inner(params, *args, **kwargs):
+            def with_keys(key, *args, **kwargs):
+                boxes = [d._box for d in dropouts]
+                for box, sub in zip(boxes, mx.random.split(key, len(boxes)) if boxes else []):
+                    box.key = sub
+                try:
+                    return call(self, *args, **kwargs)
+                finally:
+                    for box in boxes:
+                        box.key = None
+
+            # A fresh key from the global stream (re-seeded per update from (seed, update), so resumable).
+            key = (mx.random.randint(0, 2**31 - 1, (2,)) if dropouts else mx.zeros((2,))).astype(mx.uint32)
+            if not checkpoint:
+                return with_keys(key, *args, **kwargs)
+
+            def inner(params, key, *args, **kwargs):
                 self.update(params)
-                return call(self, *args, **kwargs)
+                # mx.checkpoint differentiates with respect to every input; a key has no gradient.
+                return with_keys(mx.stop_gradient(key), *args, **kwargs)
 
-            return mx.checkpoint(inner)(self.trainable_parameters(), *args, **kwargs)
+            return mx.checkpoint(inner)(self.trainable_parameters(), key, *args, **kwargs)
 
-        cls.__call__ = checkpointed_call
-        cls._overnight_checkpoint_patch = True
+        cls.__call__ = patched_call
+        cls._overnight_block_patch = True
     for layer in layers:
-        layer._overnight_checkpoint = True
+        layer._overnight_checkpoint = grad_checkpoint
+        layer._overnight_dropouts = []
+        for _, module in sorted(layer.named_modules(), key=lambda item: item[0]):
+            if "lora_a" in module and isinstance(getattr(module, "dropout", None), nn.Dropout):
+                p = 1.0 - module.dropout._p_1
+                if p > 0:
+                    module.dropout = KeyedDropout(p)
+                    layer._overnight_dropouts.append(module.dropout)
+
+
+def _init_lora_a(model: nn.Module, seed: int) -> None:
+    """The framework-free initial lora_a (src/lora_init.py), so torch and mlx start from the same adapter."""
+    for name, module in model.named_modules():
+        if "lora_a" in module and isinstance(module.get("lora_a"), mx.array):
+            in_features, rank = module.lora_a.shape
+            values = lora_init.lora_a(seed, lora_init.neutral_module_name(name), rank, in_features)
+            module.lora_a = mx.array(values.T).astype(module.lora_a.dtype)
 
 
 def _step_seed(seed: int, step: int) -> int:
@@ -211,12 +259,21 @@ class MLXBackend:
                 "use adamw with the mlx backend"
             )
         self.method = cfg.data.method
+        self.beta = float(cfg.preference.beta)
         self.seed = int(seed)
         self.max_grad_norm = float(cfg.train.max_grad_norm)
         details: dict[str, Any] = {"device": str(mx.default_device()), "method": self.method}
 
         model_dir = _resolve_model_dir(cfg.model.path)
-        model, model_config = load_model(model_dir)
+        try:
+            model, model_config = load_model(model_dir)
+        except Exception as exc:  # noqa: BLE001 - a truncated or corrupt weight file fails deep inside mlx
+            if _is_oom(exc):
+                raise
+            raise ConfigError(
+                f"config key 'model.path': cannot load the model in {model_dir}: {exc.__class__.__name__}: "
+                f"{str(exc)[:300]}. Check that the weight files are complete (re-download or re-copy the model)"
+            ) from None
 
         bits, group_size = cfg.model.quantization.bits, cfg.model.quantization.group_size
         if model_config.get("quantization"):
@@ -245,10 +302,9 @@ class MLXBackend:
             "keys": _lora_keys(model.layers[-1], list(cfg.lora.targets)),
         }
         model.freeze()
-        mx.random.seed(self.seed)  # same seed, same LoRA init
         linear_to_lora_layers(model, num_layers, lora_parameters)
-        if cfg.model.grad_checkpoint:
-            _enable_grad_checkpoint(list(model.layers))
+        _init_lora_a(model, self.seed)
+        _patch_blocks(list(model.layers), bool(cfg.model.grad_checkpoint))
         self._lora_modules = [m for _, m in model.named_modules()
                               if "lora_a" in m and isinstance(getattr(m, "scale", None), float)]
 
@@ -260,7 +316,10 @@ class MLXBackend:
             "overnight": {"lora_alpha": cfg.lora.alpha, "method": self.method, "quantization": details["quantization"]},
         }
         self.model = model
-        self.optimizer = optim.AdamW(learning_rate=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay)
+        # torch.optim.AdamW's algorithm exactly (bias correction, eps 1e-8 outside the sqrt, decoupled decay);
+        # mlx's default leaves bias correction off, which makes early steps ~3x larger (SPEC §4 parity).
+        self.optimizer = optim.AdamW(learning_rate=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay,
+                                     betas=[0.9, 0.999], eps=1e-8, bias_correction=True)
         # A fixed state tree from the start: load() replaces leaves in it and compile sees one structure.
         self.optimizer.init(model.trainable_parameters())
         mx.eval(model.parameters(), self.optimizer.state)
@@ -289,17 +348,17 @@ class MLXBackend:
         """(Re)compile the step functions. mx.compile captures the state trees it is given, so this
         runs again whenever one of them is replaced (load, an OOM restore)."""
         model, optimizer = self.model, self.optimizer
-        value_and_grad = nn.value_and_grad(model, LOSSES[self.method])
+        objective = make_objective(self.method, self.beta)
+        value_and_grad = nn.value_and_grad(model, objective)
         max_norm = self.max_grad_norm
 
-        def accumulate(acc, *batch):
-            loss, grads = value_and_grad(model, *batch)
+        def accumulate(acc, *scales_and_batch):
+            loss, grads = value_and_grad(model, *scales_and_batch)
             if acc is not None:
                 grads = tree_map(lambda a, g: a + g, acc, grads)
             return loss, grads
 
-        def update(grads, weight):
-            grads = tree_map(lambda g: g / weight, grads)
+        def update(grads):
             if max_norm > 0:
                 grads, norm = optim.clip_grad_norm(grads, max_norm)
             else:
@@ -312,8 +371,7 @@ class MLXBackend:
         self._accumulate = mx.compile(accumulate, inputs=[model.state, mx.random.state],
                                       outputs=[model.state, mx.random.state])
         self._update = mx.compile(update, inputs=state, outputs=state)
-        loss_fn = LOSSES[self.method]
-        self._eval = mx.compile(lambda *batch: loss_fn(model, *batch), inputs=[model.state])
+        self._eval = mx.compile(lambda *scales_and_batch: objective(model, *scales_and_batch), inputs=[model.state])
 
     def _set_training(self, training: bool) -> None:
         # Dropout reads the flag while a graph is traced; each compiled function only ever runs
@@ -354,7 +412,8 @@ class MLXBackend:
     # -- training ----------------------------------------------------------
 
     def train_step(self, micro_batches: list[Batch], lr: float) -> StepResult:
-        weight = sum(_loss_weight(b, self.method) for b in micro_batches)
+        token_scale, pair_scale, weight = objectives.step_scales(self.method, micro_batches)
+        scales = (mx.array(token_scale, dtype=mx.float32), mx.array(pair_scale, dtype=mx.float32))
         tokens = sum(int(b.loss_mask.sum()) for b in micro_batches)
         if weight == 0:
             raise ValueError(
@@ -368,7 +427,7 @@ class MLXBackend:
         try:
             acc = loss_sum = None
             for batch in micro_batches:
-                loss, acc = self._accumulate(acc, *self._device_batch(batch))
+                loss, acc = self._accumulate(acc, *scales, *self._device_batch(batch))
                 loss_sum = loss if loss_sum is None else loss_sum + loss
                 # Schedules this micro-batch without waiting for it, and cuts the lazy graph so the
                 # next one does not hold its activations.
@@ -376,7 +435,7 @@ class MLXBackend:
             # One wait before the update: an OOM in forward/backward surfaces here, weights untouched.
             mx.eval(loss_sum, acc)
             before = (self.model.trainable_parameters(), tree_map(lambda x: x, self.optimizer.state))
-            norm = self._update(acc, mx.array(weight, dtype=mx.float32))
+            norm = self._update(acc)
             mx.eval(norm, self.model.trainable_parameters(), self.optimizer.state)
         except (RuntimeError, MemoryError) as exc:
             if not _is_oom(exc):
@@ -387,7 +446,7 @@ class MLXBackend:
             mx.clear_cache()
             raise OutOfMemory(str(exc)) from exc
         self.updates += 1
-        loss_value, norm_value = loss_sum.item() / weight, float(norm.item())
+        loss_value, norm_value = float(loss_sum.item()), float(norm.item())
         if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
             # A non-finite step is reported (the loop stops on it) but never applied, so the
             # weights stay finite and the stop can still commit a checkpoint.
@@ -400,11 +459,14 @@ class MLXBackend:
         self._build_steps()  # compile captured the replaced optimizer state
 
     def eval_loss(self, batch: Batch) -> tuple[float, int]:
-        weight = _loss_weight(batch, self.method)
+        """(objective x weight, weight) with the batch's own normalisers (src/objectives.py)."""
+        token_scale, pair_scale, _ = objectives.step_scales(self.method, [batch])
+        weight = objectives.eval_weight(self.method, batch)
         self._set_training(False)
         try:
-            loss = self._eval(*self._device_batch(batch))
-            return float(loss.item()), weight
+            loss = self._eval(mx.array(token_scale, dtype=mx.float32), mx.array(pair_scale, dtype=mx.float32),
+                              *self._device_batch(batch))
+            return float(loss.item()) * weight, weight
         except (RuntimeError, MemoryError) as exc:
             if _is_oom(exc):
                 mx.clear_cache()

@@ -29,6 +29,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
+
 AVG_LOGP_MAX = -1e-7
 PAIRED = ("dpo", "orpo")
 
@@ -57,3 +59,22 @@ def step_scales(method: str, batches: Sequence) -> tuple[float, float, int]:
 def eval_weight(method: str, batch) -> int:
     tokens, pairs = counts(method, [batch])
     return pairs if method in PAIRED else tokens
+
+
+def reference_value(method: str, logp, tokens, beta: float = 0.1, ref_logp=None) -> float:
+    """The step objective in numpy from per-row summed target log-probs ``logp`` and target counts ``tokens``
+    (paired rows interleaved chosen, rejected): the formulas above, for holding the backends to them."""
+    logp, tokens = np.asarray(logp, np.float64), np.asarray(tokens, np.float64)
+    if method in ("sft", "cpt"):
+        return float(-logp.sum() / tokens.sum())
+
+    def neg_logsigmoid(x):
+        return np.logaddexp(0.0, -x)
+
+    if method == "dpo":
+        ref = np.asarray(ref_logp, np.float64)
+        margin = (logp[0::2] - ref[0::2]) - (logp[1::2] - ref[1::2])
+        return float(neg_logsigmoid(beta * margin).mean())
+    avg = np.minimum(logp / np.maximum(tokens, 1.0), AVG_LOGP_MAX)
+    log_odds = avg - np.log(-np.expm1(avg))
+    return float(-logp[0::2].sum() / tokens[0::2].sum() + beta * neg_logsigmoid(log_odds[0::2] - log_odds[1::2]).mean())

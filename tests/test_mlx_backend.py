@@ -260,12 +260,23 @@ def test_load_refuses_a_checkpoint_of_another_adapter(tiny_model_dir, tmp_path):
         _backend(tiny_model_dir, rank=4).load(tmp_path)
 
 
-def test_grad_checkpoint_gives_the_same_step(tiny_model_dir, sft_data):
+@pytest.mark.parametrize("bits, dropout", [(0, 0.0), (4, 0.1)], ids=["plain", "qlora-dropout"])
+def test_grad_checkpoint_gives_the_same_step(tiny_model_dir, sft_data, bits, dropout):
+    """The recomputed forward of a checkpointed block must draw the same LoRA dropout masks as the forward
+    (else the gradients are of another function), and the masks must not depend on checkpointing at all."""
     steps, _ = sft_data
-    plain, ckpt = _backend(tiny_model_dir), _backend(tiny_model_dir, grad_checkpoint=True)
-    for micro in steps[:2]:
+    plain = _backend(tiny_model_dir, bits=bits, dropout=dropout)
+    ckpt = _backend(tiny_model_dir, bits=bits, dropout=dropout, grad_checkpoint=True)
+    for micro in steps[:3]:
         a, b = plain.train_step(micro, LR), ckpt.train_step(micro, LR)
         assert b.loss == pytest.approx(a.loss, rel=1e-6) and b.grad_norm == pytest.approx(a.grad_norm, rel=1e-5)
+    for name, value in _adapter(plain).items():
+        np.testing.assert_allclose(_adapter(ckpt)[name], value, rtol=1e-4, atol=1e-6, err_msg=name)
+    if dropout:  # the masks really are drawn: the same step without dropout differs
+        no_dropout = _backend(tiny_model_dir, bits=bits)
+        first = no_dropout.train_step(steps[0], LR)
+        redo = _backend(tiny_model_dir, bits=bits, dropout=dropout).train_step(steps[0], LR)
+        assert abs(first.grad_norm - redo.grad_norm) > 1e-4 * first.grad_norm
     assert ckpt.eval_loss(steps[0][0]) == pytest.approx(plain.eval_loss(steps[0][0]), rel=1e-5)
     prompt = steps[0][0].input_ids[0, :6]
     assert np.array_equal(ckpt.generate(prompt, 4, None), plain.generate(prompt, 4, None))
@@ -435,17 +446,24 @@ def test_dpo_starts_at_log2_and_learns(tiny_model_dir):
     assert total / pairs < np.log(2) - 0.3
 
 
-def test_orpo_lowers_its_loss(tiny_model_dir):
+def test_orpo_is_the_trl_objective_and_learns(tiny_model_dir):
+    from overnight.objectives import reference_value
+
     backend = _backend(tiny_model_dir, method="orpo")
     batch = _preference_batch(tiny_model_dir, 0, 8)
-    total, chosen_tokens = backend.eval_loss(batch)
-    assert chosen_tokens == int(batch.loss_mask[0::2].sum())
-    nll_only = _backend(tiny_model_dir).eval_loss(Batch(batch.input_ids[0::2], batch.loss_mask[0::2],
-                                                         batch.attention_mask[0::2]))[0]
-    assert total > nll_only  # the odds-ratio term is added on top of SFT on the chosen answers
+    total, pairs = backend.eval_loss(batch)
+    assert pairs == 8
+    # The base (LoRA B is zero) scores every row; the objective from those numbers must be what ORPO reports.
+    sft = _backend(tiny_model_dir)
+    rows = [sft.eval_loss(Batch(batch.input_ids[i:i + 1], batch.loss_mask[i:i + 1], batch.attention_mask[i:i + 1]))
+            for i in range(batch.num_rows)]
+    expected = reference_value("orpo", [-nll for nll, _ in rows], [n for _, n in rows], beta=0.1)
+    assert total / pairs == pytest.approx(expected, rel=1e-5)
+    first = backend.train_step(batch.split(2), LR)  # split: the step's normalisers, not each micro-batch's
+    assert first.loss == pytest.approx(expected, rel=1e-5)
     for _ in range(10):
         backend.train_step([batch], LR)
-    assert backend.eval_loss(batch)[0] < total - 1.0 * chosen_tokens
+    assert backend.eval_loss(batch)[0] / pairs < expected - 1.0
 
 
 def test_paired_batches_must_match_the_method(tiny_model_dir, sft_data):

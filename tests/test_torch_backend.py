@@ -205,14 +205,20 @@ def test_unknown_target_is_a_config_error(tiny_model_dir):
 
 
 def test_grad_checkpointing_is_on_and_changes_nothing(tiny_model_dir):
+    """With LoRA dropout on, the recomputed forward must replay the forward's masks: same losses, same
+    gradient norms, same weights with checkpointing on or off (4-bit, as users run it)."""
     batch = sft_batch(tiny_model_dir)
-    runs = []
+    runs, weights = [], []
     for flag in (False, True):
         backend, info = make_backend(tiny_model_dir, bits=4, lora__dropout=0.1, model__grad_checkpoint=flag)
         assert backend._model.base_model.model.is_activation_checkpointing == flag
-        runs.append([backend.train_step([batch], 1e-2).loss for _ in range(3)])
-    # The recomputed forward replays the same dropout masks.
+        runs.append([(r.loss, r.grad_norm) for r in (backend.train_step([batch], 1e-2) for _ in range(3))])
+        weights.append(lora_weights(backend))
     np.testing.assert_allclose(runs[1], runs[0], rtol=1e-6)
+    for name, value in weights[0].items():
+        np.testing.assert_allclose(weights[1][name], value, rtol=1e-5, atol=1e-7, err_msg=name)
+    no_dropout, _ = make_backend(tiny_model_dir, bits=4)
+    assert abs(no_dropout.train_step([batch], 1e-2).grad_norm - runs[0][0][1]) > 1e-4 * runs[0][0][1]
 
 
 # --------------------------------------------------------------------------- quantization
@@ -421,6 +427,21 @@ def test_orpo_learns_and_split_matches(tiny_model_dir):
         assert b.loss == pytest.approx(a.loss, rel=1e-5)
         losses.append(a.loss)
     assert losses[-1] < losses[0] - 0.5
+
+
+def test_orpo_is_the_trl_objective(tiny_model_dir):
+    from overnight.backend import Batch
+    from overnight.objectives import reference_value
+
+    batch = preference_batch(tiny_model_dir)
+    backend, _ = make_backend(tiny_model_dir, data__method="orpo", preference__beta=0.3)
+    sft, _ = make_backend(tiny_model_dir)  # LoRA B is zero at the start: policy = base for both
+    rows = [sft.eval_loss(Batch(batch.input_ids[i:i + 1], batch.loss_mask[i:i + 1], batch.attention_mask[i:i + 1]))
+            for i in range(batch.num_rows)]
+    expected = reference_value("orpo", [-nll for nll, _ in rows], [n for _, n in rows], beta=0.3)
+    total, pairs = backend.eval_loss(batch)
+    assert total / pairs == pytest.approx(expected, rel=1e-5)
+    assert backend.train_step(batch.split(2), 1e-2).loss == pytest.approx(expected, rel=1e-5)
 
 
 def test_preference_method_needs_paired_batches(tiny_model_dir):
