@@ -25,6 +25,7 @@ from typing import Callable
 import numpy as np
 
 from .fsutil import atomic_write_text, fsync_dir, fsync_file, sha256_file
+from .rundir import OWNED_TEMP_PREFIXES
 
 FORMAT_VERSION = 1
 STEP_DIR = re.compile(r"^step-(\d{8})$")
@@ -48,9 +49,10 @@ class CheckpointInfo:
 
 
 def _fault(point: str) -> None:
-    """Fault injection for the crash tests: OVERNIGHT_FAULT=<point>[:<nth>[:enospc]] SIGKILLs this
-    process (or, with ``enospc``, raises the OSError a full disk gives) the nth time (default first)
-    the save reaches ``point``. Unset in normal use."""
+    """Fault injection for the crash tests: OVERNIGHT_FAULT=<point>[:<nth>[:action]] SIGKILLs this
+    process the nth time (default first) the save reaches ``point``; the action ``enospc`` raises the
+    OSError a full disk gives instead, ``raise`` an unexpected RuntimeError (a crash), and ``sleep=S``
+    sleeps S seconds (a slow save, to signal the process inside it). Unset in normal use."""
     spec = os.environ.get("OVERNIGHT_FAULT")
     if not spec:
         return
@@ -62,6 +64,11 @@ def _fault(point: str) -> None:
     if _fault.counts[point] == int(nth or 1):
         if action == "enospc":
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), point)
+        if action == "raise":
+            raise RuntimeError(f"injected fault at {point}")
+        if action.startswith("sleep="):
+            time.sleep(float(action[len("sleep="):]))
+            return
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -125,6 +132,9 @@ class CheckpointManager:
         self.keep_best = keep_best
         self.log = log
         self.protected: set[int] = set()  # e.g. the checkpoint this run resumed from
+        # The newest checkpoint this process knows to be committed (resumed from, or saved): what an
+        # abort can name without reading the disk.
+        self.last_committed: int | None = None
 
     # -- listing and verification ------------------------------------------------------------
 
@@ -191,9 +201,11 @@ class CheckpointManager:
         self.log(f"warning: checkpoint {info.path.name} is invalid ({info.why}); moved to {target}")
         return target
 
-    def latest_valid(self, at_step: int | None = None, before_step: int | None = None) -> CheckpointInfo | None:
+    def latest_valid(self, at_step: int | None = None, before_step: int | None = None,
+                     read_only: bool = False, skipped: list | None = None) -> CheckpointInfo | None:
         """The newest checkpoint that verifies (optionally exactly at_step, or the newest below
-        before_step). Invalid ones met on the way are quarantined, never deleted."""
+        before_step). Invalid ones met on the way are quarantined, never deleted; with ``read_only``
+        (status, crash messages) they are left in place. Each invalid one is appended to ``skipped``."""
         for step, path in reversed(self._step_dirs()):
             if at_step is not None and step != at_step:
                 continue
@@ -203,20 +215,27 @@ class CheckpointManager:
             info = CheckpointInfo(step, path, ok, why)
             if ok:
                 return info
-            self.quarantine(info)
+            if skipped is not None:
+                skipped.append(info)
+            if not read_only:
+                self.quarantine(info)
         return None
+
+    def quarantined(self) -> list[Path]:
+        return sorted(self.quarantine_dir.iterdir()) if self.quarantine_dir.is_dir() else []
+
+    def _supersede(self, path: Path) -> Path:
+        """Move a committed checkpoint out of the timeline into checkpoints/superseded/ (kept, never deleted)."""
+        target = self.root / "superseded" / f"{path.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+        target.parent.mkdir(exist_ok=True)
+        os.rename(path, target)
+        return target
 
     def set_aside_after(self, step: int) -> list[Path]:
         """Resuming from an older checkpoint (--resume-from, --before-step) starts a new timeline: the old
         timeline's later checkpoints move to ``checkpoints/superseded/`` (kept, never deleted), so a later
         save at the same step writes the new state and a crash never resumes the abandoned timeline."""
-        moved = []
-        for later, path in self._step_dirs():
-            if later > step:
-                target = self.root / "superseded" / f"{path.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
-                target.parent.mkdir(exist_ok=True)
-                os.rename(path, target)
-                moved.append(target)
+        moved = [self._supersede(path) for later, path in self._step_dirs() if later > step]
         if moved:
             fsync_dir(self.root)
             self.log(f"resuming from step {step}: {len(moved)} later checkpoint(s) of the previous timeline were "
@@ -235,7 +254,7 @@ class CheckpointManager:
                     removed.append(entry)
         if self.root.parent.is_dir():
             for entry in self.root.parent.iterdir():
-                if entry.name.startswith(("adapter.tmp-", ".heartbeat.json.tmp-")):
+                if entry.name.startswith(OWNED_TEMP_PREFIXES):
                     if entry.is_dir():
                         shutil.rmtree(entry, ignore_errors=True)
                     else:
@@ -263,10 +282,12 @@ class CheckpointManager:
 
     def save(self, step: int, write: Callable[[Path], None], trainer_state: dict, fingerprint: dict,
              versions: dict) -> Path:
-        """Commit a checkpoint for ``step``; ``write(folder)`` lets the backend write its files."""
+        """Commit a checkpoint for ``step``; ``write(folder)`` lets the backend write its files.
+
+        The new state is always committed: a checkpoint already at this step (which one owner per run
+        directory should make impossible) is moved to checkpoints/superseded/, never silently kept in
+        place of what the caller asked to save, and never deleted."""
         final = self.path_for(step)
-        if final.exists() and self.verify(final)[0]:
-            return final  # this exact training state is already committed
         self.root.mkdir(parents=True, exist_ok=True)
         needed = int(self._estimate_bytes() * 1.2) + (1 << 20)
         free = shutil.disk_usage(self.root).free
@@ -299,8 +320,14 @@ class CheckpointManager:
             for folder in sorted({p.parent for p in _files(tmp)}, key=lambda p: len(p.parts), reverse=True):
                 fsync_dir(folder)
             _fault("before_rename")
-            if final.exists():  # an invalid leftover under the final name: keep it, out of the way
-                self.quarantine(CheckpointInfo(step, final, False, self.verify(final)[1]))
+            if final.exists():
+                ok, why = self.verify(final)
+                if ok:
+                    aside = self._supersede(final)
+                    self.log(f"warning: a committed checkpoint for step {step} was already there; it was moved to "
+                             f"{aside} and the current state is saved in its place")
+                else:  # an invalid leftover under the final name: keep it, out of the way
+                    self.quarantine(CheckpointInfo(step, final, False, why))
             os.rename(tmp, final)
             _fault("after_rename")
             fsync_dir(self.root)
@@ -316,6 +343,7 @@ class CheckpointManager:
             if isinstance(exc, OSError):
                 raise CheckpointError(f"could not save step {step} into {self.root}: {exc}") from None
             raise
+        self.last_committed = step
         return final
 
     def rotate(self, best_step: int | None) -> list[int]:

@@ -1,6 +1,8 @@
 """What a checkpoint was trained on: model, data files and the config fields that change training.
 
-A resume whose fingerprint differs is refused (SPEC §7), naming the changed fields."""
+A resume whose fingerprint differs is refused (SPEC §7), naming the changed fields. The model counts by
+content (config.json and the weight files' names and sizes), not by how its path is spelled: `./m`,
+`/abs/m` and a symlink to it are the same model. A hub id is its own identity."""
 from __future__ import annotations
 
 import hashlib
@@ -11,6 +13,8 @@ from .config import TRAINING_KEYS, Config
 from .fsutil import sha256_file
 
 _MODEL_FILES = ("config.json",)
+# Recorded for people reading a manifest, never compared: the model is compared by content instead.
+NOT_COMPARED = ("model.path",)
 
 
 def _model_identity(path: str) -> dict:
@@ -32,25 +36,39 @@ def _file_digest(path: Path | None) -> str | None:
     return sha256_file(path) if path is not None else None
 
 
-def compute(cfg: Config, train_file: Path, val_file: Path | None) -> dict:
+def compute(cfg: Config, train_file: Path, val_file: Path | None, backend: str | None = None) -> dict:
+    """``backend`` (the Backend's ``name``) is recorded so a resume on another backend is refused before
+    the model is loaded; it is checked on its own (resume.refuse_other_backend), not by differences()."""
+    keys = [key for key in TRAINING_KEYS if key not in NOT_COMPARED]
     return {
         "model": _model_identity(cfg.model.path),
+        "model_path": cfg.model.path,
+        "backend": backend,
         "train_data": _file_digest(train_file),
         "val_data": _file_digest(val_file),
-        "config": {key: json.loads(json.dumps(cfg.get(key))) for key in TRAINING_KEYS} | {"packing": cfg.packing},
+        "config": {key: json.loads(json.dumps(cfg.get(key))) for key in keys} | {"packing": cfg.packing},
     }
 
 
 def differences(saved: dict, current: dict) -> list[str]:
     """Human-readable list of what changed, e.g. ["lora.rank: 16 -> 8", "train data file contents"]."""
     changes = []
-    if saved.get("model") != current.get("model"):
-        changes.append("model (path or weights)")
+    old_model, new_model = saved.get("model"), current.get("model")
+    if old_model != new_model:
+        if isinstance(old_model, dict) and isinstance(new_model, dict) and "id" in old_model and "id" in new_model:
+            changes.append(f"model: {old_model['id']!r} -> {new_model['id']!r}")
+        else:
+            was = (saved.get("model_path") or saved.get("config", {}).get("model.path")
+                   or (old_model or {}).get("id", ""))
+            changes.append(f"model: {current.get('model_path')!r} is not the model the checkpoint was trained on"
+                           + (f" ({was!r})" if was else "") + " (config.json or weight files differ)")
     if saved.get("train_data") != current.get("train_data"):
         changes.append("train data file contents")
     if saved.get("val_data") != current.get("val_data"):
         changes.append("validation data file contents")
-    old_cfg, new_cfg = saved.get("config", {}), current.get("config", {})
+    # Checkpoints written before model.path stopped counting still carry it: skip it on both sides.
+    old_cfg = {k: v for k, v in saved.get("config", {}).items() if k not in NOT_COMPARED}
+    new_cfg = {k: v for k, v in current.get("config", {}).items() if k not in NOT_COMPARED}
     for key in sorted(set(old_cfg) | set(new_cfg)):
         if old_cfg.get(key) != new_cfg.get(key):
             changes.append(f"{key}: {old_cfg.get(key)!r} -> {new_cfg.get(key)!r}")

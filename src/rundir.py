@@ -13,6 +13,21 @@ from typing import Callable
 
 from .fsutil import atomic_write_text
 
+# Everything overnight writes into a run directory, in one place: `--fresh` and the archive of a run
+# that died before its first checkpoint move exactly these, never a user's other files. The lock file
+# (.lock, see lock.py) and earlier archive-* folders stay where they are.
+OWNED_NAMES = ("config.yaml", "metrics.jsonl", "heartbeat.json", "predictions.jsonl", "checkpoints", "adapter")
+# Temporary names of the writes above that a crash can leave behind (atomic writes, the adapter export).
+OWNED_TEMP_PREFIXES = ("adapter.tmp-", ".heartbeat.json.tmp-", ".config.yaml.tmp-")
+
+
+def owned_entries(run_dir: Path) -> list[Path]:
+    """The entries of RUN_DIR that belong to the run (see OWNED_NAMES), in a stable order."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    return sorted(e for e in run_dir.iterdir() if e.name in OWNED_NAMES or e.name.startswith(OWNED_TEMP_PREFIXES))
+
 
 def _clean(value):
     # JSON has no NaN/inf: record them as strings so the line stays parseable and the fact is kept.

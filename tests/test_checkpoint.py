@@ -166,10 +166,52 @@ def test_resume_from_and_before_step(manager):
     assert manager.latest_valid(before_step=10) is None
 
 
-def test_saving_the_same_step_twice_keeps_the_committed_one(manager):
+def test_saving_a_step_that_exists_commits_the_new_state_and_sets_the_old_aside(manager):
+    """A `checkpoint` event must never claim a save that did not happen: the old one moves to superseded/."""
     first = save(manager, 10)
-    stamp = (first / "COMMIT").read_bytes()
-    assert save(manager, 10) == first and (first / "COMMIT").read_bytes() == stamp
+    old_bytes = {p.relative_to(first): p.read_bytes() for p in first.rglob("*") if p.is_file()}
+    path = manager.save(10, writer(99.0), {"step": 10, "new": True}, {"fp": 2}, {})
+    assert path == manager.path_for(10) and manager.verify(path) == (True, "")
+    assert manager.trainer_state(path) == {"step": 10, "new": True} and manager.manifest(path)["fingerprint"] == {"fp": 2}
+    (aside,) = list((manager.root / "superseded").iterdir())
+    assert aside.name.startswith("step-00000010-")
+    assert {p.relative_to(aside): p.read_bytes() for p in aside.rglob("*") if p.is_file()} == old_bytes
+    assert [i.step for i in manager.list()] == [10] and manager.last_committed == 10
+
+
+def test_an_invalid_folder_under_the_final_name_is_quarantined_on_save(manager):
+    bad = save(manager, 10)
+    (bad / "COMMIT").unlink()
+    save(manager, 10)
+    assert manager.verify(manager.path_for(10))[0]
+    (moved,) = manager.quarantined()
+    assert "no COMMIT" in (moved / "QUARANTINED.txt").read_text()
+
+
+def test_read_only_lookup_quarantines_nothing(manager):
+    save(manager, 10)
+    bad = save(manager, 20)
+    (bad / "COMMIT").unlink()
+    skipped = []
+    assert manager.latest_valid(read_only=True, skipped=skipped).step == 10
+    assert [i.step for i in skipped] == [20] and bad.is_dir() and manager.quarantined() == []
+
+
+def test_fault_hook_can_slow_a_save_or_crash_it(manager, monkeypatch):
+    import time
+
+    from overnight import checkpoint
+
+    monkeypatch.setattr(checkpoint._fault, "counts", {})
+    monkeypatch.setenv("OVERNIGHT_FAULT", "after_files:1:sleep=0.3")
+    started = time.monotonic()
+    save(manager, 10)
+    assert time.monotonic() - started >= 0.3
+    monkeypatch.setattr(checkpoint._fault, "counts", {})
+    monkeypatch.setenv("OVERNIGHT_FAULT", "before_commit:1:raise")
+    with pytest.raises(RuntimeError, match="injected fault at before_commit"):
+        save(manager, 20)
+    assert [i.step for i in manager.list()] == [10] and not list(manager.root.glob("*.tmp-*"))
 
 
 def test_export_adapter_replaces_atomically(manager, tmp_path):

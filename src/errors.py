@@ -1,0 +1,17 @@
+"""Exit codes (SPEC §3) and the errors a user mistake raises; the CLI maps them, nothing else prints them."""
+from __future__ import annotations
+
+EXIT_OK, EXIT_CRASH, EXIT_USAGE, EXIT_RESUME_REFUSED = 0, 1, 2, 3
+EXIT_SIGINT, EXIT_SIGTERM = 130, 143
+
+
+class UsageError(Exception):
+    """Bad usage, config or data: exit 2."""
+
+
+class ResumeRefused(Exception):
+    """Exit 3."""
+
+
+class RunLocked(ResumeRefused):
+    """Another process owns the run directory: exit 3, naming it."""

@@ -1,0 +1,60 @@
+"""Webhook notifications (SPEC §8): job_started, eval, checkpoint, early_stopped, oom, job_completed, job_failed.
+
+Non-critical: a slow or failing webhook never stops training and is warned about once. Events are sent
+in order by one background thread; at exit, close() waits a bounded time so that the last events
+(job_completed, job_failed), posted just before the process ends, are still delivered."""
+from __future__ import annotations
+
+import json
+import queue
+import socket
+import sys
+import threading
+import time
+import urllib.request
+
+POST_TIMEOUT_S = 10.0
+CLOSE_TIMEOUT_S = 10.0  # the most the end of a run waits for undelivered events
+
+
+class Notifier:
+    def __init__(self, url: str | None, warn=None):
+        self.url = url
+        self._warn = warn or (lambda message: print(message, file=sys.stderr, flush=True))
+        self._warned = False
+        self._queue: queue.Queue = queue.Queue()
+        self._thread = None
+        if url:
+            # A daemon thread so a hung webhook can never keep the process alive; close() joins it.
+            self._thread = threading.Thread(target=self._deliver, name="overnight-webhook", daemon=True)
+            self._thread.start()
+
+    def __call__(self, event: str, **fields) -> None:
+        if self._thread is None:
+            return
+        body = {"event": event, "host": socket.gethostname(), "time": time.time(), **fields}
+        self._queue.put(json.dumps(body, default=str).encode())
+
+    def _deliver(self) -> None:
+        while True:
+            body = self._queue.get()
+            if body is None:
+                return
+            try:
+                request = urllib.request.Request(self.url, data=body, headers={"Content-Type": "application/json"})
+                urllib.request.urlopen(request, timeout=POST_TIMEOUT_S).close()
+            except Exception as exc:  # noqa: BLE001 (non-critical by contract)
+                if not self._warned:
+                    self._warned = True
+                    self._warn(f"warning: webhook {self.url} failed ({exc}); training goes on")
+
+    def close(self, timeout: float = CLOSE_TIMEOUT_S) -> bool:
+        """Deliver what is queued, waiting at most ``timeout`` seconds; True when nothing was left behind."""
+        if self._thread is None:
+            return True
+        self._queue.put(None)
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            self._warn(f"warning: webhook {self.url}: some events were not delivered within {timeout:.0f}s of exit")
+            return False
+        return True

@@ -1,0 +1,261 @@
+"""One training run, assembled: config -> data check -> backend -> lock -> resume decision -> setup ->
+train -> final report. Returns an exit code, or raises the typed errors the CLI maps (errors.py)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import traceback
+from pathlib import Path
+
+from . import fingerprint as fp
+from . import lock, resume
+from .backend import BackendUnavailable, get_backend
+from .checkpoint import CheckpointError, CheckpointManager
+from .config import ConfigError, build_config, dump_config
+from .errors import EXIT_CRASH, EXIT_OK, ResumeRefused, UsageError
+from .notify import Notifier
+from .rundir import RunFiles
+
+
+def say(message: str) -> None:
+    print(message, flush=True)
+
+
+def _stderr(message: str) -> None:
+    # os.write, not print: called from signal handlers, where print can hit a half-written buffer
+    # ("reentrant call inside <_io.BufferedWriter>").
+    os.write(2, (message + "\n").encode(errors="replace"))
+
+
+class SignalFlag:
+    """SIGTERM/SIGINT set a flag; the loop finishes the step, commits a checkpoint and exits 143/130.
+    A second signal aborts at once without saving: ``on_abort(code)`` records it and ends the process
+    with os._exit, so no exception can surface half-way through a save or an atexit handler."""
+
+    def __init__(self, on_abort):
+        self.code = None
+        self.on_abort = on_abort
+
+    def __call__(self) -> int | None:
+        return self.code
+
+    def _handle(self, signum, frame):
+        if self.code is not None:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, signal.SIG_IGN)
+            self.on_abort(128 + signum)
+            return
+        self.code = 128 + signum
+        _stderr(f"\nreceived {signal.Signals(signum).name}: finishing this step and saving a checkpoint "
+                "(send it again to abort without saving)")
+
+    def install(self) -> None:
+        signal.signal(signal.SIGTERM, self._handle)
+        signal.signal(signal.SIGINT, self._handle)
+
+
+def _predictor(backend, tokenizer, prompts, max_new_tokens: int, run_dir: Path):
+    failed = []
+
+    def predict(step: int) -> None:
+        try:
+            with open(run_dir / "predictions.jsonl", "a", encoding="utf-8") as handle:
+                for text, ids in prompts:
+                    new_ids = backend.generate(ids, max_new_tokens, tokenizer.eos_id)
+                    handle.write(json.dumps({"step": step, "prompt": text,
+                                             "output": tokenizer.decode(list(map(int, new_ids)))}) + "\n")
+        except Exception as exc:  # noqa: BLE001 (predictions are non-critical, SPEC §8)
+            if not failed:
+                failed.append(1)
+                say(f"warning: predictions failed ({exc.__class__.__name__}: {exc}); training goes on")
+
+    return predict
+
+
+def checkpoint_note(step: int | None) -> str:
+    if step is None:
+        return "no checkpoint was committed yet, so there is nothing to resume from"
+    return f"the last committed checkpoint (step {step}) is intact; continue with: overnight train ... --auto-resume"
+
+
+def crash_note(run_dir: Path) -> str:
+    """For a crash: read the disk (read-only) rather than trust memory, since the crash may be anywhere."""
+    try:
+        found = CheckpointManager(run_dir, log=lambda m: None).latest_valid(read_only=True)
+    except Exception:  # noqa: BLE001 (a message about a crash must not crash)
+        return "the checkpoints could not be read; see overnight checkpoints RUN_DIR"
+    return checkpoint_note(found.step if found else None)
+
+
+def output_dir(cfg) -> Path:
+    """output.dir as a path that can be a run directory, or ConfigError (exit 2). Creates nothing."""
+    raw = (cfg.output.dir or "").strip()
+    if not raw:
+        raise ConfigError("output.dir is empty: set the run directory with --output DIR or output.dir in the config")
+    run_dir = Path(raw).expanduser()
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"output.dir {run_dir} is a file, not a folder: choose another path with --output DIR")
+    return run_dir
+
+
+def create_output_dir(run_dir: Path) -> None:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"output.dir {run_dir} cannot be created ({exc.strerror or exc}"
+                         f"{': ' + exc.filename if exc.filename else ''}); choose a writable place with --output DIR "
+                         "(or fix the permissions of its parent folder)") from None
+
+
+def run_train(args, flags: dict) -> int:
+    from . import data
+
+    cfg = build_config(Path(args.config) if args.config else None, flags, args.set)
+    if not cfg.model.path:
+        raise ConfigError("no model given: pass --model PATH_OR_ID or set model.path in the config")
+
+    # Refuse bad data before anything is written or loaded. With a local model folder the check
+    # tokenizes every row exactly as training will; a hub model is checked again once downloaded.
+    train_file, val_file = data.find_data_files(Path(cfg.data.path))
+    local_model = Path(cfg.model.path).expanduser()
+    tokenizer = data.load_tokenizer(local_model) if local_model.is_dir() else None
+    report = data.check_data(Path(cfg.data.path), cfg.data.method, tokenizer=tokenizer, cfg=cfg)
+    report.raise_if_problems()
+    run_dir = output_dir(cfg)
+    backend = get_backend(cfg.backend, announce=say)  # imports the framework, loads no model
+
+    create_output_dir(run_dir)
+    fd = lock.acquire(run_dir)  # from here to exit this process alone touches RUN_DIR
+    try:
+        return _locked(args, cfg, run_dir, backend, data, train_file, val_file, tokenizer, report)
+    except Exception as exc:
+        if isinstance(exc, _expected_errors(data)):
+            raise
+        traceback.print_exc()
+        print(f"overnight crashed unexpectedly; {crash_note(run_dir)}. Please report the traceback above.",
+              file=sys.stderr, flush=True)
+        return EXIT_CRASH
+    finally:
+        lock.release(fd)
+
+
+def _expected_errors(data) -> tuple:
+    """What the CLI reports as a message, without a traceback (everything else is a crash)."""
+    from .loop import TrainingError
+
+    return (ConfigError, UsageError, ResumeRefused, BackendUnavailable, data.DataError, TrainingError,
+            CheckpointError)
+
+
+def _locked(args, cfg, run_dir, backend, data, train_file, val_file, tokenizer, report) -> int:
+    from .loop import train
+    from .progress import Progress
+    from .validate import Validator
+
+    checkpoints = CheckpointManager(run_dir, cfg.checkpoint.keep_last, cfg.checkpoint.keep_best, log=say)
+    resume_from = resume.decide_resume(args, run_dir, checkpoints, say)
+    fingerprint = fp.compute(cfg, train_file, val_file, backend=backend.name)
+    resume_state, overridden = None, []
+    if resume_from is not None:
+        saved = checkpoints.manifest(resume_from.path)["fingerprint"]
+        resume.refuse_other_backend(saved, backend.name, resume_from.step)
+        overridden = resume.check_fingerprint(saved, fingerprint, resume_from.step, args.allow_config_change)
+        resume_state = checkpoints.trainer_state(resume_from.path)
+        nothing = resume.beyond_max_steps(resume_state["step"], cfg.train.max_steps)
+        if nothing:
+            say(nothing)
+            return EXIT_OK
+        checkpoints.protected.add(resume_from.step)
+        checkpoints.last_committed = resume_from.step
+
+    files = RunFiles(run_dir, warn=say)
+    notify = Notifier(cfg.notify.webhook_url)
+    try:
+        info = backend.setup(cfg, cfg.train.seed)
+        say(f"model: {cfg.model.path} | trainable params {info.trainable_params:,} of {info.total_params:,} "
+            f"({100.0 * info.trainable_params / max(1, info.total_params):.3f}%)")
+        if tokenizer is None:
+            tokenizer = data.load_tokenizer(Path(info.model_dir))
+            report = data.check_data(Path(cfg.data.path), cfg.data.method, tokenizer=tokenizer, cfg=cfg)
+            report.raise_if_problems()
+        for warning in report.warnings():
+            say(f"warning: {warning}")
+        stream = data.TrainStream(train_file, tokenizer, cfg)
+        eval_batch_size = cfg.eval.batch_size or cfg.train.batch_size
+        validator = Validator(
+            (lambda: data.eval_batches(val_file, tokenizer, cfg, cfg.eval.max_batches, eval_batch_size))
+            if val_file else None)
+        predict = None
+        if val_file and cfg.eval.predictions > 0:
+            prompts = data.prediction_prompts(val_file, tokenizer, cfg, cfg.eval.predictions)
+            predict = _predictor(backend, tokenizer, prompts, cfg.eval.max_new_tokens, run_dir)
+        if resume_from is not None:
+            try:
+                backend.load(resume_from.path)
+            except Exception as exc:
+                if not overridden or isinstance(exc, ConfigError):
+                    raise
+                raise ResumeRefused(
+                    f"--allow-config-change cannot carry this change ({'; '.join(overridden)}): the checkpoint at "
+                    f"step {resume_from.step} does not load into the changed setup ({exc.__class__.__name__}: "
+                    f"{str(exc)[:300]}). Undo the change, or start over with --fresh") from None
+            checkpoints.set_aside_after(resume_from.step)  # --resume-from / --before-step: a new timeline
+            say(f"resuming from step {resume_from.step} ({resume_from.path})")
+            files.event("resume", resume_from.step, from_step=resume_from.step, overridden=overridden or None)
+            notify("job_started", run_dir=str(run_dir), resumed_from=resume_from.step)
+            if overridden:
+                say("warning: resuming despite changes (--allow-config-change): " + "; ".join(overridden))
+        else:
+            files.event("start", 0, backend=backend.name, trainable_params=info.trainable_params,
+                        total_params=info.total_params)
+            notify("job_started", run_dir=str(run_dir))
+        dump_config(cfg, run_dir / "config.yaml")
+
+        start_step = resume_state["step"] if resume_state else 0
+        progress = Progress(cfg.train.max_steps, start_step, enabled=not args.quiet, warn=say)
+
+        def abort(code: int) -> None:
+            # The second signal: no save. Record it, say what is safe, and leave without unwinding.
+            try:
+                files.heartbeat(progress.step, "interrupted", reason="aborted by a second signal")
+            except BaseException:  # noqa: BLE001
+                pass
+            _stderr(f"\naborted without saving; {checkpoint_note(checkpoints.last_committed)}")
+            os._exit(code)
+
+        flag = SignalFlag(abort)
+        flag.install()
+        files.heartbeat(start_step)
+        try:
+            outcome = train(cfg, backend, stream, validator, checkpoints, files, progress, fingerprint=fingerprint,
+                            resume_state=resume_state, interrupted=flag, predict=predict, notify=notify,
+                            say=progress.write)
+        except Exception as exc:
+            progress.close()
+            reason = f"{exc.__class__.__name__}: {exc}"
+            files.heartbeat(progress.step, "failed", reason=reason)
+            files.event("failed", progress.step, reason=reason)
+            notify("job_failed", reason=str(exc))
+            raise
+        progress.close()
+        state = {"completed": "completed", "stopped": "stopped", "interrupted": "interrupted"}[outcome.status]
+        files.heartbeat(outcome.step, state, reason=outcome.reason)
+        if outcome.status == "interrupted":
+            say(f"interrupted by {outcome.reason} at step {outcome.step}; checkpoint committed. "
+                "Continue with: overnight train ... --auto-resume")
+            return outcome.exit_code
+        files.event("end", outcome.step, status=outcome.status, reason=outcome.reason,
+                    best_step=outcome.best_step, adapter_from=outcome.adapter_from)
+        notify("job_completed", step=outcome.step, status=outcome.status, reason=outcome.reason)
+        say(f"{'stopped early' if outcome.status == 'stopped' else 'finished'} at step {outcome.step}: "
+            f"{outcome.reason}")
+        if outcome.adapter_from is not None:
+            say(f"adapter (from step {outcome.adapter_from}"
+                f"{', the best checkpoint' if outcome.adapter_from == outcome.best_step else ''}): "
+                f"{run_dir / 'adapter'}")
+        say(f"metrics: {run_dir / 'metrics.jsonl'} | checkpoints: {checkpoints.root}")
+        return EXIT_OK
+    finally:
+        notify.close()
