@@ -49,19 +49,20 @@ def train(cfg, backend, stream, validator, checkpoints: CheckpointManager, files
           say: Callable[[str], None] = print) -> Outcome:
     t = cfg.train
     stopper, best = EarlyStopping(cfg.early_stopping), BestTracker()
-    step, tokens_seen, elapsed, splits = 0, 0, 0.0, 1
+    step, tokens_seen, elapsed, splits, owed = 0, 0, 0.0, 1, None
     if resume_state:  # everything the uninterrupted run would have had in memory at this step
         step, tokens_seen = resume_state["step"], resume_state["tokens_seen"]
         elapsed, splits = resume_state["elapsed_s"], resume_state["micro_splits"]
         stopper.restore(resume_state["early_stopping"])
         best.restore(resume_state["best"])
         stream.restore(resume_state["data"])
+        owed = resume_state.get("owed")  # the end of a step a signal cut short: its eval (and stop), done first
     last_saved = step
     versions = backend.versions()
 
-    def save_checkpoint() -> None:
+    def save_checkpoint(owe: dict | None = None) -> None:
         state = {"step": step, "tokens_seen": tokens_seen, "elapsed_s": elapsed, "micro_splits": splits,
-                 "early_stopping": stopper.state(), "best": best.state(), "data": stream.state()}
+                 "early_stopping": stopper.state(), "best": best.state(), "data": stream.state(), "owed": owe}
         path = checkpoints.save(step, backend.save, state, fingerprint, versions)
         files.event("checkpoint", step, path=str(path.relative_to(files.dir)))
         checkpoints.rotate(best.best_step)
@@ -69,55 +70,72 @@ def train(cfg, backend, stream, validator, checkpoints: CheckpointManager, files
 
     stop: Stop | None = None
     signal_code = None
-    while step < t.max_steps:
-        micro = [stream.next_batch() for _ in range(t.grad_accumulation)]
-        lr = lr_at(step, t)
-        progress.step_started()
-        result, new_splits = _train_step_with_oom_fallback(backend, micro, lr, splits, say)
-        if new_splits != splits:
-            files.event("oom", step, micro_splits=new_splits)
-            notify("oom", step=step, micro_splits=new_splits)
-            splits = new_splits
-        step_time = progress.step_finished()  # eval and save time never enter the ETA
-        step += 1
-        tokens_seen += result.tokens
-        elapsed += step_time
-        best.add_train_loss(result.loss)
-        memory = backend.memory()
-        progress.update(step, result.loss, best.loss_avg(), step - last_saved, memory["memory_mb"],
-                        memory.get("limit_mb"))
-        if step % t.report_every == 0 or step == 1:
-            files.event("train", step, loss=result.loss, loss_avg=best.loss_avg(), lr=lr, tokens=result.tokens,
-                        tokens_per_sec=result.tokens / step_time if step_time > 0 else None,
-                        grad_norm=result.grad_norm, memory_mb=memory["memory_mb"], elapsed_s=elapsed)
-            files.heartbeat(step)
+    while step < t.max_steps or owed:
+        if owed:  # resumed at a step whose eval a signal skipped: finish that step exactly as it would have ended
+            stop, eval_due, owed = Stop(**owed["stop"]) if owed["stop"] else None, validator.enabled, None
+            say(f"running the evaluation of step {step} that the interruption skipped")
+        else:
+            micro = [stream.next_batch() for _ in range(t.grad_accumulation)]
+            lr = lr_at(step, t)
+            progress.step_started()
+            result, new_splits = _train_step_with_oom_fallback(backend, micro, lr, splits, say)
+            if new_splits != splits:
+                files.event("oom", step, micro_splits=new_splits)
+                notify("oom", step=step, micro_splits=new_splits)
+                splits = new_splits
+            step_time = progress.step_finished()  # eval and save time never enter the ETA
+            step += 1
+            tokens_seen += result.tokens
+            elapsed += step_time
+            best.add_train_loss(result.loss)
+            memory = backend.memory()
+            progress.update(step, result.loss, best.loss_avg(), step - last_saved, memory["memory_mb"],
+                            memory.get("limit_mb"))
+            if step % t.report_every == 0 or step == 1:
+                files.event("train", step, loss=result.loss, loss_avg=best.loss_avg(), lr=lr, tokens=result.tokens,
+                            tokens_per_sec=result.tokens / step_time if step_time > 0 else None,
+                            grad_norm=result.grad_norm, memory_mb=memory["memory_mb"], elapsed_s=elapsed)
+                files.heartbeat(step)
+            stop = stopper.after_step(step, result.loss, result.grad_norm)
+            if stop is None and stopper.check_due(step):
+                stop = stopper.check_plateau(step, best.loss_avg())
+            # Validate on schedule and at the last step (max_steps, or a plateau stop) so the final weights
+            # compete for best; never the weights of a broken run (non-finite, stuck, spiking).
+            eval_due = validator.enabled and (stop is None or stop.code == "plateau") and (
+                step % cfg.eval.every_steps == 0 or step == t.max_steps or stop is not None)
 
-        stop = stopper.after_step(step, result.loss, result.grad_norm)
-        new_best = False
-        if stop is None and validator.enabled and step % cfg.eval.every_steps == 0:
-            evaluation = validator.run(backend)
-            if evaluation:
+        new_best, owe = False, None
+        if eval_due:
+            try:  # a pending signal skips or cuts it short: a spot instance gives ~30 s, an eval can take minutes
+                evaluation = validator.run(backend, cancelled=interrupted, say=say)
+            except TrainingError:  # validation cannot fit even one row: keep this step's work, owe its eval
+                if last_saved != step:
+                    save_checkpoint({"stop": stop and vars(stop)})
+                raise
+            if evaluation is None and interrupted():
+                owe = {"stop": stop and vars(stop)}  # the resumed run does this eval first, then the same stop
+                say(f"interrupted: the evaluation of step {step} is skipped now and runs first on resume")
+            elif evaluation:
                 scores = best.score(evaluation["val_loss"])
                 new_best = best.offer(step, scores["score"], evaluation["val_loss"])
                 files.event("eval", step, **evaluation, **scores, best=new_best)
                 notify("eval", step=step, val_loss=evaluation["val_loss"], best=new_best)
-                if predict:
+                if predict and not interrupted():  # non-critical: not owed when a signal came during the eval
                     predict(step)
-        if stop is None and stopper.check_due(step):
-            stop = stopper.check_plateau(step, best.loss_avg())
 
         signal_code = interrupted()
-        # Save on schedule, at the end, at every stop, and whenever a new best appears (so the best
-        # is always a real checkpoint, whatever the checkpoint interval).
-        if (step % cfg.checkpoint.every_steps == 0 or step == t.max_steps or stop or signal_code
-                or (new_best and cfg.checkpoint.keep_best)):
+        # Save on schedule, at the end, at every stop, on a signal, and whenever a new best appears (so the
+        # best is always a real checkpoint, whatever the checkpoint interval); not again at the step resumed
+        # from (after an owed eval): that checkpoint plus the owed eval is this very state.
+        if last_saved != step and (step % cfg.checkpoint.every_steps == 0 or step == t.max_steps or stop
+                                   or signal_code or (new_best and cfg.checkpoint.keep_best)):
             try:
-                save_checkpoint()
+                save_checkpoint(owe)
                 last_saved = step
             except NonFiniteWeights:
                 say(f"the weights at step {step} are not finite, so they were not saved; "
                     f"the last good checkpoint is step {last_saved}")
-        if stop:
+        if stop and not owe:  # with an eval owed, the stop is carried over to the resumed run
             say(f"stopping early: {stop.message}")
             files.event("stop", step, reason=stop.code, message=stop.message)
             notify("early_stopped", step=step, reason=stop.message)

@@ -11,6 +11,7 @@ they also work when the CLI runs in a subprocess:
   apply_nan        also apply that NaN update (a backend that does not guard its weights)
   spike_from_step  from that update on, gradients are multiplied by 1e6 (norm spikes; clipping holds)
   oom_above_rows   a micro-batch with more rows than this raises OutOfMemory
+  eval_oom_above_rows  likewise for an eval batch (backend.eval_loss)
   sleep_s          seconds to sleep in each train_step (gives signal tests a window)
 """
 from __future__ import annotations
@@ -122,6 +123,9 @@ class NumpyBackend:
             self.params[k] = self.params[k] * (1 - lr * self.cfg.train.weight_decay) - lr * m_hat / (np.sqrt(v_hat) + eps)
 
     def eval_loss(self, batch: Batch) -> tuple[float, int]:
+        limit = self.faults.get("eval_oom_above_rows")
+        if limit is not None and batch.num_rows > limit:
+            raise OutOfMemory(f"eval batch over {limit} rows")
         nll, weight, _ = self._forward(batch, train=False)
         return float((nll * weight).sum()), int(weight.sum())
 

@@ -26,7 +26,8 @@ def make_cfg(tmp_path: Path, *sets: str):
     return build_config(None, {}, base + list(sets))
 
 
-def run(cfg, *, stream=None, backend=None, resume_dir=None, stop_at=None, validator=True, monkeypatch=None):
+def run(cfg, *, stream=None, backend=None, resume_dir=None, stop_at=None, validator=True, monkeypatch=None,
+        interrupted=None, said=None, predicted=None):
     run_dir = Path(cfg.output.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     backend = backend or NumpyBackend(vocab_size=64)
@@ -42,9 +43,12 @@ def run(cfg, *, stream=None, backend=None, resume_dir=None, stop_at=None, valida
     validate = Validator((lambda: [val_stream.next_batch() for _ in range(2)]) if validator else None)
     files = RunFiles(run_dir, warn=lambda m: None)
     progress = Progress(cfg.train.max_steps, enabled=False)
-    interrupted = (lambda: 143 if progress.step >= stop_at else None) if stop_at else (lambda: None)
+    if interrupted is None:
+        interrupted = (lambda: 143 if progress.step >= stop_at else None) if stop_at else (lambda: None)
+    predict = predicted.append if predicted is not None else None
     outcome = train(cfg, backend, stream, validate, checkpoints, files, progress, fingerprint={"test": 1},
-                    resume_state=resume_state, interrupted=interrupted, say=lambda m: None)
+                    resume_state=resume_state, interrupted=interrupted, predict=predict,
+                    say=said.append if said is not None else (lambda m: None))
     return outcome, backend, stream, run_dir
 
 
@@ -188,3 +192,156 @@ def test_every_sample_once_per_epoch(tmp_path):
     for epoch in (0, 1):
         seen = sorted(i for e, i in stream.consumed if e == epoch)
         assert seen == list(range(40))
+
+
+# ---------------------------------------------------------------------------
+# The final eval, evals skipped by a signal, and out-of-memory in validation
+
+
+def eval_lines(run_dir: Path) -> dict[int, dict]:
+    """The last eval line per step (a resumed run appends re-run steps again), without the wall time."""
+    return {r["step"]: {k: v for k, v in r.items() if k != "time"} for r in read_metrics(run_dir) if r["event"] == "eval"}
+
+
+def adapter_bytes(run_dir: Path) -> bytes:
+    return (run_dir / "adapter" / "adapter.safetensors").read_bytes()
+
+
+def test_the_final_step_is_evaluated_and_competes_for_best(tmp_path):
+    # 23 is not a multiple of eval.every_steps: the final weights are still evaluated and saved.
+    cfg = make_cfg(tmp_path, "train.max_steps=23", "checkpoint.every_steps=100", "checkpoint.keep_last=1")
+    predicted: list[int] = []
+    outcome, _, _, run_dir = run(cfg, predicted=predicted)
+    evals = eval_lines(run_dir)
+    assert sorted(evals) == [5, 10, 15, 20, 23] and predicted == [5, 10, 15, 20, 23]
+    best = min(evals.values(), key=lambda r: r["score"])
+    assert best["step"] == 23 == outcome.best_step == outcome.adapter_from  # still improving: the last one wins
+    assert 23 in [i.step for i in CheckpointManager(run_dir).list()]
+
+
+def test_no_final_eval_without_validation(tmp_path):
+    cfg = make_cfg(tmp_path, "train.max_steps=23")
+    outcome, _, _, run_dir = run(cfg, validator=False)
+    assert eval_lines(run_dir) == {} and outcome.best_step is None and outcome.adapter_from == 23
+
+
+@pytest.mark.parametrize("stop_at", [4, 5, 8, 10, 20, 22, 23])
+def test_resume_anywhere_gives_the_same_evals_best_and_adapter(tmp_path, stop_at):
+    """Stops before, at (eval skipped, owed) and after eval steps, and at the very end (the resume lands
+    exactly on max_steps and only owes the final eval): the same eval lines, predictions, best and adapter."""
+    cfg_args = ("train.max_steps=23", "checkpoint.every_steps=7", "checkpoint.keep_last=2")
+    straight_pred: list[int] = []
+    straight, _, _, straight_dir = run(make_cfg(tmp_path / "straight", *cfg_args), predicted=straight_pred)
+    cfg = make_cfg(tmp_path / "split", *cfg_args)
+    predicted: list[int] = []
+    first, _, _, run_dir = run(cfg, stop_at=stop_at, predicted=predicted)
+    assert first.status == "interrupted" and first.step == stop_at
+    # A pending signal skips the eval and predictions of an eval step; the checkpoint owes them.
+    assert stop_at not in eval_lines(run_dir) and stop_at not in predicted
+    checkpoint = CheckpointManager(run_dir).latest_valid()
+    assert checkpoint.step == stop_at
+    owed = CheckpointManager.trainer_state(checkpoint.path)["owed"]
+    assert (owed is not None) is (stop_at % 5 == 0 or stop_at == 23)
+    second, _, _, _ = run(cfg, resume_dir=checkpoint.path, predicted=predicted)
+    assert second.status == "completed" and second.step == 23
+    assert eval_lines(run_dir) == eval_lines(straight_dir)
+    assert sorted(set(predicted)) == straight_pred
+    assert (second.best_step, second.adapter_from) == (straight.best_step, straight.adapter_from)
+    assert adapter_bytes(run_dir) == adapter_bytes(straight_dir)
+    assert train_losses(run_dir) == train_losses(straight_dir)
+
+
+def test_a_signal_at_an_eval_step_saves_at_once_and_owes_the_eval(tmp_path):
+    said: list[str] = []
+    predicted: list[int] = []
+    outcome, _, _, run_dir = run(make_cfg(tmp_path), stop_at=10, said=said, predicted=predicted)
+    assert outcome.status == "interrupted" and outcome.step == 10 and outcome.exit_code == 143
+    assert sorted(eval_lines(run_dir)) == [5] and predicted == [5]
+    checkpoint = CheckpointManager(run_dir).latest_valid()
+    assert checkpoint.step == 10
+    assert CheckpointManager.trainer_state(checkpoint.path)["owed"] == {"stop": None}
+    assert any("evaluation of step 10 is skipped" in m for m in said)
+    events = [r["event"] for r in read_metrics(run_dir) if r["step"] == 10]
+    assert events[-2:] == ["checkpoint", "interrupted"]
+
+
+@pytest.mark.parametrize("signal_at_batch", [1, 2])
+def test_a_signal_during_an_eval(tmp_path, signal_at_batch):
+    """During the first of the two validation batches: the eval is cut short and owed to the resume.
+    During the last one: the eval is complete and recorded, only the predictions are skipped."""
+    class SignalMidEval(NumpyBackend):
+        calls = 0
+
+        def eval_loss(self, batch):
+            if self.updates == 10:
+                SignalMidEval.calls += 1
+            return super().eval_loss(batch)
+
+    _, _, _, straight_dir = run(make_cfg(tmp_path / "straight"))
+    cfg = make_cfg(tmp_path / "split")
+    predicted: list[int] = []
+    first, _, _, run_dir = run(cfg, backend=SignalMidEval(vocab_size=64), predicted=predicted,
+                               interrupted=lambda: 143 if SignalMidEval.calls >= signal_at_batch else None)
+    assert first.status == "interrupted" and first.step == 10 and 10 not in predicted
+    checkpoint = CheckpointManager(run_dir).latest_valid()
+    owed = CheckpointManager.trainer_state(checkpoint.path)["owed"]
+    assert checkpoint.step == 10 and (10 in eval_lines(run_dir)) is (owed is None) is (signal_at_batch == 2)
+    run(cfg, resume_dir=checkpoint.path)
+    assert eval_lines(run_dir) == eval_lines(straight_dir)
+
+
+def test_a_signal_at_a_plateau_stop_carries_the_stop_to_the_resume(tmp_path):
+    args = ("train.learning_rate=0", "train.warmup_steps=0", "early_stopping.warmup_steps=4",
+            "early_stopping.check_every_steps=3", "early_stopping.patience=2", "train.max_steps=100",
+            "eval.every_steps=5", "early_stopping.stuck_steps=1000")
+    straight, _, _, straight_dir = run(make_cfg(tmp_path / "straight", *args))
+    assert straight.status == "stopped" and straight.step % 5 != 0  # off the eval schedule...
+    assert straight.step in eval_lines(straight_dir)  # ...yet the stopping step is evaluated
+    cfg = make_cfg(tmp_path / "split", *args)
+    first, _, _, run_dir = run(cfg, stop_at=straight.step)
+    assert first.status == "interrupted" and first.step == straight.step  # the signal wins: an eval is owed
+    assert not [r for r in read_metrics(run_dir) if r["event"] == "stop"]
+    checkpoint = CheckpointManager(run_dir).latest_valid()
+    assert CheckpointManager.trainer_state(checkpoint.path)["owed"]["stop"]["code"] == "plateau"
+    second, _, _, _ = run(cfg, resume_dir=checkpoint.path)
+    assert (second.status, second.step, second.reason) == (straight.status, straight.step, straight.reason)
+    assert eval_lines(run_dir) == eval_lines(straight_dir)
+    assert second.best_step == straight.best_step and adapter_bytes(run_dir) == adapter_bytes(straight_dir)
+    stops = [r for r in read_metrics(run_dir) if r["event"] == "stop"]
+    assert len(stops) == 1 and stops[0]["reason"] == "plateau"
+
+
+def test_a_broken_run_is_not_evaluated_at_its_stop(tmp_path, monkeypatch):
+    monkeypatch.setenv("OVERNIGHT_REF_FAULTS", json.dumps({"nan_at_step": 7}))
+    outcome, _, _, run_dir = run(make_cfg(tmp_path))
+    assert outcome.status == "stopped" and outcome.step == 7 and sorted(eval_lines(run_dir)) == [5]
+
+
+def test_oom_in_validation_splits_the_batch_with_the_same_value(tmp_path, monkeypatch):
+    _, _, _, straight_dir = run(make_cfg(tmp_path / "a"))
+    monkeypatch.setenv("OVERNIGHT_REF_FAULTS", json.dumps({"eval_oom_above_rows": 1}))
+    said: list[str] = []
+    outcome, _, _, run_dir = run(make_cfg(tmp_path / "b"), said=said)
+    assert outcome.status == "completed"
+    a, b = eval_lines(straight_dir), eval_lines(run_dir)
+    assert sorted(a) == sorted(b) == [5, 10, 15, 20, 25, 30]
+    for step in a:
+        assert a[step]["val_tokens"] == b[step]["val_tokens"]
+        np.testing.assert_allclose(b[step]["val_loss"], a[step]["val_loss"], rtol=1e-12)
+        assert a[step]["best"] == b[step]["best"]
+    assert train_losses(run_dir) == train_losses(straight_dir)  # validation never touches training
+    assert len([m for m in said if "out of memory in validation" in m]) == 1  # logged once per run
+
+
+def test_oom_in_validation_at_one_row_is_a_clear_error_and_keeps_the_step(tmp_path, monkeypatch):
+    _, _, _, straight_dir = run(make_cfg(tmp_path / "straight"))
+    monkeypatch.setenv("OVERNIGHT_REF_FAULTS", json.dumps({"eval_oom_above_rows": 0}))
+    cfg = make_cfg(tmp_path / "split")
+    with pytest.raises(TrainingError, match="validation runs out of memory even on one row.*model.max_seq_length"):
+        run(cfg)
+    checkpoint = CheckpointManager(Path(cfg.output.dir)).latest_valid()
+    assert checkpoint.step == 5  # the first eval step: its work is saved, its eval owed
+    assert CheckpointManager.trainer_state(checkpoint.path)["owed"] == {"stop": None}
+    monkeypatch.delenv("OVERNIGHT_REF_FAULTS")  # e.g. more memory free on the next try
+    outcome, _, _, run_dir = run(cfg, resume_dir=checkpoint.path)
+    assert outcome.status == "completed" and eval_lines(run_dir) == eval_lines(straight_dir)
