@@ -1,12 +1,10 @@
-"""End to end on the real torch backend, cross-backend parity, and the demo."""
+"""End to end on the real torch backend, and the demo (cross-backend parity: tests/test_parity.py)."""
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-import numpy as np
 import pytest
 
 from overnight.rundir import read_metrics
@@ -46,35 +44,6 @@ def test_torch_cli_end_to_end_writes_a_peft_loadable_adapter(tmp_path, tiny_mode
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     model = PeftModel.from_pretrained(base, out / "adapter")
     assert any("lora_A" in name for name, _ in model.named_parameters())
-
-
-@needs_torch
-@pytest.mark.skipif(not has("mlx", "mlx_lm"), reason="mlx backend not installed")
-def test_both_backends_agree_on_first_step_and_eval_loss(tiny_model_dir):
-    """Same model folder, data and seed, no quantization: the same numbers within 1e-3 relative."""
-    from overnight import data
-    from overnight.backend import get_backend
-    from overnight.config import build_config
-
-    cfg = build_config(None, {}, [f"model.path={tiny_model_dir}", f"data.path={DATA_DIR}", "model.quantization.bits=0",
-                                  "lora.dropout=0", "train.batch_size=4", "model.max_seq_length=256",
-                                  "train.learning_rate=1e-3"])
-    tokenizer = data.load_tokenizer(tiny_model_dir)
-    train_file, val_file = data.find_data_files(DATA_DIR)
-    batches = data.eval_batches(val_file, tokenizer, cfg, 2, 4)
-    results = {}
-    for name in ("torch", "mlx"):
-        backend = get_backend(name, announce=None)
-        backend.setup(cfg, cfg.train.seed)
-        evals = [backend.eval_loss(b) for b in batches]
-        val = sum(s for s, _ in evals) / sum(n for _, n in evals)
-        stream = data.TrainStream(train_file, tokenizer, cfg)
-        first = backend.train_step([stream.next_batch()], 1e-3)
-        results[name] = (val, first.loss, first.tokens)
-    (t_val, t_loss, t_tokens), (m_val, m_loss, m_tokens) = results["torch"], results["mlx"]
-    assert t_tokens == m_tokens
-    assert abs(t_loss - m_loss) / abs(t_loss) < 1e-3, results
-    assert abs(t_val - m_val) / abs(t_val) < 1e-3, results
 
 
 @pytest.mark.slow
