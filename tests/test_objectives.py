@@ -1,0 +1,46 @@
+"""The objectives written once (src/objectives.py): normalisers and the numpy reference."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from overnight.backend import Batch
+from overnight.objectives import counts, eval_weight, reference_value, step_scales
+
+
+def _batch(mask_rows, paired=False) -> Batch:
+    mask = np.asarray(mask_rows, dtype=np.float32)
+    ids = np.ones(mask.shape, dtype=np.int32)
+    return Batch(ids, mask, np.ones(mask.shape, dtype=np.int32), 0, paired)
+
+
+def test_step_normalisers_are_the_whole_steps_and_survive_a_split():
+    pairs = _batch([[0, 1, 1, 0], [0, 1, 0, 0], [0, 1, 1, 1], [0, 0, 1, 1]], paired=True)
+    assert counts("orpo", [pairs]) == (5, 2)  # chosen rows' targets only (column 0 is never a target)
+    assert counts("dpo", [pairs]) == (0, 2)
+    assert counts("sft", [pairs]) == (8, 0)
+    for method in ("sft", "cpt", "dpo", "orpo"):
+        assert step_scales(method, pairs.split(2)) == step_scales(method, [pairs])
+    assert step_scales("orpo", [pairs]) == (1 / 5, 1 / 2, 5)
+    assert eval_weight("orpo", pairs) == 2 and eval_weight("sft", pairs) == 8
+    assert step_scales("sft", [_batch([[0, 0, 0]])])[2] == 0  # nothing to learn from: the backends refuse it
+
+
+def test_reference_values():
+    logp, tokens = [-4.0, -6.0, -2.0, -9.0], [2, 3, 1, 3]
+    assert reference_value("sft", logp, tokens) == pytest.approx(21 / 9)
+    assert reference_value("dpo", logp, tokens, beta=0.1, ref_logp=logp) == pytest.approx(math.log(2))
+
+    def log_odds(a):
+        return a - math.log(1 - math.exp(a))
+
+    def neg_logsigmoid(x):
+        return math.log1p(math.exp(-x))
+
+    expected = (4 + 2) / 3 + 0.5 * (neg_logsigmoid(log_odds(-2.0) - log_odds(-2.0))
+                                     + neg_logsigmoid(log_odds(-2.0) - log_odds(-3.0))) / 2
+    assert reference_value("orpo", logp, tokens, beta=0.5) == pytest.approx(expected)
+    # A chosen answer the model is certain of (avg logp 0) stays finite.
+    assert math.isfinite(reference_value("orpo", [0.0, -1.0], [2, 2]))
