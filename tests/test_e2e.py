@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -55,3 +57,34 @@ def test_demo_runs_and_says_where_things_are(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "adapter" in result.stdout and "metrics" in result.stdout
     assert (tmp_path / "demo" / "adapter" / "adapter_config.json").is_file()
+
+
+def _damage_truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _damage_header(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[8:40] = b"\xff" * 32  # inside the JSON header
+    path.write_bytes(bytes(data))
+
+
+def _damage_empty(path: Path) -> None:
+    path.write_bytes(b"")
+
+
+@pytest.mark.parametrize("damage", [_damage_truncate, _damage_header, _damage_empty], ids=lambda f: f.__name__[8:])
+@pytest.mark.parametrize("backend", [pytest.param("torch", marks=needs_torch),
+                                     pytest.param("mlx", marks=pytest.mark.skipif(not has("mlx", "mlx_lm"),
+                                                                                  reason="mlx not installed"))])
+def test_a_corrupt_model_weight_file_is_a_clear_error(backend, damage, tiny_model_dir, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    damage(model / "model.safetensors")
+    result = cli("train", "--backend", backend, "--model", str(model), "--data", str(DATA_DIR),
+                 "--output", str(tmp_path / "run"), "--max-steps", "2", "--quiet", timeout=300)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    assert "model.path" in result.stderr and str(model) in result.stderr
+    assert "weight files" in result.stderr
