@@ -33,10 +33,19 @@ from .data_formats import (
     line_content,
     line_number_at,
     method_needs,
+    no_target_fix,
     parse_line,
     row_problems,
 )
-from .data_tokenizer import Encoded, TextTokenizer, encode_row, fit, load_tokenizer
+from .data_tokenizer import (
+    Encoded,
+    TextTokenizer,
+    encode_row,
+    fit,
+    load_tokenizer,
+    shortest_trainable_length,
+    target_tokens,
+)
 
 __all__ = [
     "Batch", "DataError", "DataReport", "FileReport", "Problem", "TextTokenizer", "TrainStream",
@@ -64,27 +73,33 @@ def check_data(data_path: Path, method: str, *, tokenizer: TextTokenizer | None 
                cfg: Any = None) -> DataReport:
     """One full validating pass over the train and validation files; collects every problem.
 
-    With a tokenizer, every row is also tokenized exactly as training will (this also runs the chat
-    template on every conversation), giving token lengths and the number of rows longer than
-    cfg.model.max_seq_length (2048 without a cfg); `report.warnings()` words that count.
-    `report.raise_if_problems()` raises one DataError listing them."""
+    With a tokenizer, every row is also tokenized and cut exactly as training will (this also runs the
+    chat template on every conversation), giving token lengths, the number of rows longer than
+    cfg.model.max_seq_length (2048 without a cfg), and the rows left with no target token within it;
+    `report.warnings()` words those counts. A file where more than half the rows (or all) would train
+    nothing is refused. `report.raise_if_problems()` raises one DataError listing the problems."""
     if method not in METHOD_FORMATS:
         raise DataError(f"unknown method '{method}' -> use one of {', '.join(METHOD_FORMATS)}")
     train, val = find_data_files(Path(data_path))
     max_len = cfg.model.max_seq_length if cfg is not None else 2048
     mask_prompt = cfg.data.mask_prompt if cfg is not None else True
+    truncate = cfg.data.truncate if cfg is not None else True
     packing = bool(cfg.packing) if cfg is not None else method == "cpt"
 
-    length_fn = None
+    measure = None
     if tokenizer is not None:
-        def length_fn(row: dict, fmt: str) -> int:
+        def measure(row: dict, fmt: str) -> tuple[int, int | None, int | None]:
             if fmt == "chat" and not tokenizer.has_chat_template:
-                return 0  # reported once per file below, not once per row
-            return encode_row(tokenizer, row, fmt, mask_prompt).length
+                return 0, None, None  # reported once per file below, not once per row
+            enc = encode_row(tokenizer, row, fmt, mask_prompt)
+            if packing or (enc.length > max_len and not truncate):
+                return enc.length, None, None  # packed into blocks / dropped whole: counted elsewhere
+            targets = target_tokens(fit(enc, max_len))
+            return enc.length, targets, None if targets else shortest_trainable_length(enc)
 
-    reports = [check_file(path, method, length_fn, max_len) for path in (train, val) if path is not None]
-    report = DataReport(method, reports[0], reports[1] if len(reports) > 1 else None, max_len,
-                        cfg.data.truncate if cfg is not None else True, packing)
+    reports = [check_file(path, method, measure, max_len) for path in (train, val) if path is not None]
+    report = DataReport(method, reports[0], reports[1] if len(reports) > 1 else None, max_len, truncate, packing,
+                        mask_prompt)
     for f in report.files:
         if tokenizer is not None and f.format == "chat" and not tokenizer.has_chat_template:
             f.add(f.format_line, "messages", f"the tokenizer in {tokenizer.model_dir} has no chat template",
@@ -92,6 +107,19 @@ def check_data(data_path: Path, method: str, *, tokenizer: TextTokenizer | None 
         if f.rows and f.too_long == f.rows and not report.truncate and not packing:
             f.add(None, None, f"every row is longer than max_seq_length={max_len} tokens and data.truncate=false "
                   "drops them all", "raise model.max_seq_length or set data.truncate=true")
+        # Rows whose targets all lie beyond max_seq_length train nothing (training leaves them out). A few
+        # are a warning; more than half means the length is wrong for this data: refuse before the night.
+        if f.no_targets and 2 * f.no_targets > f.rows:
+            share = "no row has a" if f.no_targets == f.rows else \
+                f"{f.no_targets} of {f.rows} rows (more than half) have no"
+            masking = f" (data.mask_prompt={str(mask_prompt).lower()})" if f.format in ("chat", "completion") else ""
+            f.add(f.no_target_line, None, f"{share} target token within model.max_seq_length={max_len}{masking}, "
+                  "so training would learn "
+                  f"{'nothing' if f.no_targets == f.rows else 'from less than half the data'}; this line is "
+                  "the first such row", no_target_fix(f, mask_prompt))
+    if packing and max_len < 2:
+        report.train.add(None, None, f"model.max_seq_length={max_len} leaves packed blocks no token to predict",
+                         "raise model.max_seq_length")
     if packing and method in PAIRED_METHODS:
         report.train.add(None, None, f"data.packing cannot be used with method {method}",
                          "set data.packing=false (preference pairs are never packed)")
@@ -215,7 +243,9 @@ class TrainStream:
     (row 2i chosen, 2i+1 rejected, targets on the response only). The last batch of an epoch may be
     smaller, so every sample is used exactly once per epoch; `epoch` is the epoch of the batch
     served last. Rows longer than max_seq_length are cut or skipped (cfg.data.truncate); `truncated`
-    and `dropped` count them as they are met, while check_data(..., tokenizer=...) counts them up
+    and `dropped` count them as they are met, and `no_targets` the rows left out because no target token
+    falls within max_seq_length (they would train nothing, and a batch of only such rows would be a
+    step with no target at all), while check_data(..., tokenizer=...) counts them up
     front for the warning. On out-of-memory, split the batch (Batch.split) rather than changing
     cfg.train.batch_size: the order depends on the batch size, and restore() refuses a different one."""
 
@@ -235,6 +265,7 @@ class TrainStream:
         self.epoch = 0
         self.truncated = 0
         self.dropped = 0
+        self.no_targets = 0
         # rows: position inside the epoch; packing: next document and the token offset inside it
         self._window_index = 0
         self._batch_in_window = 0
@@ -286,9 +317,14 @@ class TrainStream:
             seqs = self._sequences(members)
             if seqs:
                 return collate(seqs, self.tok.pad_id, self.max_len, self.paired)
-            # Every row of the batch was too long and dropped; a whole epoch of that would loop forever.
+            # Every row of the batch was left out; a whole epoch of that would loop forever.
             empty += 1
             if empty > self.samples_per_epoch:
+                if self.no_targets:
+                    raise DataError(f"{self.source.path}: no row has a target token within model.max_seq_length="
+                                    f"{self.max_len} (data.mask_prompt={str(self.cfg.data.mask_prompt).lower()}), "
+                                    "so there is nothing to train on -> raise model.max_seq_length or set "
+                                    "data.mask_prompt=false")
                 raise DataError(f"{self.source.path}: every row is longer than max_seq_length={self.max_len} "
                                 "tokens and data.truncate=false drops them -> raise model.max_seq_length "
                                 "or set data.truncate=true")
@@ -297,12 +333,17 @@ class TrainStream:
         seqs = []
         for i in members:
             enc = self._encode(int(i))
-            if enc.length > self.max_len:
-                if not self.cfg.data.truncate:
-                    self.dropped += 1
-                    continue
-                self.truncated += 1
-            seqs.extend(fit(enc, self.max_len))
+            if enc.length > self.max_len and not self.cfg.data.truncate:
+                self.dropped += 1
+                continue
+            fitted = fit(enc, self.max_len)
+            if not target_tokens(fitted):
+                # Nothing to learn within max_seq_length (e.g. the prompt fills it with data.mask_prompt):
+                # left out, so no step is ever all padding (check_data counts and words these up front).
+                self.no_targets += 1
+                continue
+            self.truncated += enc.length > self.max_len
+            seqs.extend(fitted)
         return seqs
 
     # -- packing ------------------------------------------------------------
@@ -425,7 +466,9 @@ def eval_batches(val_file: Path, tokenizer: TextTokenizer, cfg: Any, max_batches
             enc = encode(int(i))
             if enc.length > max_len and not cfg.data.truncate:
                 continue
-            seqs.extend(fit(enc, max_len))
+            fitted = fit(enc, max_len)
+            if target_tokens(fitted):  # as in training: a row with nothing to score is left out
+                seqs.extend(fitted)
         if seqs:
             batches.append(collate(seqs, tokenizer.pad_id, max_len, paired))
     return batches

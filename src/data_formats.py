@@ -216,11 +216,24 @@ class FileReport:
     problem_count: int = 0
     lengths: np.ndarray | None = None  # tokens per row (a pair counts its longer side), when a tokenizer was given
     too_long: int = 0
+    # Rows left with no target token within max_seq_length (a prompt that fills it, with data.mask_prompt):
+    # how many, the first one's line, and the max_seq_length that would give every such row one.
+    no_targets: int = 0
+    no_target_line: int | None = None
+    needed_max_len: int | None = None
 
     def add(self, line: int | None, key: str | None, message: str, hint: str = "") -> None:
         self.problem_count += 1
         if len(self.problems) < MAX_KEPT_PROBLEMS:
             self.problems.append(Problem(self.path, line, key, message, hint))
+
+
+def no_target_fix(f: FileReport, mask_prompt: bool) -> str:
+    """What to change so that rows with no target token within max_seq_length train again."""
+    fix = "raise model.max_seq_length" + (f" to at least {f.needed_max_len}" if f.needed_max_len else "")
+    if mask_prompt and f.format in ("chat", "completion"):
+        fix += " or set data.mask_prompt=false (the prompt is then trained on too)"
+    return fix
 
 
 @dataclass
@@ -231,6 +244,7 @@ class DataReport:
     max_seq_length: int | None = None
     truncate: bool = True
     packing: bool = False
+    mask_prompt: bool = True
 
     @property
     def files(self) -> list[FileReport]:
@@ -256,6 +270,10 @@ class DataReport:
                 action = "truncated to fit" if self.truncate else "dropped (data.truncate=false)"
                 out.append(f"{f.path}: {f.too_long} of {f.rows} rows are longer than max_seq_length="
                            f"{self.max_seq_length} tokens and will be {action}")
+            if f.no_targets:
+                out.append(f"{f.path}: {f.no_targets} of {f.rows} rows (e.g. line {f.no_target_line}) have no target "
+                           f"token within max_seq_length={self.max_seq_length} and are left out, since they would "
+                           f"train nothing; {no_target_fix(f, self.mask_prompt)}")
         return out
 
     def raise_if_problems(self) -> None:
@@ -279,13 +297,22 @@ class _Tally:
     valid: int = 0
     lines: list[int] = field(default_factory=list)  # the first MAX_KEPT_PROBLEMS line numbers
     lengths: list[int] = field(default_factory=list)
+    no_targets: int = 0
+    no_target_line: int | None = None
+    needed_max_len: int | None = None
 
 
-def check_file(path: Path, method: str, length_fn: Callable[[dict, str], int] | None = None,
+Measure = Callable[[dict, str], "tuple[int, int | None, int | None]"]
+
+
+def check_file(path: Path, method: str, measure: Measure | None = None,
                max_seq_length: int | None = None) -> FileReport:
     """One full pass over ``path``: every line parsed and checked. The file's format is the most common
     one among the formats the method can use (else the most common overall), so a single odd row is
-    the one reported, wherever it is."""
+    the one reported, wherever it is.
+
+    ``measure(row, fmt)`` -> (tokens, target tokens within max_seq_length or None when that does not
+    apply, the max_seq_length that would leave the row a target or None) fills the token statistics."""
     report = FileReport(path)
     tallies: dict[str, _Tally] = {}
     try:
@@ -318,11 +345,18 @@ def check_file(path: Path, method: str, length_fn: Callable[[dict, str], int] | 
             if row_errs:
                 continue
             tally.valid += 1
-            if length_fn is not None and fmt in METHOD_FORMATS[method]:
+            if measure is not None and fmt in METHOD_FORMATS[method]:
                 try:
-                    tally.lengths.append(length_fn(row, fmt))
+                    length, targets, needed = measure(row, fmt)
                 except DataError as exc:
                     report.add(lineno, None, str(exc))
+                    continue
+                tally.lengths.append(length)
+                if targets == 0:
+                    tally.no_targets += 1
+                    tally.no_target_line = tally.no_target_line or lineno
+                    if needed is not None:
+                        tally.needed_max_len = max(tally.needed_max_len or 0, needed)
     except OSError as exc:
         report.add(None, None, f"cannot be read ({exc.strerror or exc})", "check the path and its permissions")
         return report
@@ -342,6 +376,8 @@ def check_file(path: Path, method: str, length_fn: Callable[[dict, str], int] | 
             report.problem_count += tally.count - len(tally.lines)
         if fmt in METHOD_FORMATS[method]:
             report.rows = chosen.valid
+            report.no_targets, report.no_target_line = chosen.no_targets, chosen.no_target_line
+            report.needed_max_len = chosen.needed_max_len
         else:
             better = [m for m, fmts in METHOD_FORMATS.items() if fmt in fmts]
             report.add(chosen.first_line, FORMAT_KEYS[fmt][-1],
@@ -352,7 +388,7 @@ def check_file(path: Path, method: str, length_fn: Callable[[dict, str], int] | 
     if report.rows == 0 and report.problem_count == 0:
         report.add(None, None, "is empty (no rows)",
                    f"add one JSON object per line; method {method} needs {method_needs(method)}")
-    if length_fn is not None:
+    if measure is not None:
         report.lengths = np.asarray(tallies[report.format].lengths if report.rows else [], dtype=np.int64)
         if max_seq_length is not None:
             report.too_long = int((report.lengths > max_seq_length).sum())

@@ -284,3 +284,18 @@ def fit(enc: Encoded, max_len: int) -> list[tuple[list[int], list[int]]]:
         room = max(max_len - len(prompt), 0)
         out.append(((prompt + ids[:room])[:max_len], (prompt_mask + mask[:room])[:max_len]))
     return out
+
+
+def target_tokens(seqs: list[tuple[list[int], list[int]]]) -> int:
+    """Target tokens the loss sees in a row's fitted sequences: position 0 never is one (nothing before it
+    to predict it from, see data.collate); a preference pair counts its poorer side, since a pair with an
+    empty side cannot be compared."""
+    return min(int(sum(mask[1:])) for _, mask in seqs)
+
+
+def shortest_trainable_length(enc: Encoded) -> int | None:
+    """The smallest max_seq_length that leaves this row a target token (None: not even untruncated)."""
+    if not enc.prompt:  # chat and text rows keep their start: the first target after position 0 decides
+        mask = enc.responses[0][1]
+        return next((i + 1 for i in range(1, len(mask)) if mask[i]), None)
+    return next((n for n in range(2, enc.length + 1) if target_tokens(fit(enc, n))), None)

@@ -1,4 +1,4 @@
-"""`overnight validate-data PATH [--method M] [--model DIR]`: the pre-training data check, on its own.
+"""`overnight validate-data PATH [--method M] [--model DIR] [--max-seq-length N]`: the pre-training data check.
 
 Prints rows per file and format, token-length statistics when a model folder is given, and every
 problem as file:line. Returns 0 when the data is clean, 2 otherwise.
@@ -13,7 +13,7 @@ import numpy as np
 
 from .config import Config
 from .data import DataError, check_data, find_data_files, load_tokenizer
-from .data_formats import METHOD_FORMATS, detect_format, iter_lines, parse_line
+from .data_formats import METHOD_FORMATS, detect_format, iter_lines, no_target_fix, parse_line
 
 
 def infer_method(train_file: Path) -> str:
@@ -34,6 +34,9 @@ def validate_data_main(path: str, method: str | None, model: str | None, max_seq
     if max_seq_length is not None:
         cfg.model.max_seq_length = max_seq_length
     try:
+        if max_seq_length is not None and (isinstance(max_seq_length, bool) or not isinstance(max_seq_length, int)
+                                           or max_seq_length < 1):
+            raise DataError(f"max_seq_length must be a whole number of tokens, at least 1 (got {max_seq_length!r})")
         train_file, _ = find_data_files(Path(path))
         if method is None:
             method, how = infer_method(train_file), "inferred from the rows; pass --method to check for another"
@@ -60,6 +63,10 @@ def validate_data_main(path: str, method: str | None, model: str | None, max_seq
                 too_long += " (would be truncated)" if cfg.data.truncate else " (would be dropped)"
             out(f"    {unit}: min {int(f.lengths.min())}, median {int(np.median(f.lengths))}, "
                 f"max {int(f.lengths.max())}; {too_long}")
+            if f.no_targets:
+                out(f"    {f.no_targets} with no target token within max_seq_length {cfg.model.max_seq_length} "
+                    f"(e.g. line {f.no_target_line}; they would train nothing): "
+                    f"{no_target_fix(f, cfg.data.mask_prompt)}")
     if tokenizer is None:
         out("  (pass --model DIR for token-length statistics)")
     if report.ok:

@@ -345,6 +345,66 @@ def test_too_long_rows_truncated_or_dropped_and_counted(tok, tmp_path):
     assert check_data(d, "cpt", tokenizer=tok, cfg=cfg).warnings() == []  # packing cuts documents anyway
 
 
+def chat_row(system_words: int, answer: str = "ok") -> dict:
+    messages = [{"role": "user", "content": "question"}, {"role": "assistant", "content": answer}]
+    if system_words:
+        messages.insert(0, {"role": "system", "content": "rule " * system_words})
+    return {"messages": messages}
+
+
+def test_rows_with_no_target_within_max_seq_length_are_refused_when_all(tok, tmp_path):
+    """With data.mask_prompt the bundled conversations' answers start after token 13: a max_seq_length
+    of 8 leaves no row anything to learn. Refused up front, naming file, line, length and the fixes."""
+    cfg = make_cfg(max_seq_length=8)
+    report = check_data(DATA_DIR, "sft", tokenizer=tok, cfg=cfg)
+    assert not report.ok and report.train.no_targets == report.train.rows == 400
+    problem = str(report.problems[0])
+    assert problem.startswith(f"{DATA_DIR / 'train.jsonl'}:1: no row has a target token within "
+                              "model.max_seq_length=8 (data.mask_prompt=true), so training would learn nothing")
+    needed = max(len(tok.encode(tok.apply_chat_template(json.loads(line)["messages"][:-1], True),
+                                add_special_tokens=False))
+                 for line in (DATA_DIR / "train.jsonl").read_text().splitlines()) + 1
+    assert f"raise model.max_seq_length to at least {needed} or set data.mask_prompt=false" in problem
+    with pytest.raises(DataError, match="train.jsonl:1: no row has a target token"):
+        report.raise_if_problems()
+    assert check_data(DATA_DIR, "sft", tokenizer=tok, cfg=make_cfg(max_seq_length=8, mask_prompt=False)).ok
+    assert check_data(DATA_DIR, "sft", tokenizer=tok, cfg=make_cfg(max_seq_length=needed)).train.no_targets == 0
+    # Without the check, training still never makes a step with no target: it says what is wrong.
+    with pytest.raises(DataError, match="no row has a target token within model.max_seq_length=8"):
+        TrainStream(DATA_DIR / "train.jsonl", tok, cfg).next_batch()
+
+
+def test_a_few_rows_with_no_target_warn_and_are_left_out_of_training(tok, tmp_path):
+    rows = [chat_row(0, f"answer {i}") for i in range(6)] + [chat_row(60, "lost 1"), chat_row(60, "lost 2")]
+    path = write_jsonl(tmp_path / "d" / "train.jsonl", rows)
+    cfg = make_cfg(batch_size=8, max_seq_length=32)
+    report = check_data(path.parent, "sft", tokenizer=tok, cfg=cfg)
+    assert report.ok and (report.train.no_targets, report.train.no_target_line) == (2, 7)
+    assert report.warnings()[-1].startswith(f"{path}: 2 of 8 rows (e.g. line 7) have no target token within "
+                                            "max_seq_length=32 and are left out")
+    assert "data.mask_prompt=false" in report.warnings()[-1]
+    stream = TrainStream(path, tok, cfg)
+    batch = stream.next_batch()
+    assert batch.num_rows == 6 and stream.no_targets == 2 and (batch.loss_mask.sum(1) > 0).all()
+    assert not any("lost" in real(tok, batch, b) for b in range(batch.num_rows))
+    kept = eval_batches(path, tok, cfg, max_batches=1, batch_size=8)
+    assert [b.num_rows for b in kept] == [6] and (kept[0].loss_mask.sum(1) > 0).all()
+    # More than half of the rows with nothing to learn: refused, counts in the message.
+    path = write_jsonl(tmp_path / "e" / "train.jsonl", rows[:3] + [chat_row(60)] * 4)
+    report = check_data(path.parent, "sft", tokenizer=tok, cfg=cfg)
+    assert not report.ok and str(report.problems[0]).startswith(
+        f"{path}:4: 4 of 7 rows (more than half) have no target token within model.max_seq_length=32")
+
+
+@pytest.mark.parametrize("method,path", [("sft", "val.jsonl"), ("dpo", "preference/train.jsonl"),
+                                         ("cpt", "text/train.jsonl")])
+def test_a_max_seq_length_of_one_leaves_nothing_to_learn(tok, method, path):
+    report = check_data(DATA_DIR / path, method, tokenizer=tok, cfg=make_cfg(method=method, max_seq_length=1))
+    assert not report.ok and "model.max_seq_length" in str(report.problems[0])
+    if method != "cpt":
+        assert "no row has a target token" in str(report.problems[0])
+
+
 def test_long_prompt_is_cut_from_the_left_keeping_bos_and_response(tok, tmp_path):
     path = write_jsonl(tmp_path / "train.jsonl",
                        [{"prompt": "filler " * 60 + "END?", "chosen": "yes", "rejected": "no way"}])

@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import json
+import os
 import random
+import subprocess
+import sys
 
 import pytest
-from conftest import DATA_DIR
+from conftest import DATA_DIR, ROOT
 
 from overnight.config import Config
 from overnight.data import DataError, TrainStream, check_data, load_tokenizer
@@ -151,3 +154,40 @@ def test_fuzz_malformed_lines_always_exit_2_with_file_line(tmp_path, tiny_model_
                 for _ in range(n + 2):
                     stream.next_batch()
     assert "Traceback" not in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------
+# A max_seq_length that leaves rows no target token
+
+
+def test_validate_data_refuses_a_max_seq_length_that_leaves_nothing_to_learn(tiny_model_dir):
+    code, text = run(DATA_DIR, model=tiny_model_dir, max_seq_length=8)
+    assert code == 2
+    assert "400 with no target token within max_seq_length 8 (e.g. line 1; they would train nothing)" in text
+    assert (f"{DATA_DIR / 'train.jsonl'}:1: no row has a target token within model.max_seq_length=8 "
+            "(data.mask_prompt=true), so training would learn nothing") in text
+    assert "raise model.max_seq_length to at least 33 or set data.mask_prompt=false" in text
+    code, text = run(DATA_DIR, model=tiny_model_dir, max_seq_length=20)  # some rows only: counted, not refused
+    assert code == 0 and "75 with no target token within max_seq_length 20 (e.g. line 2;" in text
+    assert run(DATA_DIR, model=tiny_model_dir, max_seq_length=33)[1].count("no target token") == 0
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True])
+def test_validate_data_refuses_a_max_seq_length_below_one(bad):
+    code, text = run(DATA_DIR, max_seq_length=bad)
+    assert code == 2 and "max_seq_length must be a whole number of tokens, at least 1" in text
+
+
+def test_train_refuses_a_max_seq_length_with_no_target_before_anything_is_written(tmp_path, tiny_model_dir):
+    """The real command line: exit 2 with file, line, length and fixes, no traceback, no run directory."""
+    out = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "overnight", "train", "--backend", "refbackend:NumpyBackend", "--model",
+         str(tiny_model_dir), "--data", str(DATA_DIR), "--output", str(out), "--max-steps", "3", "--quiet",
+         "--set", "model.max_seq_length=8"],
+        capture_output=True, text=True, timeout=120, cwd=ROOT, stdin=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])})
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    assert f"{DATA_DIR / 'train.jsonl'}:1: no row has a target token within model.max_seq_length=8" in result.stderr
+    assert "data.mask_prompt=false" in result.stderr and not out.exists()
