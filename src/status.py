@@ -78,12 +78,15 @@ def show_status(run_dir: Path, say: Callable[[str], None]) -> None:
     step, state = beat.get("step", "?"), beat.get("state", "running")
     age = time.time() - beat["time"] if "time" in beat else None
     ago = f"{age:.0f}s ago" if age is not None else "at an unknown time"
+    why_not = "no process holds the run's lock"
     if held is None and beat and state == "running":
         # No lock file (a run from before the lock existed): the heartbeat is all there is. An old
         # heartbeat means interrupted even when its pid is alive again (pids are reused).
-        held = age is not None and age < STALE_AFTER_S and (
-            beat.get("host") != socket.gethostname() or _pid_alive(beat.get("pid")))
-        holder = {"pid": beat.get("pid"), "host": beat.get("host")}
+        if age is not None and age < STALE_AFTER_S and (
+                beat.get("host") != socket.gethostname() or _pid_alive(beat.get("pid"))):
+            held, holder = True, {"pid": beat.get("pid"), "host": beat.get("host")}
+        else:
+            why_not = f"stale heartbeat from {ago}"
     if held:
         # The lock, not the heartbeat, says whether a process owns the run.
         stuck = f"; no heartbeat for {age / 60:.0f} min, it may be stuck" if age and age > STALE_AFTER_S else ""
@@ -91,8 +94,7 @@ def show_status(run_dir: Path, say: Callable[[str], None]) -> None:
     elif not beat:
         say(f"{run_dir}: not running (no usable heartbeat.json, and no process holds the run's lock)")
     elif state == "running":
-        why = "no process holds the run's lock" if held is False else f"stale heartbeat from {ago}"
-        say(f"interrupted at step {step} ({why}); continue with: overnight train ... --auto-resume")
+        say(f"interrupted at step {step} ({why_not}); continue with: overnight train ... --auto-resume")
     elif state == "stopped":
         say(f"stopped early at step {step}: {beat.get('reason')}")
     elif state == "completed":

@@ -1,0 +1,73 @@
+"""The fingerprint counts the model by content, never by how its path is spelled (and a hub id by its id)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from overnight import fingerprint as fp
+from overnight.config import build_config
+
+from conftest import ROOT
+from test_cli import base_args, overnight
+
+
+def compute(model: str, tmp_path: Path, backend: str = "numpy-reference") -> dict:
+    train = tmp_path / "train.jsonl"
+    if not train.exists():
+        train.write_text('{"text": "hello"}\n')
+    return fp.compute(build_config(None, {"model.path": model}, []), train, None, backend=backend)
+
+
+def test_the_same_folder_spelled_three_ways_is_the_same_model(tmp_path, tiny_model_dir, monkeypatch):
+    link = tmp_path / "link-to-model"
+    link.symlink_to(tiny_model_dir)
+    monkeypatch.chdir(tiny_model_dir.parent)
+    absolute = compute(str(tiny_model_dir), tmp_path)
+    for spelling in (f"./{tiny_model_dir.name}", str(link), str(tiny_model_dir) + "/"):
+        other = compute(spelling, tmp_path)
+        assert other["model"] == absolute["model"] and fp.differences(absolute, other) == [], spelling
+        assert other["model_path"] == spelling  # kept for people reading the manifest
+    assert "model.path" not in absolute["config"] and absolute["backend"] == "numpy-reference"
+
+
+def test_different_model_contents_are_named(tmp_path, tiny_model_dir):
+    changed = shutil.copytree(tiny_model_dir, tmp_path / "changed")
+    config = json.loads((changed / "config.json").read_text())
+    config["rms_norm_eps"] = 1e-3
+    (changed / "config.json").write_text(json.dumps(config))
+    changes = fp.differences(compute(str(tiny_model_dir), tmp_path), compute(str(changed), tmp_path))
+    assert len(changes) == 1 and changes[0].startswith("model:") and "config.json or weight files differ" in changes[0]
+    assert str(tiny_model_dir) in changes[0]
+
+
+def test_hub_ids_are_their_own_identity(tmp_path):
+    a, b = compute("org/model-a", tmp_path), compute("org/model-b", tmp_path)
+    assert fp.differences(a, compute("org/model-a", tmp_path)) == []
+    assert fp.differences(a, b) == ["model: 'org/model-a' -> 'org/model-b'"]
+
+
+def test_an_older_fingerprint_with_model_path_in_its_config_still_matches(tmp_path, tiny_model_dir):
+    current = compute(str(tiny_model_dir), tmp_path)
+    older = json.loads(json.dumps(current))
+    older["config"]["model.path"] = "/somewhere/else/model"
+    del older["model_path"], older["backend"]
+    assert fp.differences(older, current) == []
+
+
+def test_resume_accepts_the_same_model_by_another_path_and_refuses_another_model(tmp_path, tiny_model_dir):
+    out = tmp_path / "run"
+    assert overnight(*base_args(tiny_model_dir, out, 5)).returncode == 0
+    link = tmp_path / "model-link"
+    link.symlink_to(tiny_model_dir)
+    relative = Path(os.path.relpath(tiny_model_dir, ROOT))  # the CLI runs in ROOT
+    for steps, model in ((6, relative), (7, link)):
+        resumed = overnight(*base_args(model, out, steps), "--auto-resume")
+        assert resumed.returncode == 0, (model, resumed.stderr)
+    changed = shutil.copytree(tiny_model_dir, tmp_path / "other-model")
+    config = json.loads((changed / "config.json").read_text())
+    config["rms_norm_eps"] = 1e-3
+    (changed / "config.json").write_text(json.dumps(config))
+    refused = overnight(*base_args(changed, out, 8), "--auto-resume")
+    assert refused.returncode == 3 and "model:" in refused.stderr and "--allow-config-change" in refused.stderr

@@ -1,0 +1,146 @@
+"""The resume policy: what --fresh moves, the prompt, and the refusals (exit 3) that protect a night of work."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from overnight.resume import archive_run
+from overnight.rundir import OWNED_NAMES, read_metrics
+
+from conftest import has
+from test_cli import base_args, env, overnight
+from test_lock import tree
+
+
+def test_archive_moves_only_what_the_run_owns(tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step-00000005").mkdir(parents=True)
+    (run / "adapter").mkdir()
+    for name in ("config.yaml", "metrics.jsonl", "heartbeat.json", "predictions.jsonl", "adapter.tmp-1a2b",
+                 "notes.txt", ".lock"):
+        (run / name).write_text(name)
+    (run / "mydata").mkdir()
+    (run / "mydata" / "keep.jsonl").write_text("{}")
+    (run / "archive-20200101-000000").mkdir()
+    archive = archive_run(run)
+    assert sorted(p.name for p in archive.iterdir()) == sorted(
+        ["adapter", "adapter.tmp-1a2b", "checkpoints", "config.yaml", "heartbeat.json", "metrics.jsonl",
+         "predictions.jsonl"])
+    left = sorted(p.name for p in run.iterdir())
+    assert left == sorted([".lock", "archive-20200101-000000", archive.name, "mydata", "notes.txt"])
+    assert archive_run(run) is None  # nothing of a run left: nothing to archive
+    assert set(OWNED_NAMES) <= {p.name for p in archive.iterdir()}
+
+
+def test_fresh_leaves_the_users_files_where_they_are(tmp_path, tiny_model_dir):
+    out = tmp_path / "run"
+    assert overnight(*base_args(tiny_model_dir, out, 5)).returncode == 0
+    (out / "notes.txt").write_text("my notes about this run\n")
+    (out / "eval-set").mkdir()
+    (out / "eval-set" / "questions.jsonl").write_text('{"q": 1}\n')
+    mine = {k: v for k, v in tree(out).items() if k.startswith(("notes.txt", "eval-set/"))}
+    fresh = overnight(*base_args(tiny_model_dir, out, 5), "--fresh")
+    assert fresh.returncode == 0, fresh.stderr
+    (archive,) = out.glob("archive-*")
+    assert {k: v for k, v in tree(out).items() if k.startswith(("notes.txt", "eval-set/"))} == mine
+    assert not (archive / "notes.txt").exists() and not (archive / "eval-set").exists()
+    assert (archive / "checkpoints" / "step-00000005" / "COMMIT").is_file() and (archive / "adapter").is_dir()
+    assert (out / ".lock").is_file()
+
+
+def test_a_run_that_died_before_its_first_checkpoint_is_archived_without_the_users_files(tmp_path, tiny_model_dir):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"event": "start", "step": 0}\n')
+    (out / "heartbeat.json").write_text('{"pid": 1, "step": 0, "state": "running"}')
+    (out / "notes.txt").write_text("mine\n")
+    result = overnight(*base_args(tiny_model_dir, out, 5))
+    assert result.returncode == 0, result.stderr
+    (archive,) = out.glob("archive-*")
+    assert sorted(p.name for p in archive.iterdir()) == ["heartbeat.json", "metrics.jsonl"]
+    assert (out / "notes.txt").read_text() == "mine\n"
+
+
+def on_terminal(args: list[str], answer: bytes | None) -> tuple[int, str]:
+    """Run the CLI on a pseudo-terminal; when it asks, type ``answer`` (b"\\x04" is Ctrl-D)."""
+    import pty
+
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.execve(sys.executable, [sys.executable, "-m", "overnight", *args], env())
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        seen += chunk
+        if answer is not None and b"[Y/n]" in seen:
+            os.write(fd, answer)
+            answer = None
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status), seen.decode(errors="replace")
+
+
+def test_ctrl_d_at_the_prompt_is_no_answer(tmp_path, tiny_model_dir):
+    out = tmp_path / "run"
+    assert overnight(*base_args(tiny_model_dir, out, 5)).returncode == 0
+    before = tree(out)
+    code, text = on_terminal(base_args(tiny_model_dir, out, 8), b"\x04")
+    assert "Resume from step 5? [Y/n]" in text
+    assert code == 3, text
+    assert "no answer" in text and "--auto-resume" in text and "--fresh" in text and "Traceback" not in text
+    assert tree(out) == before
+
+
+def test_every_checkpoint_invalid_is_refused_not_restarted(tmp_path, tiny_model_dir):
+    out = tmp_path / "run"
+    assert overnight(*base_args(tiny_model_dir, out, 12)).returncode == 0
+    steps = sorted(p.name for p in (out / "checkpoints").glob("step-*"))
+    for folder in (out / "checkpoints").glob("step-*"):
+        (folder / "COMMIT").unlink()
+    refused = overnight(*base_args(tiny_model_dir, out, 12), "--auto-resume")
+    assert refused.returncode == 3, refused.stdout + refused.stderr
+    assert str(out / "checkpoints" / "quarantine") in refused.stderr and "--fresh" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert sorted(p.name[:13] for p in (out / "checkpoints" / "quarantine").iterdir()) == steps
+    assert not [r for r in read_metrics(out) if r["event"] == "start"][1:], "a new run was started"
+    # Asked again (the invalid ones are now in quarantine), and on a terminal: still refused, never asked.
+    assert overnight(*base_args(tiny_model_dir, out, 12), "--auto-resume").returncode == 3
+    code, text = on_terminal(base_args(tiny_model_dir, out, 12), b"y\n")
+    assert code == 3 and "[Y/n]" not in text and "quarantine" in text, text
+    fresh = overnight(*base_args(tiny_model_dir, out, 5), "--fresh")
+    assert fresh.returncode == 0, fresh.stderr
+
+
+def test_resuming_past_max_steps_says_there_is_nothing_to_train(tmp_path, tiny_model_dir):
+    out = tmp_path / "run"
+    assert overnight(*base_args(tiny_model_dir, out, 12)).returncode == 0
+    before = tree(out)
+    result = overnight(*base_args(tiny_model_dir, out, 6), "--auto-resume")
+    assert result.returncode == 0, result.stderr
+    assert "already at step 12, beyond train.max_steps 6; nothing to train" in result.stdout
+    assert "--max-steps" in result.stdout and "finished" not in result.stdout
+    assert tree(out) == before  # adapter/, metrics, heartbeat: as they were
+
+
+@pytest.mark.skipif(not has("torch", "transformers", "peft"), reason="needs the torch backend installed")
+def test_resuming_with_another_backend_is_refused_before_the_model_loads(tmp_path, tiny_model_dir):
+    out = tmp_path / "run"
+    assert overnight(*base_args(tiny_model_dir, out, 5)).returncode == 0
+    before = tree(out)
+    args = base_args(tiny_model_dir, out, 8, "--auto-resume")
+    args[args.index("--backend") + 1] = "torch"
+    result = overnight(*args)
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert "'numpy-reference' backend" in result.stderr and "'torch'" in result.stderr
+    assert "--allow-backend-change" in result.stderr and "later version" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    assert "trainable params" not in result.stdout  # refused before backend.setup loaded the model
+    assert tree(out) == before

@@ -1,0 +1,96 @@
+"""`overnight status`: the lock says whether a run is alive, a bad heartbeat never crashes it, and it names the
+checkpoint a resume would start from without touching anything."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+
+import pytest
+
+from overnight import lock
+
+from test_cli import base_args, overnight
+from test_lock import tree
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_model_dir):
+    out = tmp_path_factory.mktemp("status") / "run"
+    result = overnight(*base_args(tiny_model_dir, out, 12))
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def status(run_dir) -> str:
+    result = overnight("status", str(run_dir))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    return result.stdout
+
+
+def beat(run_dir, **fields) -> None:
+    record = {"pid": os.getpid(), "host": socket.gethostname(), "step": 7, "time": time.time(), "state": "running"}
+    (run_dir / "heartbeat.json").write_text(json.dumps(record | fields))
+
+
+def test_completed_run_names_its_resume_point(finished_run):
+    text = status(finished_run)
+    assert "completed at step 12" in text and "a resume would start from step 12" in text
+
+
+def test_running_heartbeat_without_a_lock_holder_is_interrupted(tmp_path):
+    (tmp_path / ".lock").write_bytes(b"")  # a run of this version was here; nobody holds its lock
+    beat(tmp_path)  # our own pid, alive, on this host, just now: the heartbeat alone would say "running"
+    text = status(tmp_path)
+    assert "interrupted at step 7" in text and "no process holds the run's lock" in text
+
+
+def test_the_lock_holder_is_running(tmp_path):
+    beat(tmp_path, pid=1, time=time.time() - 3600)  # the heartbeat says nothing useful; the lock does
+    fd = lock.acquire(tmp_path)
+    try:
+        text = status(tmp_path)
+    finally:
+        lock.release(fd)
+    assert f"running at step 7" in text and f"pid {os.getpid()}" in text and "may be stuck" in text
+
+
+def test_without_a_lock_file_an_old_heartbeat_is_interrupted_even_if_its_pid_lives(tmp_path):
+    beat(tmp_path, time=time.time() - 2 * 3600)  # pid alive (ours: a reused pid looks just like this)
+    assert "interrupted at step 7 (stale heartbeat" in status(tmp_path)
+    beat(tmp_path)
+    assert "running at step 7" in status(tmp_path)
+    assert not (tmp_path / ".lock").exists()  # status created nothing
+
+
+@pytest.mark.parametrize("content, problem", [
+    ("", "heartbeat.json is unreadable"),
+    ("{not json", "heartbeat.json is unreadable"),
+    ("[1, 2, 3]", "does not hold a JSON object"),
+    ('{"pid": "abc", "host": 5, "step": "x", "time": "yesterday", "state": "running"}', "wrong type"),
+])
+def test_a_bad_heartbeat_is_a_warning_not_a_traceback(tmp_path, content, problem):
+    (tmp_path / ".lock").write_bytes(b"")
+    (tmp_path / "heartbeat.json").write_text(content)
+    text = status(tmp_path)
+    assert "warning:" in text and problem in text
+    assert "not running" in text or "interrupted" in text
+
+
+def test_status_reads_past_an_invalid_checkpoint_without_moving_it(finished_run, tmp_path):
+    import shutil
+
+    run = shutil.copytree(finished_run, tmp_path / "copy")
+    (run / "checkpoints" / "step-00000012" / "COMMIT").unlink()
+    before = tree(run)
+    text = status(run)
+    assert "step-00000012 is invalid (no COMMIT file" in text and "would be quarantined" in text
+    assert "a resume would start from step 10" in text
+    assert tree(run) == before and not (run / "checkpoints" / "quarantine").exists()
+
+
+def test_status_of_a_missing_folder_is_a_usage_error(tmp_path):
+    result = overnight("status", str(tmp_path / "nope"))
+    assert result.returncode == 2 and "not a run directory" in result.stderr
