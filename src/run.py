@@ -216,8 +216,13 @@ def _locked(args, cfg, run_dir, backend, data, train_file, val_file, tokenizer, 
         start_step = resume_state["step"] if resume_state else 0
         progress = Progress(cfg.train.max_steps, start_step, enabled=not args.quiet, warn=say)
 
+        ended: list[str] = []  # the run's final state, once recorded
+
         def abort(code: int) -> None:
             # The second signal: no save. Record it, say what is safe, and leave without unwinding.
+            if ended:  # e.g. while waiting for the webhook at exit: the run's own record stands
+                _stderr(f"\nexiting at once; the run had already ended ({ended[0]})")
+                os._exit(code)
             try:
                 files.heartbeat(progress.step, "interrupted", reason="aborted by a second signal")
             except BaseException:  # noqa: BLE001
@@ -233,6 +238,7 @@ def _locked(args, cfg, run_dir, backend, data, train_file, val_file, tokenizer, 
                             resume_state=resume_state, interrupted=flag, predict=predict, notify=notify,
                             say=progress.write)
         except Exception as exc:
+            ended.append("failed")
             progress.close()
             reason = f"{exc.__class__.__name__}: {exc}"
             files.heartbeat(progress.step, "failed", reason=reason)
@@ -241,6 +247,7 @@ def _locked(args, cfg, run_dir, backend, data, train_file, val_file, tokenizer, 
             raise
         progress.close()
         state = {"completed": "completed", "stopped": "stopped", "interrupted": "interrupted"}[outcome.status]
+        ended.append(state)
         files.heartbeat(outcome.step, state, reason=outcome.reason)
         if outcome.status == "interrupted":
             say(f"interrupted by {outcome.reason} at step {outcome.step}; checkpoint committed. "

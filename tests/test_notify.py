@@ -115,3 +115,33 @@ def test_an_unreachable_webhook_never_stops_training(tmp_path, tiny_model_dir):
     assert result.returncode == 0, result.stderr
     assert "finished at step 12" in result.stdout
     assert (result.stdout + result.stderr).count("warning: webhook") == 1
+
+
+def test_ctrl_c_while_waiting_for_a_slow_webhook_at_exit_keeps_the_runs_record(tmp_path, tiny_model_dir):
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    from test_cli import env
+
+    slow = Recorder(delay_s=3)
+    out = tmp_path / "run"
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "overnight",
+                                 *base_args(tiny_model_dir, out, 12, "--set", f"notify.webhook_url={slow.url}")],
+                                env=env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                stdin=subprocess.DEVNULL, text=True)
+        for line in proc.stdout:
+            if "finished at step 12" in line:
+                break
+        time.sleep(0.3)  # now draining the webhook queue (several events, 3 s each)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=8)
+    finally:
+        slow.close()
+    assert proc.returncode == 130, stderr
+    assert "the run had already ended (completed)" in stderr and "Traceback" not in stderr
+    assert json.loads((out / "heartbeat.json").read_text())["state"] == "completed"
