@@ -75,7 +75,7 @@ def show_status(run_dir: Path, say: Callable[[str], None]) -> None:
         say(f"warning: {problem}")
     beat = beat or {}
     held, holder = lock.holder(run_dir)
-    step, state = beat.get("step", "?"), beat.get("state", "running")
+    step, state = beat.get("step", "?"), beat.get("state") or "running"
     age = time.time() - beat["time"] if "time" in beat else None
     ago = f"{age:.0f}s ago" if age is not None else "at an unknown time"
     why_not = "no process holds the run's lock"
