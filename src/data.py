@@ -489,7 +489,10 @@ def prediction_prompts(val_file: Path, tokenizer: TextTokenizer, cfg: Any, n: in
             if source.format == "chat":
                 messages = row["messages"]
                 last = max(j for j, m in enumerate(messages) if m["role"] == "assistant")
-                text = tokenizer.apply_chat_template(messages[:last], add_generation_prompt=True)
+                try:
+                    text = tokenizer.apply_chat_template(messages[:last], add_generation_prompt=True)
+                except Exception:  # e.g. a template that refuses a conversation opening with the answer:
+                    continue  # predictions are non-critical (SPEC §8), this row just gives no prompt
                 ids = tokenizer.encode(text, add_special_tokens=False)
             else:
                 if source.format == "text":

@@ -36,6 +36,22 @@ def _read_json(path: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
+SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")  # transformers' order: the first one set wins
+
+
+def _template_message(message: Any) -> Any:
+    """A message as transformers hands it to a template: keys whose value is null are dropped (templates
+    test for a missing key), and a reasoning field is also given as `thinking` and `reasoning_content`."""
+    if not isinstance(message, dict):
+        return message
+    message = {key: value for key, value in message.items() if value is not None}
+    reasoning = next((message[key] for key in REASONING_FIELDS if message.get(key) is not None), None)
+    if reasoning is not None:
+        message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
+    return message
+
+
 def _compile_template(source: str):
     import jinja2
     import jinja2.ext
@@ -59,11 +75,40 @@ def _compile_template(source: str):
     def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
+    class TemplateDict:
+        # transformers' `dict` global: a plain dict factory, without attribute access to break out with
+        def __call__(self, *args, **kwargs):
+            return dict(*args, **kwargs)
+
+        def fromkeys(self, *args, **kwargs):
+            return dict.fromkeys(*args, **kwargs)
+
+    class TemplateNamespace(jinja2.utils.Namespace):
+        # transformers' `namespace` global: refuses underscore-prefixed attributes
+        def __init__(*args, **kwargs):
+            self, args = args[0], args[1:]
+            attrs = dict(*args, **kwargs)
+            for name in attrs:
+                TemplateNamespace._check_name(name)
+            jinja2.utils.Namespace.__init__(self, attrs)
+
+        def __setitem__(self, name, value):
+            TemplateNamespace._check_name(name)
+            jinja2.utils.Namespace.__setitem__(self, name, value)
+
+        @staticmethod
+        def _check_name(name):
+            if isinstance(name, str) and name.startswith("_"):
+                raise jinja2.exceptions.SecurityError(
+                    f"chat templates cannot store underscore-prefixed attributes on a namespace ({name!r})")
+
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                         extensions=[GenerationTag, jinja2.ext.loopcontrols])
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    env.globals["dict"] = TemplateDict()
+    env.globals["namespace"] = TemplateNamespace
     return env.from_string(source)
 
 
@@ -98,9 +143,16 @@ class TextTokenizer:
         special_map = _read_json(self.model_dir / "special_tokens_map.json")
         model_config = _read_json(self.model_dir / "config.json")
 
+        # The named special tokens, as transformers' `special_tokens_map`: the standard names, any other
+        # string-valued `*_token` key of tokenizer_config.json, and a dict of `extra_special_tokens`.
+        # Chat templates see them all as variables (e.g. {{ bos_token }}).
         self.special_tokens: dict[str, str] = {}
-        for name in ("bos_token", "eos_token", "pad_token", "unk_token"):
-            text = _token_text(config.get(name)) or _token_text(special_map.get(name))
+        named = {key: value for key, value in config.items() if key.endswith("_token")}
+        extra = config.get("extra_special_tokens")
+        named.update(extra if isinstance(extra, dict) else {})
+        for name in (*SPECIAL_TOKEN_NAMES, *named):
+            text = _token_text(named.get(name)) or (_token_text(special_map.get(name))
+                                                    if name in SPECIAL_TOKEN_NAMES else None)
             if text is not None:
                 self.special_tokens[name] = text
         self.bos_id = self._id_of("bos_token", model_config.get("bos_token_id"))
@@ -146,14 +198,25 @@ class TextTokenizer:
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
         """The rendered conversation text; tokenize it with add_special_tokens=False (the template
-        already holds the special tokens, as in transformers)."""
+        already holds the special tokens, as in transformers).
+
+        The template sees what transformers' `apply_chat_template` (5.x) gives it with no tools and no
+        documents: `messages` (keys holding null dropped; a reasoning field also under `thinking` and
+        `reasoning_content`), `tools=None`, `documents=None`, `add_generation_prompt`, and every named
+        special token."""
         if self.chat_template_source is None:
             raise DataError(f"{self.model_dir}: the tokenizer has no chat template -> use prompt/completion or "
                             "text rows, or a model whose tokenizer_config.json has a chat_template")
         if self._template is None:
-            self._template = _compile_template(self.chat_template_source)
-        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                     **self.special_tokens)
+            try:
+                self._template = _compile_template(self.chat_template_source)
+            except Exception as exc:  # jinja2.TemplateSyntaxError: the model's template itself is broken
+                raise DataError(f"{self.model_dir}: the chat template is not valid Jinja ({exc}) -> fix chat_template "
+                                "in the model's tokenizer_config.json (or chat_template.jinja), or use "
+                                "prompt/completion rows") from None
+        messages = [_template_message(m) for m in messages]
+        return self._template.render(messages=messages, tools=None, documents=None,
+                                     add_generation_prompt=add_generation_prompt, **self.special_tokens)
 
 
 def load_tokenizer(model_dir: Path) -> TextTokenizer:

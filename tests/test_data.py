@@ -136,6 +136,61 @@ def test_chat_template_generation_tags_and_missing_template(tmp_path, tiny_model
     assert [p.line for p in report.problems] == [1, 1] and "no chat template" in str(report.problems[0])
 
 
+TOOLS_TEMPLATE = (
+    "{{ bos_token }}{% if tools is not none %}TOOLS {{ tools | tojson }}{% else %}[no tools]{% endif %}"
+    "{% if documents is not none %}DOCS {{ documents | length }}{% else %}[no documents]{% endif %}"
+    "{{ image_token }}{{ audio_token }}{{ dict(kind=\"chat\") | tojson }}\n"
+    "{% set ns = namespace(turns=0) %}"
+    "{% for m in messages %}{% set ns.turns = ns.turns + 1 %}<|{{ m.role }}|>{{ ns.turns }}"
+    "{% if m.name is defined %}({{ m.name }}){% else %}(anonymous){% endif %}"
+    "{% if m.thinking is defined %}<think>{{ m.thinking }}|{{ m.reasoning_content }}</think>{% endif %}"
+    "{{ m.content }}{{ eos_token }}{{ sep_token }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{{ ns.turns + 1 }}{% endif %}"
+)
+
+
+def test_chat_template_variables_match_transformers(tmp_path, tiny_model_dir):
+    """A template that branches on tools/documents (undefined is not none!), reads a null-valued key, a
+    reasoning field, extra named special tokens, namespace() and dict(): rendered exactly as transformers."""
+    if not has("transformers"):
+        pytest.skip("transformers not installed")
+    from transformers import AutoTokenizer
+
+    model = tmp_path / "tools"
+    model.mkdir()
+    for name in ("tokenizer.json", "special_tokens_map.json", "config.json"):
+        (model / name).write_bytes((tiny_model_dir / name).read_bytes())
+    config = json.loads((tiny_model_dir / "tokenizer_config.json").read_text())
+    config.update(chat_template=TOOLS_TEMPLATE, sep_token="<|sep|>", image_token="<|image|>",
+                  extra_special_tokens={"audio_token": "<|audio|>"})
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    ours, hf = load_tokenizer(model), AutoTokenizer.from_pretrained(str(model))
+    assert ours.special_tokens == hf.special_tokens_map
+    chats = [
+        [{"role": "user", "content": "Hi", "name": None}, {"role": "assistant", "content": "Hello."}],
+        [{"role": "system", "content": "Be brief.", "name": "rules"}, {"role": "user", "content": "2+2?"},
+         {"role": "assistant", "content": "4", "reasoning": "two and two", "tool_calls": None}],
+        [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y", "thinking": "t",
+                                             "reasoning_content": None}],
+    ]
+    for chat in chats:
+        for gen in (False, True):
+            text = ours.apply_chat_template(chat, gen)
+            assert text == hf.apply_chat_template(chat, tokenize=False, add_generation_prompt=gen)
+            assert "[no tools][no documents]<|image|><|audio|>" in text and "<|sep|>" in text
+    # A training row through the same path: the answer (with its reasoning) is the target.
+    path = write_jsonl(tmp_path / "train.jsonl", [{"messages": chats[1]}])
+    batch = TrainStream(path, ours, make_cfg(batch_size=1, max_seq_length=1024)).next_batch()
+    assert real(ours, batch, 0) == hf.apply_chat_template(chats[1], tokenize=False)
+    assert targets(ours, batch, 0) == "(anonymous)<think>two and two|two and two</think>4<|eos|><|sep|>\n"
+    # The same sandbox rules: namespace() refuses underscore names, as transformers' does.
+    ours.chat_template_source, ours._template = "{% set ns = namespace(_x=1) %}{{ ns._x }}", None
+    with pytest.raises(Exception, match="underscore"):
+        ours.apply_chat_template(chats[0])
+    with pytest.raises(Exception, match="underscore"):
+        hf.apply_chat_template(chats[0], tokenize=False, chat_template=ours.chat_template_source)
+
+
 def test_load_tokenizer_refuses_a_folder_without_tokenizer_json(tmp_path):
     with pytest.raises(DataError, match="no tokenizer.json"):
         load_tokenizer(tmp_path)
@@ -552,6 +607,40 @@ def test_prediction_prompts(tok):
     full = json.loads((DATA_DIR / "text" / "val.jsonl").read_text().splitlines()[0])["text"]
     assert full.startswith(text[0][0]) and 0 < len(text[0][0]) <= len(full) // 2 + 1
     assert prediction_prompts(DATA_DIR / "val.jsonl", tok, cfg, 0) == []
+
+
+def custom_template_model(tmp_path, tiny_model_dir, template: str) -> Path:
+    model = tmp_path / "custom"
+    model.mkdir(exist_ok=True)
+    for name in ("tokenizer.json", "special_tokens_map.json", "config.json"):
+        (model / name).write_bytes((tiny_model_dir / name).read_bytes())
+    config = json.loads((tiny_model_dir / "tokenizer_config.json").read_text())
+    config["chat_template"] = template
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    return model
+
+
+def test_a_template_that_refuses_a_prediction_prompt_skips_that_prompt(tmp_path, tiny_model_dir):
+    # Valid for training (the whole conversation renders), but its prompt (no turn before the answer)
+    # is refused by the template: predictions are non-critical, so that row just gives no prompt.
+    template = ("{% if messages | length == 0 %}{{ raise_exception('empty conversation') }}{% endif %}"
+                "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{{ eos_token }}{% endfor %}"
+                "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    tok = load_tokenizer(custom_template_model(tmp_path, tiny_model_dir, template))
+    rows = [{"messages": [{"role": "assistant", "content": "I speak first."}]},
+            {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}]
+    path = write_jsonl(tmp_path / "d" / "val.jsonl", rows)
+    assert check_data(write_jsonl(tmp_path / "d" / "train.jsonl", rows).parent, "sft", tokenizer=tok).ok
+    assert [text for text, _ in prediction_prompts(path, tok, make_cfg(), 2)] == ["<|user|>Hi<|eos|><|assistant|>"]
+
+
+def test_a_broken_chat_template_is_a_data_error_naming_the_model(tmp_path, tiny_model_dir):
+    tok = load_tokenizer(custom_template_model(tmp_path, tiny_model_dir, "{% for m in messages %}{{ m.content }"))
+    report = check_data(DATA_DIR, "sft", tokenizer=tok)
+    assert not report.ok and "the chat template is not valid Jinja" in str(report.problems[0])
+    assert str(report.problems[0]).startswith(f"{DATA_DIR / 'train.jsonl'}:1:")
+    with pytest.raises(DataError, match=f"{tok.model_dir}: the chat template is not valid Jinja"):
+        tok.apply_chat_template([{"role": "user", "content": "x"}])
 
 
 def test_core_data_modules_import_no_ml_framework():
