@@ -193,9 +193,17 @@ def find_data_files(data_path: Path) -> tuple[Path, Path | None]:
                         "(and val.jsonl), or a .jsonl file")
     if data_path.is_file():
         return data_path, None
+    if not data_path.is_dir():  # a device, a pipe, a socket: nothing rows can be read from twice
+        raise DataError(f"{data_path}: is neither a file nor a folder -> pass --data with a folder holding "
+                        "train.jsonl (and val.jsonl), or a .jsonl file")
     train = data_path / "train.jsonl"
     if not train.is_file():
-        found = sorted(p.name for p in data_path.iterdir() if p.suffix in (".jsonl", ".json"))
+        if train.exists():
+            raise DataError(f"{train}: is not a file -> train.jsonl must be a file with one JSON object per line")
+        try:
+            found = sorted(p.name for p in data_path.iterdir() if p.suffix in (".jsonl", ".json"))
+        except OSError as exc:
+            raise DataError(f"{data_path}: cannot be read ({exc.strerror or exc}) -> check its permissions") from None
         extra = f" (found: {', '.join(found)})" if found else ""
         raise DataError(f"{data_path}: missing train.jsonl{extra} -> put the training rows in {train}, "
                         "one JSON object per line")
@@ -272,8 +280,8 @@ class DataReport:
                            f"{self.max_seq_length} tokens and will be {action}")
             if f.no_targets:
                 out.append(f"{f.path}: {f.no_targets} of {f.rows} rows (e.g. line {f.no_target_line}) have no target "
-                           f"token within max_seq_length={self.max_seq_length} and are left out, since they would "
-                           f"train nothing; {no_target_fix(f, self.mask_prompt)}")
+                           f"token within max_seq_length={self.max_seq_length} and are left out (nothing in them to "
+                           f"learn or score); {no_target_fix(f, self.mask_prompt)}")
         return out
 
     def raise_if_problems(self) -> None:

@@ -283,6 +283,11 @@ def test_find_data_files(tmp_path):
         find_data_files(tmp_path / "nope")
     with pytest.raises(DataError, match="missing train.jsonl"):
         check_data(tmp_path / "b", "sft")
+    (tmp_path / "c" / "train.jsonl").mkdir(parents=True)  # a folder where the file should be
+    with pytest.raises(DataError, match=r"c/train.jsonl: is not a file"):
+        find_data_files(tmp_path / "c")
+    with pytest.raises(DataError, match="is neither a file nor a folder"):  # e.g. --data /dev/null
+        find_data_files(Path("/dev/null"))
 
 
 REFUSALS = [
