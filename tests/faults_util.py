@@ -8,6 +8,9 @@ Imported in two places:
     the outside and, only when ``OVERNIGHT_TEST_RECORD`` is set, wraps ``TrainStream._sequences`` (the
     one place a batch's sample indices pass through) for the lifetime of that subprocess.
 
+With OVERNIGHT_TEST_KILL_BEFORE_STEP=N the recorder SIGKILLs its own process when the loop asks for step N,
+that is after step N-1 and whatever eval and save followed it: a crash at an exact place, not a random one.
+
 Record lines (JSON, appended to the file named by OVERNIGHT_TEST_RECORD):
   {"pid": ..., "step": N, "batches": [[epoch, [sample, ...]], ...]}   one per optimizer step N
 A resumed process re-runs the steps after its checkpoint and records them again; the later line wins.
@@ -64,6 +67,8 @@ def _recording(base: type) -> type:
             self._rec_step = json.loads((Path(directory) / "trainer_state.json").read_text())["step"]
 
         def train_step(self, micro_batches, lr):
+            if self._rec_step + 1 == int(os.environ.get("OVERNIGHT_TEST_KILL_BEFORE_STEP", "0") or 0):
+                os.kill(os.getpid(), signal.SIGKILL)  # a deterministic crash: after step N-1's eval and save, if any
             if self._rec_sleep:
                 time.sleep(self._rec_sleep)
             result = super().train_step(micro_batches, lr)
@@ -113,28 +118,37 @@ def make_small_data(target: Path, train_rows: int = 26, val_rows: int = 8) -> Pa
 
 
 def train_args(backend: str, model: Path, data: Path, out: Path, steps: int, *extra: str, every: int = 4,
-               eval_every: int = NO_EVAL, keep_last: int = 3, rank: int = 4, lr: float = 0.01) -> list[str]:
+               eval_every: int = NO_EVAL, keep_last: int = 3, rank: int = 4, lr: float = 0.01, bits: int = 0,
+               keep_best: bool = True) -> list[str]:
+    """bits=0 is plain LoRA; bits=4 is the default users run (QLoRA: bitsandbytes NF4 on torch, MLX
+    affine 4-bit on mlx). keep_best=False saves only on schedule, so an eval need not be followed by
+    a save at its own step."""
     return ["train", "--backend", BACKEND_SPECS[backend], "--model", str(model), "--data", str(data),
             "--output", str(out), "--max-steps", str(steps), "--batch-size", "4", "--quiet",
             "--set", "train.report_every=1", "--set", f"checkpoint.every_steps={every}",
             "--set", f"checkpoint.keep_last={keep_last}", "--set", f"eval.every_steps={eval_every}",
             "--set", "eval.max_batches=2", "--set", "eval.predictions=1", "--set", "eval.max_new_tokens=4",
             "--set", "train.warmup_steps=2", "--set", f"lora.rank={rank}", "--set", "lora.dropout=0.05",
-            "--set", "model.max_seq_length=128", "--set", "model.quantization.bits=0",
+            "--set", "model.max_seq_length=128", "--set", f"model.quantization.bits={bits}",
+            "--set", f"checkpoint.keep_best={'true' if keep_best else 'false'}",
             "--set", f"train.learning_rate={lr}",
             # Early stopping on, checked often, but never allowed to stop: its state must survive resumes.
             "--set", "early_stopping.warmup_steps=2", "--set", "early_stopping.check_every_steps=3",
             "--set", "early_stopping.patience=100000", *extra]
 
 
-def cli_env(fault: str | None = None, record: Path | None = None, sleep_s: float = 0.0, **ref_faults) -> dict:
+def cli_env(fault: str | None = None, record: Path | None = None, sleep_s: float = 0.0, kill_before_step: int = 0,
+            **ref_faults) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(TESTS), env.get("PYTHONPATH", "")])
     env["OVERNIGHT_REF_FAULTS"] = json.dumps(ref_faults)
     env.pop("OVERNIGHT_FAULT", None)
     env.pop("OVERNIGHT_TEST_RECORD", None)
+    env.pop("OVERNIGHT_TEST_KILL_BEFORE_STEP", None)
     if fault:
         env["OVERNIGHT_FAULT"] = fault
+    if kill_before_step:
+        env["OVERNIGHT_TEST_KILL_BEFORE_STEP"] = str(kill_before_step)
     if record:
         env["OVERNIGHT_TEST_RECORD"] = str(record)
     if sleep_s:

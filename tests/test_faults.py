@@ -35,7 +35,7 @@ import pytest
 from faults_util import (
     NO_EVAL, Launch, Trials, assert_adapter_equal, assert_checkpoints_sound, assert_each_sample_once_per_epoch,
     assert_losses_match, checkpoint_manager, copy_run, heartbeat, leftovers, make_small_data, metrics, run_cli,
-    sha_tree, stray_temp_files, train_args, wait_heartbeat,
+    sha_tree, stray_temp_files, train_args, train_lines, wait_heartbeat,
 )
 
 BACKENDS = ["numpy", "torch", "mlx"]
@@ -116,31 +116,63 @@ def reference(tiny_model_dir, small_data, session_dir):
     return get
 
 
+def _marks(name: str, soak: bool) -> list:
+    return (([pytest.mark.soak] if soak else []) + ([pytest.mark.torch] if name == "torch" else [])
+            + ([pytest.mark.mlx] if name == "mlx" else []))
+
+
 def backend_params(names=BACKENDS, soak: bool = False):
-    marks = [pytest.mark.soak] if soak else []
-    return [pytest.param(name, marks=marks + ([pytest.mark.torch] if name == "torch" else [])
-                         + ([pytest.mark.mlx] if name == "mlx" else []), id=name) for name in names]
+    return [pytest.param(name, marks=_marks(name, soak), id=name) for name in names]
+
+
+# Campaigns run under two sets of settings (passed through train_args):
+#   "lora"   plain LoRA on a full-precision base (bits=0), on every backend; test ids: numpy, torch, mlx.
+#   "qlora4" the default users run: a 4-bit base (bitsandbytes NF4 on torch, MLX affine 4-bit on mlx), LoRA
+#            dropout 0.05 (train_args), and evals off the checkpoint grid: evals at 3, 6, 9, ..., checkpoints
+#            at 4, 8, 12, ... and keep_best off (a new best saves nothing), so a kill after an eval and before
+#            the next checkpoint makes the resumed process re-run steps that, uninterrupted, ran after that
+#            eval. A backend whose numbers depend on what ran earlier in the process fails here.
+#            Real backends only (the numpy reference has no quantized path); ids: torch-qlora4, mlx-qlora4.
+#            Every qlora4 test uses these same settings, so one uninterrupted run per backend serves them all.
+QLORA4_STEPS = 24
+QLORA4 = dict(every=4, eval_every=3, keep_last=2, keep_best=False, bits=4)
+
+
+def campaign_params(soak: bool = False):
+    return ([pytest.param(name, "lora", marks=_marks(name, soak), id=name) for name in BACKENDS]
+            + [pytest.param(name, "qlora4", marks=_marks(name, soak), id=f"{name}-qlora4") for name in REAL])
+
+
+def count(env: str, default: int) -> int:
+    return int(os.environ.get(env) or default)
 
 
 # =================================================================================================
 # a. SIGKILL at random moments; relaunch with --auto-resume until done
 
 
-def random_kill_campaign(backend, kills_wanted, reference, tiny_model_dir, small_data, tmp_path):
-    steps, settings = 24, dict(every=4, eval_every=6, keep_last=2)
+# (steps, settings, seconds each step sleeps): the 4-bit runs train in well under a second once started, so a
+# short sleep per step lets most kills land in a step, an eval or a save rather than after the run ended.
+RANDOM_SETTINGS = {"lora": (24, dict(every=4, eval_every=6, keep_last=2), 0.0),
+                   "qlora4": (QLORA4_STEPS, QLORA4, 0.05)}
+
+
+def random_kill_campaign(backend, quant, kills_wanted, reference, tiny_model_dir, small_data, tmp_path):
+    steps, settings, sleep_s = RANDOM_SETTINGS[quant]
     ref = reference(backend, steps, **settings)
     seed = seed_for("random")
     rng = random.Random(seed)
     kills, chains, launches = 0, 0, 0
     where = Counter()
-    with Trials(f"random SIGKILL ({backend})", seed) as trials:
+    with Trials(f"random SIGKILL ({backend}, {quant})", seed) as trials:
         while kills < kills_wanted:
             chains += 1
             out, record = tmp_path / f"run{chains}", tmp_path / f"run{chains}.record.jsonl"
             while True:
                 launches += 1
                 launch = Launch(train_args(backend, tiny_model_dir, small_data, out, steps, "--auto-resume",
-                                           **settings), tmp_path / "logs", f"{chains}-{launches}", record=record)
+                                           **settings), tmp_path / "logs", f"{chains}-{launches}", record=record,
+                                sleep_s=sleep_s)
                 if kills >= kills_wanted:  # enough: let this one finish the run
                     code = launch.wait()
                     assert code == 0, launch.tail()
@@ -150,7 +182,7 @@ def random_kill_campaign(backend, kills_wanted, reference, tiny_model_dir, small
                 else:
                     beat = wait_heartbeat(out, launch)
                     if beat is not None:
-                        left = ref.train_s * (steps - beat["step"]) / steps
+                        left = (ref.train_s + sleep_s * steps) * (steps - beat["step"]) / steps
                         time.sleep(rng.uniform(0, left * 1.15))
                 before = heartbeat(out)
                 launch.kill()
@@ -175,28 +207,58 @@ def random_kill_campaign(backend, kills_wanted, reference, tiny_model_dir, small
             assert epochs >= 3
             assert not stray_temp_files(out), stray_temp_files(out)
             assert not (out / "checkpoints" / "quarantine").exists(), "a kill left an invalid checkpoint"
-    report(case="a_random_sigkill", backend=backend, seed=seed, kills=kills, runs=chains, launches=launches,
-           where=dict(where), failures=0)
+    report(case="a_random_sigkill", backend=backend, quant=quant, seed=seed, kills=kills, runs=chains,
+           launches=launches, where=dict(where), failures=0)
 
 
-@pytest.mark.parametrize("backend", backend_params())
-def test_random_sigkill_resume_is_exact(backend, reference, tiny_model_dir, small_data, tmp_path):
-    random_kill_campaign(backend, int(os.environ.get("FAULTS_KILLS", 10)), reference, tiny_model_dir,
-                         small_data, tmp_path)
+@pytest.mark.parametrize("backend, quant", campaign_params())
+def test_random_sigkill_resume_is_exact(backend, quant, reference, tiny_model_dir, small_data, tmp_path):
+    kills = count("FAULTS_KILLS", 10) if quant == "lora" else count("FAULTS_QLORA_KILLS", 5)
+    random_kill_campaign(backend, quant, kills, reference, tiny_model_dir, small_data, tmp_path)
 
 
-@pytest.mark.parametrize("backend", backend_params(soak=True))
-def test_soak_random_sigkill_resume_is_exact(backend, reference, tiny_model_dir, small_data, tmp_path):
-    random_kill_campaign(backend, int(os.environ.get("FAULTS_SOAK_KILLS", 50)), reference, tiny_model_dir,
-                         small_data, tmp_path)
+@pytest.mark.parametrize("backend, quant", campaign_params(soak=True))
+def test_soak_random_sigkill_resume_is_exact(backend, quant, reference, tiny_model_dir, small_data, tmp_path):
+    random_kill_campaign(backend, quant, count("FAULTS_SOAK_KILLS", 50), reference, tiny_model_dir, small_data,
+                         tmp_path)
+
+
+@pytest.mark.parametrize("backend", backend_params(REAL))
+def test_qlora_kill_after_an_eval_before_the_next_checkpoint_is_exact(backend, reference, tiny_model_dir,
+                                                                      small_data, tmp_path):
+    """The default 4-bit path, one deterministic crash: evals at 3 and 6, checkpoints at 4 and 8; the
+    process dies when it asks for step 7 (after the eval at 6, before the checkpoint at 8). The resumed
+    process starts from 4 and re-runs 5 and 6 without the evals at 3 and 6 (and the saves) behind it that
+    the uninterrupted process had; every loss and the adapter must still be the same bits. This failed on
+    torch while bitsandbytes repacked the 4-bit weights on the first eval (SPEC section 7, README
+    Reliability)."""
+    steps, settings = QLORA4_STEPS, QLORA4
+    ref = reference(backend, steps, **settings)
+    out, record = tmp_path / "run", tmp_path / "record.jsonl"
+    args = train_args(backend, tiny_model_dir, small_data, out, steps, **settings)
+    killed = run_cli(args, record=record, kill_before_step=7)
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    assert [(r["event"], r["step"]) for r in metrics(out) if r["event"] in ("eval", "checkpoint")] == [
+        ("eval", 3), ("checkpoint", 4), ("eval", 6)]
+    assert max(s for s, _ in train_lines(out)) == 6
+    assert assert_checkpoints_sound(out) == 4
+    resumed = run_cli(args + ["--auto-resume"], record=record)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert [r["from_step"] for r in metrics(out) if r["event"] == "resume"] == [4]
+    assert_losses_match(out, ref.run, steps)
+    assert_adapter_equal(out, ref.run)
+    assert_each_sample_once_per_epoch(record, ref.record, steps, SAMPLES)
 
 
 # =================================================================================================
 # b. SIGKILL inside a save, at each phase of the commit protocol
 
 
-def in_save_campaign(backend, trials_wanted, reference, tiny_model_dir, small_data, tmp_path):
-    steps, settings = 30, dict(every=2, eval_every=NO_EVAL, keep_last=2)
+IN_SAVE_SETTINGS = {"lora": (30, dict(every=2, eval_every=NO_EVAL, keep_last=2)), "qlora4": (QLORA4_STEPS, QLORA4)}
+
+
+def in_save_campaign(backend, quant, trials_wanted, reference, tiny_model_dir, small_data, tmp_path):
+    steps, settings = IN_SAVE_SETTINGS[quant]
     every = settings["every"]
     ref = reference(backend, steps, **settings)
     seed = seed_for("in-save")
@@ -204,7 +266,7 @@ def in_save_campaign(backend, trials_wanted, reference, tiny_model_dir, small_da
     plan = [POINTS[i % len(POINTS)] for i in range(trials_wanted)]
     rng.shuffle(plan)
     done, chains, launches, not_reached = Counter(), 0, 0, 0
-    with Trials(f"SIGKILL inside a save ({backend})", seed) as trials:
+    with Trials(f"SIGKILL inside a save ({backend}, {quant})", seed) as trials:
         while plan:
             chains += 1
             out = tmp_path / f"run{chains}"
@@ -261,20 +323,23 @@ def in_save_campaign(backend, trials_wanted, reference, tiny_model_dir, small_da
             assert_adapter_equal(out, ref.run)
             assert not stray_temp_files(out), stray_temp_files(out)
             assert not (out / "checkpoints" / "quarantine").exists(), "a kill left an invalid checkpoint"
-    report(case="b_sigkill_in_save", backend=backend, seed=seed, kills=sum(done.values()), per_point=dict(done),
-           runs=chains, launches=launches, not_reached=not_reached, failures=0)
+    report(case="b_sigkill_in_save", backend=backend, quant=quant, seed=seed, kills=sum(done.values()),
+           per_point=dict(done), runs=chains, launches=launches, not_reached=not_reached, failures=0)
 
 
-@pytest.mark.parametrize("backend", backend_params())
-def test_sigkill_inside_a_save_never_leaves_a_mix(backend, reference, tiny_model_dir, small_data, tmp_path):
-    in_save_campaign(backend, int(os.environ.get("FAULTS_SAVE_KILLS", 24 if backend != "torch" else 12)),
-                     reference, tiny_model_dir, small_data, tmp_path)
+@pytest.mark.parametrize("backend, quant", campaign_params())
+def test_sigkill_inside_a_save_never_leaves_a_mix(backend, quant, reference, tiny_model_dir, small_data, tmp_path):
+    if quant == "lora":
+        trials = count("FAULTS_SAVE_KILLS", 24 if backend != "torch" else 12)
+    else:
+        trials = count("FAULTS_QLORA_SAVE_KILLS", len(POINTS))  # one kill at each phase
+    in_save_campaign(backend, quant, trials, reference, tiny_model_dir, small_data, tmp_path)
 
 
-@pytest.mark.parametrize("backend", backend_params(soak=True))
-def test_soak_sigkill_inside_a_save(backend, reference, tiny_model_dir, small_data, tmp_path):
-    in_save_campaign(backend, int(os.environ.get("FAULTS_SOAK_SAVE_KILLS", 102)), reference, tiny_model_dir,
-                     small_data, tmp_path)
+@pytest.mark.parametrize("backend, quant", campaign_params(soak=True))
+def test_soak_sigkill_inside_a_save(backend, quant, reference, tiny_model_dir, small_data, tmp_path):
+    in_save_campaign(backend, quant, count("FAULTS_SOAK_SAVE_KILLS", 102), reference, tiny_model_dir, small_data,
+                     tmp_path)
 
 
 def test_sigkill_while_replacing_the_exported_adapter(tiny_model_dir, small_data, tmp_path):
@@ -561,11 +626,18 @@ cp -a "$MNT/run" '{tmp_path}/after'
 # e. SIGTERM and SIGINT on the real backends
 
 
-@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
-@pytest.mark.parametrize("backend", backend_params(REAL))
-def test_signal_commits_the_current_step_and_resume_is_exact(backend, sig, code, reference, tiny_model_dir,
+# 4-bit: SIGTERM only (SIGINT takes the same path, and the lora cases cover it). The signal lands at step 3 or
+# later, so the eval at 3 (which saves nothing) has always run before the checkpoint the signal forces.
+SIGNAL_SETTINGS = {"lora": (16, dict(every=5, eval_every=6, keep_last=3)), "qlora4": (QLORA4_STEPS, QLORA4)}
+
+
+@pytest.mark.parametrize("backend, quant, sig, code", [
+    pytest.param(b, q, sig, code, marks=_marks(b, False), id=f"{b}{'' if q == 'lora' else '-' + q}-{sig.name}")
+    for b in REAL for q in ("lora", "qlora4") for sig, code in ((signal.SIGTERM, 143), (signal.SIGINT, 130))
+    if q == "lora" or sig == signal.SIGTERM])
+def test_signal_commits_the_current_step_and_resume_is_exact(backend, quant, sig, code, reference, tiny_model_dir,
                                                              small_data, tmp_path):
-    steps, settings = 16, dict(every=5, eval_every=6, keep_last=3)
+    steps, settings = SIGNAL_SETTINGS[quant]
     ref = reference(backend, steps, **settings)
     out, record = tmp_path / "run", tmp_path / "record.jsonl"
     args = train_args(backend, tiny_model_dir, small_data, out, steps, **settings)
