@@ -200,7 +200,8 @@ def test_every_sample_once_per_epoch(tmp_path):
 
 def eval_lines(run_dir: Path) -> dict[int, dict]:
     """The last eval line per step (a resumed run appends re-run steps again), without the wall time."""
-    return {r["step"]: {k: v for k, v in r.items() if k != "time"} for r in read_metrics(run_dir) if r["event"] == "eval"}
+    return {r["step"]: {k: v for k, v in r.items() if k != "time"}
+            for r in read_metrics(run_dir) if r["event"] == "eval"}
 
 
 def adapter_bytes(run_dir: Path) -> bytes:
