@@ -258,6 +258,9 @@ class TrainStream:
         self.batch_size = cfg.train.batch_size
         self.max_len = cfg.model.max_seq_length
         self.seed = cfg.train.seed
+        if self.packing and self.max_len < 2:
+            raise DataError(f"model.max_seq_length={self.max_len} leaves packed blocks no token to predict "
+                            "-> raise model.max_seq_length")
         self.source = _open_source(Path(train_file), tokenizer, cfg, cfg.data.streaming)
         self.format = self.source.format
         self.samples_per_epoch = len(self.source)
@@ -383,7 +386,8 @@ class TrainStream:
                 if blocks:
                     break  # the epoch's last, smaller batch
                 continue
-            blocks.append(block)
+            if target_tokens([block]):  # an epoch's last scrap can be one token: nothing to predict, skipped
+                blocks.append(block)
         return collate(blocks, self.tok.pad_id, self.max_len)
 
     # -- public -------------------------------------------------------------
@@ -452,6 +456,7 @@ def eval_batches(val_file: Path, tokenizer: TextTokenizer, cfg: Any, max_batches
             ids += enc.prompt + enc.responses[0][0]
             mask += enc.prompt_mask + enc.responses[0][1]
         blocks = [(ids[s:s + max_len], mask[s:s + max_len]) for s in range(0, len(ids), max_len)]
+        blocks = [block for block in blocks if target_tokens([block])]  # as in training
         chosen = np.sort(rng.permutation(len(blocks))[:want])
         picked = [blocks[i] for i in chosen]
         return [collate(picked[s:s + batch_size], tokenizer.pad_id, max_len)

@@ -579,6 +579,21 @@ def test_packing_blocks(tok):
     assert first_epoch_tokens + 4 * 40 == sum(len(tok.encode(d)) + 1 for d in docs)
 
 
+def test_a_packed_scrap_with_nothing_to_predict_is_skipped(tok, tmp_path):
+    """A document cut so that its last block is one token (its EOS): alone in a batch, that would be a
+    step with no target at all. It is skipped in training and in validation."""
+    path = write_jsonl(tmp_path / "train.jsonl", [{"text": "one two three four five"}])
+    length = len(tok.encode("one two three four five")) + 1  # BOS ... EOS
+    cfg = make_cfg(method="cpt", batch_size=1, max_seq_length=length - 1)
+    stream = TrainStream(path, tok, cfg)
+    batches = [stream.next_batch() for _ in range(4)]
+    assert all(b.num_target_tokens > 0 for b in batches) and stream.epoch == 3
+    assert all(b.attention_mask.sum() == length - 1 for b in batches)  # the same full block, epoch after epoch
+    assert [b.num_rows for b in eval_batches(path, tok, cfg, 5, 1)] == [1]
+    with pytest.raises(DataError, match="max_seq_length=1 leaves packed blocks no token to predict"):
+        TrainStream(path, tok, make_cfg(method="cpt", max_seq_length=1))
+
+
 # ---------------------------------------------------------------------------
 # Validation batches and prompts
 
