@@ -12,7 +12,7 @@ from typing import Callable
 from . import fingerprint as fp
 from .checkpoint import CheckpointInfo, CheckpointManager
 from .errors import ResumeRefused
-from .rundir import owned_entries
+from .rundir import owned_entries, read_metrics
 
 FLAGS_HINT = ("Pass --auto-resume to continue it, or --fresh to start over (the old run is archived, nothing is "
               "deleted)")
@@ -124,3 +124,18 @@ def beyond_max_steps(step: int, max_steps: int) -> str | None:
         return (f"this run is already at step {step}, beyond train.max_steps {max_steps}; nothing to train "
                 f"(raise --max-steps above {step} to continue); adapter/ and the checkpoints are unchanged")
     return None
+
+
+def stopped_early(run_dir: Path, args) -> str | None:
+    """A run that stopped early for a reason (plateau, non-finite loss, a stuck loss, gradient spikes) is
+    finished, not interrupted: a plain --auto-resume (a retry loop, a pod that reboots) must not train on
+    past that decision. Naming a step (--resume-from, --before-step) is asking to, so that goes on."""
+    if args.resume_from is not None or args.before_step is not None:
+        return None
+    lifecycle = [r for r in read_metrics(run_dir) if r.get("event") in ("start", "resume", "stop", "end")]
+    if not lifecycle or lifecycle[-1].get("event") != "end" or lifecycle[-1].get("status") != "stopped":
+        return None
+    end = lifecycle[-1]
+    return (f"this run already stopped early at step {end.get('step')}: {end.get('reason')}. Nothing to train; "
+            f"adapter/ and the checkpoints are unchanged. To train on anyway, name the checkpoint: "
+            f"--resume-from STEP (see overnight checkpoints {run_dir}), or start over with --fresh")

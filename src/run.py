@@ -163,7 +163,8 @@ def _locked(args, cfg, run_dir, backend, data, train_file, val_file, tokenizer, 
         resume.refuse_other_backend(saved, backend.name, resume_from.step)
         overridden = resume.check_fingerprint(saved, fingerprint, resume_from.step, args.allow_config_change)
         resume_state = checkpoints.trainer_state(resume_from.path)
-        nothing = resume.beyond_max_steps(resume_state["step"], cfg.train.max_steps)
+        nothing = (resume.beyond_max_steps(resume_state["step"], cfg.train.max_steps)
+                   or resume.stopped_early(run_dir, args))
         if nothing:
             say(nothing)
             return EXIT_OK

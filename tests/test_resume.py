@@ -144,3 +144,22 @@ def test_resuming_with_another_backend_is_refused_before_the_model_loads(tmp_pat
     assert "Traceback" not in result.stderr + result.stdout
     assert "trainable params" not in result.stdout  # refused before backend.setup loaded the model
     assert tree(out) == before
+
+
+def test_a_run_that_stopped_early_is_not_trained_on_by_a_plain_auto_resume(tmp_path, tiny_model_dir):
+    out = tmp_path / "run"
+    plateau = ("--set", "early_stopping.warmup_steps=2", "--set", "early_stopping.check_every_steps=2",
+               "--set", "early_stopping.patience=1", "--set", "early_stopping.min_delta=100")
+    first = overnight(*base_args(tiny_model_dir, out, 30), *plateau)
+    assert first.returncode == 0 and "stopping early" in first.stdout, first.stdout + first.stderr
+    stop_step = next(r["step"] for r in read_metrics(out) if r["event"] == "stop")
+    before = tree(out)
+    again = overnight(*base_args(tiny_model_dir, out, 30), *plateau, "--auto-resume")
+    assert again.returncode == 0, again.stderr
+    assert f"already stopped early at step {stop_step}" in again.stdout and "--resume-from" in again.stdout
+    assert {k: v for k, v in tree(out).items() if k != ".lock"} == {k: v for k, v in before.items() if k != ".lock"}
+    # Naming the checkpoint is asking to train on: that goes on (and stops again at its next plateau check).
+    onward = overnight(*base_args(tiny_model_dir, out, 30), *plateau, "--resume-from", str(stop_step),
+                       "--set", "early_stopping.patience=1000")
+    assert onward.returncode == 0, onward.stderr
+    assert max(r["step"] for r in read_metrics(out) if r["event"] == "train") == 30
