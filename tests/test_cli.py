@@ -62,6 +62,20 @@ def test_unknown_key_exits_2_naming_it(tmp_path):
     assert result.returncode == 2 and "learning_rate" in result.stderr
 
 
+@pytest.mark.parametrize("extra, key", [
+    (["--set", "train.learning_rate=nan"], "train.learning_rate"),
+    (["--set", "train.learning_rate=inf"], "train.learning_rate"),
+    (["--set", "train.learning_rate=-.inf"], "train.learning_rate"), (["--seed", "-3"], "train.seed"),
+    (["--set", "lora.alpha=nan"], "lora.alpha"),
+])
+def test_non_finite_numbers_and_negative_seeds_exit_2_naming_the_key(tmp_path, tiny_model_dir, extra, key):
+    out = tmp_path / "run"
+    result = overnight(*base_args(tiny_model_dir, out, 3), *extra)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"config key '{key}'" in result.stderr and "Traceback" not in result.stdout + result.stderr
+    assert not out.exists()
+
+
 def test_bad_data_exits_2_before_anything_is_written(tmp_path, tiny_model_dir):
     data = tmp_path / "data"
     data.mkdir()
