@@ -42,6 +42,29 @@ def overnight(*args: str, faults: dict | None = None, timeout: float = 120, **kw
                           env=env(**(faults or {})), stdin=subprocess.DEVNULL, timeout=timeout, cwd=ROOT, **kw)
 
 
+def on_terminal(args: list[str], answer: bytes | None) -> tuple[int, str]:
+    """Run the CLI on a pseudo-terminal; when it asks, type ``answer`` (b"\\x04" is Ctrl-D)."""
+    import pty
+
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.execve(sys.executable, [sys.executable, "-m", "overnight", *args], env())
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        seen += chunk
+        if answer is not None and b"[Y/n]" in seen:
+            os.write(fd, answer)
+            answer = None
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status), seen.decode(errors="replace")
+
+
 def losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_metrics(run_dir) if r["event"] == "train"}
 
@@ -186,31 +209,13 @@ def test_resume_from_and_before_step(tmp_path, tiny_model_dir):
 
 
 def test_terminal_prompt_yes_and_no(tmp_path, tiny_model_dir):
-    import pty
-
     out = tmp_path / "run"
     assert overnight(*base_args(tiny_model_dir, out, 5)).returncode == 0
 
     def run_with_answer(answer: str) -> tuple[int, str]:
-        pid, fd = pty.fork()
-        if pid == 0:  # child: the CLI on a terminal
-            os.execve(sys.executable, [sys.executable, "-m", "overnight", *base_args(tiny_model_dir, out, 8)],
-                      env(**{}))
-        seen = b""
-        while b"[Y/n]" not in seen:
-            seen += os.read(fd, 1024)
-        assert b"Resume from step 5? [Y/n]" in seen
-        os.write(fd, answer.encode() + b"\n")
-        while True:
-            try:
-                chunk = os.read(fd, 4096)
-            except OSError:
-                break
-            if not chunk:
-                break
-            seen += chunk
-        _, status = os.waitpid(pid, 0)
-        return os.waitstatus_to_exitcode(status), seen.decode(errors="replace")
+        code, text = on_terminal(base_args(tiny_model_dir, out, 8), answer.encode() + b"\n")
+        assert "Resume from step 5? [Y/n]" in text
+        return code, text
 
     code, text = run_with_answer("n")
     assert code == 3 and "--fresh" in text

@@ -1,18 +1,13 @@
 """The resume policy: what --fresh moves, the prompt, and the refusals (exit 3) that protect a night of work."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
 from overnight.resume import archive_run
 from overnight.rundir import OWNED_NAMES, read_metrics
 
 from conftest import has
-from test_cli import base_args, env, overnight
+from test_cli import base_args, on_terminal, overnight
 from test_lock import tree
 
 
@@ -63,29 +58,6 @@ def test_a_run_that_died_before_its_first_checkpoint_is_archived_without_the_use
     (archive,) = out.glob("archive-*")
     assert sorted(p.name for p in archive.iterdir()) == ["heartbeat.json", "metrics.jsonl"]
     assert (out / "notes.txt").read_text() == "mine\n"
-
-
-def on_terminal(args: list[str], answer: bytes | None) -> tuple[int, str]:
-    """Run the CLI on a pseudo-terminal; when it asks, type ``answer`` (b"\\x04" is Ctrl-D)."""
-    import pty
-
-    pid, fd = pty.fork()
-    if pid == 0:
-        os.execve(sys.executable, [sys.executable, "-m", "overnight", *args], env())
-    seen = b""
-    while True:
-        try:
-            chunk = os.read(fd, 4096)
-        except OSError:
-            break
-        if not chunk:
-            break
-        seen += chunk
-        if answer is not None and b"[Y/n]" in seen:
-            os.write(fd, answer)
-            answer = None
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status), seen.decode(errors="replace")
 
 
 def test_ctrl_d_at_the_prompt_is_no_answer(tmp_path, tiny_model_dir):

@@ -54,7 +54,7 @@ def test_the_lock_holder_is_running(tmp_path):
         text = status(tmp_path)
     finally:
         lock.release(fd)
-    assert f"running at step 7" in text and f"pid {os.getpid()}" in text and "may be stuck" in text
+    assert "running at step 7" in text and f"pid {os.getpid()}" in text and "may be stuck" in text
 
 
 def test_without_a_lock_file_an_old_heartbeat_is_interrupted_even_if_its_pid_lives(tmp_path):
