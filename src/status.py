@@ -110,12 +110,20 @@ def list_checkpoints(run_dir: Path, say: Callable[[str], None]) -> None:
     if not infos:
         say(f"no checkpoints in {manager.root}")
         return
-    evals = {r.get("step"): r for r in read_metrics(run_dir) if r.get("event") == "eval"}
-    best_step = None
+    records = read_metrics(run_dir)
+    evals = {r.get("step"): r for r in records if r.get("event") == "eval"}
+    best_step, newest = None, None
     for info in reversed(infos):
         if info.valid:
-            best_step = manager.trainer_state(info.path)["best"]["best_step"]
+            newest = info.step
+            best = manager.trainer_state(info.path).get("best")
+            best_step = best.get("best_step") if isinstance(best, dict) else None
             break
+    ends = [r for r in records if r.get("event") == "end"]
+    if ends and newest is not None and isinstance(ends[-1].get("step"), int) and ends[-1]["step"] >= newest:
+        # A run that ended after the newest checkpoint (an eval owed to the resume, run at the very end)
+        # knows its final best better than that checkpoint does.
+        best_step = ends[-1].get("best_step", best_step)
     say(f"{'step':>8}  {'status':<40} {'val_loss':>9} {'score':>9}  best")
     for info in infos:
         ev = evals.get(info.step, {})

@@ -94,3 +94,22 @@ def test_status_reads_past_an_invalid_checkpoint_without_moving_it(finished_run,
 def test_status_of_a_missing_folder_is_a_usage_error(tmp_path):
     result = overnight("status", str(tmp_path / "nope"))
     assert result.returncode == 2 and "not a run directory" in result.stderr
+
+
+def test_checkpoints_marks_the_best_the_run_ended_with(finished_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    listing = overnight("checkpoints", str(run))
+    assert listing.returncode == 0 and "Traceback" not in listing.stderr
+    rows = {line.split()[0]: line for line in listing.stdout.splitlines()[1:] if line.split()[0].isdigit()}
+    assert len(rows) >= 2
+    other = next(step for step, line in rows.items() if not line.rstrip().endswith("*"))
+    # An eval owed to a resume and run at the very end can crown a best after the newest checkpoint was
+    # written: the run's end record is the later truth.
+    with open(run / "metrics.jsonl", "a") as handle:
+        handle.write(json.dumps({"event": "end", "step": 12, "status": "completed", "best_step": int(other)}) + "\n")
+    listing = overnight("checkpoints", str(run))
+    marked = [line.split()[0] for line in listing.stdout.splitlines()[1:] if line.rstrip().endswith("*")]
+    assert marked == [other]
