@@ -19,8 +19,10 @@ import torch.nn.functional as F
 
 from overnight import lora_init, objectives
 from overnight.backend import Batch, OutOfMemory, SetupInfo, StepResult
+from overnight.backends import noise
 from overnight.config import ConfigError
 
+noise.install()  # before bitsandbytes is imported: its import logs a line that is not the user's business
 _OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 STATE_FORMAT = 1
 
@@ -49,6 +51,7 @@ class TorchBackend:
         from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        noise.hide_loading_bars()
         self._cfg = cfg
         self._method = cfg.data.method
         self._beta = float(cfg.preference.beta)

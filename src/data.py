@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from array import array
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -70,7 +70,7 @@ def _rng(*keys: int) -> np.random.Generator:
 # Validation
 
 def check_data(data_path: Path, method: str, *, tokenizer: TextTokenizer | None = None,
-               cfg: Any = None) -> DataReport:
+               cfg: Any = None, on_progress: Callable[[Path, int, int, int], None] | None = None) -> DataReport:
     """One full validating pass over the train and validation files; collects every problem.
 
     With a tokenizer, every row is also tokenized and cut exactly as training will (this also runs the
@@ -97,7 +97,13 @@ def check_data(data_path: Path, method: str, *, tokenizer: TextTokenizer | None 
             targets = target_tokens(fit(enc, max_len))
             return enc.length, targets, None if targets else shortest_trainable_length(enc)
 
-    reports = [check_file(path, method, measure, max_len) for path in (train, val) if path is not None]
+    def watched(path: Path):  # on_progress(path, rows, bytes read, file size): a large file is not silence
+        if on_progress is None:
+            return None
+        size = path.stat().st_size if path.is_file() else 0
+        return lambda rows, offset: on_progress(path, rows, offset, size)
+
+    reports = [check_file(path, method, measure, max_len, watched(path)) for path in (train, val) if path is not None]
     report = DataReport(method, reports[0], reports[1] if len(reports) > 1 else None, max_len, truncate, packing,
                         mask_prompt)
     for f in report.files:

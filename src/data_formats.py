@@ -314,7 +314,8 @@ Measure = Callable[[dict, str], "tuple[int, int | None, int | None]"]
 
 
 def check_file(path: Path, method: str, measure: Measure | None = None,
-               max_seq_length: int | None = None) -> FileReport:
+               max_seq_length: int | None = None,
+               on_line: Callable[[int, int], None] | None = None) -> FileReport:
     """One full pass over ``path``: every line parsed and checked. The file's format is the most common
     one among the formats the method can use (else the most common overall), so a single odd row is
     the one reported, wherever it is.
@@ -327,7 +328,9 @@ def check_file(path: Path, method: str, measure: Measure | None = None,
         if not path.is_file():
             report.add(None, None, "is not a file", "pass a .jsonl file or a folder holding train.jsonl")
             return report
-        for lineno, _, content in iter_lines(path, report):
+        for lineno, offset, content in iter_lines(path, report):
+            if on_line is not None:  # (line number, bytes read): the caller's progress display
+                on_line(lineno, offset)
             row, err = parse_line(content)
             if err:
                 report.add(lineno, None, *err)

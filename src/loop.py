@@ -6,6 +6,7 @@ from typing import Callable
 
 from .backend import Batch, OutOfMemory
 from .checkpoint import CheckpointManager, NonFiniteWeights, export_adapter
+from .progress import checkpoint_line, eval_line
 from .schedule import lr_at
 from .scoring import BestTracker
 from .stopping import EarlyStopping, Stop
@@ -65,8 +66,9 @@ def train(cfg, backend, stream, validator, checkpoints: CheckpointManager, files
                  "early_stopping": stopper.state(), "best": best.state(), "data": stream.state(), "owed": owe}
         path = checkpoints.save(step, backend.save, state, fingerprint, versions)
         files.event("checkpoint", step, path=str(path.relative_to(files.dir)))
-        checkpoints.rotate(best.best_step)
+        removed = checkpoints.rotate(best.best_step)
         notify("checkpoint", step=step)
+        say(checkpoint_line(step, best.best_step, removed))
 
     stop: Stop | None = None
     signal_code = None
@@ -119,6 +121,7 @@ def train(cfg, backend, stream, validator, checkpoints: CheckpointManager, files
                 scores = best.score(evaluation["val_loss"])
                 new_best = best.offer(step, scores["score"], evaluation["val_loss"])
                 files.event("eval", step, **evaluation, **scores, best=new_best)
+                say(eval_line(step, evaluation, scores["score"], new_best, best.best_step))
                 notify("eval", step=step, val_loss=evaluation["val_loss"], best=new_best)
                 if predict and not interrupted():  # non-critical: not owed when a signal came during the eval
                     predict(step)

@@ -109,6 +109,39 @@ def create_output_dir(run_dir: Path) -> None:
                          "(or fix the permissions of its parent folder)") from None
 
 
+def check_data_showing_progress(data, cfg, tokenizer, quiet: bool):
+    """The full data check; on a large file it shows how far it got (on stderr) instead of silence."""
+    from .progress import DataCheckProgress
+
+    shown = None if quiet else DataCheckProgress()
+    try:
+        return data.check_data(Path(cfg.data.path), cfg.data.method, tokenizer=tokenizer, cfg=cfg, on_progress=shown)
+    finally:
+        if shown is not None:
+            shown.done()
+
+
+def banner(cfg, info, report, run_dir: Path, resumed_from: int | None) -> list[str]:
+    """What the run is about to do, for whoever reads the log next morning (the backend line, and why, is
+    printed by the registry before this)."""
+    t = cfg.train
+    lines = [f"model: {cfg.model.path} | trainable params {info.trainable_params:,} of {info.total_params:,} "
+             f"({100.0 * info.trainable_params / max(1, info.total_params):.3f}%)"]
+    for name, f in (("train", report.train), ("val", report.val)):
+        if f is not None:
+            tokens = f", {int(f.lengths.sum()):,} tokens" if f.lengths is not None and len(f.lengths) else ""
+            lines.append(f"data {name}: {f.path} | {f.rows:,} rows{tokens}")
+    if report.val is None:
+        lines.append("data val: none (no evaluation; the final adapter is the last checkpoint)")
+    lines.append(f"plan: {t.max_steps:,} steps | effective batch {t.batch_size * t.grad_accumulation} "
+                 f"(batch {t.batch_size} x accumulation {t.grad_accumulation}) | "
+                 + (f"eval every {cfg.eval.every_steps} steps | " if report.val is not None else "")
+                 + f"checkpoint every {cfg.checkpoint.every_steps} steps (keep last {cfg.checkpoint.keep_last}"
+                 f"{' + best' if cfg.checkpoint.keep_best else ''})")
+    lines.append(f"run dir: {run_dir}" + (f" | resuming from step {resumed_from}" if resumed_from is not None else ""))
+    return lines
+
+
 def run_train(args, flags: dict) -> int:
     from . import data
 
@@ -121,7 +154,7 @@ def run_train(args, flags: dict) -> int:
     train_file, val_file = data.find_data_files(Path(cfg.data.path))
     local_model = Path(cfg.model.path).expanduser()
     tokenizer = data.load_tokenizer(local_model) if local_model.is_dir() else None
-    report = data.check_data(Path(cfg.data.path), cfg.data.method, tokenizer=tokenizer, cfg=cfg)
+    report = check_data_showing_progress(data, cfg, tokenizer, args.quiet)
     report.raise_if_problems()
     run_dir = output_dir(cfg)
     backend = get_backend(cfg.backend, announce=say)  # imports the framework, loads no model
@@ -175,12 +208,12 @@ def _locked(args, cfg, run_dir, backend, data, train_file, val_file, tokenizer, 
     notify = Notifier(cfg.notify.webhook_url)
     try:
         info = backend.setup(cfg, cfg.train.seed)
-        say(f"model: {cfg.model.path} | trainable params {info.trainable_params:,} of {info.total_params:,} "
-            f"({100.0 * info.trainable_params / max(1, info.total_params):.3f}%)")
         if tokenizer is None:
             tokenizer = data.load_tokenizer(Path(info.model_dir))
-            report = data.check_data(Path(cfg.data.path), cfg.data.method, tokenizer=tokenizer, cfg=cfg)
+            report = check_data_showing_progress(data, cfg, tokenizer, args.quiet)
             report.raise_if_problems()
+        for line in banner(cfg, info, report, run_dir, resume_from.step if resume_from is not None else None):
+            say(line)
         for warning in report.warnings():
             say(f"warning: {warning}")
         stream = data.TrainStream(train_file, tokenizer, cfg)

@@ -1,3 +1,5 @@
+import pytest
+
 from overnight.progress import Progress
 
 
@@ -19,7 +21,7 @@ def test_line_format_and_eta_excludes_eval_and_save_time():
         clock.now += 100.0  # eval/save time between steps must not count
         line = progress.update(step, 3.2, 3.4, steps_since_ckpt=15, memory_mb=14051.0)
     # 55 steps left at 2 s each
-    assert line == ("Training: 45% | loss=3.2 | loss_avg=3.4 | eta_h=0.0 | ckpt=-15 | "
+    assert line == ("Training: 45% | loss=3.2 | loss_avg=3.4 | eta=0:02 | ckpt=-15 | "
                     "memory_mb=14051 | mem_delta=+0")
     assert abs(progress.eta_hours() - 55 * 2.0 / 3600) < 1e-12
 
@@ -56,7 +58,96 @@ def test_tqdm_renders_the_same_line(capsys):
     import io
 
     out = io.StringIO()
-    progress = Progress(total_steps=100, out=out)
+    progress = Progress(total_steps=100, out=out, terminal=True, columns=lambda: 200)
     progress.update(45, 3.2, 3.4, steps_since_ckpt=150, memory_mb=14051.0)
     progress.close()
-    assert "Training: 45% | loss=3.2 | loss_avg=3.4 | eta_h=nan | ckpt=-150 | memory_mb=14051 | mem_delta=+0" in out.getvalue()
+    assert "Training: 45% | loss=3.2 | loss_avg=3.4 | eta=? | ckpt=-150 | memory_mb=14051 | mem_delta=+0" in out.getvalue()
+
+
+def test_eta_is_hours_and_minutes_rounded_up():
+    from overnight.progress import format_eta
+
+    assert format_eta(3 / 60) == "0:03"
+    assert format_eta(12 + 40 / 60) == "12:40"
+    assert format_eta(20 / 3600) == "0:01"  # 20 s left is not "done"
+    assert format_eta(0.0) == "0:00"
+    assert format_eta(float("nan")) == "?"
+
+
+def run_steps(progress, clock, steps, step_s=1.0, memory=lambda step: 14051.0, start=1):
+    lines = []
+    for step in range(start, start + steps):
+        progress.step_started()
+        clock.now += step_s
+        progress.step_finished()
+        lines.append(progress.update(step, 3.2144, 3.4121, step % 250, memory(step)))
+    return lines
+
+
+@pytest.mark.parametrize("leak", [False, True])
+def test_terminal_line_fits_80_columns_keeping_loss_eta_and_memory_health(leak):
+    import io
+    import re
+
+    clock, out = FakeClock(), io.StringIO()
+    progress = Progress(total_steps=10000, clock=clock, out=out, terminal=True, columns=lambda: 80)
+    run_steps(progress, clock, 450, step_s=9.0, memory=lambda step: 14051.0 * (2 if leak and step > 20 else 1))
+    progress.close()
+    shown = out.getvalue().split("\r")[-2].strip()  # the last redraw before close's newline
+    assert len(shown) <= 79, shown
+    assert "loss=3.214" in shown and re.search(r"eta=\d+:\d\d", shown) and "mem" in shown
+    assert ("⚠" in shown) == leak
+    assert ("+14051" in shown) == leak
+
+
+def test_fit_drops_fields_in_order_but_never_the_leak_mark():
+    from overnight.progress import fit
+
+    fields = {"loss": "3.214", "loss_avg": "3.412", "eta": "12:40", "ckpt": "-150", "memory_mb": "14051",
+              "mem_delta": "+9000 ⚠"}
+    wide = fit(fields, "45%", 200)
+    assert wide == ("Training: 45% | loss=3.214 | loss_avg=3.412 | eta=12:40 | ckpt=-150 | memory_mb=14051 | "
+                    "mem_delta=+9000 ⚠")
+    for width in range(10, 120):
+        line = fit(fields, "45%", width)
+        assert len(line) <= width and line.endswith("⚠"), (width, line)
+        if width >= 40:
+            assert "loss=3.214" in line and "eta=12:40" in line
+
+
+def test_plain_lines_when_not_a_terminal_every_10_percent_or_60_s_plus_first_and_end():
+    import io
+    import re
+
+    clock, out = FakeClock(), io.StringIO()
+    progress = Progress(total_steps=200, clock=clock, out=out, terminal=False, wall_clock=lambda: "06:12:03")
+    run_steps(progress, clock, 199, step_s=1.0)
+    run_steps(progress, clock, 1, step_s=100.0, start=200)  # the last step
+    progress.close()
+    text = out.getvalue()
+    assert "\r" not in text
+    steps = [int(re.search(r"step=(\d+)/200", line).group(1)) for line in text.splitlines()]
+    assert steps == [1, 20, 40, 60, 80, 100, 120, 140, 160, 180, 200]
+    first = text.splitlines()[0]
+    assert first == ("06:12:03 Training: 0% | step=1/200 | loss=3.214 | loss_avg=3.412 | eta=0:04 | ckpt=-1 | "
+                     "memory_mb=14051 | mem_delta=+0")
+
+    clock, out = FakeClock(), io.StringIO()
+    slow = Progress(total_steps=1000, clock=clock, out=out, terminal=False)
+    run_steps(slow, clock, 12, step_s=25.0)  # 10% is 100 steps, but a minute passes first
+    assert [int(re.search(r"step=(\d+)/", line).group(1)) for line in out.getvalue().splitlines()] == [1, 4, 7, 10]
+    slow.close()  # a run that ends early still shows where it ended
+    assert "step=12/1000" in out.getvalue().splitlines()[-1]
+
+
+def test_plain_output_that_fails_never_stops_training():
+    class Broken:
+        def write(self, _):
+            raise OSError(28, "No space left on device")
+
+        def flush(self):
+            raise OSError(28, "No space left on device")
+
+    progress = Progress(total_steps=10, out=Broken(), terminal=False)
+    progress.update(1, 1.0, 1.0, 0, 100.0)
+    progress.close()
