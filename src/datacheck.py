@@ -14,6 +14,7 @@ import numpy as np
 from .config import Config
 from .data import DataError, check_data, find_data_files, load_tokenizer
 from .data_formats import METHOD_FORMATS, detect_format, iter_lines, no_target_fix, parse_line
+from .progress import DataCheckProgress
 
 
 def infer_method(train_file: Path) -> str:
@@ -46,7 +47,11 @@ def validate_data_main(path: str, method: str | None, model: str | None, max_seq
             how = "as asked"
         cfg.data.method = method
         tokenizer = load_tokenizer(Path(model)) if model else None
-        report = check_data(Path(path), method, tokenizer=tokenizer, cfg=cfg)
+        shown = DataCheckProgress()  # on stderr, and only for a file that takes more than a moment
+        try:
+            report = check_data(Path(path), method, tokenizer=tokenizer, cfg=cfg, on_progress=shown)
+        finally:
+            shown.done()
     except DataError as exc:
         out(f"error: {exc}")
         return 2

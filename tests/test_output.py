@@ -249,3 +249,16 @@ def test_noise_filters_drop_and_rephrase_only_the_known_messages(capsys):
                                module="peft.tuners.lora")
         warnings.warn_explicit("deprecated in the user's code", FutureWarning, "train.py", 1, module="mytrain")
     assert [str(w.message) for w in caught] == ["deprecated in the user's code"]
+
+
+def test_validate_data_shows_the_same_progress(tmp_path, monkeypatch):
+    from overnight import datacheck
+
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"text": f"row {i}"}) + "\n" for i in range(600)))
+    err = io.StringIO()
+    monkeypatch.setattr(datacheck, "DataCheckProgress",
+                        lambda: DataCheckProgress(out=err, terminal=False, first_after=0.0, every_s=0.0))
+    assert datacheck.validate_data_main(str(tmp_path), "cpt", None, out=lambda line: None) == 0
+    lines = err.getvalue().splitlines()
+    assert [re.fullmatch(r"checking data: train\.jsonl (\d+) rows \(\d+%\)", line).group(1) for line in lines] == [
+        "1", "257", "513"]  # the clock is read every 256 rows
