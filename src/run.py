@@ -134,8 +134,8 @@ def banner(cfg, info, report, run_dir: Path, resumed_from: int | None) -> list[s
     if report.val is None:
         lines.append("data val: none (no evaluation; the final adapter is the last checkpoint)")
     lines.append(f"plan: {t.max_steps:,} steps | effective batch {t.batch_size * t.grad_accumulation} "
-                 f"(batch {t.batch_size} x accumulation {t.grad_accumulation}) | "
-                 + (f"eval every {cfg.eval.every_steps} steps | " if report.val is not None else "")
+                 f"(batch {t.batch_size} x accumulation {t.grad_accumulation})")
+    lines.append((f"eval every {cfg.eval.every_steps} steps | " if report.val is not None else "")
                  + f"checkpoint every {cfg.checkpoint.every_steps} steps (keep last {cfg.checkpoint.keep_last}"
                  f"{' + best' if cfg.checkpoint.keep_best else ''})")
     lines.append(f"run dir: {run_dir}" + (f" | resuming from step {resumed_from}" if resumed_from is not None else ""))
