@@ -93,7 +93,7 @@ def checkpoint_line(step: int, best_step: int | None, removed: list[int]) -> str
 
 class Progress:
     def __init__(self, total_steps: int, start_step: int = 0, clock: Callable[[], float] = time.monotonic,
-                 out=None, enabled: bool = True, warn: Callable[[str], None] = print, *,
+                 out=None, enabled: bool = True, warn: Callable[[str], None] | None = None, *,
                  terminal: bool | None = None, columns: Callable[[], int] | None = None,
                  wall_clock: Callable[[], str] = lambda: time.strftime("%H:%M:%S")):
         self.total = total_steps
@@ -103,7 +103,7 @@ class Progress:
         self._started_at: float | None = None
         self._steps_seen = 0
         self.baseline_mb: float | None = None
-        self.warn = warn
+        self.warn = warn or self.write  # above the progress line, never through it
         self._limit_warned = False
         self.last_line = ""  # the full line, every field (what a plain line shows)
         self.out = out if out is not None else sys.stderr

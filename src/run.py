@@ -248,7 +248,7 @@ def _locked(args, cfg, run_dir, backend, data, train_file, val_file, tokenizer, 
         dump_config(cfg, run_dir / "config.yaml")
 
         start_step = resume_state["step"] if resume_state else 0
-        progress = Progress(cfg.train.max_steps, start_step, enabled=not args.quiet, warn=say)
+        progress = Progress(cfg.train.max_steps, start_step, enabled=not args.quiet)
 
         ended: list[str] = []  # the run's final state, once recorded
 

@@ -151,3 +151,14 @@ def test_plain_output_that_fails_never_stops_training():
     progress = Progress(total_steps=10, out=Broken(), terminal=False)
     progress.update(1, 1.0, 1.0, 0, 100.0)
     progress.close()
+
+
+def test_memory_warning_is_written_above_the_bar_not_through_it(monkeypatch):
+    import io
+
+    written = []
+    monkeypatch.setattr(Progress, "write", lambda self, message: written.append(message))
+    progress = Progress(total_steps=10, out=io.StringIO(), terminal=True, columns=lambda: 80)
+    progress.update(1, 1.0, 1.0, 0, 950.0, limit_mb=1000.0)
+    progress.close()
+    assert len(written) == 1 and "working set" in written[0]
