@@ -1,0 +1,268 @@
+"""Side-by-side benchmark: overnight vs each engine's own reference trainer, same model, data, LoRA, batch.
+
+    .venv/bin/python bench/run.py                        # this machine's short default
+    .venv/bin/python bench/run.py --model /path/to/hf-model --steps 200 --warmup 20 --seq 2048 \
+        --batch-size 8 --rounds 5 --backends torch,mlx --bits 0,4 --out bench/results/big
+
+Pairs: torch = overnight's torch backend vs HF Trainer + PEFT (fp32 on CPU); mlx = overnight's mlx
+backend vs mlx_lm.tuner.trainer.train (mlx_lm.lora's trainer). Runs alternate A B A B ..., each in
+its own subprocess. See bench/README.md for the definitions.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKER = Path(__file__).resolve().parent / "worker.py"
+REFERENCE = {"torch": ("hf", "HF Trainer + PEFT"), "mlx": ("mlxlm", "mlx_lm.lora trainer")}
+DEFAULT_CADENCE = 250  # overnight's default eval.every_steps and checkpoint.every_steps
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="/tmp/smollm2-hf", help="Hugging Face model folder (both engines load it)")
+    p.add_argument("--data", default=str(ROOT / "data"), help="folder with train.jsonl and val.jsonl (chat rows)")
+    p.add_argument("--backends", default="torch,mlx", help="comma list of torch, mlx")
+    p.add_argument("--bits", default="0,4", help="comma list of 0 (plain LoRA) and 4 (QLoRA)")
+    p.add_argument("--steps", type=int, default=25, help="optimizer steps per run (warm-up included)")
+    p.add_argument("--warmup", type=int, default=5, help="first steps left out of the steady-state rate")
+    p.add_argument("--rounds", type=int, default=3, help="A B pairs per setting")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seq", type=int, default=256, help="max_seq_length")
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--alpha", type=float, default=32.0)
+    p.add_argument("--dropout", type=float, default=0.05)
+    p.add_argument("--layers", type=int, default=16, help="LoRA on the last N blocks (-1 all)")
+    p.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "latest"),
+                   help="result path without extension: writes OUT.json and OUT.md")
+    p.add_argument("--overnight-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra --set for the overnight side (e.g. eval.predictions=0)")
+    p.add_argument("--timeout", type=int, default=1800, help="seconds per run")
+    return p.parse_args(argv)
+
+
+def make_batches(args, path: Path) -> dict:
+    """The steps' batches exactly as overnight's own data pipeline yields them for this config."""
+    from overnight import data
+    from overnight.config import build_config
+
+    cfg = build_config(None, {"model.path": args.model, "data.path": args.data, "train.batch_size": args.batch_size,
+                              "model.max_seq_length": args.seq, "train.seed": args.seed})
+    tok = data.load_tokenizer(Path(args.model))
+    train_file, _ = data.find_data_files(Path(args.data))
+    stream = data.TrainStream(train_file, tok, cfg)
+    arrays, inputs, targets = {"count": np.array(args.steps)}, 0, 0
+    for i in range(args.steps):
+        b = stream.next_batch()
+        arrays[f"ids_{i}"], arrays[f"mask_{i}"], arrays[f"attn_{i}"] = b.input_ids, b.loss_mask, b.attention_mask
+        if i >= args.warmup:
+            inputs += int(b.attention_mask.sum())
+            targets += int(b.loss_mask.sum())
+    stream.close()
+    np.savez(path, **arrays)
+    measured = args.steps - args.warmup
+    return {"input_tokens_per_step": inputs / measured, "target_tokens_per_step": targets / measured}
+
+
+def run_one(spec: dict, workdir: Path, timeout: int) -> dict:
+    spec_path = workdir / f"spec-{spec['tag']}.json"
+    result_path = workdir / f"result-{spec['tag']}.json"
+    spec_path.write_text(json.dumps(spec))
+    log = open(workdir / f"log-{spec['tag']}.txt", "w")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.Popen([sys.executable, str(WORKER), str(spec_path), str(result_path)], stdout=log,
+                            stderr=subprocess.STDOUT, cwd=str(ROOT), env=env)
+    deadline = time.monotonic() + timeout
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
+        if time.monotonic() > deadline:
+            proc.kill()
+            pid, status, usage = os.wait4(proc.pid, 0)
+            break
+        time.sleep(0.05)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    log.close()
+    if proc.returncode != 0 or not result_path.exists():
+        tail = (workdir / f"log-{spec['tag']}.txt").read_text()[-3000:]
+        raise RuntimeError(f"run {spec['tag']} failed (exit {proc.returncode}):\n{tail}")
+    result = json.loads(result_path.read_text())
+    result["peak_rss_mb"] = usage.ru_maxrss / 1024.0  # this child alone (wait4), Linux reports KiB
+    return result
+
+
+def steady(result: dict, warmup: int) -> float:
+    ends = result["step_ends"]
+    return (len(ends) - warmup) / (ends[-1] - ends[warmup - 1]) if warmup > 0 else len(ends) / ends[-1]
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    if sys.platform == "darwin":
+        try:
+            cpu = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True,
+                                 text=True).stdout.strip() or cpu
+        except OSError:
+            pass
+    versions = {}
+    for name in ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "mlx", "mlx_lm", "numpy"):
+        try:
+            from importlib.metadata import version
+
+            versions[name] = version(name if name != "mlx_lm" else "mlx-lm")
+        except Exception:  # noqa: BLE001
+            pass
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+            "versions": versions, "loadavg_start": load}
+
+
+def summarize(args, pair: str, bits: int, runs: dict[str, list[dict]], tokens: dict) -> dict:
+    ref_side = REFERENCE[pair][0]
+    out = {"backend": pair, "bits": bits, "reference": REFERENCE[pair][1], "sides": {}}
+    for side in ("overnight", ref_side):
+        rates = [steady(r, args.warmup) for r in runs[side]]
+        rss = [r["peak_rss_mb"] for r in runs[side]]
+        sps = statistics.median(rates)
+        entry = {"steps_per_s": sps, "steps_per_s_runs": rates,
+                 "input_tokens_per_s": sps * tokens["input_tokens_per_step"],
+                 "target_tokens_per_s": sps * tokens["target_tokens_per_step"],
+                 "peak_rss_mb": statistics.median(rss), "peak_rss_mb_runs": rss,
+                 "first_loss": runs[side][0]["first_loss"], "wall_s_runs": [r["wall_s"] for r in runs[side]]}
+        if side == "overnight":
+            entry.update(overhead(args, runs[side]))
+        out["sides"][side] = entry
+    a, b = out["sides"]["overnight"], out["sides"][ref_side]
+    out["speedup_steps_per_s"] = a["steps_per_s"] / b["steps_per_s"]
+    out["speedup_runs"] = [x / y for x, y in zip(a["steps_per_s_runs"], b["steps_per_s_runs"])]
+    out["peak_rss_ratio"] = a["peak_rss_mb"] / b["peak_rss_mb"]
+    out["same_data_first_loss_rel_diff"] = abs(a["first_loss"] - b["first_loss"]) / abs(b["first_loss"])
+    return out
+
+
+def overhead(args, runs: list[dict]) -> dict:
+    """Loop + checkpoint overhead: the share of the loop's wall time spent outside train_step.
+
+    measured: in these runs (default cadence, so the only eval, predictions and checkpoint are the ones
+    at the final step). projected: one cycle of the default cadence, 250 steps at the measured steady
+    step time and per-step loop cost, plus one eval (with its predictions) and one checkpoint as measured."""
+    measured, projected, parts = [], [], []
+    for r in runs:
+        n = len(r["step_s"])
+        events = r["eval_s"] + r["checkpoint_s"]
+        per_step_other = max(0.0, r["outside_step_s"] - events) / n
+        step = statistics.mean(r["step_s"][args.warmup:])
+        measured.append(r["outside_step_s"] / r["loop_s"])
+        cycle = DEFAULT_CADENCE * (step + per_step_other) + events
+        projected.append((DEFAULT_CADENCE * per_step_other + events) / cycle)
+        parts.append({"per_step_loop_ms": per_step_other * 1e3, "eval_s": r["eval_s"], "generate_s": r["generate_s"],
+                      "checkpoint_s": r["checkpoint_s"], "step_s": step})
+    return {"overhead_measured": statistics.median(measured), "overhead_default_cadence": statistics.median(projected),
+            "overhead_parts": parts}
+
+
+def markdown(result: dict) -> str:
+    m = result["machine"]
+    c = result["config"]
+    lines = [
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['platform']}; load average at start "
+        f"{', '.join(f'{x:.2f}' for x in m['loadavg_start'] or [])}, at end "
+        f"{', '.join(f'{x:.2f}' for x in result['loadavg_end'] or [])}.",
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()) + ".",
+        f"Model {Path(c['model']).name}, fp32 compute; LoRA rank {c['rank']}, alpha {c['alpha']:g} (scale "
+        f"{c['alpha'] / c['rank']:g}), dropout {c['dropout']:g}, {c['targets']} on the last {c['layers']} blocks; "
+        f"batch {c['batch_size']}, max_seq_length {c['seq']}, {c['steps']} steps ({c['warmup']} warm-up left out), "
+        f"{c['rounds']} alternating rounds (A B A B ...), medians. Tokens: non-padding input tokens "
+        f"({result['tokens']['input_tokens_per_step']:.0f} per step; target tokens "
+        f"{result['tokens']['target_tokens_per_step']:.0f}).",
+        "",
+        "| backend | quant | trainer | steps/s | input tok/s | peak RSS MB | overnight / ref steps/s | "
+        "RSS ratio | loop+ckpt overhead (run / default cadence) |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for s in result["settings"]:
+        quant = {0: "none", 4: "4-bit"}[s["bits"]]
+        for side, entry in s["sides"].items():
+            name = "overnight" if side == "overnight" else s["reference"]
+            ratio = f"**{s['speedup_steps_per_s']:.2f}x**" if side == "overnight" else ""
+            rss = f"{s['peak_rss_ratio']:.2f}" if side == "overnight" else ""
+            over = (f"{100 * entry['overhead_measured']:.1f}% / {100 * entry['overhead_default_cadence']:.1f}%"
+                    if side == "overnight" else "")
+            lines.append(f"| {s['backend']} | {quant} | {name} | {entry['steps_per_s']:.3f} | "
+                         f"{entry['input_tokens_per_s']:.0f} | {entry['peak_rss_mb']:.0f} | {ratio} | {rss} | {over} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.warmup >= args.steps:
+        raise SystemExit("--warmup must be smaller than --steps")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="overnight-bench-"))
+    info = machine()
+    batches = work / "batches.npz"
+    tokens = make_batches(args, batches)
+    base = {"model": args.model, "data": args.data, "batches": str(batches), "steps": args.steps,
+            "batch_size": args.batch_size, "seq": args.seq, "rank": args.rank, "alpha": args.alpha,
+            "dropout": args.dropout, "layers": args.layers, "targets": args.targets.split(","), "lr": args.lr,
+            "seed": args.seed, "overnight_set": args.overnight_set}
+    settings = []
+    try:
+        for pair in [b.strip() for b in args.backends.split(",") if b.strip()]:
+            for bits in [int(b) for b in args.bits.split(",")]:
+                runs: dict[str, list[dict]] = {"overnight": [], REFERENCE[pair][0]: []}
+                for rnd in range(args.rounds):
+                    for side in ("overnight", REFERENCE[pair][0]):
+                        tag = f"{pair}-{bits}-{side}-{rnd}"
+                        spec = dict(base, side=side, backend=pair, bits=bits, tag=tag, out_dir=str(work / tag))
+                        t0 = time.time()
+                        r = run_one(spec, work, args.timeout)
+                        runs[side].append(r)
+                        print(f"{tag}: {steady(r, args.warmup):.3f} steps/s, peak RSS {r['peak_rss_mb']:.0f} MB, "
+                              f"{time.time() - t0:.0f} s", flush=True)
+                        shutil.rmtree(work / tag, ignore_errors=True)
+                settings.append(summarize(args, pair, bits, runs, tokens))
+                s = settings[-1]
+                print(f"== {pair} bits={bits}: overnight/ref {s['speedup_steps_per_s']:.2f}x steps/s, "
+                      f"RSS ratio {s['peak_rss_ratio']:.2f}, overhead "
+                      f"{100 * s['sides']['overnight']['overhead_default_cadence']:.2f}% (default cadence)", flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    config = {k: getattr(args, k) for k in ("model", "data", "steps", "warmup", "rounds", "batch_size", "seq", "rank",
+                                             "alpha", "dropout", "layers", "targets", "lr", "seed", "overnight_set")}
+    result = {"machine": info, "config": config, "tokens": tokens, "token_definition":
+              "input_tokens: non-padding input tokens (attention_mask sum); target_tokens: loss-mask tokens",
+              "settings": settings, "loadavg_end": os.getloadavg() if hasattr(os, "getloadavg") else None,
+              "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    out.with_suffix(".md").write_text(markdown(result))
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,256 @@
+"""One benchmark run in its own process: `python bench/worker.py SPEC.json RESULT.json`.
+
+Sides (spec["side"]):
+  overnight       the real `overnight train` (its CLI, loop, eval, checkpoints), with timers wrapped
+                  around the backend's train_step, the validator, generation and the checkpoint save
+  hf              HF Trainer + PEFT (transformers' own training loop), fed the same batches
+  mlxlm           mlx_lm.tuner.trainer.train (what `mlx_lm.lora` runs), fed the same batches
+
+Every side records `step_ends`: perf_counter() seconds (relative to the first step's start) at which
+optimizer step k had finished, k = 1..N, plus `first_loss`: the loss of step 1 (LoRA B starts at 0, so
+it is the base model's loss on batch 1 whatever the dropout: equal on both sides iff the data is).
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _now() -> float:
+    return time.perf_counter()
+
+
+def _load_batches(path: str) -> list[dict[str, np.ndarray]]:
+    data = np.load(path)
+    n = int(data["count"])
+    return [{"input_ids": data[f"ids_{i}"], "loss_mask": data[f"mask_{i}"], "attention_mask": data[f"attn_{i}"]}
+            for i in range(n)]
+
+
+# --------------------------------------------------------------------------- overnight
+
+
+def run_overnight(spec: dict) -> dict:
+    from overnight import checkpoint, cli, loop, validate
+
+    backend_module = {"torch": "overnight.backends.torch_backend", "mlx": "overnight.backends.mlx_backend"}
+    module = __import__(backend_module[spec["backend"]], fromlist=["x"])
+    cls = module.TorchBackend if spec["backend"] == "torch" else module.MLXBackend
+    rec = {"step_starts": [], "step_ends": [], "step_s": [], "eval_s": [], "generate_s": [], "checkpoint_s": [],
+           "loop_s": None, "losses": []}
+
+    def timed(owner, name, key, hook=None):
+        original = getattr(owner, name)
+
+        def wrapper(*args, **kwargs):
+            t0 = _now()
+            if hook:
+                hook(t0)
+            try:
+                return original(*args, **kwargs)
+            finally:
+                rec[key].append(_now() - t0)
+        setattr(owner, name, wrapper)
+        return original
+
+    original_step = cls.train_step
+
+    def train_step(self, micro_batches, lr):
+        t0 = _now()
+        result = original_step(self, micro_batches, lr)
+        t1 = _now()
+        rec["step_starts"].append(t0)
+        rec["step_ends"].append(t1)
+        rec["step_s"].append(t1 - t0)
+        rec["losses"].append(result.loss)
+        return result
+
+    cls.train_step = train_step
+    timed(validate.Validator, "run", "eval_s")
+    timed(cls, "generate", "generate_s")
+    timed(checkpoint.CheckpointManager, "save", "checkpoint_s")
+    original_train = loop.train
+
+    def train(*args, **kwargs):
+        t0 = _now()
+        try:
+            return original_train(*args, **kwargs)
+        finally:
+            rec["loop_s"] = _now() - t0
+            rec["loop_start"] = t0
+    loop.train = train
+
+    s = spec
+    argv = ["train", "--model", s["model"], "--data", s["data"], "--backend", s["backend"], "--output", s["out_dir"],
+            "--batch-size", str(s["batch_size"]), "--lora-rank", str(s["rank"]), "--lora-layers", str(s["layers"]),
+            "--max-steps", str(s["steps"]), "--quiet", "--fresh",
+            "--set", f"model.max_seq_length={s['seq']}", "--set", f"lora.alpha={s['alpha']}",
+            "--set", f"lora.dropout={s['dropout']}", "--set", f"lora.targets=[{','.join(s['targets'])}]",
+            "--set", f"model.quantization.bits={s['bits']}", "--set", f"train.learning_rate={s['lr']}",
+            "--set", f"train.seed={s['seed']}"]
+    argv += [x for kv in s.get("overnight_set", []) for x in ("--set", kv)]
+    t0 = _now()
+    code = cli.main(argv)
+    wall = _now() - t0
+    if code != 0:
+        raise SystemExit(f"overnight train exited {code}")
+    origin = rec["step_starts"][0]
+    # What the loop spends outside train_step: data, metrics, progress, memory, eval, predictions, checkpoints.
+    outside = rec["loop_s"] - sum(rec["step_s"])
+    return {"step_ends": [t - origin for t in rec["step_ends"]], "step_s": rec["step_s"],
+            "first_loss": rec["losses"][0], "losses": rec["losses"], "wall_s": wall, "loop_s": rec["loop_s"],
+            "setup_s": rec["loop_start"] - t0, "outside_step_s": outside, "eval_s": sum(rec["eval_s"]),
+            "evals": len(rec["eval_s"]), "generate_s": sum(rec["generate_s"]),
+            "checkpoint_s": sum(rec["checkpoint_s"]), "checkpoints": len(rec["checkpoint_s"])}
+
+
+# --------------------------------------------------------------------------- HF Trainer + PEFT
+
+
+def run_hf(spec: dict) -> dict:
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
+
+    s = spec
+    batches = _load_batches(s["batches"])[: s["steps"]]
+    kwargs = {"dtype": torch.float32}
+    if s["bits"] == 4:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32)
+        kwargs["device_map"] = {"": "cpu"}
+    model = AutoModelForCausalLM.from_pretrained(s["model"], **kwargs)
+    model.config.use_cache = False
+    if s["bits"] == 4:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    n_layers = model.config.num_hidden_layers
+    layers = None if s["layers"] == -1 or s["layers"] >= n_layers else list(range(n_layers - s["layers"], n_layers))
+    model = get_peft_model(model, LoraConfig(r=s["rank"], lora_alpha=s["alpha"], lora_dropout=s["dropout"],
+                                             target_modules=list(s["targets"]), layers_to_transform=layers,
+                                             bias="none", task_type="CAUSAL_LM"))
+
+    def to_inputs(b):
+        ids = torch.from_numpy(b["input_ids"].astype(np.int64))
+        labels = ids.masked_fill(torch.from_numpy(b["loss_mask"]) == 0, -100)
+        return {"input_ids": ids, "attention_mask": torch.from_numpy(b["attention_mask"].astype(np.int64)),
+                "labels": labels}
+
+    model.train()  # as the Trainer will: bitsandbytes repacks a 4-bit weight (another kernel) on an eval-mode call
+    with torch.no_grad():
+        first_loss = float(model(**to_inputs(batches[0])).loss)  # LoRA B = 0: the base model's loss
+
+    class Batches(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(batches)
+
+        def __getitem__(self, i):
+            return to_inputs(batches[i])
+
+    class SameBatches(Trainer):
+        # The exact batches overnight trains on, in its order (each item is a whole step's batch).
+        def get_train_dataloader(self):
+            return torch.utils.data.DataLoader(Batches(), batch_size=None, shuffle=False)
+
+    ends: list[float] = []
+    starts: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            starts.append(_now())
+
+        def on_step_end(self, args, state, control, **kw):
+            ends.append(_now())
+
+    args = TrainingArguments(
+        output_dir=s["out_dir"], max_steps=s["steps"], per_device_train_batch_size=s["batch_size"],
+        learning_rate=s["lr"], weight_decay=0.0, max_grad_norm=1.0, lr_scheduler_type="constant",
+        logging_steps=10, save_strategy="no", eval_strategy="no", report_to=[], use_cpu=True,
+        dataloader_num_workers=0, seed=s["seed"], disable_tqdm=True, remove_unused_columns=False)
+    trainer = SameBatches(model=model, args=args, train_dataset=Batches(), callbacks=[Clock()])
+    t0 = _now()
+    trainer.train()
+    wall = _now() - t0
+    origin = starts[0]
+    return {"step_ends": [t - origin for t in ends], "first_loss": first_loss, "wall_s": wall,
+            "optimizer": str(args.optim)}
+
+
+# --------------------------------------------------------------------------- mlx_lm.lora
+
+
+def run_mlxlm(spec: dict) -> dict:
+    import mlx.core as mx
+    import mlx.optimizers as optim
+    from mlx_lm.tuner.trainer import TrainingArgs, default_loss, train
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+    from mlx_lm.utils import load_model, quantize_model
+
+    s = spec
+    batches = _load_batches(s["batches"])[: s["steps"]]
+    model, config = load_model(Path(s["model"]))
+    if s["bits"] == 4:
+        model, config = quantize_model(model, config, group_size=64, bits=4, mode="affine")
+    model.freeze()
+    # mlx_lm.lora's own adapter setup (lora.py train_model): scale is a plain multiplier = alpha / rank.
+    keys = sorted({p for p, _ in model.layers[-1].named_modules() if p.split(".")[-1] in s["targets"]})
+    linear_to_lora_layers(model, s["layers"] if s["layers"] != -1 else len(model.layers),
+                          {"rank": s["rank"], "scale": s["alpha"] / s["rank"], "dropout": s["dropout"], "keys": keys})
+
+    def to_arrays(b):
+        # default_loss scores target positions t with offset <= t <= length (1-based over targets), so a
+        # contiguous loss mask [a, z] of the input ids is exactly (offset, length) = (a, z).
+        rows = []
+        for m in b["loss_mask"]:
+            idx = np.flatnonzero(m)
+            if idx.size != idx[-1] - idx[0] + 1:
+                raise SystemExit("mlx_lm's default_loss needs one contiguous target span per row")
+            rows.append((int(idx[0]), int(idx[-1])))
+        return mx.array(b["input_ids"].astype(np.int32)), mx.array(np.asarray(rows, dtype=np.int32))
+
+    first_loss = float(default_loss(model, *to_arrays(batches[0]))[0].item())
+    yields: list[float] = []
+
+    def same_batches(dataset, batch_size, max_seq_length, loop=False, seed=None, comm_group=None):
+        for b in batches + batches[-1:]:  # one more: step k has ended when batch k+1 is asked for
+            yields.append(_now())
+            yield to_arrays(b)
+
+    optimizer = optim.AdamW(learning_rate=s["lr"], weight_decay=0.0)
+    args = TrainingArgs(batch_size=s["batch_size"], iters=len(batches) + 1, steps_per_report=10,
+                        steps_per_eval=10**9, steps_per_save=10**9, max_seq_length=s["seq"],
+                        adapter_file=str(Path(s["out_dir"]) / "adapters.safetensors"))
+    Path(s["out_dir"]).mkdir(parents=True, exist_ok=True)
+    import contextlib
+    import io
+
+    t0 = _now()
+    with contextlib.redirect_stdout(io.StringIO()):
+        train(model, optimizer, list(range(len(batches))), None, args, iterate_batches=same_batches)
+    wall = _now() - t0
+    origin = yields[0]
+    return {"step_ends": [t - origin for t in yields[1:len(batches) + 1]], "first_loss": first_loss,
+            "wall_s": wall}
+
+
+def main() -> None:
+    spec = json.loads(Path(sys.argv[1]).read_text())
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    result = {"overnight": run_overnight, "hf": run_hf, "mlxlm": run_mlxlm}[spec["side"]](spec)
+    result["self_maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    Path(sys.argv[2]).write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
