@@ -214,24 +214,48 @@ class TorchBackend:
         mask = torch.from_numpy(np.ascontiguousarray(batch.loss_mask, dtype=np.float32)).to(dev, non_blocking=True)
         return ids, attn, mask
 
-    def _token_logps(self, ids: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-        """Log-probability of each next token, (B, T-1): entry t-1 scores input_ids[:, t] given input_ids[:, :t]."""
-        with self._autocast():
-            logits = self._model(input_ids=ids, attention_mask=attn, use_cache=False).logits
-        logits = logits[:, :-1].float()
-        targets = ids[:, 1:]
-        logp = -F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
-        return logp.view(targets.shape)
+    def _row_logp_sums(self, ids: torch.Tensor, attn: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Per row, the mask-weighted sum of next-token log-probabilities, (B,): mask[:, t-1] weighs the score of
+        input_ids[:, t] given input_ids[:, :t].
+
+        The output head runs only at the target positions: a pre-hook hands it the hidden states there, (N, H),
+        instead of (B, T, H). On a large vocabulary the head and its cross-entropy are a large share of the step,
+        and most positions (prompts, padding) have no target. Same values as the full logits up to float rounding;
+        a model whose head gets anything but (B, T, H) takes the full path."""
+        sel = mask.nonzero(as_tuple=True)
+        head = self._model.get_output_embeddings()
+        hits = []
+
+        def gather_targets(module, args):
+            hidden = args[0]
+            if hits or hidden.dim() != 3 or hidden.shape[:2] != ids.shape:
+                return None
+            hits.append(True)
+            return (hidden[:, :-1][sel],) + tuple(args[1:])
+
+        handle = head.register_forward_pre_hook(gather_targets) if head is not None else None
+        try:
+            with self._autocast():
+                logits = self._model(input_ids=ids, attention_mask=attn, use_cache=False).logits
+        finally:
+            if handle is not None:
+                handle.remove()
+        if logits.dim() == 3:  # the full path
+            logits = logits[:, :-1].float()
+            logp = -F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
+            return (logp.view(mask.shape) * mask).sum(dim=1)
+        logp = -F.cross_entropy(logits.float(), ids[:, 1:][sel], reduction="none") * mask[sel]
+        return torch.zeros(ids.shape[0], dtype=logp.dtype, device=logp.device).index_add_(0, sel[0], logp)
 
     def _objective(self, ids: torch.Tensor, attn: torch.Tensor, mask: torch.Tensor, token_scale: float,
                    pair_scale: float) -> torch.Tensor:
         """This micro-batch's share of the step objective (src/objectives.py, SPEC §9): its token sums times
         token_scale plus its pair sums times pair_scale, the scales being 1/T and 1/P of the whole step."""
         mask = mask[:, 1:]
-        sums = (self._token_logps(ids, attn) * mask).sum(dim=1)
+        sums = self._row_logp_sums(ids, attn, mask)
         if self._method == "dpo":
             with torch.no_grad(), self._model.disable_adapter():
-                ref_sums = (self._token_logps(ids, attn) * mask).sum(dim=1)
+                ref_sums = self._row_logp_sums(ids, attn, mask)
             margin = (sums[0::2] - ref_sums[0::2]) - (sums[1::2] - ref_sums[1::2])
             return -F.logsigmoid(self._beta * margin).sum() * pair_scale
         if self._method == "orpo":
