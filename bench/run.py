@@ -53,6 +53,9 @@ def parse_args(argv=None):
     p.add_argument("--overnight-set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra --set for the overnight side (e.g. eval.predictions=0)")
     p.add_argument("--timeout", type=int, default=1800, help="seconds per run")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads per run (OMP/MKL/torch), the same for both sides; 0 leaves the default. "
+                        "On a machine shared with other work, 1 avoids threads spinning at barriers")
     return p.parse_args(argv)
 
 
@@ -85,6 +88,8 @@ def run_one(spec: dict, workdir: Path, timeout: int) -> dict:
     spec_path.write_text(json.dumps(spec))
     log = open(workdir / f"log-{spec['tag']}.txt", "w")
     env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+    if spec.get("threads"):
+        env.update(OMP_NUM_THREADS=str(spec["threads"]), MKL_NUM_THREADS=str(spec["threads"]))
     proc = subprocess.Popen([sys.executable, str(WORKER), str(spec_path), str(result_path)], stdout=log,
                             stderr=subprocess.STDOUT, cwd=str(ROOT), env=env)
     deadline = time.monotonic() + timeout
@@ -172,14 +177,14 @@ def overhead(args, runs: list[dict]) -> dict:
     measured, projected, parts = [], [], []
     for r in runs:
         n = len(r["step_s"])
-        events = r["eval_s"] + r["checkpoint_s"]
+        events = r["eval_s"] + r["generate_s"] + r["checkpoint_s"]  # predictions run after the eval, outside it
         per_step_other = max(0.0, r["outside_step_s"] - events) / n
         step = statistics.mean(r["step_s"][args.warmup:])
         measured.append(r["outside_step_s"] / r["loop_s"])
         cycle = DEFAULT_CADENCE * (step + per_step_other) + events
         projected.append((DEFAULT_CADENCE * per_step_other + events) / cycle)
         parts.append({"per_step_loop_ms": per_step_other * 1e3, "eval_s": r["eval_s"], "generate_s": r["generate_s"],
-                      "checkpoint_s": r["checkpoint_s"], "step_s": step})
+                      "checkpoint_s": r["checkpoint_s"], "step_s": step, "steps": n})
     return {"overhead_measured": statistics.median(measured), "overhead_default_cadence": statistics.median(projected),
             "overhead_parts": parts}
 
@@ -195,7 +200,8 @@ def markdown(result: dict) -> str:
         f"Model {Path(c['model']).name}, fp32 compute; LoRA rank {c['rank']}, alpha {c['alpha']:g} (scale "
         f"{c['alpha'] / c['rank']:g}), dropout {c['dropout']:g}, {c['targets']} on the last {c['layers']} blocks; "
         f"batch {c['batch_size']}, max_seq_length {c['seq']}, {c['steps']} steps ({c['warmup']} warm-up left out), "
-        f"{c['rounds']} alternating rounds (A B A B ...), medians. Tokens: non-padding input tokens "
+        f"{c['rounds']} alternating rounds (A B A B ...), medians; CPU threads per run: "
+        f"{c['threads'] or 'default'}. Tokens: non-padding input tokens "
         f"({result['tokens']['input_tokens_per_step']:.0f} per step; target tokens "
         f"{result['tokens']['target_tokens_per_step']:.0f}).",
         "",
@@ -229,7 +235,7 @@ def main(argv=None) -> int:
     base = {"model": args.model, "data": args.data, "batches": str(batches), "steps": args.steps,
             "batch_size": args.batch_size, "seq": args.seq, "rank": args.rank, "alpha": args.alpha,
             "dropout": args.dropout, "layers": args.layers, "targets": args.targets.split(","), "lr": args.lr,
-            "seed": args.seed, "overnight_set": args.overnight_set}
+            "seed": args.seed, "overnight_set": args.overnight_set, "threads": args.threads}
     settings = []
     try:
         for pair in [b.strip() for b in args.backends.split(",") if b.strip()]:
@@ -253,7 +259,7 @@ def main(argv=None) -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     config = {k: getattr(args, k) for k in ("model", "data", "steps", "warmup", "rounds", "batch_size", "seq", "rank",
-                                             "alpha", "dropout", "layers", "targets", "lr", "seed", "overnight_set")}
+                                             "alpha", "dropout", "layers", "targets", "lr", "seed", "overnight_set", "threads")}
     result = {"machine": info, "config": config, "tokens": tokens, "token_definition":
               "input_tokens: non-padding input tokens (attention_mask sum); target_tokens: loss-mask tokens",
               "settings": settings, "loadavg_end": os.getloadavg() if hasattr(os, "getloadavg") else None,

@@ -120,14 +120,18 @@ def run_hf(spec: dict) -> dict:
 
     s = spec
     batches = _load_batches(s["batches"])[: s["steps"]]
-    kwargs = {"dtype": torch.float32}
+    cuda = torch.cuda.is_available()
+    # overnight's choice: bf16 where the GPU has it natively, fp32 on CPU and older GPUs.
+    dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported(including_emulation=False) else torch.float32
+    kwargs = {"dtype": dtype}
     if s["bits"] == 4:
         from transformers import BitsAndBytesConfig
 
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.float32)
-        kwargs["device_map"] = {"": "cpu"}
+            bnb_4bit_compute_dtype=dtype)
+    if s["bits"] == 4 or cuda:
+        kwargs["device_map"] = {"": 0 if cuda else "cpu"}
     model = AutoModelForCausalLM.from_pretrained(s["model"], **kwargs)
     model.config.use_cache = False
     if s["bits"] == 4:
@@ -141,8 +145,9 @@ def run_hf(spec: dict) -> dict:
     def to_inputs(b):
         ids = torch.from_numpy(b["input_ids"].astype(np.int64))
         labels = ids.masked_fill(torch.from_numpy(b["loss_mask"]) == 0, -100)
-        return {"input_ids": ids, "attention_mask": torch.from_numpy(b["attention_mask"].astype(np.int64)),
-                "labels": labels}
+        out = {"input_ids": ids, "attention_mask": torch.from_numpy(b["attention_mask"].astype(np.int64)),
+               "labels": labels}
+        return {k: v.to(model.device) for k, v in out.items()} if cuda else out
 
     model.train()  # as the Trainer will: bitsandbytes repacks a 4-bit weight (another kernel) on an eval-mode call
     with torch.no_grad():
@@ -173,7 +178,7 @@ def run_hf(spec: dict) -> dict:
     args = TrainingArguments(
         output_dir=s["out_dir"], max_steps=s["steps"], per_device_train_batch_size=s["batch_size"],
         learning_rate=s["lr"], weight_decay=0.0, max_grad_norm=1.0, lr_scheduler_type="constant",
-        logging_steps=10, save_strategy="no", eval_strategy="no", report_to=[], use_cpu=True,
+        logging_steps=10, save_strategy="no", eval_strategy="no", report_to=[], use_cpu=not cuda, bf16=dtype == torch.bfloat16,
         dataloader_num_workers=0, seed=s["seed"], disable_tqdm=True, remove_unused_columns=False)
     trainer = SameBatches(model=model, args=args, train_dataset=Batches(), callbacks=[Clock()])
     t0 = _now()
