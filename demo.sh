@@ -42,8 +42,7 @@ for i in "${!args[@]}"; do
   esac
 done
 
-# Downloaded (93 MB) and converted once into the overnight cache; runs/smollm2-135m is a hard-linked copy.
-[ -f runs/smollm2-135m/config.json ] || .venv/bin/overnight models get smollm2-135m --output runs/smollm2-135m
+# configs/demo.yaml names the model smollm2-135m: downloaded (93 MB) and converted once into the overnight cache.
 .venv/bin/overnight train configs/demo.yaml --fresh "$@"
 
 # Before (the base model, greedy) and after (the last eval's predictions) on the held-out questions.

