@@ -95,3 +95,18 @@ def holder(run_dir: Path) -> tuple[bool | None, dict]:
         return False, {}
     finally:
         os.close(fd)
+
+
+def pid_alive(pid) -> bool:
+    """Whether a process with this pid exists on this host (a reused pid reads as alive)."""
+    if not isinstance(pid, int) or pid <= 0:  # kill(0 or -1) would address a whole process group
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except (OverflowError, OSError):
+        return False
+    return True

