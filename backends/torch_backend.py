@@ -205,16 +205,21 @@ class TorchBackend:
             return torch.autocast("cuda", dtype=self._compute_dtype)
         return contextlib.nullcontext()
 
-    def _tensors(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _tensors(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
         if self._method in ("dpo", "orpo") and (not batch.paired or batch.num_rows % 2):
             raise ValueError(f"method {self._method} needs paired rows (chosen, rejected), got an unpaired batch")
         dev = self._device
         ids = torch.from_numpy(np.ascontiguousarray(batch.input_ids, dtype=np.int64)).to(dev, non_blocking=True)
         attn = torch.from_numpy(np.ascontiguousarray(batch.attention_mask, dtype=np.int64)).to(dev, non_blocking=True)
         mask = torch.from_numpy(np.ascontiguousarray(batch.loss_mask, dtype=np.float32)).to(dev, non_blocking=True)
-        return ids, attn, mask
+        # The target positions, found on the host from the numpy mask: a nonzero() on the device would wait
+        # for the GPU once per micro-batch.
+        targets = tuple(torch.from_numpy(np.ascontiguousarray(index, dtype=np.int64)).to(dev, non_blocking=True)
+                        for index in np.nonzero(batch.loss_mask[:, 1:]))
+        return ids, attn, mask, targets
 
-    def _row_logp_sums(self, ids: torch.Tensor, attn: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def _row_logp_sums(self, ids: torch.Tensor, attn: torch.Tensor, mask: torch.Tensor,
+                       sel: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """Per row, the mask-weighted sum of next-token log-probabilities, (B,): mask[:, t-1] weighs the score of
         input_ids[:, t] given input_ids[:, :t].
 
@@ -222,7 +227,6 @@ class TorchBackend:
         instead of (B, T, H). On a large vocabulary the head and its cross-entropy are a large share of the step,
         and most positions (prompts, padding) have no target. Same values as the full logits up to float rounding;
         a model whose head gets anything but (B, T, H) takes the full path."""
-        sel = mask.nonzero(as_tuple=True)
         head = self._model.get_output_embeddings()
         hits = []
 
@@ -247,15 +251,15 @@ class TorchBackend:
         logp = -F.cross_entropy(logits.float(), ids[:, 1:][sel], reduction="none") * mask[sel]
         return torch.zeros(ids.shape[0], dtype=logp.dtype, device=logp.device).index_add_(0, sel[0], logp)
 
-    def _objective(self, ids: torch.Tensor, attn: torch.Tensor, mask: torch.Tensor, token_scale: float,
-                   pair_scale: float) -> torch.Tensor:
+    def _objective(self, ids: torch.Tensor, attn: torch.Tensor, mask: torch.Tensor, targets: tuple[torch.Tensor, ...],
+                   token_scale: float, pair_scale: float) -> torch.Tensor:
         """This micro-batch's share of the step objective (src/objectives.py, SPEC §9): its token sums times
         token_scale plus its pair sums times pair_scale, the scales being 1/T and 1/P of the whole step."""
         mask = mask[:, 1:]
-        sums = self._row_logp_sums(ids, attn, mask)
+        sums = self._row_logp_sums(ids, attn, mask, targets)
         if self._method == "dpo":
             with torch.no_grad(), self._model.disable_adapter():
-                ref_sums = self._row_logp_sums(ids, attn, mask)
+                ref_sums = self._row_logp_sums(ids, attn, mask, targets)
             margin = (sums[0::2] - ref_sums[0::2]) - (sums[1::2] - ref_sums[1::2])
             return -F.logsigmoid(self._beta * margin).sum() * pair_scale
         if self._method == "orpo":
@@ -290,8 +294,8 @@ class TorchBackend:
         # Every upload is queued before any compute, so no copy waits on the GPU mid-step.
         inputs = [self._tensors(mb) for mb in micro_batches]
         loss_sum = torch.zeros((), dtype=torch.float32, device=self._device)
-        for ids, attn, mask in inputs:
-            objective = self._objective(ids, attn, mask, token_scale, pair_scale)
+        for tensors in inputs:
+            objective = self._objective(*tensors, token_scale, pair_scale)
             objective.backward()
             loss_sum += objective.detach()
             del objective
