@@ -33,6 +33,33 @@ def test_bench_writes_json_and_markdown_with_ratios(tiny_model_dir, tmp_path):
         assert setting["same_data_first_loss_rel_diff"] < 1e-3
         ours = setting["sides"]["overnight"]
         assert 0 <= ours["overhead_measured"] < 1 and 0 <= ours["overhead_default_cadence"] < 1
+        # The evaluation the config asks for is reported beside the overhead, never hidden: the two add up.
+        assert 0 < ours["eval_share_default_cadence"] < 1
+        assert ours["outside_step_default_cadence"] == pytest.approx(
+            ours["overhead_default_cadence"] + ours["eval_share_default_cadence"])
         assert all(side["steps_per_s"] > 0 and side["peak_rss_mb"] > 0 for side in setting["sides"].values())
     table = out.with_suffix(".md").read_text()
     assert "| torch | none | overnight |" in table and "HF Trainer + PEFT" in table and "mlx_lm.lora" in table
+
+    # --render re-derives the figures from the measured parts alone and gives the same table.
+    rendered = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--render", str(out.with_suffix(".json"))],
+                              capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert rendered.returncode == 0, rendered.stderr[-2000:]
+    assert out.with_suffix(".md").read_text() == table
+
+
+def test_flop_ceiling_counts_the_head_and_the_backward_depth():
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        from flops import per_token
+    finally:
+        sys.path.pop(0)
+    config = {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
+              "num_key_value_heads": 3, "vocab_size": 49152}
+    # Every position a target and LoRA on every block: overnight does exactly the reference's matmuls.
+    assert per_token(config, -1, 1.0)["ceiling_vs_reference"] == pytest.approx(1.0)
+    assert per_token(config, -1, 1.0)["ceiling_vs_reference_4bit"] == pytest.approx(1.0)
+    partial = per_token(config, 16, 0.198)
+    # SmolLM2-135M, the bench's data: the head at 20% of positions is the whole exact saving.
+    assert partial["ceiling_vs_reference"] == pytest.approx(1.261, abs=1e-3)
+    assert partial["ceiling_vs_reference_4bit"] == pytest.approx(1.546, abs=1e-3)
