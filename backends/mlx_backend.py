@@ -76,6 +76,35 @@ def _target_head_nll(model, inputs, index, targets, weights):
     return nn.losses.cross_entropy(logits, targets).astype(mx.float32) * weights
 
 
+def _token_logps(model, inputs, targets):
+    return -nn.losses.cross_entropy(model(inputs), targets).astype(mx.float32)
+
+
+def make_grpo_objective(g, has_old: bool):
+    """This micro-batch's share of the grpo objective (src/objectives.py) and its KL sum over completion tokens:
+    sum over rows of (the row's per-token losses / its divisor), times token_scale (1/N of the step)."""
+    def grpo(model, token_scale, pair_scale, inputs, targets, mask, adv, old, ref):
+        logp = _token_logps(model, inputs, targets)
+        old = old if has_old else mx.stop_gradient(logp)
+        ratio = mx.exp(logp - old)
+        a = adv[:, None]
+        per_token = -mx.minimum(ratio * a, mx.clip(ratio, 1.0 - g.epsilon, 1.0 + g.epsilon) * a)
+        kl_sum = mx.zeros((), dtype=mx.float32)
+        if g.beta > 0:
+            diff = ref - logp
+            kl = mx.exp(diff) - diff - 1.0
+            per_token = per_token + g.beta * kl
+            kl_sum = mx.stop_gradient((kl * mask).sum())
+        if g.loss_type == "dr_grpo":
+            divisor = objectives.grpo_row_divisor(g.loss_type, 0, g.max_new_tokens)
+        else:
+            divisor = mx.maximum(mask.sum(axis=1), 1.0)
+        rows = (per_token * mask).sum(axis=1) / divisor
+        return rows.sum() * token_scale, kl_sum
+
+    return grpo
+
+
 def make_objective(method: str, beta: float, target_head: bool = False):
     def cross_entropy(model, token_scale, pair_scale, inputs, targets, mask):
         return _token_nll(model, inputs, targets, mask).sum() * token_scale
@@ -289,6 +318,7 @@ class MLXBackend:
             )
         self.method = cfg.data.method
         self.beta = float(cfg.preference.beta)
+        self.grpo = cfg.grpo
         self.seed = int(seed)
         self.max_grad_norm = float(cfg.train.max_grad_norm)
         details: dict[str, Any] = {"device": str(mx.default_device()), "method": self.method}
@@ -378,7 +408,8 @@ class MLXBackend:
         """(Re)compile the step functions. mx.compile captures the state trees it is given, so this
         runs again whenever one of them is replaced (load, an OOM restore)."""
         model, optimizer = self.model, self.optimizer
-        objective = make_objective(self.method, self.beta, self._target_head)
+        objective = make_grpo_objective(self.grpo, self.grpo.iterations > 1) if self.method == "grpo" \
+            else make_objective(self.method, self.beta, self._target_head)
         value_and_grad = nn.value_and_grad(model, objective)
         max_norm = self.max_grad_norm
 
@@ -438,6 +469,8 @@ class MLXBackend:
             picked = np.zeros(size, dtype=np.float32)
             picked[:index.size] = weights[index]
             return inputs, mx.array(padded), mx.array(ids[:, 1:].reshape(-1)[padded]), mx.array(picked)
+        if self.method == "grpo":
+            return inputs, targets, mask, *self._grpo_inputs(batch, inputs, targets)
         if self.method != "dpo":
             return inputs, targets, mask
         # The reference policy is the frozen base: the same weights with every LoRA scale at 0,
@@ -449,6 +482,80 @@ class MLXBackend:
         self._set_training(was_training)
         mx.async_eval(ref)
         return inputs, targets, mask, ref
+
+    def _grpo_inputs(self, batch: Batch, inputs, targets) -> tuple:
+        if batch.advantages is None:
+            raise ValueError("method grpo needs batches of sampled completions with advantages (src/grpo.py)")
+        adv = mx.array(np.asarray(batch.advantages, dtype=np.float32))
+        if batch.old_logp is not None:
+            old = mx.array(np.asarray(batch.old_logp[:, 1:], dtype=np.float32))
+        else:
+            old = mx.zeros(targets.shape, dtype=mx.float32)
+        if self.grpo.beta > 0:  # the reference: adapter off, no dropout (as dpo's)
+            was_training = self._training
+            self._set_training(False)
+            with self._lora_off():
+                ref = mx.stop_gradient(_token_logps(self.model, inputs, targets))
+            self._set_training(was_training)
+            mx.async_eval(ref)
+        else:
+            ref = mx.zeros(targets.shape, dtype=mx.float32)
+        return adv, old, ref
+
+    def sample(self, prompt_ids: np.ndarray, seeds: list[int], max_new_tokens: int, temperature: float,
+               top_p: float, eos_id: int | None) -> np.ndarray:
+        """One sampled continuation per seed (src/backend.py), KV cache, adapter on, no dropout. Each row has its
+        own key chain (mx.random.key(seed), split once per token): Gumbel-max over the top-p set."""
+        from mlx_lm.models.cache import make_prompt_cache
+
+        n, max_new_tokens = len(seeds), int(max_new_tokens)
+        out = np.full((n, max_new_tokens), -1, dtype=np.int64)
+        if n == 0 or max_new_tokens <= 0:
+            return out
+        self._set_training(False)
+        try:
+            keys = [mx.random.key(int(s) % (2**63)) for s in seeds]
+            cache = make_prompt_cache(self.model)
+            prompt = np.asarray(prompt_ids, dtype=np.int32).reshape(1, -1)
+            logits = self.model(mx.array(np.repeat(prompt, n, axis=0)), cache=cache)[:, -1].astype(mx.float32)
+            done = np.zeros(n, dtype=bool)
+            for t in range(max_new_tokens):
+                scaled = logits / temperature
+                if top_p < 1.0:
+                    # Keep the most likely tokens whose probability reaches top_p (the first one always).
+                    probs = mx.softmax(scaled, axis=-1)
+                    ordered = -mx.sort(-probs, axis=-1)
+                    kept = (mx.cumsum(ordered, axis=-1) - ordered) < top_p
+                    floor = mx.min(mx.where(kept, ordered, mx.inf), axis=-1, keepdims=True)
+                    scaled = mx.where(probs >= floor, scaled, -mx.inf)
+                noise = []
+                for r in range(n):
+                    keys[r], sub = mx.random.split(keys[r])
+                    noise.append(mx.random.gumbel(shape=(scaled.shape[-1],), key=sub))
+                token = mx.argmax(scaled + mx.stack(noise), axis=-1)
+                chosen = np.array(token).astype(np.int64)
+                out[~done, t] = chosen[~done]
+                if eos_id is not None:
+                    done |= chosen == eos_id
+                if done.all() or t + 1 == max_new_tokens:
+                    break
+                logits = self.model(token.astype(mx.int32).reshape(n, 1), cache=cache)[:, -1].astype(mx.float32)
+        except (RuntimeError, MemoryError) as exc:
+            if not _is_oom(exc):
+                raise
+            mx.clear_cache()
+            raise OutOfMemory(str(exc)) from exc
+        return out
+
+    def token_logps(self, batch: Batch, adapter: bool = True) -> np.ndarray:
+        self._set_training(False)
+        ids = np.asarray(batch.input_ids, dtype=np.int32)
+        with contextlib.nullcontext() if adapter else self._lora_off():
+            values = _token_logps(self.model, mx.array(ids[:, :-1]), mx.array(ids[:, 1:]))
+            values = np.array(values)
+        out = np.zeros(batch.loss_mask.shape, dtype=np.float32)
+        out[:, 1:] = values * (np.asarray(batch.loss_mask[:, 1:]) > 0)
+        return out
 
     # -- training ----------------------------------------------------------
 
@@ -466,9 +573,12 @@ class MLXBackend:
         mx.random.seed(_step_seed(self.seed, self.updates))
         before = None
         try:
-            acc = loss_sum = None
+            acc = loss_sum = kl_sum = None
             for batch in micro_batches:
                 loss, acc = self._accumulate(acc, *scales, *self._device_batch(batch))
+                if isinstance(loss, (tuple, list)):  # grpo: (objective, KL sum)
+                    loss, kl = loss
+                    kl_sum = kl if kl_sum is None else kl_sum + kl
                 loss_sum = loss if loss_sum is None else loss_sum + loss
                 # Schedules this micro-batch without waiting for it, and cuts the lazy graph so the
                 # next one does not hold its activations.
@@ -488,11 +598,14 @@ class MLXBackend:
             raise OutOfMemory(str(exc)) from exc
         self.updates += 1
         loss_value, norm_value = float(loss_sum.item()), float(norm.item())
+        extras = {}
+        if kl_sum is not None and self.grpo.beta > 0:
+            extras["kl"] = float(kl_sum.item()) / max(1.0, float(sum(b.loss_mask[:, 1:].sum() for b in micro_batches)))
         if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
             # A non-finite step is reported (the loop stops on it) but never applied, so the
             # weights stay finite and the stop can still commit a checkpoint.
             self._restore(before)
-        return StepResult(loss=loss_value, tokens=tokens, grad_norm=norm_value)
+        return StepResult(loss=loss_value, tokens=tokens, grad_norm=norm_value, extras=extras)
 
     def _restore(self, before) -> None:
         self.model.update(before[0])

@@ -44,6 +44,8 @@ class TorchBackend:
         self._optimizer = None
         self._params: list[torch.nn.Parameter] = []
         self._param_names: list[str] = []
+        self._kl_sums: list | None = None  # grpo: per micro-batch (KL sum, tokens) of the step being taken
+        self._step_extras: dict[str, float] = {}
 
     # ------------------------------------------------------------------ setup
 
@@ -55,6 +57,7 @@ class TorchBackend:
         self._cfg = cfg
         self._method = cfg.data.method
         self._beta = float(cfg.preference.beta)
+        self._grpo = cfg.grpo
         self._optimizer_name = cfg.train.optimizer
         self._device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         on_cuda = self._device.type == "cuda"
@@ -205,9 +208,11 @@ class TorchBackend:
             return torch.autocast("cuda", dtype=self._compute_dtype)
         return contextlib.nullcontext()
 
-    def _tensors(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+    def _tensors(self, batch: Batch) -> tuple:
         if self._method in ("dpo", "orpo") and (not batch.paired or batch.num_rows % 2):
             raise ValueError(f"method {self._method} needs paired rows (chosen, rejected), got an unpaired batch")
+        if self._method == "grpo" and batch.advantages is None:
+            raise ValueError("method grpo needs batches of sampled completions with advantages (src/grpo.py)")
         dev = self._device
         ids = torch.from_numpy(np.ascontiguousarray(batch.input_ids, dtype=np.int64)).to(dev, non_blocking=True)
         attn = torch.from_numpy(np.ascontiguousarray(batch.attention_mask, dtype=np.int64)).to(dev, non_blocking=True)
@@ -216,7 +221,13 @@ class TorchBackend:
         # for the GPU once per micro-batch.
         targets = tuple(torch.from_numpy(np.ascontiguousarray(index, dtype=np.int64)).to(dev, non_blocking=True)
                         for index in np.nonzero(batch.loss_mask[:, 1:]))
-        return ids, attn, mask, targets
+        grpo = None
+        if batch.advantages is not None:
+            adv = torch.from_numpy(np.ascontiguousarray(batch.advantages, dtype=np.float32)).to(dev, non_blocking=True)
+            old = None if batch.old_logp is None else torch.from_numpy(
+                np.ascontiguousarray(batch.old_logp, dtype=np.float32)).to(dev, non_blocking=True)
+            grpo = (adv, old)
+        return ids, attn, mask, targets, grpo
 
     def _row_logp_sums(self, ids: torch.Tensor, attn: torch.Tensor, mask: torch.Tensor,
                        sel: tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -251,10 +262,62 @@ class TorchBackend:
         logp = -F.cross_entropy(logits.float(), ids[:, 1:][sel], reduction="none") * mask[sel]
         return torch.zeros(ids.shape[0], dtype=logp.dtype, device=logp.device).index_add_(0, sel[0], logp)
 
+    def _target_logps(self, ids: torch.Tensor, attn: torch.Tensor, sel: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """The log-probability of each target token, (N,) in the order of ``sel`` (the nonzero positions of
+        loss_mask[:, 1:]); the head runs at those positions only, as in _row_logp_sums."""
+        head = self._model.get_output_embeddings()
+        hits = []
+
+        def gather_targets(module, args):
+            hidden = args[0]
+            if hits or hidden.dim() != 3 or hidden.shape[:2] != ids.shape:
+                return None
+            hits.append(True)
+            return (hidden[:, :-1][sel],) + tuple(args[1:])
+
+        handle = head.register_forward_pre_hook(gather_targets) if head is not None else None
+        try:
+            with self._autocast():
+                logits = self._model(input_ids=ids, attention_mask=attn, use_cache=False).logits
+        finally:
+            if handle is not None:
+                handle.remove()
+        if logits.dim() == 3:
+            logits = logits[:, :-1][sel]
+        return -F.cross_entropy(logits.float(), ids[:, 1:][sel], reduction="none")
+
+    def _grpo_objective(self, ids, attn, mask, sel, adv, old, token_scale: float) -> torch.Tensor:
+        """This micro-batch's share of the grpo objective (src/objectives.py): sum over its rows of the row's
+        per-token losses over the row's divisor, times token_scale (1/N of the step). Adds the micro-batch's
+        KL sums to self._kl_sums for the step's mean kl."""
+        g = self._grpo
+        logp = self._target_logps(ids, attn, sel)
+        weights = mask[:, 1:][sel]
+        adv_tok = adv[sel[0]]
+        old_tok = old[:, 1:][sel] if old is not None else logp.detach()
+        ratio = torch.exp(logp - old_tok)
+        per_token = -torch.min(ratio * adv_tok, ratio.clamp(1.0 - g.epsilon, 1.0 + g.epsilon) * adv_tok)
+        if g.beta > 0:
+            with torch.no_grad(), self._model.disable_adapter():
+                ref = self._target_logps(ids, attn, sel)
+            diff = ref - logp
+            kl = torch.exp(diff) - diff - 1.0
+            per_token = per_token + g.beta * kl
+            if self._kl_sums is not None:
+                self._kl_sums.append(torch.stack([(kl.detach() * weights).sum(), weights.sum()]))
+        row_tokens = mask[:, 1:].sum(dim=1)
+        divisor = objectives.grpo_row_divisor(g.loss_type, 0, g.max_new_tokens) if g.loss_type == "dr_grpo" \
+            else row_tokens.clamp(min=1.0)
+        rows = torch.zeros(ids.shape[0], dtype=per_token.dtype, device=per_token.device)
+        rows = rows.index_add(0, sel[0], per_token * weights) / divisor
+        return rows.sum() * token_scale
+
     def _objective(self, ids: torch.Tensor, attn: torch.Tensor, mask: torch.Tensor, targets: tuple[torch.Tensor, ...],
-                   token_scale: float, pair_scale: float) -> torch.Tensor:
+                   grpo, token_scale: float, pair_scale: float) -> torch.Tensor:
         """This micro-batch's share of the step objective (src/objectives.py, SPEC §9): its token sums times
         token_scale plus its pair sums times pair_scale, the scales being 1/T and 1/P of the whole step."""
+        if self._method == "grpo":
+            return self._grpo_objective(ids, attn, mask, targets, *grpo, token_scale)
         mask = mask[:, 1:]
         sums = self._row_logp_sums(ids, attn, mask, targets)
         if self._method == "dpo":
@@ -283,7 +346,7 @@ class TorchBackend:
         except _OOM as exc:
             message = str(exc).splitlines()[0] if str(exc) else "CUDA out of memory"
         else:
-            return StepResult(loss=loss_value, tokens=tokens, grad_norm=norm_value)
+            return StepResult(loss=loss_value, tokens=tokens, grad_norm=norm_value, extras=self._step_extras)
         # Outside the except block: the traceback, and the activations its frames hold, are gone by now.
         self._recover_from_oom()
         rows = sum(mb.num_rows for mb in micro_batches)
@@ -294,6 +357,7 @@ class TorchBackend:
         # Every upload is queued before any compute, so no copy waits on the GPU mid-step.
         inputs = [self._tensors(mb) for mb in micro_batches]
         loss_sum = torch.zeros((), dtype=torch.float32, device=self._device)
+        self._kl_sums = [] if self._method == "grpo" else None
         for tensors in inputs:
             objective = self._objective(*tensors, token_scale, pair_scale)
             objective.backward()
@@ -302,7 +366,12 @@ class TorchBackend:
         max_norm = self._cfg.train.max_grad_norm
         # max_norm 0 means no clipping; inf still yields the global norm and scales grads by exactly 1.
         norm = torch.nn.utils.clip_grad_norm_(self._params, max_norm if max_norm > 0 else math.inf)
-        loss_value, norm_value = torch.stack([loss_sum, norm.float()]).tolist()  # the step's one host sync
+        figures = [loss_sum, norm.float()]
+        if self._kl_sums:
+            figures += list(torch.stack(self._kl_sums).sum(dim=0))
+        values = torch.stack(figures).tolist()  # the step's one host sync
+        loss_value, norm_value = values[:2]
+        self._step_extras = {"kl": values[2] / max(values[3], 1.0)} if len(values) > 2 else {}
         # A non-finite step is reported (the loop stops on it) but never applied, so saved weights stay finite.
         if math.isfinite(loss_value) and math.isfinite(norm_value):
             self._optimizer.step()
@@ -330,6 +399,65 @@ class TorchBackend:
             return value * weight, weight
         self._recover_from_oom()
         raise OutOfMemory(f"out of memory evaluating a batch of {batch.num_rows} rows: {message}")
+
+    def sample(self, prompt_ids: np.ndarray, seeds: list[int], max_new_tokens: int, temperature: float,
+               top_p: float, eos_id: int | None) -> np.ndarray:
+        """One sampled continuation per seed (src/backend.py), KV cache, adapter on, eval mode (no dropout).
+        Each row draws from its own torch.Generator: Gumbel-max over the top-p set, an exact categorical draw
+        whose noise depends on that row's seed alone."""
+        self._model.eval()
+        n = len(seeds)
+        out = np.full((n, int(max_new_tokens)), -1, dtype=np.int64)
+        if n == 0 or max_new_tokens <= 0:
+            return out
+        try:
+            with torch.no_grad(), self._autocast():
+                return self._sample(prompt_ids, seeds, int(max_new_tokens), float(temperature), float(top_p),
+                                    eos_id, out)
+        except _OOM as exc:
+            message = str(exc).splitlines()[0] if str(exc) else "CUDA out of memory"
+        self._recover_from_oom()
+        raise OutOfMemory(f"out of memory sampling {n} completions: {message}")
+
+    def _sample(self, prompt_ids, seeds, max_new_tokens, temperature, top_p, eos_id, out) -> np.ndarray:
+        n = len(seeds)
+        gens = [torch.Generator(device=self._device).manual_seed(int(s) % (2**63)) for s in seeds]
+        ids = torch.as_tensor(np.asarray(prompt_ids, dtype=np.int64).reshape(1, -1), device=self._device).repeat(n, 1)
+        result = self._model(input_ids=ids, use_cache=True)
+        past, logits = result.past_key_values, result.logits[:, -1].float()
+        done = np.zeros(n, dtype=bool)
+        for t in range(max_new_tokens):
+            scaled = logits / temperature
+            if top_p < 1.0:
+                # The smallest set of most likely tokens whose probability reaches top_p (the first one always).
+                order = torch.argsort(scaled, dim=-1, descending=True)
+                probs = torch.softmax(scaled.gather(-1, order), dim=-1)
+                drop_sorted = (probs.cumsum(dim=-1) - probs) >= top_p
+                drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+                scaled = scaled.masked_fill(drop, -math.inf)
+            noise = torch.stack([torch.rand(scaled.shape[-1], generator=g, device=self._device, dtype=torch.float64)
+                                 for g in gens])
+            gumbel = -torch.log(-torch.log(noise.clamp(min=1e-300)))
+            token = torch.argmax(scaled.double() + gumbel, dim=-1)
+            chosen = token.cpu().numpy()
+            out[~done, t] = chosen[~done]
+            if eos_id is not None:
+                done |= chosen == eos_id
+            if done.all() or t + 1 == max_new_tokens:
+                break
+            result = self._model(input_ids=token.view(n, 1), past_key_values=past, use_cache=True)
+            past, logits = result.past_key_values, result.logits[:, -1].float()
+        return out
+
+    def token_logps(self, batch: Batch, adapter: bool = True) -> np.ndarray:
+        self._model.eval()
+        ids, attn, _, sel, _ = self._tensors(batch)
+        with torch.no_grad(), (contextlib.nullcontext() if adapter else self._model.disable_adapter()):
+            values = self._target_logps(ids, attn, sel)
+        out = np.zeros(batch.loss_mask.shape, dtype=np.float32)
+        rows, cols = np.nonzero(batch.loss_mask[:, 1:])
+        out[rows, cols + 1] = values.float().cpu().numpy()
+        return out
 
     def generate(self, prompt_ids: np.ndarray, max_new_tokens: int, eos_id: int | None) -> np.ndarray:
         """Greedy continuation, without the prompt and without the end-of-sequence token."""

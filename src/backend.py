@@ -36,6 +36,10 @@ class Batch:
     attention_mask: np.ndarray
     pad_id: int = 0
     paired: bool = False  # preference pairs: row 2i chosen, 2i+1 rejected
+    # grpo (src/objectives.py): each row a sampled completion; its advantage, and with grpo.iterations > 1 the
+    # per-token log-probs (B, T, aligned like loss_mask) of the policy that sampled it.
+    advantages: np.ndarray | None = None
+    old_logp: np.ndarray | None = None
 
     @property
     def num_rows(self) -> int:
@@ -53,8 +57,12 @@ class Batch:
         units = self.num_rows // unit
         parts = max(1, min(parts, units))
         bounds = np.linspace(0, units, parts + 1).astype(int) * unit
+        def rows(x, a, b):
+            return None if x is None else x[a:b]
+
         return [
-            Batch(self.input_ids[a:b], self.loss_mask[a:b], self.attention_mask[a:b], self.pad_id, self.paired)
+            Batch(self.input_ids[a:b], self.loss_mask[a:b], self.attention_mask[a:b], self.pad_id, self.paired,
+                  rows(self.advantages, a, b), rows(self.old_logp, a, b))
             for a, b in zip(bounds[:-1], bounds[1:])
             if b > a
         ]
@@ -73,6 +81,7 @@ class StepResult:
     loss: float  # token-weighted mean loss over all micro-batches of the step
     tokens: int  # target tokens in the step
     grad_norm: float  # global gradient norm before clipping
+    extras: dict[str, float] = field(default_factory=dict)  # method-specific figures for the train event (grpo: kl)
 
 
 class OutOfMemory(RuntimeError):
@@ -111,6 +120,16 @@ class Backend(Protocol):
 
     def versions(self) -> dict[str, str]:
         """Library versions, recorded in each checkpoint manifest."""
+
+    def sample(self, prompt_ids: np.ndarray, seeds: list[int], max_new_tokens: int, temperature: float,
+               top_p: float, eos_id: int | None) -> np.ndarray:
+        """grpo: one sampled continuation of ``prompt_ids`` per seed, with a KV cache, adapter on, no dropout:
+        int64 (len(seeds), max_new_tokens), the EOS token kept, -1 after it. Each row depends only on its own
+        seed (its own generator), so sampling a group in parts (out of memory) gives the same rows."""
+
+    def token_logps(self, batch: Batch, adapter: bool = True) -> np.ndarray:
+        """Per-token log-probs (B, T) of input_ids[:, t] given input_ids[:, :t] where loss_mask is 1 (0 elsewhere),
+        without dropout; ``adapter=False`` is the reference model (grpo old-policy values, tests)."""
 
 
 # ---------------------------------------------------------------------------

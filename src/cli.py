@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--output", metavar="DIR", help="run directory (output.dir)")
     t.add_argument("--model", metavar="ID_OR_PATH", help="model folder or hub id (model.path)")
     t.add_argument("--data", metavar="DIR", help="folder with train.jsonl and val.jsonl (data.path)")
-    t.add_argument("--method", choices=["sft", "cpt", "dpo", "orpo"], help="data.method")
+    t.add_argument("--method", choices=["sft", "cpt", "dpo", "orpo", "grpo"], help="data.method")
     t.add_argument("--batch-size", type=int, metavar="N", help="train.batch_size")
     t.add_argument("--lora-rank", type=int, metavar="N", help="lora.rank")
     t.add_argument("--lora-layers", type=int, metavar="N", help="lora.layers (last N blocks, -1 all)")
@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("validate-data", help="check a dataset before training")
     v.add_argument("path", metavar="DIR_OR_FILE")
-    v.add_argument("--method", choices=["sft", "cpt", "dpo", "orpo"], default=None)
+    v.add_argument("--method", choices=["sft", "cpt", "dpo", "orpo", "grpo"], default=None)
     v.add_argument("--model", metavar="DIR", default=None, help="tokenize with this model's tokenizer for length stats")
     v.add_argument("--max-seq-length", type=int, metavar="N", default=None,
                    help="model.max_seq_length to check against (default: the built-in default)")

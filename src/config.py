@@ -98,8 +98,26 @@ class PreferenceConfig:
 
 
 @dataclass
+class GrpoConfig:
+    """GRPO (SPEC §9): group_size completions are sampled per prompt, scored by the rewards, and each one's
+    advantage is its reward against its group's."""
+    group_size: int = 4  # completions per prompt; train.batch_size counts prompts
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    beta: float = 0.04  # weight of the KL to the reference (the base with LoRA off); 0 skips the reference pass
+    epsilon: float = 0.2  # PPO clip range of the policy ratio
+    loss_type: str = "grpo"  # grpo | dr_grpo
+    iterations: int = 1  # optimizer steps per generated batch; 1 = on-policy
+    rewards: list[str] = field(default_factory=list)  # built-in names, "package.module:function", "file.py:function"
+    reward_weights: list[float] = field(default_factory=list)  # empty = 1.0 each
+    dead_reward_patience: int = 10  # circuit breaker: steps in a row with no advantage anywhere
+
+
+@dataclass
 class OutputConfig:
     dir: str = "runs/overnight"
+    keep_awake: bool = True  # macOS: `caffeinate -i` for the run's lifetime, so the Mac does not sleep mid-run
 
 
 @dataclass
@@ -117,6 +135,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     preference: PreferenceConfig = field(default_factory=PreferenceConfig)
+    grpo: GrpoConfig = field(default_factory=GrpoConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     notify: NotifyConfig = field(default_factory=NotifyConfig)
     backend: str = "auto"
@@ -144,10 +163,13 @@ TRAINING_KEYS = (
     "train.batch_size", "train.grad_accumulation", "train.learning_rate", "train.schedule",
     "train.warmup_steps", "train.min_lr_ratio", "train.weight_decay", "train.max_grad_norm",
     "train.optimizer", "train.seed", "preference.beta",
+    "grpo.group_size", "grpo.max_new_tokens", "grpo.temperature", "grpo.top_p", "grpo.beta", "grpo.epsilon",
+    "grpo.loss_type", "grpo.iterations", "grpo.rewards", "grpo.reward_weights",
 )
 
 CHOICES = {
-    "data.method": ("sft", "cpt", "dpo", "orpo"),
+    "data.method": ("sft", "cpt", "dpo", "orpo", "grpo"),
+    "grpo.loss_type": ("grpo", "dr_grpo"),
     "train.schedule": ("cosine", "linear", "constant"),
     "train.optimizer": ("adamw", "paged_adamw_8bit"),
     "backend": ("auto", "mlx", "torch"),
@@ -269,14 +291,15 @@ def validate(cfg: Config) -> Config:
                 "train.max_steps", "eval.every_steps", "eval.max_batches", "checkpoint.every_steps",
                 "checkpoint.keep_last", "early_stopping.patience", "early_stopping.grad_spike_patience",
                 "early_stopping.check_every_steps", "early_stopping.stuck_steps", "train.report_every",
-                "model.quantization.group_size")
+                "model.quantization.group_size", "grpo.group_size", "grpo.max_new_tokens", "grpo.iterations",
+                "grpo.dead_reward_patience")
     for key in positive:
         if cfg.get(key) < 1:
             raise ConfigError(f"config key '{key}' must be at least 1, got {cfg.get(key)}")
     non_negative = ("train.learning_rate", "train.warmup_steps", "train.weight_decay", "train.max_grad_norm",
                     "early_stopping.warmup_steps", "early_stopping.min_delta", "eval.predictions",
                     "eval.batch_size", "eval.max_new_tokens", "lora.alpha", "train.min_lr_ratio",
-                    "preference.beta")
+                    "preference.beta", "grpo.beta", "grpo.epsilon")
     for key in non_negative:
         if cfg.get(key) < 0:
             raise ConfigError(f"config key '{key}' must not be negative, got {cfg.get(key)}")
@@ -286,6 +309,21 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"config key 'lora.layers' must be a positive number of blocks or -1 (all), got {cfg.lora.layers}")
     if not cfg.lora.targets:
         raise ConfigError("config key 'lora.targets' must name at least one module, e.g. [q_proj, v_proj]")
+    g = cfg.grpo
+    if not 0.0 < g.top_p <= 1.0:
+        raise ConfigError(f"config key 'grpo.top_p' must be in (0, 1], got {g.top_p}")
+    if g.temperature <= 0:
+        raise ConfigError(f"config key 'grpo.temperature' must be above 0 (training samples), got {g.temperature}")
+    if g.reward_weights and len(g.reward_weights) != len(g.rewards):
+        raise ConfigError(f"config key 'grpo.reward_weights' has {len(g.reward_weights)} weights for "
+                          f"{len(g.rewards)} rewards: give one weight per entry of grpo.rewards, or none (all 1.0)")
+    if cfg.data.method == "grpo":
+        if not g.rewards:
+            raise ConfigError("config key 'grpo.rewards' is empty: method grpo needs at least one reward, e.g. "
+                              "--set grpo.rewards=[exact_match] or my_rewards.py:correct")
+        if g.group_size < 2:
+            raise ConfigError(f"config key 'grpo.group_size' must be at least 2 (an advantage compares completions "
+                              f"of the same prompt), got {g.group_size}")
     if cfg.train.min_lr_ratio > 1:
         raise ConfigError(f"config key 'train.min_lr_ratio' must be in [0, 1], got {cfg.train.min_lr_ratio}")
     return cfg

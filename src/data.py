@@ -40,6 +40,7 @@ from .data_formats import (
 from .data_tokenizer import (
     Encoded,
     TextTokenizer,
+    encode_prompt,
     encode_row,
     fit,
     load_tokenizer,
@@ -91,6 +92,8 @@ def check_data(data_path: Path, method: str, *, tokenizer: TextTokenizer | None 
         def measure(row: dict, fmt: str) -> tuple[int, int | None, int | None]:
             if fmt == "chat" and not tokenizer.has_chat_template:
                 return 0, None, None  # reported once per file below, not once per row
+            if method == "grpo":  # a prompt: its targets are sampled during training
+                return len(encode_prompt(tokenizer, row, fmt)), None, None
             enc = encode_row(tokenizer, row, fmt, mask_prompt)
             if packing or (enc.length > max_len and not truncate):
                 return enc.length, None, None  # packed into blocks / dropped whole: counted elsewhere
@@ -110,6 +113,13 @@ def check_data(data_path: Path, method: str, *, tokenizer: TextTokenizer | None 
         if tokenizer is not None and f.format == "chat" and not tokenizer.has_chat_template:
             f.add(f.format_line, "messages", f"the tokenizer in {tokenizer.model_dir} has no chat template",
                   "use prompt/completion or text rows, or a model with a chat_template in tokenizer_config.json")
+        if method == "grpo" and f.lengths is not None:
+            # A prompt is cut from the left to leave room for the completion; one that leaves no room is refused.
+            room = max_len - (cfg.grpo.max_new_tokens if cfg is not None else 64)
+            if room < 1:
+                f.add(None, None, f"model.max_seq_length={max_len} leaves no room for a prompt before "
+                      f"grpo.max_new_tokens tokens", "raise model.max_seq_length or lower grpo.max_new_tokens")
+            continue
         if f.rows and f.too_long == f.rows and not report.truncate and not packing:
             f.add(None, None, f"every row is longer than max_seq_length={max_len} tokens and data.truncate=false "
                   "drops them all", "raise model.max_seq_length or set data.truncate=true")
@@ -126,7 +136,7 @@ def check_data(data_path: Path, method: str, *, tokenizer: TextTokenizer | None 
     if packing and max_len < 2:
         report.train.add(None, None, f"model.max_seq_length={max_len} leaves packed blocks no token to predict",
                          "raise model.max_seq_length")
-    if packing and method in PAIRED_METHODS:
+    if packing and method in PAIRED_METHODS + ("grpo",):
         report.train.add(None, None, f"data.packing cannot be used with method {method}",
                          "set data.packing=false (preference pairs are never packed)")
     return report
@@ -139,8 +149,9 @@ class RowSource:
     """The non-blank rows of one JSONL file, by index. Streaming keeps only each line's byte offset and
     length and reads a row when asked; otherwise every row is parsed once, up front."""
 
-    def __init__(self, path: Path, streaming: bool):
+    def __init__(self, path: Path, streaming: bool, method: str | None = None):
         self.path = Path(path)
+        self.method = method
         if not self.path.is_file():
             raise DataError(f"{self.path}: no such file -> check data.path")
         # Typed arrays keep the index at 12 bytes a row (a Python list of ints costs several times that).
@@ -193,7 +204,7 @@ class RowSource:
         row = self.row(i)
         fmt = detect_format(row)
         problems = [(None, f"row is in {fmt} format but the file is in {self.format} format", "")] \
-            if fmt != self.format else row_problems(row, fmt)
+            if fmt != self.format else row_problems(row, fmt, self.method)
         if problems:
             key, message, hint = problems[0]
             key_text = f" key '{key}':" if key else ""
@@ -212,11 +223,11 @@ class RowSource:
 
 def _open_source(path: Path, tokenizer: TextTokenizer, cfg: Any, streaming: bool) -> RowSource:
     method = cfg.data.method
-    source = RowSource(path, streaming)
+    source = RowSource(path, streaming, method)
     if source.format not in METHOD_FORMATS[method]:
         raise DataError(f"{path}: rows are in {source.format} format, which method '{method}' cannot train on "
                         f"-> method {method} needs {method_needs(method)}")
-    if cfg.packing and method in PAIRED_METHODS:
+    if cfg.packing and method in PAIRED_METHODS + ("grpo",):
         raise DataError(f"data.packing cannot be used with method {method} -> set data.packing=false")
     if source.format == "chat" and not tokenizer.has_chat_template:
         raise DataError(f"{path}: chat rows need a chat template, and the tokenizer in {tokenizer.model_dir} "
@@ -309,8 +320,8 @@ class TrainStream:
         except DataError as exc:
             raise DataError(f"{self.source.path}:{self.source.lineno(i)}: {exc}") from None
 
-    def _rows_batch(self) -> Batch:
-        empty = 0
+    def next_members(self) -> np.ndarray:
+        """The sample indices of the next batch in the order (grpo reads its prompt rows through this)."""
         while True:
             if self._window_index * self.window >= self.samples_per_epoch:
                 self.epoch += 1
@@ -323,6 +334,12 @@ class TrainStream:
             members = plan[self._batch_in_window]
             self._batch_in_window += 1
             self._position += len(members)
+            return members
+
+    def _rows_batch(self) -> Batch:
+        empty = 0
+        while True:
+            members = self.next_members()
             seqs = self._sequences(members)
             if seqs:
                 return collate(seqs, self.tok.pad_id, self.max_len, self.paired)

@@ -5,6 +5,8 @@ Four row formats (SPEC §9), detected per file from its first row:
     completion  {"prompt": ..., "completion": ...}
     text        {"text": ...}
     preference  {"prompt": ..., "chosen": ..., "rejected": ...}
+    prompt      {"prompt": ..., any other fields}  (grpo: only the prompt; the other fields go to the rewards)
+grpo also takes chat rows whose conversation ends with a user turn (the model writes the next one).
 Every problem names file, line and key, and says what to do about it.
 """
 from __future__ import annotations
@@ -21,12 +23,14 @@ FORMAT_KEYS = {
     "completion": ("prompt", "completion"),
     "text": ("text",),
     "preference": ("prompt", "chosen", "rejected"),
+    "prompt": ("prompt",),
 }
 METHOD_FORMATS = {
     "sft": ("chat", "completion", "text"),
     "cpt": ("text",),
     "dpo": ("preference",),
     "orpo": ("preference",),
+    "grpo": ("prompt", "chat"),
 }
 ROLES = ("system", "user", "assistant", "tool")
 EXAMPLES = {
@@ -34,6 +38,7 @@ EXAMPLES = {
     "completion": '{"prompt": "Q: 2+2?\\nA:", "completion": " 4"}',
     "text": '{"text": "Some document."}',
     "preference": '{"prompt": "Q: 2+2?", "chosen": "4", "rejected": "5"}',
+    "prompt": '{"prompt": "Q: 2+2?", "answer": "4"}',
 }
 MAX_KEPT_PROBLEMS = 1000  # all problems are counted; this many are kept with their text
 SHOWN_PROBLEMS = 20
@@ -135,6 +140,8 @@ def detect_format(row: dict) -> str | None:
         return "completion"
     if "text" in row:
         return "text"
+    if "prompt" in row:
+        return "prompt"
     return None
 
 
@@ -142,8 +149,9 @@ def _is_text(value: Any) -> bool:
     return isinstance(value, str)
 
 
-def row_problems(row: dict, fmt: str) -> list[tuple[str | None, str, str]]:
-    """(key, message, hint) for each way ``row`` fails the ``fmt`` format."""
+def row_problems(row: dict, fmt: str, method: str | None = None) -> list[tuple[str | None, str, str]]:
+    """(key, message, hint) for each way ``row`` fails the ``fmt`` format (for ``method``: a grpo conversation
+    is a prompt, so it ends with a user turn instead of holding an answer)."""
     out: list[tuple[str | None, str, str]] = []
     for key in FORMAT_KEYS[fmt]:
         if key not in row:
@@ -168,7 +176,11 @@ def row_problems(row: dict, fmt: str) -> list[tuple[str | None, str, str]]:
             if not _is_text(msg.get("content")):
                 out.append((key + ".content", f"must be a string, got {type(msg.get('content')).__name__}",
                             "put the message text in 'content' as a string"))
-        if not out and not any(m.get("role") == "assistant" for m in messages):
+        if not out and method == "grpo":
+            if messages[-1].get("role") != "user":
+                out.append(("messages", f"ends with a {messages[-1].get('role')} turn; a grpo prompt ends with a user "
+                            "turn (the model writes the answer)", "remove the trailing turns or the line"))
+        elif not out and not any(m.get("role") == "assistant" for m in messages):
             out.append(("messages", "has no assistant message, so there is nothing to learn",
                         "add the answer as {\"role\": \"assistant\", \"content\": ...} or remove the line"))
         return out
@@ -176,7 +188,7 @@ def row_problems(row: dict, fmt: str) -> list[tuple[str | None, str, str]]:
         value = row[key]
         if not _is_text(value):
             out.append((key, f"must be a string, got {type(value).__name__}", f"e.g. {EXAMPLES[fmt]}"))
-        elif key != "prompt" and not value.strip():
+        elif (key != "prompt" or fmt == "prompt") and not value.strip():
             out.append((key, "is empty, so there is nothing to learn", "fill it in or remove the line"))
     return out
 
@@ -350,7 +362,7 @@ def check_file(path: Path, method: str, measure: Measure | None = None,
             tally.count += 1
             if len(tally.lines) < MAX_KEPT_PROBLEMS:
                 tally.lines.append(lineno)
-            row_errs = row_problems(row, fmt)
+            row_errs = row_problems(row, fmt, method)
             for key, message, hint in row_errs:
                 report.add(lineno, key, message, hint)
             if row_errs:

@@ -362,3 +362,26 @@ def shortest_trainable_length(enc: Encoded) -> int | None:
         mask = enc.responses[0][1]
         return next((i + 1 for i in range(1, len(mask)) if mask[i]), None)
     return next((n for n in range(2, enc.length + 1) if target_tokens(fit(enc, n))), None)
+
+
+def encode_prompt(tok: TextTokenizer, row: dict, fmt: str) -> list[int]:
+    """The ids a model continues from (grpo, predictions): a conversation through the chat template with the
+    generation prompt, or BOS (if the tokenizer adds one) + the prompt text."""
+    if fmt == "chat":
+        try:
+            text = tok.apply_chat_template(row["messages"], add_generation_prompt=True)
+        except DataError:
+            raise
+        except Exception as exc:
+            raise DataError(f"the chat template failed on this row ({exc}) -> check roles and their order") from None
+        return tok.encode(text, add_special_tokens=False)
+    return tok.prefix_ids + tok.encode(row["prompt"], add_special_tokens=False)
+
+
+def fit_prompt(tok: TextTokenizer, ids: list[int], room: int) -> list[int]:
+    """``ids`` cut from the left to at most ``room`` tokens, keeping a leading BOS (the model's start)."""
+    if len(ids) <= room:
+        return ids
+    keep = len(tok.prefix_ids) if ids[:len(tok.prefix_ids)] == tok.prefix_ids else 0
+    keep = min(keep, room - 1) if room > 1 else 0
+    return ids[:keep] + ids[len(ids) - (room - keep):]

@@ -89,16 +89,21 @@ def train(cfg, backend, stream, validator, checkpoints: CheckpointManager, files
             step += 1
             tokens_seen += result.tokens
             elapsed += step_time
-            best.add_train_loss(result.loss)
+            # A source that scores its own steps (grpo: rewards, the dead-reward breaker) names the loss the run
+            # tracks (loss_avg, plateau, checkpoint score) and may stop it; otherwise that is the step's loss.
+            tracked, source_stop = stream.after_step(step, result) if hasattr(stream, "after_step") \
+                else (result.loss, None)
+            best.add_train_loss(tracked)
             memory = backend.memory()
             progress.update(step, result.loss, best.loss_avg(), step - last_saved, memory["memory_mb"],
                             memory.get("limit_mb"))
             if step % t.report_every == 0 or step == 1:
                 files.event("train", step, loss=result.loss, loss_avg=best.loss_avg(), lr=lr, tokens=result.tokens,
                             tokens_per_sec=result.tokens / step_time if step_time > 0 else None,
-                            grad_norm=result.grad_norm, memory_mb=memory["memory_mb"], elapsed_s=elapsed)
+                            grad_norm=result.grad_norm, memory_mb=memory["memory_mb"], elapsed_s=elapsed,
+                            **(stream.step_stats() if hasattr(stream, "step_stats") else {}))
                 files.heartbeat(step)
-            stop = stopper.after_step(step, result.loss, result.grad_norm)
+            stop = source_stop or stopper.after_step(step, tracked, result.grad_norm)
             if stop is None and stopper.check_due(step):
                 stop = stopper.check_plateau(step, best.loss_avg())
             # Validate on schedule and at the last step (max_steps, or a plateau stop) so the final weights

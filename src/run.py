@@ -161,6 +161,10 @@ def run_train(args, flags: dict) -> int:
     tokenizer = data.load_tokenizer(local_model) if local_model.is_dir() else None
     report = check_data_showing_progress(data, cfg, tokenizer, args.quiet)
     report.raise_if_problems()
+    if cfg.data.method == "grpo":  # a reward that cannot be imported is a config error, found before any work
+        from .rewards import load_rewards
+
+        load_rewards(cfg)
     run_dir = output_dir(cfg)
     backend = get_backend(cfg.backend, announce=say)  # imports the framework, loads no model
 
@@ -221,13 +225,22 @@ def _locked(args, cfg, run_dir, backend, data, train_file, val_file, tokenizer, 
             say(line)
         for warning in report.warnings():
             say(f"warning: {warning}")
-        stream = data.TrainStream(train_file, tokenizer, cfg)
         eval_batch_size = cfg.eval.batch_size or cfg.train.batch_size
-        validator = Validator(
-            (lambda: data.eval_batches(val_file, tokenizer, cfg, cfg.eval.max_batches, eval_batch_size))
-            if val_file else None)
         predict = None
-        if val_file and cfg.eval.predictions > 0:
+        if cfg.data.method == "grpo":  # sampled completions and rewards in place of fixed batches (src/grpo.py)
+            from . import grpo, rewards
+
+            reward_list = rewards.load_rewards(cfg)
+            stream = grpo.GrpoSource(train_file, tokenizer, cfg, backend, reward_list, say)
+            validator = grpo.GrpoValidator(val_file, tokenizer, cfg, reward_list)
+            if val_file and cfg.eval.predictions > 0:
+                predict = grpo.predictor(validator, run_dir, say)
+        else:
+            stream = data.TrainStream(train_file, tokenizer, cfg)
+            validator = Validator(
+                (lambda: data.eval_batches(val_file, tokenizer, cfg, cfg.eval.max_batches, eval_batch_size))
+                if val_file else None)
+        if val_file and cfg.eval.predictions > 0 and predict is None:
             prompts = data.prediction_prompts(val_file, tokenizer, cfg, cfg.eval.predictions)
             predict = _predictor(backend, tokenizer, prompts, cfg.eval.max_new_tokens, run_dir)
         if resume_from is not None:
