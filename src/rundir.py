@@ -16,7 +16,8 @@ from .fsutil import atomic_write_text
 # Everything overnight writes into a run directory, in one place: `--fresh` and the archive of a run
 # that died before its first checkpoint move exactly these, never a user's other files. The lock file
 # (.lock, see lock.py) and earlier archive-* folders stay where they are.
-OWNED_NAMES = ("config.yaml", "metrics.jsonl", "heartbeat.json", "predictions.jsonl", "checkpoints", "adapter")
+OWNED_NAMES = ("config.yaml", "metrics.jsonl", "heartbeat.json", "predictions.jsonl", "checkpoints", "adapter",
+               "tb", "wandb", "report.png")
 # Temporary names of the writes above that a crash can leave behind (atomic writes, the adapter export).
 OWNED_TEMP_PREFIXES = ("adapter.tmp-", ".heartbeat.json.tmp-", ".config.yaml.tmp-")
 
@@ -37,8 +38,9 @@ def _clean(value):
 
 
 class RunFiles:
-    def __init__(self, run_dir: Path, warn: Callable[[str], None] = print):
+    def __init__(self, run_dir: Path, warn: Callable[[str], None] = print, reporter=None):
         self.dir = Path(run_dir)
+        self.reporter = reporter  # TensorBoard / W&B (reporting.Reporter): fed every event, warns once itself
         self.metrics_path = self.dir / "metrics.jsonl"
         self.heartbeat_path = self.dir / "heartbeat.json"
         self._warn = warn
@@ -57,6 +59,12 @@ class RunFiles:
                 handle.write(json.dumps(record) + "\n")
         except OSError as exc:
             self._once("metrics.jsonl", exc)
+        if self.reporter is not None:
+            self.reporter.event(record)
+
+    def report_state(self) -> dict:
+        """What the reporting sinks need to continue after a resume (the W&B run id), for the loop state."""
+        return self.reporter.state() if self.reporter is not None else {}
 
     def heartbeat(self, step: int, state: str = "running", **fields) -> None:
         record = {"pid": os.getpid(), "host": socket.gethostname(), "step": step, "time": time.time(),

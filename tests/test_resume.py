@@ -15,8 +15,10 @@ def test_archive_moves_only_what_the_run_owns(tmp_path):
     run = tmp_path / "run"
     (run / "checkpoints" / "step-00000005").mkdir(parents=True)
     (run / "adapter").mkdir()
+    (run / "tb").mkdir()
+    (run / "wandb").mkdir()
     for name in ("config.yaml", "metrics.jsonl", "heartbeat.json", "predictions.jsonl", "adapter.tmp-1a2b",
-                 "notes.txt", ".lock"):
+                 "report.png", "notes.txt", ".lock"):
         (run / name).write_text(name)
     (run / "mydata").mkdir()
     (run / "mydata" / "keep.jsonl").write_text("{}")
@@ -24,7 +26,7 @@ def test_archive_moves_only_what_the_run_owns(tmp_path):
     archive = archive_run(run)
     assert sorted(p.name for p in archive.iterdir()) == sorted(
         ["adapter", "adapter.tmp-1a2b", "checkpoints", "config.yaml", "heartbeat.json", "metrics.jsonl",
-         "predictions.jsonl"])
+         "predictions.jsonl", "report.png", "tb", "wandb"])
     left = sorted(p.name for p in run.iterdir())
     assert left == sorted([".lock", "archive-20200101-000000", archive.name, "mydata", "notes.txt"])
     assert archive_run(run) is None  # nothing of a run left: nothing to archive
@@ -112,9 +114,16 @@ def test_resuming_with_another_backend_is_refused_before_the_model_loads(tmp_pat
     result = overnight(*args)
     assert result.returncode == 3, result.stdout + result.stderr
     assert "'numpy-reference' backend" in result.stderr and "'torch'" in result.stderr
-    assert "--allow-backend-change" in result.stderr and "later version" in result.stderr
+    assert "--allow-backend-change" in result.stderr and "--backend numpy-reference" in result.stderr
     assert "Traceback" not in result.stderr + result.stdout
     assert "trainable params" not in result.stdout  # refused before backend.setup loaded the model
+    assert tree(out) == before
+
+    # With the flag, a checkpoint that holds no portable copy (this backend writes none) is refused too.
+    result = overnight(*args, "--allow-backend-change")
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert "cannot move from 'numpy-reference' to 'torch'" in result.stderr and "portable" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
     assert tree(out) == before
 
 
