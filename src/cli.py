@@ -48,6 +48,13 @@ def cmd_status(args) -> int:
     return EXIT_OK
 
 
+def cmd_convert_adapter(args) -> int:
+    from .convert_adapter import convert_adapter
+
+    convert_adapter(Path(args.adapter_dir), args.to, Path(args.output), args.base, say)
+    return EXIT_OK
+
+
 def cmd_validate_data(args) -> int:
     from .datacheck import validate_data_main
 
@@ -118,6 +125,17 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("status", help="running / interrupted / completed / failed / stopped early")
     s.add_argument("run_dir", metavar="RUN_DIR")
     s.set_defaults(func=cmd_status)
+
+    a = sub.add_parser("convert-adapter", help="convert a LoRA adapter between mlx-lm and PEFT formats, exactly",
+                       description="Rename, transpose and translate the config of a LoRA adapter: mlx-lm "
+                       "(adapters.safetensors) <-> PEFT (adapter_model.safetensors). What one format cannot express "
+                       "(DoRA, per-module ranks, ...) is refused by name.")
+    a.add_argument("adapter_dir", metavar="ADAPTER_DIR")
+    a.add_argument("--to", required=True, choices=["peft", "mlx"])
+    a.add_argument("--output", required=True, metavar="DIR", help="new or empty folder")
+    a.add_argument("--base", metavar="MODEL", help="the base model (PEFT base_model_name_or_path, mlx-lm model; a "
+                   "local folder also lets the block count be checked)")
+    a.set_defaults(func=cmd_convert_adapter)
 
     v = sub.add_parser("validate-data", help="check a dataset before training")
     v.add_argument("path", metavar="DIR_OR_FILE")
