@@ -29,6 +29,7 @@ from overnight import lora_init, objectives
 from overnight.backend import Batch, OutOfMemory, SetupInfo, StepResult
 from overnight.config import ConfigError
 from overnight.fsutil import atomic_write_text, fsync_dir, fsync_file
+from overnight.portable import PortableState
 
 ADAPTER_WEIGHTS = "adapters.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -686,6 +687,44 @@ class MLXBackend:
         self.optimizer.state = tree_map_with_path(lambda path, _: opt_saved[path], self.optimizer.state)
         self.updates = int(state["updates"])
         self.seed = int(state["rng"]["seed"])
+        mx.eval(self.model.trainable_parameters(), self.optimizer.state)
+        self._build_steps()
+
+    @staticmethod
+    def _portable_key(path: str) -> str:
+        # mlx-lm keeps lora_a (in, r) and lora_b (r, out): the neutral layout is their transposes.
+        module, _, which = path.rpartition(".")
+        return lora_init.neutral_module_name(module) + (".A" if which == "lora_a" else ".B")
+
+    def portable_state(self) -> PortableState:
+        params = dict(tree_flatten(self.model.trainable_parameters()))
+        moments = dict(tree_flatten(self.optimizer.state))
+
+        def neutral(values: dict[str, mx.array], suffix: str) -> dict[str, np.ndarray]:
+            return {self._portable_key(path): np.array(values[path + suffix].astype(mx.float32)).T
+                    for path in params}
+
+        return PortableState(neutral(params, ""), neutral(moments, ".m"), neutral(moments, ".v"),
+                             int(self.optimizer.state["step"].item()), {"optimizer": "adamw"})
+
+    def load_portable(self, state: PortableState) -> None:
+        params = dict(tree_flatten(self.model.trainable_parameters()))
+        self.model.load_weights([(path, mx.array(state.weights[self._portable_key(path)].T).astype(value.dtype))
+                                 for path, value in params.items()], strict=False)
+        by_suffix = {"m": state.exp_avg, "v": state.exp_avg_sq}
+
+        def restored(path: str, value: mx.array) -> mx.array:
+            if path == "step":
+                return mx.array(state.adam_step, mx.uint64)
+            param, _, which = path.rpartition(".")
+            if param in params and which in by_suffix:
+                return mx.array(by_suffix[which][self._portable_key(param)].T).astype(value.dtype)
+            return value  # learning_rate: the loop sets it every step
+
+        self.optimizer.state = tree_map_with_path(restored, self.optimizer.state)
+        # Dropout keys come from (seed, update count) (_step_seed), so the continued run draws what an
+        # uninterrupted mlx run would from here on.
+        self.updates = state.adam_step
         mx.eval(self.model.trainable_parameters(), self.optimizer.state)
         self._build_steps()
 

@@ -21,6 +21,7 @@ from overnight import lora_init, objectives
 from overnight.backend import Batch, OutOfMemory, SetupInfo, StepResult
 from overnight.backends import noise
 from overnight.config import ConfigError
+from overnight.portable import PortableState
 
 noise.install()  # before bitsandbytes is imported: its import logs a line that is not the user's business
 _OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
@@ -553,6 +554,44 @@ class TorchBackend:
         if torch.cuda.is_available() and torch_rng["cuda"]:
             for index, cuda_state in enumerate(torch_rng["cuda"][: torch.cuda.device_count()]):
                 torch.cuda.set_rng_state(cuda_state, index)
+
+    def _portable_keys(self) -> list[str]:
+        # PEFT's lora_A (r, in) and lora_B (out, r) are already the neutral layout: only the names change.
+        return [lora_init.neutral_module_name(name.split(".lora_")[0]) + (".A" if ".lora_A." in name else ".B")
+                for name in self._param_names]
+
+    def portable_state(self) -> PortableState:
+        keys = self._portable_keys()
+        weights = {k: p.detach().float().cpu().numpy() for k, p in zip(keys, self._params)}
+        meta = {"optimizer": self._optimizer_name}
+        if self._optimizer_name != "adamw":  # bitsandbytes' 8-bit moments are quantized blocks, not AdamW's
+            return PortableState(weights, meta=meta)
+        states = [self._optimizer.state.get(p, {}) for p in self._params]
+        steps = {int(s["step"].item()) if "step" in s else 0 for s in states}
+        if len(steps) != 1:
+            raise RuntimeError(f"AdamW step counts differ between LoRA parameters ({sorted(steps)})")
+
+        def moment(name: str) -> dict[str, np.ndarray]:
+            return {k: (s[name].detach().float().cpu().numpy() if name in s else np.zeros_like(weights[k]))
+                    for k, s in zip(keys, states)}
+
+        return PortableState(weights, moment("exp_avg"), moment("exp_avg_sq"), steps.pop(), meta)
+
+    def load_portable(self, state: PortableState) -> None:
+        if self._optimizer_name != "adamw":
+            raise ConfigError(f"config key 'train.optimizer': {self._optimizer_name} keeps 8-bit moments that an "
+                              "AdamW state from another backend cannot become; continue with train.optimizer=adamw")
+        with torch.no_grad():
+            for key, param in zip(self._portable_keys(), self._params):
+                param.copy_(torch.from_numpy(state.weights[key]).to(param.dtype))
+                self._optimizer.state[param] = {
+                    "step": torch.tensor(float(state.adam_step), dtype=torch.float32),
+                    "exp_avg": torch.from_numpy(state.exp_avg[key]).to(param.device, param.dtype),
+                    "exp_avg_sq": torch.from_numpy(state.exp_avg_sq[key]).to(param.device, param.dtype),
+                }
+        # The other framework's RNG state cannot be carried: seed from the run's seed and step instead, so the
+        # continued run is still reproducible (its dropout draws differ from an uninterrupted one's).
+        _seed_everything(self._cfg.train.seed * 1_000_003 + state.adam_step)
 
     # ------------------------------------------------------------------ reporting
 

@@ -17,6 +17,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from .portable import PortableState
+
 
 @dataclass
 class Batch:
@@ -120,6 +122,14 @@ class Backend(Protocol):
 
     def versions(self) -> dict[str, str]:
         """Library versions, recorded in each checkpoint manifest."""
+
+    def portable_state(self) -> PortableState:
+        """The LoRA weights and AdamW moments in the backend-neutral layout (src/portable.py, SPEC §13); the
+        checkpoint writes it beside the native files so the other backend can continue the run."""
+
+    def load_portable(self, state: PortableState) -> None:
+        """Continue from another backend's checkpoint: LoRA weights, AdamW moments and step count from
+        ``state`` (already checked against this run's LoRA shape). Framework RNG states do not cross."""
 
     def sample(self, prompt_ids: np.ndarray, seeds: list[int], max_new_tokens: int, temperature: float,
                top_p: float, eos_id: int | None) -> np.ndarray:

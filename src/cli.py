@@ -115,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, metavar="N", help="train.seed")
     t.add_argument("--allow-config-change", action="store_true",
                    help="resume even though the model, data or training config changed (recorded in metrics)")
+    t.add_argument("--allow-backend-change", action="store_true",
+                   help="resume a run made with the other backend (mlx <-> torch) from its portable checkpoint")
     t.add_argument("--quiet", action="store_true", help="no progress line")
     t.set_defaults(func=cmd_train)
 

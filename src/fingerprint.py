@@ -11,10 +11,13 @@ from pathlib import Path
 
 from .config import TRAINING_KEYS, Config
 from .fsutil import sha256_file
+from .portable import model_shape, same_model_differences
 
 _MODEL_FILES = ("config.json",)
 # Recorded for people reading a manifest, never compared: the model is compared by content instead.
 NOT_COMPARED = ("model.path",)
+# A run moved to the other backend (--allow-backend-change) may change these; they are recorded, not refused.
+MAY_DIFFER_ACROSS_BACKENDS = ("model.quantization.bits", "model.quantization.group_size")
 
 
 def _model_identity(path: str) -> dict:
@@ -38,10 +41,11 @@ def _file_digest(path: Path | None) -> str | None:
 
 def compute(cfg: Config, train_file: Path, val_file: Path | None, backend: str | None = None) -> dict:
     """``backend`` (the Backend's ``name``) is recorded so a resume on another backend is refused before
-    the model is loaded; it is checked on its own (resume.refuse_other_backend), not by differences()."""
+    the model is loaded; it is checked on its own (resume.check_backend), not by differences()."""
     keys = [key for key in TRAINING_KEYS if key not in NOT_COMPARED]
     return {
         "model": _model_identity(cfg.model.path),
+        "model_shape": model_shape(cfg.model.path),  # "the same model" across backends (src/portable.py)
         "model_path": cfg.model.path,
         "backend": backend,
         "train_data": _file_digest(train_file),
@@ -50,11 +54,21 @@ def compute(cfg: Config, train_file: Path, val_file: Path | None, backend: str |
     }
 
 
-def differences(saved: dict, current: dict) -> list[str]:
-    """Human-readable list of what changed, e.g. ["lora.rank: 16 -> 8", "train data file contents"]."""
+def differences(saved: dict, current: dict, across_backends: bool = False) -> list[str]:
+    """Human-readable list of what changed, e.g. ["lora.rank: 16 -> 8", "train data file contents"].
+
+    across_backends: the run moves to the other backend, whose model folder may be another conversion of the
+    same model (an MLX 4-bit folder, the Hugging Face original): the model is compared by architecture and
+    tensor names/shapes (src/portable.py), and quantization may differ (quantization_change records it)."""
     changes = []
     old_model, new_model = saved.get("model"), current.get("model")
-    if old_model != new_model:
+    if across_backends:
+        if "model_shape" not in saved:
+            changes.append("model: the checkpoint predates portable checkpoints, so its model cannot be compared "
+                           "across backends")
+        else:
+            changes += [f"model: {c}" for c in same_model_differences(saved["model_shape"], current["model_shape"])]
+    elif old_model != new_model:
         if isinstance(old_model, dict) and isinstance(new_model, dict) and "id" in old_model and "id" in new_model:
             changes.append(f"model: {old_model['id']!r} -> {new_model['id']!r}")
         else:
@@ -70,6 +84,16 @@ def differences(saved: dict, current: dict) -> list[str]:
     old_cfg = {k: v for k, v in saved.get("config", {}).items() if k not in NOT_COMPARED}
     new_cfg = {k: v for k, v in current.get("config", {}).items() if k not in NOT_COMPARED}
     for key in sorted(set(old_cfg) | set(new_cfg)):
+        if across_backends and key in MAY_DIFFER_ACROSS_BACKENDS:
+            continue
         if old_cfg.get(key) != new_cfg.get(key):
             changes.append(f"{key}: {old_cfg.get(key)!r} -> {new_cfg.get(key)!r}")
     return changes
+
+
+def quantization_change(saved: dict, current: dict) -> dict:
+    """The base model's quantization before and after a backend change (recorded in the resume event): the
+    same bits still mean another format on each backend (mlx affine groups, bitsandbytes NF4)."""
+    old_cfg, new_cfg = saved.get("config", {}), current.get("config", {})
+    return {"from": {key: old_cfg.get(key) for key in MAY_DIFFER_ACROSS_BACKENDS},
+            "to": {key: new_cfg.get(key) for key in MAY_DIFFER_ACROSS_BACKENDS}}

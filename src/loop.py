@@ -6,6 +6,7 @@ from typing import Callable
 
 from .backend import Batch, OutOfMemory
 from .checkpoint import CheckpointManager, NonFiniteWeights, export_adapter
+from .portable import save_resumable
 from .progress import checkpoint_line, eval_line
 from .schedule import lr_at
 from .scoring import BestTracker
@@ -64,7 +65,7 @@ def train(cfg, backend, stream, validator, checkpoints: CheckpointManager, files
     def save_checkpoint(owe: dict | None = None) -> None:
         state = {"step": step, "tokens_seen": tokens_seen, "elapsed_s": elapsed, "micro_splits": splits,
                  "early_stopping": stopper.state(), "best": best.state(), "data": stream.state(), "owed": owe}
-        path = checkpoints.save(step, backend.save, state, fingerprint, versions)
+        path = checkpoints.save(step, lambda folder: save_resumable(backend, folder), state, fingerprint, versions)
         files.event("checkpoint", step, path=str(path.relative_to(files.dir)))
         removed = checkpoints.rotate(best.best_step)
         notify("checkpoint", step=step)

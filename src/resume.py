@@ -98,19 +98,26 @@ def decide_resume(args, run_dir: Path, checkpoints: CheckpointManager, say: Call
     raise ResumeRefused(f"{run_dir} already holds a run with a checkpoint at step {latest.step}. {FLAGS_HINT}")
 
 
-def refuse_other_backend(fingerprint: dict, backend: str, step: int) -> None:
-    """Checked before the model is loaded. A checkpoint that records no backend (older format) is let through."""
+def check_backend(fingerprint: dict, backend: str, step: int, allow_change: bool) -> str | None:
+    """Checked before the model is loaded. Returns the backend the checkpoint was made with when the run moves
+    to another one (allowed with --allow-backend-change: it continues from the checkpoint's portable part,
+    src/portable.py), None when it stays. A checkpoint that records no backend (older format) is let through."""
     made_with = fingerprint.get("backend")
-    if made_with and made_with != backend:
+    if not made_with or made_with == backend:
+        return None
+    if not allow_change:
         raise ResumeRefused(
             f"the checkpoint at step {step} was made with the {made_with!r} backend and this run uses {backend!r}. "
-            f"Resume with the backend it was made with (--backend {made_with} when that is the registry name); "
-            "moving a run across backends comes with --allow-backend-change in a later version")
+            f"Resume with --backend {made_with}, or pass --allow-backend-change to continue this run on "
+            f"{backend!r} (LoRA weights, AdamW moments and the data position carry over; dropout draws after the "
+            "switch differ from an uninterrupted run)")
+    return made_with
 
 
-def check_fingerprint(saved: dict, current: dict, step: int, allow_change: bool) -> list[str]:
+def check_fingerprint(saved: dict, current: dict, step: int, allow_change: bool,
+                      across_backends: bool = False) -> list[str]:
     """The changed fields (empty when none). Raises ResumeRefused unless the user allowed the change."""
-    changes = fp.differences(saved, current)
+    changes = fp.differences(saved, current, across_backends)
     if changes and not allow_change:
         raise ResumeRefused(
             f"the checkpoint at step {step} was trained with a different setup; changed: " + "; ".join(changes)

@@ -10,7 +10,7 @@ import traceback
 from pathlib import Path
 
 from . import fingerprint as fp
-from . import lock, resume
+from . import lock, portable, resume
 from .backend import BackendUnavailable, get_backend
 from .checkpoint import CheckpointError, CheckpointManager
 from .config import ConfigError, build_config, dump_config
@@ -162,9 +162,10 @@ def run_train(args, flags: dict) -> int:
     report = check_data_showing_progress(data, cfg, tokenizer, args.quiet)
     report.raise_if_problems()
     if cfg.data.method == "grpo":  # a reward that cannot be imported is a config error, found before any work
+        from .grpo import check_reward_fields
         from .rewards import load_rewards
 
-        load_rewards(cfg)
+        check_reward_fields([train_file, val_file], load_rewards(cfg))
     run_dir = output_dir(cfg)
     backend = get_backend(cfg.backend, announce=say)  # imports the framework, loads no model
 
@@ -202,8 +203,9 @@ def _locked(args, cfg, run_dir, backend, data, train_file, val_file, tokenizer, 
     resume_state, overridden = None, []
     if resume_from is not None:
         saved = checkpoints.manifest(resume_from.path)["fingerprint"]
-        resume.refuse_other_backend(saved, backend.name, resume_from.step)
-        overridden = resume.check_fingerprint(saved, fingerprint, resume_from.step, args.allow_config_change)
+        moved_from = resume.check_backend(saved, backend.name, resume_from.step, args.allow_backend_change)
+        overridden = resume.check_fingerprint(saved, fingerprint, resume_from.step, args.allow_config_change,
+                                              across_backends=moved_from is not None)
         resume_state = checkpoints.trainer_state(resume_from.path)
         nothing = (resume.beyond_max_steps(resume_state["step"], cfg.train.max_steps)
                    or resume.stopped_early(run_dir, args))
@@ -245,7 +247,12 @@ def _locked(args, cfg, run_dir, backend, data, train_file, val_file, tokenizer, 
             predict = _predictor(backend, tokenizer, prompts, cfg.eval.max_new_tokens, run_dir)
         if resume_from is not None:
             try:
-                backend.load(resume_from.path)
+                if moved_from:  # another backend's run: its portable copy (src/portable.py, SPEC §13)
+                    portable.load_moved(backend, resume_from.path)
+                else:
+                    backend.load(resume_from.path)
+            except portable.PortableError as exc:
+                raise ResumeRefused(f"the run cannot move from {moved_from!r} to {backend.name!r}: {exc}") from None
             except Exception as exc:
                 if not overridden or isinstance(exc, ConfigError):
                     raise
@@ -255,7 +262,19 @@ def _locked(args, cfg, run_dir, backend, data, train_file, val_file, tokenizer, 
                     f"{str(exc)[:300]}). Undo the change, or start over with --fresh") from None
             checkpoints.set_aside_after(resume_from.step)  # --resume-from / --before-step: a new timeline
             say(f"resuming from step {resume_from.step} ({resume_from.path})")
-            files.event("resume", resume_from.step, from_step=resume_from.step, overridden=overridden or None)
+            moved = None
+            if moved_from:
+                moved = {"from": moved_from, "to": backend.name,
+                         "quantization": fp.quantization_change(saved, fingerprint),
+                         "rng": "not carried: dropout draws from here differ from an uninterrupted run"}
+                bits = [side["model.quantization.bits"] for side in moved["quantization"].values()]
+                quantized = [f"{b}-bit" if b else "unquantized" for b in bits]
+                say(f"continuing a {moved_from} run on {backend.name} (--allow-backend-change): LoRA weights, AdamW "
+                    "moments and the data position carried over; dropout draws differ from here"
+                    + (f"; the base model was {quantized[0]} on {moved_from} and is {quantized[1]} on "
+                       f"{backend.name}, each backend's own format" if any(bits) else ""))
+            files.event("resume", resume_from.step, from_step=resume_from.step, overridden=overridden or None,
+                        backend_change=moved)
             notify("job_started", run_dir=str(run_dir), resumed_from=resume_from.step)
             if overridden:
                 say("warning: resuming despite changes (--allow-config-change): " + "; ".join(overridden))
