@@ -292,6 +292,7 @@ def _step_seed(seed: int, step: int) -> int:
 
 class MLXBackend:
     name = "mlx"
+    adapter_format = "mlx"  # what its adapter/ folders hold (src/convert_adapter.py)
 
     def __init__(self) -> None:
         self.model: nn.Module | None = None

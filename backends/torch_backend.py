@@ -39,6 +39,7 @@ def _bnb_version() -> str | None:
 
 class TorchBackend:
     name = "torch"
+    adapter_format = "peft"  # what its adapter/ folders hold (src/convert_adapter.py)
 
     def __init__(self) -> None:
         self._model = None

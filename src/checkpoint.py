@@ -17,6 +17,7 @@ import secrets
 import shutil
 import signal
 import struct
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -369,11 +370,22 @@ class CheckpointManager:
         return removed
 
 
-def export_adapter(checkpoint: Path, run_dir: Path) -> Path:
-    """Copy a checkpoint's native adapter folder to RUN_DIR/adapter/, replacing it atomically."""
+def export_adapter(checkpoint: Path, run_dir: Path, adapter_format: str | None = None,
+                   base: str | None = None) -> Path:
+    """Copy a checkpoint's native adapter folder to RUN_DIR/adapter/, replacing it atomically.
+
+    adapter_format (``peft`` | ``mlx``): the format of the backend that finished the run. A run moved across
+    backends (--allow-backend-change) can pick a best checkpoint the other backend wrote; its adapter is
+    converted (exactly, src/convert_adapter.py) so adapter/ always loads in the library the run ended on."""
+    from .convert_adapter import convert_adapter, detect_format
+
     target = Path(run_dir) / "adapter"
     tmp = Path(run_dir) / f"adapter.tmp-{secrets.token_hex(4)}"
-    shutil.copytree(Path(checkpoint) / "adapter", tmp)
+    source = Path(checkpoint) / "adapter"
+    with tempfile.TemporaryDirectory() as scratch:
+        if adapter_format and detect_format(source) != adapter_format:
+            source = convert_adapter(source, adapter_format, Path(scratch) / "adapter", base, say=lambda _: None)
+        shutil.copytree(source, tmp)
     for file in _files(tmp):
         fsync_file(file)
     fsync_dir(tmp)

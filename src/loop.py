@@ -162,7 +162,8 @@ def train(cfg, backend, stream, validator, checkpoints: CheckpointManager, files
         latest = checkpoints.latest_valid()
         chosen = latest.step if latest else None
     if chosen is not None:
-        export_adapter(checkpoints.path_for(chosen), files.dir)
+        export_adapter(checkpoints.path_for(chosen), files.dir, getattr(backend, "adapter_format", None),
+                       cfg.model.path)
     status = "stopped" if stop else "completed"
     reason = stop.message if stop else f"reached max_steps {t.max_steps}"
     return Outcome(status, step, 0, reason, best.best_step, chosen)

@@ -15,6 +15,7 @@ import pytest
 
 from conftest import DATA_DIR, ROOT, has
 from overnight import portable
+from overnight.checkpoint import export_adapter
 from overnight.rundir import read_metrics
 
 BOTH = pytest.mark.skipif(not has("torch", "transformers", "peft", "mlx", "mlx_lm"), reason="needs both backends")
@@ -132,43 +133,30 @@ def test_ten_steps_on_one_backend_then_ten_on_the_other_match_twenty_on_the_othe
     assert resume["from_step"] == 10 and resume["backend_change"]["from"] == source
     assert "dropout" in resume["backend_change"]["rng"]
 
-    # The final adapter is in the target engine's own format, and its library loads it.
-    adapter = moved / "adapter"
-    if target == "torch":
+    # The final adapter is in the target engine's own format, and its library loads it; so is a best checkpoint
+    # from before the switch (the other backend wrote it): the export converts it.
+    load_in(target, tiny_model_dir, moved / "adapter")
+    early = tmp_path / "early"
+    early.mkdir()
+    export_adapter(moved / "checkpoints" / "step-00000010", early, FORMAT[target], str(tiny_model_dir))
+    load_in(target, tiny_model_dir, early / "adapter")
+
+
+FORMAT = {"torch": "peft", "mlx": "mlx"}
+
+
+def load_in(backend: str, model_dir, adapter) -> None:
+    """Load ``adapter`` with the backend's own library and check the LoRA weights are the trained ones."""
+    if backend == "torch":
         from peft import PeftModel
         from transformers import AutoModelForCausalLM
 
-        base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
-        model = PeftModel.from_pretrained(base, str(adapter))
-        assert any("lora_A" in name for name, _ in model.named_parameters())
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(model_dir)), str(adapter))
+        lora_b = [p.detach().abs().max().item() for n, p in model.named_parameters() if "lora_B" in n]
     else:
+        from mlx.utils import tree_flatten
         from mlx_lm import load
 
-        model, _ = load(str(tiny_model_dir), adapter_path=str(adapter))
-        assert any("lora_a" in name for name, _ in __import__("mlx.utils").utils.tree_flatten(model.parameters()))
-
-
-QUANTIZED_TOLERANCE = 1e-2  # NF4 vs mlx's affine 4-bit and two dropout RNGs: measured <= 5.1e-3 on the tiny model
-
-
-@BOTH
-@pytest.mark.slow
-def test_a_4bit_mlx_run_with_dropout_trains_on_in_4bit_torch(tiny_model_dir, tmp_path):
-    """The default path (4-bit, dropout on) moved mid-run: the base model is quantized another way and the
-    dropout draws differ, so steps 11-20 cannot equal an uninterrupted run; they stay close to both backends'
-    uninterrupted runs and keep training."""
-    defaults = ("--set", "model.quantization.bits=4", "--set", "lora.dropout=0.05")
-    moved = tmp_path / "moved"
-    assert run("mlx", tiny_model_dir, moved, 10, *defaults).returncode == 0
-    second = run("torch", tiny_model_dir, moved, 20, "--auto-resume", "--allow-backend-change", *defaults)
-    assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-3000:]
-    assert "4-bit on mlx and is 4-bit on torch" in second.stdout
-    continued = train_losses(moved)
-    for backend in ("mlx", "torch"):
-        assert run(backend, tiny_model_dir, tmp_path / backend, 20, *defaults).returncode == 0
-        uninterrupted = train_losses(tmp_path / backend)
-        worst = max(relative(continued[s], uninterrupted[s]) for s in range(11, 21))
-        assert worst < QUANTIZED_TOLERANCE, (backend, worst)
-    assert continued[20] < continued[11], (continued[11], continued[20])
-    resume = [r for r in read_metrics(moved) if r["event"] == "resume"][-1]
-    assert resume["backend_change"]["quantization"]["to"]["model.quantization.bits"] == 4
+        model, _ = load(str(model_dir), adapter_path=str(adapter))
+        lora_b = [p.abs().max().item() for n, p in tree_flatten(model.parameters()) if n.endswith("lora_b")]
+    assert lora_b and max(lora_b) > 0, "no trained LoRA B in the loaded adapter"
