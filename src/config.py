@@ -126,6 +126,15 @@ class NotifyConfig:
 
 
 @dataclass
+class ReportConfig:
+    """Live reporting beside metrics.jsonl (pip install 'overnight[report]'); both off unless asked for."""
+    tensorboard: bool = False  # event files under RUN_DIR/tb
+    wandb: bool = False  # Weights & Biases; WANDB_MODE=offline logs under RUN_DIR/wandb without network
+    wandb_project: str = "overnight"
+    wandb_entity: str | None = None
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -138,6 +147,7 @@ class Config:
     grpo: GrpoConfig = field(default_factory=GrpoConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     notify: NotifyConfig = field(default_factory=NotifyConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
     backend: str = "auto"
 
     def to_dict(self) -> dict[str, Any]:

@@ -64,7 +64,8 @@ def train(cfg, backend, stream, validator, checkpoints: CheckpointManager, files
 
     def save_checkpoint(owe: dict | None = None) -> None:
         state = {"step": step, "tokens_seen": tokens_seen, "elapsed_s": elapsed, "micro_splits": splits,
-                 "early_stopping": stopper.state(), "best": best.state(), "data": stream.state(), "owed": owe}
+                 "early_stopping": stopper.state(), "best": best.state(), "data": stream.state(), "owed": owe,
+                 "report": files.report_state()}  # the W&B run id, so a resume continues the same W&B run
         path = checkpoints.save(step, lambda folder: save_resumable(backend, folder), state, fingerprint, versions)
         files.event("checkpoint", step, path=str(path.relative_to(files.dir)))
         removed = checkpoints.rotate(best.best_step)

@@ -15,7 +15,9 @@ from .backend import BackendUnavailable, get_backend
 from .checkpoint import CheckpointError, CheckpointManager
 from .config import ConfigError, build_config, dump_config
 from .errors import EXIT_CRASH, EXIT_OK, ResumeRefused, UsageError
+from .cloud import KeepAwake, runpod_warning
 from .notify import Notifier
+from .reporting import open_reporter
 from .rundir import RunFiles
 
 
@@ -215,8 +217,13 @@ def _locked(args, cfg, run_dir, backend, data, train_file, val_file, tokenizer, 
         checkpoints.protected.add(resume_from.step)
         checkpoints.last_committed = resume_from.step
 
-    files = RunFiles(run_dir, warn=say)
+    cloud_warning = runpod_warning(run_dir)
+    if cloud_warning:
+        say(cloud_warning)
+    files = RunFiles(run_dir, warn=say, reporter=open_reporter(cfg, run_dir, resume_state, warn=say, say=say))
     notify = Notifier(cfg.notify.webhook_url)
+    awake = KeepAwake(cfg.output.keep_awake, warn=say)
+    awake.start()
     try:
         info = backend.setup(cfg, cfg.train.seed)
         if tokenizer is None:
@@ -336,4 +343,6 @@ def _locked(args, cfg, run_dir, backend, data, train_file, val_file, tokenizer, 
         say(f"metrics: {run_dir / 'metrics.jsonl'} | checkpoints: {checkpoints.root}")
         return EXIT_OK
     finally:
+        awake.stop()
+        files.reporter.close(1 if sys.exc_info()[0] is not None else 0)
         notify.close()
