@@ -107,6 +107,22 @@ def score_groups(prows: PromptRows, reward_list, indices: list[int], prompts: li
                     lambda g: prows.name(indices[g]), len(indices), group_size)
 
 
+def check_reward_fields(files: list[Path | None], reward_list: list[rw.Reward]) -> None:
+    """Before training: every row has the fields the built-in rewards read (DataError, exit 2, naming the first
+    row without one), so a missing field is not found hours into a run."""
+    from .data_formats import iter_lines, parse_line
+
+    needed = [r for r in reward_list if r.field is not None]
+    for path in [f for f in files if f is not None] if needed else []:
+        for lineno, _, content in iter_lines(Path(path)):
+            row, err = parse_line(content)
+            for reward in needed if err is None else []:
+                if reward.field not in row:
+                    raise DataError(f"{path}:{lineno}: key '{reward.field}': missing; reward {reward.name} reads it "
+                                    f"-> add '{reward.field}' to every row, or name the field the answer is in "
+                                    "(e.g. exact_match=solution)")
+
+
 class GrpoSource:
     """The loop's batch source for grpo: next_batch(), state(), restore(), plus after_step() (reward figures
     and the dead-reward breaker) and step_stats() for the train event."""

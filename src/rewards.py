@@ -175,10 +175,10 @@ def load_rewards(cfg) -> list[Reward]:
     for spec, weight in zip(specs, weights):
         name, _, arg = spec.strip().partition("=")
         field = (arg or "answer") if name in ("exact_match", "contains") else None
+        func = load_reward(spec)
         key = spec.strip() if name in _MAKERS else spec.rsplit(":", 1)[1]
-        taken = {r.key for r in out}
-        key = key if key not in taken else f"{key}_{len(out)}"
-        out.append(Reward(spec, load_reward(spec), float(weight), field, key))
+        key = key if key not in {r.key for r in out} else f"{key}_{len(out)}"
+        out.append(Reward(spec, func, float(weight), field, key))
     return out
 
 

@@ -1,0 +1,320 @@
+"""GRPO end to end (SPEC §9, §8): it learns a reward on both backends, the objective is the one in
+src/objectives.py on both (parity on identical completions, against the numpy reference), the dead-reward circuit
+breaker, a raising reward, bad data, and exact resume under SIGKILL (same completions, losses, adapter bytes)."""
+from __future__ import annotations
+
+import json
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import DATA_DIR, ROOT, has
+from overnight.rundir import read_metrics
+
+GRPO_DATA = DATA_DIR / "grpo"
+REWARDS = GRPO_DATA / "rewards.py"
+needs_torch = pytest.mark.skipif(not has("torch", "transformers", "peft"), reason="needs the torch backend")
+needs_mlx = pytest.mark.skipif(not has("mlx", "mlx_lm"), reason="needs the mlx backend")
+
+
+def grpo_args(backend: str, model, out, steps: int, *extra: str, reward: str = "even_tokens") -> list[str]:
+    return ["train", "--backend", backend, "--model", str(model), "--data", str(GRPO_DATA), "--method", "grpo",
+            "--output", str(out), "--max-steps", str(steps), "--batch-size", "4", "--quiet",
+            "--set", f"grpo.rewards=[{REWARDS}:{reward}]", "--set", "grpo.max_new_tokens=8",
+            "--set", "model.quantization.bits=0", "--set", "model.max_seq_length=64", "--set", "train.report_every=1",
+            "--set", "train.learning_rate=2e-2", "--set", "train.warmup_steps=2", "--set", "lora.rank=8",
+            "--set", "lora.dropout=0", "--set", "lora.layers=-1", "--set", "grpo.beta=0.0",
+            "--set", "eval.every_steps=1000", "--set", "eval.max_batches=1", "--set", "checkpoint.every_steps=1000",
+            *extra]
+
+
+def cli(args: list[str], timeout: float = 600, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "overnight", *args], capture_output=True, text=True, cwd=ROOT,
+                          stdin=subprocess.DEVNULL, timeout=timeout, **kw)
+
+
+def train_events(out: Path) -> list[dict]:
+    return [r for r in read_metrics(out) if r["event"] == "train"]
+
+
+# -- learning -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend, steps", [pytest.param("torch", 30, marks=[needs_torch, pytest.mark.torch]),
+                                            pytest.param("mlx", 30, marks=[needs_mlx, pytest.mark.mlx])])
+def test_a_learnable_reward_rises(backend, steps, tiny_model_dir, tmp_path):
+    """The share of even token ids in a completion: about 0.5 for the random tiny model, and learnable."""
+    out = tmp_path / "run"
+    result = cli(grpo_args(backend, tiny_model_dir, out, steps, "--set", "eval.every_steps=12",
+                           "--set", "eval.predictions=2"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    events = train_events(out)
+    rewards = [e["reward"] for e in events]
+    assert len(rewards) == steps
+    first, last = np.mean(rewards[:5]), np.mean(rewards[-5:])
+    print(f"{backend}: mean reward of the first 5 steps {first:.3f}, of the last 5 {last:.3f}")
+    assert last > first + 0.05, rewards
+    assert {"rewards/even_tokens/mean", "rewards/even_tokens/std", "reward_std", "completion_len"} <= set(events[0])
+    evals = [r for r in read_metrics(out) if r["event"] == "eval"]
+    assert evals and all(e["val_loss"] == -e["val_reward"] for e in evals)
+    predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(predictions) == 2 * len(evals)
+    assert set(predictions[0]) >= {"step", "prompt", "output", "rewards", "reward"}
+    assert "even_tokens" in predictions[0]["rewards"]
+
+
+# -- the objective on both backends ---------------------------------------------------------------------
+
+def _config(model_dir, loss_type: str, iterations: int):
+    from overnight.config import Config
+
+    cfg = Config()
+    cfg.model.path, cfg.model.quantization.bits, cfg.model.max_seq_length = str(model_dir), 0, 64
+    cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.layers = 4, 8.0, 0.0, -1
+    cfg.data.method = "grpo"
+    cfg.train.weight_decay = 0.0
+    cfg.grpo.rewards, cfg.grpo.beta, cfg.grpo.epsilon = ["exact_match"], 0.2, 0.2
+    cfg.grpo.loss_type, cfg.grpo.iterations, cfg.grpo.max_new_tokens = loss_type, iterations, 12
+    return cfg
+
+
+def _completions_batch(vocab: int, old_shift: bool):
+    """Fixed rows: prompts of 3..6 tokens, completions of 2..12, right-padded; advantages of two groups."""
+    from overnight.backend import Batch
+    from overnight.data import collate
+
+    rng = np.random.default_rng(5)
+    seqs = []
+    for _ in range(8):
+        prompt, completion = rng.integers(3, vocab, rng.integers(3, 7)), rng.integers(3, vocab, rng.integers(2, 13))
+        seqs.append((prompt.tolist() + completion.tolist(), [0] * len(prompt) + [1] * len(completion)))
+    batch = collate(seqs, 0, 64)
+    batch.advantages = rng.normal(size=8).astype(np.float32)
+    return batch, rng
+
+
+@needs_torch
+@needs_mlx
+@pytest.mark.torch
+@pytest.mark.mlx
+@pytest.mark.parametrize("loss_type, iterations", [("grpo", 1), ("dr_grpo", 2)])
+def test_grpo_objective_parity_between_backends_and_the_numpy_reference(loss_type, iterations, tiny_model_dir):
+    from overnight import objectives
+    from overnight.backends.mlx_backend import MLXBackend
+    from overnight.backends.torch_backend import TorchBackend
+
+    cfg = _config(tiny_model_dir, loss_type, iterations)
+    backends = {"torch": TorchBackend(), "mlx": MLXBackend()}
+    for backend in backends.values():
+        backend.setup(cfg, 3)
+    batch, rng = _completions_batch(300, iterations > 1)
+    losses = {name: [] for name in backends}
+    for step in range(4):
+        if iterations > 1:  # an older policy than the current one: ratios away from 1, some clipped
+            batch.old_logp = (backends["torch"].token_logps(batch) + rng.normal(0, 0.3, batch.loss_mask.shape)
+                              * batch.loss_mask).astype(np.float32)
+        logp = {name: b.token_logps(batch) for name, b in backends.items()}
+        ref = backends["torch"].token_logps(batch, adapter=False)
+        expected, kl = objectives.grpo_reference(
+            logp["torch"][:, 1:], batch.loss_mask[:, 1:], batch.advantages, beta=0.2, epsilon=0.2,
+            loss_type=loss_type, max_new_tokens=12, ref_logp=ref[:, 1:],
+            old_logp=None if batch.old_logp is None else batch.old_logp[:, 1:])
+        for name, backend in backends.items():
+            # Two micro-batches: the normalisation is the step's, not the micro-batch's.
+            result = backend.train_step(batch.split(2), 1e-2)
+            losses[name].append(result.loss)
+            assert result.loss == pytest.approx(expected, rel=2e-3, abs=1e-6), (name, step)
+            if step > 0:
+                assert result.extras["kl"] == pytest.approx(kl, rel=2e-2, abs=1e-7), (name, step)
+        assert np.allclose(logp["torch"], logp["mlx"], atol=2e-4)
+    print(f"grpo {loss_type} losses: {losses}")
+    assert losses["torch"][-1] != losses["torch"][0]  # the policy moved (and with it ratios and KL)
+
+
+@needs_torch
+@pytest.mark.torch
+def test_sampling_is_seeded_per_completion(tiny_model_dir):
+    """The same seed gives the same completion whatever else is sampled beside it (so a group can be split on
+    out of memory), and a resumed run, given the same seeds, draws the same tokens."""
+    from overnight.backends.torch_backend import TorchBackend
+
+    backend = TorchBackend()
+    backend.setup(_config(tiny_model_dir, "grpo", 1), 0)
+    prompt = np.array([5, 6, 7], dtype=np.int32)
+    both = backend.sample(prompt, [11, 12], 10, 1.0, 0.9, None)
+    assert both.shape == (2, 10) and (both >= 0).all()
+    assert np.array_equal(backend.sample(prompt, [12], 10, 1.0, 0.9, None)[0], both[1])
+    assert not np.array_equal(both[0], both[1])
+    eos = int(both[0, 3])
+    stopped = backend.sample(prompt, [11], 10, 1.0, 0.9, eos)[0]
+    first = int(np.flatnonzero(both[0] == eos)[0])
+    assert stopped[first] == eos and (stopped[first + 1:] == -1).all()
+
+
+# -- the circuit breaker, failures, bad data ------------------------------------------------------------
+
+@needs_torch
+@pytest.mark.torch
+def test_a_dead_reward_trips_the_circuit_breaker(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    result = cli(grpo_args("torch", tiny_model_dir, out, 20, "--set", "grpo.dead_reward_patience=3",
+                           reward="always_zero"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    stop = [r for r in read_metrics(out) if r["event"] == "stop"]
+    assert stop and stop[0]["reason"] == "dead_reward" and stop[0]["step"] == 3
+    message = stop[0]["message"]
+    for words in ("every reward was 0", "3 steps in a row", "always_zero", "chat template", "max_new_tokens"):
+        assert words in message, message
+    assert "dead reward" in result.stdout
+    assert (out / "checkpoints" / "step-00000003" / "COMMIT").is_file()
+    assert (out / "adapter").is_dir()
+
+
+@needs_torch
+@pytest.mark.torch
+def test_a_raising_reward_fails_the_run_before_the_update_naming_function_and_row(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    result = cli(grpo_args("torch", tiny_model_dir, out, 20, reward="fails_on_seven"))
+    assert result.returncode == 1, result.stdout + result.stderr
+    sevens = [n for n, line in enumerate((GRPO_DATA / "train.jsonl").read_text().splitlines(), 1)
+              if json.loads(line)["answer"] == "7"]
+    err = result.stderr
+    assert "fails_on_seven raised ValueError: cannot score answer 7 on row" in err, err
+    line = int(err.split("train.jsonl:")[1].split(";")[0])
+    assert line in sevens
+    assert "Traceback" not in err
+    events = read_metrics(out)
+    failed = [r for r in events if r["event"] == "failed"]
+    assert failed and "fails_on_seven" in failed[0]["reason"]
+    # No update was applied for the step whose batch failed: its train line was never written.
+    assert all(r["step"] <= failed[0]["step"] for r in events if r["event"] == "train")
+
+
+@needs_torch
+@pytest.mark.torch
+@pytest.mark.parametrize("rows, extra, words", [
+    ([{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}] * 4, [],
+     "train.jsonl:1: key 'messages': ends with a assistant turn; a grpo prompt ends with a user turn"),
+    ([{"prompt": "What is 1 + 1?", "answer": "2"}, {"prompt": "What is 2 + 2?"}], ["--set", "grpo.rewards=[exact_match]"],
+     "train.jsonl:2: key 'answer': missing; reward exact_match reads it"),
+    ([{"prompt": "a", "answer": "2"}], ["--set", "grpo.rewards=[nowhere_module_q:f]"],
+     "cannot import module 'nowhere_module_q'"),
+    ([{"prompt": "a", "completion": "b"}], [], "rows are in completion format, which method 'grpo' cannot train on"),
+])
+def test_bad_grpo_input_exits_2_naming_the_place(rows, extra, words, tiny_model_dir, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = grpo_args("torch", tiny_model_dir, tmp_path / "run", 2, *extra)
+    args[args.index("--data") + 1] = str(data)
+    result = cli(args)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert words in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+# -- exact resume under SIGKILL ------------------------------------------------------------------------
+
+KILL_SETTINGS = {
+    # torch: two micro-batches a step and two optimizer steps per generated batch (the replayed batches travel
+    # in the checkpoint), with the KL term on.
+    "torch": (12, ["--set", "train.grad_accumulation=2", "--set", "grpo.iterations=2", "--set", "grpo.beta=0.05",
+                   "--set", "train.batch_size=2"]),
+    "mlx": (8, ["--set", "train.batch_size=2", "--set", "grpo.beta=0.05"]),
+}
+
+
+def _kill_args(backend, model, out, steps, extra):
+    return grpo_args(backend, model, out, steps, "--auto-resume", "--set", "checkpoint.every_steps=2",
+                     "--set", "checkpoint.keep_last=2", "--set", "eval.every_steps=3", *extra)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", [pytest.param("torch", marks=[needs_torch, pytest.mark.torch]),
+                                     pytest.param("mlx", marks=[needs_mlx, pytest.mark.mlx])])
+def test_grpo_resume_after_random_sigkills_is_exact(backend, tiny_model_dir, tmp_path):
+    from faults_util import Launch, assert_adapter_equal, assert_checkpoints_sound, wait_heartbeat
+
+    steps, extra = KILL_SETTINGS[backend]
+    ref = tmp_path / "ref"
+    began = time.monotonic()
+    result = cli(_kill_args(backend, tiny_model_dir, ref, steps, extra))
+    wall = time.monotonic() - began
+    assert result.returncode == 0, result.stdout + result.stderr
+    rng = random.Random(1234)
+    out, kills, launches = tmp_path / "run", 0, 0
+    while True:
+        launches += 1
+        launch = Launch(_kill_args(backend, tiny_model_dir, out, steps, extra), tmp_path / "logs", str(launches))
+        if kills >= 3:
+            assert launch.wait() == 0, launch.tail()
+            break
+        beat = wait_heartbeat(out, launch, min_step=1, timeout=300)
+        if beat is not None:
+            time.sleep(rng.uniform(0, wall * 0.3))
+        launch.kill()
+        code = launch.wait()
+        if code == 0:
+            break
+        assert code == -signal.SIGKILL, launch.tail()
+        kills += 1
+        assert_checkpoints_sound(out)
+    print(f"{backend}: {kills} SIGKILLs survived in {launches} launches")
+    assert kills >= 1
+
+    def by_step(run, fields):
+        return {e["step"]: tuple(e[f] for f in fields) for e in train_events(run)}
+
+    # Same completions (their rewards and lengths, step by step), same losses, same adapter bytes; every line
+    # a killed process wrote before dying matches too.
+    fields = ("loss", "reward", "reward_std", "completion_len", "kl")
+    expected = by_step(ref, fields)
+    assert sorted(expected) == list(range(1, steps + 1))
+    assert by_step(out, fields) == expected
+    assert all(tuple(e[f] for f in fields) == expected[e["step"]] for e in train_events(out))
+    evals = {e["step"]: e["val_reward"] for e in read_metrics(ref) if e["event"] == "eval"}
+    assert {e["step"]: e["val_reward"] for e in read_metrics(out) if e["event"] == "eval"} == evals
+    assert_adapter_equal(out, ref)
+
+
+# -- the real model -------------------------------------------------------------------------------------
+
+def _smollm2() -> Path | None:
+    path = ROOT / "runs" / "smollm2-135m"
+    return path if (path / "config.json").is_file() else None
+
+
+@pytest.mark.slow
+@pytest.mark.realmodel
+@needs_torch
+@pytest.mark.torch
+@pytest.mark.skipif(_smollm2() is None, reason="SmolLM2 is not on this machine (overnight models get smollm2-135m "
+                    "--output runs/smollm2-135m)")
+def test_real_model_mean_reward_rises_on_a_verifiable_task(tmp_path):
+    """SmolLM2-135M-Instruct asked to reply with one word; the reward is 1 when the reply is exactly that word."""
+    data = tmp_path / "data"
+    data.mkdir()
+    words = ["yes", "blue", "cat", "seven", "apple", "rain", "moon", "tree", "fish", "stone", "red", "sun"]
+    for name, picked in (("train.jsonl", words), ("val.jsonl", words[:4])):
+        (data / name).write_text("".join(json.dumps({
+            "messages": [{"role": "user", "content": f"Reply with the single word {w} and nothing else."}],
+            "answer": w}) + "\n" for w in picked))
+    out = tmp_path / "run"
+    steps = 24
+    result = cli(["train", "--backend", "torch", "--model", str(_smollm2()), "--data", str(data), "--method", "grpo",
+                  "--output", str(out), "--max-steps", str(steps), "--batch-size", "4", "--quiet",
+                  "--set", "grpo.rewards=[exact_match]", "--set", "grpo.max_new_tokens=8",
+                  "--set", "grpo.group_size=6", "--set", "model.quantization.bits=0",
+                  "--set", "model.max_seq_length=128", "--set", "train.report_every=1",
+                  "--set", "train.learning_rate=5e-4", "--set", "train.warmup_steps=2", "--set", "lora.dropout=0",
+                  "--set", "eval.every_steps=12", "--set", "checkpoint.every_steps=1000"], timeout=1500)
+    assert result.returncode == 0, result.stdout + result.stderr
+    rewards = [e["reward"] for e in train_events(out)]
+    first, last = np.mean(rewards[:6]), np.mean(rewards[-6:])
+    print(f"SmolLM2-135M: mean reward of the first 6 steps {first:.3f}, of the last 6 {last:.3f}")
+    assert last > first, rewards

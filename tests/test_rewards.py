@@ -1,0 +1,118 @@
+"""GRPO rewards (src/rewards.py): loading by name, TRL's calling convention, None handling, advantages, and the
+errors a user meets: named, with the row, never a silent 0."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import DATA_DIR
+from overnight import rewards as rw
+from overnight.config import Config, ConfigError
+
+
+def cfg_with(*specs: str, weights=()) -> Config:
+    cfg = Config()
+    cfg.grpo.rewards, cfg.grpo.reward_weights = list(specs), list(weights)
+    return cfg
+
+
+def call(reward, completions, **fields):
+    return reward.func(prompts=["p"] * len(completions), completions=completions,
+                       completion_ids=[[1]] * len(completions), **fields)
+
+
+def test_builtins_score_text_and_chat_completions():
+    exact, contains, regex, length = rw.load_rewards(cfg_with("exact_match", "contains=solution", r"regex=^\d+$",
+                                                              "length_penalty=4"))
+    assert call(exact, [" 7 ", "8", [{"role": "assistant", "content": "7"}]], answer=["7", "7", "7"]) == [1.0, 0.0, 1.0]
+    assert exact.field == "answer" and contains.field == "solution" and regex.field is None
+    assert call(contains, ["it is 12.", "no"], solution=["12", "12"]) == [1.0, 0.0]
+    assert call(regex, ["42", "4 2"]) == [1.0, 0.0]
+    assert call(length, ["abcd", "abcdefgh"]) == [0.0, -1.0]
+    assert [r.key for r in (exact, contains, regex, length)] == ["exact_match", "contains=solution", r"regex=^\d+$",
+                                                                  "length_penalty=4"]
+
+
+def test_trl_style_file_and_module_rewards_load(tmp_path, monkeypatch):
+    (reward,) = rw.load_rewards(cfg_with(f"{DATA_DIR / 'grpo' / 'rewards.py'}:even_tokens"))
+    assert reward.key == "even_tokens"
+    assert reward.func(prompts=["a", "a"], completions=["x", "y"], completion_ids=[[2, 4, 5], []]) == [2 / 3, 0.0]
+    (tmp_path / "my_rewards_mod.py").write_text("def short(prompts, completions, **kw):\n"
+                                                "    return [1.0 if len(c) < 3 else None for c in completions]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (reward,) = rw.load_rewards(cfg_with("my_rewards_mod:short"))
+    assert call(reward, ["ab", "abcd"]) == [1.0, None]
+
+
+@pytest.mark.parametrize("spec, words", [
+    ("no_such_builtin", "neither a built-in"),
+    ("missing/file.py:f", "no such file"),
+    ("no_such_module_xyz:f", "cannot import module 'no_such_module_xyz'"),
+    (f"{DATA_DIR / 'grpo' / 'rewards.py'}:nope", "has no function 'nope' (functions there: always_zero"),
+    ("regex=([", "not a valid regular expression"),
+    ("length_penalty=-3", "positive number of characters"),
+])
+def test_a_reward_that_cannot_load_is_a_config_error_naming_it(spec, words):
+    with pytest.raises(ConfigError, match="grpo.rewards") as info:
+        rw.load_rewards(cfg_with(spec))
+    assert words in str(info.value)
+
+
+def test_config_refuses_grpo_without_rewards_and_mismatched_weights():
+    from overnight.config import build_config
+
+    with pytest.raises(ConfigError, match="grpo.rewards"):
+        build_config(sets=["data.method=grpo"])
+    with pytest.raises(ConfigError, match="reward_weights"):
+        build_config(sets=["data.method=grpo", "grpo.rewards=[exact_match, contains]", "grpo.reward_weights=[1.0]"])
+    with pytest.raises(ConfigError, match="group_size"):
+        build_config(sets=["data.method=grpo", "grpo.rewards=[exact_match]", "grpo.group_size=1"])
+    with pytest.raises(ConfigError, match="loss_type"):
+        build_config(sets=["grpo.loss_type=ppo"])
+
+
+def _reward(name, func, weight=1.0):
+    return rw.Reward(name, func, weight, None, name)
+
+
+def test_score_weights_rewards_and_leaves_none_out_like_trl():
+    a = _reward("a", lambda prompts, completions, **kw: [1.0, None, 0.0, 2.0], 0.5)
+    b = _reward("b", lambda prompts, completions, **kw: [None, None, 1.0, 1.0], 2.0)
+    scored = rw.score([a, b], ["p"] * 4, ["c"] * 4, [[1]] * 4, {}, lambda g: f"row{g}", 2, 2)
+    assert scored.total.tolist() == [0.5, 0.0, 2.0, 3.0]
+    stats = rw.stats([a, b], [scored])
+    assert stats["rewards/a/mean"] == pytest.approx(1.0) and stats["rewards/b/mean"] == 1.0
+    assert stats["reward"] == pytest.approx(5.5 / 4)
+
+
+def test_a_raising_reward_names_the_function_and_the_row():
+    def picky(prompts, completions, answer, **kw):
+        if "7" in answer:
+            raise ValueError("cannot score 7")
+        return [0.0] * len(completions)
+
+    reward = _reward("rewards.py:picky", picky)
+    with pytest.raises(rw.RewardError) as info:
+        rw.score([reward], ["p"] * 6, ["c"] * 6, [[1]] * 6, {"answer": ["1", "1", "7", "7", "2", "2"]},
+                 lambda g: f"train.jsonl:{g + 10}", 3, 2)
+    text = str(info.value)
+    assert "rewards.py:picky raised ValueError: cannot score 7 on row train.jsonl:11" in text
+    assert "never scored 0" in text
+
+
+@pytest.mark.parametrize("returned, words", [(None, "not a list"), ([1.0], "returned 1 values for 2"),
+                                             (["x", 1.0], "must be a finite number"),
+                                             ([float("nan"), 1.0], "must be a finite number")])
+def test_a_reward_returning_garbage_fails_loudly(returned, words):
+    reward = _reward("bad", lambda prompts, completions, **kw: returned)
+    with pytest.raises(rw.RewardError, match=words):
+        rw.score([reward], ["p"] * 2, ["c"] * 2, [[1]] * 2, {}, lambda g: "f:1", 1, 2)
+
+
+def test_advantages_grpo_and_dr_grpo():
+    total = np.array([1.0, 0.0, 0.0, 1.0, 3.0, 3.0, 3.0, 3.0])
+    grpo = rw.advantages(total, 4, "grpo")
+    std = np.std([1.0, 0.0, 0.0, 1.0], ddof=1)  # TRL: torch's (unbiased) std of the group
+    assert np.allclose(grpo[:4], (np.array([1, 0, 0, 1]) - 0.5) / (std + 1e-4))
+    assert np.all(grpo[4:] == 0)  # a group whose completions all score the same teaches nothing
+    assert np.allclose(rw.advantages(total, 4, "dr_grpo")[:4], [0.5, -0.5, -0.5, 0.5])
