@@ -242,9 +242,7 @@ def test_grpo_resume_after_random_sigkills_is_exact(backend, tiny_model_dir, tmp
 
     steps, extra = KILL_SETTINGS[backend]
     ref = tmp_path / "ref"
-    began = time.monotonic()
     result = cli(_kill_args(backend, tiny_model_dir, ref, steps, extra))
-    wall = time.monotonic() - began
     assert result.returncode == 0, result.stdout + result.stderr
     rng = random.Random(1234)
     out, kills, launches = tmp_path / "run", 0, 0
@@ -254,9 +252,11 @@ def test_grpo_resume_after_random_sigkills_is_exact(backend, tiny_model_dir, tmp
         if kills >= 3:
             assert launch.wait() == 0, launch.tail()
             break
-        beat = wait_heartbeat(out, launch, min_step=1, timeout=300)
+        # At a random step's heartbeat, then within a fraction of a step: in a step, an eval, a save, or the
+        # start of a resumed process (whose first heartbeat is already past the step drawn).
+        beat = wait_heartbeat(out, launch, min_step=rng.randint(1, steps - 2), timeout=300)
         if beat is not None:
-            time.sleep(rng.uniform(0, wall * 0.3))
+            time.sleep(rng.uniform(0, 0.3))
         launch.kill()
         code = launch.wait()
         if code == 0:
@@ -265,7 +265,7 @@ def test_grpo_resume_after_random_sigkills_is_exact(backend, tiny_model_dir, tmp
         kills += 1
         assert_checkpoints_sound(out)
     print(f"{backend}: {kills} SIGKILLs survived in {launches} launches")
-    assert kills >= 1
+    assert kills == 3
 
     def by_step(run, fields):
         return {e["step"]: tuple(e[f] for f in fields) for e in train_events(run)}
