@@ -103,7 +103,8 @@ def build_timeline(records: list[dict]) -> Timeline:
             if step not in t.checkpoints:
                 t.checkpoints.append(step)
         elif event == "oom":
-            t.ooms.append((step, r.get("micro_splits")))
+            # Recorded before the loop counts the step it happened in: the line's step is the one before.
+            t.ooms.append((step + 1, r.get("micro_splits")))
         elif event == "stop":
             t.stop = r
         elif event == "end":
@@ -168,7 +169,7 @@ def summary(run_dir: Path, t: Timeline) -> list[str]:
         lines.append(f"wall time: not recorded (old format); training steps {_hms(elapsed)}")
     lines.append(f"resumes: {len(t.resumes)}" + (f" (from step {', '.join(map(str, t.resumes))})" if t.resumes else ""))
     if t.ooms:
-        lines.append("out of memory: micro-batch split at step " + ", ".join(
+        lines.append("out of memory: micro-batch split during step " + ", ".join(
             f"{s}" + (f" (x{n})" if n else "") for s, n in t.ooms))
     lines.append("stop: " + stop_reason(run_dir, t))
     best, how = best_eval(t)

@@ -31,11 +31,12 @@ def train(args: list[str], extra_env: dict | None = None, faults: dict | None = 
 
 
 def kill_then_resume(model: Path, out: Path, steps: int, kill_after: int, extra: list[str],
-                     extra_env: dict | None = None) -> subprocess.CompletedProcess:
+                     extra_env: dict | None = None, faults: dict | None = None) -> subprocess.CompletedProcess:
     """SIGKILL the run once it has logged step ``kill_after`` (past its checkpoint at 5, so steps are trained
-    twice), then continue it with --auto-resume."""
+    twice; each step sleeps long enough that the next checkpoint is not reached first), then continue it with
+    --auto-resume."""
     process = subprocess.Popen([sys.executable, "-m", "overnight", *base_args(model, out, steps, *extra)],
-                               env={**env(sleep_s=0.3), **(extra_env or {})}, stdin=subprocess.DEVNULL,
+                               env={**env(sleep_s=0.3, **(faults or {})), **(extra_env or {})}, stdin=subprocess.DEVNULL,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
     deadline = time.monotonic() + 120
     try:
@@ -48,7 +49,7 @@ def kill_then_resume(model: Path, out: Path, steps: int, kill_after: int, extra:
         process.send_signal(signal.SIGKILL)
     finally:
         process.wait(timeout=30)
-    return train([*base_args(model, out, steps, *extra), "--auto-resume"], extra_env)
+    return train([*base_args(model, out, steps, *extra), "--auto-resume"], extra_env, faults)
 
 
 def trained_twice(out: Path) -> list[int]:
