@@ -289,3 +289,17 @@ def test_wandb_continues_the_same_run_after_a_kill_and_resume(tmp_path, tiny_mod
     ids = {run.name.rsplit("-", 1)[1] for run in runs}
     assert len(runs) == 2 and len(ids) == 1, runs  # one folder per process, one W&B run
     assert f"W&B: run {ids.pop()} (continued)" in result.stdout
+
+
+@needs_wandb
+def test_wandb_that_cannot_log_in_warns_once_and_training_completes(tmp_path, tiny_model_dir):
+    out = tmp_path / "run"
+    no_login = {**wandb_env(tmp_path), "WANDB_MODE": "online", "HOME": str(tmp_path / "home"), "WANDB_API_KEY": "",
+                "NETRC": str(tmp_path / "no-netrc")}
+    result = train(base_args(tiny_model_dir, out, 5, "--set", "report.wandb=true"), no_login)
+    assert result.returncode == 0, result.stderr
+    warned = [line for line in result.stdout.splitlines() if line.startswith("warning: W&B")]
+    assert len(warned) == 1 and "training goes on" in warned[0] and "WANDB_MODE=offline" in warned[0]
+    assert (out / "adapter").is_dir()
+    state = json.loads((out / "checkpoints" / "step-00000005" / "trainer_state.json").read_text())
+    assert state["report"] == {}
