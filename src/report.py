@@ -11,6 +11,7 @@ import json
 import math
 import os
 import secrets
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -229,10 +230,14 @@ def _series(records: dict[int, dict], key: str) -> tuple[list[int], list[float]]
 
 
 def _moving_average(steps: list[int], values: list[float]) -> list[float]:
-    out = []
-    for i, step in enumerate(steps):
-        window = [v for s, v in zip(steps[:i + 1], values[:i + 1]) if s > step - MA_STEPS and math.isfinite(v)]
-        out.append(sum(window) / len(window) if window else float("nan"))
+    """The mean of the finite values recorded in the last MA_STEPS steps, at each recorded step."""
+    out, window = [], deque()
+    for step, value in zip(steps, values):
+        if math.isfinite(value):
+            window.append((step, value))
+        while window and window[0][0] <= step - MA_STEPS:
+            window.popleft()
+        out.append(sum(v for _, v in window) / len(window) if window else float("nan"))
     return out
 
 
