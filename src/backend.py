@@ -150,6 +150,13 @@ BACKENDS = {
     "torch": ("overnight.backends.torch_backend", "TorchBackend", ("torch", "transformers", "peft")),
 }
 
+# `overnight fuse` (src/fuse.py): each backend's exporter runs as `python -m <module> JOB.json` in a child
+# process, so the core process never imports a framework; it needs the same modules as its backend.
+EXPORTERS = {
+    "mlx": "overnight.backends.mlx_export",
+    "torch": "overnight.backends.torch_export",
+}
+
 
 class BackendUnavailable(RuntimeError):
     pass

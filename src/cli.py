@@ -48,6 +48,12 @@ def cmd_status(args) -> int:
     return EXIT_OK
 
 
+def cmd_fuse(args) -> int:
+    from .fuse import fuse_main
+
+    return fuse_main(args.run_dir, args.checkpoint, args.output, args.dequantize, args.gguf, say, args.base)
+
+
 def cmd_convert_adapter(args) -> int:
     from .convert_adapter import convert_adapter
 
@@ -127,6 +133,22 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("status", help="running / interrupted / completed / failed / stopped early")
     s.add_argument("run_dir", metavar="RUN_DIR")
     s.set_defaults(func=cmd_status)
+
+    f = sub.add_parser("fuse", help="merge a run's adapter into its base: a standalone model",
+                       description="Merge the adapter of a checkpoint into the base model and write a standalone "
+                       "model in the run's backend format (torch: a Hugging Face folder, full precision; mlx: an MLX "
+                       "folder, keeping the training quantization unless --dequantize). The checkpoint is verified "
+                       "(manifest sha256) first. Exit 2: bad usage or path; 3: no valid checkpoint to fuse.")
+    f.add_argument("run_dir", metavar="RUN_DIR")
+    f.add_argument("--checkpoint", default="best", metavar="best|latest|STEP",
+                   help="which checkpoint (default best; latest valid if the best is gone or invalid)")
+    f.add_argument("--output", required=True, metavar="DIR", help="where the fused model goes (new or empty folder)")
+    f.add_argument("--dequantize", action="store_true", help="mlx: write full-precision weights")
+    f.add_argument("--gguf", action="store_true",
+                   help="also a GGUF file (mlx-lm's exporter), or the llama.cpp command that makes one")
+    f.add_argument("--base", metavar="DIR", help="the base model, when the run's folder moved (checked to be the "
+                   "same model: config.json and weight files)")
+    f.set_defaults(func=cmd_fuse)
 
     a = sub.add_parser("convert-adapter", help="convert a LoRA adapter between mlx-lm and PEFT formats, exactly",
                        description="Rename, transpose and translate the config of a LoRA adapter: mlx-lm "

@@ -1,0 +1,344 @@
+"""`overnight fuse`: a run's adapter merged into its base gives the model base + adapter, as a standalone folder.
+
+Real runs: `overnight train` on the tiny model for a few steps at a large learning rate, so LoRA B is far from zero
+and the adapter moves the logits (checked, so a no-op adapter could not pass). Everything in float32. Each fused
+folder is loaded by its own library (transformers; mlx_lm.load) and compared with the base + the checkpoint's
+adapter: logits within 1e-4 and the same greedy tokens."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import DATA_DIR, ROOT, has
+
+needs_torch = pytest.mark.skipif(not has("torch", "transformers", "peft"), reason="torch backend not installed")
+needs_mlx = pytest.mark.skipif(not has("mlx", "mlx_lm"), reason="mlx backend not installed")
+
+TOKENS = np.array([[1, 40, 71, 300, 12, 5, 99, 250, 3, 17, 64, 128]], dtype=np.int64)
+TOLERANCE = 1e-4
+ADAPTER_EFFECT = 0.05  # the least max |logits change| the trained adapter must cause
+NEW_TOKENS = 12
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    return subprocess.run([sys.executable, "-m", "overnight", *args], capture_output=True, text=True, env=env,
+                          stdin=subprocess.DEVNULL, timeout=600, cwd=ROOT)
+
+
+def train(backend: str, model: Path, out: Path, bits: int, steps: int = 4) -> Path:
+    """Checkpoints at steps 2 and 4 (each evaluated, so the best is recorded)."""
+    result = cli("train", "--backend", backend, "--model", str(model), "--data", str(DATA_DIR), "--output", str(out),
+                 "--max-steps", str(steps), "--batch-size", "4", "--lora-rank", "4", "--quiet",
+                 "--set", f"model.quantization.bits={bits}", "--set", "model.max_seq_length=128",
+                 "--set", "lora.alpha=8", "--set", "lora.dropout=0", "--set", "lora.layers=-1",
+                 "--set", "train.learning_rate=2e-2", "--set", "train.warmup_steps=0",
+                 "--set", "eval.every_steps=2", "--set", "eval.max_batches=2", "--set", "eval.predictions=0",
+                 "--set", "checkpoint.every_steps=2")
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    return out
+
+
+def fuse(run: Path, output: Path, *extra: str) -> subprocess.CompletedProcess:
+    result = cli("fuse", str(run), "--output", str(output), *extra)
+    assert "Traceback" not in result.stderr, result.stderr
+    return result
+
+
+def greedy(logits_of, steps: int = NEW_TOKENS) -> list[int]:
+    ids = TOKENS[0].tolist()
+    for _ in range(steps):
+        ids.append(int(np.argmax(logits_of(np.array([ids]))[0, -1])))
+    return ids[TOKENS.shape[1]:]
+
+
+def max_diff(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max())
+
+
+def safetensors_header(folder: Path) -> dict:
+    header = {}
+    for path in folder.glob("*.safetensors"):
+        with open(path, "rb") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            header |= {k: v for k, v in json.loads(handle.read(length)).items() if k != "__metadata__"}
+    return header
+
+
+def assert_base_files_copied(base: Path, fused: Path) -> None:
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
+        assert (fused / name).read_bytes() == (base / name).read_bytes(), name
+    assert "chat_template" in json.loads((fused / "tokenizer_config.json").read_text())
+
+
+# -- torch ----------------------------------------------------------------------------------------------------
+
+def torch_forward(model):
+    import torch
+
+    def logits(ids: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return model(torch.from_numpy(ids)).logits.float().numpy()
+
+    return logits
+
+
+def torch_model(model_dir: Path, adapter: Path | None = None):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def torch_run(tiny_model_dir, tmp_path_factory) -> Path:
+    return train("torch", tiny_model_dir, tmp_path_factory.mktemp("torch") / "run", bits=0)
+
+
+def check_torch_fused(base: Path, adapter: Path, fused: Path) -> float:
+    reference = torch_forward(torch_model(base, adapter))
+    merged = torch_forward(torch_model(fused))
+    assert max_diff(reference(TOKENS), torch_forward(torch_model(base))(TOKENS)) > ADAPTER_EFFECT
+    diff = max_diff(reference(TOKENS), merged(TOKENS))
+    assert diff < TOLERANCE, diff
+    assert greedy(reference) == greedy(merged)
+    return diff
+
+
+@needs_torch
+@pytest.mark.torch
+def test_torch_fuse_is_base_plus_adapter_as_a_transformers_folder(torch_run, tiny_model_dir, tmp_path):
+    before = sorted(p.relative_to(torch_run) for p in torch_run.rglob("*"))
+    result = fuse(torch_run, tmp_path / "fused")
+    assert result.returncode == 0, result.stderr
+    best = json.loads((torch_run / "checkpoints" / "step-00000004" / "trainer_state.json").read_text())["best"]
+    assert f"checkpoint step {best['best_step']} (the best checkpoint; verified)" in result.stdout
+    fused = tmp_path / "fused"
+    diff = check_torch_fused(tiny_model_dir, torch_run / "checkpoints" / f"step-{best['best_step']:08d}" / "adapter",
+                             fused)
+    print(f"torch fuse: max |logits diff| {diff:.2e}")
+    assert not (json.loads((fused / "config.json").read_text())).get("quantization_config")
+    assert {meta["dtype"] for meta in safetensors_header(fused).values()} == {"F32"}
+    assert not any("lora" in name for name in safetensors_header(fused))
+    assert_base_files_copied(tiny_model_dir, fused)
+    assert sorted(p.relative_to(torch_run) for p in torch_run.rglob("*")) == before  # read-only on the run
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
+@needs_torch
+@pytest.mark.torch
+def test_torch_fuse_of_a_chosen_step_uses_that_checkpoint(torch_run, tiny_model_dir, tmp_path):
+    result = fuse(torch_run, tmp_path / "fused", "--checkpoint", "2")
+    assert result.returncode == 0, result.stderr
+    assert "checkpoint step 2 (step 2, as asked; verified)" in result.stdout
+    step2 = torch_run / "checkpoints" / "step-00000002" / "adapter"
+    step4 = torch_run / "checkpoints" / "step-00000004" / "adapter"
+    merged = torch_forward(torch_model(tmp_path / "fused"))(TOKENS)
+    assert max_diff(merged, torch_forward(torch_model(tiny_model_dir, step2))(TOKENS)) < TOLERANCE
+    assert max_diff(merged, torch_forward(torch_model(tiny_model_dir, step4))(TOKENS)) > ADAPTER_EFFECT / 10
+    latest = fuse(torch_run, tmp_path / "latest", "--checkpoint", "latest", "--gguf")
+    assert latest.returncode == 0 and "checkpoint step 4 (the latest valid checkpoint" in latest.stdout
+    # No GGUF writer in transformers: the exact llama.cpp command instead, and no file pretending to be one.
+    assert f"convert_hf_to_gguf.py {tmp_path / 'latest'} --outfile {tmp_path / 'latest' / 'model.gguf'}" in latest.stdout
+    assert not list((tmp_path / "latest").glob("*.gguf"))
+
+
+@needs_torch
+@pytest.mark.torch
+def test_torch_fuse_of_a_qlora_run_merges_into_the_full_precision_base(tiny_model_dir, tmp_path):
+    run = train("torch", tiny_model_dir, tmp_path / "qlora", bits=4, steps=2)
+    assert json.loads((run / "checkpoints" / "step-00000002" / "backend_state.json").read_text())[
+        "quantization_bits"] == 4
+    result = fuse(run, tmp_path / "fused")
+    assert result.returncode == 0, result.stderr
+    fused = tmp_path / "fused"
+    assert "quantization_config" not in json.loads((fused / "config.json").read_text())
+    header = safetensors_header(fused)
+    assert {meta["dtype"] for meta in header.values()} == {"F32"}
+    assert header["model.layers.0.self_attn.q_proj.weight"]["shape"] == [64, 64]  # not packed 4-bit
+    diff = check_torch_fused(tiny_model_dir, run / "checkpoints" / "step-00000002" / "adapter", fused)
+    print(f"torch QLoRA fuse (vs the fp32 base + adapter): max |logits diff| {diff:.2e}")
+
+
+# -- mlx ------------------------------------------------------------------------------------------------------
+
+def mlx_forward(model):
+    import mlx.core as mx
+
+    def logits(ids: np.ndarray) -> np.ndarray:
+        return np.array(model(mx.array(ids.astype(np.int32))).astype(mx.float32))
+
+    return logits
+
+
+def mlx_trained_model(base: Path, adapter: Path | None, bits: int):
+    """The model as the run trained it: the base quantized in memory (bits 4) or not, with the adapter."""
+    import contextlib
+    import io
+
+    from mlx_lm.tuner.utils import load_adapters
+    from mlx_lm.utils import load_model, quantize_model
+
+    model, config = load_model(Path(base))
+    if bits:
+        with contextlib.redirect_stdout(io.StringIO()):
+            model, _ = quantize_model(model, config, group_size=64, bits=bits)
+    if adapter is not None:
+        model = load_adapters(model, str(adapter))
+    model.eval()
+    return model
+
+
+def mlx_fused(folder: Path):
+    import mlx_lm
+
+    return mlx_lm.load(str(folder))[0]
+
+
+@pytest.fixture(scope="module")
+def mlx_run(tiny_model_dir, tmp_path_factory) -> Path:
+    return train("mlx", tiny_model_dir, tmp_path_factory.mktemp("mlx") / "run", bits=0)
+
+
+@pytest.fixture(scope="module")
+def mlx_4bit_run(tiny_model_dir, tmp_path_factory) -> Path:
+    return train("mlx", tiny_model_dir, tmp_path_factory.mktemp("mlx4") / "run", bits=4)
+
+
+def best_adapter(run: Path) -> Path:
+    state = json.loads((run / "checkpoints" / "step-00000004" / "trainer_state.json").read_text())
+    return run / "checkpoints" / f"step-{state['best']['best_step']:08d}" / "adapter"
+
+
+@needs_mlx
+@pytest.mark.mlx
+def test_mlx_fuse_is_base_plus_adapter_as_an_mlx_folder(mlx_run, tiny_model_dir, tmp_path):
+    result = fuse(mlx_run, tmp_path / "fused", "--gguf")
+    assert result.returncode == 0, result.stderr
+    fused = tmp_path / "fused"
+    reference = mlx_forward(mlx_trained_model(tiny_model_dir, best_adapter(mlx_run), bits=0))
+    merged = mlx_forward(mlx_fused(fused))
+    assert max_diff(reference(TOKENS), mlx_forward(mlx_trained_model(tiny_model_dir, None, 0))(TOKENS)) > ADAPTER_EFFECT
+    diff = max_diff(reference(TOKENS), merged(TOKENS))
+    print(f"mlx fuse: max |logits diff| {diff:.2e}")
+    assert diff < TOLERANCE
+    assert greedy(reference) == greedy(merged)
+    assert "quantization" not in json.loads((fused / "config.json").read_text())
+    assert_base_files_copied(tiny_model_dir, fused)
+    # mlx-lm's GGUF writer (llama is one of its architectures); transformers reads it back as the same model.
+    assert (fused / "model.gguf").is_file() and "GGUF (mlx-lm's exporter)" in result.stdout
+    if has("torch", "transformers", "gguf"):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        gguf_model = AutoModelForCausalLM.from_pretrained(str(fused), gguf_file="model.gguf", dtype=torch.float32)
+        gguf_diff = max_diff(torch_forward(gguf_model.eval())(TOKENS), merged(TOKENS))
+        print(f"mlx GGUF read by transformers: max |logits diff| {gguf_diff:.2e}")
+        assert gguf_diff < TOLERANCE
+
+
+@needs_mlx
+@pytest.mark.mlx
+def test_mlx_fuse_of_a_4bit_run_keeps_the_quantization_and_dequantize_gives_floats(mlx_4bit_run, tiny_model_dir,
+                                                                                   tmp_path):
+    adapter = best_adapter(mlx_4bit_run)
+    trained = mlx_forward(mlx_trained_model(tiny_model_dir, adapter, bits=4))(TOKENS)
+    base_4bit = mlx_forward(mlx_trained_model(tiny_model_dir, None, bits=4))(TOKENS)
+    assert max_diff(trained, base_4bit) > ADAPTER_EFFECT
+
+    assert fuse(mlx_4bit_run, tmp_path / "q4").returncode == 0
+    config = json.loads((tmp_path / "q4" / "config.json").read_text())
+    assert config["quantization"]["bits"] == 4 and config["quantization"]["group_size"] == 64
+    header = safetensors_header(tmp_path / "q4")
+    assert "model.layers.0.self_attn.q_proj.scales" in header
+    assert header["model.layers.0.self_attn.q_proj.weight"]["dtype"] == "U32"
+    # Merged weights are quantized again (as mlx-lm's fuse does), so they round: close to the trained model,
+    # far closer than the base was, not equal.
+    requantized = mlx_forward(mlx_fused(tmp_path / "q4"))(TOKENS)
+    print(f"mlx 4-bit fuse: max |logits diff| {max_diff(requantized, trained):.3f} "
+          f"(the adapter moves them {max_diff(trained, base_4bit):.3f})")
+    assert max_diff(requantized, trained) < 0.5 * max_diff(trained, base_4bit)
+
+    assert fuse(mlx_4bit_run, tmp_path / "fp", "--dequantize").returncode == 0
+    config = json.loads((tmp_path / "fp" / "config.json").read_text())
+    assert "quantization" not in config and "quantization_config" not in config
+    assert {meta["dtype"] for meta in safetensors_header(tmp_path / "fp").values()} == {"F32"}
+    model = mlx_fused(tmp_path / "fp")
+    diff = max_diff(mlx_forward(model)(TOKENS), trained)
+    print(f"mlx 4-bit fuse --dequantize: max |logits diff| {diff:.2e}")
+    assert diff < TOLERANCE
+    assert greedy(mlx_forward(model)) == greedy(mlx_forward(mlx_trained_model(tiny_model_dir, adapter, bits=4)))
+
+    refused = fuse(mlx_4bit_run, tmp_path / "gguf", "--gguf")
+    assert refused.returncode == 2 and "add --dequantize" in refused.stderr
+    assert not (tmp_path / "gguf").exists()
+
+
+# -- refusals -------------------------------------------------------------------------------------------------
+
+@needs_torch
+@pytest.mark.torch
+def test_refusals_name_the_problem_with_their_exit_code(torch_run, tmp_path):
+    empty = tmp_path / "empty-run"
+    empty.mkdir()
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "mine.txt").write_text("keep")
+    cases = [
+        ([str(tmp_path / "no-such-run")], 2, "is not a run directory"),
+        ([str(empty)], 3, "has no valid checkpoint to fuse"),
+        ([str(torch_run), "--checkpoint", "soon"], 2, "--checkpoint must be best, latest or a step number"),
+        ([str(torch_run), "--checkpoint", "999"], 3, "no checkpoint at step 999 (checkpoints at steps 2, 4"),
+    ]
+    for args, code, message in cases:
+        result = cli("fuse", *args, "--output", str(tmp_path / "out"))
+        assert result.returncode == code, (args, result.stdout, result.stderr)
+        assert message in result.stderr, (args, result.stderr)
+        assert "Traceback" not in result.stderr
+        assert not (tmp_path / "out").exists()
+    result = cli("fuse", str(torch_run), "--output", str(busy))
+    assert result.returncode == 2 and "not an empty folder" in result.stderr
+    assert (busy / "mine.txt").read_text() == "keep"
+
+
+@needs_torch
+@pytest.mark.torch
+def test_a_corrupt_checkpoint_is_never_fused_and_best_falls_back(torch_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(torch_run, run)
+    weights = run / "checkpoints" / "step-00000004" / "adapter" / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    result = fuse(run, tmp_path / "out4", "--checkpoint", "4")
+    assert result.returncode == 3
+    assert "does not verify: adapter/adapter_model.safetensors does not match its sha256" in result.stderr
+    result = fuse(run, tmp_path / "best")
+    assert result.returncode == 0, result.stderr
+    assert "checkpoint step 2" in result.stdout and "step-00000004 is invalid" in result.stdout
+    assert weights.is_file() and not (run / "checkpoints" / "quarantine").exists()  # fuse only reads
+
+
+@needs_torch
+@pytest.mark.torch
+def test_another_base_model_is_refused(torch_run, tmp_path):
+    from overnight.tinymodel import build_tiny_model
+
+    other = build_tiny_model(tmp_path / "other", hidden_size=32, intermediate_size=64)
+    result = fuse(torch_run, tmp_path / "out", "--base", str(other))
+    assert result.returncode == 3 and "is not the one this run trained on" in result.stderr
+    result = fuse(torch_run, tmp_path / "out", "--base", str(tmp_path / "gone"))
+    assert result.returncode == 2 and "does not exist" in result.stderr
