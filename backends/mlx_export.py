@@ -34,7 +34,13 @@ def export(job: dict) -> dict:
     from overnight.backends.mlx_backend import _resolve_model_dir
 
     base_dir = _resolve_model_dir(job["base"])
-    model, config = load_model(Path(base_dir))
+    try:
+        model, config = load_model(Path(base_dir))
+    except Exception as exc:  # noqa: BLE001 - a truncated or corrupt weight file fails deep inside mlx
+        if isinstance(exc, MemoryError):
+            raise
+        raise ExportRefused(f"cannot load the base model {base_dir}: {exc.__class__.__name__}: {str(exc)[:300]}. "
+                            "Check that its weight files are complete (re-copy the model), or pass --base DIR") from None
     if config.get("quantization"):
         q = config["quantization"]
         weights = f"pre-quantized {q.get('bits')}-bit (group {q.get('group_size')}), kept"

@@ -61,7 +61,13 @@ def export(job: dict) -> dict:
         raise ExportRefused(f"the base model {base_dir} is saved pre-quantized ({method}); fuse merges into a "
                             "full-precision base only: give the unquantized original with --base DIR")
     dtype_name = checkpoint_dtype(base_dir)
-    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=getattr(torch, dtype_name))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=getattr(torch, dtype_name))
+    except Exception as exc:  # noqa: BLE001 - a truncated or corrupt weight file raises SafetensorError, not OSError
+        if isinstance(exc, MemoryError):
+            raise
+        raise ExportRefused(f"cannot load the base model {base_dir}: {exc.__class__.__name__}: {str(exc)[:300]}. "
+                            "Check that its weight files are complete (re-copy the model), or pass --base DIR") from None
     adapter = Path(job["adapter"])
     model = PeftModel.from_pretrained(model, str(adapter))
     merged = model.merge_and_unload(safe_merge=True)  # safe_merge: a non-finite merged weight is an error

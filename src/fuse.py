@@ -269,8 +269,8 @@ def fuse(run_dir: Path, choice: str, output: Path, dequantize: bool = False, ggu
         else:
             why = ("transformers has no GGUF writer" if backend == "torch" else
                    f"mlx-lm's GGUF export supports model types {', '.join(MLX_GGUF_MODEL_TYPES)} only")
-            folder_note = ("" if backend == "torch" or dequantize else
-                           " (llama.cpp reads full-precision weights: fuse again with --dequantize first)")
+            folder_note = (" (llama.cpp reads full-precision weights: fuse again with --dequantize first)"
+                           if result.get("quantized") else "")
             say(f"GGUF: not written here ({why}). Make it with llama.cpp's converter ({LLAMA_CPP}){folder_note}:\n"
                 f"  git clone {LLAMA_CPP} && pip install -r llama.cpp/requirements.txt\n"
                 f"  {llama_cpp_command(output, result.get('dtype', 'float16'))}")

@@ -342,3 +342,56 @@ def test_another_base_model_is_refused(torch_run, tmp_path):
     assert result.returncode == 3 and "is not the one this run trained on" in result.stderr
     result = fuse(torch_run, tmp_path / "out", "--base", str(tmp_path / "gone"))
     assert result.returncode == 2 and "does not exist" in result.stderr
+
+
+@needs_torch
+@pytest.mark.torch
+def test_a_base_whose_weights_cannot_be_read_is_a_clear_error(torch_run, tiny_model_dir, tmp_path):
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tiny_model_dir, damaged)
+    weights = damaged / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[:8] = b"\xff" * 8  # the header length: same size, so still "the same model" by name and size
+    weights.write_bytes(bytes(data))
+    result = fuse(torch_run, tmp_path / "out", "--base", str(damaged))
+    assert result.returncode == 2, result.stderr
+    assert f"cannot load the base model {damaged}" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@needs_torch
+@pytest.mark.torch
+def test_the_torch_fuse_keeps_the_dtype_the_base_was_saved_in(tmp_path):
+    from safetensors.numpy import save_file
+
+    from overnight.backends.torch_export import checkpoint_dtype
+
+    (tmp_path / "config.json").write_text(json.dumps({"torch_dtype": "bfloat16"}))
+    assert checkpoint_dtype(tmp_path) == "bfloat16"
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))  # no dtype: the weights tell
+    save_file({"w": np.zeros((2, 2), np.float16)}, str(tmp_path / "model.safetensors"))
+    assert checkpoint_dtype(tmp_path) == "float16"
+
+
+@needs_mlx
+@pytest.mark.mlx
+@pytest.mark.slow
+def test_mlx_fuse_on_a_pre_quantized_mlx_base_keeps_its_quantization(tiny_model_dir, tmp_path):
+    import contextlib
+    import io
+
+    from mlx_lm.convert import convert
+
+    base = tmp_path / "base-mlx-4bit"
+    with contextlib.redirect_stdout(io.StringIO()):
+        convert(str(tiny_model_dir), mlx_path=str(base), quantize=True, q_bits=4, q_group_size=32)
+    run = train("mlx", base, tmp_path / "run", bits=0)  # a pre-quantized base is used as it is
+    adapter = best_adapter(run)
+    trained = mlx_forward(mlx_trained_model(base, adapter, bits=0))(TOKENS)
+    assert max_diff(trained, mlx_forward(mlx_trained_model(base, None, bits=0))(TOKENS)) > ADAPTER_EFFECT
+    assert fuse(run, tmp_path / "q").returncode == 0
+    config = json.loads((tmp_path / "q" / "config.json").read_text())
+    assert (config["quantization"]["bits"], config["quantization"]["group_size"]) == (4, 32)
+    assert fuse(run, tmp_path / "fp", "--dequantize").returncode == 0
+    assert "quantization" not in json.loads((tmp_path / "fp" / "config.json").read_text())
+    assert max_diff(mlx_forward(mlx_fused(tmp_path / "fp"))(TOKENS), trained) < TOLERANCE
