@@ -48,6 +48,12 @@ def cmd_status(args) -> int:
     return EXIT_OK
 
 
+def cmd_report(args) -> int:
+    from .report import report_main
+
+    return report_main(args.run_dir, args.output, say)
+
+
 def cmd_fuse(args) -> int:
     from .fuse import fuse_main
 
@@ -133,6 +139,14 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("status", help="running / interrupted / completed / failed / stopped early")
     s.add_argument("run_dir", metavar="RUN_DIR")
     s.set_defaults(func=cmd_status)
+
+    r = sub.add_parser("report", help="curves as a PNG and a short text summary (works while the run trains)",
+                       description="Plot train loss (raw and moving average), val loss, learning rate, grad norm, "
+                       "memory and tokens/s against step, with checkpoints, best, resumes, OOM splits and the stop "
+                       "marked, and print a summary. The plot needs matplotlib: pip install 'overnight[report]'.")
+    r.add_argument("run_dir", metavar="RUN_DIR")
+    r.add_argument("--output", metavar="FILE.png", help="where to write the plot (default RUN_DIR/report.png)")
+    r.set_defaults(func=cmd_report)
 
     f = sub.add_parser("fuse", help="merge a run's adapter into its base: a standalone model",
                        description="Merge the adapter of a checkpoint into the base model and write a standalone "
