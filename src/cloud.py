@@ -52,8 +52,9 @@ class KeepAwake:
             # not end it while the run is still saving its last checkpoint.
             self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                             stderr=subprocess.DEVNULL, start_new_session=True)
-        except OSError as exc:
-            self._warn(f"warning: could not keep the Mac awake ({self.command}: {exc.strerror or exc}); it may sleep "
+        except (OSError, subprocess.SubprocessError, ValueError) as exc:
+            reason = getattr(exc, "strerror", None) or exc
+            self._warn(f"warning: could not keep the Mac awake ({self.command}: {reason}); it may sleep "
                        "during the run (System Settings > Energy, or run under `caffeinate -i`); training goes on")
             return False
         return True
