@@ -40,7 +40,8 @@ def export(job: dict) -> dict:
         if isinstance(exc, MemoryError):
             raise
         raise ExportRefused(f"cannot load the base model {base_dir}: {exc.__class__.__name__}: {str(exc)[:300]}. "
-                            "Check that its weight files are complete (re-copy the model), or pass --base DIR") from None
+                            "Check that its weight files are complete (re-copy the model), or pass --base "
+                            "DIR") from None
     if config.get("quantization"):
         q = config["quantization"]
         weights = f"pre-quantized {q.get('bits')}-bit (group {q.get('group_size')}), kept"

@@ -67,7 +67,8 @@ def export(job: dict) -> dict:
         if isinstance(exc, MemoryError):
             raise
         raise ExportRefused(f"cannot load the base model {base_dir}: {exc.__class__.__name__}: {str(exc)[:300]}. "
-                            "Check that its weight files are complete (re-copy the model), or pass --base DIR") from None
+                            "Check that its weight files are complete (re-copy the model), or pass --base "
+                            "DIR") from None
     adapter = Path(job["adapter"])
     model = PeftModel.from_pretrained(model, str(adapter))
     merged = model.merge_and_unload(safe_merge=True)  # safe_merge: a non-finite merged weight is an error

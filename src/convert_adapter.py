@@ -155,6 +155,9 @@ def _collect(tensors: dict[str, Tensor], pattern: re.Pattern, a_kind: str, to_pe
         if not match:
             raise UsageError(f"{source}: tensor {name!r} is not a LoRA weight inside a numbered block "
                              "(layers.N.); only plain LoRA on block layers converts exactly")
+        if tensor.array.ndim != 2:
+            raise UsageError(f"{source}: tensor {name!r} has shape {list(tensor.array.shape)}; LoRA on stacked "
+                             "expert layers (MoE) has no PEFT equivalent, only 2-D LoRA matrices convert")
         entry = parts.setdefault(match["module"], {"layer": int(match["layer"]), "path": match["path"]})
         tensor = _transposed(tensor) if to_peft_layout else tensor
         entry["a" if match["kind"] == a_kind else "b"] = tensor

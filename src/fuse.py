@@ -7,9 +7,9 @@ backend's exporter (backends/<name>_export.py, found through the registry in src
 so this process never imports a framework (SPEC §2). The exporter writes into a temporary folder beside
 ``--output``, which is renamed into place only when complete.
 
-Exit codes: 0 fused; 2 bad usage (missing run directory, unreadable STEP, --output in use, base model gone,
-backend not installed); 3 refused (no valid checkpoint to fuse, or the base model changed since training);
-1 the exporter failed unexpectedly.
+Exit codes: 0 fused; 2 bad usage (missing run directory, unreadable STEP, --output in use, base model gone or
+unreadable, backend not installed); 3 refused (no valid checkpoint to fuse, or the base model changed since
+training); 1 the exporter failed unexpectedly.
 """
 from __future__ import annotations
 

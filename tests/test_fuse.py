@@ -126,6 +126,9 @@ def test_torch_fuse_is_base_plus_adapter_as_a_transformers_folder(torch_run, tin
     assert result.returncode == 0, result.stderr
     best = json.loads((torch_run / "checkpoints" / "step-00000004" / "trainer_state.json").read_text())["best"]
     assert f"checkpoint step {best['best_step']} (the best checkpoint; verified)" in result.stdout
+    starred = [line.split()[0] for line in cli("checkpoints", str(torch_run)).stdout.splitlines()
+               if line.rstrip().endswith("*")]
+    assert starred == [str(best["best_step"])]  # the one `overnight checkpoints` marks as best
     fused = tmp_path / "fused"
     diff = check_torch_fused(tiny_model_dir, torch_run / "checkpoints" / f"step-{best['best_step']:08d}" / "adapter",
                              fused)
@@ -152,7 +155,8 @@ def test_torch_fuse_of_a_chosen_step_uses_that_checkpoint(torch_run, tiny_model_
     latest = fuse(torch_run, tmp_path / "latest", "--checkpoint", "latest", "--gguf")
     assert latest.returncode == 0 and "checkpoint step 4 (the latest valid checkpoint" in latest.stdout
     # No GGUF writer in transformers: the exact llama.cpp command instead, and no file pretending to be one.
-    assert f"convert_hf_to_gguf.py {tmp_path / 'latest'} --outfile {tmp_path / 'latest' / 'model.gguf'}" in latest.stdout
+    folder = tmp_path / "latest"
+    assert f"convert_hf_to_gguf.py {folder} --outfile {folder / 'model.gguf'}" in latest.stdout
     assert not list((tmp_path / "latest").glob("*.gguf"))
 
 
