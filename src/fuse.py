@@ -26,7 +26,7 @@ from typing import Callable
 import yaml
 
 from .backend import BACKENDS, EXPORTERS, _installed
-from .checkpoint import CheckpointInfo, CheckpointManager
+from .checkpoint import STEP_DIR, CheckpointInfo, CheckpointManager
 from .convert_adapter import check_output_dir, detect_format, write_folder_atomically
 from .errors import EXIT_CRASH, EXIT_OK, EXIT_RESUME_REFUSED, UsageError
 from .fingerprint import _model_identity
@@ -222,6 +222,10 @@ def fuse(run_dir: Path, choice: str, output: Path, dequantize: bool = False, ggu
          base: str | None = None, say: Callable[[str], None] = print) -> dict:
     if not run_dir.is_dir():
         raise UsageError(f"{run_dir} is not a run directory (no such folder)")
+    step_folder = STEP_DIR.match(run_dir.resolve().name)
+    if step_folder and run_dir.resolve().parent.name == "checkpoints":
+        raise UsageError(f"{run_dir} is one checkpoint; give the run directory and the step: overnight fuse "
+                         f"{run_dir.resolve().parent.parent} --checkpoint {int(step_folder.group(1))} --output ...")
     step_choice = parse_choice(choice)
     check_output_dir(output)
     chosen = choose_checkpoint(run_dir, step_choice)

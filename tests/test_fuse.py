@@ -306,6 +306,7 @@ def test_refusals_name_the_problem_with_their_exit_code(torch_run, tmp_path):
         ([str(empty)], 3, "has no valid checkpoint to fuse"),
         ([str(torch_run), "--checkpoint", "soon"], 2, "--checkpoint must be best, latest or a step number"),
         ([str(torch_run), "--checkpoint", "999"], 3, "no checkpoint at step 999 (checkpoints at steps 2, 4"),
+        ([str(torch_run / "checkpoints" / "step-00000002")], 2, "--checkpoint 2 --output"),
     ]
     for args, code, message in cases:
         result = cli("fuse", *args, "--output", str(tmp_path / "out"))
