@@ -206,7 +206,8 @@ def _peft_to_mlx(adapter_dir: Path, base: str | None) -> tuple[dict[str, Tensor]
     layers = sorted({m.layer for m in modules})
     base = base or config.get("base_model_name_or_path")
     total = _base_layer_count(base)
-    if total is None and config.get("layers_to_transform") is not None and min(layers) > 0:
+    if total is None and config.get("layers_to_transform") is not None:
+        # Blocks 0-1 of a 2-block model and of a 4-block one look the same here; mlx-lm counts from the end.
         raise UsageError(f"{adapter_dir / CONFIG}: LoRA sits on blocks {layers} only; pass --base MODEL_DIR (a "
                          "local model folder) so the number of blocks can be checked (mlx-lm counts the last N)")
     num_layers = _last_blocks(layers, total, str(adapter_dir))

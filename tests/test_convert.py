@@ -237,4 +237,7 @@ def test_what_mlx_lm_cannot_hold_is_refused_by_name(peft_adapter, tmp_path):
     (fake_base / "config.json").write_text(json.dumps({"num_hidden_layers": 3}))
     with pytest.raises(UsageError, match="last N blocks"):
         convert_adapter(peft_adapter, "mlx", tmp_path / "o4", base=str(fake_base))
-    assert not any((tmp_path / f"o{i}").exists() for i in range(1, 5))
+    # Without a local base the block count is unknown, and "blocks [1]" could be any block of a bigger model.
+    with pytest.raises(UsageError, match="pass --base MODEL_DIR"):
+        convert_adapter(variant("hub", base_model_name_or_path="org/model"), "mlx", tmp_path / "o5")
+    assert not any((tmp_path / f"o{i}").exists() for i in range(1, 6))
