@@ -124,25 +124,34 @@ _PACKED = re.compile(r"\.(scales|biases)$")
 
 def model_shape(path: str) -> dict | None:
     """The model's architecture (the config.json entries that define the computation) and its weight tensors'
-    names and logical shapes, quantization undone;
-    None for a hub id (nothing local to read: the id itself is compared then)."""
+    names and logical shapes, quantization undone; None for a hub id (nothing local to read: the id itself is
+    compared then). Never raises: a damaged folder gets an identity that matches nothing, and the backend's
+    load reports the damage by name."""
     folder = Path(path).expanduser()
     if not folder.is_dir():
         return None
-    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        if not isinstance(config, dict):
+            raise ValueError("config.json is not an object")
+    except (OSError, ValueError):
+        config = {"unreadable config.json": True}
     quant = config.get("quantization") or {}
-    bits = int(quant.get("bits", 0)) if isinstance(quant, dict) else 0
-    tensors: dict[str, list[int]] = {}
+    bits = int(quant.get("bits", 0) or 0) if isinstance(quant, dict) else 0
+    tensors: dict[str, list] = {}
     for file in sorted(folder.glob("*.safetensors")):
         header = _header(file)
+        if header is None:
+            tensors[f"unreadable:{file.name}"] = [file.stat().st_size]
+            continue
         for name, info in header.items():
             if name == "__metadata__" or _PACKED.search(name):
                 continue  # MLX's quantization scales and biases: not part of the original model
-            shape = list(info["shape"])
-            if bits and f"{name[:-len('.weight')]}.scales" in header and info["dtype"] == "U32":
+            shape = list(info.get("shape", [])) if isinstance(info, dict) else []
+            if bits and f"{name[:-len('.weight')]}.scales" in header and info.get("dtype") == "U32" and shape:
                 shape[-1] = shape[-1] * 32 // bits  # packed uint32 words back to input features
             tensors[_hf_name(name)] = shape
-    architecture = {k: config[k] for k in _ARCHITECTURE_KEYS if k in config}
+    architecture = {k: config[k] for k in _ARCHITECTURE_KEYS + ("unreadable config.json",) if k in config}
     rope = config.get("rope_parameters") if isinstance(config.get("rope_parameters"), dict) else {}
     architecture["rope_theta"] = config.get("rope_theta", rope.get("rope_theta"))
     # The tensor list of a large model is long: a manifest keeps its digest and count.
@@ -156,10 +165,17 @@ def _hf_name(name: str) -> str:
     return name[len("model."):] if name.startswith("model.") else name
 
 
-def _header(file: Path) -> dict:
-    with open(file, "rb") as handle:
-        (length,) = struct.unpack("<Q", handle.read(8))
-        return json.loads(handle.read(length))
+def _header(file: Path) -> dict | None:
+    """The safetensors header (names, dtypes, shapes), or None when the file is too damaged to have one."""
+    try:
+        with open(file, "rb") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            if length > file.stat().st_size:
+                return None
+            header = json.loads(handle.read(length))
+    except (OSError, struct.error, ValueError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        return None
+    return header if isinstance(header, dict) else None
 
 
 def same_model_differences(saved: dict | None, current: dict | None) -> list[str]:

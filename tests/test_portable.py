@@ -160,3 +160,23 @@ def load_in(backend: str, model_dir, adapter) -> None:
         model, _ = load(str(model_dir), adapter_path=str(adapter))
         lora_b = [p.abs().max().item() for n, p in tree_flatten(model.parameters()) if n.endswith("lora_b")]
     assert lora_b and max(lora_b) > 0, "no trained LoRA B in the loaded adapter"
+
+
+@pytest.mark.parametrize("damage", ["truncate", "header", "empty", "config"])
+def test_a_damaged_model_folder_gets_an_identity_that_matches_nothing_and_never_raises(damage, tiny_model_dir,
+                                                                                       tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    weights = broken / "model.safetensors"
+    if damage == "truncate":
+        weights.write_bytes(weights.read_bytes()[:100])
+    elif damage == "header":
+        weights.write_bytes(b"\xff" * 8 + weights.read_bytes()[8:])
+    elif damage == "empty":
+        weights.write_bytes(b"")
+    else:
+        (broken / "config.json").write_text("{not json")
+    shape = portable.model_shape(str(broken))
+    assert portable.same_model_differences(portable.model_shape(str(tiny_model_dir)), shape)
