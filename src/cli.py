@@ -12,6 +12,7 @@ from .checkpoint import CheckpointError
 from .config import ConfigError
 from .errors import (EXIT_CRASH, EXIT_OK, EXIT_RESUME_REFUSED, EXIT_SIGINT, EXIT_USAGE, ResumeRefused, RunLocked,
                      UsageError)
+from .run import say
 
 # Short flags users already type (train_qlora-style) and the config keys they set.
 FLAG_KEYS = {
@@ -19,10 +20,6 @@ FLAG_KEYS = {
     "lora_rank": "lora.rank", "lora_layers": "lora.layers", "max_steps": "train.max_steps",
     "learning_rate": "train.learning_rate", "seed": "train.seed", "output": "output.dir", "backend": "backend",
 }
-
-
-def say(message: str) -> None:
-    print(message, flush=True)
 
 
 def cmd_train(args) -> int:

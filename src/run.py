@@ -22,7 +22,14 @@ from .rundir import RunFiles
 
 
 def say(message: str) -> None:
-    print(message, flush=True)
+    """Print for the person reading the log. Console output is non-critical (SPEC §8): when stdout's reader
+    went away (`overnight ... | head`, a closed terminal), the rest goes to /dev/null and the work goes on."""
+    try:
+        print(message, flush=True)
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
 
 
 def _stderr(message: str) -> None:

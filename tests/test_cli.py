@@ -232,3 +232,19 @@ def test_terminal_prompt_yes_and_no(tmp_path, tiny_model_dir):
     code, text = run_with_answer("y")
     assert code == 0, text
     assert [r["from_step"] for r in read_metrics(out) if r["event"] == "resume"] == [5]
+
+
+@pytest.mark.parametrize("command", ["status", "checkpoints", "train"])
+def test_a_reader_that_goes_away_never_costs_a_traceback_or_the_run(command, tmp_path, tiny_model_dir):
+    """`overnight status RUN | head -1`, or a train whose terminal closed: console output is non-critical."""
+    out = tmp_path / "run"
+    assert overnight(*base_args(tiny_model_dir, out, 6)).returncode == 0
+    args = base_args(tiny_model_dir, out, 12, "--auto-resume") if command == "train" else [command, str(out)]
+    proc = subprocess.Popen([sys.executable, "-m", "overnight", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL, env=env(), cwd=ROOT)
+    proc.stdout.close()  # the reader is gone before the first line is written
+    stderr = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0, stderr[-2000:]
+    assert "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr[-2000:]
+    if command == "train":  # the run went on to the end regardless
+        assert max(r["step"] for r in read_metrics(out) if r["event"] == "train") == 12
