@@ -151,9 +151,20 @@ def banner(cfg, info, report, run_dir: Path, resumed_from: int | None) -> list[s
     return lines
 
 
+def refuse_multi_process_launch(environ=os.environ) -> None:
+    """Data parallel (SPEC §12) is not built yet: under torchrun or mlx.launch every process would train the
+    whole run on its own and all but one would find the run directory locked. Say so before anything starts."""
+    for key, launcher in (("WORLD_SIZE", "torchrun / accelerate launch"), ("MLX_WORLD_SIZE", "mlx.launch")):
+        value = environ.get(key, "1").strip()
+        if value.isdigit() and int(value) > 1:
+            raise UsageError(f"started by {launcher} with {key}={value}, but data-parallel training is not built yet "
+                             "(README, 'Not built yet'): run `overnight train` as one process")
+
+
 def run_train(args, flags: dict) -> int:
     from . import data
 
+    refuse_multi_process_launch()
     cfg = build_config(Path(args.config) if args.config else None, flags, args.set)
     if not cfg.model.path:
         raise ConfigError("no model given: pass --model PATH_OR_ID or set model.path in the config")
