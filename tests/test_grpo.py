@@ -26,7 +26,8 @@ needs_mlx = pytest.mark.skipif(not has("mlx", "mlx_lm"), reason="needs the mlx b
 def grpo_args(backend: str, model, out, steps: int, *extra: str, reward: str = "even_tokens") -> list[str]:
     return ["train", "--backend", backend, "--model", str(model), "--data", str(GRPO_DATA), "--method", "grpo",
             "--output", str(out), "--max-steps", str(steps), "--batch-size", "4", "--quiet",
-            "--set", f"grpo.rewards=[{REWARDS}:{reward}]", "--set", "grpo.max_new_tokens=8",
+            "--set", f"grpo.rewards=[{reward if ':' in reward else f'{REWARDS}:{reward}'}]",
+            "--set", "grpo.max_new_tokens=8",
             "--set", "model.quantization.bits=0", "--set", "model.max_seq_length=64", "--set", "train.report_every=1",
             "--set", "train.learning_rate=2e-2", "--set", "train.warmup_steps=2", "--set", "lora.rank=8",
             "--set", "lora.dropout=0", "--set", "lora.layers=-1", "--set", "grpo.beta=0.0",
@@ -154,6 +155,110 @@ def test_sampling_is_seeded_per_completion(tiny_model_dir):
     stopped = backend.sample(prompt, [11], 10, 1.0, 0.9, eos)[0]
     first = int(np.flatnonzero(both[0] == eos)[0])
     assert stopped[first] == eos and (stopped[first + 1:] == -1).all()
+
+
+# -- the batch source without a framework ---------------------------------------------------------------
+
+class FakeSampler:
+    """Completions drawn by numpy from each seed alone, as the Backend protocol asks of sample()."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def sample(self, prompt_ids, seeds, max_new_tokens, temperature, top_p, eos_id):
+        self.calls += 1
+        return np.stack([np.random.default_rng(s).integers(3, 60, max_new_tokens) for s in seeds])
+
+    def token_logps(self, batch, adapter=True):
+        return -np.asarray(batch.loss_mask, np.float32)
+
+
+def _source(model_dir, reward: str, **grpo):
+    from overnight import grpo as grpo_mod
+    from overnight import rewards
+    from overnight.config import Config
+    from overnight.data import load_tokenizer
+
+    cfg = Config()
+    cfg.model.path, cfg.model.max_seq_length = str(model_dir), 64
+    cfg.data.method = "grpo"
+    cfg.train.batch_size = 2
+    cfg.grpo.rewards, cfg.grpo.max_new_tokens, cfg.grpo.dead_reward_patience = [reward], 6, 2
+    for key, value in grpo.items():
+        setattr(cfg.grpo, key, value)
+    tok = load_tokenizer(model_dir)
+    sampler = FakeSampler()
+    return grpo_mod.GrpoSource(GRPO_DATA / "train.jsonl", tok, cfg, sampler, rewards.load_rewards(cfg)), sampler
+
+
+def _step(loss: float = 0.0):
+    from overnight.backend import StepResult
+
+    return StepResult(loss=loss, tokens=1, grad_norm=0.0)
+
+
+def test_the_source_resumes_exactly_and_replays_for_iterations(tiny_model_dir):
+    source, sampler = _source(tiny_model_dir, f"{REWARDS}:even_tokens", iterations=2)
+    first = source.next_batch()
+    source.after_step(1, _step())
+    saved = json.loads(json.dumps(source.state()))  # as a checkpoint stores it
+    replayed = source.next_batch()  # step 2 trains again on step 1's completions (no sampling)
+    assert sampler.calls == 2 and np.array_equal(replayed.input_ids, first.input_ids)
+    assert np.array_equal(replayed.old_logp, first.old_logp) and replayed.advantages is not None
+    source.after_step(2, _step())
+    later = [source.next_batch() for _ in range(2)]
+    restored, _ = _source(tiny_model_dir, f"{REWARDS}:even_tokens", iterations=2)
+    restored.restore(saved)
+    again = [restored.next_batch() for _ in range(3)]
+    for a, b in zip([replayed] + later, again):
+        assert np.array_equal(a.input_ids, b.input_ids) and np.array_equal(a.advantages, b.advantages)
+        assert np.array_equal(a.loss_mask, b.loss_mask) and np.array_equal(a.old_logp, b.old_logp)
+    assert not np.array_equal(later[0].input_ids, first.input_ids)
+    # Completion tokens are targets (their EOS too); the prompt is not.
+    assert first.loss_mask.sum() == 2 * 4 * 6
+
+
+@pytest.mark.parametrize("reward, words", [("length_penalty=1000", "every reward was 0"),
+                                           ("regex=.", "every completion of each prompt got the same reward (1")])
+def test_no_advantage_for_patience_steps_stops_the_run(reward, words, tiny_model_dir):
+    source, _ = _source(tiny_model_dir, reward)
+    source.next_batch()
+    assert source.after_step(1, _step())[1] is None
+    source.next_batch()
+    tracked, stop = source.after_step(2, _step())
+    assert stop.code == "dead_reward" and words in stop.message and reward in stop.message
+    source.next_batch()
+    assert source.after_step(3, _step(float("nan")))[1].code == "non_finite"
+
+
+def test_a_dead_streak_is_broken_by_one_step_with_an_advantage(tiny_model_dir):
+    source, _ = _source(tiny_model_dir, f"{REWARDS}:even_tokens")
+    for step in range(1, 6):
+        source.next_batch()
+        tracked, stop = source.after_step(step, _step())
+        assert stop is None and source.dead_run == 0 and -1.0 <= tracked <= 0.0
+
+
+@needs_torch
+@pytest.mark.torch
+def test_chat_rows_reach_the_rewards_in_trl_conversational_shape(tiny_model_dir, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.jsonl").write_text("".join(json.dumps({
+        "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"Say {w}."}],
+        "answer": w}) + "\n" for w in ("yes", "no", "maybe", "ok")))
+    (tmp_path / "shape_reward.py").write_text(
+        "def shaped(prompts, completions, completion_ids, answer, **kw):\n"
+        "    assert isinstance(prompts[0], list) and prompts[0][-1]['role'] == 'user', prompts[0]\n"
+        "    assert completions[0][0]['role'] == 'assistant', completions[0]\n"
+        "    assert len(answer) == len(completions) == len(completion_ids)\n"
+        "    return [float(len(c[0]['content']) % 2) for c in completions]\n")
+    out = tmp_path / "run"
+    args = grpo_args("torch", tiny_model_dir, out, 2, reward=f"{tmp_path / 'shape_reward.py'}:shaped")
+    args[args.index("--data") + 1] = str(data)
+    result = cli(args)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "rewards/shaped/mean" in train_events(out)[0]
 
 
 # -- the circuit breaker, failures, bad data ------------------------------------------------------------

@@ -34,3 +34,13 @@ def correct(prompts, completions, answer, **kwargs):
         found = re.search(r"-?\d+", text)
         out.append(1.0 if found and found.group(0) == str(expected) else 0.0)
     return out
+
+
+def starts_with_answer(prompts, completions, answer, **kwargs):
+    """1.0 when the reply opens with the answer (case and surrounding punctuation ignored): a verifiable habit a
+    chat model does not have at first ("The capital of France is Paris.") and GRPO can teach it."""
+    out = []
+    for completion, expected in zip(completions, answer):
+        text = completion[-1]["content"] if isinstance(completion, list) else completion
+        out.append(1.0 if text.strip().strip("\"'*").lower().startswith(str(expected).lower()) else 0.0)
+    return out
