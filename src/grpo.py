@@ -131,8 +131,8 @@ class GrpoSource:
                  say: Callable[[str], None] = print):
         self.order = TrainStream(train_file, tokenizer, cfg)  # only its resumable order of prompt rows is used
         self.rows = PromptRows(self.order.source, tokenizer, cfg, reward_list)
-        self.tok, self.cfg, self.g, self.backend, self.rewards, self.say = tokenizer, cfg, cfg.grpo, backend, \
-            reward_list, say
+        self.tok, self.cfg, self.g, self.backend = tokenizer, cfg, cfg.grpo, backend
+        self.rewards, self.say = reward_list, say
         self.calls = 0  # micro-batches served so far: the sampling seed's counter
         self.dead_run = 0
         self._replay: list[dict] = []  # grpo.iterations > 1: the current generated step, as saved state

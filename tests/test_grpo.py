@@ -84,7 +84,7 @@ def _config(model_dir, loss_type: str, iterations: int):
     return cfg
 
 
-def _completions_batch(vocab: int, old_shift: bool):
+def _completions_batch(vocab: int):
     """Fixed rows: prompts of 3..6 tokens, completions of 2..12, right-padded; advantages of two groups."""
     from overnight.backend import Batch
     from overnight.data import collate
@@ -113,7 +113,7 @@ def test_grpo_objective_parity_between_backends_and_the_numpy_reference(loss_typ
     backends = {"torch": TorchBackend(), "mlx": MLXBackend()}
     for backend in backends.values():
         backend.setup(cfg, 3)
-    batch, rng = _completions_batch(300, iterations > 1)
+    batch, rng = _completions_batch(300)
     losses = {name: [] for name in backends}
     for step in range(4):
         if iterations > 1:  # an older policy than the current one: ratios away from 1, some clipped
@@ -401,25 +401,30 @@ def _smollm2() -> Path | None:
 @pytest.mark.skipif(_smollm2() is None, reason="SmolLM2 is not on this machine (overnight models get smollm2-135m "
                     "--output runs/smollm2-135m)")
 def test_real_model_mean_reward_rises_on_a_verifiable_task(tmp_path):
-    """SmolLM2-135M-Instruct asked to reply with one word; the reward is 1 when the reply is exactly that word."""
+    """SmolLM2-135M-Instruct asked for capitals in one word, with 7 new tokens: the reward (data/grpo/rewards.py:
+    mentions_answer) is 1 when the reply names the capital, which its habitual "The capital of X is Y." often does
+    not get to in time. GRPO teaches it to answer sooner."""
     data = tmp_path / "data"
     data.mkdir()
-    words = ["yes", "blue", "cat", "seven", "apple", "rain", "moon", "tree", "fish", "stone", "red", "sun"]
-    for name, picked in (("train.jsonl", words), ("val.jsonl", words[:4])):
+    capitals = [("France", "Paris"), ("Japan", "Tokyo"), ("Italy", "Rome"), ("Spain", "Madrid"),
+                ("Germany", "Berlin"), ("Egypt", "Cairo"), ("Russia", "Moscow"), ("Canada", "Ottawa"),
+                ("Greece", "Athens"), ("Peru", "Lima"), ("Kenya", "Nairobi"), ("Norway", "Oslo")]
+    for name, picked in (("train.jsonl", capitals), ("val.jsonl", capitals[:4])):
         (data / name).write_text("".join(json.dumps({
-            "messages": [{"role": "user", "content": f"Reply with the single word {w} and nothing else."}],
-            "answer": w}) + "\n" for w in picked))
+            "messages": [{"role": "user", "content": f"What is the capital of {country}? Answer with one word."}],
+            "answer": city}) + "\n" for country, city in picked))
     out = tmp_path / "run"
-    steps = 24
+    steps = 16
     result = cli(["train", "--backend", "torch", "--model", str(_smollm2()), "--data", str(data), "--method", "grpo",
-                  "--output", str(out), "--max-steps", str(steps), "--batch-size", "4", "--quiet",
-                  "--set", "grpo.rewards=[exact_match]", "--set", "grpo.max_new_tokens=8",
-                  "--set", "grpo.group_size=6", "--set", "model.quantization.bits=0",
-                  "--set", "model.max_seq_length=128", "--set", "train.report_every=1",
-                  "--set", "train.learning_rate=5e-4", "--set", "train.warmup_steps=2", "--set", "lora.dropout=0",
-                  "--set", "eval.every_steps=12", "--set", "checkpoint.every_steps=1000"], timeout=1500)
+                  "--output", str(out), "--max-steps", str(steps), "--batch-size", "2", "--quiet",
+                  "--set", f"grpo.rewards=[{REWARDS}:mentions_answer]", "--set", "grpo.max_new_tokens=7",
+                  "--set", "grpo.group_size=4", "--set", "grpo.beta=0", "--set", "model.quantization.bits=0",
+                  "--set", "model.max_seq_length=96", "--set", "train.report_every=1",
+                  "--set", "train.learning_rate=1e-3", "--set", "train.warmup_steps=2", "--set", "lora.dropout=0",
+                  "--set", "eval.every_steps=1000", "--set", "eval.max_batches=2",
+                  "--set", "checkpoint.every_steps=1000"], timeout=1500)
     assert result.returncode == 0, result.stdout + result.stderr
     rewards = [e["reward"] for e in train_events(out)]
-    first, last = np.mean(rewards[:6]), np.mean(rewards[-6:])
-    print(f"SmolLM2-135M: mean reward of the first 6 steps {first:.3f}, of the last 6 {last:.3f}")
-    assert last > first, rewards
+    first, last = np.mean(rewards[:4]), np.mean(rewards[-4:])
+    print(f"SmolLM2-135M: mean reward of the first 4 steps {first:.3f}, of the last 4 {last:.3f}: {rewards}")
+    assert last > first + 0.15, rewards

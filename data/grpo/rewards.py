@@ -44,3 +44,12 @@ def starts_with_answer(prompts, completions, answer, **kwargs):
         text = completion[-1]["content"] if isinstance(completion, list) else completion
         out.append(1.0 if text.strip().strip("\"'*").lower().startswith(str(expected).lower()) else 0.0)
     return out
+
+
+def mentions_answer(prompts, completions, answer, **kwargs):
+    """1.0 when the reply names the answer anywhere (case ignored)."""
+    out = []
+    for completion, expected in zip(completions, answer):
+        text = completion[-1]["content"] if isinstance(completion, list) else completion
+        out.append(1.0 if str(expected).lower() in text.lower() else 0.0)
+    return out
