@@ -203,8 +203,9 @@ class GrpoSource:
                                  "train.learning_rate or grpo.beta, and check for fp16/bf16 overflow")
         if self.dead_run >= self.g.dead_reward_patience:
             names = ", ".join(r.name for r in self.rewards)
-            what = "every reward was 0" if all_zero else \
-                f"every completion of each prompt got the same reward ({float(groups.mean()):.4g} on average)"
+            what = "every reward was 0" if all_zero else (
+                f"every completion of each prompt got the same reward ({float(groups.mean()):.4g} on average; if "
+                "that is the best score possible, the task is learned and the run can end here)")
             return tracked, Stop("dead_reward", (
                 f"dead reward: {what} on {self.dead_run} steps in a row (grpo.dead_reward_patience="
                 f"{self.g.dead_reward_patience}) up to step {step}, so there was no advantage to learn from. "
