@@ -218,6 +218,31 @@ def test_the_source_resumes_exactly_and_replays_for_iterations(tiny_model_dir):
     assert first.loss_mask.sum() == 2 * 4 * 6
 
 
+def test_out_of_memory_splits_a_group_and_never_changes_it():
+    from overnight.backend import Batch, OutOfMemory
+    from overnight.config import Config
+    from overnight.grpo import sample_group
+
+    class Tight(FakeSampler):  # only one completion fits at a time
+        def sample(self, prompt_ids, seeds, *args):
+            if len(seeds) > 1:
+                raise OutOfMemory("out of memory")
+            return super().sample(prompt_ids, seeds, *args)
+
+    g = Config().grpo
+    g.max_new_tokens = 5
+    said = []
+    whole = sample_group(FakeSampler(), np.array([1, 2]), [7, 8, 9, 10], g, None)
+    assert np.array_equal(sample_group(Tight(), np.array([1, 2]), [7, 8, 9, 10], g, None, said.append), whole)
+    assert said and "same completions" in said[-1]
+    # The training step's split (loop: halve the micro-batch) carries each row's advantage and old log-probs.
+    batch = Batch(np.arange(12).reshape(6, 2).astype(np.int32), np.ones((6, 2), np.float32),
+                  np.ones((6, 2), np.int32), 0, False, np.arange(6, dtype=np.float32), np.zeros((6, 2), np.float32))
+    parts = batch.split(4)
+    assert np.array_equal(np.concatenate([p.advantages for p in parts]), batch.advantages)
+    assert all(p.old_logp.shape == p.input_ids.shape for p in parts)
+
+
 @pytest.mark.parametrize("reward, words", [("length_penalty=1000", "every reward was 0"),
                                            ("regex=.", "every completion of each prompt got the same reward (1")])
 def test_no_advantage_for_patience_steps_stops_the_run(reward, words, tiny_model_dir):
