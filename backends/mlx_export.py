@@ -13,16 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import sys
 from pathlib import Path
 
-from overnight.config import ConfigError
-from overnight.fuse import copy_base_files
-
-
-class ExportRefused(Exception):
-    """A known reason the merge cannot be made: exit 2 with one line."""
+from overnight.fuse import ExportRefused, copy_base_files, run_export_job
 
 
 def export(job: dict) -> dict:
@@ -83,16 +77,5 @@ def export(job: dict) -> dict:
     return result
 
 
-def main(argv: list[str]) -> int:
-    job = json.loads(Path(argv[0]).read_text(encoding="utf-8"))
-    try:
-        result = export(job)
-    except (ExportRefused, ConfigError) as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 2
-    Path(job["result"]).write_text(json.dumps(result), encoding="utf-8")
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(run_export_job(export, sys.argv[1:]))

@@ -16,14 +16,9 @@ import sys
 from pathlib import Path
 
 from overnight.backends import noise
-from overnight.config import ConfigError
-from overnight.fuse import copy_base_files
+from overnight.fuse import ExportRefused, copy_base_files, run_export_job
 
 _SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
-
-
-class ExportRefused(Exception):
-    """A known reason the merge cannot be made: exit 2 with one line."""
 
 
 def checkpoint_dtype(base_dir: Path) -> str:
@@ -79,16 +74,5 @@ def export(job: dict) -> dict:
             "weights": f"{dtype_name}, full precision", "dtype": dtype_name, "copied": copied}
 
 
-def main(argv: list[str]) -> int:
-    job = json.loads(Path(argv[0]).read_text(encoding="utf-8"))
-    try:
-        result = export(job)
-    except (ExportRefused, ConfigError) as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 2
-    Path(job["result"]).write_text(json.dumps(result), encoding="utf-8")
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(run_export_job(export, sys.argv[1:]))

@@ -57,6 +57,25 @@ class Chosen:
     why: str  # how it was chosen, for the summary line
 
 
+class ExportRefused(Exception):
+    """A known reason an exporter (backends/*_export.py) cannot make the merge: exit 2 with one line."""
+
+
+def run_export_job(export, argv: list[str]) -> int:
+    """An exporter child process's main: read the job file, export, write the result file; a refusal (or a
+    config error) is one line on stderr and exit 2, anything else a crash with its traceback (exit 1)."""
+    from .config import ConfigError
+
+    job = json.loads(Path(argv[0]).read_text(encoding="utf-8"))
+    try:
+        result = export(job)
+    except (ExportRefused, ConfigError) as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    Path(job["result"]).write_text(json.dumps(result), encoding="utf-8")
+    return 0
+
+
 def copy_base_files(base_dir: Path, output: Path) -> list[str]:
     """Copy the tokenizer, chat template and generation config of ``base_dir`` into ``output`` as they are (a
     library's save_pretrained would rewrite them, e.g. transformers 5 names a tokenizer class older versions
