@@ -50,7 +50,8 @@ def train(cfg, backend, stream, validator, checkpoints: CheckpointManager, files
           predict: Callable[[int], None] | None = None, notify: Callable[..., None] = lambda *a, **k: None,
           say: Callable[[str], None] = print) -> Outcome:
     t = cfg.train
-    stopper, best = EarlyStopping(cfg.early_stopping), BestTracker()
+    # A source that scores its own steps (grpo) has its own circuit breaker in place of the loss-unchanged rule.
+    stopper, best = EarlyStopping(cfg.early_stopping, stuck_rule=not hasattr(stream, "after_step")), BestTracker()
     step, tokens_seen, elapsed, splits, owed = 0, 0, 0.0, 1, None
     if resume_state:  # everything the uninterrupted run would have had in memory at this step
         step, tokens_seen = resume_state["step"], resume_state["tokens_seen"]

@@ -16,7 +16,8 @@ class EarlyStopping:
 
     Always on, whatever ``enabled`` says, because they mean the run is broken:
       - a non-finite loss stops at once;
-      - a loss that does not change for ``stuck_steps`` steps in a row (circuit breaker).
+      - a loss that does not change for ``stuck_steps`` steps in a row (circuit breaker; grpo has its own,
+        the dead-reward rule of src/grpo.py, instead).
     On when ``enabled``:
       - a gradient norm above ``grad_spike_threshold`` on ``grad_spike_patience`` consecutive steps;
       - a plateau: after ``warmup_steps``, every ``check_every_steps`` the moving average of the
@@ -24,8 +25,9 @@ class EarlyStopping:
         improvement of at least ``min_delta`` stop the run.
     """
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, stuck_rule: bool = True):
         self.cfg = cfg
+        self.stuck_rule = stuck_rule  # off for grpo: its objective is ~0 by construction; dead_reward replaces it
         self.best_avg: float | None = None
         self.best_step: int | None = None
         self.bad_checks = 0
@@ -43,7 +45,7 @@ class EarlyStopping:
         else:
             self.stuck_run = 0
         self.last_loss = loss
-        if self.stuck_run + 1 >= cfg.stuck_steps:
+        if self.stuck_rule and self.stuck_run + 1 >= cfg.stuck_steps:
             return Stop("stuck", f"loss stayed at {loss:.6g} for {cfg.stuck_steps} steps in a row up to step "
                         f"{step}; check that the learning rate is not 0, the adapter is trainable, "
                         "and the data is not one repeated batch")

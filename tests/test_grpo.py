@@ -256,6 +256,17 @@ def test_no_advantage_for_patience_steps_stops_the_run(reward, words, tiny_model
     assert source.after_step(3, _step(float("nan")))[1].code == "non_finite"
 
 
+def test_the_loss_unchanged_rule_is_off_for_a_source_with_its_own_breaker():
+    from overnight.config import EarlyStoppingConfig
+    from overnight.stopping import EarlyStopping
+
+    cfg = EarlyStoppingConfig(stuck_steps=3)
+    plain, grpo = EarlyStopping(cfg), EarlyStopping(cfg, stuck_rule=False)
+    assert [plain.after_step(s, 0.0, 1.0) for s in (1, 2, 3)][-1].code == "stuck"
+    assert [grpo.after_step(s, 0.0, 1.0) for s in (1, 2, 3)] == [None] * 3
+    assert grpo.after_step(4, float("nan"), 1.0).code == "non_finite"
+
+
 def test_a_dead_streak_is_broken_by_one_step_with_an_advantage(tiny_model_dir):
     source, _ = _source(tiny_model_dir, f"{REWARDS}:even_tokens")
     for step in range(1, 6):
