@@ -240,28 +240,7 @@ class TorchBackend:
         instead of (B, T, H). On a large vocabulary the head and its cross-entropy are a large share of the step,
         and most positions (prompts, padding) have no target. Same values as the full logits up to float rounding;
         a model whose head gets anything but (B, T, H) takes the full path."""
-        head = self._model.get_output_embeddings()
-        hits = []
-
-        def gather_targets(module, args):
-            hidden = args[0]
-            if hits or hidden.dim() != 3 or hidden.shape[:2] != ids.shape:
-                return None
-            hits.append(True)
-            return (hidden[:, :-1][sel],) + tuple(args[1:])
-
-        handle = head.register_forward_pre_hook(gather_targets) if head is not None else None
-        try:
-            with self._autocast():
-                logits = self._model(input_ids=ids, attention_mask=attn, use_cache=False).logits
-        finally:
-            if handle is not None:
-                handle.remove()
-        if logits.dim() == 3:  # the full path
-            logits = logits[:, :-1].float()
-            logp = -F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
-            return (logp.view(mask.shape) * mask).sum(dim=1)
-        logp = -F.cross_entropy(logits.float(), ids[:, 1:][sel], reduction="none") * mask[sel]
+        logp = self._target_logps(ids, attn, sel) * mask[sel]
         return torch.zeros(ids.shape[0], dtype=logp.dtype, device=logp.device).index_add_(0, sel[0], logp)
 
     def _target_logps(self, ids: torch.Tensor, attn: torch.Tensor, sel: tuple[torch.Tensor, ...]) -> torch.Tensor:
