@@ -54,6 +54,10 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from overnight.backends.noise import hide_loading_bars
+
+hide_loading_bars()  # the before/after table reads a local folder: no loading bar in it
+
 run = Path(sys.argv[1])
 cfg = yaml.safe_load((run / "config.yaml").read_text())
 rows = [json.loads(line) for line in (run / "predictions.jsonl").read_text().splitlines() if line.strip()]
