@@ -361,12 +361,14 @@ def test_bad_grpo_input_exits_2_naming_the_place(rows, extra, words, tiny_model_
 
 # -- exact resume under SIGKILL ------------------------------------------------------------------------
 
+# The path users run: the default 4-bit base and LoRA dropout (0.05), evals off the checkpoint grid.
+DEFAULT_PATH = ["--set", "model.quantization.bits=4", "--set", "lora.dropout=0.05"]
 KILL_SETTINGS = {
     # torch: two micro-batches a step and two optimizer steps per generated batch (the replayed batches travel
     # in the checkpoint), with the KL term on.
     "torch": (12, ["--set", "train.grad_accumulation=2", "--set", "grpo.iterations=2", "--set", "grpo.beta=0.05",
-                   "--set", "train.batch_size=2"]),
-    "mlx": (8, ["--set", "train.batch_size=2", "--set", "grpo.beta=0.05"]),
+                   "--set", "train.batch_size=2", *DEFAULT_PATH]),
+    "mlx": (8, ["--set", "train.batch_size=2", "--set", "grpo.beta=0.05", *DEFAULT_PATH]),
 }
 
 
@@ -426,16 +428,19 @@ def test_grpo_resume_after_random_sigkills_is_exact(backend, tiny_model_dir, tmp
 # -- the real model -------------------------------------------------------------------------------------
 
 def _smollm2() -> Path | None:
-    path = ROOT / "runs" / "smollm2-135m"
-    return path if (path / "config.json").is_file() else None
+    """The converted model where `overnight models get smollm2-135m` puts it (.ci/run does), or runs/smollm2-135m."""
+    from overnight import models
+
+    cached = models.cache_dir() / "models" / models.MODELS["smollm2-135m"].folder_name
+    return next((p for p in (cached, ROOT / "runs" / "smollm2-135m") if (p / "config.json").is_file()), None)
 
 
 @pytest.mark.slow
 @pytest.mark.realmodel
 @needs_torch
 @pytest.mark.torch
-@pytest.mark.skipif(_smollm2() is None, reason="SmolLM2 is not on this machine (overnight models get smollm2-135m "
-                    "--output runs/smollm2-135m)")
+@pytest.mark.skipif(_smollm2() is None,
+                    reason="SmolLM2 is not on this machine (overnight models get smollm2-135m, as .ci/run does)")
 def test_real_model_mean_reward_rises_on_a_verifiable_task(tmp_path):
     """SmolLM2-135M-Instruct asked for capitals in one word, with 7 new tokens: the reward (data/grpo/rewards.py:
     mentions_answer) is 1 when the reply names the capital, which its habitual "The capital of X is Y." often does
