@@ -595,7 +595,7 @@ class MLXBackend:
                 raise
             if before is not None:
                 self._restore(before)
-            del acc, loss_sum  # drop the step's buffers before handing the cache back
+            acc = loss_sum = None  # drop the step's buffers before handing the cache back
             mx.clear_cache()
             raise OutOfMemory(str(exc)) from exc
         self.updates += 1

@@ -86,7 +86,6 @@ def _config(model_dir, loss_type: str, iterations: int):
 
 def _completions_batch(vocab: int):
     """Fixed rows: prompts of 3..6 tokens, completions of 2..12, right-padded; advantages of two groups."""
-    from overnight.backend import Batch
     from overnight.data import collate
 
     rng = np.random.default_rng(5)
