@@ -30,6 +30,7 @@ class Timeline:
     checkpoints: list[int] = field(default_factory=list)
     ooms: list[tuple[int, int | None]] = field(default_factory=list)
     resumes: list[int] = field(default_factory=list)
+    backend_moves: list[tuple[int, str]] = field(default_factory=list)  # (step, backend) of --allow-backend-change
     stop: dict | None = None
     end: dict | None = None
     last: dict | None = None  # the newest line of any kind: how the record ends
@@ -93,6 +94,9 @@ def build_timeline(records: list[dict]) -> Timeline:
             t.ooms = [(s, n) for s, n in t.ooms if s <= at]
             t.stop = t.stop if t.stop and t.stop["step"] <= at else None
             t.resumes.append(at)
+            t.backend_moves = [m for m in t.backend_moves if m[0] < at]
+            if isinstance(r.get("backend_change"), dict) and r["backend_change"].get("to"):
+                t.backend_moves.append((at, r["backend_change"]["to"]))
             t.end = None
         elif event == "start":
             t.start = r
@@ -155,7 +159,9 @@ def _fmt(value, digits: int = 4) -> str:
 
 
 def summary(run_dir: Path, t: Timeline) -> list[str]:
-    lines = [f"run: {run_dir}" + (f" (backend {t.start['backend']})" if t.start and t.start.get("backend") else "")]
+    backend = t.start.get("backend") if t.start else None
+    backend = backend and backend + "".join(f" -> {to} at step {at}" for at, to in t.backend_moves)
+    lines = [f"run: {run_dir}" + (f" (backend {backend})" if backend else "")]
     steps = max([*t.train, *t.evals, *t.checkpoints], default=None)
     max_steps = _max_steps(run_dir)
     lines.append(f"steps: {steps if steps is not None else 'none yet'}"

@@ -132,6 +132,9 @@ def test_ten_steps_on_one_backend_then_ten_on_the_other_match_twenty_on_the_othe
     resume = [r for r in read_metrics(moved) if r["event"] == "resume"][-1]
     assert resume["from_step"] == 10 and resume["backend_change"]["from"] == source
     assert "dropout" in resume["backend_change"]["rng"]
+    report = subprocess.run([sys.executable, "-m", "overnight", "report", str(moved), "--output",
+                             str(tmp_path / "r.png")], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert f"(backend {source} -> {target} at step 10)" in report.stdout, report.stdout + report.stderr
 
     # The final adapter is in the target engine's own format, and its library loads it; so is a best checkpoint
     # from before the switch (the other backend wrote it): the export converts it.
