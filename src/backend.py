@@ -42,6 +42,10 @@ class Batch:
     # per-token log-probs (B, T, aligned like loss_mask) of the policy that sampled it.
     advantages: np.ndarray | None = None
     old_logp: np.ndarray | None = None
+    # The key of this micro-batch's dropout masks, a pure function of (seed, step, place in the whole step) set by
+    # the loop (noise_seed): the backend reseeds its dropout from it before the micro-batch's forward, so which
+    # process of a data-parallel job runs it, an OOM split before it, or a resume cannot change its masks.
+    noise_seed: int | None = None
 
     @property
     def num_rows(self) -> int:
@@ -64,10 +68,17 @@ class Batch:
 
         return [
             Batch(self.input_ids[a:b], self.loss_mask[a:b], self.attention_mask[a:b], self.pad_id, self.paired,
-                  rows(self.advantages, a, b), rows(self.old_logp, a, b))
-            for a, b in zip(bounds[:-1], bounds[1:])
+                  rows(self.advantages, a, b), rows(self.old_logp, a, b),
+                  None if self.noise_seed is None else noise_seed(self.noise_seed, part))
+            for part, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))
             if b > a
         ]
+
+
+def noise_seed(*key: int) -> int:
+    """A 63-bit seed that is a pure function of ``key`` (e.g. seed, step, micro-batch index): torch.manual_seed and
+    mx.random.seed both take it."""
+    return int(np.random.SeedSequence([int(k) for k in key]).generate_state(1, np.uint64)[0] >> np.uint64(1))
 
 
 @dataclass
@@ -90,15 +101,49 @@ class OutOfMemory(RuntimeError):
     """Raised by a backend when a step ran out of device memory; the loop halves the micro-batch."""
 
 
+class PeerLost(RuntimeError):
+    """A collective of a data-parallel job failed or timed out: another process of the job died, was killed or
+    stopped answering. The message says which collective and after how long; the run ends without saving
+    (the last committed checkpoint is the job's state)."""
+
+
+class Collective(Protocol):
+    """The few collectives the loop needs across the processes of a data-parallel job (src/distributed.py), each a
+    call every process makes at the same point. Values are float64 vectors of the same length on every rank."""
+
+    rank: int
+    size: int
+
+    def all_sum(self, values: np.ndarray) -> np.ndarray:
+        """Elementwise sum over all ranks; the same result on every rank."""
+
+    def all_max(self, values: np.ndarray) -> np.ndarray:
+        """Elementwise max over all ranks; the same result on every rank."""
+
+    def broadcast(self, values: np.ndarray) -> np.ndarray:
+        """Rank 0's values, on every rank."""
+
+    def barrier(self) -> None:
+        """Returns once every rank has called it."""
+
+
 class Backend(Protocol):
     name: str
 
     def setup(self, cfg: Any, seed: int) -> SetupInfo:
         """Load model, quantize if asked, attach LoRA, build the optimizer. ``cfg`` is overnight.config.Config."""
 
-    def train_step(self, micro_batches: list[Batch], lr: float) -> StepResult:
+    def train_step(self, micro_batches: list[Batch], lr: float,
+                   step_scales: tuple[float, float, int] | None = None) -> StepResult:
         """One optimizer update: accumulate gradients over ``micro_batches`` (token-weighted),
-        clip to cfg.train.max_grad_norm, step AdamW with learning rate ``lr``."""
+        clip to cfg.train.max_grad_norm, step AdamW with learning rate ``lr``.
+
+        ``step_scales``: objectives.step_scales over the whole step's micro-batches, all ranks together (None:
+        over ``micro_batches``). Connected to a job of several processes (``connect``), the backend sums the
+        LoRA gradients, the loss sums and an out-of-memory flag over the ranks in one all-reduce after its
+        local backward passes, then clips and steps: loss and grad_norm are the whole step's, the same on
+        every rank, and an OOM on any rank raises OutOfMemory on every rank with the weights untouched.
+        Batches carrying ``noise_seed`` reseed dropout from it before their forward."""
 
     def eval_loss(self, batch: Batch) -> tuple[float, int]:
         """(sum of target-token losses, number of target tokens), without gradients."""
@@ -122,6 +167,12 @@ class Backend(Protocol):
 
     def versions(self) -> dict[str, str]:
         """Library versions, recorded in each checkpoint manifest."""
+
+    def connect(self, timeout_s: float) -> Collective:
+        """Join the data-parallel job its launcher started (torchrun / accelerate: RANK, WORLD_SIZE, LOCAL_RANK,
+        MASTER_ADDR; mlx.launch: MLX_RANK, MLX_HOSTFILE) through the framework's own runtime, before ``setup``;
+        setup then puts the model on this rank's device. A collective that does not complete within
+        ``timeout_s`` (or fails because a peer died) raises PeerLost. Called only when launched so."""
 
     def portable_state(self) -> PortableState:
         """The LoRA weights and AdamW moments in the backend-neutral layout (src/portable.py, SPEC §13); the
