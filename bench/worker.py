@@ -61,9 +61,9 @@ def run_overnight(spec: dict) -> dict:
 
     original_step = cls.train_step
 
-    def train_step(self, micro_batches, lr):
+    def train_step(self, micro_batches, lr, step_scales=None):
         t0 = _now()
-        result = original_step(self, micro_batches, lr)
+        result = original_step(self, micro_batches, lr, step_scales)
         t1 = _now()
         rec["step_starts"].append(t0)
         rec["step_ends"].append(t1)

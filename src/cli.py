@@ -127,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--allow-backend-change", action="store_true",
                    help="resume a run made with the other backend (mlx <-> torch) from its portable checkpoint")
     t.add_argument("--quiet", action="store_true", help="no progress line")
+    t.add_argument("--devices", type=int, metavar="N", help="data parallel on this machine: start N processes "
+                   "(torchrun for torch, one per GPU; mlx.launch's ring for mlx); same as launching it yourself")
     t.set_defaults(func=cmd_train)
 
     c = sub.add_parser("checkpoints", help="list checkpoints: step, validity, val loss, score, best")
@@ -199,7 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     from .data import DataError
 
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    args.train_argv = argv[1:] if argv and argv[0] == "train" else []  # what --devices hands to the launcher
     try:
         return args.func(args)
     except (ConfigError, UsageError, BackendUnavailable, DataError) as exc:

@@ -62,6 +62,10 @@ class TrainConfig:
     optimizer: str = "adamw"  # adamw | paged_adamw_8bit (torch on CUDA only)
     seed: int = 42
     report_every: int = 10  # steps between metrics.jsonl train lines and heartbeat rewrites
+    # Data parallel (torchrun / mlx.launch): a collective waiting longer than this means another process of the job
+    # died or hangs, and every process stops with a message instead of waiting forever. Above the longest gap
+    # between two steps (rank 0 writing predictions or a checkpoint while the others wait).
+    collective_timeout_s: float = 600.0
 
 
 @dataclass
@@ -313,6 +317,9 @@ def validate(cfg: Config) -> Config:
     for key in non_negative:
         if cfg.get(key) < 0:
             raise ConfigError(f"config key '{key}' must not be negative, got {cfg.get(key)}")
+    if not cfg.train.collective_timeout_s > 0:
+        raise ConfigError(f"config key 'train.collective_timeout_s' must be above 0 seconds, got "
+                          f"{cfg.train.collective_timeout_s}")
     if not 0.0 <= cfg.lora.dropout < 1.0:
         raise ConfigError(f"config key 'lora.dropout' must be in [0, 1), got {cfg.lora.dropout}")
     if cfg.lora.layers == 0 or cfg.lora.layers < -1:

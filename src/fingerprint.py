@@ -39,11 +39,14 @@ def _file_digest(path: Path | None) -> str | None:
     return sha256_file(path) if path is not None else None
 
 
-def compute(cfg: Config, train_file: Path, val_file: Path | None, backend: str | None = None) -> dict:
+def compute(cfg: Config, train_file: Path, val_file: Path | None, backend: str | None = None,
+            world_size: int = 1) -> dict:
     """``backend`` (the Backend's ``name``) is recorded so a resume on another backend is refused before
-    the model is loaded; it is checked on its own (resume.check_backend), not by differences()."""
+    the model is loaded; it is checked on its own (resume.check_backend), not by differences().
+    ``world_size``: the processes of a data-parallel job; what must not change is the global batch."""
     keys = [key for key in TRAINING_KEYS if key not in NOT_COMPARED]
     return {
+        "world_size": world_size,
         "model": _model_identity(cfg.model.path),
         "model_shape": model_shape(cfg.model.path),  # "the same model" across backends (src/portable.py)
         "model_path": cfg.model.path,
@@ -83,6 +86,7 @@ def differences(saved: dict, current: dict, across_backends: bool = False) -> li
     # Checkpoints written before model.path stopped counting still carry it: skip it on both sides.
     old_cfg = {k: v for k, v in saved.get("config", {}).items() if k not in NOT_COMPARED}
     new_cfg = {k: v for k, v in current.get("config", {}).items() if k not in NOT_COMPARED}
+    changes += _global_batch_change(saved.get("world_size", 1), current.get("world_size", 1), old_cfg, new_cfg)
     for key in sorted(set(old_cfg) | set(new_cfg)):
         if across_backends and key in MAY_DIFFER_ACROSS_BACKENDS:
             continue
@@ -97,3 +101,21 @@ def quantization_change(saved: dict, current: dict) -> dict:
     old_cfg, new_cfg = saved.get("config", {}), current.get("config", {})
     return {"from": {key: old_cfg.get(key) for key in MAY_DIFFER_ACROSS_BACKENDS},
             "to": {key: new_cfg.get(key) for key in MAY_DIFFER_ACROSS_BACKENDS}}
+
+
+def _global_batch_change(old_world: int, new_world: int, old_cfg: dict, new_cfg: dict) -> list[str]:
+    """Another number of processes may continue a run when the global batch is the same (the data position is
+    global, src/distributed.py): grad_accumulation x processes is compared, not grad_accumulation alone. Pops
+    train.grad_accumulation from both configs when the process count changed."""
+    if old_world == new_world:
+        return []
+    key = "train.grad_accumulation"
+    old_ga, new_ga = old_cfg.pop(key, 1), new_cfg.pop(key, 1)
+    if old_ga * old_world == new_ga * new_world:
+        return []
+    return [f"global batch: {key} {old_ga} x {old_world} process{'es' if old_world > 1 else ''} = "
+            f"{old_ga * old_world} micro-batches per step -> {new_ga} x {new_world} = {new_ga * new_world}; with "
+            f"{new_world} process{'es' if new_world > 1 else ''} set {key}="
+            + (f"{old_ga * old_world // new_world}" if (old_ga * old_world) % new_world == 0 else
+               f"(impossible: {old_ga * old_world} is not a multiple of {new_world})")
+            + " (train.batch_size unchanged) to continue exactly"]

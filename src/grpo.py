@@ -280,7 +280,8 @@ class GrpoValidator:
         self._chosen = sorted(int(i) for i in _rng(self.cfg.train.seed, _EVAL_STREAM).permutation(len(source))[:want])
 
     def run(self, backend, cancelled: Callable[[], object] = lambda: None,
-            say: Callable[[str], None] = print) -> dict | None:
+            say: Callable[[str], None] = print, world=None) -> dict | None:
+        """grpo runs as one process (run.py refuses it under a launcher), so ``world`` is always Solo here."""
         if not self.enabled or cancelled():
             return None
         if self._rows is None:

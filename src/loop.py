@@ -4,8 +4,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
+
+from . import objectives
 from .backend import Batch, OutOfMemory
 from .checkpoint import CheckpointManager, NonFiniteWeights, export_adapter
+from .distributed import Solo, agreed_flag, agreed_signal, agreed_stop, step_batches
 from .portable import save_resumable
 from .progress import checkpoint_line, eval_line
 from .schedule import lr_at
@@ -27,13 +31,14 @@ class Outcome:
     adapter_from: int | None = None
 
 
-def _train_step_with_oom_fallback(backend, micro: list[Batch], lr: float, splits: int, say) -> tuple:
+def _train_step_with_oom_fallback(backend, micro: list[Batch], lr: float, scales: tuple, splits: int, say) -> tuple:
     """Run one optimizer step; on OOM halve the micro-batch and double accumulation (same effective
-    batch, same data) and try again, down to one row per micro-batch."""
+    batch, same data) and try again, down to one row per micro-batch. In a data-parallel job the backend
+    raises OutOfMemory on every rank when any rank ran out, so all ranks split together."""
     while True:
         pieces = [part for batch in micro for part in batch.split(splits)] if splits > 1 else micro
         try:
-            return backend.train_step(pieces, lr), splits
+            return backend.train_step(pieces, lr, scales), splits
         except OutOfMemory:
             rows = max(p.num_rows // (2 if p.paired else 1) for p in pieces)
             if rows <= 1:
@@ -48,7 +53,10 @@ def _train_step_with_oom_fallback(backend, micro: list[Batch], lr: float, splits
 def train(cfg, backend, stream, validator, checkpoints: CheckpointManager, files, progress, *,
           fingerprint: dict, resume_state: dict | None = None, interrupted: Callable[[], int | None] = lambda: None,
           predict: Callable[[int], None] | None = None, notify: Callable[..., None] = lambda *a, **k: None,
-          say: Callable[[str], None] = print) -> Outcome:
+          say: Callable[[str], None] = print, world=Solo()) -> Outcome:
+    """``world``: this process's place in a data-parallel job (src/distributed.py). Every rank runs this same loop
+    on the same global batches; rank 0 alone writes (files, checkpoints, predictions, the final adapter), and
+    every decision that changes the control flow is agreed, so all ranks reach the same collectives."""
     t = cfg.train
     # A source that scores its own steps (grpo) has its own circuit breaker in place of the loss-unchanged rule.
     stopper, best = EarlyStopping(cfg.early_stopping, stuck_rule=not hasattr(stream, "after_step")), BestTracker()
@@ -63,15 +71,38 @@ def train(cfg, backend, stream, validator, checkpoints: CheckpointManager, files
     last_saved = step
     versions = backend.versions()
 
-    def save_checkpoint(owe: dict | None = None) -> None:
-        state = {"step": step, "tokens_seen": tokens_seen, "elapsed_s": elapsed, "micro_splits": splits,
-                 "early_stopping": stopper.state(), "best": best.state(), "data": stream.state(), "owed": owe,
-                 "report": files.report_state()}  # the W&B run id, so a resume continues the same W&B run
-        path = checkpoints.save(step, lambda folder: save_resumable(backend, folder), state, fingerprint, versions)
-        files.event("checkpoint", step, path=str(path.relative_to(files.dir)))
-        removed = checkpoints.rotate(best.best_step)
-        notify("checkpoint", step=step)
-        say(checkpoint_line(step, best.best_step, removed))
+    def save_checkpoint(owe: dict | None = None) -> bool:
+        """Commit this step (rank 0 writes; weights are the same on every rank). True if saved, False if the
+        weights were not finite; raises what the save raised, on every rank."""
+        world.barrier()  # every rank finished this step, so the checkpoint is the whole job's state
+        outcome = 2.0  # 0 saved, 1 not finite, 2 rank 0's save raised
+        try:
+            if world.rank == 0:
+                state = {"step": step, "tokens_seen": tokens_seen, "elapsed_s": elapsed, "micro_splits": splits,
+                         "early_stopping": stopper.state(), "best": best.state(), "data": stream.state(),
+                         "owed": owe, "world_size": world.size,
+                         "report": files.report_state()}  # the W&B run id, so a resume continues the same W&B run
+                try:
+                    path = checkpoints.save(step, lambda folder: save_resumable(backend, folder), state, fingerprint,
+                                            versions)
+                except NonFiniteWeights:
+                    outcome = 1.0
+                else:
+                    outcome = 0.0
+                    files.event("checkpoint", step, path=str(path.relative_to(files.dir)))
+                    removed = checkpoints.rotate(best.best_step)
+                    notify("checkpoint", step=step)
+                    say(checkpoint_line(step, best.best_step, removed))
+            else:
+                outcome = 0.0
+        finally:  # also when rank 0's save raised: the others must not wait for it until the timeout
+            outcome = float(world.all_max(np.array([outcome]))[0]) if world.size > 1 else outcome
+        if outcome == 2.0:
+            raise TrainingError("rank 0 could not save the checkpoint (its message says why)")
+        if outcome == 1.0:
+            say(f"the weights at step {step} are not finite, so they were not saved; "
+                f"the last good checkpoint is step {last_saved}")
+        return outcome == 0.0
 
     stop: Stop | None = None
     signal_code = None
@@ -80,17 +111,20 @@ def train(cfg, backend, stream, validator, checkpoints: CheckpointManager, files
             stop, eval_due, owed = Stop(**owed["stop"]) if owed["stop"] else None, validator.enabled, None
             say(f"running the evaluation of step {step} that the interruption skipped")
         else:
-            micro = [stream.next_batch() for _ in range(t.grad_accumulation)]
+            # The whole step's micro-batches from the one data order; this rank trains its share of them with
+            # the whole step's normalisers (src/distributed.py), so a step is the same on any number of ranks.
+            whole, micro = step_batches(stream, t.grad_accumulation, world, step, t.seed)
+            scales = objectives.step_scales(cfg.data.method, whole)
             lr = lr_at(step, t)
             progress.step_started()
-            result, new_splits = _train_step_with_oom_fallback(backend, micro, lr, splits, say)
+            result, new_splits = _train_step_with_oom_fallback(backend, micro, lr, scales, splits, say)
             if new_splits != splits:
                 files.event("oom", step, micro_splits=new_splits)
                 notify("oom", step=step, micro_splits=new_splits)
                 splits = new_splits
             step_time = progress.step_finished()  # eval and save time never enter the ETA
             step += 1
-            tokens_seen += result.tokens
+            tokens_seen += sum(batch.num_target_tokens for batch in whole) if world.size > 1 else result.tokens
             elapsed += step_time
             # A source that scores its own steps (grpo: rewards, the dead-reward breaker) names the loss the run
             # tracks (loss_avg, plateau, checkpoint score) and may stop it; otherwise that is the step's loss.
@@ -109,6 +143,7 @@ def train(cfg, backend, stream, validator, checkpoints: CheckpointManager, files
             stop = source_stop or stopper.after_step(step, tracked, result.grad_norm)
             if stop is None and stopper.check_due(step):
                 stop = stopper.check_plateau(step, best.loss_avg())
+            stop = agreed_stop(world, stop)
             # Validate on schedule and at the last step (max_steps, or a plateau stop) so the final weights
             # compete for best; never the weights of a broken run (non-finite, stuck, spiking).
             eval_due = validator.enabled and (stop is None or stop.code == "plateau") and (
@@ -117,35 +152,32 @@ def train(cfg, backend, stream, validator, checkpoints: CheckpointManager, files
         new_best, owe = False, None
         if eval_due:
             try:  # a pending signal skips or cuts it short: a spot instance gives ~30 s, an eval can take minutes
-                evaluation = validator.run(backend, cancelled=interrupted, say=say)
+                evaluation = validator.run(backend, cancelled=lambda: agreed_signal(world, interrupted()),
+                                           say=say, world=world)
             except TrainingError:  # validation cannot fit even one row: keep this step's work, owe its eval
                 if last_saved != step:
                     save_checkpoint({"stop": stop and vars(stop)})
                 raise
-            if evaluation is None and interrupted():
+            if evaluation is None and agreed_signal(world, interrupted()):
                 owe = {"stop": stop and vars(stop)}  # the resumed run does this eval first, then the same stop
                 say(f"interrupted: the evaluation of step {step} is skipped now and runs first on resume")
             elif evaluation:
                 scores = best.score(evaluation["val_loss"])
-                new_best = best.offer(step, scores["score"], evaluation["val_loss"])
+                new_best = agreed_flag(world, best.offer(step, scores["score"], evaluation["val_loss"]))
                 files.event("eval", step, **evaluation, **scores, best=new_best)
                 say(eval_line(step, evaluation, scores["score"], new_best, best.best_step))
                 notify("eval", step=step, val_loss=evaluation["val_loss"], best=new_best)
                 if predict and not interrupted():  # non-critical: not owed when a signal came during the eval
                     predict(step)
 
-        signal_code = interrupted()
+        signal_code = agreed_signal(world, interrupted())
         # Save on schedule, at the end, at every stop, on a signal, and whenever a new best appears (so the
         # best is always a real checkpoint, whatever the checkpoint interval); not again at the step resumed
         # from (after an owed eval): that checkpoint plus the owed eval is this very state.
         if last_saved != step and (step % cfg.checkpoint.every_steps == 0 or step == t.max_steps or stop
                                    or signal_code or (new_best and cfg.checkpoint.keep_best)):
-            try:
-                save_checkpoint(owe)
+            if save_checkpoint(owe):
                 last_saved = step
-            except NonFiniteWeights:
-                say(f"the weights at step {step} are not finite, so they were not saved; "
-                    f"the last good checkpoint is step {last_saved}")
         if stop and not owe:  # with an eval owed, the stop is carried over to the resumed run
             say(f"stopping early: {stop.message}")
             files.event("stop", step, reason=stop.code, message=stop.message)
@@ -157,10 +189,12 @@ def train(cfg, backend, stream, validator, checkpoints: CheckpointManager, files
 
     # The final adapter: the best-scored checkpoint when it is still there, else the newest good one.
     chosen = None
-    if best.best_step is not None:  # verified again (and quarantined if it rotted): never export a corrupted copy
+    if world.rank != 0:
+        pass  # rank 0 exports it
+    elif best.best_step is not None:  # verified again (and quarantined if it rotted): never export a corrupted copy
         found = checkpoints.latest_valid(at_step=best.best_step)
         chosen = found.step if found else None
-    if chosen is None:
+    if chosen is None and world.rank == 0:
         latest = checkpoints.latest_valid()
         chosen = latest.step if latest else None
     if chosen is not None:

@@ -6,24 +6,33 @@ import json
 import os
 import signal
 import sys
+import time
 import traceback
 from pathlib import Path
 
+import numpy as np
+
+from . import distributed
 from . import fingerprint as fp
 from . import lock, portable, resume
-from .backend import BackendUnavailable, get_backend
+from .backend import BackendUnavailable, PeerLost, get_backend
 from .checkpoint import CheckpointError, CheckpointManager
 from .config import ConfigError, build_config, dump_config
-from .errors import EXIT_CRASH, EXIT_OK, ResumeRefused, UsageError
+from .errors import EXIT_CRASH, EXIT_OK, EXIT_USAGE, ResumeRefused, UsageError
 from .cloud import KeepAwake, runpod_warning
 from .notify import Notifier
 from .reporting import open_reporter
 from .rundir import RunFiles
 
 
+_SILENT: list[bool] = []  # set in the processes of a data-parallel job other than rank 0: one voice per job
+
+
 def say(message: str) -> None:
     """Print for the person reading the log. Console output is non-critical (SPEC §8): when stdout's reader
     went away (`overnight ... | head`, a closed terminal), the rest goes to /dev/null and the work goes on."""
+    if _SILENT:
+        return
     try:
         print(message, flush=True)
     except BrokenPipeError:
@@ -43,20 +52,29 @@ class SignalFlag:
     A second signal aborts at once without saving: ``on_abort(code)`` records it and ends the process
     with os._exit, so no exception can surface half-way through a save or an atexit handler."""
 
-    def __init__(self, on_abort):
+    def __init__(self, on_abort, relay_window_s: float = 0.0):
         self.code = None
         self.on_abort = on_abort
+        # Under a launcher one Ctrl-C arrives twice (from the terminal, and relayed by torchrun): a repeat within
+        # this window is that same signal, not the second one that aborts.
+        self.relay_window_s = relay_window_s
+        self._first = 0.0
 
     def __call__(self) -> int | None:
         return self.code
 
     def _handle(self, signum, frame):
+        if self.code is not None and time.monotonic() - self._first < self.relay_window_s:
+            return
         if self.code is not None:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, signal.SIG_IGN)
             self.on_abort(128 + signum)
             return
         self.code = 128 + signum
+        self._first = time.monotonic()
+        if _SILENT:
+            return
         _stderr(f"\nreceived {signal.Signals(signum).name}: finishing this step and saving a checkpoint "
                 "(send it again to abort without saving)")
 
@@ -151,20 +169,29 @@ def banner(cfg, info, report, run_dir: Path, resumed_from: int | None) -> list[s
     return lines
 
 
-def refuse_multi_process_launch(environ=os.environ) -> None:
-    """Data parallel (SPEC §12) is not built yet: under torchrun or mlx.launch every process would train the
-    whole run on its own and all but one would find the run directory locked. Say so before anything starts."""
-    for key, launcher in (("WORLD_SIZE", "torchrun / accelerate launch"), ("MLX_WORLD_SIZE", "mlx.launch")):
-        value = environ.get(key, "1").strip()
-        if value.isdigit() and int(value) > 1:
-            raise UsageError(f"started by {launcher} with {key}={value}, but data-parallel training is not built yet "
-                             "(README, 'Not built yet'): run `overnight train` as one process")
+def relaunch_on_devices(args, backend_name: str, argv: list[str]) -> None:
+    """`overnight train --devices N`: replace this process by the backend's launcher running N of them."""
+    devices = getattr(args, "devices", None) or 1
+    if devices < 1:
+        raise UsageError(f"--devices {devices}: give the number of processes (GPUs, or Macs' processes), 1 or more")
+    if devices == 1 or distributed.launcher():
+        return
+    command = distributed.launch_command(backend_name, devices, distributed.without_devices_flag(argv))
+    say(f"starting {devices} processes: {' '.join(command)}")
+    sys.stdout.flush()
+    try:
+        os.execv(command[0], command)
+    except OSError as exc:
+        raise UsageError(f"--devices {devices}: could not start {command[0]} ({exc.strerror or exc})") from None
 
 
 def run_train(args, flags: dict) -> int:
     from . import data
 
-    refuse_multi_process_launch()
+    launched = distributed.launcher()
+    if distributed.env_rank() != 0:  # rank 0 speaks for the job; the others stay quiet unless they fail
+        _SILENT.append(True)
+        args.quiet = True
     cfg = build_config(Path(args.config) if args.config else None, flags, args.set)
     if not cfg.model.path:
         raise ConfigError("no model given: pass --model PATH_OR_ID or set model.path in the config")
@@ -186,22 +213,41 @@ def run_train(args, flags: dict) -> int:
         from .rewards import load_rewards
 
         check_reward_fields([train_file, val_file], load_rewards(cfg))
+        if launched or (getattr(args, "devices", None) or 1) > 1:
+            raise UsageError("grpo trains as one process for now (its sampling is not sharded across processes): "
+                             "run it without --devices / a launcher")
     run_dir = output_dir(cfg)
     backend = get_backend(cfg.backend, announce=say)  # imports the framework, loads no model
+    relaunch_on_devices(args, backend.name, getattr(args, "train_argv", []))
+    world = distributed.join(backend, timeout_s=cfg.train.collective_timeout_s)
+    if world.rank != 0:  # rank 0 owns RUN_DIR (lock, files, checkpoints); this rank follows its decisions
+        return _guarded(args, cfg, run_dir, backend, data, train_file, val_file, tokenizer, report, world)
 
     create_output_dir(run_dir)
     fd = lock.acquire(run_dir)  # from here to exit this process alone touches RUN_DIR
     try:
-        return _locked(args, cfg, run_dir, backend, data, train_file, val_file, tokenizer, report)
+        return _guarded(args, cfg, run_dir, backend, data, train_file, val_file, tokenizer, report, world)
+    finally:
+        lock.release(fd)
+
+
+def _guarded(args, cfg, run_dir, backend, data, *rest) -> int:
+    from .loop import TrainingError
+
+    world = rest[-1]
+    try:
+        return _locked(args, cfg, run_dir, backend, data, *rest)
+    except PeerLost as exc:
+        raise TrainingError(f"{exc}; {crash_note(run_dir)}") from None
     except Exception as exc:
         if isinstance(exc, _expected_errors(data)):
             raise
         traceback.print_exc()
-        print(f"overnight crashed unexpectedly; {crash_note(run_dir)}. Please report the traceback above.",
+        who = f" (rank {world.rank} of {world.size})" if world.size > 1 else ""
+        print(f"overnight crashed unexpectedly{who}; {crash_note(run_dir)}. Please report the traceback above.",
               file=sys.stderr, flush=True)
         return EXIT_CRASH
-    finally:
-        lock.release(fd)
+
 
 
 def _expected_errors(data) -> tuple:
@@ -212,14 +258,59 @@ def _expected_errors(data) -> tuple:
             CheckpointError)
 
 
-def _locked(args, cfg, run_dir, backend, data, train_file, val_file, tokenizer, report) -> int:
+class _NoFiles:
+    """The run files of a rank other than 0: rank 0 writes the job's one metrics.jsonl and heartbeat."""
+
+    reporter = None
+
+    def __init__(self, run_dir: Path):
+        self.dir = run_dir
+
+    def event(self, *args, **fields) -> None:
+        pass
+
+    heartbeat = event
+
+    def report_state(self) -> dict:
+        return {}
+
+
+def _resume_plan(args, run_dir, checkpoints, world) -> tuple:
+    """(checkpoint to resume from or None, exit code if there is nothing to do). Rank 0 decides (it may archive
+    or clean up files) and tells the others; when its decision raised, the others hear so and leave quietly."""
+    leader = world.rank == 0
+    if leader:
+        try:
+            # Under a launcher no process reads the terminal: an existing run needs --auto-resume or --fresh.
+            resume_from = resume.decide_resume(args, run_dir, checkpoints, say, **(
+                {"interactive": lambda: False} if world.size > 1 else {}))
+        except BaseException:
+            world.broadcast(np.array([-2.0]))
+            raise
+        world.broadcast(np.array([-1.0 if resume_from is None else float(resume_from.step)]))
+        return resume_from
+    step = int(world.broadcast(np.array([0.0]))[0])
+    if step == -2:
+        raise _LeaderFailed()
+    return None if step < 0 else checkpoints.latest_valid(at_step=step, read_only=True)
+
+
+class _LeaderFailed(Exception):
+    """Rank 0 stopped before training (its message says why); the other ranks end quietly with exit 2."""
+
+
+def _locked(args, cfg, run_dir, backend, data, train_file, val_file, tokenizer, report, world) -> int:
     from .loop import train
     from .progress import Progress
     from .validate import Validator
 
+    leader = world.rank == 0
     checkpoints = CheckpointManager(run_dir, cfg.checkpoint.keep_last, cfg.checkpoint.keep_best, log=say)
-    resume_from = resume.decide_resume(args, run_dir, checkpoints, say)
-    fingerprint = fp.compute(cfg, train_file, val_file, backend=backend.name)
+    try:
+        resume_from = _resume_plan(args, run_dir, checkpoints, world)
+    except _LeaderFailed:
+        return EXIT_USAGE
+    fingerprint = fp.compute(cfg, train_file, val_file, backend=backend.name, world_size=world.size)
     resume_state, overridden = None, []
     if resume_from is not None:
         saved = checkpoints.manifest(resume_from.path)["fingerprint"]
@@ -235,12 +326,15 @@ def _locked(args, cfg, run_dir, backend, data, train_file, val_file, tokenizer, 
         checkpoints.protected.add(resume_from.step)
         checkpoints.last_committed = resume_from.step
 
-    cloud_warning = runpod_warning(run_dir)
+    cloud_warning = runpod_warning(run_dir) if leader else None
     if cloud_warning:
         say(cloud_warning)
-    files = RunFiles(run_dir, warn=say, reporter=open_reporter(cfg, run_dir, resume_state, warn=say, say=say))
-    notify = Notifier(cfg.notify.webhook_url)
-    awake = KeepAwake(cfg.output.keep_awake, warn=say)
+    if leader:
+        files = RunFiles(run_dir, warn=say, reporter=open_reporter(cfg, run_dir, resume_state, warn=say, say=say))
+        notify = Notifier(cfg.notify.webhook_url)
+    else:
+        files, notify = _NoFiles(run_dir), Notifier("")
+    awake = KeepAwake(cfg.output.keep_awake if leader else False, warn=say)
     awake.start()
     try:
         info = backend.setup(cfg, cfg.train.seed)
@@ -267,7 +361,7 @@ def _locked(args, cfg, run_dir, backend, data, train_file, val_file, tokenizer, 
             validator = Validator(
                 (lambda: data.eval_batches(val_file, tokenizer, cfg, cfg.eval.max_batches, eval_batch_size))
                 if val_file else None)
-        if val_file and cfg.eval.predictions > 0 and predict is None:
+        if val_file and cfg.eval.predictions > 0 and predict is None and leader:
             prompts = data.prediction_prompts(val_file, tokenizer, cfg, cfg.eval.predictions)
             predict = _predictor(backend, tokenizer, prompts, cfg.eval.max_new_tokens, run_dir)
         if resume_from is not None:
@@ -285,7 +379,9 @@ def _locked(args, cfg, run_dir, backend, data, train_file, val_file, tokenizer, 
                     f"--allow-config-change cannot carry this change ({'; '.join(overridden)}): the checkpoint at "
                     f"step {resume_from.step} does not load into the changed setup ({exc.__class__.__name__}: "
                     f"{str(exc)[:300]}). Undo the change, or start over with --fresh") from None
-            checkpoints.set_aside_after(resume_from.step)  # --resume-from / --before-step: a new timeline
+            if leader:
+                checkpoints.set_aside_after(resume_from.step)  # --resume-from / --before-step: a new timeline
+            world.barrier()  # every rank has loaded the checkpoint before any trains on
             say(f"resuming from step {resume_from.step} ({resume_from.path})")
             moved = None
             if moved_from:
@@ -307,7 +403,8 @@ def _locked(args, cfg, run_dir, backend, data, train_file, val_file, tokenizer, 
             files.event("start", 0, backend=backend.name, trainable_params=info.trainable_params,
                         total_params=info.total_params)
             notify("job_started", run_dir=str(run_dir))
-        dump_config(cfg, run_dir / "config.yaml")
+        if leader:
+            dump_config(cfg, run_dir / "config.yaml")
 
         start_step = resume_state["step"] if resume_state else 0
         progress = Progress(cfg.train.max_steps, start_step, enabled=not args.quiet)
@@ -326,13 +423,13 @@ def _locked(args, cfg, run_dir, backend, data, train_file, val_file, tokenizer, 
             _stderr(f"\naborted without saving; {checkpoint_note(checkpoints.last_committed)}")
             os._exit(code)
 
-        flag = SignalFlag(abort)
+        flag = SignalFlag(abort, relay_window_s=3.0 if world.size > 1 else 0.0)
         flag.install()
         files.heartbeat(start_step)
         try:
             outcome = train(cfg, backend, stream, validator, checkpoints, files, progress, fingerprint=fingerprint,
                             resume_state=resume_state, interrupted=flag, predict=predict, notify=notify,
-                            say=progress.write)
+                            say=progress.write if leader else (lambda message: None), world=world)
         except Exception as exc:
             ended.append("failed")
             progress.close()
@@ -362,5 +459,6 @@ def _locked(args, cfg, run_dir, backend, data, train_file, val_file, tokenizer, 
         return EXIT_OK
     finally:
         awake.stop()
-        files.reporter.close(1 if sys.exc_info()[0] is not None else 0)
+        if files.reporter is not None:
+            files.reporter.close(1 if sys.exc_info()[0] is not None else 0)
         notify.close()

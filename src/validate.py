@@ -4,7 +4,10 @@ from __future__ import annotations
 import math
 from typing import Callable
 
+import numpy as np
+
 from .backend import Batch, OutOfMemory
+from .distributed import Solo, eval_share
 from .loop import TrainingError
 
 
@@ -32,21 +35,30 @@ class Validator:
         return self._make_batches is not None
 
     def run(self, backend, cancelled: Callable[[], object] = lambda: None,
-            say: Callable[[str], None] = print) -> dict | None:
+            say: Callable[[str], None] = print, world=Solo()) -> dict | None:
         """{"val_loss", "val_ppl", "val_tokens"}; None without a validation file, without any target token,
-        or when ``cancelled()`` turns true between batches (a signal: the caller saves at once)."""
+        or when ``cancelled()`` turns true between batches (a signal: the caller saves at once).
+
+        In a data-parallel job (``world``) each rank scores every size-th batch and the sums are added up, so
+        the value is the single-process one up to float rounding; ``cancelled`` must then be a collective
+        (asked once per round on every rank), so all ranks give up at the same batch."""
         if self._make_batches is None or cancelled():
             return None
         if self._batches is None:
             self._batches = self._make_batches()
             self._parts = [1] * len(self._batches)
         total_loss, total_tokens = 0.0, 0
-        for i in range(len(self._batches)):
+        for i in eval_share(len(self._batches), world):
             if cancelled():
                 return None
+            if i is None:  # this rank has no batch in the last round
+                continue
             loss_sum, tokens = self._loss(backend, i, say)
             total_loss += loss_sum
             total_tokens += tokens
+        if world.size > 1:
+            total_loss, total_tokens = world.all_sum(np.array([total_loss, total_tokens], dtype=np.float64))
+            total_loss, total_tokens = float(total_loss), int(round(total_tokens))
         if total_tokens == 0:
             return None
         val_loss = total_loss / total_tokens

@@ -66,12 +66,12 @@ def _recording(base: type) -> type:
             super().load(directory)
             self._rec_step = json.loads((Path(directory) / "trainer_state.json").read_text())["step"]
 
-        def train_step(self, micro_batches, lr):
+        def train_step(self, micro_batches, lr, step_scales=None):
             if self._rec_step + 1 == int(os.environ.get("OVERNIGHT_TEST_KILL_BEFORE_STEP", "0") or 0):
                 os.kill(os.getpid(), signal.SIGKILL)  # a deterministic crash: after step N-1's eval and save, if any
             if self._rec_sleep:
                 time.sleep(self._rec_sleep)
-            result = super().train_step(micro_batches, lr)
+            result = super().train_step(micro_batches, lr, step_scales)
             self._rec_step += 1
             if self._rec_path:
                 batches = _PENDING[:]

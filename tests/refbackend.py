@@ -70,8 +70,9 @@ class NumpyBackend:
         h = self.E[prev]
         keep = np.ones_like(h)
         p = self.cfg.lora.dropout
-        if train and p > 0:
-            keep = (self.rng.random(h.shape) >= p) / (1 - p)
+        if train and p > 0:  # keyed like the real backends when the loop gives a key (Batch.noise_seed)
+            rng = self.rng if batch.noise_seed is None else np.random.default_rng(batch.noise_seed)
+            keep = (rng.random(h.shape) >= p) / (1 - p)
         hd = h * keep
         ha = hd @ self.params["A"]
         logits = h @ self.W0 + self.scale * ha @ self.params["B"]
@@ -79,13 +80,13 @@ class NumpyBackend:
         nll = -logp[np.arange(len(target)), target]
         return nll, weight, (hd, ha, logp, target)
 
-    def train_step(self, micro_batches: list[Batch], lr: float) -> StepResult:
+    def train_step(self, micro_batches: list[Batch], lr: float, step_scales=None) -> StepResult:
         if self.faults.get("sleep_s"):
             time.sleep(self.faults["sleep_s"])
         limit = self.faults.get("oom_above_rows")
         if limit is not None and any(b.num_rows > limit for b in micro_batches):
             raise OutOfMemory(f"micro-batch over {limit} rows")
-        total_tokens = sum(b.num_target_tokens for b in micro_batches)
+        total_tokens = step_scales[2] if step_scales else sum(b.num_target_tokens for b in micro_batches)
         grads = {k: np.zeros_like(v) for k, v in self.params.items()}
         loss_sum = 0.0
         for batch in micro_batches:
@@ -96,6 +97,14 @@ class NumpyBackend:
             dlogits *= (weight / max(1, total_tokens))[:, None]
             grads["B"] += self.scale * ha.T @ dlogits
             grads["A"] += self.scale * hd.T @ (dlogits @ self.params["B"].T)
+        world = getattr(self, "world", None)  # a data-parallel test (tests/test_distributed.py): one all-reduce
+        if world is not None and world.size > 1:
+            keys = sorted(grads)
+            flat = world.all_sum(np.concatenate([grads[k].ravel() for k in keys] + [[loss_sum]]))
+            loss_sum, offset = float(flat[-1]), 0
+            for k in keys:
+                grads[k] = flat[offset:offset + grads[k].size].reshape(grads[k].shape)
+                offset += grads[k].size
         self.updates += 1
         loss = loss_sum / max(1, total_tokens)
         if self.faults.get("spike_from_step") and self.updates >= self.faults["spike_from_step"]:

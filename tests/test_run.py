@@ -145,20 +145,3 @@ def test_validate_data_takes_max_seq_length(tiny_model_dir):
     result = overnight("validate-data", str(DATA_DIR), "--model", str(tiny_model_dir), "--max-seq-length", "64")
     assert "max_seq_length 64" in result.stdout, result.stdout + result.stderr
     assert "Traceback" not in result.stderr
-
-
-def test_a_multi_process_launch_is_refused_until_data_parallel_exists(tmp_path, tiny_model_dir):
-    from overnight.errors import UsageError
-    from overnight.run import refuse_multi_process_launch
-
-    refuse_multi_process_launch({"WORLD_SIZE": "1", "MLX_WORLD_SIZE": "1"})
-    refuse_multi_process_launch({})
-    for key in ("WORLD_SIZE", "MLX_WORLD_SIZE"):
-        with pytest.raises(UsageError, match=f"{key}=2.*not built yet"):
-            refuse_multi_process_launch({key: "2"})
-    out = tmp_path / "run"
-    result = subprocess.run([sys.executable, "-m", "overnight", "train", "--model", str(tiny_model_dir), "--output",
-                             str(out)], capture_output=True, text=True, env=dict(os.environ, WORLD_SIZE="2"),
-                            stdin=subprocess.DEVNULL, timeout=120)
-    assert result.returncode == 2 and "data-parallel" in result.stderr and "Traceback" not in result.stderr
-    assert not out.exists()

@@ -1,0 +1,273 @@
+"""Data parallel (src/distributed.py): the global batch and its shares, the agreed decisions, the launcher
+commands, and the real loop run by two ranks (threads sharing a numpy all-reduce) against one process taking
+the same global batch. The real backends' jobs (torchrun / mlx.launch processes) are in test_distributed_jobs.py."""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from overnight import distributed
+from overnight.backend import Batch, noise_seed
+from overnight.checkpoint import CheckpointManager
+from overnight.config import build_config
+from overnight.loop import train
+from overnight.progress import Progress
+from overnight.rundir import RunFiles, read_metrics
+from overnight.stopping import Stop
+from overnight.validate import Validator
+
+from refbackend import NumpyBackend, SyntheticStream
+
+
+class _Shared:
+    def __init__(self, size: int):
+        self.size = size
+        self.slots: list = [None] * size
+        self.barrier = threading.Barrier(size)
+
+
+class ThreadWorld:
+    """The Collective protocol over threads: every rank puts its vector in a slot, all combine the slots in rank
+    order (so every rank gets the same floats, as gloo/NCCL all-reduces give)."""
+
+    def __init__(self, rank: int, shared: _Shared):
+        self.rank, self.size, self.shared = rank, shared.size, shared
+
+    def _exchange(self, values, combine):
+        self.shared.slots[self.rank] = np.array(values, dtype=np.float64)
+        self.shared.barrier.wait(timeout=60)
+        result = combine(self.shared.slots)
+        self.shared.barrier.wait(timeout=60)
+        return result
+
+    def all_sum(self, values):
+        return self._exchange(values, lambda slots: np.sum(slots, axis=0))
+
+    def all_max(self, values):
+        return self._exchange(values, lambda slots: np.max(slots, axis=0))
+
+    def broadcast(self, values):
+        return self._exchange(values, lambda slots: slots[0].copy())
+
+    def barrier(self):
+        self._exchange([0.0], lambda slots: None)
+
+
+def run_ranks(size: int, target) -> list:
+    """target(world) on `size` threads; their results in rank order (an exception in any is raised)."""
+    shared, results, errors = _Shared(size), [None] * size, []
+
+    def body(rank):
+        try:
+            results[rank] = target(ThreadWorld(rank, shared))
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+            shared.barrier.abort()
+
+    threads = [threading.Thread(target=body, args=(rank,)) for rank in range(size)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    if errors:
+        raise errors[0]
+    return results
+
+
+# -- who this process is --------------------------------------------------------------------------------
+
+def test_launcher_is_read_from_the_launchers_own_variables():
+    assert distributed.launcher({}) is None
+    assert distributed.launcher({"WORLD_SIZE": "1", "RANK": "0"}) is None  # torchrun --nproc_per_node 1
+    assert distributed.launcher({"WORLD_SIZE": "2", "RANK": "1"}) == "torchrun"
+    assert distributed.launcher({"MLX_RANK": "0", "MLX_HOSTFILE": ""}) is None  # mlx.launch -n 1
+    assert distributed.launcher({"MLX_RANK": "1", "MLX_HOSTFILE": "/tmp/hosts.json"}) == "mlx.launch"
+    assert distributed.env_rank({"WORLD_SIZE": "2", "RANK": "1"}) == 1
+    assert distributed.env_rank({"MLX_RANK": "1", "MLX_HOSTFILE": "/tmp/h"}) == 1
+    assert distributed.env_rank({"RANK": "3"}) == 0  # not launched: a stray RANK says nothing
+
+
+def test_a_single_process_joins_nothing():
+    world = distributed.join(object(), environ={})
+    assert (world.rank, world.size) == (0, 1)
+    assert world.all_sum([1.0, 2.0]).tolist() == [1.0, 2.0]
+
+
+def test_a_backend_without_data_parallel_is_refused_under_a_launcher():
+    from overnight.errors import UsageError
+
+    class Plain:
+        name = "plain"
+
+    with pytest.raises(UsageError, match="no data-parallel support"):
+        distributed.join(Plain(), environ={"WORLD_SIZE": "2", "RANK": "0"})
+
+
+def test_devices_flag_becomes_the_backends_launcher():
+    argv = ["cfg.yaml", "--devices", "2", "--auto-resume", "--devices=4", "--output", "run"]
+    assert distributed.without_devices_flag(argv) == ["cfg.yaml", "--auto-resume", "--output", "run"]
+    torch_cmd = distributed.launch_command("torch", 2, ["cfg.yaml"])
+    assert torch_cmd[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    assert torch_cmd[-4:] == ["-m", "overnight", "train", "cfg.yaml"]
+    mlx_cmd = distributed.launch_command("mlx", 2, ["cfg.yaml"])
+    assert mlx_cmd[0].endswith("mlx.launch") and mlx_cmd[1:5] == ["-n", "2", "--backend", "ring"]
+    assert mlx_cmd[mlx_cmd.index("--") + 1:][1:] == ["-m", "overnight", "train", "cfg.yaml"]
+
+
+# -- the global batch -----------------------------------------------------------------------------------
+
+class _Counter:
+    def __init__(self):
+        self.served = 0
+
+    def next_batch(self):
+        self.served += 1
+        ids = np.full((1, 3), self.served, dtype=np.int32)
+        return Batch(ids, np.array([[0, 1, 1]], np.float32), np.ones((1, 3), np.int32))
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_every_rank_draws_the_whole_step_and_trains_its_share(rank):
+    world = type("W", (), {"rank": rank, "size": 2})()
+    stream = _Counter()
+    whole, mine = distributed.step_batches(stream, 3, world, step=7, seed=42)
+    assert stream.served == 6 and [int(b.input_ids[0, 0]) for b in whole] == [1, 2, 3, 4, 5, 6]
+    assert [int(b.input_ids[0, 0]) for b in mine] == ([1, 2, 3] if rank == 0 else [4, 5, 6])
+    # The dropout key is the micro-batch's place in the whole step, whoever trains it.
+    assert [b.noise_seed for b in whole] == [noise_seed(42, 7, i) for i in range(6)]
+    assert len({b.noise_seed for b in whole}) == 6
+
+
+def test_an_oom_split_keys_each_piece_from_its_micro_batch():
+    batch = Batch(np.zeros((4, 3), np.int32), np.ones((4, 3), np.float32), np.ones((4, 3), np.int32),
+                  noise_seed=noise_seed(1, 2, 3))
+    pieces = batch.split(2)
+    assert [p.noise_seed for p in pieces] == [noise_seed(batch.noise_seed, 0), noise_seed(batch.noise_seed, 1)]
+    assert Batch(batch.input_ids, batch.loss_mask, batch.attention_mask).split(2)[0].noise_seed is None
+
+
+def test_eval_batches_are_dealt_round_robin_with_equal_rounds():
+    worlds = [type("W", (), {"rank": r, "size": 2})() for r in range(2)]
+    assert [list(distributed.eval_share(5, w)) for w in worlds] == [[0, 2, 4], [1, 3, None]]
+    assert list(distributed.eval_share(3, distributed.Solo())) == [0, 1, 2]
+
+
+# -- agreed decisions -----------------------------------------------------------------------------------
+
+def test_rank_zeros_stop_and_best_hold_on_every_rank_and_any_ranks_signal_counts():
+    def decide(world):
+        mine = Stop("plateau", "rank 0's reason") if world.rank == 0 else Stop("grad_spike", "ignored")
+        signal = 143 if world.rank == 1 else None
+        return (distributed.agreed_stop(world, mine), distributed.agreed_flag(world, world.rank == 0),
+                distributed.agreed_signal(world, signal), distributed.agreed_stop(world, None if world.rank == 0
+                                                                                  else Stop("stuck", "x")))
+
+    zero, one = run_ranks(2, decide)
+    assert zero[0].message == "rank 0's reason" and one[0].code == "plateau"
+    assert zero[1] is True and one[1] is True
+    assert zero[2] == one[2] == 143
+    assert zero[3] is None and one[3] is None
+
+
+# -- the real loop on two ranks -------------------------------------------------------------------------
+
+def make_cfg(run_dir: Path, grad_accumulation: int, *sets: str):
+    base = ["model.path=" + str(run_dir.parent / "no-model"), "output.dir=" + str(run_dir), "train.batch_size=4",
+            f"train.grad_accumulation={grad_accumulation}", "train.max_steps=24", "train.learning_rate=0.05",
+            "train.warmup_steps=3", "train.report_every=1", "lora.rank=4", "lora.dropout=0.1",
+            "eval.every_steps=5", "checkpoint.every_steps=8", "early_stopping.warmup_steps=100"]
+    return build_config(None, {}, base + list(sets))
+
+
+class _NoFiles:
+    reporter = None
+
+    def __init__(self, run_dir):
+        self.dir = run_dir
+
+    def event(self, *a, **k):
+        pass
+
+    heartbeat = event
+
+    def report_state(self):
+        return {}
+
+
+def train_rank(world, run_dir: Path, grad_accumulation: int, stop_at: dict | None = None, resume: bool = False):
+    """One rank of a job (or the single process, world Solo) through the real loop with the numpy backend."""
+    cfg = make_cfg(run_dir, grad_accumulation)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    backend = NumpyBackend(vocab_size=64)
+    backend.setup(cfg, cfg.train.seed)
+    backend.world = world
+    stream = SyntheticStream(cfg.train.batch_size, seed=cfg.train.seed)
+    checkpoints = CheckpointManager(run_dir, cfg.checkpoint.keep_last, cfg.checkpoint.keep_best, log=lambda m: None)
+    resume_state = None
+    if resume:
+        found = checkpoints.latest_valid(read_only=True)
+        backend.load(found.path)
+        resume_state = CheckpointManager.trainer_state(found.path)
+    val_stream = SyntheticStream(4, seed=999, samples_per_epoch=12)
+    validator = Validator(lambda: [val_stream.next_batch() for _ in range(3)])  # 3 batches: uneven over 2 ranks
+    files = RunFiles(run_dir, warn=lambda m: None) if world.rank == 0 else _NoFiles(run_dir)
+    progress = Progress(cfg.train.max_steps, enabled=False)
+    at = (stop_at or {}).get(world.rank)
+    interrupted = (lambda: 143 if progress.step >= at else None) if at else (lambda: None)
+    outcome = train(cfg, backend, stream, validator, checkpoints, files, progress, fingerprint={"test": 1},
+                    resume_state=resume_state, interrupted=interrupted, say=lambda m: None, world=world)
+    return outcome, {k: v.copy() for k, v in backend.params.items()}
+
+
+def events(run_dir: Path, kind: str, key: str) -> dict[int, float]:
+    return {r["step"]: r[key] for r in read_metrics(run_dir) if r["event"] == kind}
+
+
+def test_two_ranks_train_exactly_as_one_process_with_the_same_global_batch(tmp_path):
+    single, single_weights = train_rank(distributed.Solo(), tmp_path / "one", grad_accumulation=2)
+    ranks = run_ranks(2, lambda world: train_rank(world, tmp_path / "two", grad_accumulation=1))
+    assert single.status == "completed" and all(o.status == "completed" and o.step == 24 for o, _ in ranks)
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert events(two, "train", "loss") == pytest.approx(events(one, "train", "loss"), rel=1e-12)
+    assert events(two, "eval", "val_loss") == pytest.approx(events(one, "eval", "val_loss"), rel=1e-12)
+    assert len(events(two, "eval", "val_loss")) == 5
+    for name in single_weights:
+        np.testing.assert_array_equal(ranks[0][1][name], ranks[1][1][name])  # the ranks never drift apart
+        np.testing.assert_allclose(ranks[0][1][name], single_weights[name], rtol=1e-12)
+    # One writer: the checkpoints and the adapter are rank 0's, in the one run directory.
+    assert sorted(p.name for p in (two / "checkpoints").iterdir() if p.name.startswith("step")) == \
+        sorted(p.name for p in (one / "checkpoints").iterdir() if p.name.startswith("step"))
+    state = CheckpointManager.trainer_state(CheckpointManager(two).latest_valid(read_only=True).path)
+    assert state["world_size"] == 2
+
+
+def test_a_signal_on_one_rank_stops_both_at_the_same_step_and_one_process_resumes_exactly(tmp_path):
+    single, single_weights = train_rank(distributed.Solo(), tmp_path / "one", grad_accumulation=2)
+    run_dir = tmp_path / "job"
+    first = run_ranks(2, lambda world: train_rank(world, run_dir, 1, stop_at={1: 11}))
+    assert [(o.status, o.step, o.exit_code) for o, _ in first] == [("interrupted", 11, 143)] * 2
+    assert CheckpointManager(run_dir).latest_valid(read_only=True).step == 11
+    # World size 2 -> 1 with the same global batch (grad_accumulation 1 x 2 = 2 x 1): the run goes on exactly.
+    resumed, weights = train_rank(distributed.Solo(), run_dir, grad_accumulation=2, resume=True)
+    assert resumed.status == "completed" and resumed.step == 24
+    assert events(run_dir, "train", "loss") == pytest.approx(events(tmp_path / "one", "train", "loss"), rel=1e-12)
+    for name in single_weights:
+        np.testing.assert_allclose(weights[name], single_weights[name], rtol=1e-12)
+
+
+def test_another_world_size_is_refused_unless_the_global_batch_is_the_same():
+    from overnight import fingerprint as fp
+
+    def print_(world, ga):
+        return {"world_size": world, "config": {"train.batch_size": 4, "train.grad_accumulation": ga}}
+
+    assert fp.differences(print_(2, 1), print_(1, 2)) == []
+    assert fp.differences(print_(2, 2), print_(4, 1)) == []
+    [change] = fp.differences(print_(2, 1), print_(1, 1))
+    assert "global batch" in change and "train.grad_accumulation=2" in change
+    [change] = fp.differences(print_(1, 3), print_(2, 1))
+    assert "impossible" in change
+    assert fp.differences(print_(2, 1), print_(2, 2)) == ["train.grad_accumulation: 1 -> 2"]
