@@ -8,8 +8,11 @@ import contextlib
 import gc
 import json
 import math
+import os
 import random
+import time
 import warnings
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from overnight import lora_init, objectives
-from overnight.backend import Batch, OutOfMemory, SetupInfo, StepResult
+from overnight.backend import Batch, OutOfMemory, PeerLost, SetupInfo, StepResult
 from overnight.backends import noise
 from overnight.config import ConfigError
 from overnight.portable import PortableState
@@ -26,6 +29,58 @@ from overnight.portable import PortableState
 noise.install()  # before bitsandbytes is imported: its import logs a line that is not the user's business
 _OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 STATE_FORMAT = 1
+
+
+class TorchCollective:
+    """The Collective protocol (src/backend.py) over torch.distributed: gloo on CPU, NCCL on the rank's GPU. Each
+    call is one all_reduce of a float64 vector; any failure or timeout becomes PeerLost."""
+
+    def __init__(self, rank: int, size: int, device: torch.device, timeout_s: float):
+        self.rank, self.size, self.device, self.timeout_s = rank, size, device, timeout_s
+
+    def _all_reduce(self, tensor: torch.Tensor, op: str, what: str) -> torch.Tensor:
+        import torch.distributed as dist
+
+        started = time.monotonic()
+        try:
+            dist.all_reduce(tensor, op=getattr(dist.ReduceOp, op))
+            return tensor
+        except Exception as exc:  # noqa: BLE001 (gloo/NCCL raise RuntimeError or DistError subclasses)
+            raise PeerLost(f"another process of this data-parallel job stopped answering or died ({what} on rank "
+                           f"{self.rank} of {self.size}, after {time.monotonic() - started:.0f} s; collective "
+                           f"timeout {self.timeout_s:.0f} s): {str(exc).splitlines()[0][:200] if str(exc) else exc}") \
+                from None
+
+    def reduce(self, values, op: str, what: str) -> np.ndarray:
+        tensor = torch.as_tensor(np.asarray(values, dtype=np.float64), device=self.device)
+        return self._all_reduce(tensor, op, what).cpu().numpy()
+
+    def reduce_tensor(self, tensor: torch.Tensor) -> torch.Tensor:
+        """train_step's gradient all-reduce (sum), on the tensor's own device (the GPU under NCCL)."""
+        return self._all_reduce(tensor, "SUM", "the gradient all-reduce")
+
+    def all_sum(self, values) -> np.ndarray:
+        return self.reduce(values, "SUM", "a sum")
+
+    def all_max(self, values) -> np.ndarray:
+        return self.reduce(values, "MAX", "an agreement")
+
+    def broadcast(self, values) -> np.ndarray:
+        mine = np.asarray(values, dtype=np.float64)
+        return self.reduce(mine if self.rank == 0 else np.zeros_like(mine), "SUM", "a broadcast from rank 0")
+
+    def barrier(self) -> None:
+        # An all_reduce rather than dist.barrier(), which guesses the device under NCCL.
+        self.reduce(np.zeros(1), "SUM", "a barrier")
+
+    def close(self) -> None:
+        import torch.distributed as dist
+
+        try:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 (leaving: nothing left to save)
+            pass
 
 
 def _bnb_version() -> str | None:
@@ -48,6 +103,31 @@ class TorchBackend:
         self._param_names: list[str] = []
         self._kl_sums: list | None = None  # grpo: per micro-batch (KL sum, tokens) of the step being taken
         self._step_extras: dict[str, float] = {}
+        self._world: TorchCollective | None = None  # set by connect() in a data-parallel job
+
+    def connect(self, timeout_s: float) -> TorchCollective:
+        """Join the job torchrun / accelerate started (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT): NCCL with
+        one GPU per process (LOCAL_RANK picks it) when CUDA is there, gloo on CPU."""
+        import torch.distributed as dist
+
+        rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local_rank = int(os.environ.get("LOCAL_RANK", rank))
+        if torch.cuda.is_available():
+            if local_rank >= torch.cuda.device_count():
+                raise ConfigError(f"this is process {local_rank} on this machine but it has "
+                                  f"{torch.cuda.device_count()} visible GPU(s): start one process per GPU "
+                                  "(--devices / --nproc_per_node at most the GPU count)")
+            torch.cuda.set_device(local_rank)
+            device, backend = torch.device("cuda", local_rank), "nccl"
+        else:
+            device, backend = torch.device("cpu"), "gloo"
+        try:
+            dist.init_process_group(backend, rank=rank, world_size=size, timeout=timedelta(seconds=timeout_s))
+        except Exception as exc:  # noqa: BLE001
+            raise PeerLost(f"could not join the data-parallel job as rank {rank} of {size} ({backend}): "
+                           f"{str(exc).splitlines()[0][:300] if str(exc) else exc}") from None
+        self._world = TorchCollective(rank, size, device, timeout_s)
+        return self._world
 
     # ------------------------------------------------------------------ setup
 
@@ -61,6 +141,7 @@ class TorchBackend:
         self._beta = float(cfg.preference.beta)
         self._grpo = cfg.grpo
         self._optimizer_name = cfg.train.optimizer
+        # In a data-parallel job each rank has its own GPU (connect() set it current): QLoRA per rank.
         self._device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         on_cuda = self._device.type == "cuda"
         if self._optimizer_name == "paged_adamw_8bit" and not on_cuda:
@@ -313,44 +394,80 @@ class TorchBackend:
             return -sums[0::2].sum() * token_scale + self._beta * odds_ratio_loss * pair_scale
         return -sums.sum() * token_scale
 
-    def train_step(self, micro_batches: list[Batch], lr: float) -> StepResult:
+    def train_step(self, micro_batches: list[Batch], lr: float,
+                   step_scales: tuple[float, float, int] | None = None) -> StepResult:
         self._model.train()
         for group in self._optimizer.param_groups:
             group["lr"] = lr
-        token_scale, pair_scale, weight = objectives.step_scales(self._method, micro_batches)
+        token_scale, pair_scale, weight = step_scales or objectives.step_scales(self._method, micro_batches)
         tokens = sum(mb.num_target_tokens for mb in micro_batches)
         if weight == 0:
             raise ValueError("a training step with no target tokens: every loss_mask entry is 0 "
                              "(check data.mask_prompt and model.max_seq_length)")
+        shared = self._world is not None and self._world.size > 1
+        told = False  # whether the others already heard of this step's OOM (through its one all-reduce)
         try:
-            loss_value, norm_value = self._accumulate_and_step(micro_batches, token_scale, pair_scale)
+            loss_value, norm_value = self._accumulate_and_step(micro_batches, token_scale, pair_scale, shared)
         except _OOM as exc:
             message = str(exc).splitlines()[0] if str(exc) else "CUDA out of memory"
+        except _PeerOutOfMemory:
+            message, told = "a process of this data-parallel job ran out of memory", True
         else:
             return StepResult(loss=loss_value, tokens=tokens, grad_norm=norm_value, extras=self._step_extras)
         # Outside the except block: the traceback, and the activations its frames hold, are gone by now.
         self._recover_from_oom()
+        if shared and not told:  # this rank ran out before the step's all-reduce: take part in it, saying so
+            try:
+                self._all_reduce_grads(torch.zeros((), device=self._device), out_of_memory=True)
+            except _PeerOutOfMemory:
+                pass
         rows = sum(mb.num_rows for mb in micro_batches)
         raise OutOfMemory(f"out of memory in a step of {rows} rows in {len(micro_batches)} micro-batches: {message}")
 
+    def _all_reduce_grads(self, loss_sum: torch.Tensor, out_of_memory: bool = False) -> list[float]:
+        """Data parallel: the step's one all-reduce (sum) of every LoRA gradient, the loss sum, the grpo KL sums and
+        an out-of-memory flag, in one flat buffer (what DDP's no_sync accumulation ends with, summed instead of
+        averaged because each rank's objective is already scaled by the whole step's 1/T). Returns the summed
+        [loss_sum, kl sums...]; raises _PeerOutOfMemory when any rank ran out."""
+        grads = [p.grad if p.grad is not None and not out_of_memory else torch.zeros_like(p) for p in self._params]
+        kl = torch.stack(self._kl_sums).sum(dim=0) if self._kl_sums else torch.zeros(2, device=self._device)
+        figures = torch.stack([loss_sum.float(), *kl.float(), torch.tensor(float(out_of_memory), device=self._device)])
+        flat = torch.cat([g.reshape(-1).float() for g in grads] + [figures])
+        summed = self._world.reduce_tensor(flat)
+        tail = summed[-4:].tolist()
+        if tail[3] > 0:
+            raise _PeerOutOfMemory()
+        offset = 0
+        for param, grad in zip(self._params, grads):
+            n = grad.numel()
+            param.grad = summed[offset:offset + n].view_as(param).to(param.dtype)
+            offset += n
+        return tail[:3]
+
     def _accumulate_and_step(self, micro_batches: list[Batch], token_scale: float,
-                             pair_scale: float) -> tuple[float, float]:
+                             pair_scale: float, shared: bool = False) -> tuple[float, float]:
         # Every upload is queued before any compute, so no copy waits on the GPU mid-step.
         inputs = [self._tensors(mb) for mb in micro_batches]
         loss_sum = torch.zeros((), dtype=torch.float32, device=self._device)
         self._kl_sums = [] if self._method == "grpo" else None
-        for tensors in inputs:
+        for batch, tensors in zip(micro_batches, inputs):
+            if batch.noise_seed is not None:  # this micro-batch's dropout masks, whichever rank runs it
+                torch.manual_seed(batch.noise_seed)
             objective = self._objective(*tensors, token_scale, pair_scale)
             objective.backward()
             loss_sum += objective.detach()
             del objective
+        summed = self._all_reduce_grads(loss_sum) if shared else None
         max_norm = self._cfg.train.max_grad_norm
         # max_norm 0 means no clipping; inf still yields the global norm and scales grads by exactly 1.
         norm = torch.nn.utils.clip_grad_norm_(self._params, max_norm if max_norm > 0 else math.inf)
-        figures = [loss_sum, norm.float()]
-        if self._kl_sums:
-            figures += list(torch.stack(self._kl_sums).sum(dim=0))
-        values = torch.stack(figures).tolist()  # the step's one host sync
+        if summed is not None:  # already on the host: the whole step's figures
+            values = [summed[0], norm.item()] + (summed[1:] if self._kl_sums else [])
+        else:
+            figures = [loss_sum, norm.float()]
+            if self._kl_sums:
+                figures += list(torch.stack(self._kl_sums).sum(dim=0))
+            values = torch.stack(figures).tolist()  # the step's one host sync
         loss_value, norm_value = values[:2]
         self._step_extras = {"kl": values[2] / max(values[3], 1.0)} if len(values) > 2 else {}
         # A non-finite step is reported (the loop stops on it) but never applied, so saved weights stay finite.
@@ -616,6 +733,10 @@ def _keep_4bit_weights_unpacked(model) -> None:
     for module in model.modules():
         if getattr(module, "support_avx512bf16_for_cpu", False):
             module.support_avx512bf16_for_cpu = False
+
+
+class _PeerOutOfMemory(Exception):
+    """The step's all-reduce says some rank ran out of memory: every rank gives the step up together."""
 
 
 def _init_lora_a(model, seed: int) -> None:

@@ -148,7 +148,7 @@ def check_data_showing_progress(data, cfg, tokenizer, quiet: bool):
             shown.done()
 
 
-def banner(cfg, info, report, run_dir: Path, resumed_from: int | None) -> list[str]:
+def banner(cfg, info, report, run_dir: Path, resumed_from: int | None, processes: int = 1) -> list[str]:
     """What the run is about to do, for whoever reads the log next morning (the backend line, and why, is
     printed by the registry before this)."""
     t = cfg.train
@@ -160,8 +160,9 @@ def banner(cfg, info, report, run_dir: Path, resumed_from: int | None) -> list[s
             lines.append(f"data {name}: {f.path} | {f.rows:,} rows{tokens}")
     if report.val is None:
         lines.append("data val: none (no evaluation; the final adapter is the last checkpoint)")
-    lines.append(f"plan: {t.max_steps:,} steps | effective batch {t.batch_size * t.grad_accumulation} "
-                 f"(batch {t.batch_size} x accumulation {t.grad_accumulation})")
+    lines.append(f"plan: {t.max_steps:,} steps | effective batch {t.batch_size * t.grad_accumulation * processes} "
+                 f"(batch {t.batch_size} x accumulation {t.grad_accumulation}"
+                 + (f" x {processes} processes, data parallel)" if processes > 1 else ")"))
     lines.append((f"eval every {cfg.eval.every_steps} steps | " if report.val is not None else "")
                  + f"checkpoint every {cfg.checkpoint.every_steps} steps (keep last {cfg.checkpoint.keep_last}"
                  f"{' + best' if cfg.checkpoint.keep_best else ''})")
@@ -342,7 +343,8 @@ def _locked(args, cfg, run_dir, backend, data, train_file, val_file, tokenizer, 
             tokenizer = data.load_tokenizer(Path(info.model_dir))
             report = check_data_showing_progress(data, cfg, tokenizer, args.quiet)
             report.raise_if_problems()
-        for line in banner(cfg, info, report, run_dir, resume_from.step if resume_from is not None else None):
+        for line in banner(cfg, info, report, run_dir, resume_from.step if resume_from is not None else None,
+                           world.size):
             say(line)
         for warning in report.warnings():
             say(f"warning: {warning}")
