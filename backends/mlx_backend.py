@@ -16,6 +16,9 @@ import json
 import math
 import os
 import secrets
+import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +26,10 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_flatten, tree_map, tree_map_with_path
+from mlx.utils import tree_flatten, tree_map, tree_map_with_path, tree_unflatten
 
 from overnight import lora_init, objectives
-from overnight.backend import Batch, OutOfMemory, SetupInfo, StepResult
+from overnight.backend import Batch, OutOfMemory, PeerLost, SetupInfo, StepResult
 from overnight.config import ConfigError
 from overnight.fsutil import atomic_write_text, fsync_dir, fsync_file
 from overnight.portable import PortableState
@@ -140,6 +143,69 @@ def _is_oom(exc: BaseException) -> bool:
         return True
     text = str(exc).lower()
     return any(s in text for s in ("out of memory", "outofmemory", "unable to allocate", "insufficient memory"))
+
+
+class MLXCollective:
+    """The Collective protocol (src/backend.py) over mx.distributed (mlx.launch's ring backend). A peer that died
+    makes MLX raise at once ("connection to a peer was lost"): PeerLost. A peer that is alive but never answers
+    would hang forever (MLX collectives have no timeout), so a watchdog thread ends this process with a message
+    once one collective has waited timeout_s."""
+
+    def __init__(self, group, timeout_s: float):
+        self.group, self.rank, self.size, self.timeout_s = group, group.rank(), group.size(), timeout_s
+        self._deadline: float | None = None
+        self._what = ""
+        threading.Thread(target=self._watch, name="overnight-collective-watchdog", daemon=True).start()
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(1.0)
+            deadline = self._deadline
+            if deadline is not None and time.monotonic() > deadline:
+                os.write(2, (f"error: no answer from the other processes of this data-parallel job for "
+                             f"{self.timeout_s:.0f} s ({self._what} on rank {self.rank} of {self.size}): one of them "
+                             "died or hangs; the last committed checkpoint is intact, continue with: overnight "
+                             "train ... --auto-resume\n").encode())
+                os._exit(1)
+
+    def run(self, what: str, compute):
+        """compute() issues the collective; it is evaluated here under the watchdog."""
+        self._what, self._deadline = what, time.monotonic() + self.timeout_s
+        try:
+            result = compute()
+            mx.eval(result)
+            return result
+        except RuntimeError as exc:
+            raise PeerLost(f"another process of this data-parallel job stopped answering or died ({what} on rank "
+                           f"{self.rank} of {self.size}): {str(exc)[:200]}") from None
+        finally:
+            self._deadline = None
+
+    def _reduce(self, values, reduce, what: str) -> np.ndarray:
+        # The ring backend reduces float32: a float64 value travels as float32 high part + float32 remainder, so
+        # sums of eval losses and step numbers keep ~1e-14 relative precision.
+        values = np.asarray(values, dtype=np.float64)
+        high = values.astype(np.float32)
+        low = (values - high.astype(np.float64)).astype(np.float32)
+        if reduce is mx.distributed.all_max:  # the max of the high parts; flags and codes are exact in float32
+            out = self.run(what, lambda: reduce(mx.array(high), group=self.group))
+            return np.array(out, dtype=np.float64)
+        out = np.array(self.run(what, lambda: reduce(mx.array(np.concatenate([high, low])), group=self.group)))
+        return out[:len(values)].astype(np.float64) + out[len(values):].astype(np.float64)
+
+    def all_sum(self, values) -> np.ndarray:
+        return self._reduce(values, mx.distributed.all_sum, "a sum")
+
+    def all_max(self, values) -> np.ndarray:
+        return self._reduce(values, mx.distributed.all_max, "an agreement")
+
+    def broadcast(self, values) -> np.ndarray:
+        mine = np.asarray(values, dtype=np.float64)
+        return self._reduce(mine if self.rank == 0 else np.zeros_like(mine), mx.distributed.all_sum,
+                            "a broadcast from rank 0")
+
+    def barrier(self) -> None:
+        self._reduce(np.zeros(1), mx.distributed.all_sum, "a barrier")
 
 
 def _save_safetensors(path: Path, arrays: dict[str, mx.array], metadata: dict[str, str] | None = None) -> None:
@@ -306,6 +372,16 @@ class MLXBackend:
         self._training = None
         self._target_head = False
         self.limit_bytes: int | None = None
+        self._world: MLXCollective | None = None  # set by connect() in a data-parallel job
+
+    def connect(self, timeout_s: float) -> MLXCollective:
+        """Join the job mlx.launch started (MLX_RANK, MLX_HOSTFILE) over mx.distributed's ring backend."""
+        try:
+            group = mx.distributed.init(strict=True, backend="ring")
+        except Exception as exc:  # noqa: BLE001
+            raise PeerLost(f"could not join the data-parallel job started by mlx.launch: {exc}") from None
+        self._world = MLXCollective(group, timeout_s)
+        return self._world
 
     # -- setup -------------------------------------------------------------
 
@@ -561,8 +637,9 @@ class MLXBackend:
 
     # -- training ----------------------------------------------------------
 
-    def train_step(self, micro_batches: list[Batch], lr: float) -> StepResult:
-        token_scale, pair_scale, weight = objectives.step_scales(self.method, micro_batches)
+    def train_step(self, micro_batches: list[Batch], lr: float,
+                   step_scales: tuple[float, float, int] | None = None) -> StepResult:
+        token_scale, pair_scale, weight = step_scales or objectives.step_scales(self.method, micro_batches)
         scales = (mx.array(token_scale, dtype=mx.float32), mx.array(pair_scale, dtype=mx.float32))
         tokens = sum(int(b.loss_mask.sum()) for b in micro_batches)
         if weight == 0:
@@ -573,10 +650,13 @@ class MLXBackend:
         self._set_training(True)
         self.optimizer.learning_rate = lr
         mx.random.seed(_step_seed(self.seed, self.updates))
+        shared = self._world is not None and self._world.size > 1
         before = None
         try:
             acc = loss_sum = kl_sum = None
             for batch in micro_batches:
+                if batch.noise_seed is not None:  # this micro-batch's dropout masks, whichever rank runs it
+                    mx.random.seed(batch.noise_seed)
                 loss, acc = self._accumulate(acc, *scales, *self._device_batch(batch))
                 if isinstance(loss, (tuple, list)):  # grpo: (objective, KL sum)
                     loss, kl = loss
@@ -586,7 +666,15 @@ class MLXBackend:
                 # next one does not hold its activations.
                 mx.async_eval(loss_sum, acc)
             # One wait before the update: an OOM in forward/backward surfaces here, weights untouched.
-            mx.eval(loss_sum, acc)
+            try:
+                mx.eval(loss_sum, acc)
+            except (RuntimeError, MemoryError) as exc:
+                if not (shared and _is_oom(exc)):
+                    raise
+                acc = loss_sum = kl_sum = None  # this rank ran out: it still takes part in the step's all-reduce
+                mx.clear_cache()
+            if shared:
+                loss_sum, acc, kl_sum = self._all_reduce(loss_sum, acc, kl_sum)
             before = (self.model.trainable_parameters(), tree_map(lambda x: x, self.optimizer.state))
             norm = self._update(acc)
             mx.eval(norm, self.model.trainable_parameters(), self.optimizer.state)
@@ -608,6 +696,28 @@ class MLXBackend:
             # weights stay finite and the stop can still commit a checkpoint.
             self._restore(before)
         return StepResult(loss=loss_value, tokens=tokens, grad_norm=norm_value, extras=extras)
+
+    def _all_reduce(self, loss_sum, grads, kl_sum) -> tuple:
+        """Data parallel: the step's one all_sum of every LoRA gradient, the loss sum, the grpo KL sum and an
+        out-of-memory flag, in one flat float32 buffer (summed, not averaged: each rank's objective is already
+        scaled by the whole step's 1/T). ``grads`` None means this rank ran out of memory. Any rank's OOM raises
+        the OOM error on every rank, before anything is applied."""
+        out_of_memory = grads is None
+        if out_of_memory:
+            grads = tree_map(mx.zeros_like, self.model.trainable_parameters())
+        leaves = tree_flatten(grads)
+        figures = mx.array([0.0 if loss_sum is None else loss_sum, 0.0 if kl_sum is None else kl_sum,
+                            float(out_of_memory)], dtype=mx.float32)
+        flat = mx.concatenate([g.astype(mx.float32).reshape(-1) for _, g in leaves] + [figures])
+        world = self._world
+        summed = world.run("the gradient all-reduce", lambda: mx.distributed.all_sum(flat, group=world.group))
+        if summed[-1].item() > 0:
+            raise RuntimeError("out of memory on a process of this data-parallel job")
+        rebuilt, offset = [], 0
+        for path, g in leaves:
+            rebuilt.append((path, summed[offset:offset + g.size].reshape(g.shape).astype(g.dtype)))
+            offset += g.size
+        return summed[offset], tree_unflatten(rebuilt), (summed[offset + 1] if kl_sum is not None else None)
 
     def _restore(self, before) -> None:
         self.model.update(before[0])

@@ -226,6 +226,20 @@ def wait_heartbeat(run_dir: Path, launch: Launch, min_step: int = 0, timeout: fl
     raise AssertionError(f"no heartbeat from pid {launch.pid} within {timeout}s\n{launch.tail()}")
 
 
+def wait_heartbeat_any(run_dir: Path, launch: Launch, min_step: int = 0, timeout: float = 120) -> dict | None:
+    """As wait_heartbeat, for a job whose rank 0 (a child of the launcher) writes the heartbeat."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        beat = heartbeat(run_dir)
+        if beat and beat.get("pid") != launch.pid and beat.get("step", -1) >= min_step \
+                and beat.get("state") == "running":
+            return beat
+        if launch.poll() is not None:
+            return None
+        time.sleep(0.005)
+    raise AssertionError(f"no heartbeat from the job under pid {launch.pid} within {timeout}s\n{launch.tail()}")
+
+
 # -- judging a run directory -----------------------------------------------------------------------
 
 def metrics(run_dir: Path) -> list[dict]:

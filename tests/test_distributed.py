@@ -271,3 +271,152 @@ def test_another_world_size_is_refused_unless_the_global_batch_is_the_same():
     [change] = fp.differences(print_(1, 3), print_(2, 1))
     assert "impossible" in change
     assert fp.differences(print_(2, 1), print_(2, 2)) == ["train.grad_accumulation: 1 -> 2"]
+
+
+# -- real jobs: `overnight train --devices 2` (torchrun, gloo on CPU; mlx.launch, ring on localhost) ---------
+
+from conftest import has  # noqa: E402
+
+import faults_util as fu  # noqa: E402
+
+JOB_STEPS = 12
+
+
+def job_args(backend: str, model: Path, data: Path, out: Path, grad_accumulation: int, devices: int) -> list[str]:
+    """The default path: 4-bit base, LoRA dropout 0.05, evals (every 3) between checkpoints (every 4)."""
+    return fu.train_args(backend, model, data, out, JOB_STEPS, "--set", f"train.grad_accumulation={grad_accumulation}",
+                         "--set", "train.seed=7", *(["--devices", str(devices)] if devices > 1 else []),
+                         every=4, eval_every=3, bits=4, keep_best=False)
+
+
+def run_job(args: list[str], logdir: Path, name: str, timeout: float = 400) -> fu.Launch:
+    launch = fu.Launch(args, logdir, name)
+    code = launch.wait(timeout)
+    assert code == 0, launch.tail()
+    return launch
+
+
+def job_pids(agent: int) -> list[int]:
+    """The launcher and every process under it (the ranks run in sessions of their own, so a process group
+    kill would miss them)."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            parents[int(stat.parent.name)] = int(fields[1])
+        except (OSError, ValueError, IndexError):
+            continue
+    found, frontier = [agent], [agent]
+    while frontier:
+        children = [pid for pid, ppid in parents.items() if ppid in frontier]
+        found += children
+        frontier = children
+    return found
+
+
+def rank_pids(launch: fu.Launch) -> list[int]:
+    """The processes running `-m overnight train` under the launcher: the ranks."""
+    ranks = []
+    for pid in job_pids(launch.pid)[1:]:
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"overnight" in cmdline and b"train" in cmdline and b"torch.distributed.run" not in cmdline:
+            ranks.append(pid)
+    return ranks
+
+
+def kill_all(pids: list[int]) -> None:
+    import os
+    import signal
+
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def losses_close(run_dir: Path, reference: Path, event: str = "train", key: str = "loss") -> None:
+    got = {r["step"]: r[key] for r in fu.metrics(run_dir) if r["event"] == event}
+    ref = {r["step"]: r[key] for r in fu.metrics(reference) if r["event"] == event}
+    assert sorted(got) == sorted(ref) and ref
+    for step in ref:
+        assert got[step] == pytest.approx(ref[step], rel=1e-5), (step, got[step], ref[step])
+
+
+@pytest.fixture(scope="module")
+def torch_jobs(tiny_model_dir, tmp_path_factory):
+    """An uninterrupted 2-process job and one process with the same global batch (grad_accumulation 2)."""
+    if not has("torch", "transformers", "peft", "bitsandbytes"):
+        pytest.skip("needs torch, transformers, peft and bitsandbytes")
+    root = tmp_path_factory.mktemp("torch_jobs")
+    data = fu.make_small_data(root / "data")
+    two = root / "two"
+    run_job(job_args("torch", tiny_model_dir, data, two, 1, 2), root / "logs", "two")
+    one = root / "one"
+    run_job(job_args("torch", tiny_model_dir, data, one, 2, 1), root / "logs", "one")
+    return {"root": root, "data": data, "two": two, "one": one, "model": tiny_model_dir}
+
+
+@pytest.mark.torch
+def test_torch_two_processes_match_one_process_with_the_same_global_batch(torch_jobs):
+    two, one = torch_jobs["two"], torch_jobs["one"]
+    losses_close(two, one)
+    losses_close(two, one, "eval", "val_loss")
+    start = [r for r in fu.metrics(two) if r["event"] == "start"]
+    assert len(start) == 1  # one writer: rank 0
+    assert (two / "adapter" / "adapter_model.safetensors").is_file()
+    from overnight.checkpoint import CheckpointManager
+
+    found = CheckpointManager(two).latest_valid(read_only=True)
+    assert CheckpointManager.trainer_state(found.path)["world_size"] == 2
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("victim", ["job", "rank1"])
+def test_torch_sigkill_then_auto_resume_ends_with_the_uninterrupted_adapter(torch_jobs, victim, tmp_path):
+    import random
+
+    seed = int(__import__("os").environ.get("FAULTS_SEED") or random.SystemRandom().randrange(1 << 30))
+    at = random.Random(seed).randint(3, JOB_STEPS - 2)
+    out = tmp_path / "run"
+    args = job_args("torch", torch_jobs["model"], torch_jobs["data"], out, 1, 2)
+    launch = fu.Launch(args, tmp_path / "logs", "first")
+    beat = fu.wait_heartbeat_any(out, launch, min_step=at, timeout=300)
+    assert beat is not None, launch.tail()
+    if victim == "job":
+        kill_all(job_pids(launch.pid))
+    else:
+        others = [pid for pid in rank_pids(launch) if pid != beat["pid"]]
+        assert len(others) == 1, (rank_pids(launch), beat)
+        kill_all(others)
+    code = launch.wait(120)
+    assert code != 0, f"seed {seed}: the job was killed at step >= {at} but exited 0\n{launch.tail()}"
+    if victim == "rank1":  # rank 0 says what happened and what to do (torchrun adds its own failure report)
+        assert "another process of this data-parallel job stopped answering or died" in launch.stderr, launch.tail()
+        assert "continue with: overnight train ... --auto-resume" in launch.stderr, launch.tail()
+        assert "crashed unexpectedly" not in launch.stderr and "/src/" not in launch.stderr, launch.tail()
+    resumed = fu.Launch([*args, "--auto-resume"], tmp_path / "logs", "resumed")
+    assert resumed.wait(400) == 0, f"seed {seed}\n{resumed.tail()}"
+    fu.assert_adapter_equal(out, torch_jobs["two"])
+    losses_close(out, torch_jobs["two"])
+
+
+@pytest.mark.torch
+def test_torch_a_two_process_run_continues_as_one_process_with_the_same_global_batch(torch_jobs, tmp_path):
+    out = tmp_path / "run"
+    fu.copy_run(torch_jobs["two"], out)
+    from overnight.checkpoint import CheckpointManager
+
+    # Back to step 4 of the 2-process run, then on as one process: grad_accumulation 2 keeps the global batch.
+    refused = fu.run_cli([*job_args("torch", torch_jobs["model"], torch_jobs["data"], out, 1, 1), "--resume-from",
+                          "4"])
+    assert refused.returncode == 3 and "global batch" in refused.stderr and "grad_accumulation=2" in refused.stderr, \
+        refused.stderr
+    done = fu.run_cli([*job_args("torch", torch_jobs["model"], torch_jobs["data"], out, 2, 1), "--resume-from", "4"],
+                      timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    losses_close(out, torch_jobs["one"])
+    assert CheckpointManager(out).latest_valid(read_only=True).step == JOB_STEPS
