@@ -144,6 +144,12 @@ class TorchBackend:
         # In a data-parallel job each rank has its own GPU (connect() set it current): QLoRA per rank.
         self._device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         on_cuda = self._device.type == "cuda"
+        if on_cuda:
+            # Same seed, same data => same losses, and a resume that continues bit for bit: CUDA's atomics
+            # (index_add_ of the per-row sums, some backward kernels) otherwise reorder float sums from run to run.
+            # cuBLAS needs its workspace fixed for that, before its first call.
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True, warn_only=True)
         if self._optimizer_name == "paged_adamw_8bit" and not on_cuda:
             raise ConfigError(
                 "config key 'train.optimizer': paged_adamw_8bit needs a CUDA GPU (bitsandbytes paged optimizers are "

@@ -420,3 +420,37 @@ def test_torch_a_two_process_run_continues_as_one_process_with_the_same_global_b
     assert done.returncode == 0, done.stderr[-3000:]
     losses_close(out, torch_jobs["one"])
     assert CheckpointManager(out).latest_valid(read_only=True).step == JOB_STEPS
+
+
+def _cuda_devices() -> int:
+    import subprocess
+    import sys
+
+    probe = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.device_count())"],
+                           capture_output=True, text=True, timeout=120)
+    return int(probe.stdout.strip() or 0) if probe.returncode == 0 else 0
+
+
+@pytest.mark.cuda
+def test_cuda_nccl_two_gpus_match_one_process(tiny_model_dir, tmp_path):
+    """NCCL, QLoRA per rank (bf16 over 4-bit on each GPU): 2 processes = 1 process with the same global batch."""
+    if _cuda_devices() < 2:
+        pytest.skip("needs 2 GPUs")
+    data = fu.make_small_data(tmp_path / "data")
+    two, one = tmp_path / "two", tmp_path / "one"
+    run_job(job_args("torch", tiny_model_dir, data, two, 1, 2), tmp_path / "logs", "two")
+    run_job(job_args("torch", tiny_model_dir, data, one, 2, 1), tmp_path / "logs", "one")
+    losses_close(two, one)
+    losses_close(two, one, "eval", "val_loss")
+
+
+@pytest.mark.cuda
+def test_cuda_more_processes_than_gpus_is_a_clear_error(tiny_model_dir, tmp_path):
+    gpus = _cuda_devices()
+    if gpus < 1:
+        pytest.skip("needs a GPU")
+    data = fu.make_small_data(tmp_path / "data")
+    out = tmp_path / "run"
+    launch = fu.Launch(job_args("torch", tiny_model_dir, data, out, 1, gpus + 1), tmp_path / "logs", "over")
+    assert launch.wait(300) != 0
+    assert f"{gpus} visible GPU(s): start one process per GPU" in launch.stderr, launch.tail()
