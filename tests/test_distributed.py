@@ -422,6 +422,53 @@ def test_torch_a_two_process_run_continues_as_one_process_with_the_same_global_b
     assert CheckpointManager(out).latest_valid(read_only=True).step == JOB_STEPS
 
 
+MLX_STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def mlx_jobs(tiny_model_dir, tmp_path_factory):
+    if not has("mlx", "mlx_lm"):
+        pytest.skip("needs mlx and mlx-lm")
+    root = tmp_path_factory.mktemp("mlx_jobs")
+    data = fu.make_small_data(root / "data")
+    runs = {}
+    for name, ga, devices in (("two", 1, 2), ("one", 2, 1)):
+        runs[name] = root / name
+        run_job(mlx_args(tiny_model_dir, data, runs[name], ga, devices), root / "logs", name)
+    return {"root": root, "data": data, "model": tiny_model_dir, **runs}
+
+
+def mlx_args(model: Path, data: Path, out: Path, grad_accumulation: int, devices: int) -> list[str]:
+    args = job_args("mlx", model, data, out, grad_accumulation, devices)
+    args[args.index("--max-steps") + 1] = str(MLX_STEPS)
+    return args
+
+
+@pytest.mark.mlx
+def test_mlx_two_processes_match_one_process_with_the_same_global_batch(mlx_jobs):
+    losses_close(mlx_jobs["two"], mlx_jobs["one"])
+    losses_close(mlx_jobs["two"], mlx_jobs["one"], "eval", "val_loss")
+    assert len([r for r in fu.metrics(mlx_jobs["two"]) if r["event"] == "start"]) == 1
+
+
+@pytest.mark.mlx
+def test_mlx_sigkill_of_one_rank_then_auto_resume_ends_with_the_uninterrupted_adapter(mlx_jobs, tmp_path):
+    out = tmp_path / "run"
+    args = mlx_args(mlx_jobs["model"], mlx_jobs["data"], out, 1, 2)
+    launch = fu.Launch(args, tmp_path / "logs", "first")
+    beat = fu.wait_heartbeat_any(out, launch, min_step=5, timeout=300)
+    assert beat is not None, launch.tail()
+    others = [pid for pid in rank_pids(launch) if pid != beat["pid"]]
+    assert len(others) == 1, (rank_pids(launch), beat)
+    kill_all(others)
+    launch.wait(120)
+    assert "another process of this data-parallel job stopped answering or died" in launch.stderr, launch.tail()
+    resumed = fu.Launch([*args, "--auto-resume"], tmp_path / "logs", "resumed")
+    assert resumed.wait(400) == 0, resumed.tail()
+    fu.assert_adapter_equal(out, mlx_jobs["two"])
+    losses_close(out, mlx_jobs["two"])
+
+
 def _cuda_devices() -> int:
     import subprocess
     import sys
