@@ -84,12 +84,15 @@ class NumpyBackend:
         if self.faults.get("sleep_s"):
             time.sleep(self.faults["sleep_s"])
         limit = self.faults.get("oom_above_rows")
-        if limit is not None and any(b.num_rows > limit for b in micro_batches):
+        world = getattr(self, "world", None)  # a data-parallel test (tests/test_distributed.py): one all-reduce
+        shared = world is not None and world.size > 1
+        out_of_memory = limit is not None and any(b.num_rows > limit for b in micro_batches)
+        if out_of_memory and not shared:
             raise OutOfMemory(f"micro-batch over {limit} rows")
         total_tokens = step_scales[2] if step_scales else sum(b.num_target_tokens for b in micro_batches)
         grads = {k: np.zeros_like(v) for k, v in self.params.items()}
         loss_sum = 0.0
-        for batch in micro_batches:
+        for batch in ([] if out_of_memory else micro_batches):  # a rank out of memory still joins the all-reduce
             nll, weight, (hd, ha, logp, target) = self._forward(batch, train=True)
             loss_sum += float((nll * weight).sum())
             dlogits = np.exp(logp)
@@ -97,11 +100,12 @@ class NumpyBackend:
             dlogits *= (weight / max(1, total_tokens))[:, None]
             grads["B"] += self.scale * ha.T @ dlogits
             grads["A"] += self.scale * hd.T @ (dlogits @ self.params["B"].T)
-        world = getattr(self, "world", None)  # a data-parallel test (tests/test_distributed.py): one all-reduce
-        if world is not None and world.size > 1:
+        if shared:  # as the real backends: gradients, loss sum and an out-of-memory flag in one all-reduce
             keys = sorted(grads)
-            flat = world.all_sum(np.concatenate([grads[k].ravel() for k in keys] + [[loss_sum]]))
-            loss_sum, offset = float(flat[-1]), 0
+            flat = world.all_sum(np.concatenate([grads[k].ravel() for k in keys] + [[loss_sum, float(out_of_memory)]]))
+            if flat[-1] > 0:
+                raise OutOfMemory("out of memory on a rank of the job")
+            loss_sum, offset = float(flat[-2]), 0
             for k in keys:
                 grads[k] = flat[offset:offset + grads[k].size].reshape(grads[k].shape)
                 offset += grads[k].size

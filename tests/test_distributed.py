@@ -197,11 +197,13 @@ class _NoFiles:
         return {}
 
 
-def train_rank(world, run_dir: Path, grad_accumulation: int, stop_at: dict | None = None, resume: bool = False):
+def train_rank(world, run_dir: Path, grad_accumulation: int, stop_at: dict | None = None, resume: bool = False,
+               faults: dict | None = None):
     """One rank of a job (or the single process, world Solo) through the real loop with the numpy backend."""
     cfg = make_cfg(run_dir, grad_accumulation)
     run_dir.mkdir(parents=True, exist_ok=True)
     backend = NumpyBackend(vocab_size=64)
+    backend.faults = (faults or {}).get(world.rank, {})
     backend.setup(cfg, cfg.train.seed)
     backend.world = world
     stream = SyntheticStream(cfg.train.batch_size, seed=cfg.train.seed)
@@ -256,6 +258,22 @@ def test_a_signal_on_one_rank_stops_both_at_the_same_step_and_one_process_resume
     assert events(run_dir, "train", "loss") == pytest.approx(events(tmp_path / "one", "train", "loss"), rel=1e-12)
     for name in single_weights:
         np.testing.assert_allclose(weights[name], single_weights[name], rtol=1e-12)
+
+
+def test_an_out_of_memory_on_one_rank_makes_every_rank_split_the_same_step(tmp_path):
+    """Rank 1 alone cannot hold 4 rows: both ranks halve their micro-batches together (same effective batch) and
+    train on in step; with the split the run is the one-process run that split the same way."""
+    ranks = run_ranks(2, lambda world: train_rank(world, tmp_path / "two", 1, faults={1: {"oom_above_rows": 2}}))
+    assert all(o.status == "completed" and o.step == 24 for o, _ in ranks)
+    for name in ranks[0][1]:
+        np.testing.assert_array_equal(ranks[0][1][name], ranks[1][1][name])
+    ooms = [r for r in read_metrics(tmp_path / "two") if r["event"] == "oom"]
+    assert [(r["step"], r["micro_splits"]) for r in ooms] == [(0, 2)]
+    single, weights = train_rank(distributed.Solo(), tmp_path / "one", 2, faults={0: {"oom_above_rows": 2}})
+    assert events(tmp_path / "two", "train", "loss") == pytest.approx(events(tmp_path / "one", "train", "loss"),
+                                                                      rel=1e-12)
+    for name in weights:
+        np.testing.assert_allclose(ranks[0][1][name], weights[name], rtol=1e-12)
 
 
 def test_another_world_size_is_refused_unless_the_global_batch_is_the_same():
@@ -420,6 +438,55 @@ def test_torch_a_two_process_run_continues_as_one_process_with_the_same_global_b
     assert done.returncode == 0, done.stderr[-3000:]
     losses_close(out, torch_jobs["one"])
     assert CheckpointManager(out).latest_valid(read_only=True).step == JOB_STEPS
+
+
+@pytest.mark.torch
+def test_torch_sigterm_to_one_rank_stops_the_job_with_one_save_and_resume_is_exact(torch_jobs, tmp_path):
+    """A signal that reaches rank 1 alone (`kill PID`): every rank finishes the step, rank 0 commits it once."""
+    import signal
+
+    out = tmp_path / "run"
+    args = job_args("torch", torch_jobs["model"], torch_jobs["data"], out, 1, 2)
+    launch = fu.Launch(args, tmp_path / "logs", "first")
+    beat = fu.wait_heartbeat_any(out, launch, min_step=5, timeout=300)
+    assert beat is not None, launch.tail()
+    [other] = [pid for pid in rank_pids(launch) if pid != beat["pid"]]
+    import os
+
+    os.kill(other, signal.SIGTERM)
+    launch.wait(120)
+    stopped = [r for r in fu.metrics(out) if r["event"] == "interrupted"]
+    assert len(stopped) == 1 and stopped[0]["signal"] == signal.SIGTERM, launch.tail()
+    saved = [r["step"] for r in fu.metrics(out) if r["event"] == "checkpoint"]
+    assert saved[-1] == stopped[0]["step"] and len(saved) == len(set(saved)), saved
+    resumed = fu.Launch([*args, "--auto-resume"], tmp_path / "logs", "resumed")
+    assert resumed.wait(400) == 0, resumed.tail()
+    fu.assert_adapter_equal(out, torch_jobs["two"])
+    losses_close(out, torch_jobs["two"])
+
+
+@pytest.mark.torch
+def test_torch_a_hung_rank_ends_the_job_after_the_collective_timeout(torch_jobs, tmp_path):
+    import os
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    args = [*job_args("torch", torch_jobs["model"], torch_jobs["data"], out, 1, 2),
+            "--set", "train.collective_timeout_s=10"]
+    launch = fu.Launch(args, tmp_path / "logs", "first")
+    beat = fu.wait_heartbeat_any(out, launch, min_step=5, timeout=300)  # after the checkpoint of step 4
+    assert beat is not None, launch.tail()
+    [other] = [pid for pid in rank_pids(launch) if pid != beat["pid"]]
+    os.kill(other, signal.SIGSTOP)  # alive, never answering
+    started = time.monotonic()
+    try:
+        launch.wait(120)
+    finally:
+        os.kill(other, signal.SIGCONT) if launch.poll() is None else None
+    assert "another process of this data-parallel job stopped answering or died" in launch.stderr, launch.tail()
+    assert time.monotonic() - started < 90
+    assert fu.assert_checkpoints_sound(out) >= 4
 
 
 MLX_STEPS = 8
