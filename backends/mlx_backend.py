@@ -16,7 +16,6 @@ import json
 import math
 import os
 import secrets
-import sys
 import threading
 import time
 from pathlib import Path
