@@ -414,7 +414,8 @@ def test_torch_sigkill_then_auto_resume_ends_with_the_uninterrupted_adapter(torc
     assert code != 0, f"seed {seed}: the job was killed at step >= {at} but exited 0\n{launch.tail()}"
     if victim == "rank1":  # rank 0 says what happened and what to do (torchrun adds its own failure report)
         assert "another process of this data-parallel job stopped answering or died" in launch.stderr, launch.tail()
-        assert "continue with: overnight train ... --auto-resume" in launch.stderr, launch.tail()
+        assert ("continue with: overnight train ... --auto-resume" in launch.stderr  # or, killed before step 4:
+                or "no checkpoint was committed yet" in launch.stderr), launch.tail()
         assert "crashed unexpectedly" not in launch.stderr and "/src/" not in launch.stderr, launch.tail()
     resumed = fu.Launch([*args, "--auto-resume"], tmp_path / "logs", "resumed")
     assert resumed.wait(400) == 0, f"seed {seed}\n{resumed.tail()}"
