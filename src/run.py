@@ -172,9 +172,7 @@ def banner(cfg, info, report, run_dir: Path, resumed_from: int | None, processes
 
 def relaunch_on_devices(args, backend_name: str, argv: list[str]) -> None:
     """`overnight train --devices N`: replace this process by the backend's launcher running N of them."""
-    devices = getattr(args, "devices", None) or 1
-    if devices < 1:
-        raise UsageError(f"--devices {devices}: give the number of processes (GPUs, or Macs' processes), 1 or more")
+    devices = _devices(args)
     if devices == 1 or distributed.launcher():
         return
     command = distributed.launch_command(backend_name, devices, distributed.without_devices_flag(argv))
@@ -186,9 +184,17 @@ def relaunch_on_devices(args, backend_name: str, argv: list[str]) -> None:
         raise UsageError(f"--devices {devices}: could not start {command[0]} ({exc.strerror or exc})") from None
 
 
+def _devices(args) -> int:
+    devices = getattr(args, "devices", None)
+    if devices is not None and devices < 1:
+        raise UsageError(f"--devices {devices}: give the number of processes (one per GPU, or per Mac), 1 or more")
+    return devices or 1
+
+
 def run_train(args, flags: dict) -> int:
     from . import data
 
+    _devices(args)  # a bad --devices is refused before anything is read
     launched = distributed.launcher()
     if distributed.env_rank() != 0:  # rank 0 speaks for the job; the others stay quiet unless they fail
         _SILENT.append(True)
@@ -214,7 +220,7 @@ def run_train(args, flags: dict) -> int:
         from .rewards import load_rewards
 
         check_reward_fields([train_file, val_file], load_rewards(cfg))
-        if launched or (getattr(args, "devices", None) or 1) > 1:
+        if launched or _devices(args) > 1:
             raise UsageError("grpo trains as one process for now (its sampling is not sharded across processes): "
                              "run it without --devices / a launcher")
     run_dir = output_dir(cfg)
@@ -276,9 +282,9 @@ class _NoFiles:
         return {}
 
 
-def _resume_plan(args, run_dir, checkpoints, world) -> tuple:
-    """(checkpoint to resume from or None, exit code if there is nothing to do). Rank 0 decides (it may archive
-    or clean up files) and tells the others; when its decision raised, the others hear so and leave quietly."""
+def _resume_plan(args, run_dir, checkpoints, world):
+    """The checkpoint to resume from, or None. Rank 0 decides (it may archive or clean up files) and tells the
+    others; when its decision raised, the others hear so (_LeaderFailed) and leave quietly."""
     leader = world.rank == 0
     if leader:
         try:

@@ -117,6 +117,13 @@ def test_devices_flag_becomes_the_backends_launcher():
     assert mlx_cmd[mlx_cmd.index("--") + 1:][1:] == ["-m", "overnight", "train", "cfg.yaml"]
 
 
+def test_devices_below_one_is_a_usage_error(capsys):
+    from overnight.cli import main
+
+    assert main(["train", "--devices", "0"]) == 2
+    assert "--devices 0" in capsys.readouterr().err
+
+
 # -- the global batch -----------------------------------------------------------------------------------
 
 class _Counter:
