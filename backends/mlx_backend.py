@@ -144,6 +144,15 @@ def _is_oom(exc: BaseException) -> bool:
     return any(s in text for s in ("out of memory", "outofmemory", "unable to allocate", "insufficient memory"))
 
 
+def _no_answer(timeout_s: float, where: str) -> None:
+    """The watchdog's end of a collective that never completes: one line on stderr, exit 1 at once (the
+    main thread is blocked inside MLX and cannot be interrupted)."""
+    os.write(2, (f"error: no answer from the other processes of this data-parallel job for {timeout_s:.0f} s "
+                 f"({where}): one of them died or stopped; the last committed checkpoint is intact, continue "
+                 "with: overnight train ... --auto-resume\n").encode())
+    os._exit(1)
+
+
 class MLXCollective:
     """The Collective protocol (src/backend.py) over mx.distributed (mlx.launch's ring backend). A peer that died
     makes MLX raise at once ("connection to a peer was lost"): PeerLost. A peer that is alive but never answers
@@ -161,11 +170,7 @@ class MLXCollective:
             time.sleep(1.0)
             deadline = self._deadline
             if deadline is not None and time.monotonic() > deadline:
-                os.write(2, (f"error: no answer from the other processes of this data-parallel job for "
-                             f"{self.timeout_s:.0f} s ({self._what} on rank {self.rank} of {self.size}): one of them "
-                             "died or hangs; the last committed checkpoint is intact, continue with: overnight "
-                             "train ... --auto-resume\n").encode())
-                os._exit(1)
+                _no_answer(self.timeout_s, f"{self._what} on rank {self.rank} of {self.size}")
 
     def run(self, what: str, compute):
         """compute() issues the collective; it is evaluated here under the watchdog."""
@@ -374,11 +379,21 @@ class MLXBackend:
         self._world: MLXCollective | None = None  # set by connect() in a data-parallel job
 
     def connect(self, timeout_s: float) -> MLXCollective:
-        """Join the job mlx.launch started (MLX_RANK, MLX_HOSTFILE) over mx.distributed's ring backend."""
+        """Join the job mlx.launch started (MLX_RANK, MLX_HOSTFILE) over mx.distributed's ring backend. The ring's
+        rank 0 waits for its peers without a limit when one never comes: the same watchdog bounds the join."""
+        joined = threading.Event()
+
+        def watch():
+            if not joined.wait(timeout_s):
+                _no_answer(timeout_s, f"joining the job as rank {os.environ.get('MLX_RANK', '?')}")
+
+        threading.Thread(target=watch, name="overnight-join-watchdog", daemon=True).start()
         try:
             group = mx.distributed.init(strict=True, backend="ring")
         except Exception as exc:  # noqa: BLE001
             raise PeerLost(f"could not join the data-parallel job started by mlx.launch: {exc}") from None
+        finally:
+            joined.set()
         self._world = MLXCollective(group, timeout_s)
         return self._world
 
@@ -653,32 +668,46 @@ class MLXBackend:
         before = None
         try:
             acc = loss_sum = kl_sum = None
-            for batch in micro_batches:
-                if batch.noise_seed is not None:  # this micro-batch's dropout masks, whichever rank runs it
-                    mx.random.seed(batch.noise_seed)
-                loss, acc = self._accumulate(acc, *scales, *self._device_batch(batch))
-                if isinstance(loss, (tuple, list)):  # grpo: (objective, KL sum)
-                    loss, kl = loss
-                    kl_sum = kl if kl_sum is None else kl_sum + kl
-                loss_sum = loss if loss_sum is None else loss_sum + loss
-                # Schedules this micro-batch without waiting for it, and cuts the lazy graph so the
-                # next one does not hold its activations.
-                mx.async_eval(loss_sum, acc)
-            # One wait before the update: an OOM in forward/backward surfaces here, weights untouched.
+            ran_out = False
             try:
+                for batch in micro_batches:
+                    if batch.noise_seed is not None:  # this micro-batch's dropout masks, whichever rank runs it
+                        mx.random.seed(batch.noise_seed)
+                    loss, acc = self._accumulate(acc, *scales, *self._device_batch(batch))
+                    if isinstance(loss, (tuple, list)):  # grpo: (objective, KL sum)
+                        loss, kl = loss
+                        kl_sum = kl if kl_sum is None else kl_sum + kl
+                    loss_sum = loss if loss_sum is None else loss_sum + loss
+                    # Schedules this micro-batch without waiting for it, and cuts the lazy graph so the
+                    # next one does not hold its activations.
+                    mx.async_eval(loss_sum, acc)
+                # One wait before the update: an OOM in forward/backward surfaces here, weights untouched.
                 mx.eval(loss_sum, acc)
             except (RuntimeError, MemoryError) as exc:
                 if not (shared and _is_oom(exc)):
                     raise
-                acc = loss_sum = kl_sum = None  # this rank ran out: it still takes part in the step's all-reduce
+                # This rank ran out: it still takes part in the step's all-reduce (its flag makes every rank
+                # raise OutOfMemory there), so the others are not left waiting in it.
+                acc = loss_sum = kl_sum = loss = None
+                ran_out = True
                 mx.clear_cache()
+            kl_tokens = float(sum(b.loss_mask[:, 1:].sum() for b in micro_batches))  # grpo: the KL mean's divisor
             if shared:
-                loss_sum, acc, kl_sum = self._all_reduce(loss_sum, acc, kl_sum)
+                loss_sum, acc, kl_sum, kl_tokens = self._all_reduce(loss_sum, acc, kl_sum, kl_tokens, ran_out)
             before = (self.model.trainable_parameters(), tree_map(lambda x: x, self.optimizer.state))
-            norm = self._update(acc)
-            mx.eval(norm, self.model.trainable_parameters(), self.optimizer.state)
+            try:
+                norm = self._update(acc)
+                mx.eval(norm, self.model.trainable_parameters(), self.optimizer.state)
+            except (RuntimeError, MemoryError) as exc:
+                if shared and _is_oom(exc):
+                    # After the all-reduce the ranks cannot agree on a retry any more (this one would split the
+                    # step while the others applied it): end this process, the job resumes from its checkpoint.
+                    self._restore(before)
+                    raise PeerLost(f"out of memory in the optimizer update on rank {self._world.rank} of "
+                                   f"{self._world.size}, after the gradients were shared: {str(exc)[:200]}") from None
+                raise
         except (RuntimeError, MemoryError) as exc:
-            if not _is_oom(exc):
+            if isinstance(exc, PeerLost) or not _is_oom(exc):
                 raise
             if before is not None:
                 self._restore(before)
@@ -689,24 +718,26 @@ class MLXBackend:
         loss_value, norm_value = float(loss_sum.item()), float(norm.item())
         extras = {}
         if kl_sum is not None and self.grpo.beta > 0:
-            extras["kl"] = float(kl_sum.item()) / max(1.0, float(sum(b.loss_mask[:, 1:].sum() for b in micro_batches)))
+            extras["kl"] = float(kl_sum.item()) / max(1.0, kl_tokens)
         if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
             # A non-finite step is reported (the loop stops on it) but never applied, so the
             # weights stay finite and the stop can still commit a checkpoint.
             self._restore(before)
         return StepResult(loss=loss_value, tokens=tokens, grad_norm=norm_value, extras=extras)
 
-    def _all_reduce(self, loss_sum, grads, kl_sum) -> tuple:
-        """Data parallel: the step's one all_sum of every LoRA gradient, the loss sum, the grpo KL sum and an
-        out-of-memory flag, in one flat float32 buffer (summed, not averaged: each rank's objective is already
-        scaled by the whole step's 1/T). ``grads`` None means this rank ran out of memory. Any rank's OOM raises
-        the OOM error on every rank, before anything is applied."""
-        out_of_memory = grads is None
-        if out_of_memory:
+    def _all_reduce(self, loss_sum, grads, kl_sum, kl_tokens: float, out_of_memory: bool) -> tuple:
+        """Data parallel: the step's one all_sum of every LoRA gradient, the loss sum, the grpo KL sum and its
+        token count and an out-of-memory flag, in one flat float32 buffer (summed, not averaged: each rank's objective is already
+        scaled by the whole step's 1/T). ``grads`` is None when this rank ran out of memory (``out_of_memory``) or
+        had no micro-batch: it adds zeros. Any rank's OOM raises the OOM error on every rank, before anything is
+        applied."""
+        if grads is None:
             grads = tree_map(mx.zeros_like, self.model.trainable_parameters())
         leaves = tree_flatten(grads)
-        figures = mx.array([0.0 if loss_sum is None else loss_sum, 0.0 if kl_sum is None else kl_sum,
-                            float(out_of_memory)], dtype=mx.float32)
+        zero = mx.array(0.0, dtype=mx.float32)
+        figures = mx.stack([zero if loss_sum is None else loss_sum.astype(mx.float32),
+                            zero if kl_sum is None else kl_sum.astype(mx.float32),
+                            mx.array(kl_tokens, dtype=mx.float32), mx.array(float(out_of_memory), dtype=mx.float32)])
         flat = mx.concatenate([g.astype(mx.float32).reshape(-1) for _, g in leaves] + [figures])
         world = self._world
         summed = world.run("the gradient all-reduce", lambda: mx.distributed.all_sum(flat, group=world.group))
@@ -716,7 +747,8 @@ class MLXBackend:
         for path, g in leaves:
             rebuilt.append((path, summed[offset:offset + g.size].reshape(g.shape).astype(g.dtype)))
             offset += g.size
-        return summed[offset], tree_unflatten(rebuilt), (summed[offset + 1] if kl_sum is not None else None)
+        kl = summed[offset + 1] if self.method == "grpo" else None
+        return summed[offset], tree_unflatten(rebuilt), kl, float(summed[offset + 2].item())
 
     def _restore(self, before) -> None:
         self.model.update(before[0])

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,8 @@ from mlx.utils import tree_flatten  # noqa: E402
 from overnight.backend import Batch, OutOfMemory  # noqa: E402
 from overnight.backends.mlx_backend import MLXBackend  # noqa: E402
 from overnight.config import Config, ConfigError  # noqa: E402
+
+import dp_mlx_worker  # noqa: E402  (tests/ is on sys.path: one rank of the data-parallel jobs below)
 
 pytestmark = pytest.mark.mlx
 
@@ -558,3 +561,189 @@ def test_a_non_finite_step_is_reported_but_never_applied(tiny_model_dir, sft_dat
     after = _adapter(backend)
     assert all(np.array_equal(before[k], after[k]) for k in before)
     assert all(np.isfinite(v).all() for v in after.values())
+
+
+# ---------------------------------------------------------------------------
+# Data parallel over mx.distributed (mlx.launch, ring backend on localhost): tests/dp_mlx_worker.py is one rank.
+
+DP_SEED, DP_STEPS = 7, 3
+MLX_LAUNCH = Path(sys.executable).with_name("mlx.launch")
+
+
+def _free_ports(count: int) -> int:
+    """A first port such that it and the next count - 1 are free now (the ring uses one per rank)."""
+    import random
+    import socket
+
+    for _ in range(200):
+        first = random.randint(20000, 60000)
+        try:
+            for port in range(first, first + count):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port))
+            return first
+        except OSError:
+            continue
+    raise RuntimeError("no free ports")
+
+
+@pytest.fixture(scope="module")
+def dp_batches(sft_data, tmp_path_factory) -> Path:
+    """The whole step: 4 micro-batches of 4 rows, 2 per rank."""
+    steps, _ = sft_data
+    whole = steps[0] + steps[1]
+    path = tmp_path_factory.mktemp("dp") / "batches.npz"
+    arrays = {"count": np.array(len(whole))}
+    for i, b in enumerate(whole):
+        arrays.update({f"ids{i}": b.input_ids, f"mask{i}": b.loss_mask, f"attn{i}": b.attention_mask})
+    np.savez(path, **arrays)
+    return path
+
+
+def _dp_spec(model_dir, batches, out: Path, mode: str) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    spec = out / "spec.json"
+    spec.write_text(json.dumps({"model": str(model_dir), "batches": str(batches), "out": str(out), "mode": mode,
+                                "steps": DP_STEPS, "lr": LR, "seed": DP_SEED, "bits": 4, "dropout": 0.05,
+                                "timeout_s": 3.0}))
+    return spec
+
+
+def _mlx_launch(spec: Path) -> subprocess.Popen:
+    cmd = [str(MLX_LAUNCH), "-n", "2", "--backend", "ring", "--starting-port", str(_free_ports(2)), "--",
+           sys.executable, str(ROOT / "tests" / "dp_mlx_worker.py"), str(spec)]
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _ranks_by_hand(spec: Path) -> list[subprocess.Popen]:
+    """The two ranks started the way mlx.launch starts them (MLX_RANK, MLX_HOSTFILE), without mlx.launch: it
+    terminates the other ranks as soon as one exits with an error, which would hide what the survivor does."""
+    first = _free_ports(2)
+    hostfile = spec.with_name("hosts.json")
+    hostfile.write_text(json.dumps([[f"127.0.0.1:{first}"], [f"127.0.0.1:{first + 1}"]]))
+    return [subprocess.Popen([sys.executable, str(ROOT / "tests" / "dp_mlx_worker.py"), str(spec)], cwd=ROOT,
+                             env={**os.environ, "MLX_RANK": str(r), "MLX_HOSTFILE": str(hostfile)},
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for r in range(2)]
+
+
+def _one_process(model_dir, batches) -> tuple[list, dict[str, np.ndarray], MLXBackend]:
+    backend = MLXBackend()
+    backend.setup(dp_mlx_worker.config(model_dir, 4, 0.05), DP_SEED)
+    whole = dp_mlx_worker.load_batches(str(batches))
+    results = []
+    for step in range(DP_STEPS):
+        mine, scales = dp_mlx_worker.step_batches(whole, DP_SEED, step, 0, 1)
+        results.append(backend.train_step(mine, LR))  # step_scales None: over the list itself, the same ones
+        assert objectives_scales(mine) == scales
+    return results, _adapter(backend), backend
+
+
+def objectives_scales(batches):
+    from overnight import objectives
+
+    return objectives.step_scales("sft", batches)
+
+
+@pytest.fixture(scope="module")
+def dp_two_processes(tiny_model_dir, dp_batches, tmp_path_factory):
+    """The 2-process job (mlx.launch) and the one-process reference, run side by side."""
+    out = tmp_path_factory.mktemp("dp-train")
+    job = _mlx_launch(_dp_spec(tiny_model_dir, dp_batches, out, "train"))
+    try:
+        reference = _one_process(tiny_model_dir, dp_batches)
+        stdout, stderr = job.communicate(timeout=240)
+    finally:
+        job.kill()
+    ranks = [np.load(out / f"rank{r}.npz") for r in range(2) if (out / f"rank{r}.npz").exists()]
+    assert len(ranks) == 2, f"mlx.launch exited {job.returncode}\n{stdout[-3000:]}\n{stderr[-3000:]}"
+    return reference, ranks
+
+
+def test_two_processes_train_as_one_with_the_whole_step(dp_two_processes):
+    """4-bit base, LoRA dropout 0.05: each rank backpropagates its half of the step's micro-batches with the whole
+    step's normalisers and each micro-batch's keyed dropout; one all_sum per step makes it the one-process step."""
+    (results, weights, _), ranks = dp_two_processes
+    for r in ranks:
+        np.testing.assert_allclose(r["losses"], [x.loss for x in results], rtol=1e-5, atol=0)
+        np.testing.assert_allclose(r["norms"], [x.grad_norm for x in results], rtol=1e-5, atol=0)
+        for name, value in weights.items():
+            np.testing.assert_allclose(r[f"w:{name}"], value, rtol=0, atol=1e-5, err_msg=name)
+    # Loss, norm and weights come out of the same summed buffer on both ranks: identical, not just close.
+    assert np.array_equal(ranks[0]["losses"], ranks[1]["losses"])
+    assert np.array_equal(ranks[0]["norms"], ranks[1]["norms"])
+    assert all(np.array_equal(ranks[0][k], ranks[1][k]) for k in ranks[0].files if k.startswith("w:"))
+
+
+def test_keyed_dropout_is_on_and_depends_only_on_the_batch_key(dp_two_processes, dp_batches):
+    """The control for the test above: dropout really draws (two keys give two losses), and a key gives the same
+    masks whatever ran before it (the same key twice gives the same loss)."""
+    (_, _, backend), _ = dp_two_processes
+    batch = dp_mlx_worker.load_batches(str(dp_batches))[0]
+    scales = (mx.array(1.0 / batch.num_target_tokens), mx.array(0.0))
+    backend._set_training(True)
+
+    def loss(key):
+        mx.random.seed(key)
+        value, _ = backend._accumulate(None, *scales, *backend._device_batch(batch))
+        return value.item()
+
+    first = loss(11)
+    assert loss(12) != first
+    loss(13)
+    assert loss(11) == first
+    backend._set_training(False)
+    assert backend.eval_loss(batch) == backend.eval_loss(batch)
+
+
+def test_out_of_memory_on_one_rank_raises_on_both_with_the_weights_untouched(tiny_model_dir, dp_batches,
+                                                                           dp_two_processes, tmp_path):
+    """Rank 1 runs out of memory in its backward pass at step 1: its flag in the step's all-reduce makes both ranks
+    raise OutOfMemory before anything is applied; the step taken again then gives the uninterrupted job."""
+    out = tmp_path / "oom"
+    job = _mlx_launch(_dp_spec(tiny_model_dir, dp_batches, out, "oom"))
+    try:
+        stdout, stderr = job.communicate(timeout=240)
+    finally:
+        job.kill()
+    reports = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2) if (out / f"rank{r}.json").exists()]
+    assert len(reports) == 2, f"{stdout[-3000:]}\n{stderr[-3000:]}"
+    assert [r["oom"].split(":")[0] for r in reports] == ["OutOfMemory", "OutOfMemory"], reports
+    assert all(r["unchanged"] for r in reports), reports
+    _, uninterrupted = dp_two_processes
+    for r in range(2):
+        got = np.load(out / f"rank{r}.npz")
+        assert np.array_equal(got["losses"], uninterrupted[r]["losses"])
+        assert all(np.array_equal(got[k], uninterrupted[r][k]) for k in got.files if k.startswith("w:"))
+
+
+def test_a_dead_peer_is_peer_lost_and_a_silent_one_ends_the_job_after_the_timeout(tiny_model_dir, dp_batches,
+                                                                                 tmp_path):
+    """What MLX does: a peer that died (SIGKILL) closes its sockets, and the ring's all_sum raises at once ("connection
+    to a peer was lost"): PeerLost. A peer that is alive but never answers leaves all_sum waiting forever: the
+    watchdog ends the process after the collective timeout (3 s here) with the message and exit code 1."""
+    dead = _ranks_by_hand(_dp_spec(tiny_model_dir, dp_batches, tmp_path / "dead", "dead"))
+    hung = _ranks_by_hand(_dp_spec(tiny_model_dir, dp_batches, tmp_path / "hang", "hang"))
+    try:
+        assert dead[0].wait(240) == 0, dead[0].communicate()[1][-3000:]
+        assert dead[1].wait(60) == -9
+        report = json.loads((tmp_path / "dead" / "rank0.json").read_text())
+        assert report["peer"].startswith("PeerLost: another process of this data-parallel job stopped answering "
+                                         "or died (the gradient all-reduce on rank 0 of 2)"), report
+        assert report["noticed_after_s"] < 3.0, report
+
+        code = hung[0].wait(240)
+        ended = time.time()
+        stderr = hung[0].communicate()[1]
+        assert code == 1, stderr[-3000:]
+        assert ("error: no answer from the other processes of this data-parallel job for 3 s (the gradient "
+                "all-reduce on rank 0 of 2): one of them died or stopped; the last committed checkpoint is intact, "
+                "continue with: overnight train ... --auto-resume") in stderr, stderr[-3000:]
+        waited = ended - float((tmp_path / "hang" / "rank0.waiting").read_text())
+        assert 3.0 <= waited < 8.0, waited  # the watchdog looks once a second
+        assert not (tmp_path / "hang" / "rank0.json").exists()
+        assert hung[1].poll() is None  # the silent rank is still there: only the watchdog ended rank 0
+    finally:
+        for p in dead + hung:
+            p.kill()
+            p.communicate()
