@@ -747,3 +747,38 @@ def test_a_dead_peer_is_peer_lost_and_a_silent_one_ends_the_job_after_the_timeou
         for p in dead + hung:
             p.kill()
             p.communicate()
+
+
+def test_an_oom_in_the_update_of_a_job_ends_it_instead_of_splitting_one_rank(tiny_model_dir, sft_data):
+    """After the all-reduce the ranks cannot agree on a retry any more: an OOM in the optimizer update of a job is
+    PeerLost (the run ends, --auto-resume continues it), with this rank's weights restored; an OOM before it is
+    OutOfMemory through the flag. One process here, its 'job' a stand-in whose collective is the identity."""
+    from overnight.backend import PeerLost
+    from overnight.backends.mlx_backend import MLXCollective
+
+    steps, _ = sft_data
+    backend = _backend(tiny_model_dir)
+    world = MLXCollective(mx.distributed.init(), timeout_s=60.0)
+    world.size = 2
+    backend._world = world
+    backend.train_step(steps[0], LR)
+    before = _adapter(backend)
+
+    def broken_accumulate(*args):
+        raise RuntimeError(dp_mlx_worker.OOM_MESSAGE)
+
+    real_accumulate, backend._accumulate = backend._accumulate, broken_accumulate
+    with pytest.raises(OutOfMemory, match="out of memory on a process of this data-parallel job"):
+        backend.train_step(steps[1], LR)
+    backend._accumulate = real_accumulate
+    real_update = backend._update
+
+    def failing_update(*args):
+        real_update(*args)
+        raise RuntimeError(dp_mlx_worker.OOM_MESSAGE)
+
+    backend._update = failing_update
+    with pytest.raises(PeerLost, match="out of memory in the optimizer update on rank 0 of 2"):
+        backend.train_step(steps[1], LR)
+    after = _adapter(backend)
+    assert all(np.array_equal(before[k], after[k]) for k in before)
