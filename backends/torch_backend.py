@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed
 import torch.nn.functional as F
 
 from overnight import lora_init, objectives
@@ -38,22 +39,21 @@ class TorchCollective:
     def __init__(self, rank: int, size: int, device: torch.device, timeout_s: float):
         self.rank, self.size, self.device, self.timeout_s = rank, size, device, timeout_s
 
-    def _all_reduce(self, tensor: torch.Tensor, op: str, what: str) -> torch.Tensor:
+    def _all_reduce(self, tensor: torch.Tensor, op: str, what: str, to_host: bool = False):
         import torch.distributed as dist
 
         started = time.monotonic()
         try:
             dist.all_reduce(tensor, op=getattr(dist.ReduceOp, op))
-            return tensor
+            return tensor.cpu().numpy() if to_host else tensor  # NCCL may report a failure only when it is read
         except Exception as exc:  # noqa: BLE001 (gloo/NCCL raise RuntimeError or DistError subclasses)
             raise PeerLost(f"another process of this data-parallel job stopped answering or died ({what} on rank "
                            f"{self.rank} of {self.size}, after {time.monotonic() - started:.0f} s; collective "
-                           f"timeout {self.timeout_s:.0f} s): {str(exc).splitlines()[0][:200] if str(exc) else exc}") \
-                from None
+                           f"timeout {self.timeout_s:.0f} s): {_first_line(exc)}") from None
 
     def reduce(self, values, op: str, what: str) -> np.ndarray:
         tensor = torch.as_tensor(np.asarray(values, dtype=np.float64), device=self.device)
-        return self._all_reduce(tensor, op, what).cpu().numpy()
+        return self._all_reduce(tensor, op, what, to_host=True)
 
     def reduce_tensor(self, tensor: torch.Tensor) -> torch.Tensor:
         """train_step's gradient all-reduce (sum), on the tensor's own device (the GPU under NCCL)."""
@@ -119,15 +119,24 @@ class TorchBackend:
                                   "(--devices / --nproc_per_node at most the GPU count)")
             torch.cuda.set_device(local_rank)
             device, backend = torch.device("cuda", local_rank), "nccl"
+            # A collective that fails or times out then raises in the call (PeerLost) instead of NCCL's watchdog
+            # tearing the process down from another thread.
+            os.environ.setdefault("TORCH_NCCL_BLOCKING_WAIT", "1")
         else:
             device, backend = torch.device("cpu"), "gloo"
         try:
             dist.init_process_group(backend, rank=rank, world_size=size, timeout=timedelta(seconds=timeout_s))
         except Exception as exc:  # noqa: BLE001
             raise PeerLost(f"could not join the data-parallel job as rank {rank} of {size} ({backend}): "
-                           f"{str(exc).splitlines()[0][:300] if str(exc) else exc}") from None
+                           f"{_first_line(exc)}") from None
         self._world = TorchCollective(rank, size, device, timeout_s)
+        self._local_rank = local_rank
         return self._world
+
+    def close(self) -> None:
+        """Leave the data-parallel job (if any); never raises."""
+        if self._world is not None:
+            self._world.close()
 
     # ------------------------------------------------------------------ setup
 
@@ -405,53 +414,35 @@ class TorchBackend:
         self._model.train()
         for group in self._optimizer.param_groups:
             group["lr"] = lr
-        token_scale, pair_scale, weight = step_scales or objectives.step_scales(self._method, micro_batches)
+        token_scale, pair_scale, weight = (step_scales if step_scales is not None
+                                           else objectives.step_scales(self._method, micro_batches))
         tokens = sum(mb.num_target_tokens for mb in micro_batches)
         if weight == 0:
             raise ValueError("a training step with no target tokens: every loss_mask entry is 0 "
                              "(check data.mask_prompt and model.max_seq_length)")
-        shared = self._world is not None and self._world.size > 1
-        told = False  # whether the others already heard of this step's OOM (through its one all-reduce)
+        if self._world is not None and self._world.size > 1:
+            return self._shared_step(micro_batches, token_scale, pair_scale, tokens)
         try:
-            loss_value, norm_value = self._accumulate_and_step(micro_batches, token_scale, pair_scale, shared)
+            loss_sum = self._local_passes(micro_batches, token_scale, pair_scale)
+            norm = self._clip()
+            figures = [loss_sum, norm.float()]
+            if self._kl_sums:
+                figures += list(torch.stack(self._kl_sums).sum(dim=0))
+            values = torch.stack(figures).tolist()  # the step's one host sync
+            kl = (values[2], values[3]) if len(values) > 2 else None
+            self._apply(values[0], values[1])
         except _OOM as exc:
-            message = str(exc).splitlines()[0] if str(exc) else "CUDA out of memory"
-        except _PeerOutOfMemory:
-            message, told = "a process of this data-parallel job ran out of memory", True
+            message = _oom_message(exc)
         else:
-            return StepResult(loss=loss_value, tokens=tokens, grad_norm=norm_value, extras=self._step_extras)
+            return self._result(values[0], tokens, values[1], kl)
         # Outside the except block: the traceback, and the activations its frames hold, are gone by now.
         self._recover_from_oom()
-        if shared and not told:  # this rank ran out before the step's all-reduce: take part in it, saying so
-            try:
-                self._all_reduce_grads(torch.zeros((), device=self._device), out_of_memory=True)
-            except _PeerOutOfMemory:
-                pass
-        rows = sum(mb.num_rows for mb in micro_batches)
-        raise OutOfMemory(f"out of memory in a step of {rows} rows in {len(micro_batches)} micro-batches: {message}")
+        raise OutOfMemory(f"out of memory in a step of {sum(mb.num_rows for mb in micro_batches)} rows in "
+                          f"{len(micro_batches)} micro-batches: {message}")
 
-    def _all_reduce_grads(self, loss_sum: torch.Tensor, out_of_memory: bool = False) -> list[float]:
-        """Data parallel: the step's one all-reduce (sum) of every LoRA gradient, the loss sum, the grpo KL sums and
-        an out-of-memory flag, in one flat buffer (what DDP's no_sync accumulation ends with, summed instead of
-        averaged because each rank's objective is already scaled by the whole step's 1/T). Returns the summed
-        [loss_sum, kl sums...]; raises _PeerOutOfMemory when any rank ran out."""
-        grads = [p.grad if p.grad is not None and not out_of_memory else torch.zeros_like(p) for p in self._params]
-        kl = torch.stack(self._kl_sums).sum(dim=0) if self._kl_sums else torch.zeros(2, device=self._device)
-        figures = torch.stack([loss_sum.float(), *kl.float(), torch.tensor(float(out_of_memory), device=self._device)])
-        flat = torch.cat([g.reshape(-1).float() for g in grads] + [figures])
-        summed = self._world.reduce_tensor(flat)
-        tail = summed[-4:].tolist()
-        if tail[3] > 0:
-            raise _PeerOutOfMemory()
-        offset = 0
-        for param, grad in zip(self._params, grads):
-            n = grad.numel()
-            param.grad = summed[offset:offset + n].view_as(param).to(param.dtype)
-            offset += n
-        return tail[:3]
-
-    def _accumulate_and_step(self, micro_batches: list[Batch], token_scale: float,
-                             pair_scale: float, shared: bool = False) -> tuple[float, float]:
+    def _local_passes(self, micro_batches: list[Batch], token_scale: float, pair_scale: float) -> torch.Tensor:
+        """Forward and backward of each micro-batch, gradients accumulated in .grad; returns the objective's sum
+        (on the device: no host sync here)."""
         # Every upload is queued before any compute, so no copy waits on the GPU mid-step.
         inputs = [self._tensors(mb) for mb in micro_batches]
         loss_sum = torch.zeros((), dtype=torch.float32, device=self._device)
@@ -463,24 +454,96 @@ class TorchBackend:
             objective.backward()
             loss_sum += objective.detach()
             del objective
-        summed = self._all_reduce_grads(loss_sum) if shared else None
+        return loss_sum
+
+    def _clip(self) -> torch.Tensor:
         max_norm = self._cfg.train.max_grad_norm
         # max_norm 0 means no clipping; inf still yields the global norm and scales grads by exactly 1.
-        norm = torch.nn.utils.clip_grad_norm_(self._params, max_norm if max_norm > 0 else math.inf)
-        if summed is not None:  # already on the host: the whole step's figures
-            values = [summed[0], norm.item()] + (summed[1:] if self._kl_sums else [])
-        else:
-            figures = [loss_sum, norm.float()]
-            if self._kl_sums:
-                figures += list(torch.stack(self._kl_sums).sum(dim=0))
-            values = torch.stack(figures).tolist()  # the step's one host sync
-        loss_value, norm_value = values[:2]
-        self._step_extras = {"kl": values[2] / max(values[3], 1.0)} if len(values) > 2 else {}
+        return torch.nn.utils.clip_grad_norm_(self._params, max_norm if max_norm > 0 else math.inf)
+
+    def _apply(self, loss_value: float, norm_value: float) -> None:
         # A non-finite step is reported (the loop stops on it) but never applied, so saved weights stay finite.
         if math.isfinite(loss_value) and math.isfinite(norm_value):
             self._optimizer.step()
         self._optimizer.zero_grad(set_to_none=True)
-        return loss_value, norm_value
+
+    def _result(self, loss_value: float, tokens: int, norm_value: float, kl) -> StepResult:
+        self._step_extras = {"kl": kl[0] / max(kl[1], 1.0)} if kl is not None else {}
+        return StepResult(loss=loss_value, tokens=tokens, grad_norm=norm_value, extras=self._step_extras)
+
+    # Data parallel: the tail of the step's flat buffer after the LoRA gradients.
+    _LOSS, _KL, _KL_TOKENS, _TOKENS, _OOM_FLAG = range(5)
+
+    def _flat_buffer(self, loss_sum: torch.Tensor | None, tokens: int, out_of_memory: bool) -> torch.Tensor:
+        """Every LoRA gradient (zeros where a parameter has none, or after this rank ran out of memory), then
+        [loss sum, grpo KL sum, its token count, target tokens, out-of-memory flag], as one float32 vector."""
+        dev = self._device
+        grads = [torch.zeros(p.numel(), dtype=torch.float32, device=dev) if out_of_memory or p.grad is None
+                 else p.grad.reshape(-1).float() for p in self._params]
+        zero = torch.zeros((), dtype=torch.float32, device=dev)
+        kl = torch.stack(self._kl_sums).sum(dim=0).float() if self._kl_sums and not out_of_memory \
+            else torch.zeros(2, dtype=torch.float32, device=dev)
+        tail = torch.stack([zero if loss_sum is None or out_of_memory else loss_sum.float(), kl[0], kl[1],
+                            torch.tensor(float(tokens), dtype=torch.float32, device=dev),
+                            torch.tensor(1.0 if out_of_memory else 0.0, dtype=torch.float32, device=dev)])
+        return torch.cat(grads + [tail])
+
+    def _shared_step(self, micro_batches: list[Batch], token_scale: float, pair_scale: float,
+                     tokens: int) -> StepResult:
+        """One step of a data-parallel job: the local passes, then ONE all-reduce (sum) of the flat buffer
+        (_flat_buffer) — what DDP's no_sync accumulation ends with, summed rather than averaged because each rank's
+        objective is already scaled by the whole step's 1/T — then the global clip and the step. Every rank takes
+        part in that all-reduce even when it ran out of memory (its flag makes every rank raise OutOfMemory with
+        the weights untouched), so no rank is left waiting in it."""
+        world = self._world
+        rank = f"rank {world.rank} of {world.size}"
+        message = None
+        loss_sum = None
+        try:
+            loss_sum = self._local_passes(micro_batches, token_scale, pair_scale)
+            flat = self._flat_buffer(loss_sum, tokens, False)
+        except _OOM as exc:
+            message, flat = _oom_message(exc), None
+        if flat is None:  # outside the except block, so the failed passes' activations are freed
+            loss_sum = None
+            self._recover_from_oom()
+            try:
+                flat = self._flat_buffer(None, tokens, True)
+            except _OOM as exc:
+                raise PeerLost(f"out of memory on {rank} even for the step's gradient exchange buffer, so this "
+                               f"process leaves the job: {_oom_message(exc)}") from None
+        summed = world.reduce_tensor(flat)  # raises PeerLost when a peer died or timed out
+        del flat
+        try:
+            offset = 0
+            for param in self._params:  # views of the summed buffer: no copy where the dtypes agree
+                n = param.numel()
+                param.grad = summed[offset:offset + n].view_as(param).to(param.dtype)
+                offset += n
+            norm = self._clip()
+            values = torch.cat([summed[offset:], norm.float().reshape(1).to(summed.device)]).tolist()  # one sync
+            del summed
+            if values[self._OOM_FLAG] > 0:
+                self._recover_from_oom()
+                what = message or "another process of this data-parallel job ran out of memory"
+                raise OutOfMemory(f"out of memory in a step of {sum(mb.num_rows for mb in micro_batches)} rows in "
+                                  f"{len(micro_batches)} micro-batches on {rank}: {what}")
+            loss_value, norm_value = values[self._LOSS], values[-1]
+            self._apply(loss_value, norm_value)
+        except _OOM as exc:
+            # After the all-reduce the ranks cannot agree on a retry any more (this one would split the step while
+            # the others applied it): this process leaves the job, which resumes from its last checkpoint.
+            text = _oom_message(exc)
+            self._recover_from_oom()
+            raise PeerLost(f"out of memory in the optimizer update on {rank}, after the gradients were shared: "
+                           f"{text}") from None
+        except torch.distributed.DistError as exc:  # NCCL reports a failed all-reduce when its result is read
+            raise PeerLost(f"another process of this data-parallel job stopped answering or died (the gradient "
+                           f"all-reduce on {rank}): {_first_line(exc)}") from None
+        kl = None
+        if self._method == "grpo" and self._grpo.beta > 0:
+            kl = (values[self._KL], values[self._KL_TOKENS])
+        return self._result(loss_value, int(round(values[self._TOKENS])), norm_value, kl)
 
     def _recover_from_oom(self) -> None:
         self._optimizer.zero_grad(set_to_none=True)
@@ -741,8 +804,13 @@ def _keep_4bit_weights_unpacked(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-class _PeerOutOfMemory(Exception):
-    """The step's all-reduce says some rank ran out of memory: every rank gives the step up together."""
+def _first_line(exc: BaseException) -> str:
+    text = str(exc)
+    return text.splitlines()[0][:300] if text.strip() else exc.__class__.__name__
+
+
+def _oom_message(exc: BaseException) -> str:
+    return _first_line(exc) if str(exc).strip() else "CUDA out of memory"
 
 
 def _init_lora_a(model, seed: int) -> None:
