@@ -10,6 +10,7 @@ step_scales. With ``oom_rank`` set, that rank's first forward raises torch.OutOf
 OutOfMemory with its weights untouched; the step is then taken again, as the loop would.
 mode "solo": the same steps in one process that is not connected (every micro-batch of each step).
 mode "dead": rank 1 connects and exits at once; rank 0 sets up and trains, and must get PeerLost.
+mode "silent": rank 1 connects and then never takes part; rank 0 must get PeerLost once timeout_s has passed.
 """
 from __future__ import annotations
 
@@ -54,6 +55,12 @@ def main(job_path: str) -> int:
     out: dict[str, np.ndarray] = {}
     if job["mode"] == "dead" and rank == 1:
         os._exit(0)  # gone before the first collective, without leaving the group
+    if job["mode"] == "silent" and rank == 1:
+        # Alive but never answering: stays until rank 0 has written its result (at most a minute).
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not os.path.exists(job["out"].format(rank=0)):
+            time.sleep(0.2)
+        os._exit(0)
     backend.setup(cfg, int(job["seed"]))
     for name, value in weights(backend).items():
         out["init/" + name] = value
@@ -76,7 +83,7 @@ def main(job_path: str) -> int:
         mine = whole[rank * share:(rank + 1) * share]
         scales = objectives.step_scales(cfg.data.method, whole)
         started = time.monotonic()
-        if job["mode"] == "dead":
+        if job["mode"] in ("dead", "silent"):
             try:
                 backend.train_step(mine, float(job["lr"]), scales)
             except PeerLost as exc:

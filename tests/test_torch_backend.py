@@ -592,6 +592,7 @@ def _free_port() -> int:
 
 
 DP_STEPS, DP_MICRO, DP_SEED, DP_TIMEOUT_S = 3, 4, 7, 15.0
+SILENT_TIMEOUT_S = 4.0
 
 
 def _dp_steps(model_dir: Path) -> list:
@@ -626,9 +627,9 @@ def _start(job: dict, path: Path, rank: int | None, port: int | None):
 
 @pytest.fixture(scope="module")
 def dp_jobs(tiny_model_dir, tmp_path_factory):
-    """Three jobs at once, each process with one thread: a 2-process job (rank 1's first forward runs out of
-    memory, then the step is taken again), the same steps in one process, and a 2-process job whose rank 1
-    exits right after joining. 4-bit NF4 base and LoRA dropout 0.05: the default path."""
+    """Four jobs at once, each process with one thread: a 2-process job (rank 1's first forward runs out of
+    memory, then the step is taken again), the same steps in one process, and two 2-process jobs whose rank 1
+    exits right after joining, or stays but never answers. 4-bit NF4 base and LoRA dropout 0.05: the default path."""
     import pickle
     import time
 
@@ -641,13 +642,16 @@ def dp_jobs(tiny_model_dir, tmp_path_factory):
             "timeout_s": DP_TIMEOUT_S,
             "overrides": {"model.quantization.bits": 4, "lora.rank": 8, "lora.alpha": 16.0, "lora.dropout": 0.05,
                           "lora.layers": -1}}
-    train_port, dead_port = _free_port(), _free_port()
+    train_port, dead_port, silent_port = _free_port(), _free_port(), _free_port()
     procs = {}
     for rank in (0, 1):
         procs[f"train{rank}"] = _start({**base, "mode": "train", "oom_rank": 1, "out": str(root / "train{rank}.npz")},
                                        root / f"train{rank}.json", rank, train_port)
         procs[f"dead{rank}"] = _start({**base, "mode": "dead", "out": str(root / "dead{rank}.npz")},
                                       root / f"dead{rank}.json", rank, dead_port)
+        procs[f"silent{rank}"] = _start({**base, "mode": "silent", "timeout_s": SILENT_TIMEOUT_S,
+                                         "out": str(root / "silent{rank}.npz")}, root / f"silent{rank}.json", rank,
+                                        silent_port)
     procs["solo"] = _start({**base, "mode": "solo", "out": str(root / "solo{rank}.npz")}, root / "solo.json",
                            None, None)
     started = time.monotonic()
@@ -662,7 +666,7 @@ def dp_jobs(tiny_model_dir, tmp_path_factory):
     for name, proc in procs.items():
         assert proc.returncode == 0, f"{name} exited {proc.returncode}:\n{logs[name][-3000:]}"
     out = {}
-    for name, file in (("rank0", "train0"), ("rank1", "train1"), ("solo", "solo0"), ("dead0", "dead0")):
+    for name, file in (("rank0", "train0"), ("rank1", "train1"), ("solo", "solo0"), ("dead0", "dead0"), ("silent0", "silent0")):
         with np.load(root / f"{file}.npz") as data:
             out[name] = {k: data[k] for k in data.files}
     out["dead1_wrote"] = (root / "dead1.npz").exists()
@@ -714,3 +718,11 @@ def test_a_dead_peer_is_peer_lost_within_the_timeout(dp_jobs):
     assert "the gradient all-reduce" in str(dead["peer_lost_message"])
     assert float(dead["peer_lost_after_s"]) < DP_TIMEOUT_S + 10
     assert not dp_jobs["dead1_wrote"]
+
+
+@pytest.mark.skipif(not has("bitsandbytes"), reason="needs bitsandbytes")
+def test_a_silent_peer_is_peer_lost_once_the_timeout_has_passed(dp_jobs):
+    silent = dp_jobs["silent0"]
+    assert "peer_lost_message" in silent, "rank 0 finished a step without its peer"
+    assert "stopped answering or died (the gradient all-reduce" in str(silent["peer_lost_message"])
+    assert SILENT_TIMEOUT_S - 1 <= float(silent["peer_lost_after_s"]) < SILENT_TIMEOUT_S + 10
