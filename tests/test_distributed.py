@@ -400,6 +400,30 @@ def test_torch_two_processes_match_one_process_with_the_same_global_batch(torch_
 
 
 @pytest.mark.torch
+def test_torch_accelerate_launch_trains_the_same_job_as_devices(torch_jobs, tmp_path):
+    """`accelerate launch` (its torchrun path; on a machine without a GPU the ranks use gloo) is the same
+    job as `--devices 2`: same adapter bytes, one writer."""
+    import subprocess
+    import sys
+
+    if not has("accelerate"):
+        pytest.skip("needs accelerate")
+    out = tmp_path / "run"
+    args = job_args("torch", torch_jobs["model"], torch_jobs["data"], out, 1, 2)
+    del args[args.index("--devices"):args.index("--devices") + 2]
+    done = subprocess.run([sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--multi_gpu",
+                           "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+                           "--dynamo_backend", "no", "-m", "overnight", *args],
+                          capture_output=True, text=True, env=fu.cli_env(), stdin=subprocess.DEVNULL, timeout=400,
+                          cwd=fu.ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "x 2 processes, data parallel" in done.stdout + done.stderr
+    assert len([r for r in fu.metrics(out) if r["event"] == "start"]) == 1
+    fu.assert_adapter_equal(out, torch_jobs["two"])
+    losses_close(out, torch_jobs["two"])
+
+
+@pytest.mark.torch
 @pytest.mark.parametrize("victim", ["job", "rank1"])
 def test_torch_sigkill_then_auto_resume_ends_with_the_uninterrupted_adapter(torch_jobs, victim, tmp_path):
     import random

@@ -614,7 +614,9 @@ def _start(job: dict, path: Path, rank: int | None, port: int | None):
     import sys
 
     path.write_text(json.dumps(job))
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    # CPU and gloo even where a GPU is visible (two ranks on one GPU would be refused; tests/test_distributed.py
+    # has the NCCL job).
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", CUDA_VISIBLE_DEVICES="")
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     if rank is not None:
