@@ -187,11 +187,13 @@ def train(cfg, backend, stream, validator, checkpoints: CheckpointManager, files
             files.event("interrupted", step, signal=signal_code - 128)
             return Outcome("interrupted", step, signal_code, f"signal {signal_code - 128}", best.best_step)
 
-    # The final adapter: the best-scored checkpoint when it is still there, else the newest good one.
+    # The final adapter: the best-scored checkpoint when it is still there, else the newest good one. Without
+    # keep_best a checkpoint at the best step is chance (a signal's save lands there), so the newest it is: a resumed
+    # run must export what the uninterrupted one exports.
     chosen = None
     if world.rank != 0:
         pass  # rank 0 exports it
-    elif best.best_step is not None:  # verified again (and quarantined if it rotted): never export a corrupted copy
+    elif best.best_step is not None and cfg.checkpoint.keep_best:  # verified again (quarantined if it rotted)
         found = checkpoints.latest_valid(at_step=best.best_step)
         chosen = found.step if found else None
     if chosen is None and world.rank == 0:

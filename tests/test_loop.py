@@ -252,6 +252,22 @@ def test_resume_anywhere_gives_the_same_evals_best_and_adapter(tmp_path, stop_at
     assert train_losses(run_dir) == train_losses(straight_dir)
 
 
+def test_without_keep_best_a_signal_at_the_best_step_does_not_change_the_exported_adapter(tmp_path):
+    """keep_best off: the uninterrupted run has no checkpoint at its best step (65, off the grid of 7), so it
+    exports the newest; a signal's save at step 65 must not make the resumed run export step 65 instead."""
+    cfg_args = ("train.max_steps=80", "checkpoint.every_steps=7", "checkpoint.keep_last=2",
+                "checkpoint.keep_best=false")
+    straight, _, _, straight_dir = run(make_cfg(tmp_path / "straight", *cfg_args))
+    assert straight.best_step == 65 and straight.adapter_from == 80  # the premise: a best off the grid
+    cfg = make_cfg(tmp_path / "split", *cfg_args)
+    first, _, _, run_dir = run(cfg, stop_at=straight.best_step)
+    checkpoint = CheckpointManager(run_dir).latest_valid()
+    assert checkpoint.step == straight.best_step
+    second, _, _, _ = run(cfg, resume_dir=checkpoint.path)
+    assert (second.best_step, second.adapter_from) == (straight.best_step, straight.adapter_from)
+    assert adapter_bytes(run_dir) == adapter_bytes(straight_dir)
+
+
 def test_a_signal_at_an_eval_step_saves_at_once_and_owes_the_eval(tmp_path):
     said: list[str] = []
     predicted: list[int] = []
