@@ -170,18 +170,18 @@ def banner(cfg, info, report, run_dir: Path, resumed_from: int | None, processes
     return lines
 
 
-def relaunch_on_devices(args, backend_name: str, argv: list[str]) -> None:
-    """`overnight train --devices N`: replace this process by the backend's launcher running N of them."""
+def relaunch_on_devices(args, backend_name: str, argv: list[str]) -> int | None:
+    """`overnight train --devices N`: run the backend's launcher with N of them and return the job's exit code
+    (None: train in this process)."""
     devices = _devices(args)
     if devices == 1 or distributed.launcher():
-        return
+        return None
     command = distributed.launch_command(backend_name, devices, distributed.without_devices_flag(argv))
+    if not os.access(command[0], os.X_OK):
+        raise UsageError(f"--devices {devices}: cannot start {command[0]} (not found or not executable)")
     say(f"starting {devices} processes: {' '.join(command)}")
     sys.stdout.flush()
-    try:
-        os.execv(command[0], command)
-    except OSError as exc:
-        raise UsageError(f"--devices {devices}: could not start {command[0]} ({exc.strerror or exc})") from None
+    return distributed.supervise(command, devices)
 
 
 def _devices(args) -> int:
@@ -225,7 +225,9 @@ def run_train(args, flags: dict) -> int:
                              "run it without --devices / a launcher")
     run_dir = output_dir(cfg)
     backend = get_backend(cfg.backend, announce=say)  # imports the framework, loads no model
-    relaunch_on_devices(args, backend.name, getattr(args, "train_argv", []))
+    job_code = relaunch_on_devices(args, backend.name, getattr(args, "train_argv", []))
+    if job_code is not None:
+        return job_code
     world = distributed.join(backend, timeout_s=cfg.train.collective_timeout_s)
     if world.rank != 0:  # rank 0 owns RUN_DIR (lock, files, checkpoints); this rank follows its decisions
         return _guarded(args, cfg, run_dir, backend, data, train_file, val_file, tokenizer, report, world)

@@ -124,6 +124,87 @@ def test_devices_below_one_is_a_usage_error(capsys):
     assert "--devices 0" in capsys.readouterr().err
 
 
+# -- `--devices`: the supervisor between the user and the launcher ------------------------------------------
+
+# A stand-in launcher (what torchrun / mlx.launch do for this purpose: start N ranks with the launcher's variables
+# and wait for them) and a stand-in rank that notes itself as `python -m overnight` does, then acts out its part.
+STAND_IN_LAUNCHER = """
+import os, subprocess, sys
+parts = sys.argv[2:]
+ranks = [subprocess.Popen([sys.executable, sys.argv[1], part], env=dict(os.environ, RANK=str(rank),
+         WORLD_SIZE=str(len(parts)))) for rank, part in enumerate(parts)]
+sys.exit(max(abs(rank.wait()) for rank in ranks) and 1)  # like torchrun: 1 whatever a rank said
+"""
+STAND_IN_RANK = """
+import os, signal, sys, time
+from overnight.distributed import note_rank_exit, note_rank_started
+part = sys.argv[1]
+def leave(signum, frame):
+    note_rank_exit(128 + signum)
+    sys.exit(128 + signum)
+signal.signal(signal.SIGTERM, leave)
+signal.signal(signal.SIGINT, leave)
+note_rank_started()
+if part == "hang":
+    os.kill(os.getpid(), signal.SIGSTOP)  # alive, never answering (SIGKILL still works)
+if part.startswith("exit"):
+    time.sleep(0.5)
+    note_rank_exit(int(part[4:]))
+    sys.exit(int(part[4:]))
+time.sleep(60)
+"""
+
+
+def supervise_stand_ins(tmp_path, *parts, signal_after_s=None, grace_s=1.0):
+    import os
+    import signal
+    import sys
+    import threading
+
+    from overnight.distributed import supervise
+
+    (tmp_path / "launcher.py").write_text(STAND_IN_LAUNCHER)
+    (tmp_path / "rank.py").write_text(STAND_IN_RANK)
+    if signal_after_s is not None:  # the user's `kill` to the `overnight train --devices` process
+        threading.Timer(signal_after_s, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    command = [sys.executable, str(tmp_path / "launcher.py"), str(tmp_path / "rank.py"), *parts]
+    return supervise(command, len(parts), poll_s=0.05, grace_s=grace_s)
+
+
+def test_devices_job_exits_with_the_ranks_code_not_the_launchers(tmp_path):
+    assert supervise_stand_ins(tmp_path, "exit0", "exit0") == 0
+    assert supervise_stand_ins(tmp_path, "exit1", "exit2") == 2  # the one the user must act on
+    assert supervise_stand_ins(tmp_path, "exit3", "exit0") == 3
+
+
+def test_devices_job_relays_a_signal_to_every_rank_and_exits_with_its_code(tmp_path, capsys):
+    import time
+
+    started = time.monotonic()
+    assert supervise_stand_ins(tmp_path, "wait", "wait", signal_after_s=1.5) == 143
+    assert time.monotonic() - started < 30  # both ranks got it: neither waited out its 60 s
+    assert "the 2-process job ended with exit code 143 (interrupted by SIGTERM)" in capsys.readouterr().err
+
+
+def test_devices_job_kills_a_hung_rank_once_another_has_failed(tmp_path):
+    import time
+
+    started = time.monotonic()
+    # mlx.launch alone would wait for the stopped rank forever
+    assert supervise_stand_ins(tmp_path, "exit1", "hang", grace_s=1.0) == 1
+    assert time.monotonic() - started < 30
+
+
+def test_job_exit_code_prefers_what_the_user_must_act_on_then_rank_zero():
+    from overnight.distributed import job_exit_code
+
+    assert job_exit_code({0: 0, 1: 0}, 2, 0, None) == 0
+    assert job_exit_code({0: 143, 1: 143}, 2, 1, 15) == 143
+    assert job_exit_code({0: 1}, 2, 0, None) == 1  # rank 1 was killed; mlx.launch said 0
+    assert job_exit_code({0: 0}, 2, 0, None) == 1  # a rank that left no code died
+    assert job_exit_code({1: 130}, 2, 1, None) == 130
+    assert job_exit_code({}, 2, 0, 2) == 130  # the signal came before any rank could handle it
+
 # -- the global batch -----------------------------------------------------------------------------------
 
 class _Counter:
@@ -340,14 +421,16 @@ def job_pids(agent: int) -> list[int]:
 
 
 def rank_pids(launch: fu.Launch) -> list[int]:
-    """The processes running `-m overnight train` under the launcher: the ranks."""
+    """The processes running `python -m overnight train` under `overnight train --devices` (itself one, the root
+    of the tree) and its launcher: the ranks."""
     ranks = []
     for pid in job_pids(launch.pid)[1:]:
         try:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"overnight" in cmdline and b"train" in cmdline and b"torch.distributed.run" not in cmdline:
+        head = cmdline[:4]  # python [-u] -m overnight: not torchrun (-m torch.distributed.run), not mlx.launch
+        if b"-m" in head and cmdline[cmdline.index(b"-m") + 1:cmdline.index(b"-m") + 2] == [b"overnight"]:
             ranks.append(pid)
     return ranks
 
@@ -444,6 +527,7 @@ def test_torch_sigkill_then_auto_resume_ends_with_the_uninterrupted_adapter(torc
     code = launch.wait(120)
     assert code != 0, f"seed {seed}: the job was killed at step >= {at} but exited 0\n{launch.tail()}"
     if victim == "rank1":  # rank 0 says what happened and what to do (torchrun adds its own failure report)
+        assert code == 1, launch.tail()
         assert "another process of this data-parallel job stopped answering or died" in launch.stderr, launch.tail()
         assert ("continue with: overnight train ... --auto-resume" in launch.stderr  # or, killed before step 4:
                 or "no checkpoint was committed yet" in launch.stderr), launch.tail()
@@ -486,7 +570,7 @@ def test_torch_sigterm_to_one_rank_stops_the_job_with_one_save_and_resume_is_exa
     import os
 
     os.kill(other, signal.SIGTERM)
-    launch.wait(120)
+    assert launch.wait(120) == 143, launch.tail()  # SPEC §3, not torchrun's 1
     stopped = [r for r in fu.metrics(out) if r["event"] == "interrupted"]
     assert len(stopped) == 1 and stopped[0]["signal"] == signal.SIGTERM, launch.tail()
     saved = [r["step"] for r in fu.metrics(out) if r["event"] == "checkpoint"]
@@ -513,7 +597,7 @@ def test_torch_a_hung_rank_ends_the_job_after_the_collective_timeout(torch_jobs,
     os.kill(other, signal.SIGSTOP)  # alive, never answering
     started = time.monotonic()
     try:
-        launch.wait(120)
+        assert launch.wait(120) == 1, launch.tail()
     finally:
         os.kill(other, signal.SIGCONT) if launch.poll() is None else None
     assert "another process of this data-parallel job stopped answering or died" in launch.stderr, launch.tail()
@@ -551,17 +635,40 @@ def test_mlx_two_processes_match_one_process_with_the_same_global_batch(mlx_jobs
 
 
 @pytest.mark.mlx
-def test_mlx_sigkill_of_one_rank_then_auto_resume_ends_with_the_uninterrupted_adapter(mlx_jobs, tmp_path):
+@pytest.mark.parametrize("victim", ["job", "rank1", "sigterm"])
+def test_mlx_a_kill_or_sigterm_then_auto_resume_ends_with_the_uninterrupted_adapter(mlx_jobs, victim, tmp_path):
+    """SIGKILL of every process, SIGKILL of rank 1, SIGTERM to `overnight train --devices 2` (as Ctrl-C or a
+    spot reclaim would): the exit code says which (mlx.launch alone exits 0 whatever happened)."""
+    import signal
+
+    import random
+
+    seed = int(__import__("os").environ.get("FAULTS_SEED") or random.SystemRandom().randrange(1 << 30))
+    at = random.Random(seed).randint(3, MLX_STEPS - 2)
     out = tmp_path / "run"
     args = mlx_args(mlx_jobs["model"], mlx_jobs["data"], out, 1, 2)
     launch = fu.Launch(args, tmp_path / "logs", "first")
-    beat = fu.wait_heartbeat_any(out, launch, min_step=5, timeout=300)
+    beat = fu.wait_heartbeat_any(out, launch, min_step=at, timeout=300)
     assert beat is not None, launch.tail()
-    others = [pid for pid in rank_pids(launch) if pid != beat["pid"]]
-    assert len(others) == 1, (rank_pids(launch), beat)
-    kill_all(others)
-    launch.wait(120)
-    assert "another process of this data-parallel job stopped answering or died" in launch.stderr, launch.tail()
+    if victim == "job":
+        kill_all(job_pids(launch.pid))
+    elif victim == "rank1":
+        others = [pid for pid in rank_pids(launch) if pid != beat["pid"]]
+        assert len(others) == 1, (rank_pids(launch), beat)
+        kill_all(others)
+    else:
+        import os
+
+        os.kill(launch.pid, signal.SIGTERM)
+    code = launch.wait(120)
+    if victim == "rank1":
+        assert code == 1, launch.tail()
+        assert "another process of this data-parallel job stopped answering or died" in launch.stderr, launch.tail()
+    if victim == "sigterm":
+        assert code == 143, launch.tail()
+        stopped = [r for r in fu.metrics(out) if r["event"] == "interrupted"]
+        saved = [r["step"] for r in fu.metrics(out) if r["event"] == "checkpoint"]
+        assert len(stopped) == 1 and saved[-1] == stopped[0]["step"], launch.tail()
     resumed = fu.Launch([*args, "--auto-resume"], tmp_path / "logs", "resumed")
     assert resumed.wait(400) == 0, resumed.tail()
     fu.assert_adapter_equal(out, mlx_jobs["two"])
