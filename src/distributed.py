@@ -11,6 +11,7 @@ and shared, so all ranks stop, split or save together.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -107,6 +108,24 @@ def agreed_flag(world, value: bool) -> bool:
     if world.size == 1:
         return value
     return bool(world.broadcast(np.array([1.0 if value else 0.0]))[0])
+
+
+def all_gather_json(world, value) -> list:
+    """Every rank's ``value`` (anything JSON holds), in rank order, on every rank: what only one rank computed
+    (grpo's sampled completions) for all to use. The JSON text travels as uint16 pieces in a float64 sum where each
+    rank fills its own row and adds zeros to the others', which every Collective carries exactly (mlx's float32
+    ring too); floats come back bit for bit, as JSON writes each one's shortest exact form."""
+    if world.size == 1:
+        return [value]
+    text = json.dumps(value).encode()
+    lengths = np.zeros(world.size)
+    lengths[world.rank] = len(text)
+    lengths = world.all_sum(lengths).astype(np.int64)
+    width = (int(lengths.max()) + 1) // 2
+    rows = np.zeros((world.size, width))
+    rows[world.rank] = np.frombuffer(text.ljust(2 * width, b"\0"), dtype=np.uint16)
+    rows = np.asarray(world.all_sum(rows.ravel())).reshape(world.size, width)
+    return [json.loads(rows[rank].astype(np.uint16).tobytes()[:lengths[rank]]) for rank in range(world.size)]
 
 
 def eval_share(count: int, world) -> Sequence[int | None]:

@@ -28,6 +28,7 @@ from . import rewards as rw
 from .backend import Batch, OutOfMemory
 from .data import DataError, TrainStream, _open_source, _rng, collate
 from .data_tokenizer import encode_prompt, fit_prompt
+from .distributed import Solo, all_gather_json, eval_share
 from .loop import TrainingError
 from .stopping import Stop
 
@@ -128,14 +129,15 @@ class GrpoSource:
     and the dead-reward breaker) and step_stats() for the train event."""
 
     def __init__(self, train_file: Path, tokenizer, cfg, backend, reward_list: list[rw.Reward],
-                 say: Callable[[str], None] = print):
+                 say: Callable[[str], None] = print, world=Solo()):
+        self.world = world
         self.order = TrainStream(train_file, tokenizer, cfg)  # only its resumable order of prompt rows is used
         self.rows = PromptRows(self.order.source, tokenizer, cfg, reward_list)
         self.tok, self.cfg, self.g, self.backend = tokenizer, cfg, cfg.grpo, backend
         self.rewards, self.say = reward_list, say
         self.calls = 0  # micro-batches served so far: the sampling seed's counter
         self.dead_run = 0
-        self._replay: list[dict] = []  # grpo.iterations > 1: the current generated step, as saved state
+        self._step: list[dict] = []  # the current step's generated micro-batches (saved while iterations replay it)
         self._pending: list[rw.Scored] = []
         self._lengths: list[int] = []
         self._stats: dict = {}
@@ -143,22 +145,30 @@ class GrpoSource:
     # -- batches -----------------------------------------------------------
 
     def next_batch(self) -> Batch:
-        accumulation = self.cfg.train.grad_accumulation
-        micro, step = self.calls % accumulation, self.calls // accumulation
-        if self.g.iterations > 1 and step % self.g.iterations:
-            saved = self._replay[micro]
-        else:
-            saved = self._generate(self.calls)
-            if self.g.iterations > 1:
-                self._replay = (self._replay if micro else [])[:micro] + [saved]
+        per_step = self.cfg.train.grad_accumulation * self.world.size  # the global step's micro-batches
+        micro, step = self.calls % per_step, self.calls // per_step
+        if micro == 0 and not (self.g.iterations > 1 and step % self.g.iterations):
+            self._step = self._generate_step(self.calls, per_step)
+        saved = self._step[micro]
         self.calls += 1
         batch, scored = _unpack(saved, self.tok.pad_id)
         self._pending.append(scored)
         self._lengths.append(int(batch.loss_mask.sum()))
         return batch
 
-    def _generate(self, call: int) -> dict:
-        members = [int(i) for i in self.order.next_members()]
+    def _generate_step(self, first_call: int, per_step: int) -> list[dict]:
+        """The whole step's micro-batches. Every rank draws the step's prompts from the one order but samples and
+        scores only its share (the micro-batches it trains, src/distributed.py); the shares are then gathered, so
+        every rank holds the whole step: its rewards for the step's figures and the breaker, and the replay state
+        rank 0 saves. Completion seeds follow the global micro-batch count, so any number of ranks samples the same."""
+        accumulation, mine = self.cfg.train.grad_accumulation, []
+        for micro in range(per_step):
+            members = [int(i) for i in self.order.next_members()]
+            if micro // accumulation == self.world.rank:
+                mine.append(self._generate(first_call + micro, members))
+        return [saved for share in all_gather_json(self.world, mine) for saved in share]
+
+    def _generate(self, call: int, members: list[int]) -> dict:
         eos = self.tok.eos_id
         seqs, prompts, fields, groups = [], [], [], []
         for i in members:
@@ -222,7 +232,7 @@ class GrpoSource:
 
     def state(self) -> dict:
         return {"version": STATE_VERSION, "order": self.order.state(), "calls": self.calls, "dead_run": self.dead_run,
-                "replay": self._replay if self.g.iterations > 1 else [], "group_size": self.g.group_size,
+                "replay": self._step if self.g.iterations > 1 else [], "group_size": self.g.group_size,
                 "iterations": self.g.iterations}
 
     def restore(self, state: dict) -> None:
@@ -231,7 +241,7 @@ class GrpoSource:
                 raise DataError(f"the saved grpo position was made with grpo.{key}={state.get(key)} and this run "
                                 f"has {getattr(self.g, key)} -> resume with the same setting, or start fresh")
         self.order.restore(state["order"])
-        self.calls, self.dead_run, self._replay = int(state["calls"]), int(state["dead_run"]), list(state["replay"])
+        self.calls, self.dead_run, self._step = int(state["calls"]), int(state["dead_run"]), list(state["replay"])
 
     def close(self) -> None:
         self.order.close()
@@ -280,25 +290,34 @@ class GrpoValidator:
         self._chosen = sorted(int(i) for i in _rng(self.cfg.train.seed, _EVAL_STREAM).permutation(len(source))[:want])
 
     def run(self, backend, cancelled: Callable[[], object] = lambda: None,
-            say: Callable[[str], None] = print, world=None) -> dict | None:
-        """grpo runs as one process (run.py refuses it under a launcher), so ``world`` is always Solo here."""
+            say: Callable[[str], None] = print, world=Solo()) -> dict | None:
+        """In a data-parallel job the prompts are dealt round-robin (src/distributed.py eval_share), every rank
+        asking ``cancelled`` (an agreement) once per round, and the answers gathered: every rank then scores all
+        of them, so the value is the single process's."""
         if not self.enabled or cancelled():
             return None
         if self._rows is None:
             self._prepare()
-        prompts, fields, groups = [], [], []
-        for i in self._chosen:
+        answers = []  # [position in the subset, answer ids] for this rank's prompts
+        for j in eval_share(len(self._chosen), world):
             if cancelled():
                 return None
-            ids, prompt, row_fields = self._rows.get(i)
+            if j is None:
+                continue
+            ids, _, _ = self._rows.get(self._chosen[j])
             try:
                 new = backend.generate(ids, self.cfg.grpo.max_new_tokens, self.tok.eos_id)
             except OutOfMemory:
                 raise TrainingError("validation runs out of memory generating one answer: lower "
                                     "grpo.max_new_tokens or model.max_seq_length") from None
+            answers.append([j, [int(t) for t in new]])
+        by_position = dict(item for share in all_gather_json(world, answers) for item in share)
+        prompts, fields, groups = [], [], []
+        for j, i in enumerate(self._chosen):
+            _, prompt, row_fields = self._rows.get(i)
             prompts.append(prompt)
             fields.append(row_fields)
-            groups.append([self._rows.completion(np.asarray(new))])
+            groups.append([self._rows.completion(np.asarray(by_position[j], dtype=np.int64))])
         scored = score_groups(self._rows, self.rewards, self._chosen, prompts, fields, groups, 1)
         mean = float(scored.total.mean())
         self.last = []

@@ -195,7 +195,6 @@ def run_train(args, flags: dict) -> int:
     from . import data
 
     _devices(args)  # a bad --devices is refused before anything is read
-    launched = distributed.launcher()
     if distributed.env_rank() != 0:  # rank 0 speaks for the job; the others stay quiet unless they fail
         _SILENT.append(True)
         args.quiet = True
@@ -220,9 +219,6 @@ def run_train(args, flags: dict) -> int:
         from .rewards import load_rewards
 
         check_reward_fields([train_file, val_file], load_rewards(cfg))
-        if launched or _devices(args) > 1:
-            raise UsageError("grpo trains as one process for now (its sampling is not sharded across processes): "
-                             "run it without --devices / a launcher")
     run_dir = output_dir(cfg)
     backend = get_backend(cfg.backend, announce=say)  # imports the framework, loads no model
     job_code = relaunch_on_devices(args, backend.name, getattr(args, "train_argv", []))
@@ -362,9 +358,9 @@ def _locked(args, cfg, run_dir, backend, data, train_file, val_file, tokenizer, 
             from . import grpo, rewards
 
             reward_list = rewards.load_rewards(cfg)
-            stream = grpo.GrpoSource(train_file, tokenizer, cfg, backend, reward_list, say)
+            stream = grpo.GrpoSource(train_file, tokenizer, cfg, backend, reward_list, say, world)
             validator = grpo.GrpoValidator(val_file, tokenizer, cfg, reward_list)
-            if val_file and cfg.eval.predictions > 0:
+            if val_file and cfg.eval.predictions > 0 and leader:
                 predict = grpo.predictor(validator, run_dir, say)
         else:
             stream = data.TrainStream(train_file, tokenizer, cfg)

@@ -1,9 +1,8 @@
 """Data parallel (src/distributed.py): the global batch and its shares, the agreed decisions, the launcher
-commands, and the real loop run by two ranks (threads sharing a numpy all-reduce) against one process taking
+commands, and the real loop run by two ranks (threads sharing a numpy all-reduce, tests/threadworld.py) against one process taking
 the same global batch. The real backends' jobs (torchrun / mlx.launch processes) are in test_distributed_jobs.py."""
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -20,61 +19,7 @@ from overnight.stopping import Stop
 from overnight.validate import Validator
 
 from refbackend import NumpyBackend, SyntheticStream
-
-
-class _Shared:
-    def __init__(self, size: int):
-        self.size = size
-        self.slots: list = [None] * size
-        self.barrier = threading.Barrier(size)
-
-
-class ThreadWorld:
-    """The Collective protocol over threads: every rank puts its vector in a slot, all combine the slots in rank
-    order (so every rank gets the same floats, as gloo/NCCL all-reduces give)."""
-
-    def __init__(self, rank: int, shared: _Shared):
-        self.rank, self.size, self.shared = rank, shared.size, shared
-
-    def _exchange(self, values, combine):
-        self.shared.slots[self.rank] = np.array(values, dtype=np.float64)
-        self.shared.barrier.wait(timeout=60)
-        result = combine(self.shared.slots)
-        self.shared.barrier.wait(timeout=60)
-        return result
-
-    def all_sum(self, values):
-        return self._exchange(values, lambda slots: np.sum(slots, axis=0))
-
-    def all_max(self, values):
-        return self._exchange(values, lambda slots: np.max(slots, axis=0))
-
-    def broadcast(self, values):
-        return self._exchange(values, lambda slots: slots[0].copy())
-
-    def barrier(self):
-        self._exchange([0.0], lambda slots: None)
-
-
-def run_ranks(size: int, target) -> list:
-    """target(world) on `size` threads; their results in rank order (an exception in any is raised)."""
-    shared, results, errors = _Shared(size), [None] * size, []
-
-    def body(rank):
-        try:
-            results[rank] = target(ThreadWorld(rank, shared))
-        except BaseException as exc:  # noqa: BLE001
-            errors.append(exc)
-            shared.barrier.abort()
-
-    threads = [threading.Thread(target=body, args=(rank,)) for rank in range(size)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(120)
-    if errors:
-        raise errors[0]
-    return results
+from threadworld import run_ranks
 
 
 # -- who this process is --------------------------------------------------------------------------------
@@ -242,6 +187,25 @@ def test_eval_batches_are_dealt_round_robin_with_equal_rounds():
     assert [list(distributed.eval_share(5, w)) for w in worlds] == [[0, 2, 4], [1, 3, None]]
     assert list(distributed.eval_share(3, distributed.Solo())) == [0, 1, 2]
 
+
+
+def test_all_gather_json_gives_every_rank_every_ranks_value_bit_for_bit():
+    """What one rank computed (grpo's completions) reaches all, floats exactly, through sums of small integers that
+    a float32 ring (mlx) carries exactly too."""
+    values = [{"ids": [1, 2, 3], "logp": [-0.1, float(np.float32(-1e-7)), 1 / 3], "reward": None},
+              ["é", 2 ** 40, [np.nextafter(1.0, 2.0)] * 300]]  # ranks send texts of different lengths
+    sent = []
+
+    def rank(world):
+        all_sum = world.all_sum
+        world.all_sum = lambda v: sent.append(np.asarray(v)) or all_sum(v)
+        return distributed.all_gather_json(world, values[world.rank])
+
+    gathered = run_ranks(2, rank)
+    assert gathered[0] == gathered[1] == values
+    payload = [v for v in sent if v.size > 2]
+    assert payload and all(((v == np.round(v)) & (v >= 0) & (v < 2 ** 16)).all() for v in payload)
+    assert distributed.all_gather_json(distributed.Solo(), values[0]) == [values[0]]
 
 # -- agreed decisions -----------------------------------------------------------------------------------
 

@@ -171,8 +171,12 @@ class FakeSampler:
     def token_logps(self, batch, adapter=True):
         return -np.asarray(batch.loss_mask, np.float32)
 
+    def generate(self, prompt_ids, max_new_tokens, eos_id):
+        self.calls += 1
+        return np.random.default_rng(int(np.sum(prompt_ids))).integers(3, 60, max_new_tokens)
 
-def _source(model_dir, reward: str, **grpo):
+
+def _source(model_dir, reward: str, accumulation: int = 1, world=None, **grpo):
     from overnight import grpo as grpo_mod
     from overnight import rewards
     from overnight.config import Config
@@ -181,13 +185,15 @@ def _source(model_dir, reward: str, **grpo):
     cfg = Config()
     cfg.model.path, cfg.model.max_seq_length = str(model_dir), 64
     cfg.data.method = "grpo"
-    cfg.train.batch_size = 2
+    cfg.train.batch_size, cfg.train.grad_accumulation = 2, accumulation
     cfg.grpo.rewards, cfg.grpo.max_new_tokens, cfg.grpo.dead_reward_patience = [reward], 6, 2
     for key, value in grpo.items():
         setattr(cfg.grpo, key, value)
     tok = load_tokenizer(model_dir)
     sampler = FakeSampler()
-    return grpo_mod.GrpoSource(GRPO_DATA / "train.jsonl", tok, cfg, sampler, rewards.load_rewards(cfg)), sampler
+    extra = {} if world is None else {"world": world}
+    return grpo_mod.GrpoSource(GRPO_DATA / "train.jsonl", tok, cfg, sampler, rewards.load_rewards(cfg),
+                               **extra), sampler
 
 
 def _step(loss: float = 0.0):
@@ -216,6 +222,51 @@ def test_the_source_resumes_exactly_and_replays_for_iterations(tiny_model_dir):
     # Completion tokens are targets (their EOS too); the prompt is not.
     assert first.loss_mask.sum() == 2 * 4 * 6
 
+
+
+def test_two_ranks_sample_their_share_and_hold_the_whole_step_as_one_source(tiny_model_dir):
+    """A data-parallel job's sources (threads here, tests/threadworld.py): each rank samples only the micro-batches
+    it trains, yet every rank serves the whole step as one process at grad_accumulation 2 does (same completions,
+    rewards, step figures, saved state with the replay), and the eval deals its prompts out and gets the same value."""
+    from threadworld import run_ranks
+
+    from overnight import grpo as grpo_mod
+    from overnight import rewards
+
+    def steps(source, validator, world=None) -> dict:
+        served, stats, asked = [], [], []
+        for step in range(1, 4):  # iterations 2: step 2 replays step 1's batches, step 3 samples again
+            served += [source.next_batch() for _ in range(2)]
+            source.after_step(step, _step())
+            stats.append(source.step_stats())
+        extra = {} if world is None else {"world": world}
+        evaluation = validator.run(source.backend, cancelled=lambda: asked.append(1), **extra)
+        return {"batches": served, "stats": stats, "state": json.loads(json.dumps(source.state())),
+                "samples": source.backend.calls, "eval": evaluation, "last": validator.last, "asked": len(asked)}
+
+    def validator_for(source):
+        return grpo_mod.GrpoValidator(GRPO_DATA / "val.jsonl", source.tok, source.cfg,
+                                      rewards.load_rewards(source.cfg))
+
+    def rank(world):
+        source, _ = _source(tiny_model_dir, f"{REWARDS}:even_tokens", world=world, iterations=2)
+        source.cfg.eval.max_batches = 2  # 4 prompts, 2 for each rank
+        return steps(source, validator_for(source), world)
+
+    one, _ = _source(tiny_model_dir, f"{REWARDS}:even_tokens", accumulation=2, iterations=2)
+    one.cfg.eval.max_batches = 2
+    alone = steps(one, validator_for(one))
+    ranks = run_ranks(2, rank)
+    for got in ranks:
+        for a, b in zip(got["batches"], alone["batches"], strict=True):
+            for field in ("input_ids", "loss_mask", "attention_mask", "advantages", "old_logp"):
+                assert np.array_equal(getattr(a, field), getattr(b, field)), field
+        assert got["stats"] == alone["stats"] and got["state"] == alone["state"]
+        assert got["eval"] == alone["eval"] and got["last"] == alone["last"]
+        assert len(got["state"]["replay"]) == 2  # a checkpoint holds both ranks' micro-batches
+    # Each rank sampled half: 2 generated steps x its 2 prompts, and 2 of the 4 eval answers; asked as often.
+    assert [got["samples"] for got in ranks] == [6, 6] and alone["samples"] == 12
+    assert ranks[0]["asked"] == ranks[1]["asked"] == 3 and alone["asked"] == 5
 
 def test_out_of_memory_splits_a_group_and_never_changes_it():
     from overnight.backend import Batch, OutOfMemory
@@ -423,6 +474,56 @@ def test_grpo_resume_after_random_sigkills_is_exact(backend, tiny_model_dir, tmp
     assert {e["step"]: e["val_reward"] for e in read_metrics(out) if e["event"] == "eval"} == evals
     assert_adapter_equal(out, ref)
 
+
+
+# -- a data-parallel job --------------------------------------------------------------------------------
+
+DP_STEPS = 6
+
+
+def _dp_args(backend: str, model, out, accumulation: int, devices: int) -> list[str]:
+    """The default path (4-bit base, LoRA dropout 0.05, evals between checkpoints), grpo.iterations 2 so the
+    checkpoint of step 3 holds a generated step still to be replayed."""
+    return grpo_args(backend, model, out, DP_STEPS, "--set", "model.quantization.bits=4",
+                     "--set", "lora.dropout=0.05", "--set", "grpo.iterations=2", "--set", "grpo.beta=0.04",
+                     "--set", f"train.grad_accumulation={accumulation}", "--set", "eval.every_steps=2",
+                     "--set", "checkpoint.every_steps=3", "--set", "eval.predictions=2",
+                     *(["--devices", str(devices)] if devices > 1 else []))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", [pytest.param("torch", marks=[needs_torch, pytest.mark.torch]),
+                                     pytest.param("mlx", marks=[needs_mlx, pytest.mark.mlx])])
+def test_grpo_two_processes_match_one_process_and_continue_as_one(backend, tiny_model_dir, tmp_path):
+    """2 processes (each sampling the prompts it trains, src/grpo.py) = 1 process at grad_accumulation 2: the same
+    completions, rewards, losses, evals and adapter bytes; and the 2-process run's checkpoint at step 3 (a step
+    still to be replayed in it) continues as 1 process to the same adapter."""
+    from faults_util import assert_adapter_equal, copy_run
+
+    two, one = tmp_path / "two", tmp_path / "one"
+    for out, accumulation, devices in ((two, 1, 2), (one, 2, 1)):
+        done = cli(_dp_args(backend, tiny_model_dir, out, accumulation, devices))
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+        assert ("x 2 processes, data parallel" in done.stdout + done.stderr) == (devices == 2)
+
+    def figures(run, event, fields):
+        return {e["step"]: tuple(e[f] for f in fields) for e in read_metrics(run) if e["event"] == event}
+
+    fields = ("reward", "reward_std", "completion_len")
+    assert figures(two, "train", fields) == figures(one, "train", fields)
+    assert sorted(figures(one, "train", fields)) == list(range(1, DP_STEPS + 1))
+    assert figures(two, "eval", ("val_reward",)) == figures(one, "eval", ("val_reward",))
+    for key in ("loss", "kl"):
+        got, want = figures(two, "train", (key,)), figures(one, "train", (key,))
+        assert all(got[s][0] == pytest.approx(want[s][0], rel=1e-5, abs=1e-9) for s in want), (key, got, want)
+    assert (two / "predictions.jsonl").read_text() == (one / "predictions.jsonl").read_text()  # rank 0 alone
+    assert_adapter_equal(two, one)
+
+    resumed = copy_run(two, tmp_path / "resumed")
+    done = cli([*_dp_args(backend, tiny_model_dir, resumed, 2, 1), "--resume-from", "3"])
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert figures(resumed, "train", fields) == figures(one, "train", fields)
+    assert_adapter_equal(resumed, one)
 
 # -- the real model -------------------------------------------------------------------------------------
 
