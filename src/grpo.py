@@ -161,12 +161,17 @@ class GrpoSource:
         scores only its share (the micro-batches it trains, src/distributed.py); the shares are then gathered, so
         every rank holds the whole step: its rewards for the step's figures and the breaker, and the replay state
         rank 0 saves. Completion seeds follow the global micro-batch count, so any number of ranks samples the same."""
-        accumulation, mine = self.cfg.train.grad_accumulation, []
+        accumulation, mine, failure = self.cfg.train.grad_accumulation, [], None
         for micro in range(per_step):
             members = [int(i) for i in self.order.next_members()]
-            if micro // accumulation == self.world.rank:
-                mine.append(self._generate(first_call + micro, members))
-        return [saved for share in all_gather_json(self.world, mine) for saved in share]
+            if micro // accumulation == self.world.rank and failure is None:
+                try:
+                    mine.append(self._generate(first_call + micro, members))
+                except SHARED_FAILURES as exc:  # told to every rank, which all fail with it (none left waiting)
+                    failure = exc
+        shares = all_gather_json(self.world, {"batches": mine, "failed": _describe(failure)})
+        _raise_first_failure(shares, failure)
+        return [saved for share in shares for saved in share["batches"]]
 
     def _generate(self, call: int, members: list[int]) -> dict:
         eos = self.tok.eos_id
@@ -247,6 +252,24 @@ class GrpoSource:
         self.order.close()
 
 
+SHARED_FAILURES = (TrainingError, DataError)  # a bad row, a raising reward, out of memory at one completion
+
+
+def _describe(failure: BaseException | None) -> list[str] | None:
+    return None if failure is None else [type(failure).__name__, str(failure)]
+
+
+def _raise_first_failure(shares: list[dict], own: BaseException | None) -> None:
+    """What failed on the lowest rank where something failed, raised on every rank (its own exception where it
+    is this rank's), so the loop ends the same way everywhere and rank 0 records the real reason."""
+    for share in shares:
+        if share["failed"]:
+            kind, message = share["failed"]
+            if own is not None and _describe(own) == share["failed"]:
+                raise own
+            raise {cls.__name__: cls for cls in (rw.RewardError, DataError)}.get(kind, TrainingError)(message)
+
+
 def _pack(batch: Batch, scored: rw.Scored) -> dict:
     """A generated micro-batch as plain data (saved in the checkpoint while it is still to be replayed). Float32
     values go through Python floats, which JSON writes and reads back exactly."""
@@ -298,20 +321,25 @@ class GrpoValidator:
             return None
         if self._rows is None:
             self._prepare()
-        answers = []  # [position in the subset, answer ids] for this rank's prompts
+        answers, failure = [], None  # [position in the subset, answer ids] for this rank's prompts
         for j in eval_share(len(self._chosen), world):
             if cancelled():
                 return None
-            if j is None:
+            if j is None or failure is not None:
                 continue
-            ids, _, _ = self._rows.get(self._chosen[j])
             try:
+                ids, _, _ = self._rows.get(self._chosen[j])
                 new = backend.generate(ids, self.cfg.grpo.max_new_tokens, self.tok.eos_id)
             except OutOfMemory:
-                raise TrainingError("validation runs out of memory generating one answer: lower "
-                                    "grpo.max_new_tokens or model.max_seq_length") from None
-            answers.append([j, [int(t) for t in new]])
-        by_position = dict(item for share in all_gather_json(world, answers) for item in share)
+                failure = TrainingError("validation runs out of memory generating one answer: lower "
+                                        "grpo.max_new_tokens or model.max_seq_length")
+            except SHARED_FAILURES as exc:
+                failure = exc
+            else:
+                answers.append([j, [int(t) for t in new]])
+        shares = all_gather_json(world, {"answers": answers, "failed": _describe(failure)})
+        _raise_first_failure(shares, failure)
+        by_position = dict(item for share in shares for item in share["answers"])
         prompts, fields, groups = [], [], []
         for j, i in enumerate(self._chosen):
             _, prompt, row_fields = self._rows.get(i)

@@ -268,6 +268,37 @@ def test_two_ranks_sample_their_share_and_hold_the_whole_step_as_one_source(tiny
     assert [got["samples"] for got in ranks] == [6, 6] and alone["samples"] == 12
     assert ranks[0]["asked"] == ranks[1]["asked"] == 3 and alone["asked"] == 5
 
+
+def test_a_failure_on_one_rank_fails_every_rank_with_its_message(tiny_model_dir):
+    """Out of memory at one completion on rank 1 (or a raising reward, a bad row): rank 0 is not left waiting in the
+    exchange; both raise what rank 1 met, so the job ends at once and rank 0 records the real reason."""
+    from threadworld import run_ranks
+
+    from overnight.backend import OutOfMemory
+    from overnight.loop import TrainingError
+
+    from overnight import grpo as grpo_mod
+    from overnight import rewards
+
+    def rank(world):
+        source, sampler = _source(tiny_model_dir, f"{REWARDS}:even_tokens", world=world)
+        validator = grpo_mod.GrpoValidator(GRPO_DATA / "val.jsonl", source.tok, source.cfg,
+                                           rewards.load_rewards(source.cfg))
+        if world.rank == 1:
+            sampler.sample = sampler.generate = lambda *args: (_ for _ in ()).throw(OutOfMemory("sampling"))
+        said = []
+        for attempt in (source.next_batch, lambda: validator.run(sampler, world=world)):
+            try:
+                attempt()
+            except TrainingError as exc:
+                said.append(str(exc))
+        return said
+
+    messages = run_ranks(2, rank)
+    assert messages[0] == messages[1] and len(messages[0]) == 2
+    assert "out of memory sampling even one completion" in messages[0][0]
+    assert "validation runs out of memory generating one answer" in messages[0][1]
+
 def test_out_of_memory_splits_a_group_and_never_changes_it():
     from overnight.backend import Batch, OutOfMemory
     from overnight.config import Config
