@@ -18,6 +18,9 @@ DROPPED_LOG_RECORDS = {
     # bitsandbytes/backends/cpu/ops.py, at import on CPUs with AVX512-BF16: an optional faster CPU kernel
     # from the `kernels` package; overnight trains on GPUs and keeps its 4-bit CPU layout fixed anyway.
     "bitsandbytes.backends.cpu.ops": ("Failed to load CPU gemm_4bit_forward from kernels-community",),
+    # kernels/_internals/hf_hub.py (kernels 0.19, pulled in by transformers 5), on that same attempt when the hub is
+    # offline (overnight's tests; a cached kernel): the trust check of bitsandbytes' own kernel repo is skipped.
+    "kernels._internals.hf_hub": ("Skipping publisher trust check for 'kernels-community/",),
     # bitsandbytes/autograd/_functions.py, on every 8-bit matmul whose input is not fp16 (so every step on
     # CPU and with bf16): int8 quantization works in fp16 by design; nothing to change.
     "bitsandbytes.autograd._functions": ("MatMul8bitLt: inputs will be cast from",),

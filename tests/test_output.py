@@ -185,11 +185,17 @@ def test_noise_filters_drop_and_rephrase_only_the_known_messages(capsys):
     noise.install()
     handler_out = io.StringIO()
     handler = logging.StreamHandler(handler_out)
-    for name in ("bitsandbytes.backends.cpu.ops", "bitsandbytes.nn.modules", "bitsandbytes.autograd._functions"):
+    loggers = ("bitsandbytes.backends.cpu.ops", "bitsandbytes.nn.modules", "bitsandbytes.autograd._functions",
+               "kernels._internals.hf_hub")
+    for name in loggers:
         logging.getLogger(name).addHandler(handler)
     try:
         logging.getLogger("bitsandbytes.backends.cpu.ops").warning(
             "Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please ...", "No module named 'kernels'")
+        logging.getLogger("kernels._internals.hf_hub").warning(
+            "Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes' because Hugging Face "
+            "Hub is in offline mode.")
+        logging.getLogger("kernels._internals.hf_hub").warning("Skipping publisher trust check for 'someone/else'")
         logging.getLogger("bitsandbytes.autograd._functions").warning(
             "MatMul8bitLt: inputs will be cast from %s to float16 during quantization", "torch.float32")
         for _ in range(3):
@@ -198,9 +204,10 @@ def test_noise_filters_drop_and_rephrase_only_the_known_messages(capsys):
                 "This will lead to slow inference or training speed.")
         logging.getLogger("bitsandbytes.nn.modules").warning("something else entirely")
     finally:
-        for name in ("bitsandbytes.backends.cpu.ops", "bitsandbytes.nn.modules", "bitsandbytes.autograd._functions"):
+        for name in loggers:
             logging.getLogger(name).removeHandler(handler)
-    assert handler_out.getvalue() == "something else entirely\n"  # the rest of the logger still speaks
+    # the rest of those loggers still speaks
+    assert handler_out.getvalue() == "Skipping publisher trust check for 'someone/else'\nsomething else entirely\n"
     said = capsys.readouterr().out
     assert said.count("the 4-bit layers get float16 inputs") == 1 and "bnb_4bit_compute_dtype" not in said
 
