@@ -593,7 +593,9 @@ class TorchBackend:
         # The head runs on the last position only: on a large vocabulary the prompt's other logits cost more
         # than the prompt itself.
         result = self._model(input_ids=ids, use_cache=True, logits_to_keep=1)
-        past, logits = result.past_key_values, result.logits[:, -1].float()
+        # transformers 5 calls the KV cache `cache`; its old name still works but logs a deprecation on every run.
+        cache_name = "cache" if "cache" in result else "past_key_values"
+        past, logits = result[cache_name], result.logits[:, -1].float()
         done = np.zeros(n, dtype=bool)
         for t in range(max_new_tokens):
             scaled = logits / temperature
@@ -614,8 +616,8 @@ class TorchBackend:
                 done |= chosen == eos_id
             if done.all() or t + 1 == max_new_tokens:
                 break
-            result = self._model(input_ids=token.view(n, 1), past_key_values=past, use_cache=True)
-            past, logits = result.past_key_values, result.logits[:, -1].float()
+            result = self._model(input_ids=token.view(n, 1), use_cache=True, **{cache_name: past})
+            past, logits = result[cache_name], result.logits[:, -1].float()
         return out
 
     def token_logps(self, batch: Batch, adapter: bool = True) -> np.ndarray:
