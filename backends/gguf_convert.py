@@ -1,4 +1,4 @@
-"""GGUF -> Hugging Face folder, for `overnight models get` (src/models.py runs this in a child process, so the
+"""GGUF -> Hugging Face folder, for `overnight models get` (src/models/provided.py runs this in a child process, so the
 core never imports a framework: SPEC §2).
 
 transformers dequantizes the GGUF (with the `gguf` package), but refuses to save a model it loaded from GGUF, so

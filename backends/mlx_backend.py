@@ -4,8 +4,8 @@ Built on mlx-lm's pieces: ``load_model`` reads Hugging Face or MLX folders, ``qu
 makes the in-memory 4-bit base, ``linear_to_lora_layers`` attaches the adapters, and the saved
 adapter folder is the one ``mlx_lm.load(model, adapter_path=...)`` reads.
 
-Objectives and their normalisation are src/objectives.py's (SPEC §9), the same as the torch backend's;
-the AdamW is torch's (bias correction on); LoRA A comes from src/lora_init.py.
+Objectives and their normalisation are src/backend/objectives.py's (SPEC §9), the same as the torch backend's;
+the AdamW is torch's (bias correction on); LoRA A comes from src/backend/lora_init.py.
 ``StepResult.tokens`` is always the number of target tokens processed (for throughput).
 """
 from __future__ import annotations
@@ -27,11 +27,10 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path, tree_unflatten
 
-from overnight import lora_init, objectives
-from overnight.backend import Batch, OutOfMemory, PeerLost, SetupInfo, StepResult
+from overnight.backend import lora_init, objectives
+from overnight.backend import Batch, OutOfMemory, PeerLost, PortableState, SetupInfo, StepResult
 from overnight.config import ConfigError
 from overnight.fsutil import atomic_write_text, fsync_dir, fsync_file
-from overnight.portable import PortableState
 
 ADAPTER_WEIGHTS = "adapters.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -41,7 +40,7 @@ _MB = 1024 * 1024
 
 
 # ---------------------------------------------------------------------------
-# Objectives (src/objectives.py): each returns this micro-batch's share of the step objective, its token
+# Objectives (src/backend/objectives.py): each returns this micro-batch's share of the step objective, its token
 # sums times token_scale (1/T of the step) plus its pair sums times pair_scale (1/P of the step).
 
 def _token_nll(model, inputs, targets, mask):
@@ -84,7 +83,7 @@ def _token_logps(model, inputs, targets):
 
 
 def make_grpo_objective(g, has_old: bool):
-    """This micro-batch's share of the grpo objective (src/objectives.py) and its KL sum over completion tokens:
+    """This micro-batch's share of the grpo objective (src/backend/objectives.py) and its KL sum over completion tokens:
     sum over rows of (the row's per-token losses / its divisor), times token_scale (1/N of the step)."""
     def grpo(model, token_scale, pair_scale, inputs, targets, mask, adv, old, ref):
         logp = _token_logps(model, inputs, targets)
@@ -154,7 +153,7 @@ def _no_answer(timeout_s: float, where: str) -> None:
 
 
 class MLXCollective:
-    """The Collective protocol (src/backend.py) over mx.distributed (mlx.launch's ring backend). A peer that died
+    """The Collective protocol (src/backend/__init__.py) over mx.distributed (mlx.launch's ring backend). A peer that died
     makes MLX raise at once ("connection to a peer was lost"): PeerLost. A peer that is alive but never answers
     would hang forever (MLX collectives have no timeout), so a watchdog thread ends this process with a message
     once one collective has waited timeout_s."""
@@ -343,7 +342,7 @@ def _patch_blocks(layers: list[nn.Module], grad_checkpoint: bool) -> None:
 
 
 def _init_lora_a(model: nn.Module, seed: int) -> None:
-    """The framework-free initial lora_a (src/lora_init.py), so torch and mlx start from the same adapter."""
+    """The framework-free initial lora_a (src/backend/lora_init.py), so torch and mlx start from the same adapter."""
     for name, module in model.named_modules():
         if "lora_a" in module and isinstance(module.get("lora_a"), mx.array):
             in_features, rank = module.lora_a.shape
@@ -362,7 +361,7 @@ def _step_seed(seed: int, step: int) -> int:
 
 class MLXBackend:
     name = "mlx"
-    adapter_format = "mlx"  # what its adapter/ folders hold (src/convert_adapter.py)
+    adapter_format = "mlx"  # what its adapter/ folders hold (src/backend/adapter_formats.py)
 
     def __init__(self) -> None:
         self.model: nn.Module | None = None
@@ -577,7 +576,7 @@ class MLXBackend:
 
     def _grpo_inputs(self, batch: Batch, inputs, targets) -> tuple:
         if batch.advantages is None:
-            raise ValueError("method grpo needs batches of sampled completions with advantages (src/grpo.py)")
+            raise ValueError("method grpo needs batches of sampled completions with advantages (src/methods/grpo.py)")
         adv = mx.array(np.asarray(batch.advantages, dtype=np.float32))
         if batch.old_logp is not None:
             old = mx.array(np.asarray(batch.old_logp[:, 1:], dtype=np.float32))
@@ -596,7 +595,7 @@ class MLXBackend:
 
     def sample(self, prompt_ids: np.ndarray, seeds: list[int], max_new_tokens: int, temperature: float,
                top_p: float, eos_id: int | None) -> np.ndarray:
-        """One sampled continuation per seed (src/backend.py), KV cache, adapter on, no dropout. Each row has its
+        """One sampled continuation per seed (src/backend/__init__.py), KV cache, adapter on, no dropout. Each row has its
         own key chain (mx.random.key(seed), split once per token): Gumbel-max over the top-p set."""
         from mlx_lm.models.cache import make_prompt_cache
 
@@ -756,7 +755,7 @@ class MLXBackend:
         self._build_steps()  # compile captured the replaced optimizer state
 
     def eval_loss(self, batch: Batch) -> tuple[float, int]:
-        """(objective x weight, weight) with the batch's own normalisers (src/objectives.py)."""
+        """(objective x weight, weight) with the batch's own normalisers (src/backend/objectives.py)."""
         token_scale, pair_scale, _ = objectives.step_scales(self.method, [batch])
         weight = objectives.eval_weight(self.method, batch)
         self._set_training(False)

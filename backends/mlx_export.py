@@ -1,6 +1,6 @@
 """`overnight fuse` for mlx runs: the adapter merged into the base as mlx-lm's own fuse does it (each LoRA layer's
 ``fuse()``: dequantize, add scale·(B·A)ᵀ, quantize again with the same bits and group size), saved as an MLX folder
-that ``mlx_lm.load`` reads. Run by src/fuse.py in a child process (the core imports no framework):
+that ``mlx_lm.load`` reads. Run by src/commands/fuse.py in a child process (the core imports no framework):
 
     python -m overnight.backends.mlx_export JOB.json
 
@@ -16,7 +16,7 @@ import io
 import sys
 from pathlib import Path
 
-from overnight.fuse import ExportRefused, copy_base_files, run_export_job
+from overnight.commands.fuse import ExportRefused, copy_base_files, run_export_job
 
 
 def export(job: dict) -> dict:

@@ -21,11 +21,10 @@ import torch
 import torch.distributed
 import torch.nn.functional as F
 
-from overnight import lora_init, objectives
-from overnight.backend import Batch, OutOfMemory, PeerLost, SetupInfo, StepResult
+from overnight.backend import lora_init, objectives
+from overnight.backend import Batch, OutOfMemory, PeerLost, PortableState, SetupInfo, StepResult
 from overnight.backends import noise
 from overnight.config import ConfigError
-from overnight.portable import PortableState
 
 noise.install()  # before bitsandbytes is imported: its import logs a line that is not the user's business
 _OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
@@ -33,7 +32,7 @@ STATE_FORMAT = 1
 
 
 class TorchCollective:
-    """The Collective protocol (src/backend.py) over torch.distributed: gloo on CPU, NCCL on the rank's GPU. Each
+    """The Collective protocol (src/backend/__init__.py) over torch.distributed: gloo on CPU, NCCL on the rank's GPU. Each
     call is one all_reduce of a float64 vector; any failure or timeout becomes PeerLost."""
 
     def __init__(self, rank: int, size: int, device: torch.device, timeout_s: float):
@@ -94,7 +93,7 @@ def _bnb_version() -> str | None:
 
 class TorchBackend:
     name = "torch"
-    adapter_format = "peft"  # what its adapter/ folders hold (src/convert_adapter.py)
+    adapter_format = "peft"  # what its adapter/ folders hold (src/backend/adapter_formats.py)
 
     def __init__(self) -> None:
         self._model = None
@@ -310,7 +309,7 @@ class TorchBackend:
         if self._method in ("dpo", "orpo") and (not batch.paired or batch.num_rows % 2):
             raise ValueError(f"method {self._method} needs paired rows (chosen, rejected), got an unpaired batch")
         if self._method == "grpo" and batch.advantages is None:
-            raise ValueError("method grpo needs batches of sampled completions with advantages (src/grpo.py)")
+            raise ValueError("method grpo needs batches of sampled completions with advantages (src/methods/grpo.py)")
         dev = self._device
         ids = torch.from_numpy(np.ascontiguousarray(batch.input_ids, dtype=np.int64)).to(dev, non_blocking=True)
         attn = torch.from_numpy(np.ascontiguousarray(batch.attention_mask, dtype=np.int64)).to(dev, non_blocking=True)
@@ -364,7 +363,7 @@ class TorchBackend:
         return -F.cross_entropy(logits.float(), ids[:, 1:][sel], reduction="none")
 
     def _grpo_objective(self, ids, attn, mask, sel, adv, old, token_scale: float) -> torch.Tensor:
-        """This micro-batch's share of the grpo objective (src/objectives.py): sum over its rows of the row's
+        """This micro-batch's share of the grpo objective (src/backend/objectives.py): sum over its rows of the row's
         per-token losses over the row's divisor, times token_scale (1/N of the step). Adds the micro-batch's
         KL sums to self._kl_sums for the step's mean kl."""
         g = self._grpo
@@ -391,7 +390,7 @@ class TorchBackend:
 
     def _objective(self, ids: torch.Tensor, attn: torch.Tensor, mask: torch.Tensor, targets: tuple[torch.Tensor, ...],
                    grpo, token_scale: float, pair_scale: float) -> torch.Tensor:
-        """This micro-batch's share of the step objective (src/objectives.py, SPEC §9): its token sums times
+        """This micro-batch's share of the step objective (src/backend/objectives.py, SPEC §9): its token sums times
         token_scale plus its pair sums times pair_scale, the scales being 1/T and 1/P of the whole step."""
         if self._method == "grpo":
             return self._grpo_objective(ids, attn, mask, targets, *grpo, token_scale)
@@ -553,7 +552,7 @@ class TorchBackend:
 
     def eval_loss(self, batch: Batch) -> tuple[float, int]:
         """(objective x weight, weight) with the batch's own normalisers; weight = target tokens (sft, cpt) or
-        pairs (dpo, orpo), as src/objectives.py defines."""
+        pairs (dpo, orpo), as src/backend/objectives.py defines."""
         self._model.eval()
         token_scale, pair_scale, _ = objectives.step_scales(self._method, [batch])
         weight = objectives.eval_weight(self._method, batch)
@@ -569,7 +568,7 @@ class TorchBackend:
 
     def sample(self, prompt_ids: np.ndarray, seeds: list[int], max_new_tokens: int, temperature: float,
                top_p: float, eos_id: int | None) -> np.ndarray:
-        """One sampled continuation per seed (src/backend.py), KV cache, adapter on, eval mode (no dropout).
+        """One sampled continuation per seed (src/backend/__init__.py), KV cache, adapter on, eval mode (no dropout).
         Each row draws from its own torch.Generator: Gumbel-max over the top-p set, an exact categorical draw
         whose noise depends on that row's seed alone."""
         self._model.eval()
@@ -816,7 +815,7 @@ def _oom_message(exc: BaseException) -> str:
 
 
 def _init_lora_a(model, seed: int) -> None:
-    """Replace PEFT's lora_A draws with the framework-free ones (src/lora_init.py), so torch and mlx start
+    """Replace PEFT's lora_A draws with the framework-free ones (src/backend/lora_init.py), so torch and mlx start
     from the same adapter for the same seed; lora_B stays zero."""
     with torch.no_grad():
         for name, module in model.named_modules():

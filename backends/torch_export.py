@@ -1,5 +1,5 @@
 """`overnight fuse` for torch runs: the PEFT adapter merged into the full-precision base, saved as a Hugging Face
-folder that transformers loads on its own. Run by src/fuse.py in a child process (the core imports no framework):
+folder that transformers loads on its own. Run by src/commands/fuse.py in a child process (the core imports no framework):
 
     python -m overnight.backends.torch_export JOB.json
 
@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from overnight.backends import noise
-from overnight.fuse import ExportRefused, copy_base_files, run_export_job
+from overnight.commands.fuse import ExportRefused, copy_base_files, run_export_job
 
 _SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
 

@@ -37,7 +37,9 @@ def _load_batches(path: str) -> list[dict[str, np.ndarray]]:
 
 
 def run_overnight(spec: dict) -> dict:
-    from overnight import checkpoint, cli, loop, validate
+    from overnight.runs import checkpoint
+    from overnight.commands import cli
+    from overnight.train import loop, validation as validate
 
     backend_module = {"torch": "overnight.backends.torch_backend", "mlx": "overnight.backends.mlx_backend"}
     module = __import__(backend_module[spec["backend"]], fromlist=["x"])

@@ -392,6 +392,6 @@ def build_config(yaml_path: Path | None = None, flags: dict[str, Any] | None = N
 
 
 def dump_config(cfg: Config, path: Path) -> None:
-    from .fsutil import atomic_write_text
+    from overnight.fsutil import atomic_write_text
 
     atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -20,9 +20,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from .backend import Batch, noise_seed
-from .errors import UsageError
-from .stopping import Stop
+from overnight.backend import Batch, noise_seed
+from overnight.errors import UsageError
 
 DEFAULT_TIMEOUT_S = 600.0  # a collective waiting longer than this means a peer died or hangs
 
@@ -87,20 +86,6 @@ def agreed_signal(world, local: int | None) -> int | None:
         return local
     code = int(world.all_max(np.array([local or 0], dtype=np.float64))[0])
     return code or None
-
-
-STOP_CODES = ("plateau", "grad_spike", "non_finite", "stuck", "dead_reward")
-
-
-def agreed_stop(world, stop: Stop | None) -> Stop | None:
-    """Rank 0's early-stopping decision on every rank (the message is rank 0's to print)."""
-    if world.size == 1:
-        return stop
-    code = STOP_CODES.index(stop.code) + 1 if stop is not None and world.rank == 0 else 0
-    agreed = int(world.broadcast(np.array([code], dtype=np.float64))[0])
-    if world.rank == 0 or not agreed:
-        return stop if agreed else None
-    return Stop(STOP_CODES[agreed - 1], "rank 0 decided to stop")
 
 
 def agreed_flag(world, value: bool) -> bool:

@@ -69,3 +69,18 @@ def atomic_write_bytes(path: Path, data: bytes, durable: bool = True) -> None:
 
 def atomic_write_text(path: Path, text: str, durable: bool = True) -> None:
     atomic_write_bytes(path, text.encode("utf-8"), durable=durable)
+
+
+def pid_alive(pid) -> bool:
+    """Whether a process with this pid exists on this host (a reused pid reads as alive)."""
+    if not isinstance(pid, int) or pid <= 0:  # kill(0 or -1) would address a whole process group
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except (OverflowError, OSError):
+        return False
+    return True

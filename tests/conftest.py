@@ -22,6 +22,6 @@ def has(*modules: str) -> bool:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A Llama-shaped model small enough for MLX on CPU: hidden 64, 2 layers, vocab ~512."""
-    from overnight.tinymodel import build_tiny_model
+    from overnight.models.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model") / "model", seed=0)

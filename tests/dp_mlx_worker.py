@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from overnight import objectives
+from overnight.backend import objectives
 from overnight.backend import Batch, OutOfMemory, PeerLost, noise_seed
 from overnight.config import Config
 

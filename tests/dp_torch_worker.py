@@ -36,7 +36,7 @@ def main(job_path: str) -> int:
 
     import torch
 
-    from overnight import objectives
+    from overnight.backend import objectives
     from overnight.backend import OutOfMemory, PeerLost
     from overnight.backends.torch_backend import TorchBackend
     from overnight.config import Config, set_dotted

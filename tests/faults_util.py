@@ -243,7 +243,7 @@ def wait_heartbeat_any(run_dir: Path, launch: Launch, min_step: int = 0, timeout
 # -- judging a run directory -----------------------------------------------------------------------
 
 def metrics(run_dir: Path) -> list[dict]:
-    from overnight.rundir import read_metrics
+    from overnight.runs.rundir import read_metrics
 
     return read_metrics(Path(run_dir))
 
@@ -338,7 +338,7 @@ def assert_each_sample_once_per_epoch(record: Path, reference_record: Path, max_
 
 
 def checkpoint_manager(run_dir: Path):
-    from overnight.checkpoint import CheckpointManager
+    from overnight.runs.checkpoint import CheckpointManager
 
     return CheckpointManager(Path(run_dir), log=lambda message: None)
 

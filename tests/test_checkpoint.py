@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from overnight.checkpoint import CheckpointError, CheckpointManager, NonFiniteWeights, export_adapter
+from overnight.runs.checkpoint import CheckpointError, CheckpointManager, NonFiniteWeights, export_adapter
 
 
 def writer(value: float, nan: bool = False):
@@ -139,7 +139,7 @@ def test_non_finite_weights_are_refused(manager):
 
 
 def test_bf16_weights_are_checked_too(tmp_path):
-    from overnight.checkpoint import safetensors_all_finite
+    from overnight.runs.checkpoint import safetensors_all_finite
 
     path = tmp_path / "w.safetensors"
     header = json.dumps({"w": {"dtype": "BF16", "shape": [2], "data_offsets": [0, 4]}}).encode()
@@ -200,7 +200,7 @@ def test_read_only_lookup_quarantines_nothing(manager):
 def test_fault_hook_can_slow_a_save_or_crash_it(manager, monkeypatch):
     import time
 
-    from overnight import checkpoint
+    from overnight.runs import checkpoint
 
     monkeypatch.setattr(checkpoint._fault, "counts", {})
     monkeypatch.setenv("OVERNIGHT_FAULT", "after_files:1:sleep=0.3")

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from overnight.checkpoint import CheckpointManager
-from overnight.rundir import read_metrics
+from overnight.runs.checkpoint import CheckpointManager
+from overnight.runs.rundir import read_metrics
 
 from conftest import DATA_DIR, ROOT
 

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from overnight import cli, run
-from overnight.cloud import KeepAwake, runpod_warning
+from overnight.commands import cli
+from overnight.runs import lifecycle as run
+from overnight.integrations.cloud import KeepAwake, runpod_warning
 
 from conftest import DATA_DIR, ROOT
 from test_cli import REF, env

@@ -260,7 +260,7 @@ def test_sample_data_script_reproduces_the_files(tmp_path):
     copy = tmp_path / "make_sample_data.py"
     copy.write_text(script)
     subprocess.run([sys.executable, str(copy)], check=True)
-    from overnight.tinymodel import SAMPLE_FILES  # the files this script owns (data/demo/ has its own script)
+    from overnight.models.tiny import SAMPLE_FILES  # the files this script owns (data/demo/ has its own script)
 
     for name in SAMPLE_FILES:
         assert (tmp_path / name).read_bytes() == (DATA_DIR / name).read_bytes(), name
@@ -666,7 +666,7 @@ def test_a_broken_chat_template_is_a_data_error_naming_the_model(tmp_path, tiny_
 
 
 def test_core_data_modules_import_no_ml_framework():
-    code = ("import sys, overnight.data, overnight.datacheck, overnight.tinymodel; "
+    code = ("import sys, overnight.data, overnight.commands.validate_data, overnight.models.tiny; "
             "bad = [m for m in ('torch', 'mlx', 'transformers', 'peft', 'bitsandbytes') if m in sys.modules]; "
             "print(bad); sys.exit(1 if bad else 0)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

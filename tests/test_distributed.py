@@ -10,13 +10,13 @@ import pytest
 
 from overnight import distributed
 from overnight.backend import Batch, noise_seed
-from overnight.checkpoint import CheckpointManager
+from overnight.runs.checkpoint import CheckpointManager
 from overnight.config import build_config
-from overnight.loop import train
-from overnight.progress import Progress
-from overnight.rundir import RunFiles, read_metrics
-from overnight.stopping import Stop
-from overnight.validate import Validator
+from overnight.train.loop import train
+from overnight.train.progress import Progress
+from overnight.runs.rundir import RunFiles, read_metrics
+from overnight.train.stopping import Stop, agreed_stop
+from overnight.train.validation import Validator
 
 from refbackend import NumpyBackend, SyntheticStream
 from threadworld import run_ranks
@@ -63,7 +63,7 @@ def test_devices_flag_becomes_the_backends_launcher():
 
 
 def test_devices_below_one_is_a_usage_error(capsys):
-    from overnight.cli import main
+    from overnight.commands.cli import main
 
     assert main(["train", "--devices", "0"]) == 2
     assert "--devices 0" in capsys.readouterr().err
@@ -213,8 +213,8 @@ def test_rank_zeros_stop_and_best_hold_on_every_rank_and_any_ranks_signal_counts
     def decide(world):
         mine = Stop("plateau", "rank 0's reason") if world.rank == 0 else Stop("grad_spike", "ignored")
         signal = 143 if world.rank == 1 else None
-        return (distributed.agreed_stop(world, mine), distributed.agreed_flag(world, world.rank == 0),
-                distributed.agreed_signal(world, signal), distributed.agreed_stop(world, None if world.rank == 0
+        return (agreed_stop(world, mine), distributed.agreed_flag(world, world.rank == 0),
+                distributed.agreed_signal(world, signal), agreed_stop(world, None if world.rank == 0
                                                                                   else Stop("stuck", "x")))
 
     zero, one = run_ranks(2, decide)
@@ -329,7 +329,7 @@ def test_an_out_of_memory_on_one_rank_makes_every_rank_split_the_same_step(tmp_p
 
 
 def test_another_world_size_is_refused_unless_the_global_batch_is_the_same():
-    from overnight import fingerprint as fp
+    from overnight.runs import fingerprint as fp
 
     def print_(world, ga):
         return {"world_size": world, "config": {"train.batch_size": 4, "train.grad_accumulation": ga}}
@@ -440,7 +440,7 @@ def test_torch_two_processes_match_one_process_with_the_same_global_batch(torch_
     start = [r for r in fu.metrics(two) if r["event"] == "start"]
     assert len(start) == 1  # one writer: rank 0
     assert (two / "adapter" / "adapter_model.safetensors").is_file()
-    from overnight.checkpoint import CheckpointManager
+    from overnight.runs.checkpoint import CheckpointManager
 
     found = CheckpointManager(two).latest_valid(read_only=True)
     assert CheckpointManager.trainer_state(found.path)["world_size"] == 2
@@ -506,7 +506,7 @@ def test_torch_sigkill_then_auto_resume_ends_with_the_uninterrupted_adapter(torc
 def test_torch_a_two_process_run_continues_as_one_process_with_the_same_global_batch(torch_jobs, tmp_path):
     out = tmp_path / "run"
     fu.copy_run(torch_jobs["two"], out)
-    from overnight.checkpoint import CheckpointManager
+    from overnight.runs.checkpoint import CheckpointManager
 
     # Back to step 4 of the 2-process run, then on as one process: grad_accumulation 2 keeps the global batch.
     refused = fu.run_cli([*job_args("torch", torch_jobs["model"], torch_jobs["data"], out, 1, 1), "--resume-from",

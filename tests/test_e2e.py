@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from overnight.rundir import read_metrics
+from overnight.runs.rundir import read_metrics
 
 from conftest import DATA_DIR, ROOT, has
 
@@ -52,7 +52,7 @@ def test_torch_cli_end_to_end_writes_a_peft_loadable_adapter(tmp_path, tiny_mode
 def _smollm2_here() -> bool:
     """The demo's model without a network: already placed, converted in the cache, or its wheel cached
     (.ci/run fetches it); otherwise demo.sh would download, which tests never do."""
-    from overnight import models
+    from overnight.models import provided as models
 
     entry, cache = models.MODELS["smollm2-135m"], models.cache_dir()
     return ((ROOT / "runs" / "smollm2-135m" / "config.json").is_file()

@@ -6,7 +6,7 @@ import os
 import shutil
 from pathlib import Path
 
-from overnight import fingerprint as fp
+from overnight.runs import fingerprint as fp
 from overnight.config import build_config
 
 from conftest import ROOT

@@ -340,7 +340,7 @@ def test_a_corrupt_checkpoint_is_never_fused_and_best_falls_back(torch_run, tmp_
 @needs_torch
 @pytest.mark.torch
 def test_another_base_model_is_refused(torch_run, tmp_path):
-    from overnight.tinymodel import build_tiny_model
+    from overnight.models.tiny import build_tiny_model
 
     other = build_tiny_model(tmp_path / "other", hidden_size=32, intermediate_size=64)
     result = fuse(torch_run, tmp_path / "out", "--base", str(other))

@@ -1,5 +1,5 @@
 """GRPO end to end (SPEC §9, §8): it learns a reward on both backends, the objective is the one in
-src/objectives.py on both (parity on identical completions, against the numpy reference), the dead-reward circuit
+src/backend/objectives.py on both (parity on identical completions, against the numpy reference), the dead-reward circuit
 breaker, a raising reward, bad data, and exact resume under SIGKILL (same completions, losses, adapter bytes)."""
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import DATA_DIR, ROOT, has
-from overnight.rundir import read_metrics
+from overnight.runs.rundir import read_metrics
 
 GRPO_DATA = DATA_DIR / "grpo"
 REWARDS = GRPO_DATA / "rewards.py"
@@ -104,7 +104,7 @@ def _completions_batch(vocab: int):
 @pytest.mark.mlx
 @pytest.mark.parametrize("loss_type, iterations", [("grpo", 1), ("dr_grpo", 2)])
 def test_grpo_objective_parity_between_backends_and_the_numpy_reference(loss_type, iterations, tiny_model_dir):
-    from overnight import objectives
+    from overnight.backend import objectives
     from overnight.backends.mlx_backend import MLXBackend
     from overnight.backends.torch_backend import TorchBackend
 
@@ -177,8 +177,8 @@ class FakeSampler:
 
 
 def _source(model_dir, reward: str, accumulation: int = 1, world=None, **grpo):
-    from overnight import grpo as grpo_mod
-    from overnight import rewards
+    from overnight.methods import grpo as grpo_mod
+    from overnight.methods import rewards
     from overnight.config import Config
     from overnight.data import load_tokenizer
 
@@ -230,8 +230,8 @@ def test_two_ranks_sample_their_share_and_hold_the_whole_step_as_one_source(tiny
     rewards, step figures, saved state with the replay), and the eval deals its prompts out and gets the same value."""
     from threadworld import run_ranks
 
-    from overnight import grpo as grpo_mod
-    from overnight import rewards
+    from overnight.methods import grpo as grpo_mod
+    from overnight.methods import rewards
 
     def steps(source, validator, world=None) -> dict:
         served, stats, asked = [], [], []
@@ -275,10 +275,10 @@ def test_a_failure_on_one_rank_fails_every_rank_with_its_message(tiny_model_dir)
     from threadworld import run_ranks
 
     from overnight.backend import OutOfMemory
-    from overnight.loop import TrainingError
+    from overnight.train.loop import TrainingError
 
-    from overnight import grpo as grpo_mod
-    from overnight import rewards
+    from overnight.methods import grpo as grpo_mod
+    from overnight.methods import rewards
 
     def rank(world):
         source, sampler = _source(tiny_model_dir, f"{REWARDS}:even_tokens", world=world)
@@ -302,7 +302,7 @@ def test_a_failure_on_one_rank_fails_every_rank_with_its_message(tiny_model_dir)
 def test_out_of_memory_splits_a_group_and_never_changes_it():
     from overnight.backend import Batch, OutOfMemory
     from overnight.config import Config
-    from overnight.grpo import sample_group
+    from overnight.methods.grpo import sample_group
 
     class Tight(FakeSampler):  # only one completion fits at a time
         def sample(self, prompt_ids, seeds, *args):
@@ -339,7 +339,7 @@ def test_no_advantage_for_patience_steps_stops_the_run(reward, words, tiny_model
 
 def test_the_loss_unchanged_rule_is_off_for_a_source_with_its_own_breaker():
     from overnight.config import EarlyStoppingConfig
-    from overnight.stopping import EarlyStopping
+    from overnight.train.stopping import EarlyStopping
 
     cfg = EarlyStoppingConfig(stuck_steps=3)
     plain, grpo = EarlyStopping(cfg), EarlyStopping(cfg, stuck_rule=False)
@@ -527,7 +527,7 @@ def _dp_args(backend: str, model, out, accumulation: int, devices: int) -> list[
 @pytest.mark.parametrize("backend", [pytest.param("torch", marks=[needs_torch, pytest.mark.torch]),
                                      pytest.param("mlx", marks=[needs_mlx, pytest.mark.mlx])])
 def test_grpo_two_processes_match_one_process_and_continue_as_one(backend, tiny_model_dir, tmp_path):
-    """2 processes (each sampling the prompts it trains, src/grpo.py) = 1 process at grad_accumulation 2: the same
+    """2 processes (each sampling the prompts it trains, src/methods/grpo.py) = 1 process at grad_accumulation 2: the same
     completions, rewards, losses, evals and adapter bytes; and the 2-process run's checkpoint at step 3 (a step
     still to be replayed in it) continues as 1 process to the same adapter."""
     from faults_util import assert_adapter_equal, copy_run
@@ -561,7 +561,7 @@ def test_grpo_two_processes_match_one_process_and_continue_as_one(backend, tiny_
 
 def _smollm2() -> Path | None:
     """The converted model where `overnight models get smollm2-135m` puts it (.ci/run does), or runs/smollm2-135m."""
-    from overnight import models
+    from overnight.models import provided as models
 
     cached = models.cache_dir() / "models" / models.MODELS["smollm2-135m"].folder_name
     return next((p for p in (cached, ROOT / "runs" / "smollm2-135m") if (p / "config.json").is_file()), None)

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from overnight import lock
+from overnight.runs import lock
 from overnight.errors import RunLocked, UsageError
-from overnight.rundir import read_metrics
+from overnight.runs.rundir import read_metrics
 
 from conftest import ROOT
 from test_cli import base_args, env, overnight
@@ -49,7 +49,7 @@ def test_an_unwritable_place_is_a_usage_error_naming_it(tmp_path):
 
 
 def test_the_kernel_releases_the_lock_of_a_killed_holder(tmp_path):
-    code = ("import sys, time; from overnight import lock; lock.acquire(__import__('pathlib').Path(sys.argv[1])); "
+    code = ("import sys, time; from overnight.runs import lock; lock.acquire(__import__('pathlib').Path(sys.argv[1])); "
             "print('locked', flush=True); time.sleep(60)")
     holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
     try:

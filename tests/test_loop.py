@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from overnight.checkpoint import CheckpointManager
+from overnight.runs.checkpoint import CheckpointManager
 from overnight.config import build_config
-from overnight.loop import TrainingError, train
-from overnight.progress import Progress
-from overnight.rundir import RunFiles, read_metrics
-from overnight.validate import Validator
+from overnight.train.loop import TrainingError, train
+from overnight.train.progress import Progress
+from overnight.runs.rundir import RunFiles, read_metrics
+from overnight.train.validation import Validator
 
 from refbackend import NumpyBackend, SyntheticStream
 

@@ -1,11 +1,11 @@
-"""The framework-free LoRA init both backends load (src/lora_init.py)."""
+"""The framework-free LoRA init both backends load (src/backend/lora_init.py)."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
 from conftest import has
-from overnight.lora_init import lora_a, neutral_module_name
+from overnight.backend.lora_init import lora_a, neutral_module_name
 
 
 def test_neutral_names_agree_across_peft_and_mlx_lm():

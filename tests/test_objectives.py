@@ -1,4 +1,4 @@
-"""The objectives written once (src/objectives.py): normalisers and the numpy reference."""
+"""The objectives written once (src/backend/objectives.py): normalisers and the numpy reference."""
 from __future__ import annotations
 
 import math
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from overnight.backend import Batch
-from overnight.objectives import counts, eval_weight, reference_value, step_scales
+from overnight.backend.objectives import counts, eval_weight, reference_value, step_scales
 
 
 def _batch(mask_rows, paired=False) -> Batch:

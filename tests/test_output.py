@@ -14,7 +14,7 @@ import pytest
 
 from conftest import DATA_DIR, has
 from test_cli import base_args, env, on_terminal, overnight
-from overnight.progress import DataCheckProgress
+from overnight.train.progress import DataCheckProgress
 
 PLAIN = re.compile(r"^\d\d:\d\d:\d\d Training: (\d+)% \| step=(\d+)/(\d+) \| loss=(\S+) \| loss_avg=(\S+) \| "
                    r"eta=(\d+:\d\d|\?) \| ckpt=-(\d+) \| memory_mb=(\d+) \| mem_delta=([+-]\d+)( ⚠)?$")
@@ -235,7 +235,7 @@ def test_noise_filters_drop_and_rephrase_only_the_known_messages(capsys):
 
 
 def test_validate_data_shows_the_same_progress(tmp_path, monkeypatch):
-    from overnight import datacheck
+    from overnight.commands import validate_data as datacheck
 
     (tmp_path / "train.jsonl").write_text("".join(json.dumps({"text": f"row {i}"}) + "\n" for i in range(600)))
     err = io.StringIO()

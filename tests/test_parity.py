@@ -2,8 +2,8 @@
 
 Each method runs as users run it, `overnight train` with one config, once per backend, on the same tiny
 model and data; every logged train loss and every eval loss must agree within 2e-3 relative over 16+
-steps. What makes this hold is written once in framework-free code: the LoRA A init (src/lora_init.py),
-the objectives and their normalisation (src/objectives.py); AdamW is torch's algorithm on both.
+steps. What makes this hold is written once in framework-free code: the LoRA A init (src/backend/lora_init.py),
+the objectives and their normalisation (src/backend/objectives.py); AdamW is torch's algorithm on both.
 No quantization (the two backends quantize differently by design) and no dropout (two RNGs).
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ import sys
 import pytest
 
 from conftest import DATA_DIR, ROOT, has
-from overnight.rundir import read_metrics
+from overnight.runs.rundir import read_metrics
 
 pytestmark = [pytest.mark.skipif(not has("torch", "transformers", "peft", "mlx", "mlx_lm"),
                                  reason="needs both backends"), pytest.mark.torch, pytest.mark.mlx]

@@ -1,4 +1,4 @@
-"""Portable checkpoints (SPEC §13, src/portable.py): start on one backend, continue on the other.
+"""Portable checkpoints (SPEC §13, src/runs/portable.py): start on one backend, continue on the other.
 
 The cross-backend tests run `overnight train` as users do: 10 steps on one backend, then the same command with
 --max-steps 20 --auto-resume --allow-backend-change on the other; steps 11-20 must match a 20-step run on the
@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from conftest import DATA_DIR, ROOT, has
-from overnight import portable
-from overnight.checkpoint import export_adapter
-from overnight.rundir import read_metrics
+from overnight.runs import portable
+from overnight.runs.checkpoint import export_adapter
+from overnight.runs.rundir import read_metrics
 
 BOTH = pytest.mark.skipif(not has("torch", "transformers", "peft", "mlx", "mlx_lm"), reason="needs both backends")
 TOLERANCE = 2e-3
@@ -64,7 +64,7 @@ def test_a_checkpoint_that_does_not_fit_is_refused_naming_what_differs(tmp_path)
 def test_an_mlx_4bit_conversion_is_the_same_model_as_its_hugging_face_folder(tiny_model_dir, tmp_path):
     from mlx_lm.convert import convert
 
-    from overnight.tinymodel import build_tiny_model
+    from overnight.models.tiny import build_tiny_model
 
     converted = tmp_path / "mlx-4bit"
     convert(str(tiny_model_dir), str(converted), quantize=True, q_bits=4, q_group_size=32)

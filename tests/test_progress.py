@@ -1,6 +1,6 @@
 import pytest
 
-from overnight.progress import Progress
+from overnight.train.progress import Progress
 
 
 class FakeClock:
@@ -65,7 +65,7 @@ def test_tqdm_renders_the_same_line(capsys):
 
 
 def test_eta_is_hours_and_minutes_rounded_up():
-    from overnight.progress import format_eta
+    from overnight.train.progress import format_eta
 
     assert format_eta(3 / 60) == "0:03"
     assert format_eta(12 + 40 / 60) == "12:40"
@@ -101,7 +101,7 @@ def test_terminal_line_fits_80_columns_keeping_loss_eta_and_memory_health(leak):
 
 
 def test_fit_drops_fields_in_order_but_never_the_leak_mark():
-    from overnight.progress import fit
+    from overnight.train.progress import fit
 
     fields = {"loss": "3.214", "loss_avg": "3.412", "eta": "12:40", "ckpt": "-150", "memory_mb": "14051",
               "mem_delta": "+9000 ⚠"}

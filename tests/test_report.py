@@ -1,4 +1,4 @@
-"""`overnight report` (src/report.py): the PNG and the summary on real runs (torch, mlx, the reference backend),
+"""`overnight report` (src/commands/report.py): the PNG and the summary on real runs (torch, mlx, the reference backend),
 on a run still training, after a kill and a resume, on lines from before the `end` record and the newer fields,
 and the clear refusals: no run dir, nothing recorded, no matplotlib (exit 2, naming the extra)."""
 from __future__ import annotations
@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from overnight.report import build_timeline, read_records
-from overnight.rundir import read_metrics
+from overnight.commands.report import build_timeline, read_records
+from overnight.runs.rundir import read_metrics
 
 from conftest import DATA_DIR, ROOT, has
 from test_cli import base_args, env
-from test_reporting import kill_then_resume, trained_twice
+from test_trackers import kill_then_resume, trained_twice
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from overnight.resume import archive_run
-from overnight.rundir import OWNED_NAMES, read_metrics
+from overnight.runs.resume import archive_run
+from overnight.runs.rundir import OWNED_NAMES, read_metrics
 
 from conftest import has
 from test_cli import base_args, on_terminal, overnight

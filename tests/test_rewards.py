@@ -1,4 +1,4 @@
-"""GRPO rewards (src/rewards.py): loading by name, TRL's calling convention, None handling, advantages, and the
+"""GRPO rewards (src/methods/rewards.py): loading by name, TRL's calling convention, None handling, advantages, and the
 errors a user meets: named, with the row, never a silent 0."""
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import DATA_DIR
-from overnight import rewards as rw
+from overnight.methods import rewards as rw
 from overnight.config import Config, ConfigError
 
 

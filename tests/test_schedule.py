@@ -3,7 +3,7 @@ import math
 import pytest
 
 from overnight.config import build_config
-from overnight.schedule import lr_at
+from overnight.train.schedule import lr_at
 
 
 def train_cfg(*sets):

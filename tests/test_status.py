@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from overnight import lock
+from overnight.runs import lock
 
 from test_cli import base_args, overnight
 from test_lock import tree

@@ -1,5 +1,5 @@
 from overnight.config import build_config
-from overnight.stopping import EarlyStopping
+from overnight.train.stopping import EarlyStopping
 
 
 def stopper(*sets):

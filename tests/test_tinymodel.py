@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from conftest import has
 
-from overnight.tinymodel import CHAT_TEMPLATE, build_tiny_model, main
+from overnight.models.tiny import CHAT_TEMPLATE, build_tiny_model, main
 
 FILES = ["config.json", "generation_config.json", "model.safetensors", "special_tokens_map.json",
          "tokenizer.json", "tokenizer_config.json"]

@@ -431,7 +431,7 @@ def test_orpo_learns_and_split_matches(tiny_model_dir):
 
 def test_orpo_is_the_trl_objective(tiny_model_dir):
     from overnight.backend import Batch
-    from overnight.objectives import reference_value
+    from overnight.backend.objectives import reference_value
 
     batch = preference_batch(tiny_model_dir)
     backend, _ = make_backend(tiny_model_dir, data__method="orpo", preference__beta=0.3)

@@ -1,4 +1,4 @@
-"""A data-parallel job's Collective (src/backend.py) over threads, for tests of the loop and the sources without a
+"""A data-parallel job's Collective (src/backend/__init__.py) over threads, for tests of the loop and the sources without a
 launcher: each rank is a thread, and every collective combines the ranks' vectors in rank order (so every rank gets
 the same floats, as gloo/NCCL all-reduces give)."""
 from __future__ import annotations

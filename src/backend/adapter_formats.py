@@ -1,0 +1,331 @@
+"""`overnight convert-adapter`: a LoRA adapter moved exactly between mlx-lm's format and PEFT's (SPEC §13).
+
+Pure data, no ML framework (SPEC §2): tensors are renamed and transposed as raw safetensors bytes, so every
+dtype (bf16 included, which numpy cannot name) crosses bit for bit.
+
+    mlx-lm  adapters.safetensors   model.layers.N.<path>.lora_a  (in, r)   lora_b (r, out)
+            adapter_config.json    fine_tune_type, num_layers (the last N blocks), lora_parameters
+                                   {rank, scale, dropout, keys (block-relative paths)}, model
+    PEFT    adapter_model.safetensors  base_model.model.model.layers.N.<path>.lora_A.weight (r, in)
+                                                                          .lora_B.weight (out, r)
+            adapter_config.json    r, lora_alpha (scale = lora_alpha / r, or / sqrt(r) with use_rslora),
+                                   lora_dropout, target_modules, layers_to_transform, base_model_name_or_path
+
+The module path inside the model (``model.layers.N.self_attn.q_proj``) is kept as it is: mlx-lm's model code
+names its modules as the Hugging Face checkpoints do for the architectures both load (Llama, Mistral, Qwen...).
+Anything one format can express and the other cannot (DoRA, per-module ranks, extra trained modules, LoRA on
+some blocks that are not the last N) is refused by name, never approximated.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from overnight.errors import UsageError
+from overnight.fsutil import fsync_dir, fsync_file
+
+MLX_WEIGHTS, PEFT_WEIGHTS, CONFIG = "adapters.safetensors", "adapter_model.safetensors", "adapter_config.json"
+PEFT_PREFIX = "base_model.model."
+_MLX_KEY = re.compile(r"^(?P<module>.*\.layers\.(?P<layer>\d+)\.(?P<path>.+))\.(?P<kind>lora_a|lora_b)$")
+_PEFT_KEY = re.compile(r"^base_model\.model\.(?P<module>.*\.layers\.(?P<layer>\d+)\.(?P<path>.+))"
+                       r"\.(?P<kind>lora_A|lora_B)(?:\.default)?\.weight$")
+# numpy stand-ins of the same width: bytes are moved, never reinterpreted as numbers.
+_ITEM_DTYPE = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16}
+
+# PEFT features that have no mlx-lm equivalent; each must be off for the conversion to be exact.
+_PEFT_UNSUPPORTED = {
+    "use_dora": "DoRA (mlx-lm has its own DoRA layers, but their magnitude vector is stored differently)",
+    "rank_pattern": "per-module ranks (rank_pattern)", "alpha_pattern": "per-module alphas (alpha_pattern)",
+    "modules_to_save": "fully trained extra modules (modules_to_save)", "lora_bias": "LoRA bias vectors",
+    "layer_replication": "layer_replication", "fan_in_fan_out": "fan_in_fan_out (GPT-2 Conv1D layers)",
+    "target_parameters": "LoRA on parameters (target_parameters)", "use_qalora": "QA-LoRA",
+    "trainable_token_indices": "trainable token embeddings", "alora_invocation_tokens": "activated LoRA",
+}
+
+
+@dataclass
+class Tensor:
+    dtype: str  # the safetensors dtype name, kept as it is
+    array: np.ndarray  # a same-width numpy view of the raw values
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    try:
+        with open(path, "rb") as handle:
+            (header_len,) = struct.unpack("<Q", handle.read(8))
+            header = json.loads(handle.read(header_len))
+            data = handle.read()
+    except (OSError, struct.error, ValueError) as exc:
+        raise UsageError(f"{path} is not a readable safetensors file ({exc.__class__.__name__}: {exc})") from None
+    metadata = header.pop("__metadata__", {}) or {}
+    tensors = {}
+    for name, meta in header.items():
+        if meta["dtype"] not in _ITEM_DTYPE:
+            raise UsageError(f"{path}: tensor {name} has dtype {meta['dtype']}, not a float type a LoRA adapter uses")
+        start, end = meta["data_offsets"]
+        raw = np.frombuffer(data[start:end], dtype=_ITEM_DTYPE[meta["dtype"]])
+        tensors[name] = Tensor(meta["dtype"], raw.reshape(meta["shape"]))
+    return tensors, metadata
+
+
+def write_safetensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
+    header: dict = {"__metadata__": metadata} if metadata else {}
+    offset, blobs = 0, []
+    for name in sorted(tensors):
+        tensor = tensors[name]
+        blob = np.ascontiguousarray(tensor.array).tobytes()
+        header[name] = {"dtype": tensor.dtype, "shape": list(tensor.array.shape),
+                        "data_offsets": [offset, offset + len(blob)]}
+        offset += len(blob)
+        blobs.append(blob)
+    header_bytes = json.dumps(header, separators=(",", ":")).encode()
+    header_bytes += b" " * (-len(header_bytes) % 8)  # the format aligns the data on 8 bytes
+    with open(path, "wb") as handle:
+        handle.write(struct.pack("<Q", len(header_bytes)))
+        handle.write(header_bytes)
+        for blob in blobs:
+            handle.write(blob)
+
+
+def detect_format(adapter_dir: Path) -> str:
+    if (adapter_dir / MLX_WEIGHTS).is_file():
+        return "mlx"
+    if (adapter_dir / PEFT_WEIGHTS).is_file():
+        return "peft"
+    if (adapter_dir / "adapter_model.bin").is_file():
+        raise UsageError(f"{adapter_dir} holds a pickled PEFT adapter (adapter_model.bin); re-save it with "
+                         "safe_serialization=True (adapter_model.safetensors) and convert that")
+    raise UsageError(f"{adapter_dir} is not an adapter folder: it has neither {MLX_WEIGHTS} (mlx-lm) nor "
+                     f"{PEFT_WEIGHTS} (PEFT)")
+
+
+def _read_config(adapter_dir: Path) -> dict:
+    path = adapter_dir / CONFIG
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UsageError(f"{path} is missing: an adapter folder needs its config beside the weights") from None
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{path} is not readable JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise UsageError(f"{path} does not hold a JSON object")
+    return config
+
+
+def _base_layer_count(base: str | None) -> int | None:
+    """num_hidden_layers of a local base model folder, if one is known."""
+    if not base:
+        return None
+    config_path = Path(base).expanduser() / "config.json"
+    if not config_path.is_file():
+        return None
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config = config.get("text_config", config)
+    count = config.get("num_hidden_layers")
+    return int(count) if isinstance(count, int) else None
+
+
+@dataclass
+class LoraModule:
+    module: str  # the path inside the model, e.g. model.layers.3.self_attn.q_proj
+    layer: int
+    block_path: str  # the path inside its block, e.g. self_attn.q_proj
+    a: Tensor  # PEFT layout (r, in)
+    b: Tensor  # PEFT layout (out, r)
+
+
+def _transposed(tensor: Tensor) -> Tensor:
+    return Tensor(tensor.dtype, tensor.array.T)
+
+
+def _collect(tensors: dict[str, Tensor], pattern: re.Pattern, a_kind: str, to_peft_layout: bool,
+             source: Path) -> list[LoraModule]:
+    parts: dict[str, dict] = {}
+    for name, tensor in tensors.items():
+        match = pattern.match(name)
+        if not match:
+            raise UsageError(f"{source}: tensor {name!r} is not a LoRA weight inside a numbered block "
+                             "(layers.N.); only plain LoRA on block layers converts exactly")
+        if tensor.array.ndim != 2:
+            raise UsageError(f"{source}: tensor {name!r} has shape {list(tensor.array.shape)}; LoRA on stacked "
+                             "expert layers (MoE) has no PEFT equivalent, only 2-D LoRA matrices convert")
+        entry = parts.setdefault(match["module"], {"layer": int(match["layer"]), "path": match["path"]})
+        tensor = _transposed(tensor) if to_peft_layout else tensor
+        entry["a" if match["kind"] == a_kind else "b"] = tensor
+    modules = []
+    for module, entry in sorted(parts.items(), key=lambda kv: (kv[1]["layer"], kv[0])):
+        if "a" not in entry or "b" not in entry:
+            raise UsageError(f"{source}: {module} has only one of its two LoRA matrices")
+        modules.append(LoraModule(module, entry["layer"], entry["path"], entry["a"], entry["b"]))
+    if not modules:
+        raise UsageError(f"{source} holds no LoRA weights")
+    ranks = {m.a.array.shape[0] for m in modules} | {m.b.array.shape[1] for m in modules}
+    if len(ranks) != 1:
+        raise UsageError(f"{source}: the LoRA modules have different ranks {sorted(ranks)}; mlx-lm and a plain "
+                         "PEFT config hold one rank for all")
+    return modules
+
+
+def _last_blocks(layers: list[int], total: int | None, source: str) -> int:
+    """mlx-lm puts LoRA on the last ``num_layers`` blocks: the adapter's blocks must be exactly those."""
+    lowest = min(layers)
+    top = total if total is not None else max(layers) + 1
+    if layers != list(range(lowest, top)):
+        raise UsageError(f"{source}: LoRA sits on blocks {layers}, which are not the last blocks of a "
+                         f"{top}-block model; mlx-lm can only hold LoRA on the last N blocks")
+    return top - lowest
+
+
+def _peft_to_mlx(adapter_dir: Path, base: str | None) -> tuple[dict[str, Tensor], dict, dict]:
+    config = _read_config(adapter_dir)
+    if config.get("peft_type", "LORA") != "LORA":
+        raise UsageError(f"{adapter_dir / CONFIG}: peft_type is {config.get('peft_type')}; only LoRA converts")
+    for key, what in _PEFT_UNSUPPORTED.items():
+        if config.get(key):
+            raise UsageError(f"{adapter_dir / CONFIG}: {what} ({key}={config[key]!r}) has no mlx-lm equivalent; "
+                             "this adapter cannot be converted exactly")
+    if config.get("bias", "none") != "none":
+        raise UsageError(f"{adapter_dir / CONFIG}: bias={config['bias']!r} trains bias vectors mlx-lm's LoRA "
+                         "does not have; only bias='none' converts")
+    tensors, _ = read_safetensors(adapter_dir / PEFT_WEIGHTS)
+    modules = _collect(tensors, _PEFT_KEY, "lora_A", to_peft_layout=False, source=adapter_dir / PEFT_WEIGHTS)
+    rank = int(config.get("r", modules[0].a.array.shape[0]))
+    if rank != modules[0].a.array.shape[0]:
+        raise UsageError(f"{adapter_dir / CONFIG}: r={rank} but the weights have rank {modules[0].a.array.shape[0]}")
+    alpha = float(config.get("lora_alpha", 8))
+    scale = alpha / (rank ** 0.5) if config.get("use_rslora") else alpha / rank
+    layers = sorted({m.layer for m in modules})
+    base = base or config.get("base_model_name_or_path")
+    total = _base_layer_count(base)
+    if total is None and config.get("layers_to_transform") is not None:
+        # Blocks 0-1 of a 2-block model and of a 4-block one look the same here; mlx-lm counts from the end.
+        raise UsageError(f"{adapter_dir / CONFIG}: LoRA sits on blocks {layers} only; pass --base MODEL_DIR (a "
+                         "local model folder) so the number of blocks can be checked (mlx-lm counts the last N)")
+    num_layers = _last_blocks(layers, total, str(adapter_dir))
+    block_paths = sorted({m.block_path for m in modules})
+    mlx_config = {
+        "fine_tune_type": "lora",
+        "num_layers": num_layers,
+        "lora_parameters": {"rank": rank, "scale": scale, "dropout": float(config.get("lora_dropout", 0.0)),
+                            "keys": block_paths},
+        # Kept so a conversion back to PEFT restores lora_alpha exactly rather than recomputing it from scale.
+        "overnight": {"lora_alpha": alpha, "use_rslora": bool(config.get("use_rslora")), "converted_from": "peft"},
+    }
+    if base:
+        mlx_config["model"] = str(base)
+    out = {}
+    for m in modules:
+        out[f"{m.module}.lora_a"] = _transposed(m.a)
+        out[f"{m.module}.lora_b"] = _transposed(m.b)
+    return out, mlx_config, {"format": "mlx"}
+
+
+def _mlx_to_peft(adapter_dir: Path, base: str | None) -> tuple[dict[str, Tensor], dict, dict]:
+    config = _read_config(adapter_dir)
+    kind = config.get("fine_tune_type", "lora")
+    if kind != "lora":
+        raise UsageError(f"{adapter_dir / CONFIG}: fine_tune_type is {kind!r}; only plain LoRA converts to PEFT "
+                         "exactly (DoRA stores its magnitudes differently, 'full' is not an adapter)")
+    params = config.get("lora_parameters") or {}
+    tensors, _ = read_safetensors(adapter_dir / MLX_WEIGHTS)
+    modules = _collect(tensors, _MLX_KEY, "lora_a", to_peft_layout=True, source=adapter_dir / MLX_WEIGHTS)
+    rank = modules[0].a.array.shape[0]
+    if "rank" in params and int(params["rank"]) != rank:
+        raise UsageError(f"{adapter_dir / CONFIG}: rank {params['rank']} but the weights have rank {rank}")
+    scale = float(params.get("scale", 20.0))  # mlx-lm's default when the config leaves it out
+    extra = config.get("overnight") or {}
+    use_rslora = bool(extra.get("use_rslora"))
+    alpha = extra.get("lora_alpha")
+    expected_scale = None if alpha is None else (alpha / rank ** 0.5 if use_rslora else alpha / rank)
+    if alpha is None or not np.isclose(expected_scale, scale, rtol=1e-12, atol=0.0):
+        alpha, use_rslora = scale * rank, False  # scale is what mlx-lm applies; alpha is derived from it
+    layers = sorted({m.layer for m in modules})
+    total = _base_layer_count(base or config.get("model"))
+    _last_blocks(layers, total, str(adapter_dir))
+    block_paths = sorted({m.block_path for m in modules})
+    leaves = [p.rsplit(".", 1)[-1] for p in block_paths]
+    # PEFT matches target_modules as name suffixes: the leaf names are the usual spelling, but two blocks
+    # paths sharing a leaf (self_attn.q_proj, cross_attn.q_proj) would then catch more than was trained.
+    targets = sorted(set(leaves)) if len(set(leaves)) == len(leaves) else block_paths
+    everywhere = layers[0] == 0
+    peft_config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha, "use_rslora": use_rslora,
+        "lora_dropout": float(params.get("dropout", 0.0)), "target_modules": targets, "bias": "none",
+        "layers_to_transform": None if everywhere else layers, "layers_pattern": None,
+        "base_model_name_or_path": str(base or config.get("model") or ""), "fan_in_fan_out": False,
+        "init_lora_weights": True, "inference_mode": True, "modules_to_save": None, "use_dora": False,
+        "rank_pattern": {}, "alpha_pattern": {}, "revision": None,
+    }
+    out = {}
+    for m in modules:
+        out[f"{PEFT_PREFIX}{m.module}.lora_A.weight"] = m.a
+        out[f"{PEFT_PREFIX}{m.module}.lora_B.weight"] = m.b
+    return out, peft_config, {"format": "pt"}
+
+
+def convert_adapter(adapter_dir: Path, to: str, output: Path, base: str | None = None,
+                    say: Callable[[str], None] = print) -> Path:
+    adapter_dir, output = Path(adapter_dir), Path(output)
+    if not adapter_dir.is_dir():
+        raise UsageError(f"{adapter_dir} is not a folder: give an adapter folder (a run's adapter/, or a "
+                         "checkpoint's checkpoints/step-N/adapter/)")
+    if to not in ("peft", "mlx"):
+        raise UsageError(f"--to must be peft or mlx, not {to!r}")
+    source = detect_format(adapter_dir)
+    if source == to:
+        raise UsageError(f"{adapter_dir} is already a {to} adapter; nothing to convert")
+    check_output_dir(output)
+    tensors, config, metadata = (_mlx_to_peft if to == "peft" else _peft_to_mlx)(adapter_dir, base)
+    weights_name = PEFT_WEIGHTS if to == "peft" else MLX_WEIGHTS
+
+    def write(folder: Path) -> None:
+        write_safetensors(folder / weights_name, tensors, metadata)
+        (folder / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+    write_folder_atomically(output, write)
+    modules = len(tensors) // 2
+    say(f"converted {source} adapter {adapter_dir} -> {to} adapter {output} ({modules} LoRA modules, "
+        f"rank {config.get('r') or config['lora_parameters']['rank']})")
+    if to == "peft" and not config["base_model_name_or_path"]:
+        say("note: base_model_name_or_path is empty; pass --base MODEL to record which model the adapter belongs to")
+    return output
+
+
+# -- output folders (shared with fuse) ----------------------------------------------------------------------
+
+def check_output_dir(output: Path) -> None:
+    """An output is a new folder or an empty one: nothing a user had there is ever overwritten."""
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise UsageError(f"--output {output} already exists and is not an empty folder; choose a new path")
+    if not output.parent.is_dir():
+        raise UsageError(f"--output {output}: its parent folder {output.parent} does not exist")
+    if not os.access(output.parent, os.W_OK):
+        raise UsageError(f"--output {output}: no permission to write in {output.parent}")
+
+
+def write_folder_atomically(output: Path, write: Callable[[Path], None]) -> None:
+    """Fill a temporary folder beside ``output`` and rename it into place, so a crash or an error midway
+    leaves no half-written folder under the name the user asked for."""
+    tmp = output.parent / f".{output.name}.tmp-{secrets.token_hex(4)}"
+    tmp.mkdir()
+    try:
+        write(tmp)
+        for file in sorted(p for p in tmp.rglob("*") if p.is_file()):
+            fsync_file(file)
+        fsync_dir(tmp)
+        if output.exists():
+            output.rmdir()  # checked empty above; rename cannot replace a folder on every OS
+        os.rename(tmp, output)
+        fsync_dir(output.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

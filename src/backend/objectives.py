@@ -1,0 +1,127 @@
+"""Each method's training objective, written once (SPEC §9); both backends implement exactly this.
+
+Notation for one optimizer step made of micro-batches (rows right-padded, ``loss_mask`` marks target
+tokens, preference rows come in pairs: row 2i chosen, row 2i+1 rejected):
+
+  nll(row)      summed negative log-likelihood of the row's target tokens under the policy
+  logp(row)     -nll(row);  avg_logp(row) = logp(row) / target tokens of the row
+  T             target tokens in the step (sft, cpt: all rows; orpo: chosen rows only)
+  P             preference pairs in the step
+
+  sft, cpt   L = sum over rows of nll(row) / T                       (mean target-token cross-entropy)
+  dpo        L = sum over pairs of -logsigmoid(beta * margin) / P,
+             margin = (logp(chosen) - ref_logp(chosen)) - (logp(rejected) - ref_logp(rejected)),
+             ref = the same base model with the adapter switched off (no dropout)
+  orpo       L = sum over chosen rows of nll(row) / T  +  beta * sum over pairs of -logsigmoid(log_or) / P,
+             log_or = log_odds(chosen) - log_odds(rejected),  log_odds(x) = a - log(1 - exp(a)), a = avg_logp(x)
+             (TRL's ORPO: mean chosen-token NLL + beta * mean over pairs of the odds-ratio loss;
+             a is clamped to at most AVG_LOGP_MAX so log(1 - exp(a)) stays finite)
+
+  grpo       every row is one sampled completion (prompt + completion; loss_mask marks the completion tokens,
+             its EOS included) with an advantage A (src/methods/rewards.py: its reward against its group's). Per token t:
+               logp_t      log-prob of the token under the policy (adapter on, training mode)
+               old_t       the same under the policy that sampled it: logp_t itself, detached, when
+                           grpo.iterations = 1 (on-policy: ratio 1, gradient A * grad logp); else the value
+                           recorded when the batch was generated (adapter on, no dropout)
+               ref_t       the same under the reference (adapter off, no dropout); only when beta > 0
+               ratio_t     exp(logp_t - old_t)
+               kl_t        exp(ref_t - logp_t) - (ref_t - logp_t) - 1        (the k3 estimator, >= 0)
+               l_t         -min(ratio_t * A, clip(ratio_t, 1 - epsilon, 1 + epsilon) * A) + beta * kl_t
+             grpo:     L = sum over rows of (sum_t l_t / n_row) / N              n_row: the row's completion tokens
+             dr_grpo:  L = sum over rows of (sum_t l_t / max_new_tokens) / N    (Dr. GRPO: one constant, so
+                       long and short completions weigh the same per token)
+             N = completions (rows) in the step; beta, epsilon, loss_type, max_new_tokens are grpo.*.
+             The logged kl is the token-weighted mean of kl_t over the step's completion tokens.
+
+The normalisers T and P are those of the whole step, not of each micro-batch: every micro-batch adds
+``token_scale * (its token sums) + pair_scale * (its pair sums)``, so splitting a step into more
+micro-batches (gradient accumulation, the OOM fallback) changes nothing. beta is ``preference.beta``.
+
+Validation reports, per batch, (value * weight, weight) with the batch's own normalisers and
+weight = T (sft, cpt) or P (dpo, orpo); the validator divides the summed values by the summed
+weights, so sft/cpt val_loss is total loss / total target tokens over the fixed subset.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+AVG_LOGP_MAX = -1e-7
+PAIRED = ("dpo", "orpo")
+GRPO_LOSS_TYPES = ("grpo", "dr_grpo")
+
+
+def counts(method: str, batches: Sequence) -> tuple[int, int]:
+    """(T, P) of a step made of ``batches`` (overnight.backend.Batch)."""
+    tokens = pairs = 0
+    for batch in batches:
+        if method == "orpo":
+            tokens += int(batch.loss_mask[0::2, 1:].sum())
+        elif method not in PAIRED:
+            tokens += int(batch.loss_mask[:, 1:].sum())
+        if method in PAIRED:
+            pairs += batch.num_rows // 2
+    return tokens, pairs
+
+
+def step_scales(method: str, batches: Sequence) -> tuple[float, float, int]:
+    """(token_scale, pair_scale, weight): the factors each micro-batch's sums are multiplied by, and
+    the step's weight (T or P; 0 means the step has nothing to learn from)."""
+    if method == "grpo":  # token_scale is 1/N; each row's own divisor is grpo_row_divisor's
+        rows = sum(batch.num_rows for batch in batches)
+        return (1.0 / rows if rows else 0.0), 0.0, rows
+    tokens, pairs = counts(method, batches)
+    weight = pairs if method == "dpo" else tokens
+    return (1.0 / tokens if tokens else 0.0), (1.0 / pairs if pairs else 0.0), weight
+
+
+def eval_weight(method: str, batch) -> int:
+    tokens, pairs = counts(method, [batch])
+    return pairs if method in PAIRED else tokens
+
+
+def reference_value(method: str, logp, tokens, beta: float = 0.1, ref_logp=None) -> float:
+    """The step objective in numpy from per-row summed target log-probs ``logp`` and target counts ``tokens``
+    (paired rows interleaved chosen, rejected): the formulas above, for holding the backends to them."""
+    logp, tokens = np.asarray(logp, np.float64), np.asarray(tokens, np.float64)
+    if method in ("sft", "cpt"):
+        return float(-logp.sum() / tokens.sum())
+
+    def neg_logsigmoid(x):
+        return np.logaddexp(0.0, -x)
+
+    if method == "dpo":
+        ref = np.asarray(ref_logp, np.float64)
+        margin = (logp[0::2] - ref[0::2]) - (logp[1::2] - ref[1::2])
+        return float(neg_logsigmoid(beta * margin).mean())
+    avg = np.minimum(logp / np.maximum(tokens, 1.0), AVG_LOGP_MAX)
+    log_odds = avg - np.log(-np.expm1(avg))
+    return float(-logp[0::2].sum() / tokens[0::2].sum() + beta * neg_logsigmoid(log_odds[0::2] - log_odds[1::2]).mean())
+
+
+def grpo_row_divisor(loss_type: str, row_tokens, max_new_tokens: int):
+    """What a row's summed per-token grpo loss is divided by: its completion tokens (grpo; at least 1) or the
+    constant max_new_tokens (dr_grpo). Works on numbers and numpy arrays; the backends mirror it."""
+    if loss_type == "dr_grpo":
+        return float(max_new_tokens)
+    return np.maximum(row_tokens, 1.0)
+
+
+def grpo_reference(logp, mask, advantages, *, beta: float, epsilon: float, loss_type: str, max_new_tokens: int,
+                   ref_logp=None, old_logp=None, rows_in_step: int | None = None) -> tuple[float, float]:
+    """(L, mean kl) of the grpo formula above in float64 numpy, from per-token log-probs (B, T) aligned with
+    ``mask`` (1 on completion tokens). ``old_logp`` None is the on-policy case (ratio 1)."""
+    logp = np.asarray(logp, np.float64)
+    mask = np.asarray(mask, np.float64)
+    adv = np.asarray(advantages, np.float64)[:, None]
+    ratio = np.exp(logp - np.asarray(old_logp, np.float64)) if old_logp is not None else np.ones_like(logp)
+    per_token = -np.minimum(ratio * adv, np.clip(ratio, 1.0 - epsilon, 1.0 + epsilon) * adv)
+    kl = np.zeros_like(logp)
+    if beta > 0:
+        diff = np.asarray(ref_logp, np.float64) - logp
+        kl = np.exp(diff) - diff - 1.0
+        per_token = per_token + beta * kl
+    row = (per_token * mask).sum(axis=1) / grpo_row_divisor(loss_type, mask.sum(axis=1), max_new_tokens)
+    rows = rows_in_step if rows_in_step is not None else logp.shape[0]
+    return float(row.sum() / rows), float((kl * mask).sum() / max(mask.sum(), 1.0))

@@ -1,0 +1,313 @@
+"""`overnight fuse`: a checkpoint's adapter merged into its base, written as a standalone model in the format of
+the backend the run trained with.
+
+The core chooses and verifies the checkpoint (the same manifest sha256 check a resume makes, read-only: nothing
+is quarantined), checks that the base model is still the one the run trained on, and hands the merge to the
+backend's exporter (backends/<name>_export.py, found through the registry in src/backend/__init__.py) in a child process,
+so this process never imports a framework (SPEC §2). The exporter writes into a temporary folder beside
+``--output``, which is renamed into place only when complete.
+
+Exit codes: 0 fused; 2 bad usage (missing run directory, unreadable STEP, --output in use, base model gone or
+unreadable, backend not installed); 3 refused (no valid checkpoint to fuse, or the base model changed since
+training); 1 the exporter failed unexpectedly.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import yaml
+
+from overnight.backend import BACKENDS, EXPORTERS, _installed
+from overnight.runs.checkpoint import STEP_DIR, CheckpointInfo, CheckpointManager
+from overnight.backend.adapter_formats import check_output_dir, detect_format, write_folder_atomically
+from overnight.errors import EXIT_CRASH, EXIT_OK, EXIT_RESUME_REFUSED, UsageError
+from overnight.runs.fingerprint import _model_identity
+from overnight.fsutil import sha256_file
+from overnight.runs.rundir import read_metrics
+
+# What a fused folder takes from its base besides the weights: tokenizer, chat template, generation defaults,
+# and the model code of trust_remote_code models.
+BASE_FILE_PATTERNS = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt",
+                      "chat_template*", "generation_config.json", "*.tiktoken", "tiktoken.model", "*.py")
+GGUF_NAME = "model.gguf"
+# mlx-lm's GGUF writer (mlx_lm/gguf.py, reached through mlx_lm.fuse --export-gguf) knows these model types only.
+MLX_GGUF_MODEL_TYPES = ("llama", "mistral", "mixtral")
+LLAMA_CPP = "https://github.com/ggml-org/llama.cpp"
+
+
+class NoValidCheckpoint(Exception):
+    """Nothing verifiable to fuse: exit 3."""
+
+
+class ExportFailed(RuntimeError):
+    """The exporter stopped without a result: exit 1, with what it said."""
+
+
+@dataclass
+class Chosen:
+    info: CheckpointInfo
+    why: str  # how it was chosen, for the summary line
+
+
+class ExportRefused(Exception):
+    """A known reason an exporter (backends/*_export.py) cannot make the merge: exit 2 with one line."""
+
+
+def run_export_job(export, argv: list[str]) -> int:
+    """An exporter child process's main: read the job file, export, write the result file; a refusal (or a
+    config error) is one line on stderr and exit 2, anything else a crash with its traceback (exit 1)."""
+    from overnight.config import ConfigError
+
+    job = json.loads(Path(argv[0]).read_text(encoding="utf-8"))
+    try:
+        result = export(job)
+    except (ExportRefused, ConfigError) as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    Path(job["result"]).write_text(json.dumps(result), encoding="utf-8")
+    return 0
+
+
+def copy_base_files(base_dir: Path, output: Path) -> list[str]:
+    """Copy the tokenizer, chat template and generation config of ``base_dir`` into ``output`` as they are (a
+    library's save_pretrained would rewrite them, e.g. transformers 5 names a tokenizer class older versions
+    lack)."""
+    copied = []
+    for pattern in BASE_FILE_PATTERNS:
+        for source in sorted(Path(base_dir).glob(pattern)):
+            if source.is_file():
+                (output / source.name).write_bytes(source.read_bytes())
+                copied.append(source.name)
+    return sorted(set(copied))
+
+
+# -- choosing the checkpoint ----------------------------------------------------------------------------------
+
+def recorded_best_step(run_dir: Path, newest: CheckpointInfo) -> int | None:
+    """The best checkpoint the run recorded: the newest valid checkpoint's best-model state, or the run's end
+    event when the run evaluated once more after that checkpoint (what `overnight checkpoints` marks)."""
+    best = CheckpointManager.trainer_state(newest.path).get("best")
+    step = best.get("best_step") if isinstance(best, dict) else None
+    ends = [r for r in read_metrics(run_dir) if r.get("event") == "end"]
+    if ends and isinstance(ends[-1].get("step"), int) and ends[-1]["step"] >= newest.step:
+        step = ends[-1].get("best_step", step)
+    return step if isinstance(step, int) else None
+
+
+def parse_choice(choice: str) -> str | int:
+    if choice in ("best", "latest"):
+        return choice
+    try:
+        step = int(choice)
+    except ValueError:
+        raise UsageError(f"--checkpoint must be best, latest or a step number, not {choice!r}") from None
+    if step < 0:
+        raise UsageError(f"--checkpoint {choice}: a step number is 0 or more")
+    return step
+
+
+def choose_checkpoint(run_dir: Path, choice: str | int) -> Chosen:
+    manager = CheckpointManager(run_dir, log=lambda message: None)
+    listing = f"see: overnight checkpoints {run_dir}"
+    if isinstance(choice, int):
+        path = manager.path_for(choice)
+        if not path.is_dir():
+            steps = [step for step, _ in manager._step_dirs()]
+            have = f"checkpoints at steps {', '.join(map(str, steps))}" if steps else "no checkpoints"
+            raise NoValidCheckpoint(f"{run_dir} has no checkpoint at step {choice} ({have}; {listing})")
+        ok, why = manager.verify(path)
+        if not ok:
+            raise NoValidCheckpoint(f"the checkpoint at step {choice} ({path}) does not verify: {why}. Choose "
+                                    f"another ({listing})")
+        return Chosen(CheckpointInfo(choice, path, True), f"step {choice}, as asked")
+    skipped: list[CheckpointInfo] = []
+    newest = manager.latest_valid(read_only=True, skipped=skipped)
+    if newest is None:
+        invalid = "".join(f"; {i.path.name} is invalid ({i.why})" for i in skipped)
+        raise NoValidCheckpoint(f"{run_dir} has no valid checkpoint to fuse{invalid or ' (none was saved yet)'}")
+    notes = "".join(f"; newer {i.path.name} is invalid ({i.why})" for i in skipped)
+    if choice == "latest":
+        return Chosen(newest, f"the latest valid checkpoint{notes}")
+    best = recorded_best_step(run_dir, newest)
+    if best is None:
+        return Chosen(newest, f"no best recorded (no evaluation ran), so the latest valid checkpoint{notes}")
+    if best == newest.step:
+        return Chosen(newest, "the best checkpoint")
+    path = manager.path_for(best)
+    if not path.is_dir():
+        return Chosen(newest, f"the best checkpoint (step {best}) is gone, so the latest valid one{notes}")
+    ok, why = manager.verify(path)
+    if not ok:
+        return Chosen(newest, f"the best checkpoint (step {best}) does not verify ({why}), so the latest valid "
+                              f"one{notes}")
+    return Chosen(CheckpointInfo(best, path, True), "the best checkpoint")
+
+
+# -- what the run trained on ----------------------------------------------------------------------------------
+
+def _run_config(run_dir: Path) -> dict:
+    try:
+        data = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _trained_on(chosen: Chosen, run_dir: Path) -> dict:
+    manifest = CheckpointManager.manifest(chosen.info.path)
+    fingerprint = manifest.get("fingerprint") or {}
+    run_config = _run_config(run_dir)
+    model_section = run_config.get("model") or {}
+    quant = model_section.get("quantization") or {}
+    recorded = fingerprint.get("config") or {}
+    adapter = chosen.info.path / "adapter"
+    backend = fingerprint.get("backend") or {"mlx": "mlx", "peft": "torch"}[detect_format(adapter)]
+    return {
+        "backend": backend,
+        "model_path": fingerprint.get("model_path") or model_section.get("path"),
+        "model_identity": fingerprint.get("model"),
+        "bits": recorded.get("model.quantization.bits", quant.get("bits", 0)) or 0,
+        "group_size": recorded.get("model.quantization.group_size", quant.get("group_size", 64)),
+    }
+
+
+def _check_base(base: str, identity: dict | None, given: bool) -> None:
+    """The base must be the model the adapter was trained on: the same config.json and weight files (by name and
+    size, as the resume fingerprint compares them), wherever the folder now lives."""
+    folder = Path(base).expanduser()
+    trained_locally = isinstance(identity, dict) and "config_and_weights" in identity
+    if not folder.is_dir():
+        if given or trained_locally:
+            raise UsageError(f"the base model folder {base} does not exist"
+                             + ("" if given else " (the run trained on it); pass --base DIR with the same model"))
+        return  # a hub id: the exporter loads it from the local cache
+    if trained_locally and _model_identity(str(folder)) != identity:
+        raise NoValidCheckpoint(f"the base model in {folder} is not the one this run trained on (config.json or "
+                                "weight files differ); fusing the adapter into another model would give a wrong "
+                                "model. Pass --base DIR with the original model")
+
+
+# -- the exporter ---------------------------------------------------------------------------------------------
+
+def _verified_adapter_copy(checkpoint: Path, scratch: Path) -> Path:
+    """Copy the checkpoint's adapter and check the copy against the manifest: the bytes merged are the bytes
+    verified, even if a run still training rotates that checkpoint away meanwhile."""
+    files = CheckpointManager.manifest(checkpoint).get("files", {})
+    copy = scratch / "adapter"
+    try:
+        shutil.copytree(checkpoint / "adapter", copy)
+    except OSError as exc:
+        raise NoValidCheckpoint(f"{checkpoint / 'adapter'} could not be read ({exc}); run fuse again") from None
+    for file in sorted(p for p in copy.rglob("*") if p.is_file()):
+        meta = files.get("adapter/" + file.relative_to(copy).as_posix())
+        if meta is None or sha256_file(file) != meta["sha256"]:
+            raise NoValidCheckpoint(f"{checkpoint / 'adapter'} changed while it was read (a training run rotating "
+                                    "its checkpoints?); run fuse again")
+    return copy
+
+
+def _run_exporter(backend: str, job: dict, scratch: Path) -> dict:
+    module = EXPORTERS[backend]
+    job_path, result_path = scratch / "job.json", scratch / "result.json"
+    result_path.unlink(missing_ok=True)
+    job_path.write_text(json.dumps(job | {"result": str(result_path)}), encoding="utf-8")
+    env = dict(os.environ, TOKENIZERS_PARALLELISM=os.environ.get("TOKENIZERS_PARALLELISM", "false"))
+    proc = subprocess.run([sys.executable, "-m", module, str(job_path)], capture_output=True, text=True,
+                          env=env, stdin=subprocess.DEVNULL)
+    said = (proc.stderr or "").strip()
+    if proc.returncode == 2:  # the exporter's own refusal, one line starting "error: "
+        lines = [line for line in said.splitlines() if line.startswith("error: ")]
+        raise UsageError(lines[-1][len("error: "):] if lines else said[-1000:])
+    if proc.returncode != 0 or not result_path.is_file():
+        raise ExportFailed(f"the {backend} exporter ({module}) failed with exit code {proc.returncode}:\n"
+                           f"{said[-3000:]}")
+    return json.loads(result_path.read_text(encoding="utf-8"))
+
+
+def llama_cpp_command(folder: Path, dtype: str) -> str:
+    outtype = {"bfloat16": "bf16", "float32": "f32"}.get(dtype, "f16")
+    return f"python llama.cpp/convert_hf_to_gguf.py {folder} --outfile {folder / GGUF_NAME} --outtype {outtype}"
+
+
+def fuse(run_dir: Path, choice: str, output: Path, dequantize: bool = False, gguf: bool = False,
+         base: str | None = None, say: Callable[[str], None] = print) -> dict:
+    if not run_dir.is_dir():
+        raise UsageError(f"{run_dir} is not a run directory (no such folder)")
+    step_folder = STEP_DIR.match(run_dir.resolve().name)
+    if step_folder and run_dir.resolve().parent.name == "checkpoints":
+        raise UsageError(f"{run_dir} is one checkpoint; give the run directory and the step: overnight fuse "
+                         f"{run_dir.resolve().parent.parent} --checkpoint {int(step_folder.group(1))} --output ...")
+    step_choice = parse_choice(choice)
+    check_output_dir(output)
+    chosen = choose_checkpoint(run_dir, step_choice)
+    trained = _trained_on(chosen, run_dir)
+    backend = trained["backend"]
+    if backend not in EXPORTERS:
+        raise UsageError(f"the run trained with backend {backend!r}; fuse knows {', '.join(sorted(EXPORTERS))}")
+    if not _installed(BACKENDS[backend][2]):
+        extra = "mlx" if backend == "mlx" else "cuda"
+        raise UsageError(f"the run trained with the {backend} backend, which is not installed here: "
+                         f"pip install 'overnight[{extra}]'")
+    base_path = base or trained["model_path"]
+    if not base_path:
+        raise UsageError(f"the checkpoint in {chosen.info.path} does not record its base model; pass --base DIR")
+    _check_base(base_path, trained["model_identity"], given=base is not None)
+
+    gguf_by_mlx = False
+    if gguf and backend == "mlx":
+        base_config = Path(base_path).expanduser() / "config.json"
+        model_type = json.loads(base_config.read_text())["model_type"] if base_config.is_file() else None
+        quantized = bool(trained["bits"]) or (base_config.is_file() and "quantization" in json.loads(
+            base_config.read_text()))
+        gguf_by_mlx = model_type in MLX_GGUF_MODEL_TYPES
+        if gguf_by_mlx and quantized and not dequantize:
+            raise UsageError("mlx-lm's GGUF export writes unquantized models only, and this run's base is "
+                             "quantized: add --dequantize (the fused folder is then full precision as well)")
+
+    say(f"fusing {run_dir} checkpoint step {chosen.info.step} ({chosen.why}; verified) into {base_path} "
+        f"with the {backend} exporter")
+    result: dict = {}
+    with tempfile.TemporaryDirectory(prefix="overnight-fuse-") as scratch:
+        adapter = _verified_adapter_copy(chosen.info.path, Path(scratch))
+        job = {"base": str(base_path), "adapter": str(adapter), "dequantize": bool(dequantize), "gguf": gguf_by_mlx,
+               "gguf_name": GGUF_NAME, "bits": int(trained["bits"] or 0),
+               "group_size": int(trained["group_size"] or 64)}
+        write_folder_atomically(output, lambda folder: result.update(
+            _run_exporter(backend, job | {"output": str(folder)}, Path(scratch))))
+    result["step"] = chosen.info.step
+    say(f"fused model: {output} ({result['format']}, {result['weights']})")
+    if backend == "torch" and dequantize:
+        say("note: --dequantize changes nothing for a torch run: its fused model is always full precision")
+    if gguf:
+        if gguf_by_mlx:
+            say(f"GGUF (mlx-lm's exporter): {output / GGUF_NAME}")
+        else:
+            why = ("transformers has no GGUF writer" if backend == "torch" else
+                   f"mlx-lm's GGUF export supports model types {', '.join(MLX_GGUF_MODEL_TYPES)} only")
+            folder_note = (" (llama.cpp reads full-precision weights: fuse again with --dequantize first)"
+                           if result.get("quantized") else "")
+            say(f"GGUF: not written here ({why}). Make it with llama.cpp's converter ({LLAMA_CPP}){folder_note}:\n"
+                f"  git clone {LLAMA_CPP} && pip install -r llama.cpp/requirements.txt\n"
+                f"  {llama_cpp_command(output, result.get('dtype', 'float16'))}")
+    return result
+
+
+def fuse_main(run_dir: str, choice: str, output: str, dequantize: bool, gguf: bool, say: Callable[[str], None],
+              base: str | None = None) -> int:
+    try:
+        fuse(Path(run_dir), choice, Path(output), dequantize, gguf, base, say)
+    except NoValidCheckpoint as exc:
+        print(f"fuse refused: {exc}", file=sys.stderr, flush=True)
+        return EXIT_RESUME_REFUSED
+    except ExportFailed as exc:
+        print(f"error: {exc}\nnothing was written to {output}", file=sys.stderr, flush=True)
+        return EXIT_CRASH
+    return EXIT_OK

@@ -1,0 +1,122 @@
+"""`overnight status` and `overnight checkpoints`: read-only views of a run directory (nothing is moved,
+quarantined or created, so they are safe while a run trains)."""
+from __future__ import annotations
+
+import json
+import socket
+import time
+from pathlib import Path
+from typing import Callable
+
+from overnight.fsutil import pid_alive
+from overnight.runs import lock
+from overnight.runs.checkpoint import CheckpointManager
+from overnight.errors import UsageError
+from overnight.runs.rundir import read_metrics
+
+STALE_AFTER_S = 15 * 60  # a heartbeat this old, with no lock to ask, means the run is gone
+
+
+def run_dir_arg(path: str) -> Path:
+    run_dir = Path(path)
+    if not run_dir.is_dir():
+        raise UsageError(f"{run_dir} is not a run directory (no such folder)")
+    return run_dir
+
+
+def read_heartbeat(path: Path) -> tuple[dict | None, str]:
+    """(heartbeat, problem): a missing, empty, garbled or ill-typed file gives (None or partial, why)."""
+    if not path.is_file():
+        return None, "no heartbeat.json"
+    try:
+        beat = json.loads(path.read_text(encoding="utf-8", errors="replace"))
+    except (OSError, ValueError) as exc:
+        return None, f"heartbeat.json is unreadable ({exc.__class__.__name__}: {str(exc)[:80]})"
+    if not isinstance(beat, dict):
+        return None, "heartbeat.json does not hold a JSON object"
+    # Keep only fields of the right type, so a hand-edited or foreign file cannot crash the report.
+    types = {"pid": int, "host": str, "step": int, "time": (int, float), "state": str, "reason": str}
+    bad = [k for k, t in types.items() if k in beat and beat[k] is not None
+           and (not isinstance(beat[k], t) or isinstance(beat[k], bool))]
+    clean = {k: v for k, v in beat.items() if k not in bad}
+    return clean, (f"heartbeat.json has fields of the wrong type ({', '.join(bad)}); they are ignored" if bad else "")
+
+
+def resume_point(run_dir: Path) -> str:
+    """Which checkpoint a resume would start from: the newest that verifies (read-only, nothing quarantined)."""
+    manager = CheckpointManager(run_dir, log=lambda message: None)
+    skipped: list = []
+    found = manager.latest_valid(read_only=True, skipped=skipped)
+    notes = "".join(f"; {i.path.name} is invalid ({i.why}) and would be quarantined" for i in skipped)
+    if found is not None:
+        return f"a resume would start from step {found.step} ({found.path}){notes}"
+    if skipped or manager.quarantined():
+        return f"no checkpoint verifies: a resume would be refused (see overnight checkpoints {run_dir}){notes}"
+    return "no checkpoint yet"
+
+
+def show_status(run_dir: Path, say: Callable[[str], None]) -> None:
+    beat, problem = read_heartbeat(run_dir / "heartbeat.json")
+    if problem and problem != "no heartbeat.json":
+        say(f"warning: {problem}")
+    beat = beat or {}
+    held, holder = lock.holder(run_dir)
+    step, state = beat.get("step", "?"), beat.get("state") or "running"
+    age = time.time() - beat["time"] if "time" in beat else None
+    ago = f"{age:.0f}s ago" if age is not None else "at an unknown time"
+    why_not = "no process holds the run's lock"
+    if held is None and beat and state == "running":
+        # No lock file (a run from before the lock existed): the heartbeat is all there is. An old
+        # heartbeat means interrupted even when its pid is alive again (pids are reused).
+        if age is not None and age < STALE_AFTER_S and (
+                beat.get("host") != socket.gethostname() or pid_alive(beat.get("pid"))):
+            held, holder = True, {"pid": beat.get("pid"), "host": beat.get("host")}
+        else:
+            why_not = f"stale heartbeat from {ago}"
+    if held:
+        # The lock, not the heartbeat, says whether a process owns the run.
+        stuck = f"; no heartbeat for {age / 60:.0f} min, it may be stuck" if age and age > STALE_AFTER_S else ""
+        say(f"running at step {step} (heartbeat {ago}, {lock.describe(holder)}){stuck}")
+    elif not beat:
+        say(f"{run_dir}: not running (no usable heartbeat.json, and no process holds the run's lock)")
+    elif state == "running":
+        say(f"interrupted at step {step} ({why_not}); continue with: overnight train ... --auto-resume")
+    elif state == "stopped":
+        say(f"stopped early at step {step}: {beat.get('reason')}")
+    elif state == "completed":
+        say(f"completed at step {step}: {beat.get('reason')}")
+    else:
+        say(f"{state} at step {step}: {beat.get('reason')}")
+    say(resume_point(run_dir))
+
+
+def list_checkpoints(run_dir: Path, say: Callable[[str], None]) -> None:
+    manager = CheckpointManager(run_dir, log=lambda message: None)
+    infos = manager.list()
+    if not infos:
+        say(f"no checkpoints in {manager.root}")
+        return
+    records = read_metrics(run_dir)
+    evals = {r.get("step"): r for r in records if r.get("event") == "eval"}
+    best_step, newest = None, None
+    for info in reversed(infos):
+        if info.valid:
+            newest = info.step
+            best = manager.trainer_state(info.path).get("best")
+            best_step = best.get("best_step") if isinstance(best, dict) else None
+            break
+    ends = [r for r in records if r.get("event") == "end"]
+    if ends and newest is not None and isinstance(ends[-1].get("step"), int) and ends[-1]["step"] >= newest:
+        # A run that ended after the newest checkpoint (an eval owed to the resume, run at the very end)
+        # knows its final best better than that checkpoint does.
+        best_step = ends[-1].get("best_step", best_step)
+    say(f"{'step':>8}  {'status':<40} {'val_loss':>9} {'score':>9}  best")
+    for info in infos:
+        ev = evals.get(info.step, {})
+        status = "valid" if info.valid else f"INVALID: {info.why}"
+        val = f"{ev['val_loss']:.4f}" if isinstance(ev.get("val_loss"), float) else "-"
+        score = f"{ev['score']:.4f}" if isinstance(ev.get("score"), float) else "-"
+        say(f"{info.step:>8}  {status[:40]:<40} {val:>9} {score:>9}  {'*' if info.step == best_step else ''}")
+    for entry in manager.quarantined():
+        why = (entry / "QUARANTINED.txt").read_text().strip() if (entry / "QUARANTINED.txt").exists() else ""
+        say(f"{'':>8}  quarantined: {entry.name} ({why})")

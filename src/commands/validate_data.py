@@ -1,0 +1,102 @@
+"""`overnight validate-data PATH [--method M] [--model DIR] [--max-seq-length N]`: the pre-training data check.
+
+Prints rows per file and format, token-length statistics when a model folder is given, and every
+problem as file:line. Returns 0 when the data is clean, 2 otherwise.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from overnight.config import Config
+from overnight.data import DataError, check_data, find_data_files, load_tokenizer
+from overnight.data.formats import METHOD_FORMATS, detect_format, iter_lines, no_target_fix, parse_line
+from overnight.train.progress import DataCheckProgress
+
+
+def infer_method(train_file: Path) -> str:
+    """dpo for preference rows, sft for everything else (text rows also fit cpt)."""
+    try:
+        for _, _, content in iter_lines(train_file):
+            row, err = parse_line(content)
+            if err is None and detect_format(row) is not None:
+                return "dpo" if detect_format(row) == "preference" else "sft"
+    except OSError:
+        pass
+    return "sft"
+
+
+def validate_data_main(path: str, method: str | None, model: str | None, max_seq_length: int | None = None,
+                       out: Callable[[str], None] = print) -> int:
+    cfg = Config()
+    if max_seq_length is not None:
+        cfg.model.max_seq_length = max_seq_length
+    try:
+        if max_seq_length is not None and (isinstance(max_seq_length, bool) or not isinstance(max_seq_length, int)
+                                           or max_seq_length < 1):
+            raise DataError(f"max_seq_length must be a whole number of tokens, at least 1 (got {max_seq_length!r})")
+        train_file, _ = find_data_files(Path(path))
+        if method is None:
+            method, how = infer_method(train_file), "inferred from the rows; pass --method to check for another"
+        elif method not in METHOD_FORMATS:
+            raise DataError(f"unknown method '{method}' -> use one of {', '.join(METHOD_FORMATS)}")
+        else:
+            how = "as asked"
+        cfg.data.method = method
+        if model:
+            from overnight.models.provided import resolve_model_path
+
+            model = resolve_model_path(model, out)
+        tokenizer = load_tokenizer(Path(model)) if model else None
+        shown = DataCheckProgress()  # on stderr, and only for a file that takes more than a moment
+        try:
+            report = check_data(Path(path), method, tokenizer=tokenizer, cfg=cfg, on_progress=shown)
+        finally:
+            shown.done()
+    except DataError as exc:
+        out(f"error: {exc}")
+        return 2
+
+    out(f"data: {path} (method {method}, {how})")
+    for f in report.files:
+        fmt = f"{f.format} format" if f.format else "format unknown"
+        blank = f", {f.blank_lines} blank line(s) skipped" if f.blank_lines else ""
+        out(f"  {f.path}: {f.rows} valid row(s), {fmt}{blank}")
+        if f.lengths is not None and len(f.lengths):
+            unit = "tokens per pair (longer side)" if method in ("dpo", "orpo") else "tokens per row"
+            too_long = f"{f.too_long} longer than max_seq_length {cfg.model.max_seq_length}"
+            if f.too_long and not report.packing:
+                too_long += " (would be truncated)" if cfg.data.truncate else " (would be dropped)"
+            out(f"    {unit}: min {int(f.lengths.min())}, median {int(np.median(f.lengths))}, "
+                f"max {int(f.lengths.max())}; {too_long}")
+            if f.no_targets:
+                out(f"    {f.no_targets} with no target token within max_seq_length {cfg.model.max_seq_length} "
+                    f"(e.g. line {f.no_target_line}; they would train nothing): "
+                    f"{no_target_fix(f, cfg.data.mask_prompt)}")
+    if tokenizer is None:
+        out("  (pass --model DIR for token-length statistics)")
+    if report.ok:
+        out("no problems: the data is ready to train")
+        return 0
+    out(f"{report.problem_count} problem(s):")
+    for problem in report.problems:
+        out(f"  {problem}")
+    hidden = report.problem_count - len(report.problems)
+    if hidden:
+        out(f"  ... and {hidden} more not listed")
+    return 2
+
+
+if __name__ == "__main__":
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m overnight.commands.validate_data")
+    p.add_argument("path")
+    p.add_argument("--method", default=None)
+    p.add_argument("--model", default=None)
+    p.add_argument("--max-seq-length", type=int, default=None)
+    a = p.parse_args()
+    sys.exit(validate_data_main(a.path, a.method, a.model, a.max_seq_length))

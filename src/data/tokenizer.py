@@ -1,0 +1,387 @@
+"""Tokenization from a model folder's Hugging Face tokenizer files, without transformers.
+
+Both backends train on the ids made here, so the same data gives the same tokens on MLX and torch.
+The behaviour follows transformers' `AutoTokenizer` on the same folder: tokenizer.json's post-processor
+alone decides the special tokens `encode` adds (transformers 5 ignores tokenizer_config.json's
+`add_bos_token`/`add_eos_token` when a tokenizer.json exists), and chat templates are rendered with the
+same sandboxed Jinja environment and variables.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from overnight.data.formats import DataError
+
+
+def _token_text(value: Any) -> str | None:
+    # tokenizer_config.json stores special tokens as strings or as serialized AddedToken objects.
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) and value else None
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"{path}: cannot be read as JSON ({exc}) -> re-save the model folder's tokenizer files") from None
+    return data if isinstance(data, dict) else {}
+
+
+SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")  # transformers' order: the first one set wins
+
+
+def _template_message(message: Any) -> Any:
+    """A message as transformers hands it to a template: keys whose value is null are dropped (templates
+    test for a missing key), and a reasoning field is also given as `thinking` and `reasoning_content`."""
+    if not isinstance(message, dict):
+        return message
+    message = {key: value for key, value in message.items() if value is not None}
+    reasoning = next((message[key] for key in REASONING_FIELDS if message.get(key) is not None), None)
+    if reasoning is not None:
+        message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
+    return message
+
+
+def _compile_template(source: str):
+    import jinja2
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class GenerationTag(jinja2.ext.Extension):
+        # transformers uses {% generation %} to track assistant spans; rendering only needs the body.
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller):
+            return caller()
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    class TemplateDict:
+        # transformers' `dict` global: a plain dict factory, without attribute access to break out with
+        def __call__(self, *args, **kwargs):
+            return dict(*args, **kwargs)
+
+        def fromkeys(self, *args, **kwargs):
+            return dict.fromkeys(*args, **kwargs)
+
+    class TemplateNamespace(jinja2.utils.Namespace):
+        # transformers' `namespace` global: refuses underscore-prefixed attributes
+        def __init__(*args, **kwargs):
+            self, args = args[0], args[1:]
+            attrs = dict(*args, **kwargs)
+            for name in attrs:
+                TemplateNamespace._check_name(name)
+            jinja2.utils.Namespace.__init__(self, attrs)
+
+        def __setitem__(self, name, value):
+            TemplateNamespace._check_name(name)
+            jinja2.utils.Namespace.__setitem__(self, name, value)
+
+        @staticmethod
+        def _check_name(name):
+            if isinstance(name, str) and name.startswith("_"):
+                raise jinja2.exceptions.SecurityError(
+                    f"chat templates cannot store underscore-prefixed attributes on a namespace ({name!r})")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[GenerationTag, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    env.globals["dict"] = TemplateDict()
+    env.globals["namespace"] = TemplateNamespace
+    return env.from_string(source)
+
+
+def _find_chat_template(model_dir: Path, config: dict) -> str | None:
+    # Newer transformers save the template beside the config; it wins over tokenizer_config.json.
+    jinja_file = model_dir / "chat_template.jinja"
+    if jinja_file.is_file():
+        return jinja_file.read_text(encoding="utf-8")
+    template = _read_json(model_dir / "chat_template.json").get("chat_template") or config.get("chat_template")
+    if isinstance(template, list):  # named templates: use "default", else the first
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default") or next(iter(named.values()), None)
+    return template if isinstance(template, str) and template else None
+
+
+class TextTokenizer:
+    """encode / decode / chat template over `tokenizers.Tokenizer` + tokenizer_config.json."""
+
+    def __init__(self, model_dir: Path):
+        from tokenizers import Tokenizer
+
+        self.model_dir = Path(model_dir)
+        path = self.model_dir / "tokenizer.json"
+        if not path.is_file():
+            raise DataError(f"{self.model_dir}: no tokenizer.json -> the model folder needs Hugging Face fast "
+                            "tokenizer files (tokenizer.json, tokenizer_config.json)")
+        try:
+            self._tok = Tokenizer.from_file(str(path))
+        except Exception as exc:  # the Rust side raises plain Exception for a malformed file
+            raise DataError(f"{path}: cannot be loaded by `tokenizers` ({exc})") from None
+        config = _read_json(self.model_dir / "tokenizer_config.json")
+        special_map = _read_json(self.model_dir / "special_tokens_map.json")
+        model_config = _read_json(self.model_dir / "config.json")
+
+        # The named special tokens, as transformers' `special_tokens_map`: the standard names, any other
+        # string-valued `*_token` key of tokenizer_config.json, and a dict of `extra_special_tokens`.
+        # Chat templates see them all as variables (e.g. {{ bos_token }}).
+        self.special_tokens: dict[str, str] = {}
+        named = {key: value for key, value in config.items() if key.endswith("_token")}
+        extra = config.get("extra_special_tokens")
+        named.update(extra if isinstance(extra, dict) else {})
+        for name in (*SPECIAL_TOKEN_NAMES, *named):
+            text = _token_text(named.get(name)) or (_token_text(special_map.get(name))
+                                                    if name in SPECIAL_TOKEN_NAMES else None)
+            if text is not None:
+                self.special_tokens[name] = text
+        self.bos_id = self._id_of("bos_token", model_config.get("bos_token_id"))
+        self.eos_id = self._id_of("eos_token", model_config.get("eos_token_id"))
+        pad = self._id_of("pad_token", model_config.get("pad_token_id"))
+        self.pad_id = pad if pad is not None else (self.eos_id if self.eos_id is not None else 0)
+
+        # What encode(add_special_tokens=True) puts around a text, found by asking the post-processor.
+        bare = self._tok.encode("a", add_special_tokens=False).ids
+        full = self._tok.encode("a", add_special_tokens=True).ids
+        start = next((i for i in range(len(full) - len(bare) + 1) if full[i:i + len(bare)] == bare), 0)
+        self.prefix_ids: list[int] = full[:start]
+        self.suffix_ids: list[int] = full[start + len(bare):]
+
+        self.chat_template_source = _find_chat_template(self.model_dir, config)
+        self._template = None
+        self.vocab_size = self._tok.get_vocab_size()
+
+    def _id_of(self, name: str, fallback: Any) -> int | None:
+        text = self.special_tokens.get(name)
+        if text is not None:
+            token_id = self._tok.token_to_id(text)
+            if token_id is not None:
+                return token_id
+        if isinstance(fallback, list):
+            fallback = fallback[0] if fallback else None
+        return fallback if isinstance(fallback, int) else None
+
+    @property
+    def has_chat_template(self) -> bool:
+        return self.chat_template_source is not None
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Ids without added special tokens, and each token's (start, end) character span in ``text``."""
+        enc = self._tok.encode(text, add_special_tokens=False)
+        return enc.ids, enc.offsets
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+        """The rendered conversation text; tokenize it with add_special_tokens=False (the template
+        already holds the special tokens, as in transformers).
+
+        The template sees what transformers' `apply_chat_template` (5.x) gives it with no tools and no
+        documents: `messages` (keys holding null dropped; a reasoning field also under `thinking` and
+        `reasoning_content`), `tools=None`, `documents=None`, `add_generation_prompt`, and every named
+        special token."""
+        if self.chat_template_source is None:
+            raise DataError(f"{self.model_dir}: the tokenizer has no chat template -> use prompt/completion or "
+                            "text rows, or a model whose tokenizer_config.json has a chat_template")
+        if self._template is None:
+            try:
+                self._template = _compile_template(self.chat_template_source)
+            except Exception as exc:  # jinja2.TemplateSyntaxError: the model's template itself is broken
+                raise DataError(f"{self.model_dir}: the chat template is not valid Jinja ({exc}) -> fix chat_template "
+                                "in the model's tokenizer_config.json (or chat_template.jinja), or use "
+                                "prompt/completion rows") from None
+        messages = [_template_message(m) for m in messages]
+        return self._template.render(messages=messages, tools=None, documents=None,
+                                     add_generation_prompt=add_generation_prompt, **self.special_tokens)
+
+
+def load_tokenizer(model_dir: Path) -> TextTokenizer:
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise DataError(f"{model_dir}: not a model folder -> pass a local folder with tokenizer.json "
+                        "(a hub id must be downloaded first)")
+    return TextTokenizer(model_dir)
+
+
+# ---------------------------------------------------------------------------
+# Rows -> token ids and loss masks
+
+@dataclass
+class Encoded:
+    """A row as tokens: a shared prompt and one response per sequence (a preference pair has two).
+    For chat and text rows the whole sequence is the "response" and the prompt is empty; the loss
+    mask (1 = target) then marks the assistant turns."""
+
+    prompt: list[int]
+    prompt_mask: list[int]
+    responses: list[tuple[list[int], list[int]]]
+    keep: int = 0  # leading prompt tokens (BOS) that left-truncation must keep
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt) + max(len(ids) for ids, _ in self.responses)
+
+
+def _with_eos(tok: TextTokenizer, ids: list[int]) -> list[int]:
+    if tok.eos_id is not None and (not ids or ids[-1] != tok.eos_id):
+        ids = ids + [tok.eos_id]
+    return ids
+
+
+def _assistant_spans(tok: TextTokenizer, messages: list[dict], text: str) -> list[tuple[int, int]]:
+    """Character spans of the assistant turns in the rendered ``text``: from the end of the rendered
+    generation prompt to the end of the rendered turn, so the end-of-turn tokens are learned too."""
+    spans = []
+    search = 0
+    eos = tok.special_tokens.get("eos_token")
+    for i, message in enumerate(messages):
+        if message.get("role") != "assistant":
+            continue
+        span = None
+        try:
+            before = tok.apply_chat_template(messages[:i], add_generation_prompt=True)
+            upto = tok.apply_chat_template(messages[:i + 1])
+            if len(before) < len(upto) and text.startswith(upto) and upto.startswith(before):
+                span = (len(before), len(upto))
+        except Exception:
+            span = None
+        if span is None:
+            # Templates that render earlier turns differently (e.g. dropping reasoning): find the content.
+            content = message.get("content", "")
+            start = text.find(content, search)
+            if start < 0:
+                raise DataError(f"the chat template does not render assistant message {i} verbatim, so its "
+                                "tokens cannot be found for the loss mask -> set data.mask_prompt=false")
+            end = start + len(content)
+            if eos and text.startswith(eos, end):
+                end += len(eos)
+            span = (start, end)
+        spans.append(span)
+        search = span[1]
+    return spans
+
+
+def encode_row(tok: TextTokenizer, row: dict, fmt: str, mask_prompt: bool = True) -> Encoded:
+    """Token ids and loss masks for one validated row.
+
+    text: BOS (if the tokenizer adds one) + text + EOS, all targets.
+    completion / preference: BOS + prompt, then each response + EOS; prompt tokens are targets only
+    for completion rows with mask_prompt off. Prompt and response are tokenized separately so the
+    boundary is exact. chat: the model's chat template; with mask_prompt only assistant turns are
+    targets."""
+    if fmt == "text":
+        ids = _with_eos(tok, tok.prefix_ids + tok.encode(row["text"], add_special_tokens=False))
+        mask = [0] * len(tok.prefix_ids) + [1] * (len(ids) - len(tok.prefix_ids))
+        return Encoded([], [], [(ids, mask)])
+    if fmt == "chat":
+        try:
+            text = tok.apply_chat_template(row["messages"])
+        except DataError:
+            raise
+        except Exception as exc:
+            raise DataError(f"the chat template failed on this row ({exc}) -> check roles and their order") from None
+        ids, offsets = tok.encode_with_offsets(text)
+        if not mask_prompt:
+            return Encoded([], [], [(ids, [1] * len(ids))])
+        starts = np.array([s for s, _ in offsets], dtype=np.int64)
+        ends = np.array([e for _, e in offsets], dtype=np.int64)
+        mask = np.zeros(len(ids), dtype=bool)
+        for a, b in _assistant_spans(tok, row["messages"], text):
+            mask |= (starts < b) & (ends > a)
+        return Encoded([], [], [(ids, mask.astype(int).tolist())])
+    prompt = tok.prefix_ids + tok.encode(row["prompt"], add_special_tokens=False)
+    keep = len(tok.prefix_ids)
+    if fmt == "completion":
+        resp = _with_eos(tok, tok.encode(row["completion"], add_special_tokens=False))
+        prompt_mask = [0] * keep + [0 if mask_prompt else 1] * (len(prompt) - keep)
+        return Encoded(prompt, prompt_mask, [(resp, [1] * len(resp))], keep)
+    if fmt == "preference":
+        pair = []
+        for key in ("chosen", "rejected"):
+            resp = _with_eos(tok, tok.encode(row[key], add_special_tokens=False))
+            pair.append((resp, [1] * len(resp)))
+        return Encoded(prompt, [0] * len(prompt), pair, keep)
+    raise ValueError(f"unknown format {fmt}")
+
+
+def fit(enc: Encoded, max_len: int) -> list[tuple[list[int], list[int]]]:
+    """The row's sequences (prompt + response), cut to ``max_len`` tokens.
+
+    Chat and text rows lose their end. Prompted rows lose the start of the prompt first (after BOS),
+    but keep at least half of ``max_len`` for it, then the end of the response; a pair is cut the
+    same way on both sides so chosen and rejected share one prompt."""
+    prompt, prompt_mask = enc.prompt, enc.prompt_mask
+    if enc.length > max_len and prompt:
+        longest = max(len(ids) for ids, _ in enc.responses)
+        keep_prompt = max(max_len - longest, min(len(prompt), max_len // 2), enc.keep)
+        if keep_prompt < len(prompt):
+            tail = keep_prompt - enc.keep
+            prompt = prompt[:enc.keep] + (prompt[len(prompt) - tail:] if tail else [])
+            prompt_mask = prompt_mask[:enc.keep] + (prompt_mask[len(prompt_mask) - tail:] if tail else [])
+    out = []
+    for ids, mask in enc.responses:
+        room = max(max_len - len(prompt), 0)
+        out.append(((prompt + ids[:room])[:max_len], (prompt_mask + mask[:room])[:max_len]))
+    return out
+
+
+def target_tokens(seqs: list[tuple[list[int], list[int]]]) -> int:
+    """Target tokens the loss sees in a row's fitted sequences: position 0 never is one (nothing before it
+    to predict it from, see data.collate); a preference pair counts its poorer side, since a pair with an
+    empty side cannot be compared."""
+    return min(int(sum(mask[1:])) for _, mask in seqs)
+
+
+def shortest_trainable_length(enc: Encoded) -> int | None:
+    """The smallest max_seq_length that leaves this row a target token (None: not even untruncated)."""
+    if not enc.prompt:  # chat and text rows keep their start: the first target after position 0 decides
+        mask = enc.responses[0][1]
+        return next((i + 1 for i in range(1, len(mask)) if mask[i]), None)
+    return next((n for n in range(2, enc.length + 1) if target_tokens(fit(enc, n))), None)
+
+
+def encode_prompt(tok: TextTokenizer, row: dict, fmt: str) -> list[int]:
+    """The ids a model continues from (grpo, predictions): a conversation through the chat template with the
+    generation prompt, or BOS (if the tokenizer adds one) + the prompt text."""
+    if fmt == "chat":
+        try:
+            text = tok.apply_chat_template(row["messages"], add_generation_prompt=True)
+        except DataError:
+            raise
+        except Exception as exc:
+            raise DataError(f"the chat template failed on this row ({exc}) -> check roles and their order") from None
+        return tok.encode(text, add_special_tokens=False)
+    return tok.prefix_ids + tok.encode(row["prompt"], add_special_tokens=False)
+
+
+def fit_prompt(tok: TextTokenizer, ids: list[int], room: int) -> list[int]:
+    """``ids`` cut from the left to at most ``room`` tokens, keeping a leading BOS (the model's start)."""
+    if len(ids) <= room:
+        return ids
+    keep = len(tok.prefix_ids) if ids[:len(tok.prefix_ids)] == tok.prefix_ids else 0
+    keep = min(keep, room - 1) if room > 1 else 0
+    return ids[:keep] + ids[len(ids) - (room - keep):]

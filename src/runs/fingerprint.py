@@ -1,0 +1,121 @@
+"""What a checkpoint was trained on: model, data files and the config fields that change training.
+
+A resume whose fingerprint differs is refused (SPEC §7), naming the changed fields. The model counts by
+content (config.json and the weight files' names and sizes), not by how its path is spelled: `./m`,
+`/abs/m` and a symlink to it are the same model. A hub id is its own identity."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from overnight.config import TRAINING_KEYS, Config
+from overnight.fsutil import sha256_file
+from overnight.runs.portable import model_shape, same_model_differences
+
+_MODEL_FILES = ("config.json",)
+# Recorded for people reading a manifest, never compared: the model is compared by content instead.
+NOT_COMPARED = ("model.path",)
+# A run moved to the other backend (--allow-backend-change) may change these; they are recorded, not refused.
+MAY_DIFFER_ACROSS_BACKENDS = ("model.quantization.bits", "model.quantization.group_size")
+
+
+def _model_identity(path: str) -> dict:
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        return {"id": path}  # a hub id: the id (and the backend's revision pinning) is all we know up front
+    digest = hashlib.sha256()
+    for name in _MODEL_FILES:
+        if (folder / name).is_file():
+            digest.update((folder / name).read_bytes())
+    # Weight files are large: their names and sizes identify them well enough, and cost nothing to read.
+    weights = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".gguf"))
+    for weight in weights:
+        digest.update(f"{weight.name}:{weight.stat().st_size}".encode())
+    return {"config_and_weights": digest.hexdigest()}
+
+
+def _file_digest(path: Path | None) -> str | None:
+    return sha256_file(path) if path is not None else None
+
+
+def compute(cfg: Config, train_file: Path, val_file: Path | None, backend: str | None = None,
+            world_size: int = 1) -> dict:
+    """``backend`` (the Backend's ``name``) is recorded so a resume on another backend is refused before
+    the model is loaded; it is checked on its own (resume.check_backend), not by differences().
+    ``world_size``: the processes of a data-parallel job; what must not change is the global batch."""
+    keys = [key for key in TRAINING_KEYS if key not in NOT_COMPARED]
+    return {
+        "world_size": world_size,
+        "model": _model_identity(cfg.model.path),
+        "model_shape": model_shape(cfg.model.path),  # "the same model" across backends (src/runs/portable.py)
+        "model_path": cfg.model.path,
+        "backend": backend,
+        "train_data": _file_digest(train_file),
+        "val_data": _file_digest(val_file),
+        "config": {key: json.loads(json.dumps(cfg.get(key))) for key in keys} | {"packing": cfg.packing},
+    }
+
+
+def differences(saved: dict, current: dict, across_backends: bool = False) -> list[str]:
+    """Human-readable list of what changed, e.g. ["lora.rank: 16 -> 8", "train data file contents"].
+
+    across_backends: the run moves to the other backend, whose model folder may be another conversion of the
+    same model (an MLX 4-bit folder, the Hugging Face original): the model is compared by architecture and
+    tensor names/shapes (src/runs/portable.py), and quantization may differ (quantization_change records it)."""
+    changes = []
+    old_model, new_model = saved.get("model"), current.get("model")
+    if across_backends:
+        if "model_shape" not in saved:
+            changes.append("model: the checkpoint predates portable checkpoints, so its model cannot be compared "
+                           "across backends")
+        else:
+            changes += [f"model: {c}" for c in same_model_differences(saved["model_shape"], current["model_shape"])]
+    elif old_model != new_model:
+        if isinstance(old_model, dict) and isinstance(new_model, dict) and "id" in old_model and "id" in new_model:
+            changes.append(f"model: {old_model['id']!r} -> {new_model['id']!r}")
+        else:
+            was = (saved.get("model_path") or saved.get("config", {}).get("model.path")
+                   or (old_model or {}).get("id", ""))
+            changes.append(f"model: {current.get('model_path')!r} is not the model the checkpoint was trained on"
+                           + (f" ({was!r})" if was else "") + " (config.json or weight files differ)")
+    if saved.get("train_data") != current.get("train_data"):
+        changes.append("train data file contents")
+    if saved.get("val_data") != current.get("val_data"):
+        changes.append("validation data file contents")
+    # Checkpoints written before model.path stopped counting still carry it: skip it on both sides.
+    old_cfg = {k: v for k, v in saved.get("config", {}).items() if k not in NOT_COMPARED}
+    new_cfg = {k: v for k, v in current.get("config", {}).items() if k not in NOT_COMPARED}
+    changes += _global_batch_change(saved.get("world_size", 1), current.get("world_size", 1), old_cfg, new_cfg)
+    for key in sorted(set(old_cfg) | set(new_cfg)):
+        if across_backends and key in MAY_DIFFER_ACROSS_BACKENDS:
+            continue
+        if old_cfg.get(key) != new_cfg.get(key):
+            changes.append(f"{key}: {old_cfg.get(key)!r} -> {new_cfg.get(key)!r}")
+    return changes
+
+
+def quantization_change(saved: dict, current: dict) -> dict:
+    """The base model's quantization before and after a backend change (recorded in the resume event): the
+    same bits still mean another format on each backend (mlx affine groups, bitsandbytes NF4)."""
+    old_cfg, new_cfg = saved.get("config", {}), current.get("config", {})
+    return {"from": {key: old_cfg.get(key) for key in MAY_DIFFER_ACROSS_BACKENDS},
+            "to": {key: new_cfg.get(key) for key in MAY_DIFFER_ACROSS_BACKENDS}}
+
+
+def _global_batch_change(old_world: int, new_world: int, old_cfg: dict, new_cfg: dict) -> list[str]:
+    """Another number of processes may continue a run when the global batch is the same (the data position is
+    global, src/distributed.py): grad_accumulation x processes is compared, not grad_accumulation alone. Pops
+    train.grad_accumulation from both configs when the process count changed."""
+    if old_world == new_world:
+        return []
+    key = "train.grad_accumulation"
+    old_ga, new_ga = old_cfg.pop(key, 1), new_cfg.pop(key, 1)
+    if old_ga * old_world == new_ga * new_world:
+        return []
+    return [f"global batch: {key} {old_ga} x {old_world} process{'es' if old_world > 1 else ''} = "
+            f"{old_ga * old_world} micro-batches per step -> {new_ga} x {new_world} = {new_ga * new_world}; with "
+            f"{new_world} process{'es' if new_world > 1 else ''} set {key}="
+            + (f"{old_ga * old_world // new_world}" if (old_ga * old_world) % new_world == 0 else
+               f"(impossible: {old_ga * old_world} is not a multiple of {new_world})")
+            + " (train.batch_size unchanged) to continue exactly"]

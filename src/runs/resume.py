@@ -1,0 +1,148 @@
+"""The resume policy (SPEC §7): fresh, auto-resume, a step, or the terminal prompt; what is refused and why.
+
+Everything here runs with the run directory's lock held (lock.py), so nothing else moves files under it."""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+from overnight.runs import fingerprint as fp
+from overnight.runs.checkpoint import CheckpointInfo, CheckpointManager
+from overnight.errors import ResumeRefused
+from overnight.runs.rundir import owned_entries, read_metrics
+
+FLAGS_HINT = ("Pass --auto-resume to continue it, or --fresh to start over (the old run is archived, nothing is "
+              "deleted)")
+
+
+def archive_run(run_dir: Path) -> Path | None:
+    """Move the files of the old run (rundir.OWNED_NAMES: nothing of the user's) into RUN_DIR/archive-<time>/."""
+    entries = owned_entries(run_dir)
+    if not entries:
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    archive, suffix = run_dir / f"archive-{stamp}", 0
+    while archive.exists():
+        suffix += 1
+        archive = run_dir / f"archive-{stamp}-{suffix}"
+    archive.mkdir()
+    for entry in entries:
+        os.rename(entry, archive / entry.name)
+    return archive
+
+
+def ask_to_resume(step: int, run_dir: Path) -> bool:
+    """The terminal prompt. Only an explicit yes (or Enter) resumes; Ctrl-D is no answer."""
+    try:
+        answer = input(f"Resume from step {step}? [Y/n] ").strip().lower()
+    except EOFError:
+        print(flush=True)
+        raise ResumeRefused(f"no answer at the prompt; nothing was changed in {run_dir}. {FLAGS_HINT}") from None
+    return answer in ("", "y", "yes")
+
+
+def _refuse_all_invalid(checkpoints: CheckpointManager, quarantined_now: list[CheckpointInfo]) -> None:
+    whys = "; ".join(f"{i.path.name}: {i.why}" for i in quarantined_now)
+    raise ResumeRefused(
+        f"no checkpoint in {checkpoints.root} verifies, so there is nothing to resume from"
+        + (f" ({whys})" if whys else "") + f". The invalid ones are kept in {checkpoints.quarantine_dir}. "
+        "Start over with --fresh (the old run is archived, nothing is deleted), or restore a good copy of a "
+        "checkpoint into checkpoints/ and run again")
+
+
+def decide_resume(args, run_dir: Path, checkpoints: CheckpointManager, say: Callable[[str], None],
+                  interactive: Callable[[], bool] = lambda: sys.stdin.isatty()) -> CheckpointInfo | None:
+    """Return the checkpoint to resume from, or None to start fresh. Raises ResumeRefused (exit 3)."""
+    removed = checkpoints.cleanup_leftovers()
+    if removed:
+        say(f"removed {len(removed)} unfinished save(s) left by an interrupted run")
+    if args.fresh:
+        archive = archive_run(run_dir)
+        if archive:
+            say(f"--fresh: the previous run was moved to {archive}")
+        return None
+    if args.resume_from is not None:
+        found = checkpoints.latest_valid(at_step=args.resume_from)
+        if found is None:
+            steps = [str(i.step) for i in checkpoints.list() if i.valid]
+            raise ResumeRefused(f"no valid checkpoint at step {args.resume_from} in {checkpoints.root} "
+                                f"(valid steps: {', '.join(steps) or 'none'})")
+        return found
+    if args.before_step is not None:
+        found = checkpoints.latest_valid(before_step=args.before_step)
+        if found is None:
+            raise ResumeRefused(f"no valid checkpoint before step {args.before_step} in {checkpoints.root}")
+        return found
+    invalid: list[CheckpointInfo] = []
+    latest = checkpoints.latest_valid(skipped=invalid)
+    if latest is None:
+        # Checkpoints existed but none verifies (now or at an earlier start): starting from step 0 silently
+        # would bury a night of work that the user may still restore.
+        if invalid or checkpoints.quarantined():
+            _refuse_all_invalid(checkpoints, invalid)
+        # A run that died before its first checkpoint: nothing to resume; its files are kept aside.
+        archive = archive_run(run_dir)
+        if archive:
+            say(f"no checkpoint to resume from; the previous run's files were moved to {archive}")
+        return None
+    if args.auto_resume:
+        return latest
+    if interactive():
+        if ask_to_resume(latest.step, run_dir):
+            return latest
+        raise ResumeRefused(f"not resumed. To start over, run again with --fresh (the run in {run_dir} is "
+                            "archived, nothing is deleted)")
+    raise ResumeRefused(f"{run_dir} already holds a run with a checkpoint at step {latest.step}. {FLAGS_HINT}")
+
+
+def check_backend(fingerprint: dict, backend: str, step: int, allow_change: bool) -> str | None:
+    """Checked before the model is loaded. Returns the backend the checkpoint was made with when the run moves
+    to another one (allowed with --allow-backend-change: it continues from the checkpoint's portable part,
+    src/runs/portable.py), None when it stays. A checkpoint that records no backend (older format) is let through."""
+    made_with = fingerprint.get("backend")
+    if not made_with or made_with == backend:
+        return None
+    if not allow_change:
+        raise ResumeRefused(
+            f"the checkpoint at step {step} was made with the {made_with!r} backend and this run uses {backend!r}. "
+            f"Resume with --backend {made_with}, or pass --allow-backend-change to continue this run on "
+            f"{backend!r} (LoRA weights, AdamW moments and the data position carry over; dropout draws after the "
+            "switch differ from an uninterrupted run)")
+    return made_with
+
+
+def check_fingerprint(saved: dict, current: dict, step: int, allow_change: bool,
+                      across_backends: bool = False) -> list[str]:
+    """The changed fields (empty when none). Raises ResumeRefused unless the user allowed the change."""
+    changes = fp.differences(saved, current, across_backends)
+    if changes and not allow_change:
+        raise ResumeRefused(
+            f"the checkpoint at step {step} was trained with a different setup; changed: " + "; ".join(changes)
+            + ". Undo the change, start over with --fresh, or pass --allow-config-change to resume anyway")
+    return changes
+
+
+def beyond_max_steps(step: int, max_steps: int) -> str | None:
+    """A run resumed at a step past train.max_steps has nothing to do (and must not re-export its adapter)."""
+    if step > max_steps:
+        return (f"this run is already at step {step}, beyond train.max_steps {max_steps}; nothing to train "
+                f"(raise --max-steps above {step} to continue); adapter/ and the checkpoints are unchanged")
+    return None
+
+
+def stopped_early(run_dir: Path, args) -> str | None:
+    """A run that stopped early for a reason (plateau, non-finite loss, a stuck loss, gradient spikes) is
+    finished, not interrupted: a plain --auto-resume (a retry loop, a pod that reboots) must not train on
+    past that decision. Naming a step (--resume-from, --before-step) is asking to, so that goes on."""
+    if args.resume_from is not None or args.before_step is not None:
+        return None
+    lifecycle = [r for r in read_metrics(run_dir) if r.get("event") in ("start", "resume", "stop", "end")]
+    if not lifecycle or lifecycle[-1].get("event") != "end" or lifecycle[-1].get("status") != "stopped":
+        return None
+    end = lifecycle[-1]
+    return (f"this run already stopped early at step {end.get('step')}: {end.get('reason')}. Nothing to train; "
+            f"adapter/ and the checkpoints are unchanged. To train on anyway, name the checkpoint: "
+            f"--resume-from STEP (see overnight checkpoints {run_dir}), or start over with --fresh")

@@ -1,0 +1,243 @@
+"""`overnight convert-adapter` (SPEC §13): an adapter converted to the other library's format gives the same model
+there. Each adapter is made by its own library (PEFT's save_pretrained, mlx-lm's LoRA layers and file layout) with
+random non-zero B, on the tiny model in float32; the converted one is loaded by the other library and its logits
+are compared with the original's, after checking that the adapter moves the logits at all."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import DATA_DIR, ROOT, has
+from overnight.backend.adapter_formats import convert_adapter
+from overnight.errors import UsageError
+
+pytestmark = [pytest.mark.skipif(not has("torch", "transformers", "peft", "mlx", "mlx_lm"),
+                                 reason="needs both backends"), pytest.mark.torch, pytest.mark.mlx]
+
+TOKENS = np.array([[1, 40, 71, 300, 12, 5, 99, 250, 3, 17, 64, 128]], dtype=np.int64)
+ADAPTER_EFFECT = 1e-2  # the least max |logits change| an adapter must cause for a comparison to mean anything
+TOLERANCE = 1e-5
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    return subprocess.run([sys.executable, "-m", "overnight", *args], capture_output=True, text=True, env=env,
+                          stdin=subprocess.DEVNULL, timeout=600, cwd=ROOT)
+
+
+# -- the two libraries' views of one model ------------------------------------------------------------------
+
+def torch_logits(model_dir: Path, adapter: Path | None = None) -> np.ndarray:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter))
+    model.eval()
+    with torch.no_grad():
+        return model(torch.from_numpy(TOKENS)).logits.float().numpy()
+
+
+def mlx_logits(model_dir: Path, adapter: Path | None = None) -> np.ndarray:
+    import mlx.core as mx
+    import mlx_lm
+
+    model, _ = mlx_lm.load(str(model_dir), adapter_path=None if adapter is None else str(adapter))
+    return np.array(model(mx.array(TOKENS.astype(np.int32))).astype(mx.float32))
+
+
+def max_diff(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max())
+
+
+# -- adapters as each library writes them -------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def peft_adapter(tiny_model_dir, tmp_path_factory) -> Path:
+    """PEFT LoRA on the last of the two blocks (layers_to_transform), attention and MLP targets, rank 4, alpha 8."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(1)
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["q_proj", "v_proj", "down_proj"],
+                        layers_to_transform=[1], task_type="CAUSAL_LM")
+    model = get_peft_model(base, config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn_like(param) * 0.2)
+    out = tmp_path_factory.mktemp("peft") / "adapter"
+    model.save_pretrained(str(out), safe_serialization=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def mlx_adapter(tiny_model_dir, tmp_path_factory) -> Path:
+    """mlx-lm LoRA on the last block, q_proj and up_proj, rank 4, scale 3 (no alpha recorded: mlx-lm's own)."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+    from mlx_lm.utils import load_model
+
+    model, _ = load_model(Path(tiny_model_dir))
+    model.freeze()
+    params = {"rank": 4, "scale": 3.0, "dropout": 0.05, "keys": ["self_attn.q_proj", "mlp.up_proj"]}
+    linear_to_lora_layers(model, 1, params)
+    mx.random.seed(2)
+    for _, module in model.named_modules():
+        if "lora_b" in module:
+            module.lora_b = mx.random.normal(module.lora_b.shape) * 0.2
+    out = tmp_path_factory.mktemp("mlx") / "adapter"
+    out.mkdir()
+    mx.save_safetensors(str(out / "adapters.safetensors"), dict(tree_flatten(model.trainable_parameters())),
+                        metadata={"format": "mlx"})
+    (out / "adapter_config.json").write_text(json.dumps(
+        {"fine_tune_type": "lora", "num_layers": 1, "lora_parameters": params, "model": str(tiny_model_dir)}))
+    return out
+
+
+# -- both directions ----------------------------------------------------------------------------------------
+
+def test_peft_adapter_converted_to_mlx_gives_the_same_logits_in_mlx_lm(peft_adapter, tiny_model_dir, tmp_path):
+    original = torch_logits(tiny_model_dir, peft_adapter)
+    assert max_diff(original, torch_logits(tiny_model_dir)) > ADAPTER_EFFECT
+    out = convert_adapter(peft_adapter, "mlx", tmp_path / "mlx", base=str(tiny_model_dir), say=lambda m: None)
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["num_layers"] == 1
+    assert config["lora_parameters"] == {"rank": 4, "scale": 2.0, "dropout": 0.1,
+                                         "keys": ["mlp.down_proj", "self_attn.q_proj", "self_attn.v_proj"]}
+    converted = mlx_logits(tiny_model_dir, out)
+    diff = max_diff(original, converted)
+    print(f"peft -> mlx: max |logits diff| {diff:.2e}")
+    assert diff < TOLERANCE
+
+
+def test_mlx_adapter_converted_to_peft_gives_the_same_logits_in_peft(mlx_adapter, tiny_model_dir, tmp_path):
+    original = mlx_logits(tiny_model_dir, mlx_adapter)
+    assert max_diff(original, mlx_logits(tiny_model_dir)) > ADAPTER_EFFECT
+    out = convert_adapter(mlx_adapter, "peft", tmp_path / "peft", say=lambda m: None)
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["lora_dropout"]) == (4, 12.0, 0.05)
+    assert config["target_modules"] == ["q_proj", "up_proj"] and config["layers_to_transform"] == [1]
+    assert config["base_model_name_or_path"] == str(tiny_model_dir)  # from the mlx config's "model"
+    converted = torch_logits(tiny_model_dir, out)
+    diff = max_diff(original, converted)
+    print(f"mlx -> peft: max |logits diff| {diff:.2e}")
+    assert diff < TOLERANCE
+
+
+def test_a_round_trip_is_bit_exact_and_keeps_alpha(peft_adapter, tmp_path):
+    from safetensors.numpy import load_file
+
+    there = convert_adapter(peft_adapter, "mlx", tmp_path / "mlx", say=lambda m: None)
+    back = convert_adapter(there, "peft", tmp_path / "back", base="/models/tiny", say=lambda m: None)
+    original, returned = (load_file(str(p / "adapter_model.safetensors")) for p in (peft_adapter, back))
+    assert set(original) == set(returned)
+    assert all(original[k].dtype == returned[k].dtype and np.array_equal(original[k], returned[k]) for k in original)
+    config = json.loads((back / "adapter_config.json").read_text())
+    source = json.loads((peft_adapter / "adapter_config.json").read_text())
+    for key in ("r", "lora_alpha", "lora_dropout", "layers_to_transform", "use_rslora"):
+        assert config[key] == source[key], key
+    assert sorted(config["target_modules"]) == sorted(source["target_modules"])
+    assert config["base_model_name_or_path"] == "/models/tiny"
+
+
+def test_bf16_weights_cross_bit_for_bit(peft_adapter, tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    bf16 = tmp_path / "bf16"
+    bf16.mkdir()
+    weights = {k: v.to(torch.bfloat16) for k, v in load_file(str(peft_adapter / "adapter_model.safetensors")).items()}
+    save_file(weights, str(bf16 / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (bf16 / "adapter_config.json").write_text((peft_adapter / "adapter_config.json").read_text())
+    there = convert_adapter(bf16, "mlx", tmp_path / "mlx", say=lambda m: None)
+    mlx_side = load_file(str(there / "adapters.safetensors"))
+    key = next(iter(weights))
+    module = key[len("base_model.model."):].rsplit(".lora_", 1)[0]
+    assert mlx_side[f"{module}.lora_a"].dtype == torch.bfloat16
+    back = load_file(str(convert_adapter(there, "peft", tmp_path / "back", say=lambda m: None)
+                         / "adapter_model.safetensors"))
+    assert all(torch.equal(back[k], weights[k]) for k in weights)
+
+
+def test_a_trained_run_adapter_converts_through_the_cli(tiny_model_dir, tmp_path):
+    """overnight's own torch adapter (from `overnight train`, a few steps at a large learning rate) -> mlx."""
+    run = tmp_path / "run"
+    result = cli("train", "--backend", "torch", "--model", str(tiny_model_dir), "--data", str(DATA_DIR),
+                 "--output", str(run), "--max-steps", "3", "--batch-size", "4", "--lora-rank", "4", "--quiet",
+                 "--set", "model.quantization.bits=0", "--set", "model.max_seq_length=128",
+                 "--set", "train.learning_rate=2e-2", "--set", "train.warmup_steps=0", "--set", "lora.dropout=0",
+                 "--set", "eval.every_steps=100", "--set", "eval.predictions=0", "--set", "checkpoint.every_steps=100")
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    original = torch_logits(tiny_model_dir, run / "adapter")
+    assert max_diff(original, torch_logits(tiny_model_dir)) > ADAPTER_EFFECT
+    result = cli("convert-adapter", str(run / "adapter"), "--to", "mlx", "--output", str(tmp_path / "mlx"))
+    assert result.returncode == 0, result.stderr
+    assert "converted peft adapter" in result.stdout
+    diff = max_diff(original, mlx_logits(tiny_model_dir, tmp_path / "mlx"))
+    print(f"trained run, peft -> mlx: max |logits diff| {diff:.2e}")
+    assert diff < TOLERANCE
+
+
+# -- refusals -----------------------------------------------------------------------------------------------
+
+def test_cli_refusals_exit_2_with_a_message_and_no_traceback(peft_adapter, tmp_path):
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "keep.txt").write_text("mine")
+    cases = {
+        "missing folder": (["convert-adapter", str(tmp_path / "nope"), "--to", "mlx", "--output", str(tmp_path / "o1")],
+                           "is not a folder"),
+        "not an adapter": (["convert-adapter", str(busy), "--to", "mlx", "--output", str(tmp_path / "o2")],
+                           "is not an adapter folder"),
+        "same format": (["convert-adapter", str(peft_adapter), "--to", "peft", "--output", str(tmp_path / "o3")],
+                        "already a peft adapter"),
+        "output in use": (["convert-adapter", str(peft_adapter), "--to", "mlx", "--output", str(busy)],
+                          "not an empty folder"),
+    }
+    for name, (args, message) in cases.items():
+        result = cli(*args)
+        assert result.returncode == 2, (name, result.stdout, result.stderr)
+        assert message in result.stderr, (name, result.stderr)
+        assert "Traceback" not in result.stderr, name
+    assert (busy / "keep.txt").read_text() == "mine"
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o3").exists()
+
+
+def test_what_mlx_lm_cannot_hold_is_refused_by_name(peft_adapter, tmp_path):
+    def variant(name: str, **changes) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "adapter_model.safetensors").write_bytes((peft_adapter / "adapter_model.safetensors").read_bytes())
+        config = json.loads((peft_adapter / "adapter_config.json").read_text()) | changes
+        (folder / "adapter_config.json").write_text(json.dumps(config))
+        return folder
+
+    with pytest.raises(UsageError, match="DoRA"):
+        convert_adapter(variant("dora", use_dora=True), "mlx", tmp_path / "o1")
+    with pytest.raises(UsageError, match="rank_pattern"):
+        convert_adapter(variant("ranks", rank_pattern={"q_proj": 8}), "mlx", tmp_path / "o2")
+    with pytest.raises(UsageError, match="modules_to_save"):
+        convert_adapter(variant("extra", modules_to_save=["lm_head"]), "mlx", tmp_path / "o3")
+    # LoRA on block 1 of a 3-block model is not "the last N blocks".
+    fake_base = tmp_path / "base3"
+    fake_base.mkdir()
+    (fake_base / "config.json").write_text(json.dumps({"num_hidden_layers": 3}))
+    with pytest.raises(UsageError, match="last N blocks"):
+        convert_adapter(peft_adapter, "mlx", tmp_path / "o4", base=str(fake_base))
+    # Without a local base the block count is unknown, and "blocks [1]" could be any block of a bigger model.
+    with pytest.raises(UsageError, match="pass --base MODEL_DIR"):
+        convert_adapter(variant("hub", base_model_name_or_path="org/model"), "mlx", tmp_path / "o5")
+    assert not any((tmp_path / f"o{i}").exists() for i in range(1, 6))

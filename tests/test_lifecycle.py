@@ -1,0 +1,147 @@
+"""A run as a whole: where it may write, how it ends on a second signal and on a crash (real subprocesses)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from overnight.runs.checkpoint import CheckpointManager
+from overnight.runs.rundir import read_metrics
+
+from conftest import DATA_DIR, ROOT
+from test_cli import base_args, env, overnight, wait_for_step
+
+
+def refused_with(result, code: int, *needles: str) -> None:
+    text = result.stdout + result.stderr
+    assert result.returncode == code, text
+    assert "Traceback" not in text, text
+    for needle in needles:
+        assert needle in result.stderr, (needle, result.stderr)
+
+
+def with_output(model: Path, output: str, *extra: str) -> list[str]:
+    args = base_args(model, Path("unused"), 5, *extra)
+    args[args.index("--output") + 1] = output
+    return args
+
+
+def test_empty_output_dir_is_refused(tiny_model_dir):
+    refused_with(overnight(*with_output(tiny_model_dir, "")), 2, "output.dir is empty", "--output")
+
+
+def test_output_dir_that_is_a_file_is_refused(tmp_path, tiny_model_dir):
+    target = tmp_path / "results.txt"
+    target.write_text("not a folder")
+    refused_with(overnight(*with_output(tiny_model_dir, str(target))), 2, f"output.dir {target} is a file")
+    assert target.read_text() == "not a folder"
+
+
+def test_output_dir_under_a_file_is_refused_naming_the_path(tmp_path, tiny_model_dir):
+    parent = tmp_path / "a-file"
+    parent.write_text("x")
+    refused_with(overnight(*with_output(tiny_model_dir, str(parent / "run"))), 2,
+                 f"output.dir {parent / 'run'} cannot be created", "--output DIR")
+
+
+def test_output_dir_in_a_read_only_place_is_refused(tiny_model_dir):
+    target = Path("/sys/overnight-test-run")
+    try:
+        target.mkdir()
+    except OSError:
+        pass  # what we want: this place refuses writes, even to root
+    else:
+        target.rmdir()
+        pytest.skip("/sys is writable here")
+    refused_with(overnight(*with_output(tiny_model_dir, str(target))), 2, f"output.dir {target} cannot be created")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores file permissions (the /sys and under-a-file variants "
+                    "cover a refused write as root)")
+@pytest.mark.parametrize("where", ["parent", "run_dir"])
+def test_output_dir_without_write_permission_is_refused(tmp_path, tiny_model_dir, where):
+    parent = tmp_path / "locked"
+    parent.mkdir()
+    run_dir = parent / "run"
+    if where == "run_dir":
+        run_dir.mkdir()
+        os.chmod(run_dir, 0o500)
+    else:
+        os.chmod(parent, 0o500)
+    try:
+        refused_with(overnight(*with_output(tiny_model_dir, str(run_dir))), 2, f"output.dir {run_dir}", "--output")
+    finally:
+        os.chmod(parent, 0o700)
+        if run_dir.exists():
+            os.chmod(run_dir, 0o700)
+
+
+def run_with_fault(args: list[str], fault: str, **faults) -> subprocess.Popen:
+    e = env(**faults)
+    e["OVERNIGHT_FAULT"] = fault
+    return subprocess.Popen([sys.executable, "-m", "overnight", *args], env=e, cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+
+
+def wait_for_save_in_progress(run_dir: Path, proc, timeout: float = 60) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if list((run_dir / "checkpoints").glob("step-*.tmp-*")):
+            return
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.02)
+    raise AssertionError("no save started")
+
+
+@pytest.mark.parametrize("nth, committed", [(1, None), (2, 3)])
+def test_second_sigint_during_a_save_aborts_cleanly(tmp_path, tiny_model_dir, nth, committed):
+    """The first SIGINT asks for a save; the second arrives inside it (the save is slowed by the fault hook)."""
+    out = tmp_path / "run"
+    every = "3" if committed else "1000"
+    args = base_args(tiny_model_dir, out, 40, "--set", "eval.every_steps=1000", "--set", f"checkpoint.every_steps={every}")
+    proc = run_with_fault(args, f"after_backend_files:{nth}:sleep=60", sleep_s=0.3)
+    wait_for_step(out, 4 if committed else 1, proc)
+    proc.send_signal(signal.SIGINT)
+    wait_for_save_in_progress(out, proc)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 130, stdout + stderr
+    assert "Traceback" not in stdout + stderr and "Exception ignored" not in stdout + stderr, stderr
+    if committed:
+        assert f"aborted without saving; the last committed checkpoint (step {committed}) is intact" in stderr
+    else:
+        assert "aborted without saving; no checkpoint was committed yet" in stderr
+    beat = json.loads((out / "heartbeat.json").read_text())
+    assert beat["state"] == "interrupted" and "second signal" in beat["reason"]
+    latest = CheckpointManager(out, log=lambda m: None).latest_valid(read_only=True)
+    assert (latest.step if latest else None) == committed
+    if committed:  # the unfinished save is a leftover the next start removes; the resume is from the intact one
+        resumed = overnight(*base_args(tiny_model_dir, out, 6, "--set", "eval.every_steps=1000"), "--auto-resume")
+        assert resumed.returncode == 0, resumed.stderr
+        assert [r["from_step"] for r in read_metrics(out) if r["event"] == "resume"] == [committed]
+
+
+@pytest.mark.parametrize("nth, note", [(1, "no checkpoint was committed yet"),
+                                       (2, "the last committed checkpoint (step 3) is intact")])
+def test_a_crash_names_the_checkpoint_only_when_there_is_one(tmp_path, tiny_model_dir, nth, note):
+    out = tmp_path / "run"
+    args = base_args(tiny_model_dir, out, 12, "--set", "eval.every_steps=1000", "--set", "checkpoint.every_steps=3")
+    proc = run_with_fault(args, f"after_backend_files:{nth}:raise")
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 1, stdout + stderr
+    assert "RuntimeError: injected fault" in stderr  # a real crash keeps its traceback for the report
+    assert f"overnight crashed unexpectedly; {note}" in stderr
+    assert [r["event"] for r in read_metrics(out)][-1] == "failed"
+
+
+def test_validate_data_takes_max_seq_length(tiny_model_dir):
+    result = overnight("validate-data", str(DATA_DIR), "--model", str(tiny_model_dir), "--max-seq-length", "64")
+    assert "max_seq_length 64" in result.stdout, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
