@@ -1,7 +1,7 @@
 import sys
 
 from overnight.commands.cli import main
-from overnight.distributed import note_rank_exit, note_rank_started
+from overnight.runs.launch import note_rank_exit, note_rank_started
 
 note_rank_started()  # a rank of `overnight train --devices N` says where the relayed signals go
 code = 1  # what a rank that raised past main() left

@@ -15,3 +15,8 @@ class ResumeRefused(Exception):
 
 class RunLocked(ResumeRefused):
     """Another process owns the run directory: exit 3, naming it."""
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. out of memory at batch 1); the message says what to try. Exit 1, with the
+    message and no traceback."""

@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 
 from overnight import distributed
+from overnight.runs import launch
 from overnight.backend import Batch, noise_seed
 from overnight.runs.checkpoint import CheckpointManager
+from overnight.runs.effects import FollowerEffects, RunEffects
 from overnight.config import build_config
 from overnight.train.loop import train
 from overnight.train.progress import Progress
@@ -53,11 +55,11 @@ def test_a_backend_without_data_parallel_is_refused_under_a_launcher():
 
 def test_devices_flag_becomes_the_backends_launcher():
     argv = ["cfg.yaml", "--devices", "2", "--auto-resume", "--devices=4", "--output", "run"]
-    assert distributed.without_devices_flag(argv) == ["cfg.yaml", "--auto-resume", "--output", "run"]
-    torch_cmd = distributed.launch_command("torch", 2, ["cfg.yaml"])
+    assert launch.without_devices_flag(argv) == ["cfg.yaml", "--auto-resume", "--output", "run"]
+    torch_cmd = launch.launch_command("torch", 2, ["cfg.yaml"])
     assert torch_cmd[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     assert torch_cmd[-4:] == ["-m", "overnight", "train", "cfg.yaml"]
-    mlx_cmd = distributed.launch_command("mlx", 2, ["cfg.yaml"])
+    mlx_cmd = launch.launch_command("mlx", 2, ["cfg.yaml"])
     assert mlx_cmd[0].endswith("mlx.launch") and mlx_cmd[1:5] == ["-n", "2", "--backend", "ring"]
     assert mlx_cmd[mlx_cmd.index("--") + 1:][1:] == ["-m", "overnight", "train", "cfg.yaml"]
 
@@ -82,7 +84,7 @@ sys.exit(max(abs(rank.wait()) for rank in ranks) and 1)  # like torchrun: 1 what
 """
 STAND_IN_RANK = """
 import os, signal, sys, time
-from overnight.distributed import note_rank_exit, note_rank_started
+from overnight.runs.launch import note_rank_exit, note_rank_started
 part = sys.argv[1]
 def leave(signum, frame):
     note_rank_exit(128 + signum)
@@ -106,7 +108,7 @@ def supervise_stand_ins(tmp_path, *parts, signal_after_s=None, grace_s=1.0):
     import sys
     import threading
 
-    from overnight.distributed import supervise
+    from overnight.runs.launch import supervise
 
     (tmp_path / "launcher.py").write_text(STAND_IN_LAUNCHER)
     (tmp_path / "rank.py").write_text(STAND_IN_RANK)
@@ -141,7 +143,7 @@ def test_devices_job_kills_a_hung_rank_once_another_has_failed(tmp_path):
 
 
 def test_job_exit_code_prefers_what_the_user_must_act_on_then_rank_zero():
-    from overnight.distributed import job_exit_code
+    from overnight.runs.launch import job_exit_code
 
     assert job_exit_code({0: 0, 1: 0}, 2, 0, None) == 0
     assert job_exit_code({0: 143, 1: 143}, 2, 1, 15) == 143
@@ -234,21 +236,6 @@ def make_cfg(run_dir: Path, grad_accumulation: int, *sets: str):
     return build_config(None, {}, base + list(sets))
 
 
-class _NoFiles:
-    reporter = None
-
-    def __init__(self, run_dir):
-        self.dir = run_dir
-
-    def event(self, *a, **k):
-        pass
-
-    heartbeat = event
-
-    def report_state(self):
-        return {}
-
-
 def train_rank(world, run_dir: Path, grad_accumulation: int, stop_at: dict | None = None, resume: bool = False,
                faults: dict | None = None):
     """One rank of a job (or the single process, world Solo) through the real loop with the numpy backend."""
@@ -267,12 +254,14 @@ def train_rank(world, run_dir: Path, grad_accumulation: int, stop_at: dict | Non
         resume_state = CheckpointManager.trainer_state(found.path)
     val_stream = SyntheticStream(4, seed=999, samples_per_epoch=12)
     validator = Validator(lambda: [val_stream.next_batch() for _ in range(3)])  # 3 batches: uneven over 2 ranks
-    files = RunFiles(run_dir, warn=lambda m: None) if world.rank == 0 else _NoFiles(run_dir)
     progress = Progress(cfg.train.max_steps, enabled=False)
+    effects = (RunEffects(RunFiles(run_dir, warn=lambda m: None), checkpoints, backend, progress,
+                          fingerprint={"test": 1}, model_path=cfg.model.path, say=lambda m: None)
+               if world.rank == 0 else FollowerEffects(progress))
     at = (stop_at or {}).get(world.rank)
     interrupted = (lambda: 143 if progress.step >= at else None) if at else (lambda: None)
-    outcome = train(cfg, backend, stream, validator, checkpoints, files, progress, fingerprint={"test": 1},
-                    resume_state=resume_state, interrupted=interrupted, say=lambda m: None, world=world)
+    outcome = train(cfg, backend, stream, validator, effects, resume_state=resume_state, interrupted=interrupted,
+                    world=world)
     return outcome, {k: v.copy() for k, v in backend.params.items()}
 
 

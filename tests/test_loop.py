@@ -9,6 +9,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from overnight.runs.checkpoint import CheckpointManager
+from overnight.runs.effects import RunEffects
 from overnight.config import build_config
 from overnight.train.loop import TrainingError, train
 from overnight.train.progress import Progress
@@ -46,9 +47,9 @@ def run(cfg, *, stream=None, backend=None, resume_dir=None, stop_at=None, valida
     if interrupted is None:
         interrupted = (lambda: 143 if progress.step >= stop_at else None) if stop_at else (lambda: None)
     predict = predicted.append if predicted is not None else None
-    outcome = train(cfg, backend, stream, validate, checkpoints, files, progress, fingerprint={"test": 1},
-                    resume_state=resume_state, interrupted=interrupted, predict=predict,
-                    say=said.append if said is not None else (lambda m: None))
+    effects = RunEffects(files, checkpoints, backend, progress, fingerprint={"test": 1}, model_path=cfg.model.path,
+                         predict=predict, say=said.append if said is not None else (lambda m: None))
+    outcome = train(cfg, backend, stream, validate, effects, resume_state=resume_state, interrupted=interrupted)
     return outcome, backend, stream, run_dir
 
 

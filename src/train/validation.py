@@ -8,7 +8,7 @@ import numpy as np
 
 from overnight.backend import Batch, OutOfMemory
 from overnight.distributed import Solo, eval_share
-from overnight.train.loop import TrainingError
+from overnight.errors import TrainingError
 
 
 class Validator:

@@ -1,0 +1,199 @@
+"""`overnight train --devices N` (SPEC §12): run the backend's launcher (torchrun, mlx.launch) with N ranks of
+`overnight train` as a supervised child, relay the user's signals to every rank, and exit with the job's code
+(SPEC §3). A rank notes its pid and exit code in a job folder (note_rank_started / note_rank_exit, called by
+`python -m overnight`)."""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import sys
+from collections.abc import Mapping
+
+from overnight.distributed import env_rank, launcher
+from overnight.errors import UsageError
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _torchrun(devices: int, train_args: list[str]) -> list[str]:
+    """torchrun: one process per GPU (NCCL; gloo on CPU)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={devices}",
+            "-m", "overnight", "train", *train_args]
+
+
+def _mlx_launch(devices: int, train_args: list[str]) -> list[str]:
+    """mlx.launch's ring backend on this machine."""
+    mlx_launch = shutil.which("mlx.launch") or os.path.join(os.path.dirname(sys.executable), "mlx.launch")
+    return [mlx_launch, "-n", str(devices), "--backend", "ring", "--starting-port", str(free_port()),
+            "--", sys.executable, "-m", "overnight", "train", *train_args]
+
+
+LAUNCHERS = {"torch": _torchrun, "mlx": _mlx_launch}  # each backend's own runtime's launcher (SPEC §12)
+
+
+def launch_command(backend_name: str, devices: int, train_args: list[str]) -> list[str]:
+    """The launcher command that runs `overnight train TRAIN_ARGS` as ``devices`` processes on this machine."""
+    if backend_name not in LAUNCHERS:
+        raise UsageError(f"--devices: backend {backend_name!r} has no launcher; start it with its own launcher")
+    return LAUNCHERS[backend_name](devices, train_args)
+
+
+# The launchers end a job without its exit code (torchrun exits 1 whatever a rank said; mlx.launch exits 0 even when
+# a rank failed), and mlx.launch waits forever for a rank that stopped answering. So `--devices` does not hand
+# over the process: it starts the launcher in a session of its own, each rank notes its pid and exit code in a
+# job folder, and this process relays Ctrl-C / SIGTERM to the ranks and exits with the job's code (SPEC §3).
+JOB_DIR_ENV = "OVERNIGHT_JOB_DIR"
+ENDINGS = {1: "failed", 2: "input refused", 3: "resume refused", 130: "interrupted by Ctrl-C",
+           143: "interrupted by SIGTERM"}  # SPEC §3
+STRAGGLER_GRACE_S = 30.0  # after a rank failed, how long the others get to leave before they are killed (torchrun's)
+
+
+def note_rank_started(environ: Mapping[str, str] = os.environ) -> None:
+    """A rank under `--devices` says where it is, so the signals the user sends reach it."""
+    _note_rank(environ, "pid", os.getpid())
+
+
+def note_rank_exit(code: int, environ: Mapping[str, str] = os.environ) -> None:
+    _note_rank(environ, "exit", code)
+
+
+def _note_rank(environ: Mapping[str, str], kind: str, value: int) -> None:
+    job_dir = environ.get(JOB_DIR_ENV)
+    if not job_dir or not launcher(environ):
+        return
+    path = os.path.join(job_dir, f"rank-{env_rank(environ)}.{kind}")
+    try:  # written then renamed: the supervisor never reads half a number
+        with open(path + ".tmp", "w") as out:
+            out.write(str(int(value)))
+        os.replace(path + ".tmp", path)
+    except OSError:
+        pass  # the job folder is gone (the supervisor was killed): nobody is listening
+
+
+def read_rank_notes(job_dir: str, kind: str) -> dict[int, int]:
+    notes = {}
+    for name in os.listdir(job_dir):
+        rank, _, ext = name.partition(".")
+        if ext == kind and rank.startswith("rank-") and rank[5:].isdigit():
+            try:
+                with open(os.path.join(job_dir, name)) as source:
+                    notes[int(rank[5:])] = int(source.read())
+            except (OSError, ValueError):
+                continue
+    return notes
+
+
+def job_exit_code(exits: Mapping[int, int], devices: int, launcher_code: int, signalled: int | None) -> int:
+    """One exit code for the job (SPEC §3). A rank's 2 or 3 (the user must change something) comes first, then rank
+    0's (it speaks for the job: 0, 1, 130, 143), then any rank's failure; a rank that left no code died (killed)."""
+    for code in (2, 3):
+        if code in exits.values():
+            return code
+    failures = [exits[rank] for rank in sorted(exits) if exits[rank] != 0]
+    if exits.get(0):
+        return exits[0]
+    if failures:
+        return failures[0]
+    if len(exits) == devices:
+        return 0
+    if not exits and signalled:  # the signal came before any rank could handle it
+        return 128 + signalled
+    return launcher_code if launcher_code > 0 else 1
+
+
+def supervise(command: list[str], devices: int, poll_s: float = 0.2,
+              grace_s: float = STRAGGLER_GRACE_S) -> int:
+    """Run the launcher ``command`` (N ranks of `overnight train`) to the end and return the job's exit code."""
+    import shutil as _shutil
+    import signal
+    import subprocess
+    import tempfile
+    import time
+
+    job_dir = tempfile.mkdtemp(prefix="overnight-job-")
+    received: list[int] = []
+    told: dict[int, int] = {}  # rank pid -> how many of the received signals it has been sent
+
+    def relay_pending() -> None:
+        for pid in read_rank_notes(job_dir, "pid").values():
+            for signum in received[told.get(pid, 0):]:
+                try:
+                    os.kill(pid, signum)
+                except OSError:
+                    pass
+            told[pid] = len(received)
+
+    def on_signal(signum, _frame) -> None:
+        received.append(signum)
+        relay_pending()
+
+    handled = (signal.SIGINT, signal.SIGTERM)
+    previous = {signum: signal.signal(signum, on_signal) for signum in handled}
+    try:
+        # A session of its own: Ctrl-C reaches this process only, which passes it to the ranks (not to the
+        # launcher, which would die of it and drop the ranks' last words).
+        launched = subprocess.Popen(command, env=dict(os.environ, **{JOB_DIR_ENV: job_dir}), start_new_session=True)
+        first_failure = None
+        while launched.poll() is None:
+            time.sleep(poll_s)
+            relay_pending()  # ranks that started after a signal came still get it
+            exits = read_rank_notes(job_dir, "exit")
+            if first_failure is None and any(exits.values()):
+                first_failure = time.monotonic()
+            if first_failure is not None and time.monotonic() - first_failure > grace_s:
+                for rank, pid in read_rank_notes(job_dir, "pid").items():
+                    if rank not in exits:  # stopped or hung: no collective will ever free it
+                        try:
+                            os.kill(pid, signal.SIGKILL)
+                        except OSError:
+                            pass
+        signalled = received[0] if received else None
+        code = job_exit_code(read_rank_notes(job_dir, "exit"), devices, launched.returncode, signalled)
+        if code:  # the last line on the console: torchrun prints its own failure report after the ranks' words
+            print(f"the {devices}-process job ended with exit code {code} ({ENDINGS.get(code, 'failed')}); the "
+                  f"messages above say what happened and what to do", file=sys.stderr, flush=True)
+        return code
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        _shutil.rmtree(job_dir, ignore_errors=True)
+
+
+def without_devices_flag(argv: list[str]) -> list[str]:
+    """argv after `train` with --devices N (or --devices=N) taken out, for the processes the launcher starts."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--devices":
+            skip = True
+        elif not arg.startswith("--devices="):
+            out.append(arg)
+    return out
+
+
+def requested_devices(args) -> int:
+    """--devices N as a number of processes (1 when absent); below 1 is refused before anything is read."""
+    devices = getattr(args, "devices", None)
+    if devices is not None and devices < 1:
+        raise UsageError(f"--devices {devices}: give the number of processes (one per GPU, or per Mac), 1 or more")
+    return devices or 1
+
+
+def relaunch_on_devices(args, backend_name: str, argv: list[str], say) -> int | None:
+    """`overnight train --devices N`: run the backend's launcher with N of them and return the job's exit code
+    (None: train in this process)."""
+    devices = requested_devices(args)
+    if devices == 1 or launcher():
+        return None
+    command = launch_command(backend_name, devices, without_devices_flag(argv))
+    if not os.access(command[0], os.X_OK):
+        raise UsageError(f"--devices {devices}: cannot start {command[0]} (not found or not executable)")
+    say(f"starting {devices} processes: {' '.join(command)}")
+    sys.stdout.flush()
+    return supervise(command, devices)
