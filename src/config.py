@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -283,16 +284,30 @@ def _leaves(node: Any, prefix: str = ""):
 
 
 def validate(cfg: Config) -> Config:
-    import math
+    """Refuse a config that cannot train, naming the key; checked in this order, so the first problem is the
+    one reported."""
+    _check_finite(cfg)
+    if cfg.train.seed < 0:
+        raise ConfigError(f"config key 'train.seed' must be 0 or a positive integer, got {cfg.train.seed}")
+    _check_choices(cfg)
+    _check_bounds(cfg)
+    _check_lora(cfg)
+    _check_grpo(cfg)
+    if cfg.train.min_lr_ratio > 1:
+        raise ConfigError(f"config key 'train.min_lr_ratio' must be in [0, 1], got {cfg.train.min_lr_ratio}")
+    return cfg
 
+
+def _check_finite(cfg: Config) -> None:
     for name, value in _leaves(cfg):
-        # nan passes every `< 0` test below and inf trains nothing useful: refuse both by name
+        # nan passes every `< 0` test in _check_bounds and inf trains nothing useful: refuse both by name
         # (a spike threshold of inf is allowed: it switches the spike check off).
         infinite_ok = name == "early_stopping.grad_spike_threshold" and not math.isnan(value if isinstance(value, float) else 0)
         if isinstance(value, float) and not math.isfinite(value) and not infinite_ok:
             raise ConfigError(f"config key '{name}' must be a finite number, got {value}")
-    if cfg.train.seed < 0:
-        raise ConfigError(f"config key 'train.seed' must be 0 or a positive integer, got {cfg.train.seed}")
+
+
+def _check_choices(cfg: Config) -> None:
     for key, options in CHOICES.items():
         if key == "backend" and ":" in cfg.backend:
             continue  # a plugin backend "package.module:ClassName"
@@ -301,6 +316,9 @@ def validate(cfg: Config) -> Config:
                 f"config key '{key}': {cfg.get(key)!r} is not one of {', '.join(map(str, options))}"
                 + _closest(str(cfg.get(key)), [str(o) for o in options])
             )
+
+
+def _check_bounds(cfg: Config) -> None:
     positive = ("model.max_seq_length", "lora.rank", "train.batch_size", "train.grad_accumulation",
                 "train.max_steps", "eval.every_steps", "eval.max_batches", "checkpoint.every_steps",
                 "checkpoint.keep_last", "early_stopping.patience", "early_stopping.grad_spike_patience",
@@ -320,12 +338,18 @@ def validate(cfg: Config) -> Config:
     if not cfg.train.collective_timeout_s > 0:
         raise ConfigError(f"config key 'train.collective_timeout_s' must be above 0 seconds, got "
                           f"{cfg.train.collective_timeout_s}")
+
+
+def _check_lora(cfg: Config) -> None:
     if not 0.0 <= cfg.lora.dropout < 1.0:
         raise ConfigError(f"config key 'lora.dropout' must be in [0, 1), got {cfg.lora.dropout}")
     if cfg.lora.layers == 0 or cfg.lora.layers < -1:
         raise ConfigError(f"config key 'lora.layers' must be a positive number of blocks or -1 (all), got {cfg.lora.layers}")
     if not cfg.lora.targets:
         raise ConfigError("config key 'lora.targets' must name at least one module, e.g. [q_proj, v_proj]")
+
+
+def _check_grpo(cfg: Config) -> None:
     g = cfg.grpo
     if not 0.0 < g.top_p <= 1.0:
         raise ConfigError(f"config key 'grpo.top_p' must be in (0, 1], got {g.top_p}")
@@ -341,9 +365,6 @@ def validate(cfg: Config) -> Config:
         if g.group_size < 2:
             raise ConfigError(f"config key 'grpo.group_size' must be at least 2 (an advantage compares completions "
                               f"of the same prompt), got {g.group_size}")
-    if cfg.train.min_lr_ratio > 1:
-        raise ConfigError(f"config key 'train.min_lr_ratio' must be in [0, 1], got {cfg.train.min_lr_ratio}")
-    return cfg
 
 
 def load_yaml(path: Path) -> dict[str, Any]:

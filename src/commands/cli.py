@@ -12,7 +12,7 @@ from overnight.runs.checkpoint import CheckpointError
 from overnight.config import ConfigError
 from overnight.errors import (EXIT_CRASH, EXIT_OK, EXIT_RESUME_REFUSED, EXIT_SIGINT, EXIT_USAGE, ResumeRefused, RunLocked,
                      UsageError)
-from overnight.runs.lifecycle import say
+from overnight.runs.console import say
 
 # Short flags users already type (train_qlora-style) and the config keys they set.
 FLAG_KEYS = {
@@ -99,7 +99,19 @@ def cmd_models(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="overnight", description="LoRA/QLoRA fine-tuning you can leave overnight.")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_train_command(sub)
+    _add_checkpoints_command(sub)
+    _add_status_command(sub)
+    _add_report_command(sub)
+    _add_fuse_command(sub)
+    _add_convert_adapter_command(sub)
+    _add_validate_data_command(sub)
+    _add_tiny_model_command(sub)
+    _add_models_command(sub)
+    return parser
 
+
+def _add_train_command(sub) -> None:
     t = sub.add_parser("train", help="train (or resume) a run", description="Train a LoRA/QLoRA adapter. "
                        "Precedence: built-in defaults < CONFIG.yaml < flags < --set.")
     t.add_argument("config", nargs="?", help="YAML config (see configs/)")
@@ -131,14 +143,20 @@ def build_parser() -> argparse.ArgumentParser:
                    "(torchrun for torch, one per GPU; mlx.launch's ring for mlx); same as launching it yourself")
     t.set_defaults(func=cmd_train)
 
+
+def _add_checkpoints_command(sub) -> None:
     c = sub.add_parser("checkpoints", help="list checkpoints: step, validity, val loss, score, best")
     c.add_argument("run_dir", metavar="RUN_DIR")
     c.set_defaults(func=cmd_checkpoints)
 
+
+def _add_status_command(sub) -> None:
     s = sub.add_parser("status", help="running / interrupted / completed / failed / stopped early")
     s.add_argument("run_dir", metavar="RUN_DIR")
     s.set_defaults(func=cmd_status)
 
+
+def _add_report_command(sub) -> None:
     r = sub.add_parser("report", help="curves as a PNG and a short text summary (works while the run trains)",
                        description="Plot train loss (raw and moving average), val loss, learning rate, grad norm, "
                        "memory and tokens/s against step, with checkpoints, best, resumes, OOM splits and the stop "
@@ -147,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--output", metavar="FILE.png", help="where to write the plot (default RUN_DIR/report.png)")
     r.set_defaults(func=cmd_report)
 
+
+def _add_fuse_command(sub) -> None:
     f = sub.add_parser("fuse", help="merge a run's adapter into its base: a standalone model",
                        description="Merge the adapter of a checkpoint into the base model and write a standalone "
                        "model in the run's backend format (torch: a Hugging Face folder, full precision; mlx: an MLX "
@@ -163,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "same model: config.json and weight files)")
     f.set_defaults(func=cmd_fuse)
 
+
+def _add_convert_adapter_command(sub) -> None:
     a = sub.add_parser("convert-adapter", help="convert a LoRA adapter between mlx-lm and PEFT formats, exactly",
                        description="Rename, transpose and translate the config of a LoRA adapter: mlx-lm "
                        "(adapters.safetensors) <-> PEFT (adapter_model.safetensors). What one format cannot express "
@@ -174,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "local folder also lets the block count be checked)")
     a.set_defaults(func=cmd_convert_adapter)
 
+
+def _add_validate_data_command(sub) -> None:
     v = sub.add_parser("validate-data", help="check a dataset before training")
     v.add_argument("path", metavar="DIR_OR_FILE")
     v.add_argument("--method", choices=["sft", "cpt", "dpo", "orpo", "grpo"], default=None)
@@ -182,11 +206,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model.max_seq_length to check against (default: the built-in default)")
     v.set_defaults(func=cmd_validate_data)
 
+
+def _add_tiny_model_command(sub) -> None:
     m = sub.add_parser("tiny-model", help="build a tiny random Llama-shaped model locally (for demos and tests)")
     m.add_argument("output", metavar="DIR")
     m.add_argument("--seed", type=int, default=0)
     m.set_defaults(func=cmd_tiny_model)
 
+
+def _add_models_command(sub) -> None:
     g = sub.add_parser("models", help="models overnight provides without a hub; `models get NAME` fetches one",
                        description="List the models overnight can provide without a model hub, or get one as a "
                        "Hugging Face folder (cached; --output DIR also places a copy there).")
@@ -194,7 +222,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("name", nargs="?", metavar="NAME", help="e.g. smollm2-135m")
     g.add_argument("--output", metavar="DIR", help="also place the model folder at DIR (new or empty)")
     g.set_defaults(func=cmd_models)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -239,38 +239,19 @@ def llama_cpp_command(folder: Path, dtype: str) -> str:
 
 def fuse(run_dir: Path, choice: str, output: Path, dequantize: bool = False, gguf: bool = False,
          base: str | None = None, say: Callable[[str], None] = print) -> dict:
-    if not run_dir.is_dir():
-        raise UsageError(f"{run_dir} is not a run directory (no such folder)")
-    step_folder = STEP_DIR.match(run_dir.resolve().name)
-    if step_folder and run_dir.resolve().parent.name == "checkpoints":
-        raise UsageError(f"{run_dir} is one checkpoint; give the run directory and the step: overnight fuse "
-                         f"{run_dir.resolve().parent.parent} --checkpoint {int(step_folder.group(1))} --output ...")
+    _check_run_dir(run_dir)
     step_choice = parse_choice(choice)
     check_output_dir(output)
     chosen = choose_checkpoint(run_dir, step_choice)
     trained = _trained_on(chosen, run_dir)
     backend = trained["backend"]
-    if backend not in EXPORTERS:
-        raise UsageError(f"the run trained with backend {backend!r}; fuse knows {', '.join(sorted(EXPORTERS))}")
-    if not _installed(BACKENDS[backend][2]):
-        extra = "mlx" if backend == "mlx" else "cuda"
-        raise UsageError(f"the run trained with the {backend} backend, which is not installed here: "
-                         f"pip install 'overnight[{extra}]'")
+    _check_exporter(backend)
     base_path = base or trained["model_path"]
     if not base_path:
         raise UsageError(f"the checkpoint in {chosen.info.path} does not record its base model; pass --base DIR")
     _check_base(base_path, trained["model_identity"], given=base is not None)
 
-    gguf_by_mlx = False
-    if gguf and backend == "mlx":
-        base_config = Path(base_path).expanduser() / "config.json"
-        model_type = json.loads(base_config.read_text())["model_type"] if base_config.is_file() else None
-        quantized = bool(trained["bits"]) or (base_config.is_file() and "quantization" in json.loads(
-            base_config.read_text()))
-        gguf_by_mlx = model_type in MLX_GGUF_MODEL_TYPES
-        if gguf_by_mlx and quantized and not dequantize:
-            raise UsageError("mlx-lm's GGUF export writes unquantized models only, and this run's base is "
-                             "quantized: add --dequantize (the fused folder is then full precision as well)")
+    gguf_by_mlx = bool(gguf) and backend == "mlx" and _mlx_writes_gguf(base_path, trained, dequantize)
 
     say(f"fusing {run_dir} checkpoint step {chosen.info.step} ({chosen.why}; verified) into {base_path} "
         f"with the {backend} exporter")
@@ -287,17 +268,55 @@ def fuse(run_dir: Path, choice: str, output: Path, dequantize: bool = False, ggu
     if backend == "torch" and dequantize:
         say("note: --dequantize changes nothing for a torch run: its fused model is always full precision")
     if gguf:
-        if gguf_by_mlx:
-            say(f"GGUF (mlx-lm's exporter): {output / GGUF_NAME}")
-        else:
-            why = ("transformers has no GGUF writer" if backend == "torch" else
-                   f"mlx-lm's GGUF export supports model types {', '.join(MLX_GGUF_MODEL_TYPES)} only")
-            folder_note = (" (llama.cpp reads full-precision weights: fuse again with --dequantize first)"
-                           if result.get("quantized") else "")
-            say(f"GGUF: not written here ({why}). Make it with llama.cpp's converter ({LLAMA_CPP}){folder_note}:\n"
-                f"  git clone {LLAMA_CPP} && pip install -r llama.cpp/requirements.txt\n"
-                f"  {llama_cpp_command(output, result.get('dtype', 'float16'))}")
+        _say_gguf(output, backend, result, gguf_by_mlx, say)
     return result
+
+
+def _check_run_dir(run_dir: Path) -> None:
+    if not run_dir.is_dir():
+        raise UsageError(f"{run_dir} is not a run directory (no such folder)")
+    step_folder = STEP_DIR.match(run_dir.resolve().name)
+    if step_folder and run_dir.resolve().parent.name == "checkpoints":
+        raise UsageError(f"{run_dir} is one checkpoint; give the run directory and the step: overnight fuse "
+                         f"{run_dir.resolve().parent.parent} --checkpoint {int(step_folder.group(1))} --output ...")
+
+
+def _check_exporter(backend: str) -> None:
+    """The run's backend must have an exporter and be installed here: the fused model is written by it."""
+    if backend not in EXPORTERS:
+        raise UsageError(f"the run trained with backend {backend!r}; fuse knows {', '.join(sorted(EXPORTERS))}")
+    if not _installed(BACKENDS[backend][2]):
+        extra = "mlx" if backend == "mlx" else "cuda"
+        raise UsageError(f"the run trained with the {backend} backend, which is not installed here: "
+                         f"pip install 'overnight[{extra}]'")
+
+
+def _mlx_writes_gguf(base_path: str, trained: dict, dequantize: bool) -> bool:
+    """Whether mlx-lm's exporter can write the GGUF itself (its model types, unquantized only); refused before
+    any work when only --dequantize stands in the way."""
+    base_config = Path(base_path).expanduser() / "config.json"
+    model_type = json.loads(base_config.read_text())["model_type"] if base_config.is_file() else None
+    quantized = bool(trained["bits"]) or (base_config.is_file() and "quantization" in json.loads(
+        base_config.read_text()))
+    gguf_by_mlx = model_type in MLX_GGUF_MODEL_TYPES
+    if gguf_by_mlx and quantized and not dequantize:
+        raise UsageError("mlx-lm's GGUF export writes unquantized models only, and this run's base is "
+                         "quantized: add --dequantize (the fused folder is then full precision as well)")
+    return gguf_by_mlx
+
+
+def _say_gguf(output: Path, backend: str, result: dict, gguf_by_mlx: bool, say: Callable[[str], None]) -> None:
+    """Where the GGUF is, or why it is not here and the llama.cpp command that makes it."""
+    if gguf_by_mlx:
+        say(f"GGUF (mlx-lm's exporter): {output / GGUF_NAME}")
+        return
+    why = ("transformers has no GGUF writer" if backend == "torch" else
+           f"mlx-lm's GGUF export supports model types {', '.join(MLX_GGUF_MODEL_TYPES)} only")
+    folder_note = (" (llama.cpp reads full-precision weights: fuse again with --dequantize first)"
+                   if result.get("quantized") else "")
+    say(f"GGUF: not written here ({why}). Make it with llama.cpp's converter ({LLAMA_CPP}){folder_note}:\n"
+        f"  git clone {LLAMA_CPP} && pip install -r llama.cpp/requirements.txt\n"
+        f"  {llama_cpp_command(output, result.get('dtype', 'float16'))}")
 
 
 def fuse_main(run_dir: str, choice: str, output: str, dequantize: bool, gguf: bool, say: Callable[[str], None],

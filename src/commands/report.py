@@ -7,6 +7,7 @@ the timeline that counts (last line per step wins). Lines from older versions (f
 `end`) are read with what they have. matplotlib is an optional extra; the summary needs nothing."""
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
@@ -253,11 +254,26 @@ def plot(t: Timeline, output: Path, title: str) -> None:
     best, _ = best_eval(t)
     fig = Figure(figsize=(13, 10), dpi=100)
     axes = fig.subplots(3, 2, sharex=True).ravel()
+    for ax, (name, lines) in zip(axes, _panels(t)):
+        _draw_panel(ax, name, lines)
+        _mark_events(ax, t, best)
+    if best is not None and best in t.evals and _number(t.evals[best].get("val_loss")) is not None:
+        axes[1].plot([best], [_number(t.evals[best]["val_loss"])], marker="*", ms=14, color="tab:green", ls="")
+    for ax in axes[-2:]:
+        ax.set_xlabel("step")
+    fig.legend(handles=_marker_legend(best), loc="lower center", ncol=5, fontsize=9, frameon=False)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout(rect=(0, 0.04, 1, 0.97))
+    _save_png(fig, output)
+
+
+def _panels(t: Timeline) -> list:
+    """(title, [(steps, values, line style), ...]) for each of the six panels, in reading order."""
     steps, loss = _series(t.train, "loss")
     ma_steps, ma = _series(t.train, "loss_avg")
     if len(ma_steps) < len(steps):  # lines from before loss_avg was recorded
         ma_steps, ma = steps, _moving_average(steps, loss)
-    panels = [
+    return [
         ("train loss", [(steps, loss, dict(lw=0.8, alpha=0.45, label="loss")),
                         (ma_steps, ma, dict(lw=1.8, label=f"moving average ({MA_STEPS} steps)"))]),
         ("val loss", [(*_series(t.evals, "val_loss"), dict(marker="o", ms=3, label="val_loss"))]),
@@ -266,48 +282,54 @@ def plot(t: Timeline, output: Path, title: str) -> None:
         ("memory (MB)", [(*_series(t.train, "memory_mb"), dict())]),
         ("tokens/s", [(*_series(t.train, "tokens_per_sec"), dict(lw=0.8))]),
     ]
-    for ax, (name, lines) in zip(axes, panels):
-        ax.set_title(name, fontsize=10)
-        ax.grid(True, alpha=0.3)
-        drawn = False
-        for xs, ys, style in lines:
-            if xs:
-                ax.plot(xs, ys, **style)
-                drawn = True
-        if not drawn:
-            ax.text(0.5, 0.5, "not recorded", ha="center", va="center", transform=ax.transAxes, color="grey")
-        elif name == "grad norm":
-            finite = [v for v in lines[0][1] if math.isfinite(v) and v > 0]
-            if finite and max(finite) / min(finite) > 100:  # one spike would flatten the rest
-                ax.set_yscale("log")
-        if name == "train loss" and drawn:
-            ax.legend(fontsize=8, loc="upper right")
-        for s in t.checkpoints:
-            ax.axvline(s, color="grey", ls=":", lw=0.8)
-        for s in t.resumes:
-            ax.axvline(s, color="tab:blue", ls="--", lw=1.2)
-        for s, _ in t.ooms:
-            ax.axvline(s, color="tab:orange", ls="-.", lw=1.2)
-        if best is not None:
-            ax.axvline(best, color="tab:green", lw=1.5, alpha=0.7)
-        end_step = (t.end or {}).get("step") if (t.end or {}).get("status") == "stopped" else None
-        stop_step = t.stop["step"] if t.stop else end_step
-        if stop_step is not None:
-            ax.axvline(stop_step, color="tab:red", lw=1.5)
-    if best is not None and best in t.evals and _number(t.evals[best].get("val_loss")) is not None:
-        axes[1].plot([best], [_number(t.evals[best]["val_loss"])], marker="*", ms=14, color="tab:green", ls="")
-    for ax in axes[-2:]:
-        ax.set_xlabel("step")
+
+
+def _draw_panel(ax, name: str, lines: list) -> None:
+    ax.set_title(name, fontsize=10)
+    ax.grid(True, alpha=0.3)
+    drawn = False
+    for xs, ys, style in lines:
+        if xs:
+            ax.plot(xs, ys, **style)
+            drawn = True
+    if not drawn:
+        ax.text(0.5, 0.5, "not recorded", ha="center", va="center", transform=ax.transAxes, color="grey")
+    elif name == "grad norm":
+        finite = [v for v in lines[0][1] if math.isfinite(v) and v > 0]
+        if finite and max(finite) / min(finite) > 100:  # one spike would flatten the rest
+            ax.set_yscale("log")
+    if name == "train loss" and drawn:
+        ax.legend(fontsize=8, loc="upper right")
+
+
+def _mark_events(ax, t: Timeline, best: int | None) -> None:
+    """Vertical lines at checkpoints, resumes, out-of-memory splits, the best checkpoint and the stop."""
+    for s in t.checkpoints:
+        ax.axvline(s, color="grey", ls=":", lw=0.8)
+    for s in t.resumes:
+        ax.axvline(s, color="tab:blue", ls="--", lw=1.2)
+    for s, _ in t.ooms:
+        ax.axvline(s, color="tab:orange", ls="-.", lw=1.2)
+    if best is not None:
+        ax.axvline(best, color="tab:green", lw=1.5, alpha=0.7)
+    end_step = (t.end or {}).get("step") if (t.end or {}).get("status") == "stopped" else None
+    stop_step = t.stop["step"] if t.stop else end_step
+    if stop_step is not None:
+        ax.axvline(stop_step, color="tab:red", lw=1.5)
+
+
+def _marker_legend(best: int | None) -> list:
+    """The figure's legend for the vertical markers _mark_events draws (the panels' lines have their own)."""
     from matplotlib.lines import Line2D
 
-    legend = [Line2D([], [], color="grey", ls=":", label="checkpoint"),
-              Line2D([], [], color="tab:green", lw=1.5, label=f"best (step {best})" if best is not None else "best"),
-              Line2D([], [], color="tab:blue", ls="--", label="resume"),
-              Line2D([], [], color="tab:orange", ls="-.", label="out of memory: micro-batch split"),
-              Line2D([], [], color="tab:red", lw=1.5, label="early stop")]
-    fig.legend(handles=legend, loc="lower center", ncol=5, fontsize=9, frameon=False)
-    fig.suptitle(title, fontsize=11)
-    fig.tight_layout(rect=(0, 0.04, 1, 0.97))
+    return [Line2D([], [], color="grey", ls=":", label="checkpoint"),
+            Line2D([], [], color="tab:green", lw=1.5, label=f"best (step {best})" if best is not None else "best"),
+            Line2D([], [], color="tab:blue", ls="--", label="resume"),
+            Line2D([], [], color="tab:orange", ls="-.", label="out of memory: micro-batch split"),
+            Line2D([], [], color="tab:red", lw=1.5, label="early stop")]
+
+
+def _save_png(fig, output: Path) -> None:
     # Written beside the target and renamed: an image viewer (or a second report) never sees half a PNG.
     tmp = output.with_name(f".{output.name}.tmp-{secrets.token_hex(4)}")
     try:
@@ -341,7 +363,8 @@ def report_main(run_dir_arg: str, output_arg: str | None, say: Callable[[str], N
     if not output.parent.is_dir():
         raise UsageError(f"--output {output}: the folder {output.parent} does not exist")
     try:
-        import matplotlib  # noqa: F401
+        # Imported, not just looked up: a broken install is refused here, not halfway through the plot.
+        importlib.import_module("matplotlib")
     except ImportError:
         raise UsageError(f"the plot needs matplotlib, an optional extra: {EXTRA_HINT} "
                          "(the summary above needs nothing)") from None

@@ -20,11 +20,13 @@ from typing import Any, Callable
 import numpy as np
 
 from overnight.backend import Batch
+from overnight.data.source import BatchSource
 from overnight.data.formats import (
     METHOD_FORMATS,
     DataError,
     DataReport,
     FileReport,
+    Measure,
     Problem,
     check_file,
     detect_format,
@@ -87,52 +89,14 @@ def check_data(data_path: Path, method: str, *, tokenizer: TextTokenizer | None 
     truncate = cfg.data.truncate if cfg is not None else True
     packing = bool(cfg.packing) if cfg is not None else method == "cpt"
 
-    measure = None
-    if tokenizer is not None:
-        def measure(row: dict, fmt: str) -> tuple[int, int | None, int | None]:
-            if fmt == "chat" and not tokenizer.has_chat_template:
-                return 0, None, None  # reported once per file below, not once per row
-            if method == "grpo":  # a prompt: its targets are sampled during training
-                return len(encode_prompt(tokenizer, row, fmt)), None, None
-            enc = encode_row(tokenizer, row, fmt, mask_prompt)
-            if packing or (enc.length > max_len and not truncate):
-                return enc.length, None, None  # packed into blocks / dropped whole: counted elsewhere
-            targets = target_tokens(fit(enc, max_len))
-            return enc.length, targets, None if targets else shortest_trainable_length(enc)
-
-    def watched(path: Path):  # on_progress(path, rows, bytes read, file size): a large file is not silence
-        if on_progress is None:
-            return None
-        size = path.stat().st_size if path.is_file() else 0
-        return lambda rows, offset: on_progress(path, rows, offset, size)
-
-    reports = [check_file(path, method, measure, max_len, watched(path)) for path in (train, val) if path is not None]
+    measure = None if tokenizer is None else _token_measure(tokenizer, method, max_len, mask_prompt, truncate,
+                                                            packing)
+    reports = [check_file(path, method, measure, max_len, _progress_for(path, on_progress))
+               for path in (train, val) if path is not None]
     report = DataReport(method, reports[0], reports[1] if len(reports) > 1 else None, max_len, truncate, packing,
                         mask_prompt)
     for f in report.files:
-        if tokenizer is not None and f.format == "chat" and not tokenizer.has_chat_template:
-            f.add(f.format_line, "messages", f"the tokenizer in {tokenizer.model_dir} has no chat template",
-                  "use prompt/completion or text rows, or a model with a chat_template in tokenizer_config.json")
-        if method == "grpo" and f.lengths is not None:
-            # A prompt is cut from the left to leave room for the completion; one that leaves no room is refused.
-            room = max_len - (cfg.grpo.max_new_tokens if cfg is not None else 64)
-            if room < 1:
-                f.add(None, None, f"model.max_seq_length={max_len} leaves no room for a prompt before "
-                      f"grpo.max_new_tokens tokens", "raise model.max_seq_length or lower grpo.max_new_tokens")
-            continue
-        if f.rows and f.too_long == f.rows and not report.truncate and not packing:
-            f.add(None, None, f"every row is longer than max_seq_length={max_len} tokens and data.truncate=false "
-                  "drops them all", "raise model.max_seq_length or set data.truncate=true")
-        # Rows whose targets all lie beyond max_seq_length train nothing (training leaves them out). A few
-        # are a warning; more than half means the length is wrong for this data: refuse before the night.
-        if f.no_targets and 2 * f.no_targets > f.rows:
-            share = "no row has a" if f.no_targets == f.rows else \
-                f"{f.no_targets} of {f.rows} rows (more than half) have no"
-            masking = f" (data.mask_prompt={str(mask_prompt).lower()})" if f.format in ("chat", "completion") else ""
-            f.add(f.no_target_line, None, f"{share} target token within model.max_seq_length={max_len}{masking}, "
-                  "so training would learn "
-                  f"{'nothing' if f.no_targets == f.rows else 'from less than half the data'}; this line is "
-                  "the first such row", no_target_fix(f, mask_prompt))
+        _check_file_fits(f, report, method, tokenizer, cfg)
     if packing and max_len < 2:
         report.train.add(None, None, f"model.max_seq_length={max_len} leaves packed blocks no token to predict",
                          "raise model.max_seq_length")
@@ -140,6 +104,61 @@ def check_data(data_path: Path, method: str, *, tokenizer: TextTokenizer | None 
         report.train.add(None, None, f"data.packing cannot be used with method {method}",
                          "set data.packing=false (preference pairs are never packed)")
     return report
+
+
+def _token_measure(tokenizer: TextTokenizer, method: str, max_len: int, mask_prompt: bool, truncate: bool,
+                   packing: bool) -> Measure:
+    """check_file's ``measure``: tokenize and cut a row exactly as training will."""
+    def measure(row: dict, fmt: str) -> tuple[int, int | None, int | None]:
+        if fmt == "chat" and not tokenizer.has_chat_template:
+            return 0, None, None  # reported once per file (_check_file_fits), not once per row
+        if method == "grpo":  # a prompt: its targets are sampled during training
+            return len(encode_prompt(tokenizer, row, fmt)), None, None
+        enc = encode_row(tokenizer, row, fmt, mask_prompt)
+        if packing or (enc.length > max_len and not truncate):
+            return enc.length, None, None  # packed into blocks / dropped whole: counted elsewhere
+        targets = target_tokens(fit(enc, max_len))
+        return enc.length, targets, None if targets else shortest_trainable_length(enc)
+    return measure
+
+
+def _progress_for(path: Path, on_progress: Callable[[Path, int, int, int], None] | None):
+    """check_file's ``on_line`` for ``path``: on_progress(path, rows, bytes read, file size), so a large file is
+    not silence."""
+    if on_progress is None:
+        return None
+    size = path.stat().st_size if path.is_file() else 0
+    return lambda rows, offset: on_progress(path, rows, offset, size)
+
+
+def _check_file_fits(f: FileReport, report: DataReport, method: str, tokenizer: TextTokenizer | None,
+                     cfg: Any) -> None:
+    """The problems of one file that need the whole pass: a missing chat template, lengths that leave nothing
+    to train."""
+    max_len, mask_prompt = report.max_seq_length, report.mask_prompt
+    if tokenizer is not None and f.format == "chat" and not tokenizer.has_chat_template:
+        f.add(f.format_line, "messages", f"the tokenizer in {tokenizer.model_dir} has no chat template",
+              "use prompt/completion or text rows, or a model with a chat_template in tokenizer_config.json")
+    if method == "grpo" and f.lengths is not None:
+        # A prompt is cut from the left to leave room for the completion; one that leaves no room is refused.
+        room = max_len - (cfg.grpo.max_new_tokens if cfg is not None else 64)
+        if room < 1:
+            f.add(None, None, f"model.max_seq_length={max_len} leaves no room for a prompt before "
+                  f"grpo.max_new_tokens tokens", "raise model.max_seq_length or lower grpo.max_new_tokens")
+        return
+    if f.rows and f.too_long == f.rows and not report.truncate and not report.packing:
+        f.add(None, None, f"every row is longer than max_seq_length={max_len} tokens and data.truncate=false "
+              "drops them all", "raise model.max_seq_length or set data.truncate=true")
+    # Rows whose targets all lie beyond max_seq_length train nothing (training leaves them out). A few
+    # are a warning; more than half means the length is wrong for this data: refuse before the night.
+    if f.no_targets and 2 * f.no_targets > f.rows:
+        share = "no row has a" if f.no_targets == f.rows else \
+            f"{f.no_targets} of {f.rows} rows (more than half) have no"
+        masking = f" (data.mask_prompt={str(mask_prompt).lower()})" if f.format in ("chat", "completion") else ""
+        f.add(f.no_target_line, None, f"{share} target token within model.max_seq_length={max_len}{masking}, "
+              "so training would learn "
+              f"{'nothing' if f.no_targets == f.rows else 'from less than half the data'}; this line is "
+              "the first such row", no_target_fix(f, mask_prompt))
 
 
 # ---------------------------------------------------------------------------
@@ -253,7 +272,7 @@ def collate(seqs: list[tuple[list[int], list[int]]], pad_id: int, max_len: int, 
 # ---------------------------------------------------------------------------
 # Training order
 
-class TrainStream:
+class TrainStream(BatchSource):
     """Infinite batches over the training file, epoch after epoch, with state() / restore().
 
     sft/cpt: `cfg.train.batch_size` rows per batch. dpo/orpo: that many pairs, as 2*batch_size rows

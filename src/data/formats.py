@@ -343,71 +343,13 @@ def check_file(path: Path, method: str, measure: Measure | None = None,
         for lineno, offset, content in iter_lines(path, report):
             if on_line is not None:  # (line number, bytes read): the caller's progress display
                 on_line(lineno, offset)
-            row, err = parse_line(content)
-            if err:
-                report.add(lineno, None, *err)
-                continue
-            fmt = detect_format(row)
-            if fmt is None:
-                found = ", ".join(f"'{k}'" for k in list(row)[:8]) or "none"
-                hint = f"method {method} needs {method_needs(method)}"
-                if "conversations" in row:
-                    hint = "ShareGPT 'conversations' must be converted to 'messages' with 'role'/'content'; " + hint
-                elif "prompt" in row:
-                    needed = "'chosen' and 'rejected'" if method in ("dpo", "orpo") else "'completion'"
-                    hint = f"a 'prompt' needs {needed}; " + hint
-                report.add(lineno, None, f"the row has none of the keys of a known format (found keys: {found})", hint)
-                continue
-            tally = tallies.setdefault(fmt, _Tally(lineno))
-            tally.count += 1
-            if len(tally.lines) < MAX_KEPT_PROBLEMS:
-                tally.lines.append(lineno)
-            row_errs = row_problems(row, fmt, method)
-            for key, message, hint in row_errs:
-                report.add(lineno, key, message, hint)
-            if row_errs:
-                continue
-            tally.valid += 1
-            if measure is not None and fmt in METHOD_FORMATS[method]:
-                try:
-                    length, targets, needed = measure(row, fmt)
-                except DataError as exc:
-                    report.add(lineno, None, str(exc))
-                    continue
-                tally.lengths.append(length)
-                if targets == 0:
-                    tally.no_targets += 1
-                    tally.no_target_line = tally.no_target_line or lineno
-                    if needed is not None:
-                        tally.needed_max_len = max(tally.needed_max_len or 0, needed)
+            _check_line(report, tallies, lineno, content, method, measure)
     except OSError as exc:
         report.add(None, None, f"cannot be read ({exc.strerror or exc})", "check the path and its permissions")
         return report
 
     if tallies:
-        fitting = [f for f in tallies if f in METHOD_FORMATS[method]] or list(tallies)
-        fmt = max(fitting, key=lambda f: (tallies[f].count, -tallies[f].first_line))
-        chosen = tallies[fmt]
-        report.format, report.format_line = fmt, chosen.first_line
-        for other, tally in tallies.items():
-            if other == fmt:
-                continue
-            for lineno in tally.lines:
-                report.add(lineno, FORMAT_KEYS[other][-1],
-                           f"row is in {other} format but the file is in {fmt} format (like line {chosen.first_line})",
-                           f"one file holds one format; make this row {format_keys_text(fmt)}")
-            report.problem_count += tally.count - len(tally.lines)
-        if fmt in METHOD_FORMATS[method]:
-            report.rows = chosen.valid
-            report.no_targets, report.no_target_line = chosen.no_targets, chosen.no_target_line
-            report.needed_max_len = chosen.needed_max_len
-        else:
-            better = [m for m, fmts in METHOD_FORMATS.items() if fmt in fmts]
-            report.add(chosen.first_line, FORMAT_KEYS[fmt][-1],
-                       f"rows are in {fmt} format, which method '{method}' cannot train on",
-                       f"method {method} needs {method_needs(method)}; {fmt} rows fit --method {' or '.join(better)}")
-        report.problems.sort(key=lambda p: p.line or 0)
-        del report.problems[MAX_KEPT_PROBLEMS:]
+        _settle_format(report, tallies, method)
     if report.rows == 0 and report.problem_count == 0:
         report.add(None, None, "is empty (no rows)",
                    f"add one JSON object per line; method {method} needs {method_needs(method)}")
@@ -416,3 +358,84 @@ def check_file(path: Path, method: str, measure: Measure | None = None,
         if max_seq_length is not None:
             report.too_long = int((report.lengths > max_seq_length).sum())
     return report
+
+
+def _check_line(report: FileReport, tallies: dict[str, _Tally], lineno: int, content: bytes, method: str,
+                measure: Measure | None) -> None:
+    """Parse and check one line, counting it under its format's tally; every problem goes into ``report``."""
+    row, err = parse_line(content)
+    if err:
+        report.add(lineno, None, *err)
+        return
+    fmt = detect_format(row)
+    if fmt is None:
+        found = ", ".join(f"'{k}'" for k in list(row)[:8]) or "none"
+        report.add(lineno, None, f"the row has none of the keys of a known format (found keys: {found})",
+                   _unknown_format_hint(row, method))
+        return
+    tally = tallies.setdefault(fmt, _Tally(lineno))
+    tally.count += 1
+    if len(tally.lines) < MAX_KEPT_PROBLEMS:
+        tally.lines.append(lineno)
+    row_errs = row_problems(row, fmt, method)
+    for key, message, hint in row_errs:
+        report.add(lineno, key, message, hint)
+    if row_errs:
+        return
+    tally.valid += 1
+    if measure is not None and fmt in METHOD_FORMATS[method]:
+        _measure_row(report, tally, row, fmt, lineno, measure)
+
+
+def _unknown_format_hint(row: dict, method: str) -> str:
+    """What to do with a row of no known format, naming the likely near miss."""
+    hint = f"method {method} needs {method_needs(method)}"
+    if "conversations" in row:
+        return "ShareGPT 'conversations' must be converted to 'messages' with 'role'/'content'; " + hint
+    if "prompt" in row:
+        needed = "'chosen' and 'rejected'" if method in ("dpo", "orpo") else "'completion'"
+        return f"a 'prompt' needs {needed}; " + hint
+    return hint
+
+
+def _measure_row(report: FileReport, tally: _Tally, row: dict, fmt: str, lineno: int, measure: Measure) -> None:
+    """Token statistics of one valid row; a row the tokenizer refuses is a problem, not a crash."""
+    try:
+        length, targets, needed = measure(row, fmt)
+    except DataError as exc:
+        report.add(lineno, None, str(exc))
+        return
+    tally.lengths.append(length)
+    if targets == 0:
+        tally.no_targets += 1
+        tally.no_target_line = tally.no_target_line or lineno
+        if needed is not None:
+            tally.needed_max_len = max(tally.needed_max_len or 0, needed)
+
+
+def _settle_format(report: FileReport, tallies: dict[str, _Tally], method: str) -> None:
+    """Choose the file's format after the pass (the most common the method can use, else the most common),
+    report every row of another format, and take the row counts from the chosen one."""
+    fitting = [f for f in tallies if f in METHOD_FORMATS[method]] or list(tallies)
+    fmt = max(fitting, key=lambda f: (tallies[f].count, -tallies[f].first_line))
+    chosen = tallies[fmt]
+    report.format, report.format_line = fmt, chosen.first_line
+    for other, tally in tallies.items():
+        if other == fmt:
+            continue
+        for lineno in tally.lines:
+            report.add(lineno, FORMAT_KEYS[other][-1],
+                       f"row is in {other} format but the file is in {fmt} format (like line {chosen.first_line})",
+                       f"one file holds one format; make this row {format_keys_text(fmt)}")
+        report.problem_count += tally.count - len(tally.lines)
+    if fmt in METHOD_FORMATS[method]:
+        report.rows = chosen.valid
+        report.no_targets, report.no_target_line = chosen.no_targets, chosen.no_target_line
+        report.needed_max_len = chosen.needed_max_len
+    else:
+        better = [m for m, fmts in METHOD_FORMATS.items() if fmt in fmts]
+        report.add(chosen.first_line, FORMAT_KEYS[fmt][-1],
+                   f"rows are in {fmt} format, which method '{method}' cannot train on",
+                   f"method {method} needs {method_needs(method)}; {fmt} rows fit --method {' or '.join(better)}")
+    report.problems.sort(key=lambda p: p.line or 0)
+    del report.problems[MAX_KEPT_PROBLEMS:]

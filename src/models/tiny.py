@@ -141,17 +141,8 @@ def build_tiny_model(out_dir: Path, *, seed: int = 0, vocab_size: int = 512, hid
     """Write a random-weight Llama model with a trained BPE tokenizer into ``out_dir`` and return it."""
     from safetensors.numpy import save_file
 
-    if hidden_size % num_heads:
-        raise ValueError(f"hidden_size {hidden_size} must be a multiple of num_heads {num_heads}")
-    if num_heads % num_kv_heads:
-        raise ValueError(f"num_heads {num_heads} must be a multiple of num_kv_heads {num_kv_heads}")
-    if vocab_size < 256 + len(SPECIAL_TOKENS):
-        raise ValueError(f"vocab_size must be at least {256 + len(SPECIAL_TOKENS)} (256 bytes + special tokens)")
-    for name, value in (("hidden_size", hidden_size), ("num_layers", num_layers), ("intermediate_size", intermediate_size),
-                        ("max_position_embeddings", max_position_embeddings)):
-        if value < 1:
-            raise ValueError(f"{name} must be positive, got {value}")
-
+    _check_shape(vocab_size, hidden_size, num_layers, num_heads, num_kv_heads, intermediate_size,
+                 max_position_embeddings)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if corpus is None:
@@ -167,7 +158,33 @@ def build_tiny_model(out_dir: Path, *, seed: int = 0, vocab_size: int = 512, hid
     weights = init_weights(rng, vocab_size, hidden_size, num_layers, num_heads, num_kv_heads, intermediate_size)
     save_file(weights, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
 
-    _write_json(out_dir / "config.json", {
+    _write_json(out_dir / "config.json", _llama_config(
+        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
+        num_layers=num_layers, num_heads=num_heads, num_kv_heads=num_kv_heads,
+        max_position_embeddings=max_position_embeddings, bos_id=bos_id, eos_id=eos_id, pad_id=pad_id))
+    _write_tokenizer_side(out_dir, bos_id, eos_id, pad_id, max_position_embeddings)
+    return out_dir
+
+
+def _check_shape(vocab_size: int, hidden_size: int, num_layers: int, num_heads: int, num_kv_heads: int,
+                 intermediate_size: int, max_position_embeddings: int) -> None:
+    """Refuse a shape no Llama can have, before anything is written."""
+    if hidden_size % num_heads:
+        raise ValueError(f"hidden_size {hidden_size} must be a multiple of num_heads {num_heads}")
+    if num_heads % num_kv_heads:
+        raise ValueError(f"num_heads {num_heads} must be a multiple of num_kv_heads {num_kv_heads}")
+    if vocab_size < 256 + len(SPECIAL_TOKENS):
+        raise ValueError(f"vocab_size must be at least {256 + len(SPECIAL_TOKENS)} (256 bytes + special tokens)")
+    for name, value in (("hidden_size", hidden_size), ("num_layers", num_layers), ("intermediate_size", intermediate_size),
+                        ("max_position_embeddings", max_position_embeddings)):
+        if value < 1:
+            raise ValueError(f"{name} must be positive, got {value}")
+
+
+def _llama_config(*, vocab_size: int, hidden_size: int, intermediate_size: int, num_layers: int, num_heads: int,
+                  num_kv_heads: int, max_position_embeddings: int, bos_id: int, eos_id: int, pad_id: int) -> dict:
+    """config.json of a Hugging Face Llama with this shape."""
+    return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
         "vocab_size": vocab_size,
@@ -190,7 +207,11 @@ def build_tiny_model(out_dir: Path, *, seed: int = 0, vocab_size: int = 512, hid
         "pad_token_id": pad_id,
         "torch_dtype": "float32",
         "use_cache": True,
-    })
+    }
+
+
+def _write_tokenizer_side(out_dir: Path, bos_id: int, eos_id: int, pad_id: int, max_position_embeddings: int) -> None:
+    """generation_config.json, tokenizer_config.json and special_tokens_map.json next to tokenizer.json."""
     _write_json(out_dir / "generation_config.json", {
         "bos_token_id": bos_id, "eos_token_id": eos_id, "pad_token_id": pad_id, "do_sample": False,
     })
@@ -205,7 +226,6 @@ def build_tiny_model(out_dir: Path, *, seed: int = 0, vocab_size: int = 512, hid
         "chat_template": CHAT_TEMPLATE,
     })
     _write_json(out_dir / "special_tokens_map.json", {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD})
-    return out_dir
 
 
 def main(argv: list[str] | None = None) -> int:

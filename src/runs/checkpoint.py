@@ -287,52 +287,26 @@ class CheckpointManager:
 
         The new state is always committed: a checkpoint already at this step (which one owner per run
         directory should make impossible) is moved to checkpoints/superseded/, never silently kept in
-        place of what the caller asked to save, and never deleted."""
+        place of what the caller asked to save, and never deleted.
+
+        The commit protocol (SPEC §7), in this order: files into a ``.tmp-`` folder, each fsynced; the
+        manifest; COMMIT last; rename into place; fsync the parent. The ``_fault`` points mark where the
+        crash tests cut it."""
         final = self.path_for(step)
         self.root.mkdir(parents=True, exist_ok=True)
-        needed = int(self._estimate_bytes() * 1.2) + (1 << 20)
-        free = shutil.disk_usage(self.root).free
-        if free < needed:
-            raise CheckpointError(
-                f"not enough free disk space in {self.root} to save step {step}: {free / 2**20:.0f} MB free, "
-                f"about {needed / 2**20:.0f} MB needed; free some space (old runs, archive-* folders) and resume"
-            )
+        self._check_free_space(step)
         tmp = self.root / f"{final.name}.tmp-{secrets.token_hex(4)}"
         try:
             tmp.mkdir()
-            write(tmp)
-            _fault("after_backend_files")
-            atomic_write_text(tmp / TRAINER_STATE, json.dumps(trainer_state, indent=1), durable=False)
-            for weights in sorted((tmp / "adapter").glob("*.safetensors")):
-                if not safetensors_all_finite(weights):
-                    raise NonFiniteWeights(f"refusing to save step {step}: the adapter weights are not finite")
-            files = {}
-            for file in _files(tmp):
-                fsync_file(file)
-                files[file.relative_to(tmp).as_posix()] = {"size": file.stat().st_size, "sha256": sha256_file(file)}
-            _fault("after_files")
-            manifest = {"format": FORMAT_VERSION, "step": step, "files": files, "fingerprint": fingerprint,
-                        "versions": versions, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-            manifest_text = json.dumps(manifest, indent=1, sort_keys=True)
-            atomic_write_text(tmp / "manifest.json", manifest_text)
-            _fault("before_commit")
-            digest = hashlib.sha256(manifest_text.encode()).hexdigest()
-            atomic_write_text(tmp / "COMMIT", json.dumps({"manifest_sha256": digest, "step": step}))
-            for folder in sorted({p.parent for p in _files(tmp)}, key=lambda p: len(p.parts), reverse=True):
-                fsync_dir(folder)
+            self._write_files(tmp, step, write, trainer_state)
+            self._seal(tmp, step, fingerprint, versions)
             _fault("before_rename")
-            if final.exists():
-                ok, why = self.verify(final)
-                if ok:
-                    aside = self._supersede(final)
-                    self.log(f"warning: a committed checkpoint for step {step} was already there; it was moved to "
-                             f"{aside} and the current state is saved in its place")
-                else:  # an invalid leftover under the final name: keep it, out of the way
-                    self.quarantine(CheckpointInfo(step, final, False, why))
+            self._clear_final(final, step)
             os.rename(tmp, final)
             _fault("after_rename")
             fsync_dir(self.root)
         except BaseException as exc:
+            # Judged before the partial save is removed: _disk_full may look at what the filesystem has left.
             full = isinstance(exc, Exception) and not isinstance(exc, CheckpointError) and _disk_full(exc, self.root)
             shutil.rmtree(tmp, ignore_errors=True)
             if full:
@@ -346,6 +320,57 @@ class CheckpointManager:
             raise
         self.last_committed = step
         return final
+
+    def _check_free_space(self, step: int) -> None:
+        """Refuse a save the disk cannot hold (the last checkpoint's size and a margin) before writing a byte."""
+        needed = int(self._estimate_bytes() * 1.2) + (1 << 20)
+        free = shutil.disk_usage(self.root).free
+        if free < needed:
+            raise CheckpointError(
+                f"not enough free disk space in {self.root} to save step {step}: {free / 2**20:.0f} MB free, "
+                f"about {needed / 2**20:.0f} MB needed; free some space (old runs, archive-* folders) and resume"
+            )
+
+    @staticmethod
+    def _write_files(tmp: Path, step: int, write: Callable[[Path], None], trainer_state: dict) -> None:
+        """The backend's files and the trainer state into ``tmp``; non-finite adapter weights are never saved."""
+        write(tmp)
+        _fault("after_backend_files")
+        atomic_write_text(tmp / TRAINER_STATE, json.dumps(trainer_state, indent=1), durable=False)
+        for weights in sorted((tmp / "adapter").glob("*.safetensors")):
+            if not safetensors_all_finite(weights):
+                raise NonFiniteWeights(f"refusing to save step {step}: the adapter weights are not finite")
+
+    @staticmethod
+    def _seal(tmp: Path, step: int, fingerprint: dict, versions: dict) -> None:
+        """fsync every file, then the manifest (size and sha256 of each), then COMMIT last, then every folder:
+        a folder with a COMMIT that verifies holds exactly what was written."""
+        files = {}
+        for file in _files(tmp):
+            fsync_file(file)
+            files[file.relative_to(tmp).as_posix()] = {"size": file.stat().st_size, "sha256": sha256_file(file)}
+        _fault("after_files")
+        manifest = {"format": FORMAT_VERSION, "step": step, "files": files, "fingerprint": fingerprint,
+                    "versions": versions, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        manifest_text = json.dumps(manifest, indent=1, sort_keys=True)
+        atomic_write_text(tmp / "manifest.json", manifest_text)
+        _fault("before_commit")
+        digest = hashlib.sha256(manifest_text.encode()).hexdigest()
+        atomic_write_text(tmp / "COMMIT", json.dumps({"manifest_sha256": digest, "step": step}))
+        for folder in sorted({p.parent for p in _files(tmp)}, key=lambda p: len(p.parts), reverse=True):
+            fsync_dir(folder)
+
+    def _clear_final(self, final: Path, step: int) -> None:
+        """Move whatever already holds ``final``'s name out of the way (superseded or quarantined, never deleted)."""
+        if not final.exists():
+            return
+        ok, why = self.verify(final)
+        if ok:
+            aside = self._supersede(final)
+            self.log(f"warning: a committed checkpoint for step {step} was already there; it was moved to "
+                     f"{aside} and the current state is saved in its place")
+        else:  # an invalid leftover under the final name: keep it, out of the way
+            self.quarantine(CheckpointInfo(step, final, False, why))
 
     def rotate(self, best_step: int | None) -> list[int]:
         """Keep the last ``keep_last`` committed checkpoints, the best (if keep_best) and the protected ones.
