@@ -6,18 +6,18 @@ adapter folder is the one ``mlx_lm.load(model, adapter_path=...)`` reads.
 
 Objectives and their normalisation are src/backend/objectives.py's (SPEC §9), the same as the torch backend's;
 the AdamW is torch's (bias correction on); LoRA A comes from src/backend/lora_init.py.
-``StepResult.tokens`` is always the number of target tokens processed (for throughput).
+``StepResult.tokens`` is the number of target tokens in the step (in a data-parallel job, all ranks'), as torch's.
 """
 from __future__ import annotations
 
 import contextlib
 import io
 import json
-import math
 import os
 import secrets
 import threading
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +27,8 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path, tree_unflatten
 
-from overnight.backend import lora_init, objectives
-from overnight.backend import Batch, OutOfMemory, PeerLost, PortableState, SetupInfo, StepResult
+from overnight.backend import lora_init, objectives, step_buffer
+from overnight.backend import Batch, OutOfMemory, PeerLost, PortableState, SetupInfo, StepResult, as_stop_ids
 from overnight.config import ConfigError
 from overnight.fsutil import atomic_write_text, fsync_dir, fsync_file
 
@@ -243,6 +243,36 @@ def _resolve_model_dir(path: str) -> Path:
         ) from None
 
 
+def _load_model(model_dir: Path, quantization: Any, details: dict[str, Any]) -> nn.Module:
+    """The base model, quantized in memory when model.quantization.bits asks and the folder is not quantized
+    already; says which in details["quantization"]."""
+    from mlx_lm.utils import load_model, quantize_model
+
+    try:
+        model, model_config = load_model(model_dir)
+    except Exception as exc:  # noqa: BLE001 - a truncated or corrupt weight file fails deep inside mlx
+        if _is_oom(exc):
+            raise
+        raise ConfigError(
+            f"config key 'model.path': cannot load the model in {model_dir}: {exc.__class__.__name__}: "
+            f"{str(exc)[:300]}. Check that the weight files are complete (re-download or re-copy the model)"
+        ) from None
+    bits, group_size = quantization.bits, quantization.group_size
+    if model_config.get("quantization"):
+        q = model_config["quantization"]
+        details["quantization"] = (
+            f"pre-quantized {q.get('bits')}-bit {q.get('mode', 'affine')} (group {q.get('group_size')}), used as is"
+        )
+    elif bits:
+        # quantize_model prints its own summary; the run's output stays ours.
+        with contextlib.redirect_stdout(io.StringIO()):
+            model, model_config = quantize_model(model, model_config, group_size=group_size, bits=bits, mode="affine")
+        details["quantization"] = f"{bits}-bit affine (group {group_size}), quantized in memory"
+    else:
+        details["quantization"] = "none"
+    return model
+
+
 def _lora_keys(block: nn.Module, targets: list[str]) -> list[str]:
     """Map targets (`q_proj` or `self_attn.q_proj`) onto the paths mlx-lm expects inside a block."""
     from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
@@ -399,47 +429,45 @@ class MLXBackend:
     # -- setup -------------------------------------------------------------
 
     def setup(self, cfg: Any, seed: int) -> SetupInfo:
-        from mlx_lm.tuner.utils import linear_to_lora_layers
-        from mlx_lm.utils import get_total_parameters, load_model, quantize_model
+        """Load the model (quantized in memory if asked), attach LoRA with the framework-free initial weights, build
+        the optimizer and the compiled steps: the steps below, in this order."""
+        from mlx_lm.utils import get_total_parameters
 
         if cfg.train.optimizer != "adamw":
             raise ConfigError(
                 f"config key 'train.optimizer': {cfg.train.optimizer} runs only on the torch backend with CUDA; "
                 "use adamw with the mlx backend"
             )
+        self._read_config(cfg, seed)
+        details: dict[str, Any] = {"device": str(mx.default_device()), "method": self.method}
+        model_dir = _resolve_model_dir(cfg.model.path)
+        model = _load_model(model_dir, cfg.model.quantization, details)
+        base_params = get_total_parameters(model)
+        lora_parameters = self._apply_lora(model, cfg, details)
+        self.model = model
+        self._target_head = _plain_head(model) and self.method in ("sft", "cpt")
+        self._build_optimizer(cfg.train)
+        self._build_steps()
+        self._set_training(True)
+        self._set_memory_limit(details)
+        trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+        details.update(lora_layers=self.adapter_config["num_layers"], lora_keys=lora_parameters["keys"],
+                       lora_scale=lora_parameters["scale"])
+        return SetupInfo(trainable_params=int(trainable), total_params=int(base_params + trainable),
+                         model_dir=Path(model_dir), details=details)
+
+    def _read_config(self, cfg: Any, seed: int) -> None:
         self.method = cfg.data.method
         self.beta = float(cfg.preference.beta)
         self.grpo = cfg.grpo
         self.seed = int(seed)
         self.max_grad_norm = float(cfg.train.max_grad_norm)
-        details: dict[str, Any] = {"device": str(mx.default_device()), "method": self.method}
 
-        model_dir = _resolve_model_dir(cfg.model.path)
-        try:
-            model, model_config = load_model(model_dir)
-        except Exception as exc:  # noqa: BLE001 - a truncated or corrupt weight file fails deep inside mlx
-            if _is_oom(exc):
-                raise
-            raise ConfigError(
-                f"config key 'model.path': cannot load the model in {model_dir}: {exc.__class__.__name__}: "
-                f"{str(exc)[:300]}. Check that the weight files are complete (re-download or re-copy the model)"
-            ) from None
-
-        bits, group_size = cfg.model.quantization.bits, cfg.model.quantization.group_size
-        if model_config.get("quantization"):
-            q = model_config["quantization"]
-            details["quantization"] = (
-                f"pre-quantized {q.get('bits')}-bit {q.get('mode', 'affine')} (group {q.get('group_size')}), used as is"
-            )
-        elif bits:
-            # quantize_model prints its own summary; the run's output stays ours.
-            with contextlib.redirect_stdout(io.StringIO()):
-                model, model_config = quantize_model(model, model_config, group_size=group_size, bits=bits,
-                                                     mode="affine")
-            details["quantization"] = f"{bits}-bit affine (group {group_size}), quantized in memory"
-        else:
-            details["quantization"] = "none"
-        base_params = get_total_parameters(model)
+    def _apply_lora(self, model: nn.Module, cfg: Any, details: dict[str, Any]) -> dict[str, Any]:
+        """Freeze the base and turn lora.targets of the last lora.layers blocks (-1: all) into LoRA layers with the
+        framework-free lora_a and keyed dropout; sets the adapter_config mlx-lm reads back. Returns the LoRA
+        parameters (rank, scale, dropout, keys)."""
+        from mlx_lm.tuner.utils import linear_to_lora_layers
 
         blocks = len(model.layers)
         num_layers = blocks if cfg.lora.layers == -1 else min(cfg.lora.layers, blocks)
@@ -457,7 +485,6 @@ class MLXBackend:
         _patch_blocks(list(model.layers), bool(cfg.model.grad_checkpoint))
         self._lora_modules = [m for _, m in model.named_modules()
                               if "lora_a" in m and isinstance(getattr(m, "scale", None), float)]
-
         self.adapter_config = {
             "fine_tune_type": "lora",
             "num_layers": num_layers,
@@ -465,18 +492,18 @@ class MLXBackend:
             "model": str(cfg.model.path),
             "overnight": {"lora_alpha": cfg.lora.alpha, "method": self.method, "quantization": details["quantization"]},
         }
-        self.model = model
-        self._target_head = _plain_head(model) and self.method in ("sft", "cpt")
+        return lora_parameters
+
+    def _build_optimizer(self, train: Any) -> None:
         # torch.optim.AdamW's algorithm exactly (bias correction, eps 1e-8 outside the sqrt, decoupled decay);
         # mlx's default leaves bias correction off, which makes early steps ~3x larger (SPEC §4 parity).
-        self.optimizer = optim.AdamW(learning_rate=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay,
+        self.optimizer = optim.AdamW(learning_rate=train.learning_rate, weight_decay=train.weight_decay,
                                      betas=[0.9, 0.999], eps=1e-8, bias_correction=True)
         # A fixed state tree from the start: load() replaces leaves in it and compile sees one structure.
-        self.optimizer.init(model.trainable_parameters())
-        mx.eval(model.parameters(), self.optimizer.state)
-        self._build_steps()
-        self._set_training(True)
+        self.optimizer.init(self.model.trainable_parameters())
+        mx.eval(self.model.parameters(), self.optimizer.state)
 
+    def _set_memory_limit(self, details: dict[str, Any]) -> None:
         recommended = mx.device_info().get("max_recommended_working_set_size")
         if recommended:
             # Keep the weights resident and make MLX reclaim its cache before it pushes past what the
@@ -489,11 +516,6 @@ class MLXBackend:
             except (RuntimeError, ValueError) as exc:
                 details["wired_limit_note"] = f"wired limit not set: {exc}"
             details["memory_limit_mb"] = round(self.limit_bytes / _MB)
-
-        trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
-        details.update(lora_layers=num_layers, lora_keys=lora_parameters["keys"], lora_scale=lora_parameters["scale"])
-        return SetupInfo(trainable_params=int(trainable), total_params=int(base_params + trainable),
-                         model_dir=Path(model_dir), details=details)
 
     def _build_steps(self) -> None:
         """(Re)compile the step functions. mx.compile captures the state trees it is given, so this
@@ -594,7 +616,7 @@ class MLXBackend:
         return adv, old, ref
 
     def sample(self, prompt_ids: np.ndarray, seeds: list[int], max_new_tokens: int, temperature: float,
-               top_p: float, eos_id: int | None) -> np.ndarray:
+               top_p: float, stop_ids: tuple[int, ...]) -> np.ndarray:
         """One sampled continuation per seed (src/backend/__init__.py), KV cache, adapter on, no dropout. Each row has its
         own key chain (mx.random.key(seed), split once per token): Gumbel-max over the top-p set."""
         from mlx_lm.models.cache import make_prompt_cache
@@ -604,8 +626,9 @@ class MLXBackend:
         if n == 0 or max_new_tokens <= 0:
             return out
         self._set_training(False)
+        stop_ids = as_stop_ids(stop_ids)
         try:
-            keys = [mx.random.key(int(s) % (2**63)) for s in seeds]
+            keys = [mx.random.key(int(s)) for s in seeds]  # generator_seed's range
             cache = make_prompt_cache(self.model)
             prompt = np.asarray(prompt_ids, dtype=np.int32).reshape(1, -1)
             logits = self.model(mx.array(np.repeat(prompt, n, axis=0)), cache=cache)[:, -1].astype(mx.float32)
@@ -626,8 +649,7 @@ class MLXBackend:
                 token = mx.argmax(scaled + mx.stack(noise), axis=-1)
                 chosen = np.array(token).astype(np.int64)
                 out[~done, t] = chosen[~done]
-                if eos_id is not None:
-                    done |= chosen == eos_id
+                done |= np.isin(chosen, stop_ids)
                 if done.all() or t + 1 == max_new_tokens:
                     break
                 logits = self.model(token.astype(mx.int32).reshape(n, 1), cache=cache)[:, -1].astype(mx.float32)
@@ -654,7 +676,6 @@ class MLXBackend:
                    step_scales: tuple[float, float, int] | None = None) -> StepResult:
         token_scale, pair_scale, weight = step_scales or objectives.step_scales(self.method, micro_batches)
         scales = (mx.array(token_scale, dtype=mx.float32), mx.array(pair_scale, dtype=mx.float32))
-        tokens = sum(int(b.loss_mask.sum()) for b in micro_batches)
         if weight == 0:
             raise ValueError(
                 "a training step has no target tokens: every label is masked "
@@ -663,91 +684,110 @@ class MLXBackend:
         self._set_training(True)
         self.optimizer.learning_rate = lr
         mx.random.seed(_step_seed(self.seed, self.updates))
-        shared = self._world is not None and self._world.size > 1
-        before = None
+        grads = before = None
         try:
-            acc = loss_sum = kl_sum = None
-            ran_out = False
-            try:
-                for batch in micro_batches:
-                    if batch.noise_seed is not None:  # this micro-batch's dropout masks, whichever rank runs it
-                        mx.random.seed(batch.noise_seed)
-                    loss, acc = self._accumulate(acc, *scales, *self._device_batch(batch))
-                    if isinstance(loss, (tuple, list)):  # grpo: (objective, KL sum)
-                        loss, kl = loss
-                        kl_sum = kl if kl_sum is None else kl_sum + kl
-                    loss_sum = loss if loss_sum is None else loss_sum + loss
-                    # Schedules this micro-batch without waiting for it, and cuts the lazy graph so the
-                    # next one does not hold its activations.
-                    mx.async_eval(loss_sum, acc)
-                # One wait before the update: an OOM in forward/backward surfaces here, weights untouched.
-                mx.eval(loss_sum, acc)
-            except (RuntimeError, MemoryError) as exc:
-                if not (shared and _is_oom(exc)):
-                    raise
-                # This rank ran out: it still takes part in the step's all-reduce (its flag makes every rank
-                # raise OutOfMemory there), so the others are not left waiting in it.
-                acc = loss_sum = kl_sum = loss = None
-                ran_out = True
-                mx.clear_cache()
-            kl_tokens = float(sum(b.loss_mask[:, 1:].sum() for b in micro_batches))  # grpo: the KL mean's divisor
-            if shared:
-                loss_sum, acc, kl_sum, kl_tokens = self._all_reduce(loss_sum, acc, kl_sum, kl_tokens, ran_out)
+            grads, figures = self._step_gradients(micro_batches, scales)
             before = (self.model.trainable_parameters(), tree_map(lambda x: x, self.optimizer.state))
-            try:
-                norm = self._update(acc)
-                mx.eval(norm, self.model.trainable_parameters(), self.optimizer.state)
-            except (RuntimeError, MemoryError) as exc:
-                if shared and _is_oom(exc):
-                    # After the all-reduce the ranks cannot agree on a retry any more (this one would split the
-                    # step while the others applied it): end this process, the job resumes from its checkpoint.
-                    self._restore(before)
-                    raise PeerLost(f"out of memory in the optimizer update on rank {self._world.rank} of "
-                                   f"{self._world.size}, after the gradients were shared: {str(exc)[:200]}") from None
-                raise
+            norm = self._apply_update(grads, before)
         except (RuntimeError, MemoryError) as exc:
             if isinstance(exc, PeerLost) or not _is_oom(exc):
                 raise
             if before is not None:
                 self._restore(before)
-            acc = loss_sum = None  # drop the step's buffers before handing the cache back
+            # Drop the step's buffers (here and in the frames of the failed call) before handing the cache back.
+            grads = None
+            traceback.clear_frames(exc.__traceback__)
             mx.clear_cache()
             raise OutOfMemory(str(exc)) from exc
         self.updates += 1
-        loss_value, norm_value = float(loss_sum.item()), float(norm.item())
-        extras = {}
-        if kl_sum is not None and self.grpo.beta > 0:
-            extras["kl"] = float(kl_sum.item()) / max(1.0, kl_tokens)
-        if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
-            # A non-finite step is reported (the loop stops on it) but never applied, so the
-            # weights stay finite and the stop can still commit a checkpoint.
-            self._restore(before)
-        return StepResult(loss=loss_value, tokens=tokens, grad_norm=norm_value, extras=extras)
+        loss_value, norm_value = figures.loss_sum, float(norm.item())
+        if not objectives.update_applies(loss_value, norm_value):
+            self._restore(before)  # reported (the loop stops on it), never applied: the weights stay finite
+        extras = {"kl": figures.kl} if self.method == "grpo" and self.grpo.beta > 0 else {}
+        return StepResult(loss=loss_value, tokens=figures.tokens, grad_norm=norm_value, extras=extras)
 
-    def _all_reduce(self, loss_sum, grads, kl_sum, kl_tokens: float, out_of_memory: bool) -> tuple:
-        """Data parallel: the step's one all_sum of every LoRA gradient, the loss sum, the grpo KL sum and its
-        token count and an out-of-memory flag, in one flat float32 buffer (summed, not averaged: each rank's objective is already
-        scaled by the whole step's 1/T). ``grads`` is None when this rank ran out of memory (``out_of_memory``) or
-        had no micro-batch: it adds zeros. Any rank's OOM raises the OOM error on every rank, before anything is
+    @property
+    def _shared(self) -> bool:
+        return self._world is not None and self._world.size > 1
+
+    def _step_gradients(self, micro_batches: list[Batch], scales: tuple) -> tuple:
+        """(the step's gradients, its step_buffer.StepFigures): this process's passes, and in a data-parallel job
+        the one all-reduce that makes both the whole step's. In a job, an out of memory in the passes becomes the
+        buffer's flag: this rank still takes part in the all-reduce (so the others are not left waiting in it),
+        and every rank raises there."""
+        ran_out = False
+        try:
+            loss_sum, grads, kl_sum = self._local_passes(micro_batches, scales)
+        except (RuntimeError, MemoryError) as exc:
+            if not (self._shared and _is_oom(exc)):
+                raise
+            loss_sum = grads = kl_sum = None
+            ran_out = True
+        if ran_out:  # outside the except block, so the failed passes' buffers are gone
+            mx.clear_cache()
+        figures = step_buffer.StepFigures(
+            loss_sum=0.0 if loss_sum is None else float(loss_sum.item()),
+            kl_sum=0.0 if kl_sum is None else float(kl_sum.item()),
+            kl_tokens=float(sum(b.loss_mask[:, 1:].sum() for b in micro_batches)),  # grpo: the kl mean's divisor
+            tokens=sum(int(b.loss_mask.sum()) for b in micro_batches),
+            out_of_memory=ran_out)
+        return self._all_reduce(grads, figures) if self._shared else (grads, figures)
+
+    def _local_passes(self, micro_batches: list[Batch], scales: tuple) -> tuple:
+        """Forward and backward of each micro-batch: (objective sum, accumulated gradients, grpo KL sum or None),
+        evaluated, so an out of memory surfaces here with the weights untouched."""
+        acc = loss_sum = kl_sum = None
+        for batch in micro_batches:
+            if batch.noise_seed is not None:  # this micro-batch's dropout masks, whichever rank runs it
+                mx.random.seed(batch.noise_seed)
+            loss, acc = self._accumulate(acc, *scales, *self._device_batch(batch))
+            if isinstance(loss, (tuple, list)):  # grpo: (objective, KL sum)
+                loss, kl = loss
+                kl_sum = kl if kl_sum is None else kl_sum + kl
+            loss_sum = loss if loss_sum is None else loss_sum + loss
+            # Schedules this micro-batch without waiting for it, and cuts the lazy graph so the
+            # next one does not hold its activations.
+            mx.async_eval(loss_sum, acc)
+        # One wait before the update: an OOM in forward/backward surfaces here, weights untouched.
+        mx.eval(loss_sum, acc)
+        return loss_sum, acc, kl_sum
+
+    def _apply_update(self, grads, before):
+        """Clip and step (the compiled update), evaluated here; returns the global norm before clipping. In a job,
+        an out of memory here is PeerLost with this rank's weights restored: after the all-reduce the ranks cannot
+        agree on a retry any more (this one would split the step while the others applied it), so this process
+        ends and the job resumes from its checkpoint."""
+        try:
+            norm = self._update(grads)
+            mx.eval(norm, self.model.trainable_parameters(), self.optimizer.state)
+            return norm
+        except (RuntimeError, MemoryError) as exc:
+            if self._shared and _is_oom(exc):
+                self._restore(before)
+                raise PeerLost(f"out of memory in the optimizer update on rank {self._world.rank} of "
+                               f"{self._world.size}, after the gradients were shared: {str(exc)[:200]}") from None
+            raise
+
+    def _all_reduce(self, grads, figures: step_buffer.StepFigures) -> tuple:
+        """Data parallel: the step's one all_sum of the buffer src/backend/step_buffer.py lays out (every LoRA
+        gradient, then the figures, as one float32 vector; summed, not averaged: each rank's objective is already
+        scaled by the whole step's 1/T). ``grads`` is None when this rank ran out of memory: it adds zeros. Returns
+        the summed (gradients, figures); any rank's out of memory raises here on every rank, before anything is
         applied."""
         if grads is None:
             grads = tree_map(mx.zeros_like, self.model.trainable_parameters())
         leaves = tree_flatten(grads)
-        zero = mx.array(0.0, dtype=mx.float32)
-        figures = mx.stack([zero if loss_sum is None else loss_sum.astype(mx.float32),
-                            zero if kl_sum is None else kl_sum.astype(mx.float32),
-                            mx.array(kl_tokens, dtype=mx.float32), mx.array(float(out_of_memory), dtype=mx.float32)])
-        flat = mx.concatenate([g.astype(mx.float32).reshape(-1) for _, g in leaves] + [figures])
+        flat = mx.concatenate([g.astype(mx.float32).reshape(-1) for _, g in leaves]
+                              + [mx.array(step_buffer.pack_figures(figures))])
         world = self._world
         summed = world.run("the gradient all-reduce", lambda: mx.distributed.all_sum(flat, group=world.group))
-        if summed[-1].item() > 0:
+        sizes = [g.size for _, g in leaves]
+        figures = step_buffer.read_figures(np.array(summed[step_buffer.figures_slice(sizes)]))
+        if figures.out_of_memory:
             raise RuntimeError("out of memory on a process of this data-parallel job")
-        rebuilt, offset = [], 0
-        for path, g in leaves:
-            rebuilt.append((path, summed[offset:offset + g.size].reshape(g.shape).astype(g.dtype)))
-            offset += g.size
-        kl = summed[offset + 1] if self.method == "grpo" else None
-        return summed[offset], tree_unflatten(rebuilt), kl, float(summed[offset + 2].item())
+        rebuilt = [(path, summed[part].reshape(g.shape).astype(g.dtype))
+                   for (path, g), part in zip(leaves, step_buffer.gradient_slices(sizes))]
+        return tree_unflatten(rebuilt), figures
 
     def _restore(self, before) -> None:
         self.model.update(before[0])
@@ -769,20 +809,22 @@ class MLXBackend:
                 raise OutOfMemory(str(exc)) from exc
             raise
 
-    def generate(self, prompt_ids: np.ndarray, max_new_tokens: int, eos_id: int | None) -> np.ndarray:
-        """Greedy continuation with a KV cache; stops at eos (not included) or max_new_tokens."""
+    def generate(self, prompt_ids: np.ndarray, max_new_tokens: int, stop_ids: tuple[int, ...]) -> np.ndarray:
+        """Greedy continuation with a KV cache; ends before the first stop token (not included) or at
+        max_new_tokens."""
         from mlx_lm.models.cache import make_prompt_cache
 
         prompt = np.asarray(prompt_ids, dtype=np.int32).reshape(1, -1)
         if prompt.size == 0:
             raise ValueError("generate needs at least one prompt token")
         self._set_training(False)
+        stop_ids = as_stop_ids(stop_ids)
         cache = make_prompt_cache(self.model)
         y, out = mx.array(prompt), []
         for _ in range(max(0, int(max_new_tokens))):
             logits = self.model(y, cache=cache)
             token = int(mx.argmax(logits[0, -1]).item())
-            if eos_id is not None and token == eos_id:
+            if token in stop_ids:
                 break
             out.append(token)
             y = mx.array([[token]], dtype=mx.int32)

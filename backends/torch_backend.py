@@ -21,8 +21,8 @@ import torch
 import torch.distributed
 import torch.nn.functional as F
 
-from overnight.backend import lora_init, objectives
-from overnight.backend import Batch, OutOfMemory, PeerLost, PortableState, SetupInfo, StepResult
+from overnight.backend import lora_init, objectives, step_buffer
+from overnight.backend import Batch, OutOfMemory, PeerLost, PortableState, SetupInfo, StepResult, as_stop_ids
 from overnight.backends import noise
 from overnight.config import ConfigError
 
@@ -140,16 +140,36 @@ class TorchBackend:
     # ------------------------------------------------------------------ setup
 
     def setup(self, cfg: Any, seed: int) -> SetupInfo:
-        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
+        """Load the model (quantized if asked), attach LoRA with the framework-free initial weights, build the
+        optimizer: the steps below, in this order."""
         noise.hide_loading_bars()
+        self._read_config(cfg)
+        self._pick_device()
+        model_dir = self._resolve_model_dir(cfg.model.path)
+        tokenizer = _load_tokenizer(model_dir)
+        model = self._load_model(model_dir)
+        _check_vocabulary(model, tokenizer, model_dir)
+        model = self._prepare_for_training(model)
+        model, lora_layers = self._apply_lora(model, seed)
+        self._model = model
+        _init_lora_a(model, seed)
+        self._params = [p for p in model.parameters() if p.requires_grad]
+        self._param_names = [name for name, p in model.named_parameters() if p.requires_grad]
+        if not self._params:
+            raise ConfigError(f"config key 'lora.targets': {list(cfg.lora.targets)} matched no trainable module")
+        self._optimizer = self._build_optimizer()
+        return self._setup_info(model_dir, tokenizer, lora_layers)
+
+    def _read_config(self, cfg: Any) -> None:
         self._cfg = cfg
         self._method = cfg.data.method
         self._beta = float(cfg.preference.beta)
         self._grpo = cfg.grpo
         self._optimizer_name = cfg.train.optimizer
-        # In a data-parallel job each rank has its own GPU (connect() set it current): QLoRA per rank.
+
+    def _pick_device(self) -> None:
+        """This process's device and compute dtype, and CUDA's deterministic mode. In a data-parallel job each rank
+        has its own GPU (connect() set it current): QLoRA per rank."""
         self._device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         on_cuda = self._device.type == "cuda"
         if on_cuda:
@@ -163,35 +183,22 @@ class TorchBackend:
                 "config key 'train.optimizer': paged_adamw_8bit needs a CUDA GPU (bitsandbytes paged optimizers are "
                 "CUDA-only); use train.optimizer=adamw on this machine"
             )
-        bits = cfg.model.quantization.bits
         # bf16 where the GPU has it natively (Ampere and newer); fp32 on CPU and on older GPUs, where bf16 would be
         # emulated (slow) and fp16 would need a grad scaler.
         native_bf16 = on_cuda and torch.cuda.is_bf16_supported(including_emulation=False)
         self._compute_dtype = torch.bfloat16 if native_bf16 else torch.float32
 
-        model_dir = self._resolve_model_dir(cfg.model.path)
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-        except Exception as exc:
-            raise ConfigError(f"config key 'model.path': cannot load a tokenizer from {model_dir}: {exc}") from None
+    def _load_model(self, model_dir: Path):
+        """The base causal LM, quantized by bitsandbytes when model.quantization.bits is 4 or 8, on this device."""
+        from transformers import AutoModelForCausalLM
 
+        bits = self._cfg.model.quantization.bits
         load_kwargs: dict[str, Any] = {"dtype": self._compute_dtype}
         if bits in (4, 8):
-            from transformers import BitsAndBytesConfig
-
-            if bits == 4:
-                quant = BitsAndBytesConfig(
-                    load_in_4bit=True,
-                    bnb_4bit_quant_type="nf4",
-                    bnb_4bit_use_double_quant=True,
-                    bnb_4bit_compute_dtype=self._compute_dtype,
-                )
-            else:
-                quant = BitsAndBytesConfig(load_in_8bit=True)
-            load_kwargs["quantization_config"] = quant
-        if on_cuda or bits in (4, 8):
+            load_kwargs["quantization_config"] = self._quantization_config(bits)
+        if self._device.type == "cuda" or bits in (4, 8):
             # Straight onto the device: no full-precision copy of a large model in host memory first.
-            load_kwargs["device_map"] = {"": self._device.index if on_cuda else "cpu"}
+            load_kwargs["device_map"] = {"": self._device.index if self._device.type == "cuda" else "cpu"}
         try:
             model = AutoModelForCausalLM.from_pretrained(str(model_dir), **load_kwargs)
         except Exception as exc:  # noqa: BLE001 - a truncated or corrupt weight file raises SafetensorError, not OSError
@@ -203,33 +210,50 @@ class TorchBackend:
             ) from None
         model.config.use_cache = False
         _keep_4bit_weights_unpacked(model)
+        return model
 
-        embed_rows = model.get_input_embeddings().weight.shape[0]
-        if len(tokenizer) > embed_rows:
-            raise ConfigError(
-                f"config key 'model.path': the tokenizer in {model_dir} has {len(tokenizer)} tokens but the model's "
-                f"embedding has only {embed_rows} rows"
+    def _quantization_config(self, bits: int):
+        from transformers import BitsAndBytesConfig
+
+        if bits == 4:
+            return BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=self._compute_dtype,
             )
+        return BitsAndBytesConfig(load_in_8bit=True)
 
-        if bits in (4, 8):
+    def _prepare_for_training(self, model):
+        """k-bit preparation for a quantized base, and gradient checkpointing when model.grad_checkpoint asks."""
+        from peft import prepare_model_for_kbit_training
+
+        if self._cfg.model.quantization.bits in (4, 8):
             # Checkpointing is switched on below for every path; PEFT's own switch uses the name transformers 5 deprecated.
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-        if cfg.model.grad_checkpoint:
+        if self._cfg.model.grad_checkpoint:
             # Non-reentrant: its recompute replays the saved RNG state, so dropout masks (and losses) do not change.
             ckpt_kwargs = {"use_reentrant": False}
             if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
                 model.activation_checkpointing_enable(activation_checkpointing_kwargs=ckpt_kwargs)
             else:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
+        return model
 
+    def _apply_lora(self, model, seed: int):
+        """(the PEFT model, the block indices that got LoRA): lora.rank/alpha/dropout on lora.targets of the last
+        lora.layers blocks (-1: all)."""
+        from peft import LoraConfig, get_peft_model
+
+        lora = self._cfg.lora
         num_layers = model.config.get_text_config().num_hidden_layers
-        n = cfg.lora.layers
+        n = lora.layers
         layers = None if n == -1 or n >= num_layers else list(range(num_layers - n, num_layers))
         lora_config = LoraConfig(
-            r=cfg.lora.rank,
-            lora_alpha=cfg.lora.alpha,  # PEFT scales by lora_alpha / r, the same scale mlx-lm is given (SPEC §4)
-            lora_dropout=cfg.lora.dropout,
-            target_modules=list(cfg.lora.targets),
+            r=lora.rank,
+            lora_alpha=lora.alpha,  # PEFT scales by lora_alpha / r, the same scale mlx-lm is given (SPEC §4)
+            lora_dropout=lora.dropout,
+            target_modules=list(lora.targets),
             layers_to_transform=layers,
             bias="none",
             task_type="CAUSAL_LM",
@@ -241,25 +265,22 @@ class TorchBackend:
                 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
                 model = get_peft_model(model, lora_config)
         except ValueError as exc:
-            raise ConfigError(f"config key 'lora.targets' {list(cfg.lora.targets)}: {exc}") from None
-        if not Path(cfg.model.path).expanduser().is_dir():
+            raise ConfigError(f"config key 'lora.targets' {list(lora.targets)}: {exc}") from None
+        if not Path(self._cfg.model.path).expanduser().is_dir():
             # adapter_config.json then names the hub id, not this machine's cache folder.
-            model.peft_config["default"].base_model_name_or_path = cfg.model.path
-        self._model = model
-        _init_lora_a(model, seed)
-        self._params = [p for p in model.parameters() if p.requires_grad]
-        self._param_names = [name for name, p in model.named_parameters() if p.requires_grad]
-        if not self._params:
-            raise ConfigError(f"config key 'lora.targets': {list(cfg.lora.targets)} matched no trainable module")
-        self._optimizer = self._build_optimizer()
-        trainable, total = model.get_nb_trainable_parameters()
+            model.peft_config["default"].base_model_name_or_path = self._cfg.model.path
+        return model, (layers if layers is not None else list(range(num_layers)))
+
+    def _setup_info(self, model_dir: Path, tokenizer, lora_layers: list[int]) -> SetupInfo:
+        cfg, bits = self._cfg, self._cfg.model.quantization.bits
+        trainable, total = self._model.get_nb_trainable_parameters()
         lora_modules = sorted({name.split(".lora_")[0] for name in self._param_names})
         details = {
             "device": str(self._device),
             "compute_dtype": str(self._compute_dtype).replace("torch.", ""),
             "quantization": {0: "none", 4: "bitsandbytes nf4, double quantization, blocksize 64",
                              8: "bitsandbytes int8"}[bits],
-            "lora_layers": layers if layers is not None else list(range(num_layers)),
+            "lora_layers": lora_layers,
             "lora_modules": len(lora_modules),
             "lora_scale": cfg.lora.alpha / cfg.lora.rank,
             "optimizer": self._optimizer_name,
@@ -428,7 +449,7 @@ class TorchBackend:
             if self._kl_sums:
                 figures += list(torch.stack(self._kl_sums).sum(dim=0))
             values = torch.stack(figures).tolist()  # the step's one host sync
-            kl = (values[2], values[3]) if len(values) > 2 else None
+            kl = objectives.mean_kl(values[2], values[3]) if len(values) > 2 else None
             self._apply(values[0], values[1])
         except _OOM as exc:
             message = _oom_message(exc)
@@ -461,39 +482,36 @@ class TorchBackend:
         return torch.nn.utils.clip_grad_norm_(self._params, max_norm if max_norm > 0 else math.inf)
 
     def _apply(self, loss_value: float, norm_value: float) -> None:
-        # A non-finite step is reported (the loop stops on it) but never applied, so saved weights stay finite.
-        if math.isfinite(loss_value) and math.isfinite(norm_value):
+        if objectives.update_applies(loss_value, norm_value):  # a non-finite step is reported, never applied
             self._optimizer.step()
         self._optimizer.zero_grad(set_to_none=True)
 
-    def _result(self, loss_value: float, tokens: int, norm_value: float, kl) -> StepResult:
-        self._step_extras = {"kl": kl[0] / max(kl[1], 1.0)} if kl is not None else {}
+    def _result(self, loss_value: float, tokens: int, norm_value: float, kl: float | None) -> StepResult:
+        self._step_extras = {"kl": kl} if kl is not None else {}
         return StepResult(loss=loss_value, tokens=tokens, grad_norm=norm_value, extras=self._step_extras)
 
-    # Data parallel: the tail of the step's flat buffer after the LoRA gradients.
-    _LOSS, _KL, _KL_TOKENS, _TOKENS, _OOM_FLAG = range(5)
-
     def _flat_buffer(self, loss_sum: torch.Tensor | None, tokens: int, out_of_memory: bool) -> torch.Tensor:
-        """Every LoRA gradient (zeros where a parameter has none, or after this rank ran out of memory), then
-        [loss sum, grpo KL sum, its token count, target tokens, out-of-memory flag], as one float32 vector."""
+        """The step's data-parallel buffer (src/backend/step_buffer.py): every LoRA gradient (zeros where a parameter
+        has none, or after this rank ran out of memory), then the figures, as one float32 vector on the device."""
         dev = self._device
         grads = [torch.zeros(p.numel(), dtype=torch.float32, device=dev) if out_of_memory or p.grad is None
                  else p.grad.reshape(-1).float() for p in self._params]
         zero = torch.zeros((), dtype=torch.float32, device=dev)
         kl = torch.stack(self._kl_sums).sum(dim=0).float() if self._kl_sums and not out_of_memory \
             else torch.zeros(2, dtype=torch.float32, device=dev)
-        tail = torch.stack([zero if loss_sum is None or out_of_memory else loss_sum.float(), kl[0], kl[1],
-                            torch.tensor(float(tokens), dtype=torch.float32, device=dev),
-                            torch.tensor(1.0 if out_of_memory else 0.0, dtype=torch.float32, device=dev)])
-        return torch.cat(grads + [tail])
+        figures = step_buffer.in_order(
+            loss_sum=zero if loss_sum is None or out_of_memory else loss_sum.float(), kl_sum=kl[0], kl_tokens=kl[1],
+            tokens=torch.tensor(float(tokens), dtype=torch.float32, device=dev),
+            out_of_memory=torch.tensor(1.0 if out_of_memory else 0.0, dtype=torch.float32, device=dev))
+        return torch.cat(grads + [torch.stack(figures)])
 
     def _shared_step(self, micro_batches: list[Batch], token_scale: float, pair_scale: float,
                      tokens: int) -> StepResult:
         """One step of a data-parallel job: the local passes, then ONE all-reduce (sum) of the flat buffer
-        (_flat_buffer) — what DDP's no_sync accumulation ends with, summed rather than averaged because each rank's
-        objective is already scaled by the whole step's 1/T — then the global clip and the step. Every rank takes
-        part in that all-reduce even when it ran out of memory (its flag makes every rank raise OutOfMemory with
-        the weights untouched), so no rank is left waiting in it."""
+        (_flat_buffer, laid out as src/backend/step_buffer.py says) — what DDP's no_sync accumulation ends with,
+        summed rather than averaged because each rank's objective is already scaled by the whole step's 1/T — then
+        the global clip and the step. Every rank takes part in that all-reduce even when it ran out of memory (its
+        flag makes every rank raise OutOfMemory with the weights untouched), so no rank is left waiting in it."""
         world = self._world
         rank = f"rank {world.rank} of {world.size}"
         message = None
@@ -514,21 +532,20 @@ class TorchBackend:
         summed = world.reduce_tensor(flat)  # raises PeerLost when a peer died or timed out
         del flat
         try:
-            offset = 0
-            for param in self._params:  # views of the summed buffer: no copy where the dtypes agree
-                n = param.numel()
-                param.grad = summed[offset:offset + n].view_as(param).to(param.dtype)
-                offset += n
+            sizes = [param.numel() for param in self._params]
+            for param, part in zip(self._params, step_buffer.gradient_slices(sizes)):
+                param.grad = summed[part].view_as(param).to(param.dtype)  # views: no copy where the dtypes agree
             norm = self._clip()
-            values = torch.cat([summed[offset:], norm.float().reshape(1).to(summed.device)]).tolist()  # one sync
+            values = torch.cat([summed[step_buffer.figures_slice(sizes)],
+                                norm.float().reshape(1).to(summed.device)]).tolist()  # the step's one host sync
             del summed
-            if values[self._OOM_FLAG] > 0:
+            figures, norm_value = step_buffer.read_figures(values[:-1]), values[-1]
+            if figures.out_of_memory:
                 self._recover_from_oom()
                 what = message or "another process of this data-parallel job ran out of memory"
                 raise OutOfMemory(f"out of memory in a step of {sum(mb.num_rows for mb in micro_batches)} rows in "
                                   f"{len(micro_batches)} micro-batches on {rank}: {what}")
-            loss_value, norm_value = values[self._LOSS], values[-1]
-            self._apply(loss_value, norm_value)
+            self._apply(figures.loss_sum, norm_value)
         except _OOM as exc:
             # After the all-reduce the ranks cannot agree on a retry any more (this one would split the step while
             # the others applied it): this process leaves the job, which resumes from its last checkpoint.
@@ -539,10 +556,8 @@ class TorchBackend:
         except torch.distributed.DistError as exc:  # NCCL reports a failed all-reduce when its result is read
             raise PeerLost(f"another process of this data-parallel job stopped answering or died (the gradient "
                            f"all-reduce on {rank}): {_first_line(exc)}") from None
-        kl = None
-        if self._method == "grpo" and self._grpo.beta > 0:
-            kl = (values[self._KL], values[self._KL_TOKENS])
-        return self._result(loss_value, int(round(values[self._TOKENS])), norm_value, kl)
+        kl = figures.kl if self._method == "grpo" and self._grpo.beta > 0 else None
+        return self._result(figures.loss_sum, figures.tokens, norm_value, kl)
 
     def _recover_from_oom(self) -> None:
         self._optimizer.zero_grad(set_to_none=True)
@@ -567,7 +582,7 @@ class TorchBackend:
         raise OutOfMemory(f"out of memory evaluating a batch of {batch.num_rows} rows: {message}")
 
     def sample(self, prompt_ids: np.ndarray, seeds: list[int], max_new_tokens: int, temperature: float,
-               top_p: float, eos_id: int | None) -> np.ndarray:
+               top_p: float, stop_ids: tuple[int, ...]) -> np.ndarray:
         """One sampled continuation per seed (src/backend/__init__.py), KV cache, adapter on, eval mode (no dropout).
         Each row draws from its own torch.Generator: Gumbel-max over the top-p set, an exact categorical draw
         whose noise depends on that row's seed alone."""
@@ -579,15 +594,15 @@ class TorchBackend:
         try:
             with torch.no_grad(), self._autocast():
                 return self._sample(prompt_ids, seeds, int(max_new_tokens), float(temperature), float(top_p),
-                                    eos_id, out)
+                                    as_stop_ids(stop_ids), out)
         except _OOM as exc:
             message = str(exc).splitlines()[0] if str(exc) else "CUDA out of memory"
         self._recover_from_oom()
         raise OutOfMemory(f"out of memory sampling {n} completions: {message}")
 
-    def _sample(self, prompt_ids, seeds, max_new_tokens, temperature, top_p, eos_id, out) -> np.ndarray:
+    def _sample(self, prompt_ids, seeds, max_new_tokens, temperature, top_p, stop_ids, out) -> np.ndarray:
         n = len(seeds)
-        gens = [torch.Generator(device=self._device).manual_seed(int(s) % (2**63)) for s in seeds]
+        gens = [torch.Generator(device=self._device).manual_seed(int(s)) for s in seeds]  # generator_seed's range
         ids = torch.as_tensor(np.asarray(prompt_ids, dtype=np.int64).reshape(1, -1), device=self._device).repeat(n, 1)
         # The head runs on the last position only: on a large vocabulary the prompt's other logits cost more
         # than the prompt itself.
@@ -611,8 +626,7 @@ class TorchBackend:
             token = torch.argmax(scaled.double() + gumbel, dim=-1)
             chosen = token.cpu().numpy()
             out[~done, t] = chosen[~done]
-            if eos_id is not None:
-                done |= chosen == eos_id
+            done |= np.isin(chosen, stop_ids)
             if done.all() or t + 1 == max_new_tokens:
                 break
             result = self._model(input_ids=token.view(n, 1), use_cache=True, **{cache_name: past})
@@ -629,24 +643,22 @@ class TorchBackend:
         out[rows, cols + 1] = values.float().cpu().numpy()
         return out
 
-    def generate(self, prompt_ids: np.ndarray, max_new_tokens: int, eos_id: int | None) -> np.ndarray:
-        """Greedy continuation, without the prompt and without the end-of-sequence token."""
+    def generate(self, prompt_ids: np.ndarray, max_new_tokens: int, stop_ids: tuple[int, ...]) -> np.ndarray:
+        """Greedy continuation, without the prompt, ending before the first stop token (not included)."""
         self._model.eval()
+        stop_ids = as_stop_ids(stop_ids)
         ids = torch.as_tensor(np.asarray(prompt_ids, dtype=np.int64).reshape(1, -1), device=self._device)
         kwargs: dict[str, Any] = {"do_sample": False, "num_beams": 1, "max_new_tokens": int(max_new_tokens),
                                   "use_cache": True}
-        if eos_id is not None:
-            kwargs.update(eos_token_id=int(eos_id), pad_token_id=int(eos_id))
+        if stop_ids:
+            kwargs.update(eos_token_id=list(stop_ids), pad_token_id=stop_ids[0])
         with torch.no_grad(), self._autocast(), warnings.catch_warnings():
             # Model folders often ship sampling defaults (temperature, top_p) that greedy decoding ignores.
             warnings.simplefilter("ignore", UserWarning)
             out = self._model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
         new = out[0, ids.shape[1]:].cpu().numpy().astype(np.int64)
-        if eos_id is not None:
-            hits = np.flatnonzero(new == eos_id)
-            if hits.size:
-                new = new[: hits[0]]
-        return new
+        hits = np.flatnonzero(np.isin(new, stop_ids))
+        return new[: hits[0]] if hits.size else new
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -793,6 +805,24 @@ class TorchBackend:
         if bnb is not None:
             out["bitsandbytes"] = bnb
         return out
+
+
+def _load_tokenizer(model_dir: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir))
+    except Exception as exc:
+        raise ConfigError(f"config key 'model.path': cannot load a tokenizer from {model_dir}: {exc}") from None
+
+
+def _check_vocabulary(model, tokenizer, model_dir: Path) -> None:
+    embed_rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > embed_rows:
+        raise ConfigError(
+            f"config key 'model.path': the tokenizer in {model_dir} has {len(tokenizer)} tokens but the model's "
+            f"embedding has only {embed_rows} rows"
+        )
 
 
 def _keep_4bit_weights_unpacked(model) -> None:

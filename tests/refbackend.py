@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from overnight.backend import Batch, OutOfMemory, SetupInfo, StepResult
+from overnight.backend import Batch, OutOfMemory, SetupInfo, StepResult, as_stop_ids, objectives, step_buffer
+from overnight.data.source import BatchSource
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -100,15 +101,19 @@ class NumpyBackend:
             dlogits *= (weight / max(1, total_tokens))[:, None]
             grads["B"] += self.scale * ha.T @ dlogits
             grads["A"] += self.scale * hd.T @ (dlogits @ self.params["B"].T)
-        if shared:  # as the real backends: gradients, loss sum and an out-of-memory flag in one all-reduce
+        if shared:  # as the real backends: gradients, then the figures, in one all-reduce (step_buffer's layout)
             keys = sorted(grads)
-            flat = world.all_sum(np.concatenate([grads[k].ravel() for k in keys] + [[loss_sum, float(out_of_memory)]]))
-            if flat[-1] > 0:
+            sizes = [grads[k].size for k in keys]
+            figures = step_buffer.StepFigures(loss_sum=loss_sum, tokens=sum(b.num_target_tokens for b in micro_batches),
+                                              out_of_memory=out_of_memory)
+            flat = world.all_sum(np.concatenate([grads[k].ravel() for k in keys]
+                                                + [step_buffer.pack_figures(figures, np.float64)]))
+            figures = step_buffer.read_figures(flat[step_buffer.figures_slice(sizes)])
+            if figures.out_of_memory:
                 raise OutOfMemory("out of memory on a rank of the job")
-            loss_sum, offset = float(flat[-2]), 0
-            for k in keys:
-                grads[k] = flat[offset:offset + grads[k].size].reshape(grads[k].shape)
-                offset += grads[k].size
+            loss_sum = figures.loss_sum
+            for k, part in zip(keys, step_buffer.gradient_slices(sizes)):
+                grads[k] = flat[part].reshape(grads[k].shape)
         self.updates += 1
         loss = loss_sum / max(1, total_tokens)
         if self.faults.get("spike_from_step") and self.updates >= self.faults["spike_from_step"]:
@@ -117,8 +122,8 @@ class NumpyBackend:
             loss = float("nan")
             grads = {k: np.full_like(g, np.nan) for k, g in grads.items()}
         norm = float(np.sqrt(sum(float((g * g).sum()) for g in grads.values())))
-        if not np.isfinite(norm) and not self.faults.get("apply_nan"):
-            # A non-finite gradient is never applied, so the weights stay finite and can be saved.
+        if not objectives.update_applies(loss, norm) and not self.faults.get("apply_nan"):
+            # A non-finite step is never applied, so the weights stay finite and can be saved.
             return StepResult(loss, total_tokens, norm)
         clip = self.cfg.train.max_grad_norm
         if clip > 0 and np.isfinite(norm) and norm > clip:
@@ -142,12 +147,12 @@ class NumpyBackend:
         nll, weight, _ = self._forward(batch, train=False)
         return float((nll * weight).sum()), int(weight.sum())
 
-    def generate(self, prompt_ids: np.ndarray, max_new_tokens: int, eos_id: int | None) -> np.ndarray:
-        out, last = [], int(prompt_ids[-1])
+    def generate(self, prompt_ids: np.ndarray, max_new_tokens: int, stop_ids: tuple[int, ...]) -> np.ndarray:
+        out, last, stop_ids = [], int(prompt_ids[-1]), as_stop_ids(stop_ids)
         for _ in range(max_new_tokens):
             h = self.E[last]
             last = int(np.argmax(h @ self.W0 + self.scale * h @ self.params["A"] @ self.params["B"]))
-            if last == eos_id:
+            if last in stop_ids:
                 break
             out.append(last)
         return np.asarray(out, dtype=np.int64)
@@ -181,7 +186,7 @@ class NumpyBackend:
         return {"numpy": np.__version__}
 
 
-class SyntheticStream:
+class SyntheticStream(BatchSource):
     """A deterministic, resumable stream of token batches for loop tests that do not need the data
     pipeline: sample i of epoch e is a fixed function of (seed, e, i)."""
 

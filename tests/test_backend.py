@@ -41,3 +41,31 @@ def test_split_keeps_rows_and_preference_pairs_together():
     np.testing.assert_array_equal(np.concatenate([p.input_ids for p in parts]), ids)
     paired = Batch(ids, np.ones_like(ids, dtype=np.float32), np.ones_like(ids), paired=True)
     assert [p.num_rows for p in paired.split(8)] == [2, 2, 2]
+
+
+def test_generator_seeds_are_folded_into_the_range_both_frameworks_take():
+    from overnight.backend import GENERATOR_SEED_LIMIT, generator_seed
+
+    assert GENERATOR_SEED_LIMIT == 2**63
+    assert [generator_seed(s) for s in (0, 11, 2**63 - 1, 2**63, 2**64 - 1)] == [0, 11, 2**63 - 1, 0, 2**63 - 1]
+    assert isinstance(generator_seed(np.uint64(2**64 - 1)), int)
+
+
+def test_completion_seeds_are_those_the_backends_used_to_reduce_themselves():
+    # The backends used to seed each row with int(s) % 2**63 of the raw 64-bit draw; the core now hands them that
+    # number, so sampled completions (and resumed grpo runs) do not change.
+    from overnight.methods.grpo import _SAMPLE_STREAM, completion_seed
+
+    for key in [(0, 0, 0, 0), (42, 7, 123, 3), (2**31, 10**6, 5, 15)]:
+        raw = int(np.random.SeedSequence([*key, _SAMPLE_STREAM]).generate_state(1, np.uint64)[0])
+        assert completion_seed(*key) == raw % 2**63 and 0 <= completion_seed(*key) < 2**63
+    # pinned (the first draw is above 2**63, folded): a changed seed changes every sampled completion
+    assert [completion_seed(3, 1, 4, k) for k in (0, 1)] == [8125389102508611407, 227099772655813114]
+
+
+def test_stop_ids_are_a_tuple_of_ints_whatever_the_caller_had():
+    from overnight.backend import as_stop_ids
+
+    assert as_stop_ids((2, 7)) == (2, 7) and as_stop_ids([np.int64(5)]) == (5,)
+    assert as_stop_ids(None) == () and as_stop_ids(3) == (3,) and as_stop_ids(np.int32(4)) == (4,)
+    assert all(type(i) is int for i in as_stop_ids(np.array([1, 2])))

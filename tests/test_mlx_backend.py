@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -241,7 +242,7 @@ def test_save_load_continue_is_bit_exact(tiny_model_dir, sft_data, tmp_path):
         if i == 4:
             straight.save(tmp_path)
             straight.eval_loss(steps[0][0])  # an eval between save and the next step changes nothing
-            straight.generate(steps[0][0].input_ids[0, :5], 3, None)
+            straight.generate(steps[0][0].input_ids[0, :5], 3, ())
 
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == [
         "adapter", "adapter/adapter_config.json", "adapter/adapters.safetensors", "mlx_state.json",
@@ -282,7 +283,7 @@ def test_grad_checkpoint_gives_the_same_step(tiny_model_dir, sft_data, bits, dro
         assert abs(first.grad_norm - redo.grad_norm) > 1e-4 * first.grad_norm
     assert ckpt.eval_loss(steps[0][0]) == pytest.approx(plain.eval_loss(steps[0][0]), rel=1e-5)
     prompt = steps[0][0].input_ids[0, :6]
-    assert np.array_equal(ckpt.generate(prompt, 4, None), plain.generate(prompt, 4, None))
+    assert np.array_equal(ckpt.generate(prompt, 4, ()), plain.generate(prompt, 4, ()))
     # The class patch is per instance: a model loaded without the flag still runs plainly.
     assert getattr(ckpt.model.layers[0], "_overnight_checkpoint", False)
     assert not getattr(plain.model.layers[0], "_overnight_checkpoint", False)
@@ -343,9 +344,9 @@ def test_mlx_lm_loads_the_adapter_and_it_beats_the_base(trained, sft_data, tiny_
 def test_generate_is_greedy_bounded_and_stops_at_eos(trained):
     backend = trained[0]
     prompt = np.array([1, 4, 204, 286, 264, 267], dtype=np.int64)
-    out = backend.generate(prompt, 8, None)
+    out = backend.generate(prompt, 8, ())
     assert out.shape == (8,) and out.dtype.kind == "i"
-    assert np.array_equal(out, backend.generate(prompt, 8, None))
+    assert np.array_equal(out, backend.generate(prompt, 8, ()))
     # Greedy: each token is the argmax after the prompt plus what came before.
     seq = [int(t) for t in prompt]
     for token in out[:3]:
@@ -354,8 +355,38 @@ def test_generate_is_greedy_bounded_and_stops_at_eos(trained):
         seq.append(int(token))
     stop = int(out[2])
     first = list(out).index(stop)
-    assert np.array_equal(backend.generate(prompt, 8, stop), out[:first])
-    assert backend.generate(prompt, 0, None).size == 0
+    assert np.array_equal(backend.generate(prompt, 8, (stop,)), out[:first])
+    assert backend.generate(prompt, 0, ()).size == 0
+
+
+def test_generation_and_sampling_stop_at_every_stop_id_the_model_folder_lists(trained, tiny_model_dir, tmp_path):
+    """A chat model's generation_config.json lists its end-of-turn token beside its eos: the tokenizer's stop_ids
+    carry both, and greedy generation and sampling end at the second one too."""
+    from overnight.data.tokenizer import load_tokenizer
+
+    backend = trained[0]
+    prompt = np.array([1, 4, 204, 286, 264, 267], dtype=np.int64)
+    eos = load_tokenizer(tiny_model_dir).eos_id
+    out = backend.generate(prompt, 8, ())
+    assert eos not in out.tolist()
+    turn_end = int(out[2])
+    folder = tmp_path / "chat"
+    shutil.copytree(tiny_model_dir, folder)
+    generation = json.loads((folder / "generation_config.json").read_text())
+    (folder / "generation_config.json").write_text(json.dumps({**generation, "eos_token_id": [eos, turn_end]}))
+    stop_ids = load_tokenizer(folder).stop_ids
+    assert stop_ids == (eos, turn_end)
+    first = out.tolist().index(turn_end)
+    assert np.array_equal(backend.generate(prompt, 8, stop_ids), out[:first])
+
+    rows = backend.sample(prompt, [11, 12], 10, 1.0, 0.9, ())
+    assert np.array_equal(backend.sample(prompt, [12], 10, 1.0, 0.9, ())[0], rows[1])  # each row its own seed's
+    row = rows[0]
+    unused = next(i for i in range(3, 500) if i not in row.tolist())
+    stop = int(row[3])
+    first = row.tolist().index(stop)
+    stopped = backend.sample(prompt, [11], 10, 1.0, 0.9, (unused, stop))[0]
+    assert np.array_equal(stopped[:first + 1], row[:first + 1]) and (stopped[first + 1:] == -1).all()
 
 
 def test_memory_and_versions(trained):

@@ -44,3 +44,20 @@ def test_reference_values():
     assert reference_value("orpo", logp, tokens, beta=0.5) == pytest.approx(expected)
     # A chosen answer the model is certain of (avg logp 0) stays finite.
     assert math.isfinite(reference_value("orpo", [0.0, -1.0], [2, 2]))
+
+
+def test_a_step_is_applied_only_when_its_loss_and_norm_are_finite():
+    from overnight.backend.objectives import update_applies
+
+    assert update_applies(2.5, 0.75) and update_applies(0.0, 0.0)
+    for loss, norm in [(math.nan, 1.0), (1.0, math.nan), (math.inf, 1.0), (1.0, math.inf), (-math.inf, 1.0),
+                       (math.nan, math.nan)]:
+        assert not update_applies(loss, norm), (loss, norm)
+    assert not update_applies(float(np.float32("nan")), 1.0)  # what a backend's .item() hands it
+
+
+def test_grpo_mean_kl_is_over_the_steps_completion_tokens():
+    from overnight.backend.objectives import mean_kl
+
+    assert mean_kl(3.0, 12.0) == 0.25
+    assert mean_kl(0.0, 0.0) == 0.0  # no completion tokens: 0, not a division by zero

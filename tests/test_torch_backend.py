@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -253,7 +254,7 @@ def test_an_earlier_eval_does_not_change_4bit_training(tiny_model_dir):
     evaluated, _ = make_backend(tiny_model_dir, bits=4)
     fresh, _ = make_backend(tiny_model_dir, bits=4)
     evaluated.eval_loss(batch)
-    evaluated.generate(batch.input_ids[0, :4], 3, None)
+    evaluated.generate(batch.input_ids[0, :4], 3, ())
     after_eval = [evaluated.train_step([batch], 1e-2).loss for _ in range(3)]
     assert [fresh.train_step([batch], 1e-2).loss for _ in range(3)] == after_eval
     for name, value in lora_weights(fresh).items():
@@ -458,9 +459,9 @@ def test_generate_is_greedy_and_stops_at_eos(tiny_model_dir):
 
     backend, _ = make_backend(tiny_model_dir)
     prompt = np.asarray(tokenizer(tiny_model_dir).encode("The capital of France is").ids)
-    out = backend.generate(prompt, 12, None)
+    out = backend.generate(prompt, 12, ())
     assert out.dtype.kind == "i" and len(out) == 12
-    assert np.array_equal(backend.generate(prompt, 12, None), out)
+    assert np.array_equal(backend.generate(prompt, 12, ()), out)
     # Greedy by hand: argmax of the next-token logits, one token at a time.
     ids = torch.as_tensor(prompt[None], dtype=torch.long)
     with torch.no_grad():
@@ -471,7 +472,35 @@ def test_generate_is_greedy_and_stops_at_eos(tiny_model_dir):
     # Treating the third generated token as end-of-sequence stops right before it.
     eos = int(out[2])
     first = int(np.flatnonzero(out == eos)[0])
-    assert np.array_equal(backend.generate(prompt, 12, eos), out[:first])
+    assert np.array_equal(backend.generate(prompt, 12, (eos,)), out[:first])
+
+
+def test_generation_and_sampling_stop_at_every_stop_id_the_model_folder_lists(tiny_model_dir, tmp_path):
+    """A chat model's generation_config.json lists its end-of-turn token beside its eos: the tokenizer's stop_ids
+    carry both, and greedy generation and sampling end at the second one too."""
+    from overnight.data.tokenizer import load_tokenizer
+
+    backend, _ = make_backend(tiny_model_dir)
+    prompt = np.asarray(tokenizer(tiny_model_dir).encode("The capital of France is").ids)
+    eos = load_tokenizer(tiny_model_dir).eos_id
+    out = backend.generate(prompt, 12, ())
+    assert eos not in out.tolist()
+    turn_end = int(out[2])
+    folder = tmp_path / "chat"
+    shutil.copytree(tiny_model_dir, folder)
+    generation = json.loads((folder / "generation_config.json").read_text())
+    (folder / "generation_config.json").write_text(json.dumps({**generation, "eos_token_id": [eos, turn_end]}))
+    stop_ids = load_tokenizer(folder).stop_ids
+    assert stop_ids == (eos, turn_end)
+    first = out.tolist().index(turn_end)
+    assert np.array_equal(backend.generate(prompt, 12, stop_ids), out[:first])
+
+    row = backend.sample(prompt, [11], 10, 1.0, 0.9, ())[0]
+    unused = next(i for i in range(3, 500) if i not in row.tolist())
+    stop = int(row[3])
+    first = row.tolist().index(stop)
+    stopped = backend.sample(prompt, [11], 10, 1.0, 0.9, (unused, stop))[0]
+    assert np.array_equal(stopped[:first + 1], row[:first + 1]) and (stopped[first + 1:] == -1).all()
 
 
 def test_memory_and_versions(tiny_model_dir):

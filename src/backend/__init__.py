@@ -13,7 +13,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Iterable, Protocol
 
 import numpy as np
 
@@ -78,6 +78,26 @@ def noise_seed(*key: int) -> int:
     """A 63-bit seed that is a pure function of ``key`` (e.g. seed, step, micro-batch index): torch.manual_seed and
     mx.random.seed both take it."""
     return int(np.random.SeedSequence([int(k) for k in key]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+GENERATOR_SEED_LIMIT = 2**63
+
+
+def generator_seed(value: int) -> int:
+    """``value`` (any int, e.g. a 64-bit SeedSequence draw) folded into [0, 2**63), a non-negative signed 64-bit
+    integer: the seeds the core hands Backend.sample are already in this range, and torch.Generator.manual_seed
+    and mx.random.key take them as they are, so both backends seed a row's generator from the same number."""
+    return int(value) % GENERATOR_SEED_LIMIT
+
+
+def as_stop_ids(stop_ids: Iterable[int] | int | None) -> tuple[int, ...]:
+    """Backend.sample / Backend.generate's ``stop_ids`` as the tuple of ints the backends test membership in:
+    the core hands a tuple (TextTokenizer.stop_ids); None (no stop token) and a lone int are taken too."""
+    if stop_ids is None:
+        return ()
+    if isinstance(stop_ids, (int, np.integer)):
+        return (int(stop_ids),)
+    return tuple(int(i) for i in stop_ids)
 
 
 @dataclass
@@ -155,8 +175,10 @@ class Backend(Protocol):
         ``step_scales``: objectives.step_scales over the whole step's micro-batches, all ranks together (None:
         over ``micro_batches``). Connected to a job of several processes (``connect``), the backend sums the
         LoRA gradients, the loss sums and an out-of-memory flag over the ranks in one all-reduce after its
-        local backward passes, then clips and steps: loss and grad_norm are the whole step's, the same on
-        every rank, and an OOM on any rank raises OutOfMemory on every rank with the weights untouched.
+        local backward passes (one flat buffer laid out as src/backend/step_buffer.py says), then clips and
+        steps: loss, tokens and grad_norm are the whole step's, the same on every rank, and an OOM on any rank
+        raises OutOfMemory on every rank with the weights untouched. A step whose loss or norm is not finite is
+        reported but not applied (objectives.update_applies).
         Batches carrying ``noise_seed`` reseed dropout from it before their forward."""
 
     def eval_loss(self, batch: Batch) -> tuple[float, int]:
@@ -176,8 +198,11 @@ class Backend(Protocol):
         """Memory figures in MB; must include 'memory_mb' (the figure the progress line shows).
         May include 'limit_mb' (e.g. Metal's recommended working set) for the near-limit warning."""
 
-    def generate(self, prompt_ids: np.ndarray, max_new_tokens: int, eos_id: int | None) -> np.ndarray:
-        """Greedy continuation token ids (without the prompt)."""
+    def generate(self, prompt_ids: np.ndarray, max_new_tokens: int, stop_ids: tuple[int, ...]) -> np.ndarray:
+        """Greedy continuation token ids (without the prompt): at most ``max_new_tokens``, ending before the first
+        token in ``stop_ids`` (not included). ``stop_ids`` is the tokenizer's (TextTokenizer.stop_ids: its eos
+        and every eos_token_id the model folder lists, so a chat model stops at its end-of-turn token); the
+        backend only tests membership in it (overnight.backend.as_stop_ids also takes None and a lone int)."""
 
     def versions(self) -> dict[str, str]:
         """Library versions, recorded in each checkpoint manifest."""
@@ -197,10 +222,12 @@ class Backend(Protocol):
         ``state`` (already checked against this run's LoRA shape). Framework RNG states do not cross."""
 
     def sample(self, prompt_ids: np.ndarray, seeds: list[int], max_new_tokens: int, temperature: float,
-               top_p: float, eos_id: int | None) -> np.ndarray:
+               top_p: float, stop_ids: tuple[int, ...]) -> np.ndarray:
         """grpo: one sampled continuation of ``prompt_ids`` per seed, with a KV cache, adapter on, no dropout:
-        int64 (len(seeds), max_new_tokens), the EOS token kept, -1 after it. Each row depends only on its own
-        seed (its own generator), so sampling a group in parts (out of memory) gives the same rows."""
+        int64 (len(seeds), max_new_tokens), a row ending at its first token in ``stop_ids`` (kept), -1 after it
+        (``stop_ids`` as for generate). Each row depends only on its own seed (its own generator), so sampling a
+        group in parts (out of memory) gives the same rows. Seeds come in [0, 2**63) (generator_seed) and seed
+        the row's generator as they are."""
 
     def token_logps(self, batch: Batch, adapter: bool = True) -> np.ndarray:
         """Per-token log-probs (B, T) of input_ids[:, t] given input_ids[:, :t] where loss_mask is 1 (0 elsewhere),

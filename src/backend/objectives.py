@@ -40,9 +40,12 @@ micro-batches (gradient accumulation, the OOM fallback) changes nothing. beta is
 Validation reports, per batch, (value * weight, weight) with the batch's own normalisers and
 weight = T (sft, cpt) or P (dpo, orpo); the validator divides the summed values by the summed
 weights, so sft/cpt val_loss is total loss / total target tokens over the fixed subset.
+
+A step whose loss or gradient norm is not finite is reported but not applied (``update_applies``).
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import numpy as np
@@ -74,6 +77,21 @@ def step_scales(method: str, batches: Sequence) -> tuple[float, float, int]:
     tokens, pairs = counts(method, batches)
     weight = pairs if method == "dpo" else tokens
     return (1.0 / tokens if tokens else 0.0), (1.0 / pairs if pairs else 0.0), weight
+
+
+def update_applies(loss: float, grad_norm: float) -> bool:
+    """Whether a step's optimizer update is applied: only when its loss and its global gradient norm (before
+    clipping) are both finite. A non-finite step is still reported in its StepResult, and the loop stops the
+    run on it at once (SPEC §6); not applying it keeps the weights and the AdamW moments finite, so the
+    checkpoint that stop commits (and the adapter chosen from it) can still be used. Both backends ask this,
+    with the loss and norm the step reports (in a data-parallel job, the whole step's, the same on every rank,
+    so all ranks decide alike)."""
+    return math.isfinite(loss) and math.isfinite(grad_norm)
+
+
+def mean_kl(kl_sum: float, kl_tokens: float) -> float:
+    """grpo's logged kl: the step's sum of kl_t over its completion tokens, over their count (at least 1)."""
+    return kl_sum / max(kl_tokens, 1.0)
 
 
 def eval_weight(method: str, batch) -> int:

@@ -124,6 +124,22 @@ def _find_chat_template(model_dir: Path, config: dict) -> str | None:
     return template if isinstance(template, str) and template else None
 
 
+def _stop_ids(eos_id: int | None, *configs: dict) -> tuple[int, ...]:
+    """The token ids that end a generated answer: the tokenizer's eos, then every ``eos_token_id`` of the model
+    folder's config.json and generation_config.json (an int or a list), each once, in that order. Chat models
+    list their end-of-turn tokens there beside the eos (Llama 3: <|end_of_text|>, <|eom_id|>, <|eot_id|>; Qwen:
+    <|endoftext|>, <|im_end|>; Gemma: <eos>, <end_of_turn>), and transformers' and mlx-lm's own generation stop
+    at every one of them."""
+    found = [] if eos_id is None else [int(eos_id)]
+    for config in configs:
+        value = config.get("eos_token_id")
+        for token_id in value if isinstance(value, list) else [value]:
+            if isinstance(token_id, int) and not isinstance(token_id, bool) and token_id >= 0 \
+                    and token_id not in found:
+                found.append(token_id)
+    return tuple(found)
+
+
 class TextTokenizer:
     """encode / decode / chat template over `tokenizers.Tokenizer` + tokenizer_config.json."""
 
@@ -159,6 +175,9 @@ class TextTokenizer:
         self.eos_id = self._id_of("eos_token", model_config.get("eos_token_id"))
         pad = self._id_of("pad_token", model_config.get("pad_token_id"))
         self.pad_id = pad if pad is not None else (self.eos_id if self.eos_id is not None else 0)
+        # What ends a generated answer (Backend.generate / sample): see _stop_ids.
+        self.stop_ids: tuple[int, ...] = _stop_ids(self.eos_id, model_config,
+                                                   _read_json(self.model_dir / "generation_config.json"))
 
         # What encode(add_special_tokens=True) puts around a text, found by asking the post-processor.
         bare = self._tok.encode("a", add_special_tokens=False).ids

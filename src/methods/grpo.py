@@ -25,8 +25,9 @@ from typing import Any, Callable
 import numpy as np
 
 from overnight.methods import rewards as rw
-from overnight.backend import Batch, OutOfMemory
+from overnight.backend import Batch, OutOfMemory, generator_seed
 from overnight.data.batches import TrainStream, _open_source, _rng, collate
+from overnight.data.source import BatchSource
 from overnight.data.formats import DataError
 from overnight.data.tokenizer import encode_prompt, fit_prompt
 from overnight.distributed import Solo, all_gather_json, eval_share
@@ -39,10 +40,12 @@ _EVAL_STREAM = 0x5EED_E7A2
 
 
 def completion_seed(seed: int, call: int, index: int, k: int) -> int:
-    return int(np.random.SeedSequence([seed, call, index, k, _SAMPLE_STREAM]).generate_state(1, np.uint64)[0])
+    """The seed of one completion, in the range Backend.sample takes (overnight.backend.generator_seed)."""
+    draw = np.random.SeedSequence([seed, call, index, k, _SAMPLE_STREAM]).generate_state(1, np.uint64)[0]
+    return generator_seed(draw)
 
 
-def sample_group(backend, prompt_ids: np.ndarray, seeds: list[int], g, eos_id: int | None,
+def sample_group(backend, prompt_ids: np.ndarray, seeds: list[int], g, stop_ids: tuple[int, ...],
                  say: Callable[[str], None] = print) -> np.ndarray:
     """The group's completions; out of memory, the seeds are sampled in halves, then quarters, ... The group
     itself never changes: each completion depends on its own seed only."""
@@ -51,7 +54,7 @@ def sample_group(backend, prompt_ids: np.ndarray, seeds: list[int], g, eos_id: i
         bounds = np.linspace(0, len(seeds), parts + 1).astype(int)
         try:
             return np.concatenate([backend.sample(prompt_ids, seeds[a:b], g.max_new_tokens, g.temperature, g.top_p,
-                                                  eos_id) for a, b in zip(bounds[:-1], bounds[1:]) if b > a])
+                                                  stop_ids) for a, b in zip(bounds[:-1], bounds[1:]) if b > a])
         except OutOfMemory:
             if parts >= len(seeds):
                 raise TrainingError("out of memory sampling even one completion at a time; lower "
@@ -91,7 +94,7 @@ class PromptRows:
         return np.asarray(ids, dtype=np.int32), row[key], fields
 
     def completion(self, ids: np.ndarray) -> tuple[list[int], str, Any]:
-        """(token ids up to and with EOS, decoded text, the completion as rewards get it)."""
+        """(token ids up to and with the stop token, decoded text, the completion as rewards get it)."""
         ids = [int(t) for t in ids if t >= 0]
         text = self.tok.decode(ids)
         shaped = [{"role": "assistant", "content": text}] if self.source.format == "chat" else text
@@ -125,9 +128,11 @@ def check_reward_fields(files: list[Path | None], reward_list: list[rw.Reward]) 
                                     "(e.g. exact_match=solution)")
 
 
-class GrpoSource:
+class GrpoSource(BatchSource):
     """The loop's batch source for grpo: next_batch(), state(), restore(), plus after_step() (reward figures
     and the dead-reward breaker) and step_stats() for the train event."""
+
+    scores_own_steps = True  # the dead-reward breaker replaces the loss-unchanged rule (the objective is ~0)
 
     def __init__(self, train_file: Path, tokenizer, cfg, backend, reward_list: list[rw.Reward],
                  say: Callable[[str], None] = print, world=Solo()):
@@ -175,12 +180,12 @@ class GrpoSource:
         return [saved for share in shares for saved in share["batches"]]
 
     def _generate(self, call: int, members: list[int]) -> dict:
-        eos = self.tok.eos_id
+        stop_ids = self.tok.stop_ids
         seqs, prompts, fields, groups = [], [], [], []
         for i in members:
             ids, prompt, row_fields = self.rows.get(i)
             seeds = [completion_seed(self.cfg.train.seed, call, i, k) for k in range(self.g.group_size)]
-            sampled = sample_group(self.backend, ids, seeds, self.g, eos, self.say)
+            sampled = sample_group(self.backend, ids, seeds, self.g, stop_ids, self.say)
             group = [self.rows.completion(row) for row in sampled]
             for completion_ids, _, _ in group:
                 seqs.append((ids.tolist() + completion_ids, [0] * len(ids) + [1] * len(completion_ids)))
@@ -330,7 +335,7 @@ class GrpoValidator:
                 continue
             try:
                 ids, _, _ = self._rows.get(self._chosen[j])
-                new = backend.generate(ids, self.cfg.grpo.max_new_tokens, self.tok.eos_id)
+                new = backend.generate(ids, self.cfg.grpo.max_new_tokens, self.tok.stop_ids)
             except OutOfMemory:
                 failure = TrainingError("validation runs out of memory generating one answer: lower "
                                         "grpo.max_new_tokens or model.max_seq_length")

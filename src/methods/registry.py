@@ -100,7 +100,7 @@ def greedy_predictor(backend, tokenizer, prompts, max_new_tokens: int, run_dir: 
         try:
             with open(Path(run_dir) / "predictions.jsonl", "a", encoding="utf-8") as handle:
                 for text, ids in prompts:
-                    new_ids = backend.generate(ids, max_new_tokens, tokenizer.eos_id)
+                    new_ids = backend.generate(ids, max_new_tokens, tokenizer.stop_ids)
                     handle.write(json.dumps({"step": step, "prompt": text,
                                              "output": tokenizer.decode(list(map(int, new_ids)))}) + "\n")
         except Exception as exc:  # noqa: BLE001 (predictions are non-critical, SPEC §8)
