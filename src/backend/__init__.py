@@ -1,8 +1,11 @@
-"""The Backend protocol, the small value types that cross it, and the lazy registry.
+"""The contract between the core and a backend: the Backend protocol, the small value types that cross it, the
+lazy registry, and (in this package's modules) what both backends must agree on, written once: `objectives` (each
+method's objective and its normalisation, a numpy reference, the skip-a-non-finite-step rule), `lora_init` (the
+LoRA A init), `step_buffer` (the data-parallel all-reduce buffer), `adapter_formats` (mlx-lm <-> PEFT adapters).
+The stop ids and generator seeds the core hands to sampling are defined here (as_stop_ids, generator_seed).
 
-Only numpy arrays, Python numbers, strings and Paths cross this boundary, so the core
-never touches a framework type. Backends live in ``overnight.backends.<name>_backend``
-and are imported only when chosen.
+Only numpy arrays, Python numbers, strings and Paths cross this boundary, so the core never touches a framework
+type. Backends live in ``overnight.backends.<name>_backend`` and are imported only when chosen.
 """
 from __future__ import annotations
 
