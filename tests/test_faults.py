@@ -213,7 +213,8 @@ def random_kill_campaign(backend, quant, kills_wanted, reference, tiny_model_dir
 
 @pytest.mark.parametrize("backend, quant", campaign_params())
 def test_random_sigkill_resume_is_exact(backend, quant, reference, tiny_model_dir, small_data, tmp_path):
-    kills = count("FAULTS_KILLS", 10) if quant == "lora" else count("FAULTS_QLORA_KILLS", 5)
+    # CI's counts: every kill is a process start (~5 s of imports on 2 cores); `-m soak` runs 50 of each.
+    kills = count("FAULTS_KILLS", 6) if quant == "lora" else count("FAULTS_QLORA_KILLS", 3)
     random_kill_campaign(backend, quant, kills, reference, tiny_model_dir, small_data, tmp_path)
 
 
@@ -329,10 +330,12 @@ def in_save_campaign(backend, quant, trials_wanted, reference, tiny_model_dir, s
 
 @pytest.mark.parametrize("backend, quant", campaign_params())
 def test_sigkill_inside_a_save_never_leaves_a_mix(backend, quant, reference, tiny_model_dir, small_data, tmp_path):
+    # CI's counts: one kill at each phase on the real backends (each kill is a process start), two on the numpy
+    # reference; `-m soak` runs 102 (17 per phase).
     if quant == "lora":
-        trials = count("FAULTS_SAVE_KILLS", 24 if backend != "torch" else 12)
+        trials = count("FAULTS_SAVE_KILLS", 2 * len(POINTS) if backend == "numpy" else len(POINTS))
     else:
-        trials = count("FAULTS_QLORA_SAVE_KILLS", len(POINTS))  # one kill at each phase
+        trials = count("FAULTS_QLORA_SAVE_KILLS", len(POINTS))
     in_save_campaign(backend, quant, trials, reference, tiny_model_dir, small_data, tmp_path)
 
 
