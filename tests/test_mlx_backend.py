@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -364,17 +363,15 @@ def test_generation_and_sampling_stop_at_every_stop_id_the_model_folder_lists(tr
     carry both, and greedy generation and sampling end at the second one too."""
     from overnight.data.tokenizer import load_tokenizer
 
+    from conftest import with_stop_ids
+
     backend = trained[0]
     prompt = np.array([1, 4, 204, 286, 264, 267], dtype=np.int64)
     eos = load_tokenizer(tiny_model_dir).eos_id
     out = backend.generate(prompt, 8, ())
     assert eos not in out.tolist()
     turn_end = int(out[2])
-    folder = tmp_path / "chat"
-    shutil.copytree(tiny_model_dir, folder)
-    generation = json.loads((folder / "generation_config.json").read_text())
-    (folder / "generation_config.json").write_text(json.dumps({**generation, "eos_token_id": [eos, turn_end]}))
-    stop_ids = load_tokenizer(folder).stop_ids
+    stop_ids = load_tokenizer(with_stop_ids(tiny_model_dir, tmp_path / "chat", [eos, turn_end])).stop_ids
     assert stop_ids == (eos, turn_end)
     first = out.tolist().index(turn_end)
     assert np.array_equal(backend.generate(prompt, 8, stop_ids), out[:first])

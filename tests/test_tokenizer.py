@@ -1,18 +1,11 @@
 """src/data/tokenizer.py: the stop tokens a model folder declares (the rest of the tokenizer: tests/test_data.py)."""
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 from overnight.data.tokenizer import _stop_ids, load_tokenizer
 
-
-def _copy_with(model_dir: Path, out: Path, **files: dict) -> Path:
-    shutil.copytree(model_dir, out)
-    for name, content in files.items():
-        (out / f"{name}.json").write_text(json.dumps(content))
-    return out
+from conftest import with_stop_ids
 
 
 def two_stop_ids(model_dir: Path, out: Path) -> tuple[Path, int, int]:
@@ -20,9 +13,7 @@ def two_stop_ids(model_dir: Path, out: Path) -> tuple[Path, int, int]:
     (as Llama 3, Qwen and Gemma do); returns (folder, eos id, the other stop id)."""
     tok = load_tokenizer(model_dir)
     other = next(i for i in range(tok.vocab_size) if i not in (tok.eos_id, tok.bos_id, tok.pad_id))
-    generation = json.loads((model_dir / "generation_config.json").read_text())
-    generation["eos_token_id"] = [tok.eos_id, other]
-    return _copy_with(model_dir, out, generation_config=generation), tok.eos_id, other
+    return with_stop_ids(model_dir, out, [tok.eos_id, other]), tok.eos_id, other
 
 
 def test_the_tiny_models_only_stop_token_is_its_eos(tiny_model_dir):

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -480,17 +479,15 @@ def test_generation_and_sampling_stop_at_every_stop_id_the_model_folder_lists(ti
     carry both, and greedy generation and sampling end at the second one too."""
     from overnight.data.tokenizer import load_tokenizer
 
+    from conftest import with_stop_ids
+
     backend, _ = make_backend(tiny_model_dir)
     prompt = np.asarray(tokenizer(tiny_model_dir).encode("The capital of France is").ids)
     eos = load_tokenizer(tiny_model_dir).eos_id
     out = backend.generate(prompt, 12, ())
     assert eos not in out.tolist()
     turn_end = int(out[2])
-    folder = tmp_path / "chat"
-    shutil.copytree(tiny_model_dir, folder)
-    generation = json.loads((folder / "generation_config.json").read_text())
-    (folder / "generation_config.json").write_text(json.dumps({**generation, "eos_token_id": [eos, turn_end]}))
-    stop_ids = load_tokenizer(folder).stop_ids
+    stop_ids = load_tokenizer(with_stop_ids(tiny_model_dir, tmp_path / "chat", [eos, turn_end])).stop_ids
     assert stop_ids == (eos, turn_end)
     first = out.tolist().index(turn_end)
     assert np.array_equal(backend.generate(prompt, 12, stop_ids), out[:first])
