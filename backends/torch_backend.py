@@ -286,7 +286,7 @@ class TorchBackend:
             "optimizer": self._optimizer_name,
             "grad_checkpoint": bool(cfg.model.grad_checkpoint),
             "method": self._method,
-            "tokenizer_size": len(tokenizer),
+            "tokenizer_size": tokenizer.vocab_size,
         }
         if bits == 4 and cfg.model.quantization.group_size != 64:
             details["note"] = (f"model.quantization.group_size={cfg.model.quantization.group_size} is not used by "
@@ -808,20 +808,23 @@ class TorchBackend:
 
 
 def _load_tokenizer(model_dir: Path):
-    from transformers import AutoTokenizer
+    """The core's tokenizer (the one the data was encoded with), only to check the vocabulary against the model.
+    Not transformers' AutoTokenizer: importing and loading it costs ~3 s of every start, for a number the core's
+    tokenizer gives the same (its vocabulary with the added tokens: len(AutoTokenizer))."""
+    from overnight.data.tokenizer import load_tokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(model_dir))
+        return load_tokenizer(model_dir)
     except Exception as exc:
         raise ConfigError(f"config key 'model.path': cannot load a tokenizer from {model_dir}: {exc}") from None
 
 
 def _check_vocabulary(model, tokenizer, model_dir: Path) -> None:
     embed_rows = model.get_input_embeddings().weight.shape[0]
-    if len(tokenizer) > embed_rows:
+    if tokenizer.vocab_size > embed_rows:
         raise ConfigError(
-            f"config key 'model.path': the tokenizer in {model_dir} has {len(tokenizer)} tokens but the model's "
-            f"embedding has only {embed_rows} rows"
+            f"config key 'model.path': the tokenizer in {model_dir} has {tokenizer.vocab_size} tokens but the "
+            f"model's embedding has only {embed_rows} rows"
         )
 
 
