@@ -70,6 +70,8 @@ def pytest_xdist_make_scheduler(config, log):
         return None
     from xdist.scheduler import LoadFileScheduling
 
+    config.option.loadscopereorder = False  # the units in LONGEST_FIRST order, not by how many tests each holds
+
     class FilesAndFaultsByBackend(LoadFileScheduling):
         def _split_scope(self, nodeid: str) -> str:
             return work_unit(nodeid)
