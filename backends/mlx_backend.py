@@ -27,8 +27,9 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path, tree_unflatten
 
-from overnight.backend import lora_init, objectives, step_buffer
+from overnight.backend import lora_init, lora_targets, model_folder, objectives, step_buffer
 from overnight.backend import Batch, OutOfMemory, PeerLost, PortableState, SetupInfo, StepResult, as_stop_ids
+from overnight.backend.adapter_formats import recorded_base
 from overnight.config import ConfigError
 from overnight.fsutil import atomic_write_text, fsync_dir, fsync_file
 
@@ -229,8 +230,7 @@ def _save_safetensors(path: Path, arrays: dict[str, mx.array], metadata: dict[st
 def _resolve_model_dir(path: str) -> Path:
     local = Path(path).expanduser()
     if local.exists():
-        if not (local / "config.json").is_file():
-            raise ConfigError(f"model.path {path}: the folder has no config.json (not a Hugging Face or MLX model)")
+        model_folder.read_config(local)  # a damaged config.json is said as such, not as mlx-lm's KeyError
         return local
     from huggingface_hub import snapshot_download
     from mlx_lm.utils import DEFAULT_ALLOW_PATTERNS
@@ -273,24 +273,16 @@ def _load_model(model_dir: Path, quantization: Any, details: dict[str, Any]) -> 
     return model
 
 
-def _lora_keys(block: nn.Module, targets: list[str]) -> list[str]:
-    """Map targets (`q_proj` or `self_attn.q_proj`) onto the paths mlx-lm expects inside a block."""
+def _lora_keys(layers: list[nn.Module], num_layers: int, targets: list[str]) -> list[str]:
+    """The paths inside a block (mlx-lm's `keys`) that lora.targets names in the last num_layers blocks, by the
+    rule both backends share (src/backend/lora_targets.py)."""
     from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
     kinds = (nn.Linear, nn.QuantizedLinear, SwitchLinear, QuantizedSwitchLinear, nn.Embedding, nn.QuantizedEmbedding)
-    candidates = [p for p, m in block.named_modules() if p and (isinstance(m, kinds) or hasattr(m, "to_lora"))]
-    keys, missing = set(), []
-    for target in targets:
-        found = [p for p in candidates if p == target or p.endswith("." + target)]
-        if not found:
-            missing.append(target)
-        keys.update(found)
-    if missing:
-        raise ConfigError(
-            f"config key 'lora.targets': {', '.join(missing)} not found in the model's blocks; "
-            f"available: {', '.join(sorted(candidates))}"
-        )
-    return sorted(keys)
+    blocks = lora_targets.lora_blocks(len(layers), num_layers)
+    paths = [f"layers.{index}.{p}" for index in blocks for p, m in layers[index].named_modules()
+             if p and (isinstance(m, kinds) or hasattr(m, "to_lora"))]
+    return lora_targets.resolve(targets, paths, blocks)
 
 
 class _KeyBox:
@@ -477,7 +469,7 @@ class MLXBackend:
             "rank": cfg.lora.rank,
             "scale": cfg.lora.alpha / cfg.lora.rank,
             "dropout": cfg.lora.dropout,
-            "keys": _lora_keys(model.layers[-1], list(cfg.lora.targets)),
+            "keys": _lora_keys(list(model.layers), num_layers, list(cfg.lora.targets)),
         }
         model.freeze()
         linear_to_lora_layers(model, num_layers, lora_parameters)
@@ -489,7 +481,7 @@ class MLXBackend:
             "fine_tune_type": "lora",
             "num_layers": num_layers,
             "lora_parameters": lora_parameters,
-            "model": str(cfg.model.path),
+            "model": recorded_base(str(cfg.model.path)),
             "overnight": {"lora_alpha": cfg.lora.alpha, "method": self.method, "quantization": details["quantization"]},
         }
         return lora_parameters
@@ -889,6 +881,15 @@ class MLXBackend:
 
         return PortableState(neutral(params, ""), neutral(moments, ".m"), neutral(moments, ".v"),
                              int(self.optimizer.state["step"].item()), {"optimizer": "adamw"})
+
+    def init_lora(self, weights: dict[str, np.ndarray]) -> None:
+        """lora.init_from: the adapter's weights instead of the seeded ones (Backend.init_lora); the optimizer has
+        taken no step, so it starts as new."""
+        params = dict(tree_flatten(self.model.trainable_parameters()))
+        self.model.load_weights([(path, mx.array(weights[self._portable_key(path)].T).astype(value.dtype))
+                                 for path, value in params.items()], strict=False)
+        mx.eval(self.model.trainable_parameters())
+        self._build_steps()  # as after load(): the compiled steps start from the model's state as it is now
 
     def load_portable(self, state: PortableState) -> None:
         params = dict(tree_flatten(self.model.trainable_parameters()))

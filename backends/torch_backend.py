@@ -21,10 +21,12 @@ import torch
 import torch.distributed
 import torch.nn.functional as F
 
-from overnight.backend import lora_init, objectives, step_buffer
+from overnight.backend import lora_init, lora_targets, model_folder, objectives, step_buffer
 from overnight.backend import Batch, OutOfMemory, PeerLost, PortableState, SetupInfo, StepResult, as_stop_ids
+from overnight.backend.adapter_formats import recorded_base
 from overnight.backends import noise
 from overnight.config import ConfigError
+from overnight.fsutil import give_default_modes
 
 noise.install()  # before bitsandbytes is imported: its import logs a line that is not the user's business
 _OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
@@ -146,7 +148,9 @@ class TorchBackend:
         self._read_config(cfg)
         self._pick_device()
         model_dir = self._resolve_model_dir(cfg.model.path)
+        model_folder.refuse_mlx_quantized_for_torch(model_dir, model_folder.read_config(model_dir))
         tokenizer = _load_tokenizer(model_dir)
+        self._check_lora_targets_before_loading(model_dir)
         model = self._load_model(model_dir)
         _check_vocabulary(model, tokenizer, model_dir)
         model = self._prepare_for_training(model)
@@ -187,6 +191,23 @@ class TorchBackend:
         # emulated (slow) and fp16 would need a grad scaler.
         native_bf16 = on_cuda and torch.cuda.is_bf16_supported(including_emulation=False)
         self._compute_dtype = torch.bfloat16 if native_bf16 else torch.float32
+
+    def _check_lora_targets_before_loading(self, model_dir: Path) -> None:
+        """lora.targets checked on the model's skeleton (no weights, no memory), so a misspelt target is refused in
+        seconds rather than after loading (and quantizing) a large base. Best effort: an architecture that cannot be
+        built on the meta device is checked after loading, in _apply_lora, as every model is."""
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        try:
+            config = AutoConfig.from_pretrained(str(model_dir))
+            with torch.device("meta"), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                skeleton = AutoModelForCausalLM.from_config(config)
+            num_layers = config.get_text_config().num_hidden_layers
+        except Exception:  # noqa: BLE001 - the load below reports what is wrong with the model, in its own words
+            return
+        lora_targets.resolve(self._cfg.lora.targets, _lora_capable_paths(skeleton),
+                             lora_targets.lora_blocks(num_layers, self._cfg.lora.layers))
 
     def _load_model(self, model_dir: Path):
         """The base causal LM, quantized by bitsandbytes when model.quantization.bits is 4 or 8, on this device."""
@@ -247,8 +268,10 @@ class TorchBackend:
 
         lora = self._cfg.lora
         num_layers = model.config.get_text_config().num_hidden_layers
-        n = lora.layers
-        layers = None if n == -1 or n >= num_layers else list(range(num_layers - n, num_layers))
+        blocks = lora_targets.lora_blocks(num_layers, lora.layers)
+        # PEFT errs only when no target matches anything: check each one first, by the rule mlx uses too.
+        lora_targets.resolve(lora.targets, _lora_capable_paths(model), blocks)
+        layers = None if len(blocks) == num_layers else blocks
         lora_config = LoraConfig(
             r=lora.rank,
             lora_alpha=lora.alpha,  # PEFT scales by lora_alpha / r, the same scale mlx-lm is given (SPEC §4)
@@ -266,9 +289,9 @@ class TorchBackend:
                 model = get_peft_model(model, lora_config)
         except ValueError as exc:
             raise ConfigError(f"config key 'lora.targets' {list(lora.targets)}: {exc}") from None
-        if not Path(self._cfg.model.path).expanduser().is_dir():
-            # adapter_config.json then names the hub id, not this machine's cache folder.
-            model.peft_config["default"].base_model_name_or_path = self._cfg.model.path
+        # A local folder by its absolute path, a hub id as given (not this machine's cache folder): the rule every
+        # adapter overnight writes follows (adapter_formats.recorded_base).
+        model.peft_config["default"].base_model_name_or_path = recorded_base(self._cfg.model.path)
         return model, (layers if layers is not None else list(range(num_layers)))
 
     def _setup_info(self, model_dir: Path, tokenizer, lora_layers: list[int]) -> SetupInfo:
@@ -676,6 +699,7 @@ class TorchBackend:
         if isinstance(adapter_config.get("target_modules"), list):
             adapter_config["target_modules"] = sorted(adapter_config["target_modules"])
             config_path.write_text(json.dumps(adapter_config, indent=2, sort_keys=True))
+        give_default_modes(directory / "adapter")  # safetensors writes 0600; RUN_DIR/adapter/ is a copy of this
         torch.save(self._optimizer.state_dict(), directory / "optimizer.pt")
         torch.save(
             {"cpu": torch.get_rng_state(),
@@ -757,6 +781,13 @@ class TorchBackend:
                     for k, s in zip(keys, states)}
 
         return PortableState(weights, moment("exp_avg"), moment("exp_avg_sq"), steps.pop(), meta)
+
+    def init_lora(self, weights: dict[str, np.ndarray]) -> None:
+        """lora.init_from: the adapter's weights instead of the seeded ones (Backend.init_lora); the optimizer has
+        taken no step, so it starts as new."""
+        with torch.no_grad():
+            for key, param in zip(self._portable_keys(), self._params):
+                param.copy_(torch.from_numpy(weights[key]).to(param.device, param.dtype))
 
     def load_portable(self, state: PortableState) -> None:
         if self._optimizer_name != "adamw":
@@ -845,6 +876,14 @@ def _first_line(exc: BaseException) -> str:
 
 def _oom_message(exc: BaseException) -> str:
     return _first_line(exc) if str(exc).strip() else "CUDA out of memory"
+
+
+def _lora_capable_paths(model) -> list[str]:
+    """The paths of the modules PEFT's LoRA can wrap (bitsandbytes' 4- and 8-bit layers are nn.Linear)."""
+    kinds = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d,
+             torch.nn.MultiheadAttention)
+    return [name for name, module in model.named_modules()
+            if name and (isinstance(module, kinds) or type(module).__name__ == "Conv1D")]
 
 
 def _init_lora_a(model, seed: int) -> None:

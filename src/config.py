@@ -37,6 +37,10 @@ class LoraConfig:
     dropout: float = 0.05
     layers: int = 16  # the last N transformer blocks; -1 = all
     targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    # An adapter folder (PEFT or mlx-lm; a run's adapter/, a checkpoint) whose LoRA weights start this run instead
+    # of the seeded ones, like mlx-lm's --resume-adapter-file: a new run, optimizer and schedule from step 0. Its
+    # content is in the fingerprint (src/runs/init_adapter.py), not compared as a config key.
+    init_from: str | None = None
 
 
 @dataclass
@@ -54,6 +58,9 @@ class TrainConfig:
     batch_size: int = 8
     grad_accumulation: int = 1
     max_steps: int = 2000
+    # Passes over the training data instead of max_steps (one or the other): max_steps is then derived from the
+    # data's rows (packed blocks for cpt), the batch, accumulation and processes when the run starts.
+    epochs: float | None = None
     learning_rate: float = 1e-4
     schedule: str = "cosine"
     warmup_steps: int = 50
@@ -155,6 +162,11 @@ class Config:
     report: ReportConfig = field(default_factory=ReportConfig)
     backend: str = "auto"
 
+    def __post_init__(self) -> None:
+        # Not a config field (never dumped): what loading noticed but let through (a YAML key given twice), for the
+        # run to say once at its start.
+        self.warnings: list[str] = []
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -207,6 +219,10 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin is list:
         if isinstance(value, str):
+            if _unbalanced(value) or value.lstrip().startswith(("[", "{")) or value.rstrip().endswith(("]", "}")):
+                # "[q_proj, v_proj" split at the commas would train a module named "[q_proj"
+                raise ConfigError(f"config key '{key}': {value!r} looks like a list with a bracket missing or "
+                                  f"extra; write it as [a, b] (or a, b without brackets)")
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, list):
             raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
@@ -245,7 +261,26 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     return value
 
 
-def _apply(node: Any, values: dict[str, Any], prefix: str = "") -> None:
+def _unbalanced(text: str) -> bool:
+    """Brackets or braces that do not pair up (a backslash-escaped one, as in a regex, is not counted)."""
+    stack: list[str] = []
+    pairs = {"]": "[", "}": "{"}
+    escaped = False
+    for ch in text:
+        if escaped:
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif ch in "[{":
+            stack.append(ch)
+        elif ch in pairs:
+            if not stack or stack.pop() != pairs[ch]:
+                return True
+    return bool(stack)
+
+
+def _apply(node: Any, values: dict[str, Any], prefix: str = "", given: set[str] | None = None) -> None:
+    """Set ``values`` (nested mappings) on the config tree; ``given`` collects the dotted keys set to a value."""
     if not isinstance(values, dict):
         raise ConfigError(f"config section '{prefix.rstrip('.') or 'top level'}' must be a mapping, got {values!r}")
     hints = typing.get_type_hints(type(node))
@@ -256,22 +291,79 @@ def _apply(node: Any, values: dict[str, Any], prefix: str = "") -> None:
             raise ConfigError(f"unknown config key '{dotted}'" + _closest(str(key), names))
         current = getattr(node, key)
         if dataclasses.is_dataclass(current):
-            _apply(current, value if value is not None else {}, dotted + ".")
+            _apply(current, value if value is not None else {}, dotted + ".", given)
         else:
             setattr(node, key, _coerce(dotted, value, hints[key]))
+            if given is not None and value is not None:
+                given.add(dotted)
 
 
-def set_dotted(cfg: Config, dotted: str, raw: str) -> None:
-    """Apply one `--set a.b=c`; the value is parsed as YAML (so 1e-5, true, [a, b] work)."""
-    try:
-        value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError:
-        value = raw
+def _hint_of(cfg: Config, dotted: str) -> Any:
+    """The type a dotted key holds, or None when it is not a leaf key (then _apply names the mistake)."""
+    node: Any = cfg
     parts = dotted.split(".")
+    for i, part in enumerate(parts):
+        if not dataclasses.is_dataclass(node) or part not in {f.name for f in dataclasses.fields(node)}:
+            return None
+        if i == len(parts) - 1:
+            return None if dataclasses.is_dataclass(getattr(node, part)) else typing.get_type_hints(type(node))[part]
+        node = getattr(node, part)
+    return None
+
+
+def _closed(raw: str) -> str | None:
+    """``raw`` with its unclosed brackets closed, when that alone makes it valid YAML (the likely fix to show)."""
+    stack: list[str] = []
+    for ch in raw:
+        if ch in "[{":
+            stack.append({"[": "]", "{": "}"}[ch])
+        elif ch in "]}":
+            if not stack or stack.pop() != ch:
+                return None
+    if not stack:
+        return None
+    fixed = raw.rstrip() + "".join(reversed(stack))
+    try:
+        yaml.safe_load(fixed)
+    except yaml.YAMLError:
+        return None
+    return fixed
+
+
+def set_value(dotted: str, raw: str) -> Any:
+    """The value of one `--set a.b=c`, parsed as YAML (so 1e-5, true, [a, b] work). A value YAML cannot read is
+    taken as plain text only where text is wanted; a malformed list or mapping is refused by name, since reading
+    it as text would train something other than what was typed."""
+    try:
+        return yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as exc:
+        hint = _hint_of(Config(), dotted)
+        if hint is None or not (raw.lstrip().startswith(("[", "{")) or typing.get_origin(hint) is list
+                                or _unbalanced(raw)):
+            return raw  # text (or a key _apply names as unknown)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        if raw.rstrip().endswith(","):
+            fix = ("it ends at a comma, as when the shell splits an unquoted argument at a space: quote the "
+                   f"whole argument, e.g. --set '{dotted}=[a, b]'")
+        else:
+            fixed = _closed(raw)
+            fix = (f"did you mean --set '{dotted}={fixed}'?" if fixed else
+                   f"write a list as --set '{dotted}=[a, b]' (a mapping as {{key: value}}).") \
+                + " Quote the whole argument in the shell, since a space splits it in two"
+        raise ConfigError(f"--set {dotted}: the value {raw!r} is not a valid list or mapping ({problem}); "
+                          f"{fix}") from None
+
+
+def set_dotted(cfg: Config, dotted: str, raw: str, given: set[str] | None = None) -> None:
+    """Apply one `--set a.b=c` (see set_value)."""
+    _apply_value(cfg, dotted, set_value(dotted, raw), given)
+
+
+def _apply_value(cfg: Config, dotted: str, value: Any, given: set[str] | None = None) -> None:
     nested: Any = value
-    for part in reversed(parts):
+    for part in reversed(dotted.split(".")):
         nested = {part: nested}
-    _apply(cfg, nested)
+    _apply(cfg, nested, given=given)
 
 
 def _leaves(node: Any, prefix: str = ""):
@@ -295,6 +387,9 @@ def validate(cfg: Config) -> Config:
     _check_grpo(cfg)
     if cfg.train.min_lr_ratio > 1:
         raise ConfigError(f"config key 'train.min_lr_ratio' must be in [0, 1], got {cfg.train.min_lr_ratio}")
+    if cfg.train.epochs is not None and not cfg.train.epochs > 0:
+        raise ConfigError(f"config key 'train.epochs' must be above 0 (passes over the training data, e.g. 3 or "
+                          f"0.5), got {cfg.train.epochs}")
     return cfg
 
 
@@ -367,52 +462,118 @@ def _check_grpo(cfg: Config) -> None:
                               f"of the same prompt), got {g.group_size}")
 
 
-def load_yaml(path: Path) -> dict[str, Any]:
+def load_yaml(path: Path, warnings: list[str] | None = None) -> dict[str, Any]:
+    """The YAML file as a dict; ConfigError naming the file and line when it is not YAML. Keys given twice are
+    added to ``warnings``."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"config file {path} cannot be read: {exc}") from None
+    loader = yaml.SafeLoader(text)
     try:
-        data = yaml.safe_load(text)
+        node = loader.get_single_node()
+        duplicates = _duplicate_keys(node) if node is not None else []
+        data = loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
         raise ConfigError(f"config file {path}{where} is not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    finally:
+        loader.dispose()
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must be a YAML mapping of sections (model:, lora:, train:, ...)")
+    if warnings is not None:
+        for key, lines in duplicates:
+            where = " and ".join([", ".join(map(str, lines[:-1])), str(lines[-1])])
+            times = "twice" if len(lines) == 2 else f"{len(lines)} times"
+            warnings.append(f"config file {path}: key '{key}' is given {times} (lines {where}); the value "
+                            f"on line {lines[-1]} is used (PyYAML keeps the last), remove the "
+                            f"{'other' if len(lines) == 2 else 'others'}")
     return data
+
+
+def _duplicate_keys(node: yaml.Node, prefix: str = "",
+                    seen_nodes: set[int] | None = None) -> list[tuple[str, list[int]]]:
+    """(dotted key, the lines it is on) for every mapping key given more than once. Keys brought in by a merge
+    (<<: *defaults) are meant to be overridden and are not counted."""
+    seen_nodes = set() if seen_nodes is None else seen_nodes
+    if id(node) in seen_nodes:  # an alias: its keys were checked where the anchor is
+        return []
+    seen_nodes.add(id(node))
+    found: list[tuple[str, list[int]]] = []
+    if isinstance(node, yaml.MappingNode):
+        lines: dict[str, list[int]] = {}
+        for key_node, value_node in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            lines.setdefault(key_node.value, []).append(key_node.start_mark.line + 1)
+            found.extend(_duplicate_keys(value_node, f"{prefix}{key_node.value}.", seen_nodes))
+        found.extend((prefix + name, at) for name, at in lines.items() if len(at) > 1)
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            found.extend(_duplicate_keys(item, prefix, seen_nodes))
+    return found
+
+
+# The run's length is given one way: a number of steps, or passes over the data that max_steps is derived from.
+LENGTH_KEYS = ("train.max_steps", "train.epochs")
+
+
+def _one_length(given: set[str], where: str) -> None:
+    if all(key in given for key in LENGTH_KEYS):
+        raise ConfigError(f"{where} sets both train.max_steps and train.epochs: give the run's length one way (with "
+                          "train.epochs, max_steps is derived from the training data) and remove the other")
 
 
 def build_config(yaml_path: Path | None = None, flags: dict[str, Any] | None = None,
                  sets: list[str] | None = None) -> Config:
-    """defaults < YAML < flags (already mapped to dotted keys) < --set KEY=VALUE."""
+    """defaults < YAML < flags (already mapped to dotted keys) < --set KEY=VALUE.
+
+    train.max_steps and train.epochs are one setting: both in the YAML, or both on the command line (flags and
+    --set together), is refused; the command line's one replaces the YAML's other."""
     cfg = Config()
-    if yaml_path is not None:
-        values = load_yaml(yaml_path)
-        try:
-            _apply(cfg, values)
-        except ConfigError as exc:
-            raise ConfigError(f"{yaml_path}: {exc}") from None
-    for dotted, value in (flags or {}).items():
-        if value is not None:
-            parts = dotted.split(".")
-            nested: Any = value
-            for part in reversed(parts):
-                nested = {part: nested}
-            _apply(cfg, nested)
+    # --set values are read first: a list the shell split at a space leaves its tail where the config file goes,
+    # and the broken list is the mistake to name, not "config file v_proj] does not exist".
+    set_values = []
     for item in sets or []:
         if "=" not in item:
             raise ConfigError(f"--set expects KEY=VALUE, got '{item}' (e.g. --set train.learning_rate=2e-4)")
         key, raw = item.split("=", 1)
-        set_dotted(cfg, key.strip(), raw)
+        set_values.append((key.strip(), set_value(key.strip(), raw)))
+    if yaml_path is not None:
+        values = load_yaml(yaml_path, cfg.warnings)
+        in_yaml: set[str] = set()
+        try:
+            _apply(cfg, values, given=in_yaml)
+        except ConfigError as exc:
+            raise ConfigError(f"{yaml_path}: {exc}") from None
+        _one_length(in_yaml, f"config file {yaml_path}")
+    on_command_line: set[str] = set()
+    for dotted, value in (flags or {}).items():
+        if value is not None:
+            _apply_value(cfg, dotted, value, on_command_line)
+    for dotted, value in set_values:
+        _apply_value(cfg, dotted, value, on_command_line)
+    _one_length(on_command_line, "the command line")
+    if "train.max_steps" in on_command_line:
+        cfg.train.epochs = None  # --max-steps replaces the YAML's train.epochs
     return validate(cfg)
 
 
 def dump_config(cfg: Config, path: Path) -> None:
+    """The resolved config that ran. A run given in epochs records the max_steps derived from them (what
+    `overnight report` and a rerun from this file use) and names the epochs in a comment, since a file giving both
+    is refused."""
     from overnight.fsutil import atomic_write_text
 
-    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    values = cfg.to_dict()
+    note = ""
+    if cfg.train.epochs is not None:
+        values["train"]["epochs"] = None
+        note = (f"# train.max_steps {cfg.train.max_steps} was derived from train.epochs {cfg.train.epochs:g} "
+                "and the training data at the start\n")
+    atomic_write_text(path, note + yaml.safe_dump(values, sort_keys=False))

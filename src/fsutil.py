@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
+import stat
 import sys
 from pathlib import Path
 
@@ -84,3 +85,31 @@ def pid_alive(pid) -> bool:
     except (OverflowError, OSError):
         return False
     return True
+
+
+def default_file_mode(folder: Path) -> int:
+    """The mode a plain open() gives a new file in ``folder``: 0666 less the umask (and whatever default ACL the
+    folder has), found by making one, so no process-wide umask has to be flipped to read it."""
+    probe = Path(folder) / f".mode-probe-{secrets.token_hex(4)}"
+    fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        return stat.S_IMODE(os.fstat(fd).st_mode)
+    finally:
+        os.close(fd)
+        probe.unlink(missing_ok=True)
+
+
+def give_default_modes(*paths: Path) -> None:
+    """Give the files at ``paths`` (files, or folders taken whole) the mode any other file the user writes there
+    gets. safetensors and tempfile.mkstemp create files 0600, so a fused model or an adapter would otherwise be
+    unreadable to the group or the server account the umask lets read the user's other files."""
+    files = []
+    for path in map(Path, paths):
+        files.extend(sorted(p for p in path.rglob("*") if p.is_file() and not p.is_symlink()) if path.is_dir()
+                     else [path])
+    modes: dict[Path, int] = {}
+    for file in files:
+        if file.parent not in modes:
+            modes[file.parent] = default_file_mode(file.parent)
+        if stat.S_IMODE(file.lstat().st_mode) != modes[file.parent]:
+            os.chmod(file, modes[file.parent])

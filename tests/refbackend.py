@@ -13,6 +13,7 @@ they also work when the CLI runs in a subprocess:
   oom_above_rows   a micro-batch with more rows than this raises OutOfMemory
   eval_oom_above_rows  likewise for an eval batch (backend.eval_loss)
   sleep_s          seconds to sleep in each train_step (gives signal tests a window)
+  setup_sleep_s    seconds to sleep in setup, as a large model loads (a window before training starts)
 """
 from __future__ import annotations
 
@@ -45,6 +46,7 @@ class NumpyBackend:
 
     # -- setup --------------------------------------------------------------------------------
     def setup(self, cfg, seed: int) -> SetupInfo:
+        time.sleep(self.faults.get("setup_sleep_s", 0))
         self.cfg = cfg
         model_dir = Path(cfg.model.path)
         if self.vocab_size is None:

@@ -25,10 +25,21 @@ ADAPTER_EFFECT = 1e-2  # the least max |logits change| an adapter must cause for
 TOLERANCE = 1e-5
 
 
-def cli(*args: str) -> subprocess.CompletedProcess:
+def cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     return subprocess.run([sys.executable, "-m", "overnight", *args], capture_output=True, text=True, env=env,
-                          stdin=subprocess.DEVNULL, timeout=600, cwd=ROOT)
+                          stdin=subprocess.DEVNULL, timeout=600, cwd=cwd)
+
+
+def umask_mode() -> int:
+    """What open() gives a new file here: the mode every file overnight writes for the user must have."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def modes(folder: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir() if p.is_file()}
 
 
 # -- the two libraries' views of one model ------------------------------------------------------------------
@@ -172,23 +183,78 @@ def test_bf16_weights_cross_bit_for_bit(peft_adapter, tmp_path):
     assert all(torch.equal(back[k], weights[k]) for k in weights)
 
 
-def test_a_trained_run_adapter_converts_through_the_cli(tiny_model_dir, tmp_path):
-    """overnight's own torch adapter (from `overnight train`, a few steps at a large learning rate) -> mlx."""
+def test_a_trained_run_adapter_converts_through_the_cli(tiny_model_dir, tmp_path, monkeypatch):
+    """overnight's own torch adapter (from `overnight train`, a few steps at a large learning rate) -> mlx. The
+    model is given as a relative path, as users type it: the adapters record it absolute, so PEFT opens the adapter
+    from anywhere; and their files have the umask's mode (safetensors alone writes 0600)."""
     run = tmp_path / "run"
-    result = cli("train", "--backend", "torch", "--model", str(tiny_model_dir), "--data", str(DATA_DIR),
+    result = cli("train", "--backend", "torch", "--model", tiny_model_dir.name, "--data", str(DATA_DIR),
                  "--output", str(run), "--max-steps", "3", "--batch-size", "4", "--lora-rank", "4", "--quiet",
                  "--set", "model.quantization.bits=0", "--set", "model.max_seq_length=128",
                  "--set", "train.learning_rate=2e-2", "--set", "train.warmup_steps=0", "--set", "lora.dropout=0",
-                 "--set", "eval.every_steps=100", "--set", "eval.predictions=0", "--set", "checkpoint.every_steps=100")
+                 "--set", "eval.every_steps=100", "--set", "eval.predictions=0", "--set", "checkpoint.every_steps=100",
+                 cwd=tiny_model_dir.parent)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    base = str(tiny_model_dir.resolve())
+    assert json.loads((run / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == base
+    assert set(modes(run / "adapter").values()) == {umask_mode()}, modes(run / "adapter")
+    monkeypatch.chdir(tmp_path)  # elsewhere: the recorded base is found, not taken for a hub id
+    from peft import AutoPeftModelForCausalLM
+
+    assert AutoPeftModelForCausalLM.from_pretrained(str(run / "adapter")).peft_config["default"].r == 4
     original = torch_logits(tiny_model_dir, run / "adapter")
     assert max_diff(original, torch_logits(tiny_model_dir)) > ADAPTER_EFFECT
     result = cli("convert-adapter", str(run / "adapter"), "--to", "mlx", "--output", str(tmp_path / "mlx"))
     assert result.returncode == 0, result.stderr
     assert "converted peft adapter" in result.stdout
+    assert json.loads((tmp_path / "mlx" / "adapter_config.json").read_text())["model"] == base
+    assert set(modes(tmp_path / "mlx").values()) == {umask_mode()}
     diff = max_diff(original, mlx_logits(tiny_model_dir, tmp_path / "mlx"))
     print(f"trained run, peft -> mlx: max |logits diff| {diff:.2e}")
     assert diff < TOLERANCE
+
+
+def test_a_local_base_is_recorded_by_its_absolute_path_and_a_hub_id_as_given(mlx_adapter, tiny_model_dir, tmp_path,
+                                                                               monkeypatch):
+    monkeypatch.chdir(tiny_model_dir.parent)
+    local = convert_adapter(mlx_adapter, "peft", tmp_path / "local", base=tiny_model_dir.name, say=lambda m: None)
+    assert json.loads((local / "adapter_config.json").read_text())["base_model_name_or_path"] == \
+        str(tiny_model_dir.resolve())
+    hub = convert_adapter(mlx_adapter, "peft", tmp_path / "hub", base="HuggingFaceTB/SmolLM2-135M", say=lambda m: None)
+    assert json.loads((hub / "adapter_config.json").read_text())["base_model_name_or_path"] == \
+        "HuggingFaceTB/SmolLM2-135M"
+    back = convert_adapter(local, "mlx", tmp_path / "back", say=lambda m: None)
+    assert json.loads((back / "adapter_config.json").read_text())["model"] == str(tiny_model_dir.resolve())
+
+
+def test_what_a_killed_write_left_is_removed_by_the_next_write_to_that_output(mlx_adapter, tmp_path):
+    """A killed fuse or convert-adapter leaves `.OUTPUT.tmp-PID-*` (a full-size model, for fuse). The next write to
+    that output removes it, saying what it freed; a temporary whose process still runs (a concurrent write) stays,
+    and so does one from before the pid was recorded, which is only pointed out."""
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # reaped: its pid is dead
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        dead_tmp = tmp_path / f".out.tmp-{gone.pid}-0a1b2c3d"
+        live_tmp = tmp_path / f".out.tmp-{alive.pid}-0a1b2c3d"
+        legacy_tmp = tmp_path / ".out.tmp-9f8e7d6c"
+        other_tmp = tmp_path / f".other.tmp-{gone.pid}-0a1b2c3d"  # another output's: not this write's business
+        for folder in (dead_tmp, live_tmp, legacy_tmp, other_tmp):
+            folder.mkdir()
+            (folder / "model.safetensors").write_bytes(b"\0" * (3 << 20))
+        said = []
+        convert_adapter(mlx_adapter, "peft", tmp_path / "out", say=said.append)
+        assert not dead_tmp.exists() and live_tmp.is_dir() and legacy_tmp.is_dir() and other_tmp.is_dir()
+        assert said[0] == (f"removed {dead_tmp}: 3.0 MB left by an earlier write to {tmp_path / 'out'} that was "
+                           f"interrupted (its process {gone.pid} is gone)")
+        assert said[1].startswith(f"note: {legacy_tmp} (3.0 MB) looks like what an interrupted write") and \
+            "delete it if no other fuse" in said[1]
+        assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+        assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".out.tmp-")) == \
+            sorted([live_tmp.name, legacy_tmp.name])  # nothing of this write's own is left either
+    finally:
+        alive.kill()
+        alive.wait()
 
 
 # -- refusals -----------------------------------------------------------------------------------------------

@@ -132,6 +132,44 @@ def test_not_enough_free_space_is_refused_before_writing(manager, monkeypatch):
     assert [i.step for i in manager.list()] == [10]
 
 
+@pytest.mark.parametrize("short_by", [1000, 50_000, 600_000])
+def test_the_free_space_refusal_words_numbers_that_differ(manager, monkeypatch, short_by):
+    """Once "1 MB free, about 1 MB needed": the numbers a user must act on were rounded into each other."""
+    save(manager, 10)
+    import re
+    import shutil
+
+    needed = int(manager._estimate_bytes() * 1.2) + (1 << 20)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(1 << 40, 1 << 40, needed - short_by))
+    with pytest.raises(CheckpointError) as refused:
+        save(manager, 20)
+    free, about = re.search(r": (.+) free, about (.+) needed", str(refused.value)).groups()
+    assert free != about, str(refused.value)
+
+
+def test_sizes_that_differ_add_digits_until_they_do():
+    from overnight.runs.checkpoint import sizes_that_differ
+
+    assert sizes_that_differ(int(1.04 * 2**20), int(1.31 * 2**20)) == ("1.0 MB", "1.3 MB")
+    assert sizes_that_differ(int(1.01 * 2**20), int(1.04 * 2**20)) == ("1.01 MB", "1.04 MB")
+    assert sizes_that_differ(2**20, 2**20 + 10) == ("1,048,576 bytes", "1,048,586 bytes")
+    assert sizes_that_differ(5 * 2**30, 6 * 2**30) == ("5.0 GB", "6.0 GB")
+
+
+def test_a_keep_last_lowered_on_resume_is_applied_before_the_first_save(tmp_path):
+    """keep_last lowered from 5 to 2 on resume: the old checkpoints go at the resume, not after the first new save
+    (which a disk they fill would refuse); the resumed-from one and the best stay."""
+    old = CheckpointManager(tmp_path / "run", keep_last=5, log=lambda m: None)
+    for step in (10, 20, 30, 40, 50):
+        save(old, step)
+    said = []
+    resumed = CheckpointManager(tmp_path / "run", keep_last=2, log=said.append)
+    resumed.protected.add(30)  # --resume-from 30: kept, like the last two (40, 50) and the best (10)
+    assert resumed.prune_on_resume(best_step=10) == [20]
+    assert [i.step for i in resumed.list()] == [10, 30, 40, 50]
+    assert said == ["checkpoint.keep_last=2: removed step 20 (kept: 10, 30, 40, 50)"]
+
+
 def test_non_finite_weights_are_refused(manager):
     with pytest.raises(NonFiniteWeights):
         save(manager, 10, nan=True)

@@ -83,7 +83,7 @@ def test_train_help_shows_every_spec_flag():
     out = overnight("train", "--help").stdout
     for flag in ("--set", "--backend", "--auto-resume", "--fresh", "--resume-from", "--before-step", "--output",
                  "--model", "--data", "--method", "--batch-size", "--lora-rank", "--lora-layers", "--max-steps",
-                 "--learning-rate", "--no-streaming", "--seed"):
+                 "--learning-rate", "--no-streaming", "--seed", "--epochs"):
         assert flag in out, flag
 
 
@@ -248,3 +248,47 @@ def test_a_reader_that_goes_away_never_costs_a_traceback_or_the_run(command, tmp
     assert "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr[-2000:]
     if command == "train":  # the run went on to the end regardless
         assert max(r["step"] for r in read_metrics(out) if r["event"] == "train") == 12
+
+
+def test_a_run_given_in_epochs_derives_its_steps_and_warns_about_its_short_plan(tmp_path, tiny_model_dir):
+    """--epochs: max_steps from the data (400 rows / batch 4 = 100 steps an epoch), said in the banner and recorded
+    in config.yaml; the defaults' warmup (50) and intervals (250) are more than its 3 steps, which the banner
+    says; a key given twice in the YAML is warned about with both lines."""
+    config = tmp_path / "run.yaml"
+    config.write_text("train:\n  learning_rate: 0.02\n  batch_size: 4\n  learning_rate: 0.01\n"
+                      "lora: {rank: 4}\nmodel: {max_seq_length: 64}\neval: {max_batches: 1, predictions: 0}\n")
+    out = tmp_path / "run"
+    result = overnight("train", str(config), "--backend", REF, "--model", str(tiny_model_dir), "--data",
+                       str(DATA_DIR), "--output", str(out), "--epochs", "0.03", "--quiet")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert f"warning: config file {config}: key 'train.learning_rate' is given twice (lines 2 and 4); the value on " \
+           "line 4 is used (PyYAML keeps the last), remove the other" in lines
+    rows = sum(1 for line in (DATA_DIR / "train.jsonl").read_text().splitlines() if line.strip())
+    assert rows == 400  # the bundled sample data: 100 batches of 4 an epoch, so 0.03 epochs are 3 steps
+    assert "plan: 3 steps (0.03 epochs of 100 steps) | effective batch 4 (batch 4 x accumulation 1)" in lines
+    warned = [line.split(" ")[1] for line in lines if line.startswith("warning: ") and "config file" not in line]
+    assert warned == ["train.warmup_steps", "eval.every_steps", "checkpoint.every_steps"]
+    assert "finished at step 3: reached max_steps 3" in result.stdout
+    assert [r["step"] for r in read_metrics(out) if r["event"] == "end"] == [3]
+    saved = (out / "config.yaml").read_text()
+    assert "max_steps: 3\n" in saved and "learning_rate: 0.01\n" in saved and "derived from train.epochs 0.03" in saved
+
+
+@pytest.mark.parametrize("extra, needles", [
+    (["--epochs", "2", "--max-steps", "10"], ["sets both train.max_steps and train.epochs"]),
+    (["--epochs", "2", "--set", "train.max_steps=10"], ["sets both train.max_steps and train.epochs"]),
+    (["--set", "lora.targets=[q_proj, v_proj"], ["--set lora.targets", "'[q_proj, v_proj'",
+                                                 "did you mean --set 'lora.targets=[q_proj, v_proj]'"]),
+    # what the shell makes of an unquoted `--set lora.targets=[q_proj, v_proj]` without a config file
+    (["--set", "lora.targets=[q_proj,", "v_proj]"], ["--set lora.targets", "quote the whole argument"]),
+    (["--set", "train.batch_size=[4, 8]"], ["config key 'train.batch_size': expected an integer"]),
+])
+def test_two_run_lengths_or_a_malformed_set_value_exit_2_naming_them(tmp_path, tiny_model_dir, extra, needles):
+    out = tmp_path / "run"
+    result = overnight("train", "--backend", REF, "--model", str(tiny_model_dir), "--data", str(DATA_DIR),
+                       "--output", str(out), *extra)
+    assert result.returncode == 2, result.stdout + result.stderr
+    for needle in needles:
+        assert needle in result.stderr, (needle, result.stderr)
+    assert "Traceback" not in result.stdout + result.stderr and not out.exists()

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from overnight.config import ConfigError, build_config
+from overnight.config import ConfigError, build_config, load_yaml
 
 
 def write(tmp_path, text):
@@ -91,3 +91,90 @@ def test_preference_beta_is_a_training_key_with_the_papers_default():
 
     assert build_config().preference.beta == 0.1 and "preference.beta" in TRAINING_KEYS
     assert build_config(None, {}, ["preference.beta=0.25"]).preference.beta == 0.25
+
+
+@pytest.mark.parametrize("item, needle", [
+    ("lora.targets=[q_proj, v_proj", "did you mean --set 'lora.targets=[q_proj, v_proj]'"),
+    ("lora.targets=[q_proj,", "quote the whole argument"),  # `--set lora.targets=[q_proj, v_proj]` split by the shell
+    ("lora.targets={q_proj: 1", "lora.targets"),
+    ("lora.targets=[q_proj]]", "write a list as --set 'lora.targets=[a, b]'"),
+    ("lora.targets=q_proj, v_proj]", "looks like a list with a bracket missing"),
+    ("grpo.reward_weights=[1.0, 2.0", "grpo.reward_weights"),
+])
+def test_a_malformed_list_in_set_is_refused_naming_the_key_and_the_right_form(item, needle):
+    """Before: "[q_proj, v_proj" was taken as text and split at the comma, training a module named "[q_proj"."""
+    with pytest.raises(ConfigError) as err:
+        build_config(None, {}, [item])
+    key = item.split("=")[0]
+    assert key in str(err.value) and needle in str(err.value)
+
+
+@pytest.mark.parametrize("item, expected", [
+    ("train.batch_size=[1, 2]", "expected an integer"), ("train.learning_rate=[1e-4]", "expected a number"),
+    ("data.streaming=[true]", "expected true or false"), ("model.path=[a, b]", "expected text"),
+    ("model.path={a: b}", "expected text"), ("lora.targets=5", "expected a list"),
+    ("lora.targets={q_proj: v_proj}", "expected a list"), ("lora.targets=[[q_proj]]", "expected text"),
+    ("train={max_steps: [3]}", "expected an integer"), ("train=5", "must be a mapping"),
+])
+def test_a_list_where_a_value_goes_and_the_reverse_are_refused_by_name(item, expected):
+    with pytest.raises(ConfigError, match=expected) as err:
+        build_config(None, {}, [item])
+    assert ("'train.max_steps'" if item.startswith("train={") else item.split("=")[0]) in str(err.value)
+
+
+def test_text_yaml_cannot_read_is_still_text_and_brackets_inside_items_are_kept():
+    assert build_config(None, {}, ["model.path=@my-models/x"]).model.path == "@my-models/x"
+    assert build_config(None, {}, ["grpo.rewards=regex=[0-9]+"]).grpo.rewards == ["regex=[0-9]+"]
+    assert build_config(None, {}, ["grpo.rewards=[exact_match, 'regex=\\[A-D\\]']"]).grpo.rewards == \
+        ["exact_match", "regex=\\[A-D\\]"]
+
+
+def test_a_yaml_key_given_twice_warns_naming_the_file_the_key_and_both_lines(tmp_path):
+    path = write(tmp_path, "lora: {rank: 4}\ntrain:\n  learning_rate: 1e-4\n  batch_size: 2\n"
+                           "  learning_rate: 2e-4\n")
+    cfg = build_config(path)
+    assert cfg.train.learning_rate == 2e-4  # the last one, as PyYAML reads it
+    assert cfg.warnings == [f"config file {path}: key 'train.learning_rate' is given twice (lines 3 and 5); the "
+                            "value on line 5 is used (PyYAML keeps the last), remove the other"]
+    assert build_config(write(tmp_path, "train:\n  learning_rate: 1e-4\nlora:\n  rank: 4\n")).warnings == []
+    # Three times is one warning; a key brought in by a merge (<<: *anchor) is meant to be overridden.
+    warnings: list[str] = []
+    load_yaml(write(tmp_path, "base: &b {rank: 4}\nlora:\n  <<: *b\n  rank: 8\n  alpha: 1\n  alpha: 2\n"
+                              "  alpha: 3\n"), warnings)
+    assert warnings == [f"config file {tmp_path / 'c.yaml'}: key 'lora.alpha' is given 3 times (lines 5, 6 and 7); "
+                        "the value on line 7 is used (PyYAML keeps the last), remove the others"]
+
+
+def test_the_run_length_is_max_steps_or_epochs_never_both(tmp_path):
+    both = write(tmp_path, "train:\n  max_steps: 100\n  epochs: 3\n")
+    with pytest.raises(ConfigError, match=r"c.yaml sets both train.max_steps and train.epochs"):
+        build_config(both)
+    with pytest.raises(ConfigError, match="the command line sets both"):
+        build_config(None, {"train.max_steps": 5}, ["train.epochs=2"])
+    with pytest.raises(ConfigError, match="the command line sets both"):
+        build_config(None, {"train.epochs": 2.0}, ["train.max_steps=5"])
+    # The command line's one replaces the YAML's other (flags beat YAML).
+    in_steps = write(tmp_path, "train:\n  max_steps: 100\n")
+    assert build_config(in_steps, {"train.epochs": 3.0}).train.epochs == 3.0
+    in_epochs = write(tmp_path, "train:\n  epochs: 2\n")
+    assert build_config(in_epochs).train.epochs == 2.0
+    cfg = build_config(in_epochs, {"train.max_steps": 7})
+    assert (cfg.train.epochs, cfg.train.max_steps) == (None, 7)
+    from overnight.config import TRAINING_KEYS
+
+    assert build_config().train.epochs is None and "train.epochs" not in TRAINING_KEYS  # like max_steps: extendable
+    for bad in ("0", "-1", ".nan", ".inf"):
+        with pytest.raises(ConfigError, match="train.epochs"):
+            build_config(None, {}, [f"train.epochs={bad}"])
+
+
+def test_the_dumped_config_of_an_epochs_run_records_the_steps_and_loads_again(tmp_path):
+    from overnight.config import dump_config
+
+    cfg = build_config(None, {}, ["train.epochs=3"])
+    cfg.train.max_steps = 120  # as derived at the start of the run
+    dump_config(cfg, tmp_path / "config.yaml")
+    text = (tmp_path / "config.yaml").read_text()
+    assert text.startswith("# train.max_steps 120 was derived from train.epochs 3")
+    again = build_config(tmp_path / "config.yaml")
+    assert (again.train.max_steps, again.train.epochs) == (120, None)

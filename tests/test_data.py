@@ -567,6 +567,46 @@ def test_restore_refuses_a_state_from_other_data_or_batch_size(tok, tmp_path):
         TrainStream(path, tok, make_cfg(batch_size=4)).restore(state)
 
 
+def test_a_file_edited_under_a_streaming_run_is_named_as_changed(tok, tmp_path):
+    """Rewritten in place while streamed: once "not valid JSON" on a line that no longer existed."""
+    path = write_jsonl(tmp_path / "train.jsonl", numbered_rows(40))
+    stream = TrainStream(path, tok, make_cfg(batch_size=4))
+    stream.next_batch()
+    original = path.read_bytes()
+    path.write_bytes(original[: len(original) // 3] + b"\n")  # truncated mid-row, same file
+    with pytest.raises(DataError, match="the file changed while the run was using it") as err:
+        for _ in range(10):
+            stream.next_batch()
+    assert "not valid JSON" not in str(err.value) and "--auto-resume" in str(err.value)
+    stream.close()
+
+
+def test_a_file_replaced_by_a_rename_keeps_serving_the_rows_that_were_indexed(tok, tmp_path):
+    path = write_jsonl(tmp_path / "train.jsonl", numbered_rows(40))
+    straight = TrainStream(path, tok, make_cfg(batch_size=4, streaming=False))
+    stream = TrainStream(path, tok, make_cfg(batch_size=4))
+    write_jsonl(tmp_path / "new.jsonl", numbered_rows(3, rng_seed=1)).replace(path)
+    for _ in range(12):
+        assert batches_equal(stream.next_batch(), straight.next_batch())
+    stream.close()
+
+
+@pytest.mark.parametrize("streaming", [True, False])
+def test_a_file_changed_after_the_data_check_is_refused_when_read(tok, tmp_path, streaming):
+    """Between the check and the reading (a model that takes minutes to load): the rows read are not the ones
+    checked, whichever way they are read."""
+    d = tmp_path / "d"
+    write_jsonl(d / "train.jsonl", numbered_rows(20))
+    write_jsonl(d / "val.jsonl", numbered_rows(8))
+    cfg = make_cfg(streaming=streaming)
+    assert check_data(d, "sft", tokenizer=tok, cfg=cfg).ok
+    write_jsonl(d / "val.jsonl", numbered_rows(9))
+    with pytest.raises(DataError, match=r"val.jsonl: the file changed while the run was using it \(when it was "
+                                        r"checked: [\d,]+ bytes"):
+        eval_batches(d / "val.jsonl", tok, cfg, 2, 4)
+    TrainStream(d / "train.jsonl", tok, cfg).close()  # unchanged: fine
+
+
 def test_packing_blocks(tok):
     cfg = make_cfg(method="cpt", batch_size=4, max_seq_length=40)
     stream = TrainStream(DATA_DIR / "text" / "train.jsonl", tok, cfg)

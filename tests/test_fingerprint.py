@@ -71,3 +71,24 @@ def test_resume_accepts_the_same_model_by_another_path_and_refuses_another_model
     (changed / "config.json").write_text(json.dumps(config))
     refused = overnight(*base_args(changed, out, 8), "--auto-resume")
     assert refused.returncode == 3 and "model:" in refused.stderr and "--allow-config-change" in refused.stderr
+
+
+def test_the_adapter_a_run_started_from_is_compared_by_content(tmp_path, tiny_model_dir):
+    """lora.init_from: another adapter (or none) on resume is a named change; the same weights under another path
+    are not (the fingerprint of a run from before the key has none, like a run from the seeded weights)."""
+    train = tmp_path / "train.jsonl"
+    train.write_text('{"text": "hello"}\n')
+    cfg = build_config(None, {"model.path": str(tiny_model_dir)}, [])
+    a = {"path": "/adapters/a", "sha256": "a" * 64}
+    started = fp.compute(cfg, train, None, init_adapter=a)
+    assert started["init_adapter"] == a
+    moved = fp.compute(cfg, train, None, init_adapter={"path": "/elsewhere/a", "sha256": "a" * 64})
+    assert fp.differences(started, moved) == []
+    other = fp.compute(cfg, train, None, init_adapter={"path": "/adapters/a", "sha256": "b" * 64})
+    assert fp.differences(started, other) == [
+        f"lora.init_from: /adapters/a (weights sha256 {'a' * 12}) -> /adapters/a (weights sha256 {'b' * 12})"]
+    seeded = fp.compute(cfg, train, None)
+    assert fp.differences(started, seeded) == [
+        f"lora.init_from: /adapters/a (weights sha256 {'a' * 12}) -> none (the seeded initial weights)"]
+    older = {k: v for k, v in seeded.items() if k != "init_adapter"}
+    assert fp.differences(older, seeded) == []

@@ -73,6 +73,18 @@ def safetensors_header(folder: Path) -> dict:
     return header
 
 
+def umask_mode() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def assert_umask_modes(folder: Path) -> None:
+    """Every file as readable as any other file the user writes (safetensors alone writes 0600)."""
+    found = {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir() if p.is_file()}
+    assert set(found.values()) == {umask_mode()}, found
+
+
 def assert_base_files_copied(base: Path, fused: Path) -> None:
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
         assert (fused / name).read_bytes() == (base / name).read_bytes(), name
@@ -122,8 +134,19 @@ def check_torch_fused(base: Path, adapter: Path, fused: Path) -> float:
 @pytest.mark.torch
 def test_torch_fuse_is_base_plus_adapter_as_a_transformers_folder(torch_run, tiny_model_dir, tmp_path):
     before = sorted(p.relative_to(torch_run) for p in torch_run.rglob("*"))
+    # What a SIGKILLed fuse to this output left (its pid is gone), and the temporary of a fuse to the same output
+    # still running (this test's process is alive): the first is removed and said, the second left alone.
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    killed, running = tmp_path / f".fused.tmp-{gone.pid}-5eed5eed", tmp_path / f".fused.tmp-{os.getpid()}-5eed5eed"
+    for leftover in (killed, running):
+        leftover.mkdir()
+        (leftover / "model.safetensors").write_bytes(b"\0" * (2 << 20))
     result = fuse(torch_run, tmp_path / "fused")
     assert result.returncode == 0, result.stderr
+    assert f"removed {killed}: 2.0 MB left by an earlier write to {tmp_path / 'fused'} that was interrupted" \
+        in result.stdout
+    assert not killed.exists() and running.is_dir()
     best = json.loads((torch_run / "checkpoints" / "step-00000004" / "trainer_state.json").read_text())["best"]
     assert f"checkpoint step {best['best_step']} (the best checkpoint; verified)" in result.stdout
     starred = [line.split()[0] for line in cli("checkpoints", str(torch_run)).stdout.splitlines()
@@ -137,8 +160,9 @@ def test_torch_fuse_is_base_plus_adapter_as_a_transformers_folder(torch_run, tin
     assert {meta["dtype"] for meta in safetensors_header(fused).values()} == {"F32"}
     assert not any("lora" in name for name in safetensors_header(fused))
     assert_base_files_copied(tiny_model_dir, fused)
+    assert_umask_modes(fused)
     assert sorted(p.relative_to(torch_run) for p in torch_run.rglob("*")) == before  # read-only on the run
-    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+    assert [p for p in tmp_path.iterdir() if ".tmp-" in p.name] == [running]  # none of this fuse's own
 
 
 @needs_torch
@@ -242,6 +266,7 @@ def test_mlx_fuse_is_base_plus_adapter_as_an_mlx_folder(mlx_run, tiny_model_dir,
     assert greedy(reference) == greedy(merged)
     assert "quantization" not in json.loads((fused / "config.json").read_text())
     assert_base_files_copied(tiny_model_dir, fused)
+    assert_umask_modes(fused)
     # mlx-lm's GGUF writer (llama is one of its architectures); transformers reads it back as the same model.
     assert (fused / "model.gguf").is_file() and "GGUF (mlx-lm's exporter)" in result.stdout
     if has("torch", "transformers", "gguf"):
@@ -289,6 +314,58 @@ def test_mlx_fuse_of_a_4bit_run_keeps_the_quantization_and_dequantize_gives_floa
     refused = fuse(mlx_4bit_run, tmp_path / "gguf", "--gguf")
     assert refused.returncode == 2 and "add --dequantize" in refused.stderr
     assert not (tmp_path / "gguf").exists()
+
+
+def test_a_base_typed_as_a_relative_path_is_found_from_another_folder(tiny_model_dir, tmp_path, monkeypatch):
+    """`--model tiny-model` was typed in the folder that holds it; fuse run anywhere else takes the absolute path the
+    adapter recorded (the base identity check still applies to it)."""
+    from overnight.commands.fuse import _base_path
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(tiny_model_dir)}))
+    monkeypatch.chdir(tmp_path)
+    assert _base_path(tiny_model_dir.name, adapter) == str(tiny_model_dir)
+    monkeypatch.chdir(tiny_model_dir.parent)
+    assert _base_path(tiny_model_dir.name, adapter) == tiny_model_dir.name  # it means that folder from here
+    (adapter / "adapter_config.json").write_text(json.dumps({"model": "org/model"}))
+    monkeypatch.chdir(tmp_path)
+    assert _base_path("gone/model", adapter) == "gone/model"  # nothing better recorded: said as it is
+
+
+def test_an_exporter_whose_fuse_was_killed_ends_itself(tmp_path):
+    """Nobody is left to rename what it writes, and the next fuse removes that folder: it must not go on filling it."""
+    import signal
+    import time
+
+    job = tmp_path / "job.json"
+    job.write_text(json.dumps({"result": str(tmp_path / "result.json")}))
+    exporter = ("import sys, time; from overnight.commands.fuse import run_export_job; "
+                "sys.exit(run_export_job(lambda job: time.sleep(60), sys.argv[1:]))")
+    fuse_stand_in = ("import subprocess, sys; "
+                     "child = subprocess.Popen([sys.executable, '-c', sys.argv[1], sys.argv[2]]); "
+                     "print(child.pid, flush=True); child.wait()")
+    parent = subprocess.Popen([sys.executable, "-c", fuse_stand_in, exporter, str(job)], stdout=subprocess.PIPE,
+                              text=True)
+    child = int(parent.stdout.readline())
+    time.sleep(1.0)  # the exporter is inside export()
+    assert parent.poll() is None
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    import psutil
+
+    def running() -> bool:  # reparented, it may linger as a zombie until init reaps it: that is ended
+        try:
+            return psutil.Process(child).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    assert running(), "the exporter ended before its fuse was killed"
+    deadline = time.monotonic() + 10
+    while running() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not running(), "the exporter outlived its fuse by 10 s"
+    assert not (tmp_path / "result.json").exists()
 
 
 # -- refusals -------------------------------------------------------------------------------------------------

@@ -145,3 +145,39 @@ def test_validate_data_takes_max_seq_length(tiny_model_dir):
     result = overnight("validate-data", str(DATA_DIR), "--model", str(tiny_model_dir), "--max-seq-length", "64")
     assert "max_seq_length 64" in result.stdout, result.stdout + result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_data_file_edited_under_a_running_job_is_named_as_changed(tmp_path, tiny_model_dir):
+    """Once reported as invalid JSON on a line the truncated file no longer had."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("train.jsonl", "val.jsonl"):
+        (data / name).write_bytes((DATA_DIR / name).read_bytes())
+    out = tmp_path / "run"
+    args = base_args(tiny_model_dir, out, 40, "--set", "eval.every_steps=1000")
+    args[args.index("--data") + 1] = str(data)
+    proc = subprocess.Popen([sys.executable, "-m", "overnight", *args], env=env(sleep_s=0.1), cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+    wait_for_step(out, 2, proc)
+    rows = (data / "train.jsonl").read_bytes()
+    (data / "train.jsonl").write_bytes(rows[:len(rows) // 2])  # an editor saving in place, mid-row
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 2, stdout + stderr
+    assert "train.jsonl: the file changed while the run was using it" in stderr, stderr
+    assert "not valid JSON" not in stderr and "Traceback" not in stderr
+    assert "failed at step" in overnight("status", str(out)).stdout
+
+
+def test_a_sigterm_before_training_started_says_so(tmp_path, tiny_model_dir):
+    """Once exit 143 and not a word: SIGTERM's default action, before the loop took the signal over."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "overnight", *base_args(tiny_model_dir, out, 4)],
+                            env=env(setup_sleep_s=60), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL, text=True)
+    assert proc.stdout.readline().startswith("backend:")  # the model "loads" for a minute from here
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 143, stdout + stderr
+    assert "stopped by SIGTERM before training started; nothing was trained or saved" in stderr, stderr
+    assert "no checkpoint exists yet: the same command starts the run again" in stderr
+    assert "Traceback" not in stderr and not (out / "metrics.jsonl").exists()

@@ -363,3 +363,50 @@ def test_oom_in_validation_at_one_row_is_a_clear_error_and_keeps_the_step(tmp_pa
     monkeypatch.delenv("OVERNIGHT_REF_FAULTS")  # e.g. more memory free on the next try
     outcome, _, _, run_dir = run(cfg, resume_dir=checkpoint.path)
     assert outcome.status == "completed" and eval_lines(run_dir) == eval_lines(straight_dir)
+
+
+# ---------------------------------------------------------------------------
+# The last step a run trains always has its train event (metrics.jsonl, and so TensorBoard, W&B and the report)
+
+
+def train_steps(run_dir: Path) -> list[int]:
+    return [r["step"] for r in read_metrics(run_dir) if r["event"] == "train"]
+
+
+@pytest.mark.parametrize("ending", ["max_steps", "signal", "plateau", "non_finite"])
+def test_the_step_a_run_ends_on_has_its_train_event(tmp_path, monkeypatch, ending):
+    """report_every=10 puts train events at 1, 10, 20: the step the run ends on (off that grid) gets one too,
+    with its own figures, before the stop or interrupted event, and exactly once."""
+    args = ["train.report_every=10", "train.max_steps=24"]
+    if ending == "plateau":
+        args += ["train.learning_rate=0", "train.warmup_steps=0", "early_stopping.warmup_steps=4",
+                 "early_stopping.check_every_steps=3", "early_stopping.patience=2", "early_stopping.stuck_steps=1000"]
+    if ending == "non_finite":
+        monkeypatch.setenv("OVERNIGHT_REF_FAULTS", json.dumps({"nan_at_step": 13}))
+    outcome, _, _, run_dir = run(make_cfg(tmp_path, *args), stop_at=17 if ending == "signal" else None)
+    end = outcome.step
+    assert end == {"max_steps": 24, "signal": 17, "non_finite": 13}.get(ending, end) and end % 10
+    assert train_steps(run_dir) == [s for s in (1, 10, 20) if s < end] + [end]
+    records = read_metrics(run_dir)
+    last = [r for r in records if r["event"] == "train"][-1]
+    assert last["step"] == end and last["elapsed_s"] > 0 and set(last) >= {"loss", "lr", "grad_norm", "tokens"}
+    ends_with = {"signal": "interrupted", "plateau": "stop", "non_finite": "stop"}.get(ending)
+    if ends_with:
+        kinds = [r["event"] for r in records]
+        assert kinds.index(ends_with) > records.index(last)
+
+
+def test_a_resume_after_a_signal_does_not_repeat_the_steps_train_event(tmp_path):
+    cfg = make_cfg(tmp_path, "train.report_every=10", "train.max_steps=24", "eval.every_steps=100")
+    first, _, _, run_dir = run(cfg, stop_at=17)
+    assert first.step == 17 and train_steps(run_dir) == [1, 10, 17]
+    run(cfg, resume_dir=CheckpointManager(run_dir).latest_valid().path)
+    assert train_steps(run_dir) == [1, 10, 17, 20, 24]
+
+
+def test_a_validation_that_cannot_fit_still_records_its_steps_train_event(tmp_path, monkeypatch):
+    monkeypatch.setenv("OVERNIGHT_REF_FAULTS", json.dumps({"eval_oom_above_rows": 0}))
+    cfg = make_cfg(tmp_path, "train.report_every=10", "eval.every_steps=7")
+    with pytest.raises(TrainingError):
+        run(cfg)
+    assert train_steps(Path(cfg.output.dir)) == [1, 7]

@@ -164,6 +164,27 @@ def test_setup_counts_lora_layout_and_seeded_init(tiny_model_dir):
     assert any(not np.array_equal(a[k], c[k]) for k in a if k.endswith("lora_a"))
 
 
+def test_the_adapter_records_a_relative_model_path_as_absolute(tiny_model_dir, tmp_path, monkeypatch):
+    """`--model runs/tiny-model` means that folder only from where it was typed; the adapter is opened from
+    anywhere (mlx-lm, convert-adapter -> PEFT), so it records the absolute path."""
+    monkeypatch.chdir(tiny_model_dir.parent)
+    backend = MLXBackend()
+    backend.setup(_config(Path(tiny_model_dir.name), layers=1, targets=["q_proj"]), 0)
+    backend.save(tmp_path)
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["model"] == str(tiny_model_dir.resolve())
+
+
+def test_every_lora_target_must_match_in_the_blocks_that_get_lora(tiny_model_dir):
+    """The rule and the words are torch's (src/backend/lora_targets.py): one good target does not excuse a typo,
+    and a module outside the blocks (the head) is not a target."""
+    with pytest.raises(ConfigError, match=r"'lora.targets': vproj matches no module of the blocks that get LoRA "
+                                          r"\(block 1\); the modules there are: mlp.down_proj.*did you mean v_proj"):
+        MLXBackend().setup(_config(tiny_model_dir, layers=1, targets=["q_proj", "vproj"]), 0)
+    with pytest.raises(ConfigError, match="lm_head matches no module"):
+        MLXBackend().setup(_config(tiny_model_dir, targets=["q_proj", "lm_head"]), 0)
+
+
 def test_setup_refuses_unknown_targets_and_cuda_only_optimizer(tiny_model_dir):
     with pytest.raises(ConfigError, match="qq_proj"):
         MLXBackend().setup(_config(tiny_model_dir, targets=["qq_proj"]), 0)

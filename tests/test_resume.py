@@ -1,12 +1,14 @@
 """The resume policy: what --fresh moves, the prompt, and the refusals (exit 3) that protect a night of work."""
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from overnight.runs.resume import archive_run
 from overnight.runs.rundir import OWNED_NAMES, read_metrics
 
-from conftest import has
+from conftest import DATA_DIR, has
 from test_cli import base_args, on_terminal, overnight
 from test_lock import tree
 
@@ -144,3 +146,78 @@ def test_a_run_that_stopped_early_is_not_trained_on_by_a_plain_auto_resume(tmp_p
                        "--set", "early_stopping.patience=1000")
     assert onward.returncode == 0, onward.stderr
     assert max(r["step"] for r in read_metrics(out) if r["event"] == "train") == 30
+
+
+def test_allow_config_change_that_cannot_continue_the_data_order_is_refused_with_nothing_written(tmp_path,
+                                                                                                  tiny_model_dir):
+    """Rows added to the training file: the saved place in the data order cannot be continued, so even with
+    --allow-config-change the resume is refused (exit 3) before anything is written, saying what would work;
+    it used to record a resume and leave the run "failed"."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("train.jsonl", "val.jsonl"):
+        (data / name).write_bytes((DATA_DIR / name).read_bytes())
+    out = tmp_path / "run"
+
+    def args(*extra: str) -> list[str]:
+        a = base_args(tiny_model_dir, out, 10, "--auto-resume", "--allow-config-change", *extra)
+        a[a.index("--data") + 1] = str(data)
+        return a
+
+    first = base_args(tiny_model_dir, out, 5)
+    first[first.index("--data") + 1] = str(data)
+    assert overnight(*first).returncode == 0
+    before = tree(out)
+    with open(data / "train.jsonl", "ab") as rows:
+        rows.write(b"".join((DATA_DIR / "train.jsonl").read_bytes().splitlines(keepends=True)[:3]))
+    refused = overnight(*args())
+    assert refused.returncode == 3, refused.stdout + refused.stderr
+    assert "Traceback" not in refused.stdout + refused.stderr
+    assert "400 training rows" in refused.stderr and "now has 403" in refused.stderr, refused.stderr
+    assert "put back the training file" in refused.stderr and "--fresh" in refused.stderr
+    assert "trainable params" not in refused.stdout  # decided before the model was loaded
+    assert tree(out) == before  # no resume event, no failed state, config.yaml as it was
+    assert "completed at step 5" in overnight("status", str(out)).stdout
+
+    (data / "train.jsonl").write_bytes((DATA_DIR / "train.jsonl").read_bytes())
+    refused = overnight(*args("--batch-size", "8"))
+    assert refused.returncode == 3 and "train.batch_size=4 (now 8)" in refused.stderr, refused.stderr
+    assert "set train.batch_size=4 again" in refused.stderr
+    assert tree(out) == before
+
+
+def test_check_source_position_refuses_what_the_source_cannot_continue(tmp_path, tiny_model_dir):
+    """The source's own check (grpo adds fields of its own), run before the resume is recorded."""
+    from overnight.config import Config
+    from overnight.data import TrainStream, load_tokenizer
+    from overnight.errors import ResumeRefused
+    from overnight.runs.resume import check_source_position
+
+    cfg = Config()
+    cfg.train.batch_size = 4
+    stream = TrainStream(DATA_DIR / "train.jsonl", load_tokenizer(tiny_model_dir), cfg)
+    saved = stream.state()
+    check_source_position(stream, saved, 5, tmp_path)  # its own position: fine
+    with pytest.raises(ResumeRefused, match=r"step 5 cannot continue: .*seed 7 -> 42.*Nothing was changed"):
+        check_source_position(stream, saved | {"seed": 7}, 5, tmp_path)
+    stream.close()
+
+
+def test_a_lowered_keep_last_frees_the_space_before_the_first_save(tmp_path, tiny_model_dir):
+    """Resumed with checkpoint.keep_last lowered to 1: the old checkpoints are gone before the first new save starts
+    (killed inside it here), keeping the one resumed from; they used to go only after that save, which a disk they
+    filled would refuse."""
+    from overnight.runs.checkpoint import CheckpointManager
+    from test_lifecycle import run_with_fault
+
+    out = tmp_path / "run"
+    assert overnight(*base_args(tiny_model_dir, out, 12, "--set", "checkpoint.keep_last=5")).returncode == 0
+    manager = CheckpointManager(out, log=lambda m: None)
+    assert [i.step for i in manager.list()] == [4, 5, 8, 10, 12]
+    best = json.loads((manager.path_for(12) / "trainer_state.json").read_text())["best"]["best_step"]
+    proc = run_with_fault(base_args(tiny_model_dir, out, 16, "--set", "checkpoint.keep_last=1", "--auto-resume"),
+                          "after_backend_files:1")  # SIGKILLed inside the first save
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == -9, stdout + stderr
+    assert [i.step for i in manager.list()] == sorted({12, best})
+    assert "checkpoint.keep_last=1: removed step" in stdout

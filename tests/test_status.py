@@ -113,3 +113,41 @@ def test_checkpoints_marks_the_best_the_run_ended_with(finished_run, tmp_path):
     listing = overnight("checkpoints", str(run))
     marked = [line.split()[0] for line in listing.stdout.splitlines()[1:] if line.rstrip().endswith("*")]
     assert marked == [other]
+
+
+def test_a_failure_the_heartbeat_missed_reads_as_failed_not_interrupted(tmp_path):
+    """A full disk can refuse the heartbeat (a new file, renamed) and still take one more metrics.jsonl line: the
+    run failed, and status once said "interrupted"."""
+    from overnight.commands.status import show_status
+
+    def said() -> str:
+        lines: list[str] = []
+        show_status(tmp_path, lines.append)
+        return "\n".join(lines)
+
+    (tmp_path / ".lock").write_bytes(b"")
+    beat(tmp_path, time=time.time() - 60)  # its last good write, while training
+    events = [{"event": "resume", "step": 4, "time": time.time() - 70},
+              {"event": "failed", "step": 8, "time": time.time() - 5, "reason": "CheckpointError: disk full"}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    assert "failed at step 8: CheckpointError: disk full" in said()
+    with open(tmp_path / "metrics.jsonl", "a") as handle:  # resumed since, and killed: interrupted again
+        handle.write(json.dumps({"event": "resume", "step": 4, "time": time.time()}) + "\n")
+    assert "interrupted at step 7" in said()
+
+
+def test_a_failed_heartbeat_is_written_over_the_old_one_when_no_new_file_fits(tmp_path, monkeypatch):
+    import errno
+
+    from overnight.runs import rundir
+
+    files = rundir.RunFiles(tmp_path, warn=lambda message: None)
+    files.heartbeat(7)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(rundir, "atomic_write_text", disk_full)
+    files.heartbeat(8, "failed", reason="disk full")
+    written = json.loads((tmp_path / "heartbeat.json").read_text())
+    assert written["state"] == "failed" and written["step"] == 8 and written["reason"] == "disk full"

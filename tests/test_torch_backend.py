@@ -204,6 +204,44 @@ def test_unknown_target_is_a_config_error(tiny_model_dir):
         make_backend(tiny_model_dir, lora__targets=["no_such_proj"])
 
 
+@pytest.mark.parametrize("before_loading", [True, False], ids=["on-the-skeleton", "on-the-loaded-model"])
+def test_every_lora_target_must_match_in_the_blocks_that_get_lora(tiny_model_dir, monkeypatch, before_loading):
+    """PEFT errs only when no target matches at all: a typo beside a good target trained the good one alone, and
+    lm_head (outside the blocks) got LoRA on torch while mlx refused it. Now both refuse, in the same words: before
+    the weights load, and again on the loaded model (for an architecture the meta device cannot build)."""
+    from overnight.backends.torch_backend import TorchBackend
+    from overnight.config import ConfigError
+
+    if not before_loading:
+        monkeypatch.setattr(TorchBackend, "_check_lora_targets_before_loading", lambda self, model_dir: None)
+    with pytest.raises(ConfigError, match=r"'lora.targets': vproj matches no module of the blocks that get LoRA "
+                                          r"\(block 1\); the modules there are: mlp.down_proj.*did you mean v_proj"):
+        make_backend(tiny_model_dir, lora__layers=1, lora__targets=["q_proj", "vproj"])
+    with pytest.raises(ConfigError, match="lm_head matches no module"):
+        make_backend(tiny_model_dir, lora__targets=["q_proj", "lm_head"])
+
+
+def test_a_misspelt_lora_target_exits_2_on_the_default_4bit_path(tiny_model_dir, tmp_path):
+    """What the user runs: `overnight train --set lora.targets=[q_proj, vproj]` with the defaults (4-bit QLoRA)."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import DATA_DIR, ROOT
+
+    out = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "overnight", "train", "--backend", "torch", "--model", str(tiny_model_dir),
+         "--data", str(DATA_DIR), "--output", str(out), "--max-steps", "2", "--quiet",
+         "--set", "lora.targets=[q_proj, vproj]"],
+        capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=120, cwd=ROOT,
+        env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "'lora.targets': vproj matches no module" in result.stderr and "self_attn.v_proj" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (out / "checkpoints").exists() and not (out / "metrics.jsonl").exists()
+
+
 def test_grad_checkpointing_is_on_and_changes_nothing(tiny_model_dir):
     """With LoRA dropout on, the recomputed forward must replay the forward's masks: same losses, same
     gradient norms, same weights with checkpointing on or off (4-bit, as users run it)."""

@@ -183,6 +183,19 @@ def test_tensorboard_holds_every_train_and_eval_scalar(tmp_path, tiny_model_dir)
 
 
 @needs_tbx
+def test_tensorboard_ends_at_the_last_step_off_the_report_grid(tmp_path, tiny_model_dir):
+    """report_every=5 on a 7-step run: TensorBoard (like metrics.jsonl) has train scalars at 1, 5 and 7, so its
+    curves end where the run ended, not at step 5."""
+    out = tmp_path / "run"
+    result = train(base_args(tiny_model_dir, out, 7, "--set", "report.tensorboard=true",
+                             "--set", "train.report_every=5"))
+    assert result.returncode == 0, result.stderr
+    got = tb_scalars(out / "tb")
+    assert [s for s, _ in got["train/loss"]] == [1, 5, 7] == sorted(last_per_step(out, "train", "loss"))
+    assert [s for s, _ in got["train/lr"]] == [1, 5, 7]
+
+
+@needs_tbx
 def test_tensorboard_after_a_kill_and_resume_has_each_step_once(tmp_path, tiny_model_dir):
     out = tmp_path / "run"
     result = kill_then_resume(tiny_model_dir, out, 12, 7, ["--set", "report.tensorboard=true"])

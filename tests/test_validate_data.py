@@ -191,3 +191,24 @@ def test_train_refuses_a_max_seq_length_with_no_target_before_anything_is_writte
     assert "Traceback" not in result.stderr + result.stdout
     assert f"{DATA_DIR / 'train.jsonl'}:1: no row has a target token within model.max_seq_length=8" in result.stderr
     assert "data.mask_prompt=false" in result.stderr and not out.exists()
+
+
+def test_the_hint_in_a_training_refusal_checks_what_the_run_checked(tmp_path, tiny_model_dir):
+    """grpo prompts that end with the answer: wrong for grpo, fine for the sft validate-data infers. The hint once
+    omitted --method, so the command it suggested reported no problems."""
+    import shlex
+
+    from test_cli import base_args, overnight
+
+    chat = {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]}
+    (tmp_path / "train.jsonl").write_text((json.dumps(chat) + "\n") * 25)
+    args = base_args(tiny_model_dir, tmp_path / "run", 2, "--method", "grpo", "--set", "grpo.rewards=[exact_match]")
+    args[args.index("--data") + 1] = str(tmp_path)
+    refused = overnight(*args)
+    assert refused.returncode == 2 and "25 problem(s)" in refused.stderr, refused.stderr
+    hint = refused.stderr.split("... and 5 more (`", 1)[1].split("`", 1)[0]
+    assert hint == (f"overnight validate-data {tmp_path} --method grpo --model {tiny_model_dir} "
+                    "--max-seq-length 128"), hint
+    checked = overnight(*shlex.split(hint)[1:])
+    assert checked.returncode == 2 and "25 problem(s):" in checked.stdout, checked.stdout + checked.stderr
+    assert run(tmp_path)[0] == 0  # the hint without --method: "no problems"

@@ -1,7 +1,8 @@
 """The contract between the core and a backend: the Backend protocol, the small value types that cross it, the
 lazy registry, and (in this package's modules) what both backends must agree on, written once: `objectives` (each
 method's objective and its normalisation, a numpy reference, the skip-a-non-finite-step rule), `lora_init` (the
-LoRA A init), `step_buffer` (the data-parallel all-reduce buffer), `adapter_formats` (mlx-lm <-> PEFT adapters).
+LoRA A init), `lora_targets` (which modules lora.targets names), `step_buffer` (the data-parallel all-reduce buffer),
+`adapter_formats` (mlx-lm <-> PEFT adapters), `model_folder` (a model folder read before a framework loads it).
 The stop ids and generator seeds the core hands to sampling are defined here (as_stop_ids, generator_seed).
 
 Only numpy arrays, Python numbers, strings and Paths cross this boundary, so the core never touches a framework
@@ -223,6 +224,12 @@ class Backend(Protocol):
     def load_portable(self, state: PortableState) -> None:
         """Continue from another backend's checkpoint: LoRA weights, AdamW moments and step count from
         ``state`` (already checked against this run's LoRA shape). Framework RNG states do not cross."""
+
+    def init_lora(self, weights: dict[str, np.ndarray]) -> None:
+        """Right after ``setup``, before any step: set the LoRA weights to ``weights`` (lora.init_from, a new run
+        started from an existing adapter), keyed and laid out as portable_state().weights (float32, neutral names;
+        src/backend/adapter_weights.py), already checked to name exactly this run's modules with their shapes. The
+        optimizer is untouched: it has taken no step, so a new run's AdamW state and schedule start from there."""
 
     def sample(self, prompt_ids: np.ndarray, seeds: list[int], max_new_tokens: int, temperature: float,
                top_p: float, stop_ids: tuple[int, ...]) -> np.ndarray:

@@ -31,7 +31,7 @@ from typing import Callable
 import numpy as np
 
 from overnight.errors import UsageError
-from overnight.fsutil import fsync_dir, fsync_file
+from overnight.fsutil import fsync_dir, fsync_file, give_default_modes, pid_alive
 
 MLX_WEIGHTS, PEFT_WEIGHTS, CONFIG = "adapters.safetensors", "adapter_model.safetensors", "adapter_config.json"
 PEFT_PREFIX = "base_model.model."
@@ -119,6 +119,16 @@ def _read_config(adapter_dir: Path) -> dict:
     if not isinstance(config, dict):
         raise UsageError(f"{path} does not hold a JSON object")
     return config
+
+
+def recorded_base(base: str | None) -> str | None:
+    """The base model as an adapter records it: a local folder by its absolute path, a hub id as given. A relative
+    path (`runs/tiny-model`) only means that folder from where it was typed; anywhere else PEFT's and transformers'
+    loaders take it for a hub id."""
+    if not base:
+        return base
+    local = Path(base).expanduser()
+    return str(local.resolve()) if local.is_dir() else base
 
 
 def _base_layer_count(base: str | None) -> int | None:
@@ -221,7 +231,7 @@ def _peft_to_mlx(adapter_dir: Path, base: str | None) -> tuple[dict[str, Tensor]
         "overnight": {"lora_alpha": alpha, "use_rslora": bool(config.get("use_rslora")), "converted_from": "peft"},
     }
     if base:
-        mlx_config["model"] = str(base)
+        mlx_config["model"] = recorded_base(str(base))
     out = {}
     for m in modules:
         out[f"{m.module}.lora_a"] = _transposed(m.a)
@@ -261,7 +271,7 @@ def _mlx_to_peft(adapter_dir: Path, base: str | None) -> tuple[dict[str, Tensor]
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha, "use_rslora": use_rslora,
         "lora_dropout": float(params.get("dropout", 0.0)), "target_modules": targets, "bias": "none",
         "layers_to_transform": None if everywhere else layers, "layers_pattern": None,
-        "base_model_name_or_path": str(base or config.get("model") or ""), "fan_in_fan_out": False,
+        "base_model_name_or_path": recorded_base(str(base or config.get("model") or "")), "fan_in_fan_out": False,
         "init_lora_weights": True, "inference_mode": True, "modules_to_save": None, "use_dora": False,
         "rank_pattern": {}, "alpha_pattern": {}, "revision": None,
     }
@@ -291,7 +301,7 @@ def convert_adapter(adapter_dir: Path, to: str, output: Path, base: str | None =
         write_safetensors(folder / weights_name, tensors, metadata)
         (folder / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
-    write_folder_atomically(output, write)
+    write_folder_atomically(output, write, say)
     modules = len(tensors) // 2
     say(f"converted {source} adapter {adapter_dir} -> {to} adapter {output} ({modules} LoRA modules, "
         f"rank {config.get('r') or config['lora_parameters']['rank']})")
@@ -312,13 +322,17 @@ def check_output_dir(output: Path) -> None:
         raise UsageError(f"--output {output}: no permission to write in {output.parent}")
 
 
-def write_folder_atomically(output: Path, write: Callable[[Path], None]) -> None:
+def write_folder_atomically(output: Path, write: Callable[[Path], None],
+                            say: Callable[[str], None] = lambda _: None) -> None:
     """Fill a temporary folder beside ``output`` and rename it into place, so a crash or an error midway
-    leaves no half-written folder under the name the user asked for."""
-    tmp = output.parent / f".{output.name}.tmp-{secrets.token_hex(4)}"
+    leaves no half-written folder under the name the user asked for. The temporary's name holds this process's pid:
+    what a killed writer left (a full-size model, for fuse) is removed by the next write to the same output."""
+    clear_stale_temporaries(output, say)
+    tmp = output.parent / f"{_temp_prefix(output)}{os.getpid()}-{secrets.token_hex(4)}"
     tmp.mkdir()
     try:
         write(tmp)
+        give_default_modes(tmp)
         for file in sorted(p for p in tmp.rglob("*") if p.is_file()):
             fsync_file(file)
         fsync_dir(tmp)
@@ -329,3 +343,59 @@ def write_folder_atomically(output: Path, write: Callable[[Path], None]) -> None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _temp_prefix(output: Path) -> str:
+    return f".{output.name}.tmp-"
+
+
+_OURS = re.compile(r"(?P<pid>\d+)-[0-9a-f]+")
+_BEFORE_PIDS = re.compile(r"[0-9a-f]{8}")  # what versions before the pid was in the name wrote
+
+
+def clear_stale_temporaries(output: Path, say: Callable[[str], None]) -> list[Path]:
+    """Remove the temporaries of earlier writes to ``output`` whose process is gone (SIGKILL, a crash, a reboot),
+    saying what was freed. One whose process still runs is a concurrent write to the same output: left alone (a
+    reused pid errs on that side too). One without a pid (written before the pid was recorded) cannot be told
+    from a running write of an old version, so it is only pointed out."""
+    removed = []
+    if not output.parent.is_dir():
+        return removed
+    prefix = _temp_prefix(output)
+    for entry in sorted(output.parent.iterdir()):
+        if not entry.name.startswith(prefix) or not entry.is_dir() or entry.is_symlink():
+            continue
+        tail = entry.name[len(prefix):]
+        ours = _OURS.fullmatch(tail)
+        if ours and int(ours["pid"]) != os.getpid() and not pid_alive(int(ours["pid"])):
+            size = _folder_size(entry)
+            shutil.rmtree(entry, ignore_errors=True)
+            if not entry.exists():
+                removed.append(entry)
+                say(f"removed {entry}: {_human_size(size)} left by an earlier write to {output} that was "
+                    f"interrupted (its process {ours['pid']} is gone)")
+        elif not ours and _BEFORE_PIDS.fullmatch(tail):
+            say(f"note: {entry} ({_human_size(_folder_size(entry))}) looks like what an interrupted write to "
+                f"{output} left; it was made by an older overnight that did not record its process, so it is not "
+                "removed: delete it if no other fuse or convert-adapter to that output is running")
+    if removed:
+        fsync_dir(output.parent)
+    return removed
+
+
+def _folder_size(folder: Path) -> int:
+    total = 0
+    for root, _, files in os.walk(folder):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def _human_size(size: int) -> str:
+    for unit, scale in (("GB", 1 << 30), ("MB", 1 << 20), ("kB", 1 << 10)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return f"{size} bytes"

@@ -17,8 +17,9 @@ from overnight.runs.console import say
 # Short flags users already type (train_qlora-style) and the config keys they set.
 FLAG_KEYS = {
     "model": "model.path", "data": "data.path", "method": "data.method", "batch_size": "train.batch_size",
-    "lora_rank": "lora.rank", "lora_layers": "lora.layers", "max_steps": "train.max_steps",
+    "lora_rank": "lora.rank", "lora_layers": "lora.layers", "max_steps": "train.max_steps", "epochs": "train.epochs",
     "learning_rate": "train.learning_rate", "seed": "train.seed", "output": "output.dir", "backend": "backend",
+    "init_adapter": "lora.init_from",
 }
 
 
@@ -131,9 +132,13 @@ def _add_train_command(sub) -> None:
     t.add_argument("--lora-rank", type=int, metavar="N", help="lora.rank")
     t.add_argument("--lora-layers", type=int, metavar="N", help="lora.layers (last N blocks, -1 all)")
     t.add_argument("--max-steps", type=int, metavar="N", help="train.max_steps")
+    t.add_argument("--epochs", type=float, metavar="E", help="train.epochs: passes over the training data, instead "
+                   "of --max-steps (max_steps is derived from the data's rows, the batch, accumulation and processes)")
     t.add_argument("--learning-rate", type=float, metavar="F", help="train.learning_rate")
     t.add_argument("--no-streaming", action="store_true", help="load the data into memory (data.streaming=false)")
     t.add_argument("--seed", type=int, metavar="N", help="train.seed")
+    t.add_argument("--init-adapter", metavar="ADAPTER_DIR", help="lora.init_from: start the LoRA weights from this "
+                   "adapter (a run's adapter/ or a checkpoint, PEFT or mlx-lm format); a new run, optimizer and schedule")
     t.add_argument("--allow-config-change", action="store_true",
                    help="resume even though the model, data or training config changed (recorded in metrics)")
     t.add_argument("--allow-backend-change", action="store_true",

@@ -19,6 +19,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -66,6 +68,7 @@ def run_export_job(export, argv: list[str]) -> int:
     config error) is one line on stderr and exit 2, anything else a crash with its traceback (exit 1)."""
     from overnight.config import ConfigError
 
+    _exit_with_parent()
     job = json.loads(Path(argv[0]).read_text(encoding="utf-8"))
     try:
         result = export(job)
@@ -74,6 +77,19 @@ def run_export_job(export, argv: list[str]) -> int:
         return 2
     Path(job["result"]).write_text(json.dumps(result), encoding="utf-8")
     return 0
+
+
+def _exit_with_parent() -> None:
+    """End this exporter when the `overnight fuse` that started it is gone (SIGKILL, a closed terminal): nobody is
+    left to rename what it writes, and the next fuse removes that temporary folder, which it must not be filling."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="overnight-fuse-parent-watch", daemon=True).start()
 
 
 def copy_base_files(base_dir: Path, output: Path) -> list[str]:
@@ -172,11 +188,25 @@ def _trained_on(chosen: Chosen, run_dir: Path) -> dict:
     backend = fingerprint.get("backend") or {"mlx": "mlx", "peft": "torch"}[detect_format(adapter)]
     return {
         "backend": backend,
-        "model_path": fingerprint.get("model_path") or model_section.get("path"),
+        "model_path": _base_path(fingerprint.get("model_path") or model_section.get("path"), adapter),
         "model_identity": fingerprint.get("model"),
         "bits": recorded.get("model.quantization.bits", quant.get("bits", 0)) or 0,
         "group_size": recorded.get("model.quantization.group_size", quant.get("group_size", 64)),
     }
+
+
+def _base_path(recorded: str | None, adapter: Path) -> str | None:
+    """The base as the run recorded it, unless that is a relative path that means nothing from here (`--model
+    runs/tiny-model` typed in another folder): then the absolute path the adapter recorded, if it is a folder.
+    _check_base still proves it is the model the run trained on."""
+    if not recorded or Path(recorded).expanduser().is_absolute() or Path(recorded).expanduser().is_dir():
+        return recorded
+    try:
+        config = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return recorded
+    noted = config.get("base_model_name_or_path") or config.get("model") if isinstance(config, dict) else None
+    return noted if isinstance(noted, str) and Path(noted).is_absolute() and Path(noted).is_dir() else recorded
 
 
 def _check_base(base: str, identity: dict | None, given: bool) -> None:
@@ -262,7 +292,7 @@ def fuse(run_dir: Path, choice: str, output: Path, dequantize: bool = False, ggu
                "gguf_name": GGUF_NAME, "bits": int(trained["bits"] or 0),
                "group_size": int(trained["group_size"] or 64)}
         write_folder_atomically(output, lambda folder: result.update(
-            _run_exporter(backend, job | {"output": str(folder)}, Path(scratch))))
+            _run_exporter(backend, job | {"output": str(folder)}, Path(scratch))), say)
     result["step"] = chosen.info.step
     say(f"fused model: {output} ({result['format']}, {result['weights']})")
     if backend == "torch" and dequantize:

@@ -139,19 +139,26 @@ def best_eval(t: Timeline) -> tuple[int | None, str]:
     return None, ""
 
 
-def _hms(seconds: float) -> str:
+def _duration(seconds: float) -> str:
+    """h:mm:ss, or seconds under a minute: a short run is a few seconds long, not 0:00:00."""
+    if seconds < 59.95:
+        return f"{seconds:.2f} s" if seconds < 10 else f"{seconds:.1f} s"
     seconds = int(round(seconds))
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
-def _max_steps(run_dir: Path) -> int | None:
+def _config_int(run_dir: Path, section: str, key: str) -> int | None:
     try:
         import yaml
 
-        value = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))["train"]["max_steps"]
+        value = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))[section][key]
         return value if isinstance(value, int) and not isinstance(value, bool) else None
-    except Exception:  # noqa: BLE001 (a missing or hand-edited config only loses the "of N")
+    except Exception:  # noqa: BLE001 (a missing or hand-edited config only loses a detail of the summary)
         return None
+
+
+def _max_steps(run_dir: Path) -> int | None:
+    return _config_int(run_dir, "train", "max_steps")
 
 
 def _fmt(value, digits: int = 4) -> str:
@@ -169,12 +176,16 @@ def summary(run_dir: Path, t: Timeline) -> list[str]:
                  + (f" of {max_steps}" if max_steps else "") + f" ({len(t.train)} train lines, {len(t.evals)} evals, "
                  f"{len(t.checkpoints)} checkpoints)")
     spans = [max(s) - min(s) for s in t.sessions if s]
-    elapsed = max((v for r in t.train.values() if (v := _number(r.get("elapsed_s"))) is not None), default=None)
+    timed = [(step, v) for step, r in sorted(t.train.items()) if (v := _number(r.get("elapsed_s"))) is not None]
+    training = ""
+    if timed:  # the loop's own sum of step times, as of the newest train line (older runs: a report_every step)
+        training = f"training steps {_duration(timed[-1][1])}" + (
+            f" (to step {timed[-1][0]})" if steps is not None and timed[-1][0] < steps else "")
     if spans:
-        wall = f"wall time: {_hms(sum(spans))}" + (f" over {len(spans)} processes" if len(spans) > 1 else "")
-        lines.append(wall + (f"; training steps {_hms(elapsed)}" if elapsed is not None else ""))
-    elif elapsed is not None:
-        lines.append(f"wall time: not recorded (old format); training steps {_hms(elapsed)}")
+        wall = f"wall time: {_duration(sum(spans))}" + (f" over {len(spans)} processes" if len(spans) > 1 else "")
+        lines.append(wall + (f"; {training}" if training else ""))
+    elif training:
+        lines.append(f"wall time: not recorded (old format); {training}")
     lines.append(f"resumes: {len(t.resumes)}" + (f" (from step {', '.join(map(str, t.resumes))})" if t.resumes else ""))
     if t.ooms:
         lines.append("out of memory: micro-batch split during step " + ", ".join(
@@ -248,13 +259,27 @@ def _moving_average(steps: list[int], values: list[float]) -> list[float]:
     return out
 
 
-def plot(t: Timeline, output: Path, title: str) -> None:
+def plot(t: Timeline, output: Path, title: str, eval_every: int | None = None) -> list[str]:
+    """Write the PNG; returns the panels left empty, each with why (the summary says so too)."""
+    fig, empty = figure(t, title, eval_every)
+    _save_png(fig, output)
+    return empty
+
+
+def figure(t: Timeline, title: str, eval_every: int | None = None):
+    """(the matplotlib Figure, ["val loss: why it is empty", ...])."""
     from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state; Agg renders the PNG
 
     best, _ = best_eval(t)
     fig = Figure(figsize=(13, 10), dpi=100)
     axes = fig.subplots(3, 2, sharex=True).ravel()
+    empty = []
     for ax, (name, lines) in zip(axes, _panels(t)):
+        if not any(xs for xs, _, _ in lines):
+            why = _why_empty(name, t, eval_every)
+            _empty_panel(ax, name, why)
+            empty.append(f"{name}: {why}")
+            continue
         _draw_panel(ax, name, lines)
         _mark_events(ax, t, best)
     if best is not None and best in t.evals and _number(t.evals[best].get("val_loss")) is not None:
@@ -264,7 +289,7 @@ def plot(t: Timeline, output: Path, title: str) -> None:
     fig.legend(handles=_marker_legend(best), loc="lower center", ncol=5, fontsize=9, frameon=False)
     fig.suptitle(title, fontsize=11)
     fig.tight_layout(rect=(0, 0.04, 1, 0.97))
-    _save_png(fig, output)
+    return fig, empty
 
 
 def _panels(t: Timeline) -> list:
@@ -284,17 +309,39 @@ def _panels(t: Timeline) -> list:
     ]
 
 
+def _why_empty(name: str, t: Timeline, eval_every: int | None) -> str:
+    if name == "val loss":
+        if t.end and t.end.get("status") == "completed":  # with validation on, the last step is always evaluated
+            return "no eval recorded: the run had no validation file (val.jsonl)"
+        due = f" (every {eval_every} steps and at the end)" if eval_every else ""
+        return f"no eval recorded yet{due}, or the run has no validation file"
+    if not t.train:
+        return "no train step recorded yet"
+    return "not in this run's train lines (written by an older version)"
+
+
+def _empty_panel(ax, name: str, why: str) -> None:
+    """A panel with nothing to draw shows why instead of empty axes with made-up ranges."""
+    ax.set_title(name, fontsize=10)
+    ax.set_axis_off()
+    ax.text(0.5, 0.5, why.replace(": ", ":\n", 1), ha="center", va="center", transform=ax.transAxes,
+            color="grey", wrap=True)
+
+
+SPARSE = 30  # up to this many points a line also marks each one: a run of a few steps is a few dots
+
+
 def _draw_panel(ax, name: str, lines: list) -> None:
     ax.set_title(name, fontsize=10)
     ax.grid(True, alpha=0.3)
     drawn = False
     for xs, ys, style in lines:
         if xs:
+            if len(xs) <= SPARSE and "marker" not in style:  # a single point has no line to see
+                style = {**style, "marker": "o", "ms": 3}
             ax.plot(xs, ys, **style)
             drawn = True
-    if not drawn:
-        ax.text(0.5, 0.5, "not recorded", ha="center", va="center", transform=ax.transAxes, color="grey")
-    elif name == "grad norm":
+    if drawn and name == "grad norm":
         finite = [v for v in lines[0][1] if math.isfinite(v) and v > 0]
         if finite and max(finite) / min(finite) > 100:  # one spike would flatten the rest
             ax.set_yscale("log")
@@ -369,9 +416,12 @@ def report_main(run_dir_arg: str, output_arg: str | None, say: Callable[[str], N
         raise UsageError(f"the plot needs matplotlib, an optional extra: {EXTRA_HINT} "
                          "(the summary above needs nothing)") from None
     try:
-        plot(timeline, output, f"overnight report: {run_dir.resolve().name}")
+        empty = plot(timeline, output, f"overnight report: {run_dir.resolve().name}",
+                     _config_int(run_dir, "eval", "every_steps"))
     except OSError as exc:
         raise UsageError(f"cannot write {output} ({exc.strerror or exc}); choose another place with "
                          "--output FILE.png") from None
     say(f"plot: {output}")
+    for panel in empty:
+        say(f"  empty panel, {panel}")
     return EXIT_OK

@@ -55,12 +55,32 @@ def resume_point(run_dir: Path) -> str:
     return "no checkpoint yet"
 
 
+def _unrecorded_failure(run_dir: Path, beat: dict) -> dict | None:
+    """The run's failed event when heartbeat.json missed it: on a full disk the heartbeat (a new file, renamed) can
+    fail to be written where one more line still fits in metrics.jsonl, and a run that failed must not read as
+    interrupted, or as the completed run it was resumed from."""
+    if beat.get("state") == "failed":
+        return None
+    lifecycle = [r for r in read_metrics(run_dir)
+                 if r.get("event") in ("start", "resume", "stop", "end", "failed", "interrupted")]
+    if not lifecycle or lifecycle[-1].get("event") != "failed":
+        return None
+    last, beat_time = lifecycle[-1], beat.get("time")
+    if isinstance(beat_time, (int, float)) and isinstance(last.get("time"), (int, float)) and last["time"] < beat_time:
+        return None  # the heartbeat is newer: a later start that wrote no event yet
+    return last
+
+
 def show_status(run_dir: Path, say: Callable[[str], None]) -> None:
     beat, problem = read_heartbeat(run_dir / "heartbeat.json")
     if problem and problem != "no heartbeat.json":
         say(f"warning: {problem}")
     beat = beat or {}
     held, holder = lock.holder(run_dir)
+    failure = _unrecorded_failure(run_dir, beat)
+    if failure is not None and not held:
+        beat = {**beat, "state": "failed", "step": failure.get("step", beat.get("step")),
+                "reason": failure.get("reason")}
     step, state = beat.get("step", "?"), beat.get("state") or "running"
     age = time.time() - beat["time"] if "time" in beat else None
     ago = f"{age:.0f}s ago" if age is not None else "at an unknown time"

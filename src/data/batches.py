@@ -13,6 +13,7 @@ cut into max_seq_length blocks; the state is (epoch, document, token offset in i
 """
 from __future__ import annotations
 
+import os
 from array import array
 from pathlib import Path
 from typing import Any, Callable
@@ -26,9 +27,12 @@ from overnight.data.formats import (
     DataError,
     DataReport,
     FileReport,
+    FileStamp,
     Measure,
     Problem,
+    changed_file_error,
     check_file,
+    checked_stamp,
     detect_format,
     find_data_files,
     iter_lines,
@@ -38,6 +42,8 @@ from overnight.data.formats import (
     no_target_fix,
     parse_line,
     row_problems,
+    stamp_of,
+    validate_data_command,
 )
 from overnight.data.tokenizer import (
     Encoded,
@@ -94,7 +100,7 @@ def check_data(data_path: Path, method: str, *, tokenizer: TextTokenizer | None 
     reports = [check_file(path, method, measure, max_len, _progress_for(path, on_progress))
                for path in (train, val) if path is not None]
     report = DataReport(method, reports[0], reports[1] if len(reports) > 1 else None, max_len, truncate, packing,
-                        mask_prompt)
+                        mask_prompt, Path(data_path), tokenizer.model_dir if tokenizer is not None else None)
     for f in report.files:
         _check_file_fits(f, report, method, tokenizer, cfg)
     if packing and max_len < 2:
@@ -171,34 +177,51 @@ class RowSource:
     def __init__(self, path: Path, streaming: bool, method: str | None = None):
         self.path = Path(path)
         self.method = method
+        self._handle = None
         if not self.path.is_file():
             raise DataError(f"{self.path}: no such file -> check data.path")
         # Typed arrays keep the index at 12 bytes a row (a Python list of ints costs several times that).
         offsets, lengths, rows = array("q"), array("i"), []
         try:
+            # Streamed rows are read through this handle, opened before the index: a file replaced later (a rename)
+            # is still the one indexed; one edited in place changes its stamp, which every read compares.
+            self._handle = open(self.path, "rb")
+            self.stamp = FileStamp.of(os.fstat(self._handle.fileno()))
+            checked = checked_stamp(self.path)
+            if checked is not None and checked != self.stamp:
+                self.close()
+                raise changed_file_error(self.path, checked, self.stamp)
             for lineno, offset, content in iter_lines(self.path):
                 offsets.append(offset)
                 lengths.append(min(len(content), 2**31 - 1))
                 if not streaming:
                     rows.append(self._parse(content, lineno))
         except OSError as exc:
+            self.close()
             raise DataError(f"{self.path}: cannot be read ({exc.strerror or exc})") from None
+        if not streaming:
+            self.close()
+        self._unchanged(stamp_of(self.path))  # edited while it was indexed
         if not offsets:
             raise DataError(f"{self.path}: is empty (no rows) -> add one JSON object per line")
         self.offsets = np.frombuffer(offsets, dtype=np.int64)
         self.lengths = np.frombuffer(lengths, dtype=np.int32)
         self.rows = rows if not streaming else None
-        self._handle = None
         first = self.row(0)
         self.format = detect_format(first)
         if self.format is None:
             raise DataError(f"{self.path}:{self.lineno(0)}: the row has none of the keys of a known format "
-                            "-> run `overnight validate-data` on the data for details")
+                            f"-> run {validate_data_command(self.path, self.method)} for details")
 
     def __len__(self) -> int:
         return len(self.offsets)
 
+    def _unchanged(self, now: FileStamp | None) -> None:
+        if now != self.stamp:
+            raise changed_file_error(self.path, self.stamp, now)
+
     def lineno(self, i: int) -> int:
+        self._unchanged(stamp_of(self.path))  # a line number counted in another file would point nowhere
         return line_number_at(self.path, int(self.offsets[i]))
 
     def _parse(self, content: bytes, lineno: int | None = None, index: int | None = None) -> dict:
@@ -211,11 +234,13 @@ class RowSource:
     def row(self, i: int) -> dict:
         if self.rows is not None:
             return self.rows[i]
-        if self._handle is None:
+        if self._handle is None:  # read again after close(): still the same file, or the stamp says it changed
             self._handle = open(self.path, "rb")
         offset = int(self.offsets[i])
         self._handle.seek(offset)
-        return self._parse(line_content(self._handle.readline(), offset == 0), index=i)
+        raw = self._handle.readline()
+        self._unchanged(FileStamp.of(os.fstat(self._handle.fileno())))
+        return self._parse(line_content(raw, offset == 0), index=i)
 
     def checked_row(self, i: int) -> dict:
         """The row, refused with file:line if it does not fit the file's format (check_data catches this
@@ -228,7 +253,7 @@ class RowSource:
             key, message, hint = problems[0]
             key_text = f" key '{key}':" if key else ""
             raise DataError(f"{self.path}:{self.lineno(i)}:{key_text} {message}"
-                            + (f" -> {hint}" if hint else " -> run `overnight validate-data` on the data"))
+                            + f" -> {hint or 'run ' + validate_data_command(self.path, self.method)}")
         return row
 
     def close(self) -> None:
@@ -271,6 +296,16 @@ def collate(seqs: list[tuple[list[int], list[int]]], pad_id: int, max_len: int, 
 
 # ---------------------------------------------------------------------------
 # Training order
+
+def order_changes(state: dict, cfg: Any, samples_per_epoch: int) -> dict[str, tuple[Any, Any]]:
+    """{field: (saved, now)} for each way a saved TrainStream position does not fit the order this config draws
+    over ``samples_per_epoch`` rows; empty when it continues that order. TrainStream.restore refuses on it, and a
+    resume checks it (overnight.runs.resume) before anything is loaded or written."""
+    expected = {"version": STATE_VERSION, "kind": "packed" if cfg.packing else "rows",
+                "samples_per_epoch": samples_per_epoch, "batch_size": cfg.train.batch_size,
+                "window_size": cfg.train.batch_size * WINDOW_BATCHES, "seed": cfg.train.seed}
+    return {k: (state.get(k), v) for k, v in expected.items() if state.get(k) != v}
+
 
 class TrainStream(BatchSource):
     """Infinite batches over the training file, epoch after epoch, with state() / restore().
@@ -453,10 +488,8 @@ class TrainStream(BatchSource):
         }
 
     def restore(self, state: dict) -> None:
-        expected = {"version": STATE_VERSION, "kind": "packed" if self.packing else "rows",
-                    "samples_per_epoch": self.samples_per_epoch, "batch_size": self.batch_size,
-                    "window_size": self.window, "seed": self.seed}
-        changed = [f"{k} {state.get(k)!r} -> {v!r}" for k, v in expected.items() if state.get(k) != v]
+        changed = [f"{k} {was!r} -> {now!r}" for k, (was, now) in
+                   order_changes(state, self.cfg, self.samples_per_epoch).items()]
         if changed:
             raise DataError(f"{self.source.path}: the saved data position does not fit this data or config "
                             f"({'; '.join(changed)}) -> resume with the same data and batch size, or start fresh")
@@ -468,6 +501,23 @@ class TrainStream(BatchSource):
 
     def close(self) -> None:
         self.source.close()
+
+
+def batches_per_epoch(report: DataReport, batch_size: int, max_seq_length: int) -> int | None:
+    """The batches TrainStream serves in one epoch of the training file, from the data check's counts (what
+    train.epochs is turned into steps with): ceil(rows / batch_size), a preference pair or a grpo prompt being one
+    row; packed, ceil(blocks / batch_size), the rows' tokens cut into max_seq_length blocks and a last one-token
+    block left out (nothing to predict). None when packed data's tokens were not counted (no tokenizer yet).
+    A batch whose rows are all left out (no target token, or too long with data.truncate=false) is skipped by the
+    stream, and a packed block with no target likewise, so such data ends an epoch that many batches sooner."""
+    if report.packing:
+        if report.train.lengths is None:
+            return None
+        tokens = int(report.train.lengths.sum())
+        blocks = tokens // max_seq_length + (1 if tokens % max_seq_length >= 2 else 0)
+    else:
+        blocks = report.train.rows
+    return -(-blocks // batch_size)
 
 
 # ---------------------------------------------------------------------------

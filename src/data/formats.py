@@ -12,6 +12,8 @@ Every problem names file, line and key, and says what to do about it.
 from __future__ import annotations
 
 import json
+import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -61,6 +63,20 @@ class Problem:
         key = f" key '{self.key}':" if self.key else ""
         hint = f" -> {self.hint}" if self.hint else ""
         return f"{where}:{key} {self.message}{hint}"
+
+
+def validate_data_command(path: Path, method: str | None, model_dir: Path | str | None = None,
+                          max_seq_length: int | None = None) -> str:
+    """The `overnight validate-data` command that checks what the run checked: the method decides which rows fit
+    (validate-data infers sft or dpo otherwise), and only a tokenizer finds rows too long for max_seq_length."""
+    parts = ["overnight validate-data", str(path)]
+    if method:
+        parts += ["--method", method]
+    if model_dir:
+        parts += ["--model", str(model_dir)]
+        if max_seq_length is not None:
+            parts += ["--max-seq-length", str(max_seq_length)]
+    return "`" + " ".join(parts) + "`"
 
 
 def format_keys_text(fmt: str) -> str:
@@ -194,6 +210,56 @@ def row_problems(row: dict, fmt: str, method: str | None = None) -> list[tuple[s
 
 
 # ---------------------------------------------------------------------------
+# A file that changes under a run
+
+@dataclass(frozen=True)
+class FileStamp:
+    """What tells that a file changed without reading it again: which file (device, inode), its size and its
+    modification time."""
+
+    device: int
+    inode: int
+    size: int
+    mtime_ns: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> FileStamp:
+        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def describe(self) -> str:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.mtime_ns / 1e9))
+        return f"{self.size:,} bytes, modified {when}"
+
+
+# Each data file as this process's data check read it (realpath -> stamp): the rows are read again later (streamed
+# as training goes, the validation file at the first eval), and they must still be the rows that were checked.
+_CHECKED: dict[str, FileStamp] = {}
+
+
+def stamp_of(path: Path) -> FileStamp | None:
+    try:
+        return FileStamp.of(os.stat(path))
+    except OSError:
+        return None
+
+
+def checked_stamp(path: Path) -> FileStamp | None:
+    """The file as the data check of this process found it, or None when it was not checked here."""
+    return _CHECKED.get(os.path.realpath(path))
+
+
+def changed_file_error(path: Path, was: FileStamp, now: FileStamp | None) -> DataError:
+    """Said instead of what reading a changed file would give (a row that does not parse, on a line that may no
+    longer exist, or silently other rows)."""
+    return DataError(
+        f"{path}: the file changed while the run was using it (when it was checked: {was.describe()}; now: "
+        f"{now.describe() if now else 'gone'}). overnight reads the rows again after checking them (as it trains, "
+        "and at the first evaluation), so it stopped rather than use rows nobody checked -> put the original file "
+        "back and continue with --auto-resume (each checkpoint records its sha256), or train on the new file in a "
+        "new run (--fresh, or another --output); to prepare new data while a run uses a file, edit a copy")
+
+
+# ---------------------------------------------------------------------------
 # Files
 
 def find_data_files(data_path: Path) -> tuple[Path, Path | None]:
@@ -265,6 +331,8 @@ class DataReport:
     truncate: bool = True
     packing: bool = False
     mask_prompt: bool = True
+    data_path: Path | None = None  # as the user named it (a folder or a file), for the validate-data hint
+    model_dir: Path | None = None  # the tokenizer's folder, when the rows were tokenized
 
     @property
     def files(self) -> list[FileReport]:
@@ -303,8 +371,9 @@ class DataReport:
         lines = [f"{self.problem_count} problem(s) in the data; nothing was trained or written:"]
         lines += [f"  {p}" for p in shown]
         if self.problem_count > len(shown):
-            lines.append(f"  ... and {self.problem_count - len(shown)} more "
-                         f"(`overnight validate-data {self.train.path.parent}` lists them all)")
+            command = validate_data_command(self.data_path or self.train.path, self.method, self.model_dir,
+                                            self.max_seq_length)
+            lines.append(f"  ... and {self.problem_count - len(shown)} more ({command} lists them all)")
         raise DataError("\n".join(lines))
 
 
@@ -340,6 +409,7 @@ def check_file(path: Path, method: str, measure: Measure | None = None,
         if not path.is_file():
             report.add(None, None, "is not a file", "pass a .jsonl file or a folder holding train.jsonl")
             return report
+        before = stamp_of(path)
         for lineno, offset, content in iter_lines(path, report):
             if on_line is not None:  # (line number, bytes read): the caller's progress display
                 on_line(lineno, offset)
@@ -347,6 +417,11 @@ def check_file(path: Path, method: str, measure: Measure | None = None,
     except OSError as exc:
         report.add(None, None, f"cannot be read ({exc.strerror or exc})", "check the path and its permissions")
         return report
+    after = stamp_of(path)
+    if before is None or after != before:
+        report.add(None, None, "changed while it was being checked", "check it again once nothing writes to it")
+    else:
+        _CHECKED[os.path.realpath(path)] = after
 
     if tallies:
         _settle_format(report, tallies, method)

@@ -32,8 +32,20 @@ def _read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DataError(f"{path}: cannot be read as JSON ({exc}) -> re-save the model folder's tokenizer files") from None
+        fix = _JSON_FIX.get(path.name, _JSON_FIX[""])
+        raise DataError(f"{path}: cannot be read as JSON ({exc}) -> {fix}") from None
     return data if isinstance(data, dict) else {}
+
+
+# What to do about a damaged JSON file of the model folder: config.json is the model's own description, not a
+# tokenizer file, so re-saving the tokenizer would not fix it.
+_JSON_FIX = {
+    "config.json": "the model's configuration is damaged: restore config.json from the original model "
+                   "(re-download or re-copy the model folder)",
+    "generation_config.json": "restore generation_config.json from the original model, or delete it (it holds "
+                              "only generation defaults)",
+    "": "re-save the model folder's tokenizer files",
+}
 
 
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")

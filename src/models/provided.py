@@ -31,7 +31,7 @@ from typing import Callable
 from overnight.errors import UsageError
 from overnight.backend import GGUF_CONVERTER
 from overnight.fsutil import sha256_file
-from overnight.fsutil import pid_alive
+from overnight.fsutil import give_default_modes, pid_alive
 
 EXTRA_HINT = "pip install 'overnight[models]'"
 CONVERSION_MODULES = ("gguf", "transformers", "torch")
@@ -137,6 +137,7 @@ def get_model(name: str, output: Path | None = None, say: Callable[[str], None] 
             started = time.monotonic()
             try:
                 _convert(gguf_path, tmp)
+                give_default_modes(tmp)  # transformers' safetensors writes 0600; --output links these files
                 _place(tmp, folder)
             except BaseException:  # Ctrl-C included: nothing half-made stays (a SIGKILL's is cleared next time)
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -154,6 +155,7 @@ def get_model(name: str, output: Path | None = None, say: Callable[[str], None] 
         # Hard links where the filesystem allows: a second 540 MB copy of read-only weights helps nobody
         # (tools write new files rather than edit safetensors in place); a plain copy elsewhere.
         shutil.copytree(folder, tmp, copy_function=_link_or_copy)
+        give_default_modes(tmp)  # a cache converted by an older version holds 0600 weights (hard links share it)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         raise UsageError(f"--output {output}: cannot write the model there ({exc.strerror or exc})") from None

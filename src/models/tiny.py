@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from overnight.fsutil import give_default_modes
+
 ROOT = Path(__file__).resolve().parents[2]
 BUNDLED_DATA = ROOT / "data"
 
@@ -157,6 +159,7 @@ def build_tiny_model(out_dir: Path, *, seed: int = 0, vocab_size: int = 512, hid
     rng = np.random.default_rng(seed)
     weights = init_weights(rng, vocab_size, hidden_size, num_layers, num_heads, num_kv_heads, intermediate_size)
     save_file(weights, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    give_default_modes(out_dir / "model.safetensors")  # safetensors writes 0600
 
     _write_json(out_dir / "config.json", _llama_config(
         vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,

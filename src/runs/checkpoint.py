@@ -79,10 +79,11 @@ _fault.counts = {}
 DISK_FULL_BELOW = 1 << 20  # bytes free under which a failed write is taken to be a full disk
 
 
-def _disk_full(exc: BaseException, folder: Path) -> bool:
+def disk_full(exc: BaseException, folder: Path, by_free_space: bool = True) -> bool:
     """Writers report a full disk in their own ways: OSError(ENOSPC) from Python, "No space left on
     device (os error 28)" inside a SafetensorError, and a bare RuntimeError from torch.save and
-    mx.save_safetensors. The errno, the text, or else the filesystem itself (almost nothing free) tells."""
+    mx.save_safetensors. The errno, the text, or else (``by_free_space``: for an error met while writing) the
+    filesystem itself (almost nothing free) tells."""
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
@@ -91,10 +92,29 @@ def _disk_full(exc: BaseException, folder: Path) -> bool:
         if any(text in str(exc) for text in ("No space left on device", "os error 28", "Disk quota exceeded")):
             return True
         exc = exc.__cause__ or exc.__context__
+    if not by_free_space:
+        return False
     try:
         return shutil.disk_usage(folder).free < DISK_FULL_BELOW
     except OSError:
         return False
+
+
+def _size(n: int, decimals: int) -> str:
+    for unit, scale in (("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.{decimals}f} {unit}"
+    return f"{n} bytes"
+
+
+def sizes_that_differ(a: int, b: int) -> tuple[str, str]:
+    """Two byte counts worded with just enough digits to tell them apart: a refusal that reads "1 MB free, about
+    1 MB needed" hides the very difference it is about."""
+    for decimals in (1, 2, 3):
+        shown = _size(a, decimals), _size(b, decimals)
+        if shown[0] != shown[1] or a == b:
+            return shown
+    return f"{a:,} bytes", f"{b:,} bytes"
 
 
 def _files(root: Path) -> list[Path]:
@@ -306,8 +326,8 @@ class CheckpointManager:
             _fault("after_rename")
             fsync_dir(self.root)
         except BaseException as exc:
-            # Judged before the partial save is removed: _disk_full may look at what the filesystem has left.
-            full = isinstance(exc, Exception) and not isinstance(exc, CheckpointError) and _disk_full(exc, self.root)
+            # Judged before the partial save is removed: disk_full may look at what the filesystem has left.
+            full = isinstance(exc, Exception) and not isinstance(exc, CheckpointError) and disk_full(exc, self.root)
             shutil.rmtree(tmp, ignore_errors=True)
             if full:
                 raise CheckpointError(
@@ -326,9 +346,10 @@ class CheckpointManager:
         needed = int(self._estimate_bytes() * 1.2) + (1 << 20)
         free = shutil.disk_usage(self.root).free
         if free < needed:
+            shown_free, shown_needed = sizes_that_differ(free, needed)
             raise CheckpointError(
-                f"not enough free disk space in {self.root} to save step {step}: {free / 2**20:.0f} MB free, "
-                f"about {needed / 2**20:.0f} MB needed; free some space (old runs, archive-* folders) and resume"
+                f"not enough free disk space in {self.root} to save step {step}: {shown_free} free, "
+                f"about {shown_needed} needed; free some space (old runs, archive-* folders) and resume"
             )
 
     @staticmethod
@@ -392,6 +413,17 @@ class CheckpointManager:
             removed.append(step)
         if removed:
             fsync_dir(self.root)
+        return removed
+
+    def prune_on_resume(self, best_step: int | None) -> list[int]:
+        """Rotate once when a run resumes (its checkpoint already in ``protected``), so a keep_last lowered on the
+        command line frees its space before the first save needs it rather than after: a disk filled by the old
+        setting would otherwise refuse that very save."""
+        removed = self.rotate(best_step)
+        if removed:
+            kept = ", ".join(str(step) for step, _ in self._step_dirs())
+            self.log(f"checkpoint.keep_last={self.keep_last}: removed step {', '.join(map(str, removed))} "
+                     f"(kept: {kept})")
         return removed
 
 

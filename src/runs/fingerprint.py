@@ -40,12 +40,15 @@ def _file_digest(path: Path | None) -> str | None:
 
 
 def compute(cfg: Config, train_file: Path, val_file: Path | None, backend: str | None = None,
-            world_size: int = 1) -> dict:
+            world_size: int = 1, init_adapter: dict | None = None) -> dict:
     """``backend`` (the Backend's ``name``) is recorded so a resume on another backend is refused before
     the model is loaded; it is checked on its own (resume.check_backend), not by differences().
-    ``world_size``: the processes of a data-parallel job; what must not change is the global batch."""
+    ``world_size``: the processes of a data-parallel job; what must not change is the global batch.
+    ``init_adapter``: the adapter lora.init_from started the LoRA from ({"path", "sha256"}; AdapterWeights.identity,
+    hashed once when the adapter was read); compared by its sha256 alone."""
     keys = [key for key in TRAINING_KEYS if key not in NOT_COMPARED]
     return {
+        "init_adapter": init_adapter,
         "world_size": world_size,
         "model": _model_identity(cfg.model.path),
         "model_shape": model_shape(cfg.model.path),  # "the same model" across backends (src/runs/portable.py)
@@ -79,6 +82,9 @@ def differences(saved: dict, current: dict, across_backends: bool = False) -> li
                    or (old_model or {}).get("id", ""))
             changes.append(f"model: {current.get('model_path')!r} is not the model the checkpoint was trained on"
                            + (f" ({was!r})" if was else "") + " (config.json or weight files differ)")
+    old_init, new_init = saved.get("init_adapter"), current.get("init_adapter")
+    if (old_init or {}).get("sha256") != (new_init or {}).get("sha256"):  # by content: a moved copy is the same
+        changes.append(f"lora.init_from: {_adapter_name(old_init)} -> {_adapter_name(new_init)}")
     if saved.get("train_data") != current.get("train_data"):
         changes.append("train data file contents")
     if saved.get("val_data") != current.get("val_data"):
@@ -93,6 +99,10 @@ def differences(saved: dict, current: dict, across_backends: bool = False) -> li
         if old_cfg.get(key) != new_cfg.get(key):
             changes.append(f"{key}: {old_cfg.get(key)!r} -> {new_cfg.get(key)!r}")
     return changes
+
+
+def _adapter_name(init: dict | None) -> str:
+    return f"{init['path']} (weights sha256 {init['sha256'][:12]})" if init else "none (the seeded initial weights)"
 
 
 def quantization_change(saved: dict, current: dict) -> dict:

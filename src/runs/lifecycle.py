@@ -26,13 +26,13 @@ from overnight.integrations.trackers import open_reporter
 from overnight.methods.registry import PartsRequest, method
 from overnight.models.provided import resolve_model_path
 from overnight.runs import fingerprint as fp
-from overnight.runs import launch, lock, portable, resume
-from overnight.runs.checkpoint import CheckpointError, CheckpointInfo, CheckpointManager
-from overnight.runs.console import quiet_this_process, say, stderr_now
+from overnight.runs import init_adapter, launch, lock, portable, resume
+from overnight.runs.checkpoint import CheckpointError, CheckpointInfo, CheckpointManager, disk_full
+from overnight.runs.console import is_quiet, quiet_this_process, say, stderr_now
 from overnight.runs.effects import FollowerEffects, RunEffects
 from overnight.runs.rundir import RunFiles, last_logged_step
-from overnight.runs.signals import SignalFlag
-from overnight.train import loop
+from overnight.runs.signals import SignalFlag, StoppedDuringSetup, stop_setup_on_signals
+from overnight.train import loop, schedule
 from overnight.train.progress import DataCheckProgress, Progress
 
 # What the CLI reports as a message, without a traceback (everything else is a crash).
@@ -41,17 +41,30 @@ EXPECTED_ERRORS = (ConfigError, UsageError, ResumeRefused, BackendUnavailable, d
 
 
 def run_train(args, flags: dict) -> int:
+    stop_setup_on_signals()  # until the loop takes SIGTERM/SIGINT over: a stop during setup is said, not silent
+    run_dirs: list[Path] = []
+    try:
+        return _run_train(args, flags, run_dirs)
+    except StoppedDuringSetup as stop:
+        if not is_quiet():
+            stderr_now(f"\n{stopped_during_setup_note(stop.signal_name, run_dirs[0] if run_dirs else None)}")
+        return stop.code
+
+
+def _run_train(args, flags: dict, run_dirs: list[Path]) -> int:
     launch.requested_devices(args)  # a bad --devices is refused before anything is read
     if distributed.env_rank() != 0:  # rank 0 speaks for the job; the others stay quiet unless they fail
         quiet_this_process()
         args.quiet = True
     checked = check_before_training(args, flags)
     run_dir = output_dir(checked.cfg)
+    run_dirs.append(run_dir)
     backend = get_backend(checked.cfg.backend, announce=say)  # imports the framework, loads no model
     job_code = launch.relaunch_on_devices(args, backend.name, getattr(args, "train_argv", []), say)
     if job_code is not None:
         return job_code
     world = distributed.join(backend, timeout_s=checked.cfg.train.collective_timeout_s)
+    schedule.apply_epochs(checked.cfg, checked.report, world.size)  # train.epochs -> max_steps, for this job's size
     run = TrainingRun(args, checked, run_dir, backend, world)
     if world.rank != 0:  # rank 0 owns RUN_DIR (lock, files, checkpoints); this rank follows its decisions
         return run.execute()
@@ -74,24 +87,29 @@ class Checked:
     val_file: Path | None
     tokenizer: object | None  # None for a hub model: checked again once the backend downloaded it
     report: object  # the data check's DataReport (rows, tokens, warnings)
+    init_adapter: object | None = None  # lora.init_from, read and checked (init_adapter.AdapterWeights)
 
 
 def check_before_training(args, flags: dict) -> Checked:
     """Refuse bad config and data first (exit 2). With a local model folder the check tokenizes every row exactly
     as training will."""
     cfg = build_config(Path(args.config) if args.config else None, flags, args.set)
+    if launch.requested_devices(args) == 1 or distributed.launcher():  # a --devices parent leaves it to its rank 0
+        for warning in cfg.warnings:
+            say(f"warning: {warning}")
     if not cfg.model.path:
         raise ConfigError("no model given: pass --model PATH_OR_ID or set model.path in the config")
     # A model overnight provides without a hub (`overnight models`) is named, e.g. smollm2-135m: the backends
     # get its cached folder (fetched and converted once). The fingerprint compares models by content.
     cfg.model.path = resolve_model_path(cfg.model.path, say)
+    adapter = init_adapter.check(cfg, warn=say)  # lora.init_from: read once, refused by name when it cannot fit
     train_file, val_file = data.find_data_files(Path(cfg.data.path))
     local_model = Path(cfg.model.path).expanduser()
     tokenizer = data.load_tokenizer(local_model) if local_model.is_dir() else None
     report = check_data_showing_progress(cfg, tokenizer, args.quiet)
     report.raise_if_problems()
     method(cfg.data.method).check(cfg, train_file, val_file)
-    return Checked(cfg, train_file, val_file, tokenizer, report)
+    return Checked(cfg, train_file, val_file, tokenizer, report, adapter)
 
 
 def check_data_showing_progress(cfg, tokenizer, quiet: bool):
@@ -152,7 +170,8 @@ def plan_resume(args, cfg, checked: Checked, run_dir: Path, checkpoints: Checkpo
     """Decide where this run starts (rank 0 decides and tells the others) and check that the checkpoint may be
     continued with this config and backend: ResumeRefused (exit 3) naming what changed otherwise."""
     checkpoint = _agreed_checkpoint(args, run_dir, checkpoints, world)
-    fingerprint = fp.compute(cfg, checked.train_file, checked.val_file, backend=backend_name, world_size=world.size)
+    fingerprint = fp.compute(cfg, checked.train_file, checked.val_file, backend=backend_name, world_size=world.size,
+                             init_adapter=checked.init_adapter.identity() if checked.init_adapter else None)
     if checkpoint is None:
         return ResumePlan(fingerprint)
     saved = checkpoints.manifest(checkpoint.path)["fingerprint"]
@@ -161,6 +180,9 @@ def plan_resume(args, cfg, checked: Checked, run_dir: Path, checkpoints: Checkpo
                                           across_backends=moved_from is not None)
     state = checkpoints.trainer_state(checkpoint.path)
     nothing_left = resume.beyond_max_steps(state["step"], cfg.train.max_steps) or resume.stopped_early(run_dir, args)
+    if not nothing_left:
+        resume.check_data_position(state["data"], cfg, checked.train_file, checked.report.train.rows,
+                                   checkpoint.step, run_dir)
     return ResumePlan(fingerprint, checkpoint, state, saved, moved_from, overridden, nothing_left)
 
 
@@ -209,6 +231,7 @@ class TrainingRun:
         self.leader = world.rank == 0
         self.checkpoints = CheckpointManager(run_dir, self.cfg.checkpoint.keep_last, self.cfg.checkpoint.keep_best,
                                              log=say)
+        self.start_step, self.failure_recorded = 0, False
 
     def execute(self) -> int:
         """The run, with failures translated: a lost peer or a user's mistake is a message; anything else is a
@@ -219,12 +242,33 @@ class TrainingRun:
             raise TrainingError(f"{exc}; {crash_note(self.run_dir)}") from None
         except EXPECTED_ERRORS:
             raise
-        except Exception:
+        except Exception as exc:
+            if disk_full(exc, self.run_dir, by_free_space=False):  # a write outside a save: config.yaml, adapter/
+                self._record_failure(f"disk full: {exc}")
+                where = getattr(exc, "filename", None) or f"in {self.run_dir}"
+                raise TrainingError(f"disk full while writing {where} ({exc.__class__.__name__}: {exc}); free some "
+                                    f"space, then: {crash_note(self.run_dir)}") from None
             traceback.print_exc()
+            self._record_failure(f"{exc.__class__.__name__}: {exc}")
             who = f" (rank {self.world.rank} of {self.world.size})" if self.world.size > 1 else ""
             print(f"overnight crashed unexpectedly{who}; {crash_note(self.run_dir)}. Please report the traceback "
                   "above.", file=sys.stderr, flush=True)
             return EXIT_CRASH
+
+    def _record_failure(self, reason: str) -> None:
+        """A failure outside the loop (which records its own) where the run directory already tells a state, so
+        `overnight status` says failed rather than the interrupted or completed run this one resumed. A refusal
+        never gets here, and a directory with no record yet gets none."""
+        if not self.leader or self.failure_recorded:
+            return
+        if not ((self.run_dir / "heartbeat.json").exists() or (self.run_dir / "metrics.jsonl").exists()):
+            return
+        try:
+            files, step = RunFiles(self.run_dir, warn=lambda message: None), self.start_step
+            files.heartbeat(step, "failed", reason=reason)
+            files.event("failed", step, reason=reason)
+        except Exception:  # noqa: BLE001 (recording a failure must not hide it)
+            pass
 
     def _execute(self) -> int:
         try:
@@ -235,6 +279,7 @@ class TrainingRun:
         if plan.nothing_left:
             say(plan.nothing_left)
             return EXIT_OK
+        self.start_step = plan.start_step
         if plan.checkpoint is not None:  # never rotated away; what an abort names as safe
             self.checkpoints.protected.add(plan.checkpoint.step)
             self.checkpoints.last_committed = plan.checkpoint.step
@@ -246,6 +291,8 @@ class TrainingRun:
                 self.cfg, self.backend, self.checked.tokenizer, self.checked.train_file, self.checked.val_file,
                 self.run_dir, say, self.world, writes_predictions=self.leader))
             cleanup.callback(parts.source.close)
+            if plan.state is not None:  # a place in the data the source cannot continue: refused, nothing written
+                resume.check_source_position(parts.source, plan.state["data"], plan.checkpoint.step, self.run_dir)
             self._restore(plan, info, files, notify)
             return self._train(plan, parts, files, notify)
 
@@ -279,23 +326,32 @@ class TrainingRun:
         return info
 
     def _announce(self, plan: ResumePlan, info) -> None:
-        """What the run is about to do, and what the data check warned about."""
+        """What the run is about to do, and what the data check and the plan (steps against warmup and
+        intervals) warned about."""
         for line in banner(self.cfg, info, self.checked.report, self.run_dir,
                            plan.checkpoint.step if plan.checkpoint else None, self.world.size):
             say(line)
-        for warning in self.checked.report.warnings():
+        if plan.checkpoint is None and self.checked.init_adapter is not None:
+            say(f"init: {init_adapter.describe(self.checked.init_adapter)}")
+        for warning in self.checked.report.warnings() + schedule.plan_warnings(
+                self.cfg, plan.start_step, evaluates=self.checked.report.val is not None):
             say(f"warning: {warning}")
 
     def _restore(self, plan: ResumePlan, info, files, notify) -> None:
         """Continue from the plan's checkpoint, or record a fresh start."""
         if plan.checkpoint is None:
+            start = self.checked.init_adapter
+            if start is not None:  # a new run from an adapter's weights (lora.init_from); the optimizer stays new
+                init_adapter.load_into(self.backend, start)
             files.event("start", 0, backend=self.backend.name, trainable_params=info.trainable_params,
-                        total_params=info.total_params)
+                        total_params=info.total_params, **({"init_adapter": start.identity()} if start else {}))
             notify("job_started", run_dir=str(self.run_dir))
         else:
             self._load_checkpoint(plan)
             if self.leader:
                 self.checkpoints.set_aside_after(plan.checkpoint.step)  # --resume-from / --before-step: new timeline
+                # A keep_last lowered on resume frees its space now, before the first save needs it.
+                self.checkpoints.prune_on_resume((plan.state.get("best") or {}).get("best_step"))
             self.world.barrier()  # every rank has loaded the checkpoint before any trains on
             say(f"resuming from step {plan.checkpoint.step} ({plan.checkpoint.path})")
             files.event("resume", plan.checkpoint.step, from_step=plan.checkpoint.step,
@@ -355,6 +411,7 @@ class TrainingRun:
                                  resume_state=plan.state, interrupted=flag, world=self.world)
         except Exception as exc:
             ended.append("failed")
+            self.failure_recorded = True
             progress.close()
             reason = f"{exc.__class__.__name__}: {exc}"
             files.heartbeat(progress.step, "failed", reason=reason)
@@ -414,7 +471,9 @@ def banner(cfg, info, report, run_dir: Path, resumed_from: int | None, processes
             lines.append(f"data {name}: {f.path} | {f.rows:,} rows{tokens}")
     if report.val is None:
         lines.append("data val: none (no evaluation; the final adapter is the last checkpoint)")
-    lines.append(f"plan: {t.max_steps:,} steps | effective batch {t.batch_size * t.grad_accumulation * processes} "
+    epochs = schedule.epoch_plan(cfg, report, processes)
+    lines.append(f"plan: {t.max_steps:,} steps{f' ({epochs.describe()})' if epochs else ''} | "
+                 f"effective batch {t.batch_size * t.grad_accumulation * processes} "
                  f"(batch {t.batch_size} x accumulation {t.grad_accumulation}"
                  + (f" x {processes} processes, data parallel)" if processes > 1 else ")"))
     lines.append((f"eval every {cfg.eval.every_steps} steps | " if report.val is not None else "")
@@ -428,6 +487,14 @@ def checkpoint_note(step: int | None) -> str:
     if step is None:
         return "no checkpoint was committed yet, so there is nothing to resume from"
     return f"the last committed checkpoint (step {step}) is intact; continue with: overnight train ... --auto-resume"
+
+
+def stopped_during_setup_note(signal_name: str, run_dir: Path | None) -> str:
+    """A signal before training started: nothing was trained, and what the run directory holds (read-only)."""
+    said = f"stopped by {signal_name} before training started; nothing was trained or saved"
+    if run_dir is None or not (run_dir / "checkpoints").is_dir():
+        return f"{said}, and no checkpoint exists yet: the same command starts the run again"
+    return f"{said}; {crash_note(run_dir)}"
 
 
 def crash_note(run_dir: Path) -> str:

@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from overnight.data import DataError
+from overnight.data.batches import order_changes
 from overnight.runs import fingerprint as fp
 from overnight.runs.checkpoint import CheckpointInfo, CheckpointManager
 from overnight.errors import ResumeRefused
@@ -123,6 +125,57 @@ def check_fingerprint(saved: dict, current: dict, step: int, allow_change: bool,
             f"the checkpoint at step {step} was trained with a different setup; changed: " + "; ".join(changes)
             + ". Undo the change, start over with --fresh, or pass --allow-config-change to resume anyway")
     return changes
+
+
+def _cannot_continue(step: int, what: str, fix: str, run_dir: Path) -> ResumeRefused:
+    return ResumeRefused(
+        f"the checkpoint at step {step} cannot continue: {what}. Nothing was changed in {run_dir}. {fix}; or start a "
+        "new run: --fresh (the old run is archived, nothing is deleted) or another --output")
+
+
+def check_data_position(saved_data: dict, cfg, train_file: Path, train_rows: int, step: int, run_dir: Path) -> None:
+    """Checked with the fingerprint, before anything is loaded or written: --allow-config-change lets a changed
+    setup resume, but a checkpoint's place in the data order only continues the order it was taken from (the same
+    rows, batch size, seed and packing). Refused here (exit 3), rather than after the resume was recorded."""
+    order = saved_data.get("order", saved_data)  # grpo keeps its prompt order (a TrainStream position) under "order"
+    changes = order_changes(order, cfg, train_rows)
+    if not changes:
+        return
+    if "samples_per_epoch" in changes:
+        was, now = changes["samples_per_epoch"]
+        raise _cannot_continue(
+            step, f"it holds a place in the data order of {was} training rows, and {train_file} now has {now}, so "
+            "that order cannot be continued (--allow-config-change cannot carry a change of rows)", "To continue "
+            "this run, put back the training file it was trained on (the checkpoints record its sha256)", run_dir)
+    names = {"kind": "data.packing", "batch_size": "train.batch_size", "seed": "train.seed"}
+    shown = {names.get(k, k): (was == "packed", now == "packed") if k == "kind" else (was, now)
+             for k, (was, now) in changes.items() if k != "window_size"}  # window_size follows the batch size
+    if "version" in shown:
+        was, now = shown["version"]
+        raise _cannot_continue(step, f"its place in the data order is in another format (version {was}, this "
+                               f"version reads {now})", "To continue this run, use the overnight version that wrote "
+                               "it", run_dir)
+
+    def value(v) -> str:  # as the user types it in --set
+        return str(v).lower() if isinstance(v, bool) else str(v)
+
+    raise _cannot_continue(
+        step, "its place in the data order was drawn with "
+        + "; ".join(f"{k}={value(was)} (now {value(now)})" for k, (was, now) in shown.items())
+        + ", and --allow-config-change cannot carry that change",
+        "To continue this run, set " + " ".join(f"{k}={value(was)}" for k, (was, _) in shown.items()) + " again",
+        run_dir)
+
+
+def check_source_position(source, saved_data: dict, step: int, run_dir: Path) -> None:
+    """The batch source's own check of the saved position (grpo adds its own fields), run when the source is built
+    and before the resume is recorded, so a position it cannot continue is a refusal, not a failed run."""
+    try:
+        source.restore(saved_data)
+    except DataError as exc:
+        # The source's own "-> what to do" is replaced by the choices a resume has.
+        raise _cannot_continue(step, str(exc).rsplit(" -> ", 1)[0], "To continue this run, undo the change",
+                               run_dir) from None
 
 
 def beyond_max_steps(step: int, max_steps: int) -> str | None:

@@ -3,6 +3,7 @@
 Metrics and heartbeat are non-critical (SPEC §8): a failure is logged once and training goes on."""
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -73,7 +74,22 @@ class RunFiles:
         try:
             atomic_write_text(self.heartbeat_path, json.dumps(record), durable=False)
         except OSError as exc:
-            self._once("heartbeat.json", exc)
+            if not (exc.errno in (errno.ENOSPC, errno.EDQUOT) and _overwrite(self.heartbeat_path, json.dumps(record))):
+                self._once("heartbeat.json", exc)
+
+
+def _overwrite(path: Path, text: str) -> bool:
+    """On a full disk a new file cannot be made, but the heartbeat's own blocks can be written over, so the state
+    that matters most then (failed: disk full) still reaches `overnight status`. Not atomic: a reader may see a
+    torn file, which status words as a warning, never as another state."""
+    try:
+        with open(path, "r+b") as handle:
+            data = text.encode()
+            handle.write(data)
+            handle.truncate(len(data))
+        return True
+    except OSError:
+        return False
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

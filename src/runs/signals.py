@@ -1,5 +1,6 @@
 """SIGTERM / SIGINT during a run (SPEC §7): the first sets a flag the loop reads after each step (it finishes the
-step, commits a checkpoint and exits 143 / 130); a second aborts at once without saving."""
+step, commits a checkpoint and exits 143 / 130); a second aborts at once without saving. Before the loop takes the
+signals over (imports, the data check, loading the model), either one ends the setup at once, and says so."""
 from __future__ import annotations
 
 import signal
@@ -42,3 +43,26 @@ class SignalFlag:
     def install(self) -> None:
         signal.signal(signal.SIGTERM, self._handle)
         signal.signal(signal.SIGINT, self._handle)
+
+
+class StoppedDuringSetup(BaseException):
+    """A SIGTERM or SIGINT before training started. A BaseException, like KeyboardInterrupt, so that no ``except
+    Exception`` on the way (a library loading the model, the crash handler) takes it for a failure."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signal_name = signal.Signals(signum).name
+        self.code = 128 + signum
+
+
+def stop_setup_on_signals() -> None:
+    """Until SignalFlag.install: SIGTERM's default would end the process with 143 and not a word (a spot pod's
+    preemption, `kill`, a scheduler), so both signals raise StoppedDuringSetup where the setup is, and the command
+    says what state the run directory is in. A second signal while that unwinds ends the process at once."""
+    def stop(signum, frame):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_DFL)
+        raise StoppedDuringSetup(signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)

@@ -103,6 +103,18 @@ def train(cfg, backend, source: BatchSource, validator, effects: Effects, *, res
                 f"the last good checkpoint is step {last_saved}")
         return saved
 
+    # The train event of the step just trained, until written: every report_every steps, and always at a step the
+    # run ends on (max_steps, a stop, a signal, a validation that cannot fit), so metrics.jsonl, TensorBoard and W&B
+    # end where the run did. Its fields are the step's own figures, never re-read later.
+    unreported: dict | None = None
+
+    def report_step() -> None:
+        nonlocal unreported
+        if unreported is not None:
+            effects.event("train", step, **unreported)
+            effects.heartbeat(step)
+            unreported = None
+
     stop: Stop | None = None
     while step < t.max_steps or owed:
         if owed:  # resumed at a step whose eval a signal skipped: finish that step exactly as it would have ended
@@ -131,16 +143,18 @@ def train(cfg, backend, source: BatchSource, validator, effects: Effects, *, res
             memory = backend.memory()
             effects.progress.update(step, result.loss, best.loss_avg(), step - last_saved, memory["memory_mb"],
                                     memory.get("limit_mb"))
-            if step % t.report_every == 0 or step == 1:
-                effects.event("train", step, loss=result.loss, loss_avg=best.loss_avg(), lr=lr, tokens=result.tokens,
+            unreported = dict(loss=result.loss, loss_avg=best.loss_avg(), lr=lr, tokens=result.tokens,
                               tokens_per_sec=result.tokens / step_time if step_time > 0 else None,
                               grad_norm=result.grad_norm, memory_mb=memory["memory_mb"], elapsed_s=elapsed,
                               **source.step_stats())
-                effects.heartbeat(step)
+            if step % t.report_every == 0 or step == 1 or step == t.max_steps:
+                report_step()
             stop = source_stop or stopper.after_step(step, tracked, result.grad_norm)
             if stop is None and stopper.check_due(step):
                 stop = stopper.check_plateau(step, best.loss_avg())
             stop = agreed_stop(world, stop)
+            if stop:
+                report_step()
             # Validate on schedule and at the last step (max_steps, or a plateau stop) so the final weights
             # compete for best; never the weights of a broken run (non-finite, stuck, spiking).
             eval_due = validator.enabled and (stop is None or stop.code == "plateau") and (
@@ -152,6 +166,7 @@ def train(cfg, backend, source: BatchSource, validator, effects: Effects, *, res
                 evaluation = validator.run(backend, cancelled=lambda: agreed_signal(world, interrupted()),
                                            say=say, world=world)
             except TrainingError:  # validation cannot fit even one row: keep this step's work, owe its eval
+                report_step()
                 if last_saved != step:
                     save({"stop": stop and vars(stop)})
                 raise
@@ -168,6 +183,8 @@ def train(cfg, backend, source: BatchSource, validator, effects: Effects, *, res
                     effects.predict(step)
 
         signal_code = agreed_signal(world, interrupted())
+        if signal_code:
+            report_step()
         # Save on schedule, at the end, at every stop, on a signal, and whenever a new best appears (so the
         # best is always a real checkpoint, whatever the checkpoint interval); not again at the step resumed
         # from (after an owed eval): that checkpoint plus the owed eval is this very state.
