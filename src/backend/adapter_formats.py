@@ -195,17 +195,24 @@ def _last_blocks(layers: list[int], total: int | None, source: str) -> int:
     return top - lowest
 
 
-def _peft_to_mlx(adapter_dir: Path, base: str | None) -> tuple[dict[str, Tensor], dict, dict]:
-    config = _read_config(adapter_dir)
+def refuse_beyond_plain_lora(config: dict, where: Path, holder: str, purpose: str) -> None:
+    """A PEFT adapter_config.json that is more than plain LoRA (another PEFT type, DoRA and the other features in
+    _PEFT_UNSUPPORTED, bias vectors) cannot ``purpose`` (be converted exactly, start a run): UsageError naming the
+    key, since ``holder`` (mlx-lm's LoRA, overnight's LoRA) has nowhere to put it."""
     if config.get("peft_type", "LORA") != "LORA":
-        raise UsageError(f"{adapter_dir / CONFIG}: peft_type is {config.get('peft_type')}; only LoRA converts")
+        raise UsageError(f"{where}: peft_type is {config.get('peft_type')}; only a LoRA adapter can {purpose}")
     for key, what in _PEFT_UNSUPPORTED.items():
         if config.get(key):
-            raise UsageError(f"{adapter_dir / CONFIG}: {what} ({key}={config[key]!r}) has no mlx-lm equivalent; "
-                             "this adapter cannot be converted exactly")
+            raise UsageError(f"{where}: {what} ({key}={config[key]!r}) has no place in {holder}; this adapter "
+                             f"cannot {purpose}")
     if config.get("bias", "none") != "none":
-        raise UsageError(f"{adapter_dir / CONFIG}: bias={config['bias']!r} trains bias vectors mlx-lm's LoRA "
-                         "does not have; only bias='none' converts")
+        raise UsageError(f"{where}: bias={config['bias']!r} trains bias vectors {holder} does not have; only "
+                         f"bias='none' can {purpose}")
+
+
+def _peft_to_mlx(adapter_dir: Path, base: str | None) -> tuple[dict[str, Tensor], dict, dict]:
+    config = _read_config(adapter_dir)
+    refuse_beyond_plain_lora(config, adapter_dir / CONFIG, "mlx-lm's LoRA", "be converted exactly")
     tensors, _ = read_safetensors(adapter_dir / PEFT_WEIGHTS)
     modules = _collect(tensors, _PEFT_KEY, "lora_A", to_peft_layout=False, source=adapter_dir / PEFT_WEIGHTS)
     rank = int(config.get("r", modules[0].a.array.shape[0]))

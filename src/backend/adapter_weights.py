@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from overnight.backend import lora_init
-from overnight.backend.adapter_formats import (_MLX_KEY, _PEFT_KEY, _PEFT_UNSUPPORTED, CONFIG, MLX_WEIGHTS,
+from overnight.backend.adapter_formats import (_MLX_KEY, _PEFT_KEY, CONFIG, MLX_WEIGHTS,
                                                PEFT_WEIGHTS, Tensor, _collect, _read_config, detect_format,
-                                               read_safetensors)
+                                               read_safetensors, refuse_beyond_plain_lora)
 from overnight.errors import UsageError
 from overnight.fsutil import sha256_file
 
@@ -71,16 +71,7 @@ def read_adapter(path: str | Path) -> AdapterWeights:
     kind = detect_format(folder)
     config = _read_config(folder)
     if kind == "peft":
-        if config.get("peft_type", "LORA") != "LORA":
-            raise UsageError(f"{folder / CONFIG}: peft_type is {config.get('peft_type')}; only a LoRA adapter can "
-                             "start a run")
-        for key, what in _PEFT_UNSUPPORTED.items():
-            if config.get(key):
-                raise UsageError(f"{folder / CONFIG}: {what} ({key}={config[key]!r}) is not plain LoRA, which is "
-                                 "what overnight trains; this adapter cannot start a run")
-        if config.get("bias", "none") != "none":
-            raise UsageError(f"{folder / CONFIG}: bias={config['bias']!r} trains bias vectors overnight's LoRA "
-                             "does not have")
+        refuse_beyond_plain_lora(config, folder / CONFIG, "overnight's LoRA", "start a run")
         tensors, _ = read_safetensors(folder / PEFT_WEIGHTS)
         modules = _collect(tensors, _PEFT_KEY, "lora_A", to_peft_layout=False, source=folder / PEFT_WEIGHTS)
         rank = modules[0].a.array.shape[0]
