@@ -38,6 +38,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "mlx_state.json"
 _MB = 1024 * 1024
+CACHE_SHARE = 0.25  # of the recommended working set, the most MLX may keep cached (see _set_memory_limit)
 
 
 # ---------------------------------------------------------------------------
@@ -137,11 +138,21 @@ def make_objective(method: str, beta: float, target_head: bool = False):
 # Helpers
 
 
+# How MLX words an allocation that failed when it raises instead of aborting: its allocators' "[metal::malloc]
+# Attempting to allocate N bytes which is greater than the maximum allowed buffer size of M bytes.", "[metal::malloc]
+# Resource limit (N) exceeded.", "[malloc] Unable to allocate N bytes." (and "[cuda::malloc] ..."), and Metal's
+# "[METAL] Command buffer execution failed: Insufficient Memory" where it reaches Python.
+_OOM_TEXTS = ("out of memory", "outofmemory", "unable to allocate", "insufficient memory", "malloc]",
+              "maximum allowed buffer size")
+
+
 def _is_oom(exc: BaseException) -> bool:
     if isinstance(exc, MemoryError):
         return True
+    if isinstance(exc, (OutOfMemory, PeerLost)):  # overnight's own, which already say what happened
+        return False
     text = str(exc).lower()
-    return any(s in text for s in ("out of memory", "outofmemory", "unable to allocate", "insufficient memory"))
+    return any(s in text for s in _OOM_TEXTS)
 
 
 def _no_answer(timeout_s: float, where: str) -> None:
@@ -508,6 +519,11 @@ class MLXBackend:
             except (RuntimeError, ValueError) as exc:
                 details["wired_limit_note"] = f"wired limit not set: {exc}"
             details["memory_limit_mb"] = round(self.limit_bytes / _MB)
+            # MLX keeps freed buffers for reuse up to the memory limit by default, so over a night the cache can
+            # hold what the model and the next step's activations need and push the process into swap; a quarter
+            # of the working set is plenty to reuse a step's buffers.
+            mx.set_cache_limit(int(self.limit_bytes * CACHE_SHARE))
+            details["cache_limit_mb"] = round(self.limit_bytes * CACHE_SHARE / _MB)
 
     def _build_steps(self) -> None:
         """(Re)compile the step functions. mx.compile captures the state trees it is given, so this
@@ -915,15 +931,16 @@ class MLXBackend:
     # -- reporting ---------------------------------------------------------
 
     def memory(self) -> dict[str, float]:
-        """memory_mb is the larger of MLX's active+cache and the process RSS: on CPU MLX's buffers
-        live inside RSS, on Metal the allocator's figure is what approaches the working-set limit,
-        and cache growth with a flat peak is the slow creep users report (mlx #3993)."""
+        """memory_mb (what the leak mark and the near-limit warning watch) is the memory the arrays hold: MLX's
+        active memory on Metal, where the cache is reclaimable and capped (_set_memory_limit) so counting it would
+        mark a healthy run as leaking; on CPU, where MLX's buffers live inside the process, the larger of that
+        and the RSS. The cache is reported beside it (cache_mb)."""
         import psutil
 
         active, cache = mx.get_active_memory() / _MB, mx.get_cache_memory() / _MB
         rss = psutil.Process().memory_info().rss / _MB
         figures = {
-            "memory_mb": max(active + cache, rss),
+            "memory_mb": active if self.limit_bytes else max(active, rss),
             "active_mb": active,
             "peak_mb": mx.get_peak_memory() / _MB,
             "cache_mb": cache,

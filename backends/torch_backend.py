@@ -16,6 +16,20 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+
+def prefer_expandable_segments(environ=os.environ) -> bool:
+    """Ask PyTorch's CUDA allocator for expandable segments unless the user configured the allocator: a long run
+    with varying sequence lengths fragments fixed-size segments until an allocation fails with gigabytes "reserved
+    but unallocated". The allocator reads this once, at its first CUDA allocation (c10/cuda/CUDAAllocatorConfig.h),
+    so it is set when this module loads, before any model is built; ranks and children inherit it."""
+    if any(key in environ for key in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF", "PYTORCH_HIP_ALLOC_CONF")):
+        return False
+    environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+    return True
+
+
+prefer_expandable_segments()
+
 import numpy as np
 import torch
 import torch.distributed
@@ -30,6 +44,21 @@ from overnight.fsutil import give_default_modes
 
 noise.install()  # before bitsandbytes is imported: its import logs a line that is not the user's business
 _OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+# Allocation failures that arrive as a plain RuntimeError rather than _OOM, as ATen/cuda/Exceptions.h and
+# c10/cuda/CUDAException.h word them: cuBLAS/cuSPARSE/cuSOLVER/cuFFT ("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when
+# calling `cublasCreate(handle)`"), cuDNN ("cuDNN error: CUDNN_STATUS_ALLOC_FAILED", a workspace that does not fit:
+# "..._NOT_ENOUGH_WORKSPACE") and a raw CUDA call ("CUDA error: out of memory").
+_OOM_TEXTS = ("out of memory", "_alloc_failed", "not_enough_workspace")
+
+
+def _is_oom(exc: BaseException) -> bool:
+    """A framework's out of memory, whatever class it arrives as (never overnight's own OutOfMemory or PeerLost,
+    which already say what happened)."""
+    if isinstance(exc, (OutOfMemory, PeerLost)):
+        return False
+    if isinstance(exc, (_OOM, MemoryError)):
+        return True
+    return isinstance(exc, RuntimeError) and any(text in str(exc).lower() for text in _OOM_TEXTS)
 STATE_FORMAT = 1
 
 
@@ -223,7 +252,7 @@ class TorchBackend:
         try:
             model = AutoModelForCausalLM.from_pretrained(str(model_dir), **load_kwargs)
         except Exception as exc:  # noqa: BLE001 - a truncated or corrupt weight file raises SafetensorError, not OSError
-            if isinstance(exc, (_OOM, MemoryError)):
+            if _is_oom(exc):
                 raise
             raise ConfigError(
                 f"config key 'model.path': cannot load a causal LM from {model_dir}: {exc.__class__.__name__}: "
@@ -474,7 +503,9 @@ class TorchBackend:
             values = torch.stack(figures).tolist()  # the step's one host sync
             kl = objectives.mean_kl(values[2], values[3]) if len(values) > 2 else None
             self._apply(values[0], values[1])
-        except _OOM as exc:
+        except RuntimeError as exc:
+            if not _is_oom(exc):
+                raise
             message = _oom_message(exc)
         else:
             return self._result(values[0], tokens, values[1], kl)
@@ -542,14 +573,18 @@ class TorchBackend:
         try:
             loss_sum = self._local_passes(micro_batches, token_scale, pair_scale)
             flat = self._flat_buffer(loss_sum, tokens, False)
-        except _OOM as exc:
+        except RuntimeError as exc:
+            if not _is_oom(exc):
+                raise
             message, flat = _oom_message(exc), None
         if flat is None:  # outside the except block, so the failed passes' activations are freed
             loss_sum = None
             self._recover_from_oom()
             try:
                 flat = self._flat_buffer(None, tokens, True)
-            except _OOM as exc:
+            except RuntimeError as exc:
+                if not _is_oom(exc):
+                    raise
                 raise PeerLost(f"out of memory on {rank} even for the step's gradient exchange buffer, so this "
                                f"process leaves the job: {_oom_message(exc)}") from None
         summed = world.reduce_tensor(flat)  # raises PeerLost when a peer died or timed out
@@ -569,16 +604,18 @@ class TorchBackend:
                 raise OutOfMemory(f"out of memory in a step of {sum(mb.num_rows for mb in micro_batches)} rows in "
                                   f"{len(micro_batches)} micro-batches on {rank}: {what}")
             self._apply(figures.loss_sum, norm_value)
-        except _OOM as exc:
+        except torch.distributed.DistError as exc:  # NCCL reports a failed all-reduce when its result is read
+            raise PeerLost(f"another process of this data-parallel job stopped answering or died (the gradient "
+                           f"all-reduce on {rank}): {_first_line(exc)}") from None
+        except RuntimeError as exc:
+            if not _is_oom(exc):
+                raise
             # After the all-reduce the ranks cannot agree on a retry any more (this one would split the step while
             # the others applied it): this process leaves the job, which resumes from its last checkpoint.
             text = _oom_message(exc)
             self._recover_from_oom()
             raise PeerLost(f"out of memory in the optimizer update on {rank}, after the gradients were shared: "
                            f"{text}") from None
-        except torch.distributed.DistError as exc:  # NCCL reports a failed all-reduce when its result is read
-            raise PeerLost(f"another process of this data-parallel job stopped answering or died (the gradient "
-                           f"all-reduce on {rank}): {_first_line(exc)}") from None
         kl = figures.kl if self._method == "grpo" and self._grpo.beta > 0 else None
         return self._result(figures.loss_sum, figures.tokens, norm_value, kl)
 
@@ -597,7 +634,9 @@ class TorchBackend:
         try:
             with torch.no_grad():
                 value = self._objective(*self._tensors(batch), token_scale, pair_scale).item()
-        except _OOM as exc:
+        except RuntimeError as exc:
+            if not _is_oom(exc):
+                raise
             message = str(exc).splitlines()[0] if str(exc) else "CUDA out of memory"
         else:
             return value * weight, weight
@@ -618,7 +657,9 @@ class TorchBackend:
             with torch.no_grad(), self._autocast():
                 return self._sample(prompt_ids, seeds, int(max_new_tokens), float(temperature), float(top_p),
                                     as_stop_ids(stop_ids), out)
-        except _OOM as exc:
+        except RuntimeError as exc:
+            if not _is_oom(exc):
+                raise
             message = str(exc).splitlines()[0] if str(exc) else "CUDA out of memory"
         self._recover_from_oom()
         raise OutOfMemory(f"out of memory sampling {n} completions: {message}")
@@ -813,12 +854,20 @@ class TorchBackend:
         mb = 1024.0 * 1024.0
         rss = psutil.Process().memory_info().rss / mb
         if self._device_is_cuda():
-            allocated = torch.cuda.memory_allocated() / mb
+            # The peak since the last call (the loop asks once a step), not what is left allocated between steps:
+            # the activations of the step are what runs out. The device's total is the limit the near-limit
+            # warning and the swap watch compare it with; free counts other processes on the GPU too.
+            device = getattr(self, "_device", None)
+            peak = torch.cuda.max_memory_allocated(device) / mb
+            torch.cuda.reset_peak_memory_stats(device)
+            free, total = torch.cuda.mem_get_info(device)
             return {
-                "memory_mb": allocated,
-                "allocated_mb": allocated,
-                "reserved_mb": torch.cuda.memory_reserved() / mb,
-                "peak_mb": torch.cuda.max_memory_allocated() / mb,
+                "memory_mb": peak,
+                "peak_mb": peak,
+                "allocated_mb": torch.cuda.memory_allocated(device) / mb,
+                "reserved_mb": torch.cuda.memory_reserved(device) / mb,
+                "free_mb": free / mb,
+                "limit_mb": total / mb,
                 "rss_mb": rss,
             }
         return {"memory_mb": rss, "rss_mb": rss}

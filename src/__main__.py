@@ -1,9 +1,12 @@
 import sys
 
-from overnight.commands.cli import main
 from overnight.runs.launch import note_rank_exit, note_rank_started
 
-note_rank_started()  # a rank of `overnight train --devices N` says where the relayed signals go
+# Before the heavy imports: a rank of `overnight train --devices N` says where the relayed signals go, sends its
+# stderr (import errors included) to the supervisor's relay, and ends with the supervisor.
+note_rank_started()
+
+from overnight.commands.cli import main  # noqa: E402
 code = 1  # what a rank that raised past main() left
 try:
     code = main()

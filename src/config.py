@@ -70,10 +70,20 @@ class TrainConfig:
     optimizer: str = "adamw"  # adamw | paged_adamw_8bit (torch on CUDA only)
     seed: int = 42
     report_every: int = 10  # steps between metrics.jsonl train lines and heartbeat rewrites
+    # After an out-of-memory split, steps without another one before the original micro-batch is tried again
+    # (0: the split stays for the rest of the run).
+    oom_regrow_steps: int = 200
+    # Steps in a row over 3x the median step time with memory near the device's limit (a slide into swap) before
+    # the run saves and splits the micro-batch as on an out of memory (0: warn only). 10 such steps are ~30 normal
+    # steps' time lost, while a single slow step (a GC pause, another app) never adds up to ten in a row.
+    swap_patience: int = 10
     # Data parallel (torchrun / mlx.launch): a collective waiting longer than this means another process of the job
     # died or hangs, and every process stops with a message instead of waiting forever. Above the longest gap
     # between two steps (rank 0 writing predictions or a checkpoint while the others wait).
     collective_timeout_s: float = 600.0
+    # An unattended run (--auto-resume, or no terminal) trains in a child process that is started again after a
+    # crash (a signal, or exit 1 from an unexpected error) this many times at most; 0 trains in this process.
+    max_restarts: int = 3
 
 
 @dataclass
@@ -426,7 +436,8 @@ def _check_bounds(cfg: Config) -> None:
     non_negative = ("train.learning_rate", "train.warmup_steps", "train.weight_decay", "train.max_grad_norm",
                     "early_stopping.warmup_steps", "early_stopping.min_delta", "eval.predictions",
                     "eval.batch_size", "eval.max_new_tokens", "lora.alpha", "train.min_lr_ratio",
-                    "preference.beta", "grpo.beta", "grpo.epsilon")
+                    "preference.beta", "grpo.beta", "grpo.epsilon", "train.oom_regrow_steps",
+                    "train.swap_patience", "train.max_restarts")
     for key in non_negative:
         if cfg.get(key) < 0:
             raise ConfigError(f"config key '{key}' must not be negative, got {cfg.get(key)}")

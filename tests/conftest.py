@@ -15,6 +15,9 @@ DATA_DIR = ROOT / "data"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The CLI tests run with stdin not a terminal, which supervises a run (overnight.runs.supervise); the tests that
+# kill the trainer themselves expect it to stay dead. tests/test_supervise.py turns supervision back on.
+os.environ.setdefault("OVERNIGHT_SUPERVISOR", "off")
 
 
 def has(*modules: str) -> bool:

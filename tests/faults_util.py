@@ -10,6 +10,8 @@ Imported in two places:
 
 With OVERNIGHT_TEST_KILL_BEFORE_STEP=N the recorder SIGKILLs its own process when the loop asks for step N,
 that is after step N-1 and whatever eval and save followed it: a crash at an exact place, not a random one.
+With OVERNIGHT_TEST_ABORT_AT_STEP=N it SIGABRTs itself at step N while that step's micro-batch is not split
+(N:always: however it is split), as a Metal out-of-memory does.
 
 Record lines (JSON, appended to the file named by OVERNIGHT_TEST_RECORD):
   {"pid": ..., "step": N, "batches": [[epoch, [sample, ...]], ...]}   one per optimizer step N
@@ -58,6 +60,7 @@ def _recording(base: type) -> type:
             self._rec_path = os.environ.get("OVERNIGHT_TEST_RECORD")
             self._rec_sleep = float(os.environ.get("OVERNIGHT_TEST_SLEEP_S", "0") or 0)
             self._rec_step = 0
+            self._rec_accumulation = cfg.train.grad_accumulation
             if self._rec_path:
                 _patch_stream()
             return super().setup(cfg, seed)
@@ -69,6 +72,12 @@ def _recording(base: type) -> type:
         def train_step(self, micro_batches, lr, step_scales=None):
             if self._rec_step + 1 == int(os.environ.get("OVERNIGHT_TEST_KILL_BEFORE_STEP", "0") or 0):
                 os.kill(os.getpid(), signal.SIGKILL)  # a deterministic crash: after step N-1's eval and save, if any
+            abort_at, _, when = os.environ.get("OVERNIGHT_TEST_ABORT_AT_STEP", "").partition(":")
+            if abort_at and self._rec_step + 1 == int(abort_at) and (
+                    when == "always" or len(micro_batches) <= self._rec_accumulation):
+                # What a Metal out-of-memory does: SIGABRT from C++, at this step while its micro-batch is whole
+                # (":always": at any split).
+                os.kill(os.getpid(), signal.SIGABRT)
             if self._rec_sleep:
                 time.sleep(self._rec_sleep)
             result = super().train_step(micro_batches, lr, step_scales)

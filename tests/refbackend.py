@@ -11,6 +11,8 @@ they also work when the CLI runs in a subprocess:
   apply_nan        also apply that NaN update (a backend that does not guard its weights)
   spike_from_step  from that update on, gradients are multiplied by 1e6 (norm spikes; clipping holds)
   oom_above_rows   a micro-batch with more rows than this raises OutOfMemory
+  oom_at_steps     updates (1-based) whose micro-batches of more than oom_at_rows rows (default 2) raise
+                   OutOfMemory: an out of memory at those steps only, as a memory spike does
   eval_oom_above_rows  likewise for an eval batch (backend.eval_loss)
   sleep_s          seconds to sleep in each train_step (gives signal tests a window)
   setup_sleep_s    seconds to sleep in setup, as a large model loads (a window before training starts)
@@ -90,6 +92,8 @@ class NumpyBackend:
         world = getattr(self, "world", None)  # a data-parallel test (tests/test_distributed.py): one all-reduce
         shared = world is not None and world.size > 1
         out_of_memory = limit is not None and any(b.num_rows > limit for b in micro_batches)
+        if self.updates + 1 in self.faults.get("oom_at_steps", ()):
+            out_of_memory = out_of_memory or any(b.num_rows > self.faults.get("oom_at_rows", 2) for b in micro_batches)
         if out_of_memory and not shared:
             raise OutOfMemory(f"micro-batch over {limit} rows")
         total_tokens = step_scales[2] if step_scales else sum(b.num_target_tokens for b in micro_batches)

@@ -485,6 +485,7 @@ def test_torch_sigkill_then_auto_resume_ends_with_the_uninterrupted_adapter(torc
         assert ("continue with: overnight train ... --auto-resume" in launch.stderr  # or, killed before step 4:
                 or "no checkpoint was committed yet" in launch.stderr), launch.tail()
         assert "crashed unexpectedly" not in launch.stderr and "/src/" not in launch.stderr, launch.tail()
+        _no_launcher_report(launch.stderr)
     resumed = fu.Launch([*args, "--auto-resume"], tmp_path / "logs", "resumed")
     assert resumed.wait(400) == 0, f"seed {seed}\n{resumed.tail()}"
     fu.assert_adapter_equal(out, torch_jobs["two"])
@@ -524,6 +525,7 @@ def test_torch_sigterm_to_one_rank_stops_the_job_with_one_save_and_resume_is_exa
 
     os.kill(other, signal.SIGTERM)
     assert launch.wait(120) == 143, launch.tail()  # SPEC §3, not torchrun's 1
+    _no_launcher_report(launch.stderr)
     stopped = [r for r in fu.metrics(out) if r["event"] == "interrupted"]
     assert len(stopped) == 1 and stopped[0]["signal"] == signal.SIGTERM, launch.tail()
     saved = [r["step"] for r in fu.metrics(out) if r["event"] == "checkpoint"]
@@ -660,3 +662,176 @@ def test_cuda_more_processes_than_gpus_is_a_clear_error(tiny_model_dir, tmp_path
     launch = fu.Launch(job_args("torch", tiny_model_dir, data, out, 1, gpus + 1), tmp_path / "logs", "over")
     assert launch.wait(300) != 0
     assert f"{gpus} visible GPU(s): start one process per GPU" in launch.stderr, launch.tail()
+
+
+# -- `--devices`: ranks end with their supervisor; the user reads overnight's words, not the launcher's -------------
+
+# A stand-in rank that notes itself as `python -m overnight` does, says a word on stderr, and waits; the launcher
+# (the stand-in above) is followed here by a report of its own, as torchrun's after a failed rank.
+NOISY_LAUNCHER = STAND_IN_LAUNCHER.replace("sys.exit(", "print('Traceback (most recent call last): launcher noise', "
+                                           "file=sys.stderr, flush=True)\nsys.exit(", 1)
+TALKING_RANK = """
+import os, sys, time
+from overnight.runs.launch import note_rank_exit, note_rank_started
+note_rank_started()
+with open(os.path.join(sys.argv[2], f"rank-{os.environ['RANK']}.pid"), "w") as out:
+    out.write(str(os.getpid()))
+print(f"rank {os.environ['RANK']} speaks on stderr", file=sys.stderr, flush=True)
+if sys.argv[1].startswith("exit"):
+    note_rank_exit(int(sys.argv[1][4:]))
+    sys.exit(int(sys.argv[1][4:]))
+time.sleep(60)
+"""
+
+
+def _talking_job(tmp_path, *parts) -> list[str]:
+    import sys
+
+    (tmp_path / "launcher.py").write_text(NOISY_LAUNCHER)
+    (tmp_path / "rank.py").write_text(TALKING_RANK.replace("sys.argv[2]", repr(str(tmp_path))))
+    return [sys.executable, str(tmp_path / "launcher.py"), str(tmp_path / "rank.py"), *parts]
+
+
+def test_devices_job_relays_the_ranks_stderr_and_keeps_the_launchers_report_from_the_user(tmp_path, capfd):
+    from overnight.runs.launch import supervise
+
+    assert supervise(_talking_job(tmp_path, "exit1", "exit0"), 2, poll_s=0.05, grace_s=1.0, quiet_launcher=True) == 1
+    err = capfd.readouterr().err
+    assert "rank 0 speaks on stderr" in err and "rank 1 speaks on stderr" in err, err
+    assert "launcher noise" not in err, err
+    assert err.strip().splitlines()[-1].startswith("the 2-process job ended with exit code 1"), err
+
+
+def test_devices_job_shows_the_launchers_report_when_no_rank_started(tmp_path, capfd):
+    import sys
+
+    from overnight.runs.launch import supervise
+
+    command = [sys.executable, "-c", "import sys; print('torchrun: bad port', file=sys.stderr); sys.exit(1)"]
+    assert supervise(command, 2, poll_s=0.05, quiet_launcher=True) == 1
+    assert "torchrun: bad port" in capfd.readouterr().err
+
+
+def test_ranks_end_within_a_second_or_two_of_a_sigkilled_supervisor(tmp_path):
+    """`kill -9` of `overnight train --devices`: its ranks (children of the launcher, not of the supervisor) leave
+    instead of training on, orphaned, holding the run's lock."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    command = _talking_job(tmp_path, "wait", "wait")
+    supervisor = subprocess.Popen([sys.executable, "-c", "import sys; from overnight.runs.launch import supervise; "
+                                   f"supervise({command!r}, 2, quiet_launcher=True)"], stderr=subprocess.PIPE)
+    pid_files = [tmp_path / "rank-0.pid", tmp_path / "rank-1.pid"]
+    deadline = time.monotonic() + 30
+    while not all(p.exists() and p.read_text() for p in pid_files):
+        assert time.monotonic() < deadline and supervisor.poll() is None, supervisor.stderr.read()
+        time.sleep(0.05)
+    ranks = [int(p.read_text()) for p in pid_files]
+    supervisor.send_signal(signal.SIGKILL)
+    supervisor.wait()
+    killed = time.monotonic()
+    while any(_running(pid) for pid in ranks):
+        assert time.monotonic() - killed < 5, [pid for pid in ranks if _running(pid)]
+        time.sleep(0.05)
+    supervisor.stderr.close()
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie waiting for its parent (Linux /proc; elsewhere kill -0)."""
+    import os
+    from pathlib import Path
+
+    stat = Path(f"/proc/{pid}/stat")
+    if Path("/proc/self/stat").exists():
+        try:
+            return stat.read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+        except (OSError, IndexError):
+            return False
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    return True
+
+
+def test_a_follower_names_the_lock_holder_when_rank_0_was_refused_the_run(tmp_path):
+    import os
+
+    from overnight.runs import launch, lock
+
+    job = tmp_path / "job"
+    job.mkdir()
+    (job / "rank-0.pid").write_text("999999")
+    env = {launch.JOB_DIR_ENV: str(job), "RANK": "1", "WORLD_SIZE": "2"}
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    assert launch.leader_refused_by_lock(run_dir, env) is None  # the lock is free: a peer did die
+    fd = lock.acquire(run_dir)
+    try:
+        said = launch.leader_refused_by_lock(run_dir, env)
+        assert said and f"pid {os.getpid()}" in said and "rank 1 stops too" in said and "another --output" in said
+        (job / "rank-0.pid").write_text(str(os.getpid()))  # rank 0 itself holds it: some other rank died
+        assert launch.leader_refused_by_lock(run_dir, env) is None
+        assert launch.leader_refused_by_lock(run_dir, {"RANK": "1", "WORLD_SIZE": "2"}) is None  # not --devices
+    finally:
+        lock.release(fd)
+
+
+def _no_launcher_report(stderr: str) -> None:
+    """torchrun's ChildFailedError report ('overnight FAILED', a traceback) never reaches the user; overnight's
+    line is the last."""
+    assert "Traceback" not in stderr and "FAILED" not in stderr and "ChildFailedError" not in stderr, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1].startswith("the 2-process job ended with exit code"), stderr[-3000:]
+
+
+@pytest.mark.torch
+def test_torch_devices_lock_conflict_is_named_on_every_rank_without_a_traceback(tiny_model_dir, tmp_path):
+    if not has("torch", "transformers", "peft", "bitsandbytes"):
+        pytest.skip("needs torch, transformers, peft and bitsandbytes")
+    from overnight.runs import lock
+
+    out = tmp_path / "run"
+    out.mkdir()
+    fd = lock.acquire(out)  # another `overnight train` on the same run directory
+    try:
+        args = job_args("torch", tiny_model_dir, fu.make_small_data(tmp_path / "data"), out, 1, 2)
+        launch = fu.Launch(args, tmp_path / "logs", "locked")
+        assert launch.wait(300) == 3, launch.tail()
+    finally:
+        lock.release(fd)
+    import os
+
+    assert "rank 1 stops too: rank 0 could not take the run directory" in launch.stderr, launch.tail()
+    assert f"pid {os.getpid()}" in launch.stderr and "died" not in launch.stderr, launch.tail()
+    _no_launcher_report(launch.stderr)
+
+
+@pytest.mark.soak  # ~45-85 s of two `--devices 2` jobs; CI keeps the mechanism's cheap stand-in test above
+@pytest.mark.torch
+def test_torch_sigkill_of_the_supervisor_ends_every_rank_and_auto_resume_is_exact(torch_jobs, tmp_path):
+    import os
+    import signal
+    import time
+
+    from overnight.runs import lock
+
+    out = tmp_path / "run"
+    args = job_args("torch", torch_jobs["model"], torch_jobs["data"], out, 1, 2)
+    launch = fu.Launch(args, tmp_path / "logs", "first", sleep_s=0.3)  # slow steps: killed mid-run, not at the end
+    beat = fu.wait_heartbeat_any(out, launch, min_step=5, timeout=300)
+    assert beat is not None, launch.tail()
+    job = job_pids(launch.pid)[1:]  # the launcher and the ranks
+    assert len(rank_pids(launch)) == 2, launch.tail()
+    os.kill(launch.pid, signal.SIGKILL)
+    launch.wait(30)
+    killed = time.monotonic()
+    while any(_running(pid) for pid in job) or lock.holder(out)[0]:
+        assert time.monotonic() - killed < 10, ([pid for pid in job if _running(pid)], lock.holder(out))
+        time.sleep(0.05)
+    assert fu.heartbeat(out)["step"] < JOB_STEPS, "the job had finished before the kill: nothing was tested"
+    resumed = fu.Launch([*args, "--auto-resume"], tmp_path / "logs", "resumed")
+    assert resumed.wait(400) == 0, resumed.tail()
+    fu.assert_adapter_equal(out, torch_jobs["two"])
+    losses_close(out, torch_jobs["two"])

@@ -68,6 +68,7 @@ def _smollm2_here() -> bool:
                     "smollm2-135m, as .ci/run does)")
 def test_demo_runs_and_says_where_things_are(tmp_path):
     env = dict(os.environ, OVERNIGHT_DEMO_SKIP_INSTALL="1")
+    env.pop("OVERNIGHT_SUPERVISOR", None)  # as a user runs it without a terminal: supervised (conftest turns it off)
     result = subprocess.run(["bash", str(ROOT / "demo.sh"), "--max-steps", "10", "--quiet", "--output", str(tmp_path / "demo"),
                              "--set", "eval.every_steps=10"],
                             capture_output=True, text=True, env=env, cwd=ROOT, timeout=900, stdin=subprocess.DEVNULL)
@@ -101,6 +102,7 @@ def test_demo_data_is_regenerated_byte_for_byte_and_asks_held_out_questions(tmp_
 @needs_torch
 def test_tiny_demo_runs_offline(tmp_path):
     env = dict(os.environ, OVERNIGHT_DEMO_SKIP_INSTALL="1")
+    env.pop("OVERNIGHT_SUPERVISOR", None)  # supervised, as without a terminal
     result = subprocess.run(["bash", str(ROOT / "demo.sh"), "--tiny", "--max-steps", "5", "--quiet",
                              "--output", str(tmp_path / "demo")],
                             capture_output=True, text=True, env=env, cwd=ROOT, timeout=900, stdin=subprocess.DEVNULL)

@@ -28,7 +28,7 @@ def make_cfg(tmp_path: Path, *sets: str):
 
 
 def run(cfg, *, stream=None, backend=None, resume_dir=None, stop_at=None, validator=True, monkeypatch=None,
-        interrupted=None, said=None, predicted=None):
+        interrupted=None, said=None, predicted=None, clock=None):
     run_dir = Path(cfg.output.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     backend = backend or NumpyBackend(vocab_size=64)
@@ -43,7 +43,7 @@ def run(cfg, *, stream=None, backend=None, resume_dir=None, stop_at=None, valida
     val_stream = SyntheticStream(4, seed=999, samples_per_epoch=8)
     validate = Validator((lambda: [val_stream.next_batch() for _ in range(2)]) if validator else None)
     files = RunFiles(run_dir, warn=lambda m: None)
-    progress = Progress(cfg.train.max_steps, enabled=False)
+    progress = Progress(cfg.train.max_steps, enabled=False, **({"clock": clock} if clock else {}))
     if interrupted is None:
         interrupted = (lambda: 143 if progress.step >= stop_at else None) if stop_at else (lambda: None)
     predict = predicted.append if predicted is not None else None
@@ -410,3 +410,59 @@ def test_a_validation_that_cannot_fit_still_records_its_steps_train_event(tmp_pa
     with pytest.raises(TrainingError):
         run(cfg)
     assert train_steps(Path(cfg.output.dir)) == [1, 7]
+
+
+def test_oom_split_regrows_after_the_configured_steps_and_a_resume_makes_the_same_choice(tmp_path, monkeypatch):
+    """An out of memory at steps 3 and 12 only (4 rows; 2 fit): split at each, back to 4 rows 5 steps later. A run
+    stopped between the split and the regrow resumes with the recorded split and regrows at the same step."""
+    monkeypatch.setenv("OVERNIGHT_REF_FAULTS", json.dumps({"oom_at_steps": [3, 12]}))
+    sets = ("train.oom_regrow_steps=5", "train.max_steps=20")
+    straight, _, _, straight_dir = run(make_cfg(tmp_path / "straight", *sets))
+    assert straight.status == "completed"
+    events = lambda d: [(r["event"], r["step"], r["micro_splits"]) for r in read_metrics(d)
+                        if r["event"] in ("oom", "oom_regrow")]
+    assert events(straight_dir) == [("oom", 2, 2), ("oom_regrow", 7, 1), ("oom", 11, 2), ("oom_regrow", 16, 1)]
+
+    cfg = make_cfg(tmp_path / "resumed", *sets)
+    first, _, _, run_dir = run(cfg, stop_at=5)
+    checkpoint = CheckpointManager(run_dir).latest_valid()
+    state = CheckpointManager.trainer_state(checkpoint.path)
+    assert (checkpoint.step, state["micro_splits"], state["last_split_step"]) == (5, 2, 2)
+    second, _, _, _ = run(cfg, resume_dir=checkpoint.path)
+    assert second.status == "completed"
+    assert events(run_dir) == events(straight_dir)
+    assert train_losses(run_dir) == train_losses(straight_dir)
+
+
+class _SwappingBackend(NumpyBackend):
+    """From update ``slow_from`` on, a step of more than 2 rows per micro-batch takes 5 s instead of 1 s on the
+    injected clock, with memory at 95% of the limit: a machine swapping until the micro-batch is halved."""
+
+    def __init__(self, clock: list[float], slow_from: int):
+        super().__init__(vocab_size=64)
+        self.clock, self.slow_from, self.swapping = clock, slow_from, False
+
+    def train_step(self, micro_batches, lr, step_scales=None):
+        result = super().train_step(micro_batches, lr, step_scales)
+        self.swapping = self.updates >= self.slow_from and max(b.num_rows for b in micro_batches) > 2
+        self.clock[0] += 5.0 if self.swapping else 1.0
+        return result
+
+    def memory(self):
+        return {"memory_mb": 950.0 if self.swapping else 500.0, "limit_mb": 1000.0}
+
+
+def test_a_slide_into_swap_warns_once_then_saves_and_splits(tmp_path):
+    clock = [0.0]
+    backend = _SwappingBackend(clock, slow_from=12)
+    said: list[str] = []
+    cfg = make_cfg(tmp_path, "train.swap_patience=4", "train.max_steps=20", "eval.every_steps=100")
+    outcome, _, _, run_dir = run(cfg, backend=backend, clock=lambda: clock[0], said=said)
+    assert outcome.status == "completed"
+    records = read_metrics(run_dir)
+    swaps = [(r["event"], r["step"]) for r in records if r["event"] in ("swap", "swap_split")]
+    assert swaps == [("swap", 14), ("swap_split", 15)]  # slow from step 12: warned at the third, split at the fourth
+    assert sum("likely swapping" in line for line in said) == 1
+    state = CheckpointManager.trainer_state(CheckpointManager(run_dir).path_for(15))
+    assert (state["micro_splits"], state["last_split_step"]) == (2, 15)  # saved with the split it continues with
+    assert not backend.swapping  # two rows per micro-batch from step 16 on: out of swap

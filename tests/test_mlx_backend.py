@@ -413,11 +413,11 @@ def test_memory_and_versions(trained):
     for key in ("memory_mb", "active_mb", "peak_mb", "cache_mb", "rss_mb"):
         assert isinstance(figures[key], float) and figures[key] >= 0
     assert figures["active_mb"] > 0 and figures["peak_mb"] >= figures["active_mb"]
-    assert figures["memory_mb"] >= max(figures["rss_mb"], figures["active_mb"] + figures["cache_mb"]) - 1e-6
-    if mx.device_info().get("max_recommended_working_set_size") is None:
+    if mx.device_info().get("max_recommended_working_set_size") is None:  # CPU: MLX's buffers are in the RSS
         assert "limit_mb" not in figures
-    else:
-        assert figures["limit_mb"] > 0
+        assert figures["memory_mb"] == max(figures["rss_mb"], figures["active_mb"])
+    else:  # Metal: the arrays' memory, never the reclaimable cache
+        assert figures["limit_mb"] > 0 and figures["memory_mb"] == figures["active_mb"]
     import mlx_lm
 
     assert backend.versions() == {"mlx": mx.__version__, "mlx_lm": mlx_lm.__version__}
@@ -831,3 +831,42 @@ def test_an_oom_in_the_update_of_a_job_ends_it_instead_of_splitting_one_rank(tin
         backend.train_step(steps[1], LR)
     after = _adapter(backend)
     assert all(np.array_equal(before[k], after[k]) for k in before)
+
+
+# --------------------------------------------------------------------------- memory on Metal, without a Mac
+
+
+@pytest.mark.parametrize("text, oom", [
+    ("[metal::malloc] Attempting to allocate 18253611008 bytes which is greater than the maximum allowed buffer "
+     "size of 17179869184 bytes.", True),
+    ("[metal::malloc] Resource limit (499000) exceeded.", True),
+    ("[malloc] Unable to allocate 1073741824 bytes.", True),
+    ("[METAL] Command buffer execution failed: Insufficient Memory (00000008:kIOGPUCommandBufferCallbackErrorOutOfMemory)",
+     True),
+    ("[compile] something else went wrong", False),
+    ("[reshape] Cannot reshape array of size 6 into shape (4,).", False),
+])
+def test_allocator_errors_raised_as_exceptions_are_out_of_memory(text, oom):
+    from overnight.backend import PeerLost
+    from overnight.backends.mlx_backend import _is_oom
+
+    assert _is_oom(RuntimeError(text)) is oom
+    assert not _is_oom(PeerLost("out of memory on a process of this data-parallel job"))
+
+
+def test_metal_memory_watches_active_memory_and_caps_the_cache(monkeypatch):
+    """On Metal (a recommended working set): the cache is capped to a quarter of it, the wired limit is set as
+    before, and memory_mb is the active memory alone, so a full cache never looks like a leak."""
+    calls = {}
+    monkeypatch.setattr(mx, "device_info", lambda: {"max_recommended_working_set_size": 64 * 2**30})
+    for name in ("set_memory_limit", "set_wired_limit", "set_cache_limit"):
+        monkeypatch.setattr(mx, name, lambda value, name=name: calls.setdefault(name, value))
+    backend = MLXBackend()
+    details: dict = {}
+    backend._set_memory_limit(details)
+    assert calls == {"set_memory_limit": 64 * 2**30, "set_wired_limit": 64 * 2**30, "set_cache_limit": 16 * 2**30}
+    assert details["cache_limit_mb"] == 16 * 1024 and details["wired_limit_mb"] == 64 * 1024
+    monkeypatch.setattr(mx, "get_active_memory", lambda: 3000 * 2**20)
+    monkeypatch.setattr(mx, "get_cache_memory", lambda: 9000 * 2**20)
+    figures = backend.memory()
+    assert figures["memory_mb"] == 3000 and figures["cache_mb"] == 9000 and figures["limit_mb"] == 64 * 1024

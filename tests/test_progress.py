@@ -162,3 +162,19 @@ def test_memory_warning_is_written_above_the_bar_not_through_it(monkeypatch):
     progress.update(1, 1.0, 1.0, 0, 950.0, limit_mb=1000.0)
     progress.close()
     assert len(written) == 1 and "working set" in written[0]
+
+
+def test_a_supervised_child_redraws_when_the_supervisors_stderr_is_a_terminal(monkeypatch, capsys):
+    """Under the supervisor the child's stderr is a pipe copied to the user's terminal; the supervisor says so, and
+    the progress line redraws in place instead of printing a line per update."""
+    import sys
+
+    from overnight.train import progress
+
+    monkeypatch.delenv(progress.STDERR_IS_TERMINAL_ENV, raising=False)
+    assert not progress._is_terminal(sys.stderr)  # pytest's captured stderr is no terminal
+    monkeypatch.setenv(progress.STDERR_IS_TERMINAL_ENV, "1")
+    assert progress._is_terminal(sys.stderr)
+    assert not progress._is_terminal(sys.stdout)  # only the stream the supervisor copies
+    monkeypatch.setenv(progress.STDERR_IS_TERMINAL_ENV, "0")
+    assert not progress._is_terminal(sys.stderr)

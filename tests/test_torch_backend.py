@@ -792,3 +792,69 @@ def test_a_silent_peer_is_peer_lost_once_the_timeout_has_passed(dp_jobs):
     assert "peer_lost_message" in silent, "rank 0 finished a step without its peer"
     assert "stopped answering or died (the gradient all-reduce" in str(silent["peer_lost_message"])
     assert SILENT_TIMEOUT_S - 1 <= float(silent["peer_lost_after_s"]) < SILENT_TIMEOUT_S + 10
+
+
+# --------------------------------------------------------------------------- memory figures and allocation failures
+
+
+@pytest.mark.parametrize("text, oom", [
+    ("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`", True),
+    ("cuDNN error: CUDNN_STATUS_ALLOC_FAILED", True),
+    ("cuDNN error: CUDNN_STATUS_NOT_ENOUGH_WORKSPACE", True),
+    ("CUDA error: out of memory", True),
+    ("CUDA error: CUBLAS_STATUS_EXECUTION_FAILED when calling `cublasSgemm( handle, opa, opb, m, n, k, ...)`", False),
+    ("mat1 and mat2 shapes cannot be multiplied (4x8 and 16x4)", False),
+])
+def test_library_allocation_failures_are_out_of_memory(text, oom):
+    from overnight.backend import OutOfMemory, PeerLost
+    from overnight.backends.torch_backend import _is_oom
+
+    assert _is_oom(RuntimeError(text)) is oom
+    assert not _is_oom(OutOfMemory("out of memory in a step")) and not _is_oom(PeerLost("out of memory on rank 1"))
+
+
+def test_a_cublas_allocation_failure_in_a_step_becomes_backend_oom(tiny_model_dir, monkeypatch):
+    from overnight.backend import OutOfMemory
+
+    backend, _ = make_backend(tiny_model_dir)
+    batch = sft_batch(tiny_model_dir)
+
+    def failing(*args):
+        raise RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`")
+
+    monkeypatch.setattr(backend, "_local_passes", failing)
+    with pytest.raises(OutOfMemory, match="CUBLAS_STATUS_ALLOC_FAILED"):
+        backend.train_step([batch], 1e-3)
+    monkeypatch.setattr(backend, "_local_passes", lambda *a: (_ for _ in ()).throw(RuntimeError("shape mismatch")))
+    with pytest.raises(RuntimeError, match="shape mismatch"):  # any other failure is not retried as an OOM
+        backend.train_step([batch], 1e-3)
+
+
+def test_expandable_segments_unless_the_user_configured_the_allocator():
+    from overnight.backends.torch_backend import prefer_expandable_segments
+
+    environ: dict = {}
+    assert prefer_expandable_segments(environ) and environ == {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+    for key in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
+        mine = {key: "max_split_size_mb:128"}
+        assert not prefer_expandable_segments(mine) and mine == {key: "max_split_size_mb:128"}
+
+
+def test_cuda_memory_is_the_peak_since_the_last_report_with_the_device_total(monkeypatch):
+    """The CUDA figures without a GPU: the peak is read then reset, and the device total is the limit."""
+    import torch
+
+    from overnight.backends.torch_backend import TorchBackend
+
+    mb = 2**20
+    peaks, resets = [5000 * mb, 3000 * mb], []
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: peaks[len(resets)])
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: resets.append(device))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (20_000 * mb, 80_000 * mb))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 1000 * mb)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 6000 * mb)
+    backend = TorchBackend()
+    backend._device = torch.device("cuda", 0)
+    first, second = backend.memory(), backend.memory()
+    assert (first["memory_mb"], second["memory_mb"]) == (5000, 3000) and len(resets) == 2
+    assert first["limit_mb"] == 80_000 and first["free_mb"] == 20_000 and first["allocated_mb"] == 1000

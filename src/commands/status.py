@@ -107,7 +107,28 @@ def show_status(run_dir: Path, say: Callable[[str], None]) -> None:
         say(f"completed at step {step}: {beat.get('reason')}")
     else:
         say(f"{state} at step {step}: {beat.get('reason')}")
+    restarts = restarts_note(run_dir)
+    if restarts:
+        say(restarts)
     say(resume_point(run_dir))
+
+
+def restarts_note(run_dir: Path) -> str | None:
+    """The supervisor's restarts of this run since it started (overnight.runs.supervise), newest last."""
+    records = read_metrics(run_dir)
+    starts = [i for i, r in enumerate(records) if r.get("event") == "start"]
+    since_start = records[starts[-1] if starts else 0:]
+    restarts = [r for r in since_start if r.get("event") in ("restart", "restarts_exhausted")]
+    if not restarts:
+        return None
+    last = restarts[-1]
+    count = sum(1 for r in restarts if r.get("event") == "restart")
+    where = f" during step {last['during_step']}" if isinstance(last.get("during_step"), int) else ""
+    split = (f"; step {last['split_at_step']} was given to a new process with the micro-batch split "
+             f"{last['new_micro_splits']} ways" if "split_at_step" in last and "new_micro_splits" in last else "")
+    gave_up = "; restarts exhausted, so it was not started again" if last.get("event") == "restarts_exhausted" else ""
+    return (f"restarted after a crash {count} time{'s' if count != 1 else ''}; last: {last.get('cause', '?')}{where}"
+            f"{split}{gave_up} (details: restart events in metrics.jsonl)")
 
 
 def list_checkpoints(run_dir: Path, say: Callable[[str], None]) -> None:

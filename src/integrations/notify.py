@@ -1,4 +1,5 @@
-"""Webhook notifications (SPEC §8): job_started, eval, checkpoint, early_stopped, oom, job_completed, job_failed.
+"""Webhook notifications (SPEC §8): job_started, eval, checkpoint, early_stopped, oom, job_completed, job_failed,
+and from the supervisor of an unattended run (overnight.runs.supervise) restart and restarts_exhausted.
 
 Non-critical: a slow or failing webhook never stops training and is warned about once. Events are sent
 in order by one background thread; at exit, close() waits a bounded time so that the last events

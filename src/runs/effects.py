@@ -35,8 +35,8 @@ class RunEffects:
     def event(self, kind: str, step: int, **fields) -> None:
         self.files.event(kind, step, **fields)
 
-    def heartbeat(self, step: int) -> None:
-        self.files.heartbeat(step)
+    def heartbeat(self, step: int, **fields) -> None:
+        self.files.heartbeat(step, **fields)
 
     def notify(self, kind: str, **fields) -> None:
         self._notify(kind, **fields)

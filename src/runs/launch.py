@@ -12,6 +12,7 @@ from collections.abc import Mapping
 
 from overnight.distributed import env_rank, launcher
 from overnight.errors import UsageError
+from overnight.runs import lock
 
 
 def free_port() -> int:
@@ -53,9 +54,74 @@ ENDINGS = {1: "failed", 2: "input refused", 3: "resume refused", 130: "interrupt
 STRAGGLER_GRACE_S = 30.0  # after a rank failed, how long the others get to leave before they are killed (torchrun's)
 
 
+# In the job folder: a file the supervisor holds an exclusive flock on for as long as it lives (the kernel drops it
+# when the supervisor dies in any way, SIGKILL included, and a zombie holds no lock, unlike a pid that `kill -0`
+# still finds), and, for a launcher whose own reports the user must not see (torchrun's), a FIFO the ranks write
+# their stderr to, which the supervisor relays live.
+ALIVE_NAME, STDERR_NAME = "supervisor.alive", "ranks.stderr"
+QUIET_LAUNCHERS = {"torch"}  # torchrun prints a ChildFailedError traceback after every stop that is not exit 0
+ORPHAN_EXIT = 1
+
+
 def note_rank_started(environ: Mapping[str, str] = os.environ) -> None:
-    """A rank under `--devices` says where it is, so the signals the user sends reach it."""
+    """A rank under `--devices` says where it is, so the signals the user sends reach it, sends its stderr to the
+    supervisor's relay, and ends when the supervisor does."""
     _note_rank(environ, "pid", os.getpid())
+    job_dir = environ.get(JOB_DIR_ENV)
+    if not job_dir or not launcher(environ):
+        return
+    _stderr_to_relay(os.path.join(job_dir, STDERR_NAME))
+    watch_supervisor(os.path.join(job_dir, ALIVE_NAME))
+
+
+def _stderr_to_relay(fifo: str) -> None:
+    if not os.path.exists(fifo):
+        return
+    try:  # non-blocking open: with nobody reading (the supervisor is gone) it fails instead of hanging
+        fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+    except OSError:
+        return
+    import fcntl
+
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+    sys.stderr.flush()
+    os.dup2(fd, 2)
+    os.close(fd)
+
+
+def watch_supervisor(alive_path: str, on_gone=None) -> None:
+    """End this rank as soon as the `--devices` supervisor is gone. Its launcher (torchrun, mlx.launch), not the
+    supervisor, is this process's parent, so a parent-death signal would not fire; a process group would not
+    either (the ranks run in sessions of their own). The rank exits at once, without saving: the supervisor
+    was killed, not asked to stop (a SIGTERM/Ctrl-C to it is relayed and saves), every rank is leaving at the
+    same moment so no collective save could complete, and whoever sent the SIGKILL wants the machine back now.
+    Checkpoints are committed atomically, so an exit in the middle of one leaves the previous one intact."""
+    import fcntl
+    import threading
+
+    try:
+        fd = os.open(alive_path, os.O_RDONLY)
+        supervisor = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+    except OSError:
+        return
+
+    def gone() -> None:
+        try:
+            os.write(2, (f"overnight: `overnight train --devices` (pid {supervisor}), which started this job, is "
+                         f"gone; rank {env_rank()} stops now without saving. Continue with: overnight train ... "
+                         "--auto-resume\n").encode())
+        except OSError:
+            pass  # its stderr went with it
+        os._exit(ORPHAN_EXIT)
+
+    def wait() -> None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)  # blocks (without the GIL) until the supervisor's lock is dropped
+        except OSError:
+            return
+        (on_gone or gone)()
+
+    threading.Thread(target=wait, name="overnight-supervisor-watch", daemon=True).start()
 
 
 def note_rank_exit(code: int, environ: Mapping[str, str] = os.environ) -> None:
@@ -73,6 +139,22 @@ def _note_rank(environ: Mapping[str, str], kind: str, value: int) -> None:
         os.replace(path + ".tmp", path)
     except OSError:
         pass  # the job folder is gone (the supervisor was killed): nobody is listening
+
+
+def leader_refused_by_lock(run_dir, environ: Mapping[str, str] = os.environ) -> str | None:
+    """On a rank other than 0 that lost rank 0 before training: when the run directory's lock is held by a process
+    that is not this job's rank 0, rank 0 was refused the run (exit 3) and did not die; the message says so and
+    names the holder (None: something else happened). Only a `--devices` job knows its rank 0's pid."""
+    job_dir = environ.get(JOB_DIR_ENV)
+    if not job_dir or not os.path.isdir(job_dir):
+        return None
+    leader = read_rank_notes(job_dir, "pid").get(0)
+    held, holder = lock.holder(run_dir)
+    if not held or leader is None or holder.get("pid") == leader:
+        return None
+    return (f"rank {env_rank(environ)} stops too: rank 0 could not take the run directory {run_dir}, which "
+            f"{lock.describe(holder)} holds (another `overnight train` on the same run directory). Nothing was "
+            "changed. Wait for it to finish, stop it, or pass another --output DIR")
 
 
 def read_rank_notes(job_dir: str, kind: str) -> dict[int, int]:
@@ -106,9 +188,54 @@ def job_exit_code(exits: Mapping[int, int], devices: int, launcher_code: int, si
     return launcher_code if launcher_code > 0 else 1
 
 
+class _Relay:
+    """The ranks' stderr (a FIFO in the job folder) copied to this process's stderr as it comes."""
+
+    def __init__(self, fifo: str):
+        import threading
+
+        os.mkfifo(fifo, 0o600)
+        self.read_fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+        self.keep_fd = os.open(fifo, os.O_WRONLY)  # no EOF between one rank closing it and the next opening it
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="overnight-stderr-relay", daemon=True)
+        self.thread.start()
+
+    def _pump(self) -> bool:
+        try:
+            data = os.read(self.read_fd, 65536)
+        except OSError:  # BlockingIOError: nothing waiting
+            return False
+        got = bool(data)
+        while data:
+            try:
+                data = data[os.write(2, data):]
+            except OSError:
+                return False
+        return got
+
+    def _run(self) -> None:
+        import select
+
+        while not self.stopping.is_set():
+            ready, _, _ = select.select([self.read_fd], [], [], 0.2)
+            if ready:
+                self._pump()
+
+    def close(self) -> None:
+        self.stopping.set()
+        self.thread.join()
+        while self._pump():  # what the ranks wrote last
+            pass
+        os.close(self.keep_fd)
+        os.close(self.read_fd)
+
+
 def supervise(command: list[str], devices: int, poll_s: float = 0.2,
-              grace_s: float = STRAGGLER_GRACE_S) -> int:
-    """Run the launcher ``command`` (N ranks of `overnight train`) to the end and return the job's exit code."""
+              grace_s: float = STRAGGLER_GRACE_S, quiet_launcher: bool = False) -> int:
+    """Run the launcher ``command`` (N ranks of `overnight train`) to the end and return the job's exit code.
+    With ``quiet_launcher`` the launcher's own stderr is kept from the user (shown only when no rank ever started)
+    and the ranks' stderr reaches the user through a relay, so overnight's messages are the last words."""
     import shutil as _shutil
     import signal
     import subprocess
@@ -132,12 +259,20 @@ def supervise(command: list[str], devices: int, poll_s: float = 0.2,
         received.append(signum)
         relay_pending()
 
+    import fcntl
+
+    alive_fd = os.open(os.path.join(job_dir, ALIVE_NAME), os.O_RDWR | os.O_CREAT, 0o600)
+    os.write(alive_fd, str(os.getpid()).encode())
+    fcntl.flock(alive_fd, fcntl.LOCK_EX)  # held until this process ends, however it ends (watch_supervisor)
+    relay = _Relay(os.path.join(job_dir, STDERR_NAME)) if quiet_launcher else None
+    launcher_log = open(os.path.join(job_dir, "launcher.log"), "w+b") if quiet_launcher else None
     handled = (signal.SIGINT, signal.SIGTERM)
     previous = {signum: signal.signal(signum, on_signal) for signum in handled}
     try:
         # A session of its own: Ctrl-C reaches this process only, which passes it to the ranks (not to the
         # launcher, which would die of it and drop the ranks' last words).
-        launched = subprocess.Popen(command, env=dict(os.environ, **{JOB_DIR_ENV: job_dir}), start_new_session=True)
+        launched = subprocess.Popen(command, env=dict(os.environ, **{JOB_DIR_ENV: job_dir}), start_new_session=True,
+                                    stderr=launcher_log)
         first_failure = None
         while launched.poll() is None:
             time.sleep(poll_s)
@@ -152,15 +287,31 @@ def supervise(command: list[str], devices: int, poll_s: float = 0.2,
                             os.kill(pid, signal.SIGKILL)
                         except OSError:
                             pass
+        if relay is not None:
+            relay.close()
+            relay = None
+        started, exits = read_rank_notes(job_dir, "pid"), read_rank_notes(job_dir, "exit")
+        if launcher_log is not None and not started:  # the launcher failed by itself: its words are all there is
+            launcher_log.seek(0)
+            sys.stderr.write(launcher_log.read().decode(errors="replace"))
         signalled = received[0] if received else None
-        code = job_exit_code(read_rank_notes(job_dir, "exit"), devices, launched.returncode, signalled)
-        if code:  # the last line on the console: torchrun prints its own failure report after the ranks' words
+        code = job_exit_code(exits, devices, launched.returncode, signalled)
+        if code:  # the last lines on the console, after the ranks' own words
+            for rank in sorted(set(started) - set(exits)):
+                print(f"rank {rank} (pid {started[rank]}) ended without an exit code of its own: killed (by the OOM "
+                      "killer, a `kill -9`, or this job once it stopped answering) or a hard crash",
+                      file=sys.stderr, flush=True)
             print(f"the {devices}-process job ended with exit code {code} ({ENDINGS.get(code, 'failed')}); the "
                   f"messages above say what happened and what to do", file=sys.stderr, flush=True)
         return code
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+        if relay is not None:
+            relay.close()
+        if launcher_log is not None:
+            launcher_log.close()
+        os.close(alive_fd)
         _shutil.rmtree(job_dir, ignore_errors=True)
 
 
@@ -196,4 +347,4 @@ def relaunch_on_devices(args, backend_name: str, argv: list[str], say) -> int | 
         raise UsageError(f"--devices {devices}: cannot start {command[0]} (not found or not executable)")
     say(f"starting {devices} processes: {' '.join(command)}")
     sys.stdout.flush()
-    return supervise(command, devices)
+    return supervise(command, devices, quiet_launcher=backend_name in QUIET_LAUNCHERS)

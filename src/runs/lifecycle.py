@@ -19,14 +19,14 @@ import numpy as np
 from overnight import data, distributed
 from overnight.backend import BackendUnavailable, PeerLost, get_backend
 from overnight.config import ConfigError, build_config, dump_config
-from overnight.errors import EXIT_CRASH, EXIT_OK, EXIT_USAGE, ResumeRefused, TrainingError, UsageError
+from overnight.errors import EXIT_CRASH, EXIT_OK, EXIT_USAGE, ResumeRefused, RunLocked, TrainingError, UsageError
 from overnight.integrations.cloud import KeepAwake, runpod_warning
 from overnight.integrations.notify import Notifier
 from overnight.integrations.trackers import open_reporter
 from overnight.methods.registry import PartsRequest, method
 from overnight.models.provided import resolve_model_path
 from overnight.runs import fingerprint as fp
-from overnight.runs import init_adapter, launch, lock, portable, resume
+from overnight.runs import init_adapter, launch, lock, portable, resume, supervise
 from overnight.runs.checkpoint import CheckpointError, CheckpointInfo, CheckpointManager, disk_full
 from overnight.runs.console import is_quiet, quiet_this_process, say, stderr_now
 from overnight.runs.effects import FollowerEffects, RunEffects
@@ -53,6 +53,10 @@ def run_train(args, flags: dict) -> int:
 
 def _run_train(args, flags: dict, run_dirs: list[Path]) -> int:
     launch.requested_devices(args)  # a bad --devices is refused before anything is read
+    supervise.become_child()  # a supervised child ends with its supervisor
+    supervised_code = supervised(args, flags)
+    if supervised_code is not None:
+        return supervised_code
     if distributed.env_rank() != 0:  # rank 0 speaks for the job; the others stay quiet unless they fail
         quiet_this_process()
         args.quiet = True
@@ -74,6 +78,18 @@ def _run_train(args, flags: dict, run_dirs: list[Path]) -> int:
         return run.execute()
     finally:
         lock.release(fd)
+
+
+def supervised(args, flags: dict) -> int | None:
+    """An unattended run trains in a child this process starts again after a crash (overnight.runs.supervise); its
+    exit code, or None to train here. Decided before the data check and the framework import: the child does both."""
+    argv = getattr(args, "train_argv", None)
+    if not argv or not supervise.should_supervise(args, max_restarts=1):
+        return None
+    cfg = build_config(Path(args.config) if args.config else None, flags, args.set)
+    if cfg.train.max_restarts < 1:
+        return None
+    return supervise.supervise_train(argv, output_dir(cfg), cfg.train.max_restarts, cfg.notify.webhook_url)
 
 
 # -- before anything is written ----------------------------------------------------------------------------------
@@ -239,6 +255,9 @@ class TrainingRun:
         try:
             return self._execute()
         except PeerLost as exc:
+            refused = None if self.leader else launch.leader_refused_by_lock(self.run_dir)
+            if refused:  # not a peer that died: rank 0 was refused the run, and has said so
+                raise RunLocked(refused) from None
             raise TrainingError(f"{exc}; {crash_note(self.run_dir)}") from None
         except EXPECTED_ERRORS:
             raise
@@ -408,7 +427,8 @@ class TrainingRun:
             effects = FollowerEffects(progress)
         try:
             outcome = loop.train(self.cfg, self.backend, parts.source, parts.validator, effects,
-                                 resume_state=plan.state, interrupted=flag, world=self.world)
+                                 resume_state=plan.state, interrupted=flag, world=self.world,
+                                 split_at=supervise.forced_split())
         except Exception as exc:
             ended.append("failed")
             self.failure_recorded = True

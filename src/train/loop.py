@@ -12,6 +12,7 @@ from overnight.backend import Batch, OutOfMemory, objectives
 from overnight.data.source import BatchSource
 from overnight.distributed import Solo, agreed_flag, agreed_signal, step_batches
 from overnight.errors import TrainingError
+from overnight.train.memory import MicroSplits, SwapWatch
 from overnight.train.progress import Progress, eval_line
 from overnight.train.schedule import lr_at
 from overnight.train.scoring import BestTracker
@@ -33,8 +34,8 @@ class Effects(Protocol):
     def event(self, kind: str, step: int, **fields) -> None:
         """One metrics.jsonl record (and the trackers'); non-critical."""
 
-    def heartbeat(self, step: int) -> None:
-        """The run is alive at this step; non-critical."""
+    def heartbeat(self, step: int, **fields) -> None:
+        """The run is alive at this step (``fields``: what it is about to do); non-critical."""
 
     def notify(self, kind: str, **fields) -> None:
         """A webhook notification; non-critical."""
@@ -72,19 +73,26 @@ class SaveOutcome(IntEnum):
 
 
 def train(cfg, backend, source: BatchSource, validator, effects: Effects, *, resume_state: dict | None = None,
-          interrupted: Callable[[], int | None] = lambda: None, world=Solo()) -> Outcome:
+          interrupted: Callable[[], int | None] = lambda: None, world=Solo(),
+          split_at: tuple[int, int] | None = None) -> Outcome:
     """``world``: this process's place in a data-parallel job (overnight.distributed). Every rank runs this same loop
     on the same global batches; rank 0 alone writes (through ``effects``), and every decision that changes the
     control flow is agreed, so all ranks reach the same collectives.
+
+    ``split_at``: (step, micro_splits) a supervisor asks for because the process died twice in a row during that
+    step (overnight.runs.supervise): that step starts with the micro-batch split at least that many ways.
 
     One function on purpose (nanoGPT's shape): the order of train, record, stop, eval, save and stop again is the
     contract that makes a resumed run identical to an uninterrupted one, and it is easiest to check read at once."""
     t, say = cfg.train, effects.say
     stopper, best = EarlyStopping(cfg.early_stopping, stuck_rule=not source.scores_own_steps), BestTracker()
-    step, tokens_seen, elapsed, splits, owed = 0, 0, 0.0, 1, None
+    step, tokens_seen, elapsed, owed = 0, 0, 0.0, None
+    # The micro-batch split and when it last had to split: recorded, so a resumed run regrows at the same step.
+    splits, swap = MicroSplits(t.oom_regrow_steps), SwapWatch(t.swap_patience)
     if resume_state:  # everything the uninterrupted run would have had in memory at this step
         step, tokens_seen = resume_state["step"], resume_state["tokens_seen"]
-        elapsed, splits = resume_state["elapsed_s"], resume_state["micro_splits"]
+        elapsed = resume_state["elapsed_s"]
+        splits.restore(resume_state)
         stopper.restore(resume_state["early_stopping"])
         best.restore(resume_state["best"])
         source.restore(resume_state["data"])
@@ -93,7 +101,7 @@ def train(cfg, backend, source: BatchSource, validator, effects: Effects, *, res
 
     def save(owe: dict | None = None) -> bool:
         def trainer_state() -> dict:  # everything above, at this step (rank 0 writes it)
-            return {"step": step, "tokens_seen": tokens_seen, "elapsed_s": elapsed, "micro_splits": splits,
+            return {"step": step, "tokens_seen": tokens_seen, "elapsed_s": elapsed, **splits.state(),
                     "early_stopping": stopper.state(), "best": best.state(), "data": source.state(), "owed": owe,
                     "world_size": world.size, "report": effects.report_state()}
 
@@ -119,19 +127,30 @@ def train(cfg, backend, source: BatchSource, validator, effects: Effects, *, res
     while step < t.max_steps or owed:
         if owed:  # resumed at a step whose eval a signal skipped: finish that step exactly as it would have ended
             stop, eval_due, owed = Stop(**owed["stop"]) if owed["stop"] else None, validator.enabled, None
+            swap_split = False
             say(f"running the evaluation of step {step} that the interruption skipped")
         else:
             # The whole step's micro-batches from the one data order; this rank trains its share of them with
             # the whole step's normalisers (overnight.distributed), so a step is the same on any number of ranks.
             whole, micro = step_batches(source, t.grad_accumulation, world, step, t.seed)
             lr = lr_at(step, t)
+            if splits.regrow_due(step):  # the same on every rank: a pure function of the recorded state
+                was = splits.regrow()
+                effects.event("oom_regrow", step, micro_splits=1, previous_splits=was)
+                say(f"{t.oom_regrow_steps} steps without running out of memory at x{was}: trying the original "
+                    f"micro-batch again")
+            if split_at is not None and step + 1 == split_at[0] and split_at[1] > splits.splits:
+                _split_after_repeated_crash(splits, split_at[1], micro, step, effects)
+            # Before the step, what a supervisor needs if this process dies in it (SIGKILL, a Metal abort).
+            effects.heartbeat(step, training_step=step + 1, micro_splits=splits.splits)
             effects.progress.step_started()
             result, new_splits = _train_step_with_oom_fallback(
-                backend, micro, lr, objectives.step_scales(cfg.data.method, whole), splits, say)
-            if new_splits != splits:
+                backend, micro, lr, objectives.step_scales(cfg.data.method, whole), splits.splits, say)
+            if new_splits != splits.splits:
+                splits.split(step, new_splits)
+                swap.reset()
                 effects.event("oom", step, micro_splits=new_splits)
                 effects.notify("oom", step=step, micro_splits=new_splits)
-                splits = new_splits
             step_time = effects.progress.step_finished()  # eval and save time never enter the ETA
             step += 1
             tokens_seen += sum(batch.num_target_tokens for batch in whole) if world.size > 1 else result.tokens
@@ -143,6 +162,7 @@ def train(cfg, backend, source: BatchSource, validator, effects: Effects, *, res
             memory = backend.memory()
             effects.progress.update(step, result.loss, best.loss_avg(), step - last_saved, memory["memory_mb"],
                                     memory.get("limit_mb"))
+            swap_split = _watch_swap(swap, splits, world, effects, step, step_time, memory, whole)
             unreported = dict(loss=result.loss, loss_avg=best.loss_avg(), lr=lr, tokens=result.tokens,
                               tokens_per_sec=result.tokens / step_time if step_time > 0 else None,
                               grad_norm=result.grad_norm, memory_mb=memory["memory_mb"], elapsed_s=elapsed,
@@ -189,7 +209,7 @@ def train(cfg, backend, source: BatchSource, validator, effects: Effects, *, res
         # best is always a real checkpoint, whatever the checkpoint interval); not again at the step resumed
         # from (after an owed eval): that checkpoint plus the owed eval is this very state.
         if last_saved != step and (step % cfg.checkpoint.every_steps == 0 or step == t.max_steps or stop
-                                   or signal_code or (new_best and cfg.checkpoint.keep_best)):
+                                   or signal_code or swap_split or (new_best and cfg.checkpoint.keep_best)):
             if save(owe):
                 last_saved = step
         if stop and not owe:  # with an eval owed, the stop is carried over to the resumed run
@@ -227,6 +247,62 @@ def _save_agreed(world, effects: Effects, step: int, trainer_state: Callable[[],
     return outcome
 
 
+def _watch_swap(swap: SwapWatch, splits: MicroSplits, world, effects: Effects, step: int, step_time: float,
+                memory: dict, whole: list[Batch]) -> bool:
+    """Feed the step to the swap watch; True when the run should save now because the micro-batch was just split.
+    The watch sees this rank's clock and memory, so in a job rank 0's verdict is every rank's."""
+    verdict = swap.after_step(step_time, memory["memory_mb"], memory.get("limit_mb"))
+    if world.size > 1:
+        codes = (None, "warn", "split")
+        verdict = codes[int(world.broadcast(np.array([float(codes.index(verdict))]))[0])]
+    if verdict is None:
+        return False
+    typical = swap.median_s()
+    figures = dict(step_time_s=step_time, median_step_s=typical, memory_mb=memory["memory_mb"],
+                   limit_mb=memory.get("limit_mb"))
+    if verdict == "warn":
+        effects.say(f"warning: steps take over {swap.ratio:g}x their usual time with memory near the limit "
+                    f"({memory['memory_mb']:.0f} of {memory.get('limit_mb') or 0:.0f} MB): the machine is likely "
+                    f"swapping; after {swap.patience} such steps in a row the micro-batch is split")
+        effects.event("swap", step, **figures)
+        effects.notify("swap", step=step, **figures)
+        return False
+    rows = max(part.num_rows // (2 if part.paired else 1) for batch in whole for part in batch.split(splits.splits))
+    if rows <= 1:
+        effects.say("warning: still swapping at one example per micro-batch; try model.grad_checkpoint=true or "
+                    "a smaller model.max_seq_length")
+        return False
+    splits.split(step, splits.splits * 2)
+    effects.say(f"swapping for {swap.patience} steps: saving, then the micro-batch is halved to about "
+                f"{max(1, rows // 2)} rows, accumulation doubled (x{splits.splits}); the effective batch is unchanged")
+    effects.event("swap_split", step, micro_splits=splits.splits, **figures)
+    effects.notify("oom", step=step, micro_splits=splits.splits, cause="swap")
+    return True
+
+
+ONE_ROW_OOM = ("out of memory even at one example per micro-batch; try model.grad_checkpoint=true, a smaller "
+               "model.max_seq_length, fewer lora.layers, or a smaller lora.rank")
+
+
+def _split_after_repeated_crash(splits, wanted: int, micro: list[Batch], step: int, effects: Effects) -> None:
+    """The process died twice in a row during this step (a Metal out-of-memory aborts from C++, so the in-process
+    fallback never ran): split it like an out of memory would, recorded in the checkpoint and as an oom event."""
+    was = splits.splits
+    new = was
+    while new < wanted:
+        pieces = [part for batch in micro for part in (batch.split(new) if new > 1 else [batch])]
+        if max(p.num_rows // (2 if p.paired else 1) for p in pieces) <= 1:
+            if new == was:
+                raise TrainingError(ONE_ROW_OOM)
+            break
+        new *= 2
+    splits.split(step, new)
+    effects.say(f"the process died twice in a row during step {step + 1}: this step runs with the micro-batch split "
+                f"{new} ways (accumulation x{new}); the effective batch is unchanged")
+    effects.event("oom", step, micro_splits=new, previous_splits=was, cause="repeated crash")
+    effects.notify("oom", step=step, micro_splits=new, cause="repeated crash")
+
+
 def _train_step_with_oom_fallback(backend, micro: list[Batch], lr: float, scales: tuple, splits: int, say) -> tuple:
     """Run one optimizer step; on OOM halve the micro-batch and double accumulation (same effective
     batch, same data) and try again, down to one row per micro-batch. In a data-parallel job the backend
@@ -238,9 +314,7 @@ def _train_step_with_oom_fallback(backend, micro: list[Batch], lr: float, scales
         except OutOfMemory:
             rows = max(p.num_rows // (2 if p.paired else 1) for p in pieces)
             if rows <= 1:
-                raise TrainingError(
-                    "out of memory even at one example per micro-batch; try model.grad_checkpoint=true, "
-                    "a smaller model.max_seq_length, fewer lora.layers, or a smaller lora.rank") from None
+                raise TrainingError(ONE_ROW_OOM) from None
             splits *= 2
             say(f"out of memory: micro-batch halved to about {max(1, rows // 2)} rows, accumulation doubled "
                 f"(x{splits}); the effective batch is unchanged")

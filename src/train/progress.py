@@ -18,9 +18,11 @@ import time
 from collections import deque
 from typing import Callable
 
+# One threshold for the near-limit warning and the swap watch.
+from overnight.train.memory import NEAR_LIMIT
+
 WINDOW = 50  # step times for the ETA
 LEAK_RATIO = 0.5  # memory grown by more than 50% since the baseline looks like a leak
-NEAR_LIMIT = 0.9  # warn when memory passes 90% of the device's recommended working set
 BASELINE_AFTER = 10  # steps after start/resume before the memory baseline is taken (post-warmup)
 PLAIN_EVERY_FRACTION = 0.1  # a plain (non-terminal) line every 10% of the run...
 PLAIN_EVERY_S = 60.0  # ...or every minute, whichever comes first
@@ -39,7 +41,15 @@ def format_eta(hours: float) -> str:
     return f"{minutes // 60}:{minutes % 60:02d}"
 
 
+# Set by the supervisor (runs/supervise.py) for its training child when the supervisor's own stderr is a terminal:
+# the child's stderr is then a pipe the supervisor copies to that terminal byte for byte, so the progress line may
+# redraw itself with \r as it would on the terminal directly.
+STDERR_IS_TERMINAL_ENV = "OVERNIGHT_STDERR_IS_TERMINAL"
+
+
 def _is_terminal(out) -> bool:
+    if out is sys.stderr and os.environ.get(STDERR_IS_TERMINAL_ENV) == "1":
+        return True
     try:
         return bool(out.isatty())
     except (AttributeError, ValueError, OSError):
@@ -152,8 +162,9 @@ class Progress:
             mem_delta += " " + LEAK_MARK
         if limit_mb and memory_mb > NEAR_LIMIT * limit_mb and not self._limit_warned:
             self._limit_warned = True
-            self.warn(f"warning: memory {memory_mb:.0f} MB is above {NEAR_LIMIT:.0%} of the recommended working "
-                      f"set ({limit_mb:.0f} MB); lower batch_size or max_seq_length, or enable grad_checkpoint")
+            self.warn(f"warning: memory {memory_mb:.0f} MB is above {NEAR_LIMIT:.0%} of the device's limit "
+                      f"({limit_mb:.0f} MB: Metal's recommended working set, or the GPU's total); lower batch_size "
+                      f"or max_seq_length, or enable grad_checkpoint")
         fields = {"loss": _fmt(loss), "loss_avg": _fmt(loss_avg), "eta": format_eta(self.eta_hours()),
                   "ckpt": f"-{steps_since_ckpt}", "memory_mb": f"{memory_mb:.0f}", "mem_delta": mem_delta}
         percent = f"{100.0 * step / max(1, self.total):.0f}%"
