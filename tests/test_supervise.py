@@ -208,6 +208,22 @@ def test_a_signal_to_the_supervisor_reaches_the_child_which_saves(tmp_path, tiny
     assert fu.checkpoint_manager(run_dir).latest_valid().step == interrupted["step"]
 
 
+def test_a_supervised_run_stopped_by_sigterm_resumes_exactly(tmp_path, tiny_model_dir, small_data, numpy_reference):
+    """SIGTERM to the supervisor: one save, 143; a plain `--auto-resume` then ends as the uninterrupted run does."""
+    reference, _ = numpy_reference
+    run_dir = tmp_path / "run"
+    args = fu.train_args("numpy", tiny_model_dir, small_data, run_dir, STEPS)
+    launch = fu.Launch(args, tmp_path, "sup", sleep_s=0.3)  # 8 steps: time for the signal to land mid-run
+    wait_child_at(run_dir, launch, 3)
+    launch.kill(signal.SIGTERM)
+    assert launch.wait(60) == 143, launch.tail()
+    assert len(events(run_dir, "interrupted")) == 1 and not events(run_dir, "restart")
+    done = fu.run_cli(args + ["--auto-resume"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    fu.assert_losses_match(run_dir, reference, STEPS)
+    fu.assert_adapter_equal(run_dir, reference)
+
+
 def test_the_child_does_not_outlive_a_killed_supervisor(tmp_path, tiny_model_dir, small_data):
     from overnight.runs import lock
 
@@ -237,17 +253,18 @@ def test_the_child_does_not_outlive_a_killed_supervisor(tmp_path, tiny_model_dir
 TORCH_STEPS = 6
 
 
-def torch_4bit_args(run_dir: Path, tiny_model_dir: Path, small_data: Path) -> list[str]:
+def torch_4bit_args(run_dir: Path, tiny_model_dir: Path, small_data: Path, backend: str = "torch") -> list[str]:
     """The default users run: 4-bit QLoRA, dropout, evals (3, 6) off the checkpoint grid (2, 4, 6)."""
-    return fu.train_args("torch", tiny_model_dir, small_data, run_dir, TORCH_STEPS, bits=4, every=2, eval_every=3,
+    return fu.train_args(backend, tiny_model_dir, small_data, run_dir, TORCH_STEPS, bits=4, every=2, eval_every=3,
                          keep_best=False)
 
 
-def torch_child_killed_in_step_4(tmp_path: Path, tiny_model_dir: Path, small_data: Path) -> Path:
-    """A supervised torch 4-bit run whose training child is SIGKILLed in step 4 (after the eval at 3, before the
+def torch_child_killed_in_step_4(tmp_path: Path, tiny_model_dir: Path, small_data: Path,
+                                 backend: str = "torch") -> Path:
+    """A supervised 4-bit run whose training child is SIGKILLed in step 4 (after the eval at 3, before the
     checkpoint at 4): the restarted child resumes from step 2 and trains 3 and 4 again. Finished, exit 0."""
     run_dir = tmp_path / "run"
-    launch = fu.Launch(torch_4bit_args(run_dir, tiny_model_dir, small_data), tmp_path, "sup", sleep_s=0.2)
+    launch = fu.Launch(torch_4bit_args(run_dir, tiny_model_dir, small_data, backend), tmp_path, "sup", sleep_s=0.2)
     os.kill(wait_child_at(run_dir, launch, 4, timeout=240)["pid"], signal.SIGKILL)
     assert launch.wait(400) == 0, launch.tail()
     (restart,) = events(run_dir, "restart")
@@ -258,12 +275,16 @@ def torch_child_killed_in_step_4(tmp_path: Path, tiny_model_dir: Path, small_dat
 torch_4bit = pytest.mark.skipif(not has("torch", "bitsandbytes"), reason="torch + bitsandbytes not installed")
 
 
-@torch_4bit
-def test_torch_4bit_sigkill_of_the_child_is_survived(tmp_path, tiny_model_dir, small_data):
-    """CI's variant (two processes, not three): the steps the restarted child trained again have the same losses
-    and the same eval, bit for bit, as the first child's; the soak variant below compares with an uninterrupted
-    run too (losses and adapter bytes; tests/test_faults.py covers that resume path on every CI run)."""
-    run_dir = torch_child_killed_in_step_4(tmp_path, tiny_model_dir, small_data)
+@pytest.mark.parametrize("backend", [
+    pytest.param("torch", marks=[torch_4bit, pytest.mark.torch]),
+    pytest.param("mlx", marks=[pytest.mark.skipif(not has("mlx", "mlx_lm"), reason="mlx not installed"),
+                               pytest.mark.mlx])])
+def test_4bit_sigkill_of_the_child_is_survived(backend, tmp_path, tiny_model_dir, small_data):
+    """CI's variant (two processes, not three), on both backends' defaults (torch: bitsandbytes NF4; mlx: MLX
+    affine 4-bit): the steps the restarted child trained again have the same losses and the same eval, bit for bit,
+    as the first child's; the soak variant below compares with an uninterrupted run too (losses and adapter bytes;
+    tests/test_faults.py covers that resume path on every CI run)."""
+    run_dir = torch_child_killed_in_step_4(tmp_path, tiny_model_dir, small_data, backend)
     lines = fu.train_lines(run_dir)
     assert sorted(set(step for step, _ in lines)) == list(range(1, TORCH_STEPS + 1))
     again = {step for step, _ in lines if sum(1 for other, _ in lines if other == step) > 1}
