@@ -240,7 +240,6 @@ def supervise(command: list[str], devices: int, poll_s: float = 0.2,
     import signal
     import subprocess
     import tempfile
-    import time
 
     job_dir = tempfile.mkdtemp(prefix="overnight-job-")
     received: list[int] = []
@@ -259,11 +258,7 @@ def supervise(command: list[str], devices: int, poll_s: float = 0.2,
         received.append(signum)
         relay_pending()
 
-    import fcntl
-
-    alive_fd = os.open(os.path.join(job_dir, ALIVE_NAME), os.O_RDWR | os.O_CREAT, 0o600)
-    os.write(alive_fd, str(os.getpid()).encode())
-    fcntl.flock(alive_fd, fcntl.LOCK_EX)  # held until this process ends, however it ends (watch_supervisor)
+    alive_fd = _hold_alive(job_dir)
     relay = _Relay(os.path.join(job_dir, STDERR_NAME)) if quiet_launcher else None
     launcher_log = open(os.path.join(job_dir, "launcher.log"), "w+b") if quiet_launcher else None
     handled = (signal.SIGINT, signal.SIGTERM)
@@ -273,20 +268,7 @@ def supervise(command: list[str], devices: int, poll_s: float = 0.2,
         # launcher, which would die of it and drop the ranks' last words).
         launched = subprocess.Popen(command, env=dict(os.environ, **{JOB_DIR_ENV: job_dir}), start_new_session=True,
                                     stderr=launcher_log)
-        first_failure = None
-        while launched.poll() is None:
-            time.sleep(poll_s)
-            relay_pending()  # ranks that started after a signal came still get it
-            exits = read_rank_notes(job_dir, "exit")
-            if first_failure is None and any(exits.values()):
-                first_failure = time.monotonic()
-            if first_failure is not None and time.monotonic() - first_failure > grace_s:
-                for rank, pid in read_rank_notes(job_dir, "pid").items():
-                    if rank not in exits:  # stopped or hung: no collective will ever free it
-                        try:
-                            os.kill(pid, signal.SIGKILL)
-                        except OSError:
-                            pass
+        _wait_for_launcher(launched, job_dir, poll_s, grace_s, relay_pending)
         if relay is not None:
             relay.close()
             relay = None
@@ -294,15 +276,9 @@ def supervise(command: list[str], devices: int, poll_s: float = 0.2,
         if launcher_log is not None and not started:  # the launcher failed by itself: its words are all there is
             launcher_log.seek(0)
             sys.stderr.write(launcher_log.read().decode(errors="replace"))
-        signalled = received[0] if received else None
-        code = job_exit_code(exits, devices, launched.returncode, signalled)
-        if code:  # the last lines on the console, after the ranks' own words
-            for rank in sorted(set(started) - set(exits)):
-                print(f"rank {rank} (pid {started[rank]}) ended without an exit code of its own: killed (by the OOM "
-                      "killer, a `kill -9`, or this job once it stopped answering) or a hard crash",
-                      file=sys.stderr, flush=True)
-            print(f"the {devices}-process job ended with exit code {code} ({ENDINGS.get(code, 'failed')}); the "
-                  f"messages above say what happened and what to do", file=sys.stderr, flush=True)
+        code = job_exit_code(exits, devices, launched.returncode, received[0] if received else None)
+        if code:
+            _say_job_end(code, devices, started, exits)
         return code
     finally:
         for signum, handler in previous.items():
@@ -313,6 +289,48 @@ def supervise(command: list[str], devices: int, poll_s: float = 0.2,
             launcher_log.close()
         os.close(alive_fd)
         _shutil.rmtree(job_dir, ignore_errors=True)
+
+
+def _hold_alive(job_dir: str) -> int:
+    """A file the ranks watch (watch_supervisor), locked by this process until it ends, however it ends: the kernel
+    drops the lock with the process, so a rank learns of a SIGKILLed supervisor at once."""
+    import fcntl
+
+    alive_fd = os.open(os.path.join(job_dir, ALIVE_NAME), os.O_RDWR | os.O_CREAT, 0o600)
+    os.write(alive_fd, str(os.getpid()).encode())
+    fcntl.flock(alive_fd, fcntl.LOCK_EX)
+    return alive_fd
+
+
+def _wait_for_launcher(launched, job_dir: str, poll_s: float, grace_s: float, relay_pending) -> None:
+    """Until the launcher ends: relay signals to ranks that started late, and once a rank has failed, give the others
+    ``grace_s`` to leave before they are killed (a stopped or hung rank: no collective will ever free it)."""
+    import signal
+    import time
+
+    first_failure = None
+    while launched.poll() is None:
+        time.sleep(poll_s)
+        relay_pending()  # ranks that started after a signal came still get it
+        exits = read_rank_notes(job_dir, "exit")
+        if first_failure is None and any(exits.values()):
+            first_failure = time.monotonic()
+        if first_failure is not None and time.monotonic() - first_failure > grace_s:
+            for rank, pid in read_rank_notes(job_dir, "pid").items():
+                if rank not in exits:
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except OSError:
+                        pass
+
+
+def _say_job_end(code: int, devices: int, started: dict, exits: dict) -> None:
+    """The last lines on the console, after the ranks' own words: ranks that left no exit code, and the job's."""
+    for rank in sorted(set(started) - set(exits)):
+        print(f"rank {rank} (pid {started[rank]}) ended without an exit code of its own: killed (by the OOM "
+              "killer, a `kill -9`, or this job once it stopped answering) or a hard crash", file=sys.stderr, flush=True)
+    print(f"the {devices}-process job ended with exit code {code} ({ENDINGS.get(code, 'failed')}); the "
+          f"messages above say what happened and what to do", file=sys.stderr, flush=True)
 
 
 def without_devices_flag(argv: list[str]) -> list[str]:

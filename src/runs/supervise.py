@@ -186,27 +186,11 @@ def supervise_train(argv: list[str], run_dir: Path, max_restarts: int, webhook_u
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     deaths: list[dict] = []
-    env = dict(os.environ)
-    env.pop(SPLIT_ENV, None)
-    try:  # the progress line keeps redrawing in place through the pipe when the user's stderr is a terminal
-        env[STDERR_IS_TERMINAL_ENV] = "1" if sys.stderr.isatty() else "0"
-    except (AttributeError, ValueError, OSError):
-        env[STDERR_IS_TERMINAL_ENV] = "0"
+    env = _child_env()
     args = list(argv)
     try:
         while True:
-            read_end, write_end = os.pipe()
-            env[SUPERVISOR_ENV] = f"{os.getpid()}:{read_end}"
-            try:
-                child[:] = [subprocess.Popen([sys.executable, "-m", "overnight", "train", *args], env=env,
-                                             stderr=write_end, pass_fds=(read_end,), start_new_session=True)]
-            finally:
-                os.close(write_end)
-            reader = os.fdopen(read_end, "rb", buffering=0)
-            tee = _Tee(reader)
-            code = _wait(child[0])
-            tail = tee.tail()
-            reader.close()
+            code, tail = _run_child(args, env, child)
             if received:  # the user or the platform asked to stop: the child saved and said so
                 return code if code >= 0 else 128 + received[0]
             if code in NEVER_RESTARTED or not is_restartable(code, tail):
@@ -217,23 +201,11 @@ def supervise_train(argv: list[str], run_dir: Path, max_restarts: int, webhook_u
                                                else {"exit_code": code})}
             deaths.append(death)
             if len(deaths) > max_restarts:
-                causes = "; ".join(f"{d['cause']} during step {d['during_step'] or '?'}" for d in deaths[-3:])
-                _record(run_dir, webhook_url, "restarts_exhausted", done or 0,
-                        {**death, "restarts": max_restarts, "stderr_tail": tail})
-                try:
-                    RunFiles(run_dir, warn=lambda message: None).heartbeat(
-                        done or 0, "failed", reason=f"{death['cause']}; restarts exhausted")
-                except Exception:  # noqa: BLE001 (non-critical)
-                    pass
-                say_error(f"overnight: the trainer died {len(deaths)} times and train.max_restarts is {max_restarts},"
-                          f" so it is not started again (last: {causes}). The messages above say what it printed; "
-                          f"{_checkpoint_note(run_dir)}")
+                _give_up(run_dir, webhook_url, deaths, max_restarts, done, tail, say_error)
                 return 1
-            split = None
-            if (under_way is not None and splits and len(deaths) >= 2
-                    and deaths[-2]["during_step"] == under_way):
-                split = (under_way, splits * 2)  # the same step twice: smaller pieces of the same data
-                env[SPLIT_ENV] = f"{under_way}:{splits * 2}"
+            split = repeated_step_split(deaths, under_way, splits)
+            if split:
+                env[SPLIT_ENV] = f"{split[0]}:{split[1]}"
             else:
                 env.pop(SPLIT_ENV, None)
             _record(run_dir, webhook_url, "restart", done or 0,
@@ -252,6 +224,59 @@ def supervise_train(argv: list[str], run_dir: Path, max_restarts: int, webhook_u
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def _child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop(SPLIT_ENV, None)
+    try:  # the progress line keeps redrawing in place through the pipe when the user's stderr is a terminal
+        env[STDERR_IS_TERMINAL_ENV] = "1" if sys.stderr.isatty() else "0"
+    except (AttributeError, ValueError, OSError):
+        env[STDERR_IS_TERMINAL_ENV] = "0"
+    return env
+
+
+def _run_child(args: list[str], env: dict[str, str], child: list[subprocess.Popen]) -> tuple[int, list[str]]:
+    """Start `overnight train ARGS` (kept in ``child`` for the signal relay), copy its stderr through, wait: its
+    exit code (negative: the signal) and its last stderr lines."""
+    read_end, write_end = os.pipe()
+    env[SUPERVISOR_ENV] = f"{os.getpid()}:{read_end}"
+    try:
+        child[:] = [subprocess.Popen([sys.executable, "-m", "overnight", "train", *args], env=env,
+                                     stderr=write_end, pass_fds=(read_end,), start_new_session=True)]
+    finally:
+        os.close(write_end)
+    reader = os.fdopen(read_end, "rb", buffering=0)
+    tee = _Tee(reader)
+    code = _wait(child[0])
+    tail = tee.tail()
+    reader.close()
+    return code, tail
+
+
+def repeated_step_split(deaths: list[dict], under_way: int | None, splits: int | None) -> tuple[int, int] | None:
+    """(step, micro_splits) for the next launch when the last two deaths were during the same step: smaller pieces
+    of the same data; None otherwise."""
+    if under_way is not None and splits and len(deaths) >= 2 and deaths[-2]["during_step"] == under_way:
+        return under_way, splits * 2
+    return None
+
+
+def _give_up(run_dir: Path, webhook_url: str | None, deaths: list[dict], max_restarts: int, done: int | None,
+             tail: list[str], say_error) -> None:
+    """Restarts used up: recorded (event, webhook, a failed heartbeat) and said, naming the last causes."""
+    death = deaths[-1]
+    causes = "; ".join(f"{d['cause']} during step {d['during_step'] or '?'}" for d in deaths[-3:])
+    _record(run_dir, webhook_url, "restarts_exhausted", done or 0,
+            {**death, "restarts": max_restarts, "stderr_tail": tail})
+    try:
+        RunFiles(run_dir, warn=lambda message: None).heartbeat(
+            done or 0, "failed", reason=f"{death['cause']}; restarts exhausted")
+    except Exception:  # noqa: BLE001 (non-critical)
+        pass
+    say_error(f"overnight: the trainer died {len(deaths)} times and train.max_restarts is {max_restarts}, so it is "
+              f"not started again (last: {causes}). The messages above say what it printed; "
+              f"{_checkpoint_note(run_dir)}")
 
 
 def _wait(process: subprocess.Popen) -> int:
