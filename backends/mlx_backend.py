@@ -11,7 +11,6 @@ the AdamW is torch's (bias correction on); LoRA A comes from src/backend/lora_in
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
 import secrets
@@ -27,7 +26,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path, tree_unflatten
 
-from overnight.backend import lora_init, lora_targets, model_folder, objectives, step_buffer
+from overnight.backend import lora_init, lora_targets, objectives, step_buffer
 from overnight.backend import Batch, OutOfMemory, PeerLost, PortableState, SetupInfo, StepResult, as_stop_ids
 from overnight.backend.adapter_formats import recorded_base
 from overnight.config import ConfigError
@@ -45,90 +44,114 @@ CACHE_SHARE = 0.25  # of the recommended working set, the most MLX may keep cach
 # Objectives (src/backend/objectives.py): each returns this micro-batch's share of the step objective, its token
 # sums times token_scale (1/T of the step) plus its pair sums times pair_scale (1/P of the step).
 
-def _token_nll(model, inputs, targets, mask):
-    logits = model(inputs)
-    return nn.losses.cross_entropy(logits, targets).astype(mx.float32) * mask
-
-
-def _row_logps(model, inputs, targets, mask):
-    return -_token_nll(model, inputs, targets, mask).sum(axis=1)
-
-
 def _neg_logsigmoid(x):
     return mx.logaddexp(mx.zeros_like(x), -x)
 
 
-# mlx-lm model modules whose Model.__call__ is exactly `head(self.model(inputs))`, the head being lm_head or
-# the tied embedding's as_linear: for these the head can run on the target positions alone (_target_head_nll).
-_PLAIN_HEAD_MODULES = ("mlx_lm.models.llama", "mlx_lm.models.qwen2", "mlx_lm.models.qwen3")
+def _logps_of(logits, targets):
+    """log softmax(logits)[target] per row, in float32 whatever the model's dtype (bf16 log-probs lose the
+    differences dpo and grpo take between close values)."""
+    logits = logits.astype(mx.float32)
+    return mx.take_along_axis(logits, targets[:, None], axis=-1)[:, 0] - mx.logsumexp(logits, axis=-1)
 
 
-def _plain_head(model) -> bool:
-    return type(model).__module__ in _PLAIN_HEAD_MODULES and hasattr(model, "model") and hasattr(model, "args")
+def find_plain_head(model) -> tuple[Any, int]:
+    """(head, vocabulary size): the output head as a function of the decoder's hidden states, when the model's logits
+    are exactly ``head(model.model(inputs))`` (lm_head or the tied embedding's as_linear, then Gemma's final
+    soft-capping if the config has one), else None. Decided by a probe (a 4-token forward compared both ways) rather
+    than a list of architectures, so a model whose head does something else is never silently scored differently."""
+    probe = mx.array([[1, 2, 3, 4]], dtype=mx.int32)
+    want = model(probe).astype(mx.float32)
+    vocab = int(want.shape[-1])
+    inner = getattr(model, "model", None)
+    if inner is None or not callable(inner):
+        return None, vocab
+    if getattr(model, "lm_head", None) is not None:
+        project = model.lm_head
+    elif hasattr(getattr(inner, "embed_tokens", None), "as_linear"):
+        project = inner.embed_tokens.as_linear
+    else:
+        return None, vocab
+    cap = getattr(getattr(model, "args", None), "final_logit_softcapping", None)
+
+    def head(hidden):
+        logits = project(hidden)
+        return mx.tanh(logits / cap) * cap if cap else logits
+
+    try:
+        got = head(inner(probe)).astype(mx.float32)
+        same = want.shape == got.shape and bool(mx.allclose(want, got, rtol=1e-3, atol=1e-3).item())
+    except Exception:  # noqa: BLE001 - any model whose parts do not compose this way takes the full-logits path
+        return None, vocab
+    return (head if same else None), vocab
 
 
-def _target_head_nll(model, inputs, index, targets, weights):
-    """The weighted next-token losses at the target positions only: the decoder runs on the whole batch, the
-    output head and its cross-entropy on `index` (flat positions into (B, T-1), padded to a bucket with weight
-    0). On a large vocabulary the head is a large share of the step and most positions have no target."""
+def target_logps(model, head, chunk_rows: int, inputs, index, targets):
+    """log p of each target slot (objectives.target_slots), float32 (S,). With a plain head the decoder runs on the
+    batch and the head on the slots only, ``chunk_rows`` at a time, each chunk checkpointed: its logits are freed
+    after its forward and recomputed in the backward, so no (slots x vocabulary) array outlives one chunk. Without
+    one (head None) the model's own full logits are taken at the slots."""
+    if head is None:
+        logits = model(inputs)
+        return _logps_of(logits.reshape(-1, logits.shape[-1])[index], targets)
     hidden = model.model(inputs)
     hidden = hidden.reshape(-1, hidden.shape[-1])[index]
-    if model.args.tie_word_embeddings:
-        logits = model.model.embed_tokens.as_linear(hidden)
-    else:
-        logits = model.lm_head(hidden)
-    return nn.losses.cross_entropy(logits, targets).astype(mx.float32) * weights
+    # Token ids are an input of the checkpointed function: they take no gradient.
+    chunk = mx.checkpoint(lambda h, t: _logps_of(head(h), mx.stop_gradient(t)))
+    pieces = [chunk(hidden[s:s + chunk_rows], targets[s:s + chunk_rows])
+              for s in range(0, targets.shape[0], chunk_rows)]
+    return pieces[0] if len(pieces) == 1 else mx.concatenate(pieces)
 
 
-def _token_logps(model, inputs, targets):
-    return -nn.losses.cross_entropy(model(inputs), targets).astype(mx.float32)
+def _row_sums(values, rows, num_rows: int):
+    """Per-row sums of slot values, (num_rows,): a one-hot product, which compile and grad take as any matmul."""
+    return (mx.arange(num_rows)[:, None] == rows[None, :]).astype(mx.float32) @ values
 
 
-def make_grpo_objective(g, has_old: bool):
+def make_grpo_objective(g, has_old: bool, logps):
     """This micro-batch's share of the grpo objective (src/backend/objectives.py) and its KL sum over completion tokens:
-    sum over rows of (the row's per-token losses / its divisor), times token_scale (1/N of the step)."""
-    def grpo(model, token_scale, pair_scale, inputs, targets, mask, adv, old, ref):
-        logp = _token_logps(model, inputs, targets)
+    sum over rows of (the row's per-token losses / its divisor), times token_scale (1/N of the step). Per slot:
+    ``old`` and ``ref`` are the recorded and reference log-probs at the slot, ``adv`` is per row."""
+    def grpo(model, token_scale, pair_scale, inputs, index, targets, weights, rows, adv, old, ref):
+        logp = logps(model, inputs, index, targets)
         old = old if has_old else mx.stop_gradient(logp)
         ratio = mx.exp(logp - old)
-        a = adv[:, None]
+        a = adv[rows]
         per_token = -mx.minimum(ratio * a, mx.clip(ratio, 1.0 - g.epsilon, 1.0 + g.epsilon) * a)
         kl_sum = mx.zeros((), dtype=mx.float32)
         if g.beta > 0:
             diff = ref - logp
             kl = mx.exp(diff) - diff - 1.0
             per_token = per_token + g.beta * kl
-            kl_sum = mx.stop_gradient((kl * mask).sum())
+            kl_sum = mx.stop_gradient((kl * weights).sum())
+        num_rows = inputs.shape[0]
         if g.loss_type == "dr_grpo":
             divisor = objectives.grpo_row_divisor(g.loss_type, 0, g.max_new_tokens)
         else:
-            divisor = mx.maximum(mask.sum(axis=1), 1.0)
-        rows = (per_token * mask).sum(axis=1) / divisor
-        return rows.sum() * token_scale, kl_sum
+            divisor = mx.maximum(_row_sums(weights, rows, num_rows), 1.0)
+        per_row = _row_sums(per_token * weights, rows, num_rows) / divisor
+        return per_row.sum() * token_scale, kl_sum
 
     return grpo
 
 
-def make_objective(method: str, beta: float, target_head: bool = False):
-    def cross_entropy(model, token_scale, pair_scale, inputs, targets, mask):
-        return _token_nll(model, inputs, targets, mask).sum() * token_scale
+def make_objective(method: str, beta: float, logps):
+    """This micro-batch's share of the step objective (src/backend/objectives.py) from its target slots; ``logps`` is
+    target_logps bound to the model's head."""
+    def cross_entropy(model, token_scale, pair_scale, inputs, index, targets, weights, rows):
+        return -(logps(model, inputs, index, targets) * weights).sum() * token_scale
 
-    def cross_entropy_at_targets(model, token_scale, pair_scale, inputs, index, targets, weights):
-        return _target_head_nll(model, inputs, index, targets, weights).sum() * token_scale
-
-    if target_head and method in ("sft", "cpt"):
-        return cross_entropy_at_targets
-
-    def orpo(model, token_scale, pair_scale, inputs, targets, mask):
-        row_nll = _token_nll(model, inputs, targets, mask).sum(axis=1)
-        avg_logp = mx.minimum(-row_nll / mx.maximum(mask.sum(axis=1), 1.0), objectives.AVG_LOGP_MAX)
+    def orpo(model, token_scale, pair_scale, inputs, index, targets, weights, rows):
+        num_rows = inputs.shape[0]
+        row_logp = _row_sums(logps(model, inputs, index, targets) * weights, rows, num_rows)
+        avg_logp = mx.minimum(row_logp / mx.maximum(_row_sums(weights, rows, num_rows), 1.0), objectives.AVG_LOGP_MAX)
         log_odds = avg_logp - mx.log(-mx.expm1(avg_logp))
         odds_ratio_loss = _neg_logsigmoid(log_odds[0::2] - log_odds[1::2]).sum()
-        return row_nll[0::2].sum() * token_scale + beta * odds_ratio_loss * pair_scale
+        return -row_logp[0::2].sum() * token_scale + beta * odds_ratio_loss * pair_scale
 
-    def dpo(model, token_scale, pair_scale, inputs, targets, mask, ref_logps):
-        logps = _row_logps(model, inputs, targets, mask)
-        margin = (logps[0::2] - ref_logps[0::2]) - (logps[1::2] - ref_logps[1::2])
+    def dpo(model, token_scale, pair_scale, inputs, index, targets, weights, rows, ref_logps):
+        row_logp = _row_sums(logps(model, inputs, index, targets) * weights, rows, inputs.shape[0])
+        margin = (row_logp[0::2] - ref_logps[0::2]) - (row_logp[1::2] - ref_logps[1::2])
         return _neg_logsigmoid(beta * margin).sum() * pair_scale
 
     return {"sft": cross_entropy, "cpt": cross_entropy, "orpo": orpo, "dpo": dpo}[method]
@@ -239,49 +262,18 @@ def _save_safetensors(path: Path, arrays: dict[str, mx.array], metadata: dict[st
 
 
 def _resolve_model_dir(path: str) -> Path:
-    local = Path(path).expanduser()
-    if local.exists():
-        model_folder.read_config(local)  # a damaged config.json is said as such, not as mlx-lm's KeyError
-        return local
-    from huggingface_hub import snapshot_download
-    from mlx_lm.utils import DEFAULT_ALLOW_PATTERNS
+    from overnight.backend import hub
 
-    try:
-        return Path(snapshot_download(path, allow_patterns=DEFAULT_ALLOW_PATTERNS))
-    except Exception as exc:  # offline, unknown repo, gated: all the same to the user
-        raise ConfigError(
-            f"model.path '{path}' is not a local folder and could not be fetched from the hub: {exc}"
-        ) from None
+    return hub.resolve_model_dir(path, backend="mlx")
 
 
-def _load_model(model_dir: Path, quantization: Any, details: dict[str, Any]) -> nn.Module:
-    """The base model, quantized in memory when model.quantization.bits asks and the folder is not quantized
-    already; says which in details["quantization"]."""
-    from mlx_lm.utils import load_model, quantize_model
+def _load_model(model_dir: Path, quantization: Any, details: dict[str, Any], dtype: Any = None) -> nn.Module:
+    """The base model, read lazily and quantized block by block when model.quantization.bits asks and the folder is
+    not quantized already, or read from the quantized-weight cache (backends/mlx_load.py); says which in
+    details["quantization"] and details["base_weights"]."""
+    from overnight.backends import mlx_load
 
-    try:
-        model, model_config = load_model(model_dir)
-    except Exception as exc:  # noqa: BLE001 - a truncated or corrupt weight file fails deep inside mlx
-        if _is_oom(exc):
-            raise
-        raise ConfigError(
-            f"config key 'model.path': cannot load the model in {model_dir}: {exc.__class__.__name__}: "
-            f"{str(exc)[:300]}. Check that the weight files are complete (re-download or re-copy the model)"
-        ) from None
-    bits, group_size = quantization.bits, quantization.group_size
-    if model_config.get("quantization"):
-        q = model_config["quantization"]
-        details["quantization"] = (
-            f"pre-quantized {q.get('bits')}-bit {q.get('mode', 'affine')} (group {q.get('group_size')}), used as is"
-        )
-    elif bits:
-        # quantize_model prints its own summary; the run's output stays ours.
-        with contextlib.redirect_stdout(io.StringIO()):
-            model, model_config = quantize_model(model, model_config, group_size=group_size, bits=bits, mode="affine")
-        details["quantization"] = f"{bits}-bit affine (group {group_size}), quantized in memory"
-    else:
-        details["quantization"] = "none"
-    return model
+    return mlx_load.load_base(model_dir, quantization, details, is_oom=_is_oom, dtype=dtype)
 
 
 def _lora_keys(layers: list[nn.Module], num_layers: int, targets: list[str]) -> list[str]:
@@ -406,7 +398,8 @@ class MLXBackend:
         self.adapter_config: dict[str, Any] = {}
         self._lora_modules: list[nn.Module] = []
         self._training = None
-        self._target_head = False
+        self._head = None  # find_plain_head's, or None: the full-logits path
+        self._chunk_rows = 64
         self.limit_bytes: int | None = None
         self._world: MLXCollective | None = None  # set by connect() in a data-parallel job
 
@@ -444,11 +437,17 @@ class MLXBackend:
         self._read_config(cfg, seed)
         details: dict[str, Any] = {"device": str(mx.default_device()), "method": self.method}
         model_dir = _resolve_model_dir(cfg.model.path)
-        model = _load_model(model_dir, cfg.model.quantization, details)
+        model = _load_model(model_dir, cfg.model.quantization, details,
+                            None if cfg.model.dtype == "auto" else getattr(mx, cfg.model.dtype))
         base_params = get_total_parameters(model)
+        # Before LoRA is attached: the probe's forward then sees the base alone, dropout not yet in the graph.
+        self._head, vocab = find_plain_head(model)
+        self._chunk_rows = objectives.logit_chunk_rows(vocab, multiple=64)
+        details["loss_head"] = (f"output head on target positions only, {self._chunk_rows} a chunk"
+                                if self._head is not None else "full logits (the model's head is not a plain "
+                                "projection of its decoder's output)")
         lora_parameters = self._apply_lora(model, cfg, details)
         self.model = model
-        self._target_head = _plain_head(model) and self.method in ("sft", "cpt")
         self._build_optimizer(cfg.train)
         self._build_steps()
         self._set_training(True)
@@ -529,8 +528,8 @@ class MLXBackend:
         """(Re)compile the step functions. mx.compile captures the state trees it is given, so this
         runs again whenever one of them is replaced (load, an OOM restore)."""
         model, optimizer = self.model, self.optimizer
-        objective = make_grpo_objective(self.grpo, self.grpo.iterations > 1) if self.method == "grpo" \
-            else make_objective(self.method, self.beta, self._target_head)
+        objective = make_grpo_objective(self.grpo, self.grpo.iterations > 1, self._logps) if self.method == "grpo" \
+            else make_objective(self.method, self.beta, self._logps)
         value_and_grad = nn.value_and_grad(model, objective)
         max_norm = self.max_grad_norm
 
@@ -573,54 +572,51 @@ class MLXBackend:
             for m, s in zip(self._lora_modules, scales):
                 m.scale = s
 
+    def _logps(self, model, inputs, index, targets):
+        return target_logps(model, self._head, self._chunk_rows, inputs, index, targets)
+
     def _device_batch(self, batch: Batch) -> tuple[mx.array, ...]:
+        """(inputs, then the target slots: index, targets, weights, rows; then the method's own arrays). Slots are
+        padded to a multiple of 64 (objectives.target_slots) so compiled steps see few shapes."""
         ids = np.asarray(batch.input_ids, dtype=np.int32)
-        inputs, targets = mx.array(ids[:, :-1]), mx.array(ids[:, 1:])
-        mask = mx.array(np.asarray(batch.loss_mask[:, 1:], dtype=np.float32))
         if batch.paired != (self.method in ("dpo", "orpo")):
             raise ValueError(f"method {self.method} got a batch with paired={batch.paired}")
-        if self._target_head:
-            # Flat target positions, padded up to a multiple of 64 with weight 0 (so compiled steps see few
-            # shapes); the padding points at position 0, whose loss is finite and weighed 0.
-            weights = np.asarray(batch.loss_mask[:, 1:], dtype=np.float32).reshape(-1)
-            index = np.flatnonzero(weights).astype(np.int32)
-            size = max(64, -(-index.size // 64) * 64)
-            padded = np.zeros(size, dtype=np.int32)
-            padded[:index.size] = index
-            picked = np.zeros(size, dtype=np.float32)
-            picked[:index.size] = weights[index]
-            return inputs, mx.array(padded), mx.array(ids[:, 1:].reshape(-1)[padded]), mx.array(picked)
+        slots = objectives.target_slots(batch.loss_mask, bucket=64)
+        inputs = mx.array(ids[:, :-1])
+        arrays = (inputs, mx.array(slots.index.astype(np.int32)), mx.array(ids[:, 1:].reshape(-1)[slots.index]),
+                  mx.array(slots.weight), mx.array(slots.row.astype(np.int32)))
         if self.method == "grpo":
-            return inputs, targets, mask, *self._grpo_inputs(batch, inputs, targets)
+            return (*arrays, *self._grpo_inputs(batch, slots, arrays))
         if self.method != "dpo":
-            return inputs, targets, mask
+            return arrays
         # The reference policy is the frozen base: the same weights with every LoRA scale at 0,
         # no dropout. Its graph is recorded now, so restoring the scales afterwards is safe.
+        ref = _row_sums(self._reference_logps(arrays) * arrays[3], arrays[4], ids.shape[0])
+        mx.async_eval(ref)
+        return (*arrays, ref)
+
+    def _reference_logps(self, arrays) -> mx.array:
+        """The slots' log-probs under the reference (adapter off, no dropout), out of the graph."""
         was_training = self._training
         self._set_training(False)
         with self._lora_off():
-            ref = mx.stop_gradient(_row_logps(self.model, inputs, targets, mask))
+            ref = mx.stop_gradient(self._logps(self.model, *arrays[:3]))
         self._set_training(was_training)
-        mx.async_eval(ref)
-        return inputs, targets, mask, ref
+        return ref
 
-    def _grpo_inputs(self, batch: Batch, inputs, targets) -> tuple:
+    def _grpo_inputs(self, batch: Batch, slots: objectives.TargetSlots, arrays) -> tuple:
         if batch.advantages is None:
             raise ValueError("method grpo needs batches of sampled completions with advantages (src/methods/grpo.py)")
         adv = mx.array(np.asarray(batch.advantages, dtype=np.float32))
         if batch.old_logp is not None:
-            old = mx.array(np.asarray(batch.old_logp[:, 1:], dtype=np.float32))
+            old = mx.array(np.asarray(batch.old_logp[:, 1:], dtype=np.float32).reshape(-1)[slots.index])
         else:
-            old = mx.zeros(targets.shape, dtype=mx.float32)
+            old = mx.zeros(slots.index.shape, dtype=mx.float32)
         if self.grpo.beta > 0:  # the reference: adapter off, no dropout (as dpo's)
-            was_training = self._training
-            self._set_training(False)
-            with self._lora_off():
-                ref = mx.stop_gradient(_token_logps(self.model, inputs, targets))
-            self._set_training(was_training)
+            ref = self._reference_logps(arrays)
             mx.async_eval(ref)
         else:
-            ref = mx.zeros(targets.shape, dtype=mx.float32)
+            ref = mx.zeros(slots.index.shape, dtype=mx.float32)
         return adv, old, ref
 
     def sample(self, prompt_ids: np.ndarray, seeds: list[int], max_new_tokens: int, temperature: float,
@@ -671,11 +667,14 @@ class MLXBackend:
     def token_logps(self, batch: Batch, adapter: bool = True) -> np.ndarray:
         self._set_training(False)
         ids = np.asarray(batch.input_ids, dtype=np.int32)
+        slots = objectives.target_slots(batch.loss_mask, bucket=64)
         with contextlib.nullcontext() if adapter else self._lora_off():
-            values = _token_logps(self.model, mx.array(ids[:, :-1]), mx.array(ids[:, 1:]))
+            values = self._logps(self.model, mx.array(ids[:, :-1]), mx.array(slots.index.astype(np.int32)),
+                                 mx.array(ids[:, 1:].reshape(-1)[slots.index]))
             values = np.array(values)
         out = np.zeros(batch.loss_mask.shape, dtype=np.float32)
-        out[:, 1:] = values * (np.asarray(batch.loss_mask[:, 1:]) > 0)
+        index = slots.index[:slots.count]
+        out[index // (ids.shape[1] - 1), index % (ids.shape[1] - 1) + 1] = values[:slots.count]
         return out
 
     # -- training ----------------------------------------------------------

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 import torch.distributed
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from overnight.backend import lora_init, lora_targets, model_folder, objectives, step_buffer
 from overnight.backend import Batch, OutOfMemory, PeerLost, PortableState, SetupInfo, StepResult, as_stop_ids
@@ -186,6 +187,7 @@ class TorchBackend:
         model, lora_layers = self._apply_lora(model, seed)
         self._model = model
         _init_lora_a(model, seed)
+        self._find_plain_head()
         self._params = [p for p in model.parameters() if p.requires_grad]
         self._param_names = [name for name, p in model.named_parameters() if p.requires_grad]
         if not self._params:
@@ -216,10 +218,15 @@ class TorchBackend:
                 "config key 'train.optimizer': paged_adamw_8bit needs a CUDA GPU (bitsandbytes paged optimizers are "
                 "CUDA-only); use train.optimizer=adamw on this machine"
             )
-        # bf16 where the GPU has it natively (Ampere and newer); fp32 on CPU and on older GPUs, where bf16 would be
-        # emulated (slow) and fp16 would need a grad scaler.
-        native_bf16 = on_cuda and torch.cuda.is_bf16_supported(including_emulation=False)
-        self._compute_dtype = torch.bfloat16 if native_bf16 else torch.float32
+        # auto: bf16 where the GPU has it natively (Ampere and newer); fp32 on CPU and on older GPUs, where bf16 would
+        # be emulated (slow) and fp16 would need a grad scaler. model.dtype names one to run another (bf16 on CPU
+        # is how the tests see the GPU's dtype path).
+        named = self._cfg.model.dtype
+        if named == "auto":
+            native_bf16 = on_cuda and torch.cuda.is_bf16_supported(including_emulation=False)
+            self._compute_dtype = torch.bfloat16 if native_bf16 else torch.float32
+        else:
+            self._compute_dtype = getattr(torch, named)
 
     def _check_lora_targets_before_loading(self, model_dir: Path) -> None:
         """lora.targets checked on the model's skeleton (no weights, no memory), so a misspelt target is refused in
@@ -275,12 +282,17 @@ class TorchBackend:
         return BitsAndBytesConfig(load_in_8bit=True)
 
     def _prepare_for_training(self, model):
-        """k-bit preparation for a quantized base, and gradient checkpointing when model.grad_checkpoint asks."""
-        from peft import prepare_model_for_kbit_training
+        """The base frozen, every weight left in the dtype it was loaded in, and gradient checkpointing when
+        model.grad_checkpoint asks.
 
-        if self._cfg.model.quantization.bits in (4, 8):
-            # Checkpointing is switched on below for every path; PEFT's own switch uses the name transformers 5 deprecated.
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        Not PEFT's prepare_model_for_kbit_training: it casts every non-quantized weight (embeddings, norms, output
+        head) to float32, so the residual stream between blocks runs in float32 (about twice the activations of a
+        bf16 run, and 2 GB more for an 8B model's embeddings and head). Norms compute in float32 inside their forward
+        (LlamaRMSNorm and its kin upcast), LoRA keeps float32 weights (PEFT's autocast_adapter_dtype) and casts
+        its output back. Its other step, making the embeddings' output require grad, is for reentrant
+        checkpointing; overnight's is non-reentrant, which needs no such hook."""
+        for param in model.parameters():
+            param.requires_grad_(False)
         if self._cfg.model.grad_checkpoint:
             # Non-reentrant: its recompute replays the saved RNG state, so dropout masks (and losses) do not change.
             ckpt_kwargs = {"use_reentrant": False}
@@ -330,6 +342,9 @@ class TorchBackend:
         details = {
             "device": str(self._device),
             "compute_dtype": str(self._compute_dtype).replace("torch.", ""),
+            "loss_head": (f"output head on target positions only, {self._chunk_rows} a chunk" if self._plain_head
+                          else "the model's own head on target positions, all at once (its logits are not a plain "
+                               "projection of the decoder's output)"),
             "quantization": {0: "none", 4: "bitsandbytes nf4, double quantization, blocksize 64",
                              8: "bitsandbytes int8"}[bits],
             "lora_layers": lora_layers,
@@ -347,21 +362,9 @@ class TorchBackend:
 
     @staticmethod
     def _resolve_model_dir(path: str) -> Path:
-        if not path:
-            raise ConfigError("config key 'model.path' is empty: give a local model folder or a hub id")
-        local = Path(path).expanduser()
-        if local.is_dir():
-            return local.resolve()
-        try:
-            from huggingface_hub import snapshot_download
+        from overnight.backend import hub
 
-            # Original-format duplicates (consolidated .pth, gguf, other frameworks) are never read here.
-            ignore = ["original/*", "*.pth", "*.gguf", "*.msgpack", "*.h5", "*.ot", "*.onnx", "*.onnx_data"]
-            return Path(snapshot_download(repo_id=path, ignore_patterns=ignore))
-        except Exception as exc:
-            raise ConfigError(
-                f"config key 'model.path': '{path}' is not a local folder and could not be fetched from the hub: {exc}"
-            ) from None
+        return hub.resolve_model_dir(path, backend="torch")
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
         train = self._cfg.train
@@ -412,28 +415,90 @@ class TorchBackend:
         return torch.zeros(ids.shape[0], dtype=logp.dtype, device=logp.device).index_add_(0, sel[0], logp)
 
     def _target_logps(self, ids: torch.Tensor, attn: torch.Tensor, sel: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        """The log-probability of each target token, (N,) in the order of ``sel`` (the nonzero positions of
-        loss_mask[:, 1:]); the head runs at those positions only, as in _row_logp_sums."""
+        """The log-probability of each target token, float32 (N,) in the order of ``sel`` (the nonzero positions of
+        loss_mask[:, 1:]). A pre-hook on the output head takes the decoder's hidden states at those positions and
+        hands the head none, so the model's own forward computes no logits; the head then runs on the taken states
+        in chunks (_chunked_logps). A model whose logits are not a plain projection (found at setup by
+        _find_plain_head) gets its head run by its own forward on the target positions, all at once."""
         head = self._model.get_output_embeddings()
-        hits = []
+        taken = []
 
-        def gather_targets(module, args):
+        def take_targets(module, args):
             hidden = args[0]
-            if hits or hidden.dim() != 3 or hidden.shape[:2] != ids.shape:
+            if taken or hidden.dim() != 3 or hidden.shape[:2] != ids.shape:
                 return None
-            hits.append(True)
-            return (hidden[:, :-1][sel],) + tuple(args[1:])
+            taken.append(hidden[:, :-1][sel])
+            return (hidden[:, :0] if self._plain_head else taken[0],) + tuple(args[1:])
 
-        handle = head.register_forward_pre_hook(gather_targets) if head is not None else None
+        handle = head.register_forward_pre_hook(take_targets) if head is not None else None
         try:
             with self._autocast():
                 logits = self._model(input_ids=ids, attention_mask=attn, use_cache=False).logits
         finally:
             if handle is not None:
                 handle.remove()
+        targets = ids[:, 1:][sel]
+        if taken and self._plain_head:
+            return self._chunked_logps(taken[0], targets)
         if logits.dim() == 3:
             logits = logits[:, :-1][sel]
-        return -F.cross_entropy(logits.float(), ids[:, 1:][sel], reduction="none")
+        return -F.cross_entropy(logits.float(), targets, reduction="none")
+
+    def _head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        with self._autocast():
+            logits = self._model.get_output_embeddings()(hidden)
+        if self._softcap:
+            logits = torch.tanh(logits.float() / self._softcap) * self._softcap
+        return logits.float()
+
+    def _head_logps(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return -F.cross_entropy(self._head_logits(hidden), targets, reduction="none")
+
+    def _chunked_logps(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """_head_logps of (N, H) hidden states, objectives.logit_chunk_rows positions at a time. Under autograd each
+        chunk is checkpointed: its logits are freed after its forward and recomputed in the backward, so no
+        (N x vocabulary) tensor outlives one chunk (the cost: the head's matmul once more)."""
+        rows = self._chunk_rows
+        keep_graph = torch.is_grad_enabled() and hidden.requires_grad
+        pieces = []
+        for start in range(0, hidden.shape[0], rows):
+            h, t = hidden[start:start + rows], targets[start:start + rows]
+            if keep_graph:  # the head is deterministic: no RNG state to keep for the recompute
+                pieces.append(checkpoint(self._head_logps, h, t, use_reentrant=False, preserve_rng_state=False))
+            else:
+                pieces.append(self._head_logps(h, t))
+        return torch.cat(pieces) if len(pieces) != 1 else pieces[0]
+
+    def _find_plain_head(self) -> None:
+        """Whether the model's logits are exactly its output head (then Gemma's final soft-capping, where the config
+        has one) applied to the decoder's last hidden states: decided by a 4-token probe compared both ways, not by
+        a list of architectures, so a model that scales or shifts its logits keeps its own forward."""
+        model, head = self._model, self._model.get_output_embeddings()
+        self._softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+        self._plain_head = False
+        vocab = model.config.get_text_config().vocab_size
+        if head is not None and getattr(head, "weight", None) is not None:
+            vocab = head.weight.shape[0]
+        self._chunk_rows = objectives.logit_chunk_rows(vocab)
+        if head is None:
+            return
+        taken = []
+        probe = torch.tensor([[1, 2, 3, 4]], device=self._device)
+        handle = head.register_forward_pre_hook(lambda module, args: taken.append(args[0]) if not taken else None)
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad(), self._autocast():
+                want = model(input_ids=probe, use_cache=False).logits.float()
+            if taken and taken[0].shape[:2] == probe.shape:
+                with torch.no_grad():
+                    got = self._head_logits(taken[0])
+                self._plain_head = got.shape == want.shape and bool(torch.allclose(want, got, rtol=1e-3, atol=1e-3))
+        except Exception:  # noqa: BLE001 - a head that cannot be probed keeps the model's own forward
+            self._plain_head = False
+        finally:
+            handle.remove()
+            model.train(was_training)
 
     def _grpo_objective(self, ids, attn, mask, sel, adv, old, token_scale: float) -> torch.Tensor:
         """This micro-batch's share of the grpo objective (src/backend/objectives.py): sum over its rows of the row's

@@ -28,6 +28,9 @@ class ModelConfig:
     quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
     max_seq_length: int = 2048
     grad_checkpoint: bool = False
+    # The dtype of every weight that is not quantized (embeddings, norms, output head) and of the activations.
+    # auto: torch bf16 on a GPU that has it natively, else float32; mlx the dtype the checkpoint was saved in.
+    dtype: str = "auto"
 
 
 @dataclass
@@ -51,6 +54,9 @@ class DataConfig:
     packing: bool | None = None  # None = on for cpt, off otherwise
     mask_prompt: bool = True
     truncate: bool = True  # rows longer than max_seq_length: truncate (True) or drop (False)
+    # Extra variables for every chat template rendering (training rows, GRPO and prediction prompts, validate-data),
+    # as transformers' apply_chat_template(**kwargs): e.g. {enable_thinking: false} for Qwen3.
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -194,9 +200,9 @@ class Config:
 # Config fields that change what training computes: a resume with any of them changed is refused
 # (SPEC §7). max_steps is left out on purpose so a finished run can be extended.
 TRAINING_KEYS = (
-    "model.path", "model.quantization.bits", "model.quantization.group_size", "model.max_seq_length",
+    "model.path", "model.quantization.bits", "model.quantization.group_size", "model.max_seq_length", "model.dtype",
     "lora.rank", "lora.alpha", "lora.dropout", "lora.layers", "lora.targets",
-    "data.method", "data.packing", "data.mask_prompt", "data.truncate",
+    "data.method", "data.packing", "data.mask_prompt", "data.truncate", "data.chat_template_kwargs",
     "train.batch_size", "train.grad_accumulation", "train.learning_rate", "train.schedule",
     "train.warmup_steps", "train.min_lr_ratio", "train.weight_decay", "train.max_grad_norm",
     "train.optimizer", "train.seed", "preference.beta",
@@ -211,6 +217,7 @@ CHOICES = {
     "train.optimizer": ("adamw", "paged_adamw_8bit"),
     "backend": ("auto", "mlx", "torch"),
     "model.quantization.bits": (0, 4, 8),
+    "model.dtype": ("auto", "bfloat16", "float16", "float32"),
 }
 
 
@@ -227,6 +234,8 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
             return None
         hint = next(a for a in args if a is not type(None))
         origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is dict:
+        return _template_kwargs(key, value)
     if origin is list:
         if isinstance(value, str):
             if _unbalanced(value) or value.lstrip().startswith(("[", "{")) or value.rstrip().endswith(("]", "}")):
@@ -269,6 +278,42 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
             raise ConfigError(f"config key '{key}': expected text, got {value!r}")
         return str(value)
     return value
+
+
+# The variables overnight itself hands a chat template (src/data/tokenizer.py): not the user's to set.
+TEMPLATE_VARIABLES = ("messages", "add_generation_prompt", "tools", "documents")
+
+
+def _template_kwargs(key: str, value: Any) -> dict[str, Any]:
+    """data.chat_template_kwargs: a mapping of names to plain YAML values (they are recorded in the checkpoints'
+    fingerprint as JSON); empty when left blank."""
+    example = "e.g. {enable_thinking: false}"
+    if value is None or value == "":  # `chat_template_kwargs:` left blank, or `--set data.chat_template_kwargs=`
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"config key '{key}': expected a mapping of template variables ({example}), got "
+                          f"{value!r}; on the command line quote it: --set '{key}={{enable_thinking: false}}'")
+    for name, item in value.items():
+        if not isinstance(name, str) or not name.isidentifier():
+            raise ConfigError(f"config key '{key}': {name!r} is not a variable name a chat template can read; use "
+                              f"names like enable_thinking ({example})")
+        if name in TEMPLATE_VARIABLES:
+            raise ConfigError(f"config key '{key}': '{name}' is set by overnight itself for every rendering; remove "
+                              f"it ({example})")
+        if not _plain(item):
+            raise ConfigError(f"config key '{key}.{name}': {item!r} is not text, a number, true/false or a list or "
+                              f"mapping of those (a YAML date must be quoted, e.g. date_string: '26 Jul 2024')")
+    return dict(value)
+
+
+def _plain(value: Any) -> bool:
+    if value is None or isinstance(value, (str, bool, int)):
+        return True
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, list):
+        return all(_plain(v) for v in value)
+    return isinstance(value, dict) and all(isinstance(k, str) and _plain(v) for k, v in value.items())
 
 
 def _unbalanced(text: str) -> bool:

@@ -178,3 +178,14 @@ def test_the_dumped_config_of_an_epochs_run_records_the_steps_and_loads_again(tm
     assert text.startswith("# train.max_steps 120 was derived from train.epochs 3")
     again = build_config(tmp_path / "config.yaml")
     assert (again.train.max_steps, again.train.epochs) == (120, None)
+
+
+def test_model_dtype_is_one_of_the_named_dtypes():
+    from overnight.config import Config, ConfigError, set_dotted, validate
+
+    cfg = Config()
+    set_dotted(cfg, "model.dtype", "bf16")
+    with pytest.raises(ConfigError, match="model.dtype.*bfloat16"):
+        validate(cfg)
+    set_dotted(cfg, "model.dtype", "bfloat16")
+    assert validate(cfg).model.dtype == "bfloat16"

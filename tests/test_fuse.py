@@ -477,3 +477,233 @@ def test_mlx_fuse_on_a_pre_quantized_mlx_base_keeps_its_quantization(tiny_model_
     assert fuse(run, tmp_path / "fp", "--dequantize").returncode == 0
     assert "quantization" not in json.loads((tmp_path / "fp" / "config.json").read_text())
     assert max_diff(mlx_forward(mlx_fused(tmp_path / "fp"))(TOKENS), trained) < TOLERANCE
+
+
+# -- torch: shard by shard ------------------------------------------------------------------------------------
+
+def peft_adapter(base: Path, out: Path, targets=("q_proj", "v_proj", "down_proj"), seed: int = 0) -> Path:
+    """A PEFT adapter as a torch run saves it, with B far from zero (init_lora_weights=False keeps nn.Linear's init)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    model = get_peft_model(torch_model(base), LoraConfig(r=4, lora_alpha=8, target_modules=list(targets),
+                                                         init_lora_weights=False))
+    model.save_pretrained(str(out))
+    return out
+
+
+# Started from a small Python, not from pytest: a child's peak RSS counts the image it was forked from until exec.
+_MEASURED = ("import json, os, subprocess, sys\n"
+             "child = subprocess.Popen(sys.argv[2:], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,\n"
+             "                         stderr=open(sys.argv[1], 'w'))\n"
+             "_, status, usage = os.wait4(child.pid, 0)\n"
+             "print(json.dumps([os.waitstatus_to_exitcode(status), usage.ru_maxrss]))\n")
+
+
+def start_torch_exporter(base: Path, adapter: Path, output: Path) -> tuple[subprocess.Popen, Path]:
+    """The child `overnight fuse` starts, as fuse starts it (a job file), under a launcher that reports its exit code
+    and peak RSS (wait4: that child alone)."""
+    scratch = output.parent / f"{output.name}-job"
+    scratch.mkdir()
+    output.mkdir()
+    job = scratch / "job.json"
+    job.write_text(json.dumps({"base": str(base), "adapter": str(adapter), "output": str(output),
+                               "result": str(scratch / "result.json"), "dequantize": False, "gguf": False,
+                               "bits": 0, "group_size": 64}))
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    argv = [sys.executable, "-c", _MEASURED, str(scratch / "stderr"), sys.executable, "-m",
+            "overnight.backends.torch_export", str(job)]
+    return subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True), scratch / "stderr"
+
+
+def finish_torch_exporter(started: tuple[subprocess.Popen, Path]) -> int:
+    """The exporter's peak RSS in bytes, once it exited 0."""
+    launcher, stderr = started
+    out, _ = launcher.communicate(timeout=300)
+    code, peak = json.loads(out)
+    assert code == 0, stderr.read_text()
+    return peak * (1 if sys.platform == "darwin" else 1024)
+
+
+def shard_model(model: Path, out: Path, shards: int = 3) -> Path:
+    """``model`` (one model.safetensors) as a sharded checkpoint: model-0000i-of-0000n.safetensors, blocks split
+    evenly, with the model.safetensors.index.json transformers writes and reads."""
+    from safetensors.numpy import load_file, save_file
+
+    shutil.copytree(model, out, ignore=shutil.ignore_patterns("model.safetensors"))
+    weights = load_file(str(model / "model.safetensors"))
+    layers = 1 + max(int(name.split(".")[2]) for name in weights if name.startswith("model.layers."))
+
+    def shard_of(name: str) -> int:
+        return int(name.split(".")[2]) * shards // layers if name.startswith("model.layers.") else \
+            (0 if name.startswith("model.embed") else shards - 1)
+
+    weight_map = {}
+    for i in range(shards):
+        file = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = {name: array for name, array in weights.items() if shard_of(name) == i}
+        save_file(part, str(out / file), metadata={"format": "pt"})
+        weight_map |= dict.fromkeys(part, file)
+    total = sum(array.nbytes for array in weights.values())
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                                  "weight_map": weight_map}))
+    return out
+
+
+@needs_torch
+@pytest.mark.torch
+def test_torch_fuse_of_a_sharded_base_merges_shard_by_shard(tiny_model_dir, tmp_path):
+    """Base + adapter as PEFT computes it (tight), written in the base's shards, in memory about one shard: the
+    exporter's peak RSS over its peak on the tiny model stays under 1.5x the largest shard, where loading the model
+    whole (as transformers + PEFT's merge did) costs all three shards and more. ~60 MB of float32 in shards of ~20 MB,
+    well above the noise in the exporter's import footprint."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from overnight.models.tiny import build_tiny_model
+
+    base = shard_model(build_tiny_model(tmp_path / "single", hidden_size=384, intermediate_size=1152, num_layers=9,
+                                        num_heads=6, num_kv_heads=2), tmp_path / "sharded")
+    torch.manual_seed(0)
+    model = get_peft_model(torch_model(base / ".." / "single"), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False))
+    reference = torch_forward(model)(TOKENS)
+    with model.disable_adapter():
+        assert max_diff(reference, torch_forward(model)(TOKENS)) > ADAPTER_EFFECT
+    model.save_pretrained(str(tmp_path / "adapter"))
+    del model
+
+    # Both at once (each its own process, so neither's peak counts the other's): the wall time of one.
+    small = start_torch_exporter(tiny_model_dir, peft_adapter(tiny_model_dir, tmp_path / "tiny-adapter"),
+                                 tmp_path / "tiny-fused")
+    sharded = start_torch_exporter(base, tmp_path / "adapter", tmp_path / "fused")
+    baseline, peak = finish_torch_exporter(small), finish_torch_exporter(sharded)
+    fused = tmp_path / "fused"
+    shards = sorted(p.name for p in base.glob("model-*.safetensors"))
+    assert len(shards) == 3 and sorted(p.name for p in fused.glob("*.safetensors")) == shards
+    index = json.loads((fused / "model.safetensors.index.json").read_text())
+    assert index["weight_map"] == json.loads((base / "model.safetensors.index.json").read_text())["weight_map"]
+    largest = max((base / name).stat().st_size for name in shards)
+    model_size = sum((base / name).stat().st_size for name in shards)
+    print(f"sharded torch fuse: peak RSS {peak / 2**20:.0f} MB, tiny-model fuse {baseline / 2**20:.0f} MB; increase "
+          f"{(peak - baseline) / 2**20:.1f} MB for a {model_size / 2**20:.0f} MB model in shards of at most "
+          f"{largest / 2**20:.0f} MB")
+    assert peak - baseline < 1.5 * largest
+
+    diff = max_diff(reference, torch_forward(torch_model(fused))(TOKENS))
+    print(f"sharded torch fuse: max |logits diff| {diff:.2e}")
+    assert diff < TOLERANCE
+    assert (fused / "config.json").read_bytes() == (base / "config.json").read_bytes()
+    assert not any("lora" in name for name in safetensors_header(fused))
+
+
+def export_in_process(base: Path, adapter: Path, output: Path) -> dict:
+    from overnight.backends.torch_export import export
+
+    output.mkdir()
+    return export({"base": str(base), "adapter": str(adapter), "output": str(output)})
+
+
+@needs_torch
+@pytest.mark.torch
+def test_torch_fuse_sums_in_float32_and_stores_each_tensor_in_its_own_dtype(tiny_model_dir, tmp_path):
+    """A bf16 base: every merged tensor is exactly (W in fp32 + scale * B @ A in fp32) rounded once to bf16 as torch
+    rounds, every other tensor the base's bytes unchanged."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    base = tmp_path / "bf16"
+    shutil.copytree(tiny_model_dir, base)
+    weights = {k: v.to(torch.bfloat16) for k, v in load_file(str(base / "model.safetensors")).items()}
+    save_file(weights, str(base / "model.safetensors"), metadata={"format": "pt"})
+    adapter = peft_adapter(tiny_model_dir, tmp_path / "adapter", targets=("q_proj",))
+    export_in_process(base, adapter, tmp_path / "fused")
+    fused = load_file(str(tmp_path / "fused" / "model.safetensors"))
+    lora = load_file(str(adapter / "adapter_model.safetensors"))
+    prefix = "base_model.model.model.layers.0.self_attn.q_proj"
+    a, b = lora[f"{prefix}.lora_A.weight"].float().numpy(), lora[f"{prefix}.lora_B.weight"].float().numpy()
+    name = "model.layers.0.self_attn.q_proj.weight"
+    summed = weights[name].float().numpy() + np.float32(8 / 4) * (b @ a)
+    expected = torch.from_numpy(summed).to(torch.bfloat16)
+    truncated = torch.from_numpy((summed.view(np.uint32) >> 16).astype(np.int16)).view(torch.bfloat16)
+    assert not torch.equal(expected, truncated)  # so the check below tells rounding from truncation
+    assert fused[name].dtype == torch.bfloat16 and torch.equal(fused[name], expected)
+    assert not torch.equal(fused[name], weights[name])
+    untouched = "model.layers.0.self_attn.k_proj.weight"
+    assert torch.equal(fused[untouched], weights[untouched]) and fused[untouched].dtype == torch.bfloat16
+
+
+@needs_torch
+@pytest.mark.torch
+def test_the_numpy_bf16_rounding_is_torchs_over_the_whole_float_range():
+    """Subnormals to values that round up to inf: the same bits as torch's cast, and inf caught as not finite."""
+    import torch
+
+    from overnight.backends.torch_export import _all_finite, from_float32, to_float32
+
+    rng = np.random.default_rng(0)
+    with np.errstate(over="ignore"):
+        values = (rng.standard_normal(200_000) * 10.0 ** rng.integers(-44, 39, 200_000)).astype(np.float32)
+    values = np.concatenate([values[np.isfinite(values)], np.float32([3.3895e38, 3.4e38, 1e-40, -0.0, 0.0])])
+    expected = torch.from_numpy(values.copy()).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    got = from_float32(values.copy(), "BF16")
+    assert np.array_equal(got, expected)
+    assert not _all_finite(got, "BF16") and np.isinf(to_float32(got, "BF16")).sum() == 1  # 3.4e38 -> inf
+    assert _all_finite(got[:-4], "BF16")
+
+
+@needs_torch
+@pytest.mark.torch
+def test_torch_fuse_of_a_pickled_bin_base_writes_safetensors(tiny_model_dir, tmp_path):
+    """A hub model with only pytorch_model.bin (the hub download takes it when there is no safetensors) fuses too."""
+    import torch
+    from safetensors.torch import load_file
+
+    base = tmp_path / "bin"
+    shutil.copytree(tiny_model_dir, base)
+    torch.save(load_file(str(base / "model.safetensors")), base / "pytorch_model.bin")
+    (base / "model.safetensors").unlink()
+    adapter = peft_adapter(tiny_model_dir, tmp_path / "adapter")
+    export_in_process(base, adapter, tmp_path / "fused")
+    assert sorted(p.name for p in (tmp_path / "fused").glob("*.safetensors")) == ["model.safetensors"]
+    reference = torch_forward(torch_model(tiny_model_dir, adapter))(TOKENS)
+    assert max_diff(reference, torch_forward(torch_model(tmp_path / "fused"))(TOKENS)) < TOLERANCE
+
+
+@needs_torch
+@pytest.mark.torch
+def test_torch_fuse_refuses_what_it_cannot_merge_exactly(tiny_model_dir, tmp_path):
+    """A LoRA module with no checkpoint tensor, a merge that overflows the stored dtype, DoRA: each refused by name,
+    never a model with some weights silently left unmerged."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from overnight.commands.fuse import ExportRefused
+
+    adapter = peft_adapter(tiny_model_dir, tmp_path / "adapter", targets=("q_proj",))
+    renamed = tmp_path / "renamed"
+    shutil.copytree(adapter, renamed)
+    lora = load_file(str(renamed / "adapter_model.safetensors"))
+    save_file({k.replace("layers.1.self_attn.q_proj", "layers.1.self_attn.qkv_proj"): v for k, v in lora.items()},
+              str(renamed / "adapter_model.safetensors"))
+    with pytest.raises(ExportRefused, match=r"LoRA module model\.layers\.1\.self_attn\.qkv_proj matches no tensor"):
+        export_in_process(tiny_model_dir, renamed, tmp_path / "out1")
+
+    half = tmp_path / "fp16"
+    shutil.copytree(tiny_model_dir, half)
+    weights = {k: v.to(torch.float16) for k, v in load_file(str(half / "model.safetensors")).items()}
+    save_file(weights, str(half / "model.safetensors"), metadata={"format": "pt"})
+    huge = tmp_path / "huge"
+    shutil.copytree(adapter, huge)
+    save_file({k: v * 1e4 for k, v in lora.items()}, str(huge / "adapter_model.safetensors"))
+    with pytest.raises(ExportRefused, match=r"merging the adapter into model\.layers\.0\.self_attn\.q_proj\.weight "
+                                            r"gives non-finite values in float16"):
+        export_in_process(half, huge, tmp_path / "out2")
+
+    dora = tmp_path / "dora"
+    shutil.copytree(adapter, dora)
+    config = json.loads((dora / "adapter_config.json").read_text())
+    (dora / "adapter_config.json").write_text(json.dumps(config | {"use_dora": True}))
+    with pytest.raises(ExportRefused, match="DoRA"):
+        export_in_process(tiny_model_dir, dora, tmp_path / "out3")

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from overnight.backend import Batch
+from overnight.backend import objectives
 from overnight.backend.objectives import counts, eval_weight, reference_value, step_scales
 
 
@@ -61,3 +62,21 @@ def test_grpo_mean_kl_is_over_the_steps_completion_tokens():
 
     assert mean_kl(3.0, 12.0) == 0.25
     assert mean_kl(0.0, 0.0) == 0.0  # no completion tokens: 0, not a division by zero
+
+
+def test_target_slots_list_every_target_position_then_padding_weighed_zero():
+    mask = np.array([[0, 0, 1, 1, 0], [0, 1, 0, 0.5, 1]], np.float32)
+    slots = objectives.target_slots(mask, bucket=4)
+    # the next-token grid is mask[:, 1:] (4 columns): row 0 targets columns 1, 2; row 1 columns 0, 2, 3
+    assert slots.count == 5
+    assert slots.index.tolist() == [1, 2, 4, 6, 7, 0, 0, 0]
+    assert slots.row.tolist() == [0, 0, 1, 1, 1, 0, 0, 0]
+    assert slots.weight.tolist() == [1, 1, 1, 0.5, 1, 0, 0, 0]
+    assert objectives.target_slots(mask).index.size == 5  # no bucket: no padding
+
+
+def test_a_chunk_of_the_head_holds_the_same_number_of_logits_whatever_the_vocabulary():
+    assert objectives.logit_chunk_rows(131072) == 128
+    assert objectives.logit_chunk_rows(32768) == 512
+    assert objectives.logit_chunk_rows(49152, multiple=64) == 320
+    assert objectives.logit_chunk_rows(10 ** 9, multiple=64) == 64  # at least one bucket

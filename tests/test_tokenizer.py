@@ -34,3 +34,41 @@ def test_stop_ids_come_from_the_tokenizer_config_and_generation_config_each_once
     assert _stop_ids(None, {"eos_token_id": 5}, {}) == (5,)
     assert _stop_ids(3, {}, {"eos_token_id": [3, 3, None, "x", True, -1, 4]}) == (3, 4)
     assert _stop_ids(None, {}, {}) == ()
+
+
+def _with_template(model_dir: Path, out: Path, template: str) -> Path:
+    import json
+    import shutil
+
+    shutil.copytree(model_dir, out)
+    config = json.loads((out / "tokenizer_config.json").read_text())
+    (out / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": template}))
+    return out
+
+
+def test_the_end_of_turn_token_is_the_added_token_right_after_the_answer(tiny_model_dir, tmp_path):
+    """Whitespace between the answer and the token is skipped; text there, or a template that refuses both probe
+    conversations, gives no end-of-turn token (the stop set is then the declared one); a template that wants a
+    system turn gets the second probe."""
+    tok = load_tokenizer(tiny_model_dir)
+    user = tok._tok.token_to_id("<|user|>")
+    cases = {
+        "spaced": ("{% for m in messages %}{{ m['content'] }}\n <|user|>\n{% endfor %}", user),
+        "text": ("{% for m in messages %}{{ m['content'] }} done<|user|>{% endfor %}", None),
+        "refuses": ("{{ raise_exception('no') }}", None),
+        "needs_system": ("{% if messages[0]['role'] != 'system' %}{{ raise_exception('system first') }}{% endif %}"
+                         "{% for m in messages %}{{ m['content'] }}<|user|>{% endfor %}", user),
+    }
+    for name, (template, expected) in cases.items():
+        found = load_tokenizer(_with_template(tiny_model_dir, tmp_path / name, template))
+        assert found.end_of_turn_id == expected, name
+        assert found.stop_ids == (tok.eos_id,) + ((expected,) if expected is not None else ()), name
+
+
+def test_the_probe_renders_with_the_chat_template_kwargs(tiny_model_dir, tmp_path):
+    template = ("{% for m in messages %}{{ m['content'] }}{% if close %}<|user|>{% else %}<|system|>{% endif %}"
+                "{% endfor %}")
+    folder = _with_template(tiny_model_dir, tmp_path / "kw", template)
+    ids = load_tokenizer(tiny_model_dir)._tok
+    assert load_tokenizer(folder, {"close": True}).end_of_turn_id == ids.token_to_id("<|user|>")
+    assert load_tokenizer(folder, {"close": False}).end_of_turn_id == ids.token_to_id("<|system|>")

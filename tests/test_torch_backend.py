@@ -858,3 +858,80 @@ def test_cuda_memory_is_the_peak_since_the_last_report_with_the_device_total(mon
     first, second = backend.memory(), backend.memory()
     assert (first["memory_mb"], second["memory_mb"]) == (5000, 3000) and len(resets) == 2
     assert first["limit_mb"] == 80_000 and first["free_mb"] == 20_000 and first["allocated_mb"] == 1000
+
+
+# --------------------------------------------------------------------------- dtype and the chunked head
+
+
+def test_bf16_4bit_keeps_the_residual_stream_and_every_unquantized_weight_in_bf16(tiny_model_dir):
+    """model.dtype=bfloat16 on CPU is the GPU's path: no float32 copy of embeddings, norms or head (PEFT's
+    prepare_model_for_kbit_training made them float32, and with them every hidden state between blocks)."""
+    import torch
+
+    backend, info = make_backend(tiny_model_dir, bits=4, model__dtype="bfloat16")
+    assert info.details["compute_dtype"] == "bfloat16"
+    model = backend._model
+    frozen_float = {name: p.dtype for name, p in model.named_parameters()
+                    if not p.requires_grad and p.dtype.is_floating_point}
+    assert frozen_float and set(frozen_float.values()) == {torch.bfloat16}, frozen_float
+    assert model.get_output_embeddings().weight.dtype == torch.bfloat16
+    between_blocks = []
+    handles = [layer.register_forward_hook(lambda m, a, out: between_blocks.append(
+        (out[0] if isinstance(out, tuple) else out).dtype)) for layer in model.get_base_model().model.layers]
+    batch = sft_batch(tiny_model_dir)
+    try:
+        bf16_loss = backend.train_step([batch], 1e-3).loss
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert between_blocks and set(between_blocks) == {torch.bfloat16}
+    fp32_loss = make_backend(tiny_model_dir, bits=4)[0].train_step([batch], 1e-3).loss
+    assert abs(bf16_loss - fp32_loss) < 2e-2, (bf16_loss, fp32_loss)
+
+
+@pytest.mark.parametrize("method", ["sft", "dpo", "orpo", "grpo"])
+def test_the_head_in_chunks_gives_the_full_logits_values(tiny_model_dir, method, monkeypatch):
+    """Target positions scored a few at a time (checkpointed chunks) equal the model's own full forward: losses and
+    gradients of every method, the 4-bit default with dropout, to 1e-5."""
+    import torch
+
+    from overnight.backend import objectives
+
+    batch = preference_batch(tiny_model_dir) if method in ("dpo", "orpo") else sft_batch(tiny_model_dir)
+    if method == "grpo":
+        rng = np.random.default_rng(0)
+        batch.advantages = rng.normal(size=batch.num_rows).astype(np.float32)
+        batch.old_logp = None
+    figures = {}
+    for way in ("chunks", "full"):
+        monkeypatch.setattr(objectives, "LOGIT_CHUNK_ELEMENTS", 7 * 512)  # 7 positions a chunk at this vocabulary
+        backend, info = make_backend(tiny_model_dir, bits=4, lora__dropout=0.1, data__method=method,
+                                     grpo__beta=0.05)
+        assert backend._chunk_rows == 7 and backend._plain_head
+        if way == "full":
+            backend._plain_head = False  # the model's own forward computes the logits, all at once
+        backend._model.train()
+        torch.manual_seed(3)
+        token_scale, pair_scale, _ = objectives.step_scales(method, [batch])
+        loss = backend._local_passes([batch], token_scale, pair_scale).item()
+        figures[way] = (loss, [p.grad.detach().clone() for p in backend._params])
+    assert figures["chunks"][0] == pytest.approx(figures["full"][0], rel=1e-5, abs=1e-6)
+    for chunked, full in zip(figures["chunks"][1], figures["full"][1]):
+        assert torch.allclose(chunked, full, rtol=1e-4, atol=1e-6)
+
+
+def test_a_model_whose_logits_are_not_its_heads_keeps_its_own_forward(tiny_model_dir, monkeypatch):
+    """A model that post-processes its logits beyond what overnight knows (here: a scale, as Cohere's and Granite's
+    do) is found by the setup probe and scored by its own forward, never by the bare head."""
+    from transformers import LlamaForCausalLM
+
+    original = LlamaForCausalLM.forward
+
+    def scaled_forward(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        out.logits = out.logits * 0.5
+        return out
+
+    monkeypatch.setattr(LlamaForCausalLM, "forward", scaled_forward)
+    backend, info = make_backend(tiny_model_dir, bits=0)
+    assert not backend._plain_head and "own head" in info.details["loss_head"]

@@ -2,7 +2,8 @@
 lazy registry, and (in this package's modules) what both backends must agree on, written once: `objectives` (each
 method's objective and its normalisation, a numpy reference, the skip-a-non-finite-step rule), `lora_init` (the
 LoRA A init), `lora_targets` (which modules lora.targets names), `step_buffer` (the data-parallel all-reduce buffer),
-`adapter_formats` (mlx-lm <-> PEFT adapters), `model_folder` (a model folder read before a framework loads it).
+`adapter_formats` (mlx-lm <-> PEFT adapters), `model_folder` (a model folder read before a framework loads it),
+`hub` (model.path as a local folder, a hub id downloaded once).
 The stop ids and generator seeds the core hands to sampling are defined here (as_stop_ids, generator_seed).
 
 Only numpy arrays, Python numbers, strings and Paths cross this boundary, so the core never touches a framework
@@ -204,8 +205,8 @@ class Backend(Protocol):
 
     def generate(self, prompt_ids: np.ndarray, max_new_tokens: int, stop_ids: tuple[int, ...]) -> np.ndarray:
         """Greedy continuation token ids (without the prompt): at most ``max_new_tokens``, ending before the first
-        token in ``stop_ids`` (not included). ``stop_ids`` is the tokenizer's (TextTokenizer.stop_ids: its eos
-        and every eos_token_id the model folder lists, so a chat model stops at its end-of-turn token); the
+        token in ``stop_ids`` (not included). ``stop_ids`` is the tokenizer's (TextTokenizer.stop_ids: its eos,
+        every eos_token_id the model folder lists and the chat template's end-of-turn token); the
         backend only tests membership in it (overnight.backend.as_stop_ids also takes None and a lone int)."""
 
     def versions(self) -> dict[str, str]:

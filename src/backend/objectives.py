@@ -42,17 +42,56 @@ weight = T (sft, cpt) or P (dpo, orpo); the validator divides the summed values 
 weights, so sft/cpt val_loss is total loss / total target tokens over the fixed subset.
 
 A step whose loss or gradient norm is not finite is reported but not applied (``update_applies``).
+
+How the backends compute logp: the decoder runs on the whole batch, the output head only on the target positions
+(``target_slots``), in chunks of ``logit_chunk_rows`` positions, each chunk's logits taken to float32 for the
+log-softmax and recomputed in the backward pass. No (targets x vocabulary) tensor exists beyond one chunk: on a
+128k vocabulary the full logits of a batch of 8 x 1024 targets are 4 GB in float32, and their gradient as much again.
 """
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 
 AVG_LOGP_MAX = -1e-7
+# The most logits one chunk of the output head holds: 2**24 is 64 MB in float32 (the chunk's softmax gradient as much
+# again), whatever the vocabulary: 128 target positions a chunk at 128k rows, 512 at 32k.
+LOGIT_CHUNK_ELEMENTS = 1 << 24
 PAIRED = ("dpo", "orpo")
 GRPO_LOSS_TYPES = ("grpo", "dr_grpo")
+
+
+def logit_chunk_rows(vocab_size: int, multiple: int = 1) -> int:
+    """Target positions per chunk of the output head: as many as keep one chunk's logits within
+    LOGIT_CHUNK_ELEMENTS, rounded down to ``multiple`` (at least ``multiple``)."""
+    rows = max(1, LOGIT_CHUNK_ELEMENTS // max(int(vocab_size), 1))
+    return max(multiple, rows // multiple * multiple)
+
+
+class TargetSlots(NamedTuple):
+    """The target positions of a batch, flat: ``index`` into the (B, T-1) next-token grid (row-major), the ``row``
+    of each, its loss-mask ``weight``; ``count`` real ones, then padding (index 0, row 0, weight 0) up to a multiple
+    of the bucket, so a compiled step sees few shapes."""
+    index: np.ndarray
+    row: np.ndarray
+    weight: np.ndarray
+    count: int
+
+
+def target_slots(loss_mask: np.ndarray, bucket: int = 1) -> TargetSlots:
+    """TargetSlots of ``loss_mask`` (B, T): loss_mask[:, t] weighs the score of token t given tokens before it, so
+    the next-token grid is loss_mask[:, 1:]."""
+    grid = np.asarray(loss_mask, dtype=np.float32)[:, 1:]
+    flat = grid.reshape(-1)
+    index = np.flatnonzero(flat)
+    size = max(bucket, -(-index.size // bucket) * bucket) if bucket > 1 else index.size
+    padded = np.zeros(size, dtype=np.int64)
+    padded[:index.size] = index
+    weight = np.zeros(size, dtype=np.float32)
+    weight[:index.size] = flat[index]
+    return TargetSlots(padded, padded // max(grid.shape[1], 1), weight, int(index.size))
 
 
 def counts(method: str, batches: Sequence) -> tuple[int, int]:

@@ -68,7 +68,7 @@ def cmd_convert_adapter(args) -> int:
 def cmd_validate_data(args) -> int:
     from overnight.commands.validate_data import validate_data_main
 
-    return validate_data_main(args.path, args.method, args.model, args.max_seq_length)
+    return validate_data_main(args.path, args.method, args.model, args.max_seq_length, sets=args.set)
 
 
 def cmd_tiny_model(args) -> int:
@@ -209,6 +209,9 @@ def _add_validate_data_command(sub) -> None:
     v.add_argument("--model", metavar="DIR", default=None, help="tokenize with this model's tokenizer for length stats")
     v.add_argument("--max-seq-length", type=int, metavar="N", default=None,
                    help="model.max_seq_length to check against (default: the built-in default)")
+    v.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config key the check should use as the run will, e.g. --set "
+                        "'data.chat_template_kwargs={enable_thinking: false}' (repeatable)")
     v.set_defaults(func=cmd_validate_data)
 
 

@@ -1,4 +1,5 @@
-"""`overnight validate-data PATH [--method M] [--model DIR] [--max-seq-length N]`: the pre-training data check.
+"""`overnight validate-data PATH [--method M] [--model DIR] [--max-seq-length N] [--set KEY=VALUE ...]`: the
+pre-training data check.
 
 Prints rows per file and format, token-length statistics when a model folder is given, and every
 problem as file:line. Returns 0 when the data is clean, 2 otherwise.
@@ -11,7 +12,7 @@ from typing import Callable
 
 import numpy as np
 
-from overnight.config import Config
+from overnight.config import Config, ConfigError, set_dotted, validate
 from overnight.data import DataError, check_data, find_data_files, load_tokenizer
 from overnight.data.formats import METHOD_FORMATS, detect_format, iter_lines, no_target_fix, parse_line
 from overnight.train.progress import DataCheckProgress
@@ -30,8 +31,20 @@ def infer_method(train_file: Path) -> str:
 
 
 def validate_data_main(path: str, method: str | None, model: str | None, max_seq_length: int | None = None,
-                       out: Callable[[str], None] = print) -> int:
+                       out: Callable[[str], None] = print, sets: list[str] | None = None) -> int:
+    """``sets``: `--set KEY=VALUE` as for train (e.g. data.chat_template_kwargs, data.mask_prompt), so rows are
+    checked as the run will encode them. Chat templates that print today's date get today's: a run pins its start
+    date instead, so lengths can differ by a token on another day."""
     cfg = Config()
+    given: set[str] = set()
+    for item in sets or []:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set expects KEY=VALUE, got '{item}' (e.g. --set data.mask_prompt=false)")
+        set_dotted(cfg, key.strip(), raw, given)
+    validate(cfg)
+    if method is None and "data.method" in given:
+        method = cfg.data.method
     if max_seq_length is not None:
         cfg.model.max_seq_length = max_seq_length
     try:
@@ -50,7 +63,7 @@ def validate_data_main(path: str, method: str | None, model: str | None, max_seq
             from overnight.models.provided import resolve_model_path
 
             model = resolve_model_path(model, out)
-        tokenizer = load_tokenizer(Path(model)) if model else None
+        tokenizer = load_tokenizer(Path(model), cfg.data.chat_template_kwargs) if model else None
         shown = DataCheckProgress()  # on stderr, and only for a file that takes more than a moment
         try:
             report = check_data(Path(path), method, tokenizer=tokenizer, cfg=cfg, on_progress=shown)
@@ -98,5 +111,6 @@ if __name__ == "__main__":
     p.add_argument("--method", default=None)
     p.add_argument("--model", default=None)
     p.add_argument("--max-seq-length", type=int, default=None)
+    p.add_argument("--set", action="append", default=[])
     a = p.parse_args()
-    sys.exit(validate_data_main(a.path, a.method, a.model, a.max_seq_length))
+    sys.exit(validate_data_main(a.path, a.method, a.model, a.max_seq_length, sets=a.set))

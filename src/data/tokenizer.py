@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -64,7 +64,8 @@ def _template_message(message: Any) -> Any:
     return message
 
 
-def _compile_template(source: str):
+def _compile_template(source: str, clock: Callable[[], datetime] = datetime.now):
+    """``clock``: what the template's ``strftime_now`` formats (transformers: the current local time)."""
     import jinja2
     import jinja2.ext
     from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -118,7 +119,7 @@ def _compile_template(source: str):
                                         extensions=[GenerationTag, jinja2.ext.loopcontrols])
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    env.globals["strftime_now"] = lambda fmt: clock().strftime(fmt)
     env.globals["dict"] = TemplateDict()
     env.globals["namespace"] = TemplateNamespace
     return env.from_string(source)
@@ -137,11 +138,12 @@ def _find_chat_template(model_dir: Path, config: dict) -> str | None:
 
 
 def _stop_ids(eos_id: int | None, *configs: dict) -> tuple[int, ...]:
-    """The token ids that end a generated answer: the tokenizer's eos, then every ``eos_token_id`` of the model
-    folder's config.json and generation_config.json (an int or a list), each once, in that order. Chat models
-    list their end-of-turn tokens there beside the eos (Llama 3: <|end_of_text|>, <|eom_id|>, <|eot_id|>; Qwen:
-    <|endoftext|>, <|im_end|>; Gemma: <eos>, <end_of_turn>), and transformers' and mlx-lm's own generation stop
-    at every one of them."""
+    """The token ids a model folder declares as ending a generated answer: the tokenizer's eos, then every
+    ``eos_token_id`` of the model folder's config.json and generation_config.json (an int or a list), each once,
+    in that order. Chat models list their end-of-turn tokens there beside the eos (Llama 3: <|end_of_text|>,
+    <|eom_id|>, <|eot_id|>; Qwen: <|endoftext|>, <|im_end|>; Gemma: <eos>, <end_of_turn>), and transformers' and
+    mlx-lm's own generation stop at every one of them. Many folders do not (a base model's config, a fine-tune
+    saved without generation_config.json): TextTokenizer.stop_ids adds the chat template's own end-of-turn token."""
     found = [] if eos_id is None else [int(eos_id)]
     for config in configs:
         value = config.get("eos_token_id")
@@ -152,12 +154,29 @@ def _stop_ids(eos_id: int | None, *configs: dict) -> tuple[int, ...]:
     return tuple(found)
 
 
-class TextTokenizer:
-    """encode / decode / chat template over `tokenizers.Tokenizer` + tokenizer_config.json."""
+# The probe conversations the end-of-turn token is read from: the answer is a plain word run that no template
+# rewrites (strips, splits at </think>, ...); the second conversation is for templates that insist on a system turn.
+_PROBE_ANSWER = "Overnight probe answer"
+_PROBES = (
+    [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": _PROBE_ANSWER}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"},
+     {"role": "assistant", "content": _PROBE_ANSWER}],
+)
 
-    def __init__(self, model_dir: Path):
+
+class TextTokenizer:
+    """encode / decode / chat template over `tokenizers.Tokenizer` + tokenizer_config.json.
+
+    ``template_kwargs``: extra variables every chat template rendering gets (data.chat_template_kwargs, e.g.
+    ``enable_thinking: False`` for Qwen3), as transformers' ``apply_chat_template(**kwargs)``.
+    ``template_now``: the time the template's ``strftime_now`` formats (Llama 3's "Today Date"); a run pins it
+    to its start so a row renders the same tokens on every day the run lasts; None is the current time."""
+
+    def __init__(self, model_dir: Path, template_kwargs: dict | None = None, template_now: datetime | None = None):
         from tokenizers import Tokenizer
 
+        self.template_kwargs: dict = dict(template_kwargs or {})
+        self.template_now = template_now
         self.model_dir = Path(model_dir)
         path = self.model_dir / "tokenizer.json"
         if not path.is_file():
@@ -187,9 +206,10 @@ class TextTokenizer:
         self.eos_id = self._id_of("eos_token", model_config.get("eos_token_id"))
         pad = self._id_of("pad_token", model_config.get("pad_token_id"))
         self.pad_id = pad if pad is not None else (self.eos_id if self.eos_id is not None else 0)
-        # What ends a generated answer (Backend.generate / sample): see _stop_ids.
-        self.stop_ids: tuple[int, ...] = _stop_ids(self.eos_id, model_config,
-                                                   _read_json(self.model_dir / "generation_config.json"))
+        self._declared_stop_ids = _stop_ids(self.eos_id, model_config,
+                                            _read_json(self.model_dir / "generation_config.json"))
+        self._stop_ids: tuple[int, ...] | None = None
+        self._end_of_turn: tuple[int | None] | None = None
 
         # What encode(add_special_tokens=True) puts around a text, found by asking the post-processor.
         bare = self._tok.encode("a", add_special_tokens=False).ids
@@ -216,6 +236,53 @@ class TextTokenizer:
     def has_chat_template(self) -> bool:
         return self.chat_template_source is not None
 
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """What ends a generated answer, decided here once for predictions, GRPO sampling and its validation on
+        every backend (Backend.generate / sample stop at any of them): the ids the model folder declares
+        (_stop_ids), then the chat template's end-of-turn token when it is another one, since a chat model ends
+        its answer with that token and would otherwise run on into invented turns until max_new_tokens."""
+        if self._stop_ids is None:
+            found = list(self._declared_stop_ids)
+            if self.end_of_turn_id is not None and self.end_of_turn_id not in found:
+                found.append(self.end_of_turn_id)
+            self._stop_ids = tuple(found)
+        return self._stop_ids
+
+    @property
+    def end_of_turn_id(self) -> int | None:
+        """The added token the chat template closes an assistant turn with (Llama 3 <|eot_id|>, Gemma
+        <end_of_turn>, ChatML/Qwen <|im_end|>; often the eos itself), found by rendering a short conversation and
+        reading the first token after the answer, whitespace skipped. None without a template, when the template
+        refuses the probe conversations, or when text (not an added token) follows the answer."""
+        if self._end_of_turn is None:
+            self._end_of_turn = (self._find_end_of_turn(),)
+        return self._end_of_turn[0]
+
+    @property
+    def end_of_turn_text(self) -> str | None:
+        return None if self.end_of_turn_id is None else self._tok.id_to_token(self.end_of_turn_id)
+
+    def _find_end_of_turn(self) -> int | None:
+        if self.chat_template_source is None:
+            return None
+        added = self._tok.get_added_tokens_decoder()
+        for conversation in _PROBES:
+            try:
+                text = self.apply_chat_template(conversation)
+            except Exception:  # noqa: BLE001 (a template that refuses this conversation: try the next one)
+                continue
+            at = text.rfind(_PROBE_ANSWER)
+            if at < 0:
+                continue
+            for token_id in self._tok.encode(text[at + len(_PROBE_ANSWER):], add_special_tokens=False).ids:
+                if token_id in added:
+                    return int(token_id)
+                if self._tok.decode([token_id], skip_special_tokens=False).strip():
+                    return None
+            return None
+        return None
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
@@ -240,22 +307,28 @@ class TextTokenizer:
                             "text rows, or a model whose tokenizer_config.json has a chat_template")
         if self._template is None:
             try:
-                self._template = _compile_template(self.chat_template_source)
+                self._template = _compile_template(self.chat_template_source,
+                                                   lambda: self.template_now or datetime.now())
             except Exception as exc:  # jinja2.TemplateSyntaxError: the model's template itself is broken
                 raise DataError(f"{self.model_dir}: the chat template is not valid Jinja ({exc}) -> fix chat_template "
                                 "in the model's tokenizer_config.json (or chat_template.jinja), or use "
                                 "prompt/completion rows") from None
-        messages = [_template_message(m) for m in messages]
-        return self._template.render(messages=messages, tools=None, documents=None,
-                                     add_generation_prompt=add_generation_prompt, **self.special_tokens)
+        # As transformers: the user's kwargs may shadow a special token's name; the variables overnight itself
+        # sets come last (config.py refuses them as chat_template_kwargs keys).
+        variables = {**self.special_tokens, **self.template_kwargs,
+                     "messages": [_template_message(m) for m in messages], "tools": None, "documents": None,
+                     "add_generation_prompt": add_generation_prompt}
+        return self._template.render(**variables)
 
 
-def load_tokenizer(model_dir: Path) -> TextTokenizer:
+def load_tokenizer(model_dir: Path, template_kwargs: dict | None = None,
+                   template_now: datetime | None = None) -> TextTokenizer:
+    """The model folder's tokenizer; see TextTokenizer for the chat template's kwargs and pinned time."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise DataError(f"{model_dir}: not a model folder -> pass a local folder with tokenizer.json "
                         "(a hub id must be downloaded first)")
-    return TextTokenizer(model_dir)
+    return TextTokenizer(model_dir, template_kwargs, template_now)
 
 
 # ---------------------------------------------------------------------------
@@ -288,7 +361,8 @@ def _assistant_spans(tok: TextTokenizer, messages: list[dict], text: str) -> lis
     generation prompt to the end of the rendered turn, so the end-of-turn tokens are learned too."""
     spans = []
     search = 0
-    eos = tok.special_tokens.get("eos_token")
+    # What closes a turn, so the fallback below makes it a target too: a model that never learns it never stops.
+    closers = [t for t in (tok.end_of_turn_text, tok.special_tokens.get("eos_token")) if t]
     for i, message in enumerate(messages):
         if message.get("role") != "assistant":
             continue
@@ -308,8 +382,8 @@ def _assistant_spans(tok: TextTokenizer, messages: list[dict], text: str) -> lis
                 raise DataError(f"the chat template does not render assistant message {i} verbatim, so its "
                                 "tokens cannot be found for the loss mask -> set data.mask_prompt=false")
             end = start + len(content)
-            if eos and text.startswith(eos, end):
-                end += len(eos)
+            closer = next((c for c in closers if text.startswith(c, end)), "")
+            end += len(closer)
             span = (start, end)
         spans.append(span)
         search = span[1]

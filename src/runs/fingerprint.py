@@ -7,17 +7,48 @@ from __future__ import annotations
 
 import hashlib
 import json
+from datetime import datetime
 from pathlib import Path
+from typing import Callable
 
 from overnight.config import TRAINING_KEYS, Config
 from overnight.fsutil import sha256_file
+from overnight.runs.checkpoint import STEP_DIR
 from overnight.runs.portable import model_shape, same_model_differences
 
 _MODEL_FILES = ("config.json",)
 # Recorded for people reading a manifest, never compared: the model is compared by content instead.
 NOT_COMPARED = ("model.path",)
 # A run moved to the other backend (--allow-backend-change) may change these; they are recorded, not refused.
-MAY_DIFFER_ACROSS_BACKENDS = ("model.quantization.bits", "model.quantization.group_size")
+MAY_DIFFER_ACROSS_BACKENDS = ("model.quantization.bits", "model.quantization.group_size", "model.dtype")
+# Training keys newer than some checkpoints, with the value those checkpoints trained with (the same as the
+# default's effect), so an older run resumes unless the user changed the key.
+ADDED_KEYS = {"data.chat_template_kwargs": {}, "model.dtype": "auto"}
+
+
+TEMPLATE_NOW = "chat_template_now"
+
+
+def run_template_now(run_dir: Path | None, fresh: bool = False,
+                     now: Callable[[], datetime] = datetime.now) -> datetime:
+    """The time chat templates' ``strftime_now`` renders in this run (Llama 3 writes "Today Date: ..." into every
+    conversation): pinned to the run's start, so a run resumed after midnight tokenizes its rows, its eval subset
+    and its prompts as before. A run that continues finds it in its checkpoints (each records its run's start
+    time); a new run (or --fresh) takes now and its checkpoints record that. Read before the resume is decided,
+    since the data check already renders rows; a run directory holds one run, so any committed checkpoint of it
+    tells (the newest first)."""
+    root = Path(run_dir) / "checkpoints" if run_dir is not None and not fresh else None
+    steps = sorted((p for p in root.iterdir() if STEP_DIR.match(p.name)), reverse=True) \
+        if root is not None and root.is_dir() else []
+    for path in steps:
+        try:
+            if (path / "COMMIT").is_file():
+                recorded = json.loads((path / "manifest.json").read_text(encoding="utf-8"))["fingerprint"]
+                if recorded.get(TEMPLATE_NOW):
+                    return datetime.fromisoformat(recorded[TEMPLATE_NOW])
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            continue  # a damaged checkpoint is the resume's to refuse or set aside; another one may tell
+    return now().replace(microsecond=0)
 
 
 def _model_identity(path: str) -> dict:
@@ -40,14 +71,17 @@ def _file_digest(path: Path | None) -> str | None:
 
 
 def compute(cfg: Config, train_file: Path, val_file: Path | None, backend: str | None = None,
-            world_size: int = 1, init_adapter: dict | None = None) -> dict:
+            world_size: int = 1, init_adapter: dict | None = None, template_now: datetime | None = None) -> dict:
     """``backend`` (the Backend's ``name``) is recorded so a resume on another backend is refused before
     the model is loaded; it is checked on its own (resume.check_backend), not by differences().
     ``world_size``: the processes of a data-parallel job; what must not change is the global batch.
     ``init_adapter``: the adapter lora.init_from started the LoRA from ({"path", "sha256"}; AdapterWeights.identity,
-    hashed once when the adapter was read); compared by its sha256 alone."""
+    hashed once when the adapter was read); compared by its sha256 alone.
+    ``template_now``: the time chat templates render as now in this run (run_template_now); recorded, never
+    compared."""
     keys = [key for key in TRAINING_KEYS if key not in NOT_COMPARED]
     return {
+        TEMPLATE_NOW: template_now.isoformat(timespec="seconds") if template_now else None,
         "init_adapter": init_adapter,
         "world_size": world_size,
         "model": _model_identity(cfg.model.path),
@@ -92,6 +126,8 @@ def differences(saved: dict, current: dict, across_backends: bool = False) -> li
     # Checkpoints written before model.path stopped counting still carry it: skip it on both sides.
     old_cfg = {k: v for k, v in saved.get("config", {}).items() if k not in NOT_COMPARED}
     new_cfg = {k: v for k, v in current.get("config", {}).items() if k not in NOT_COMPARED}
+    if old_cfg:
+        old_cfg = {k: v for k, v in ADDED_KEYS.items() if k in new_cfg} | old_cfg
     changes += _global_batch_change(saved.get("world_size", 1), current.get("world_size", 1), old_cfg, new_cfg)
     for key in sorted(set(old_cfg) | set(new_cfg)):
         if across_backends and key in MAY_DIFFER_ACROSS_BACKENDS:

@@ -104,6 +104,7 @@ class Checked:
     tokenizer: object | None  # None for a hub model: checked again once the backend downloaded it
     report: object  # the data check's DataReport (rows, tokens, warnings)
     init_adapter: object | None = None  # lora.init_from, read and checked (init_adapter.AdapterWeights)
+    template_now: object | None = None  # the run's pinned time for chat templates (fingerprint.run_template_now)
 
 
 def check_before_training(args, flags: dict) -> Checked:
@@ -121,11 +122,20 @@ def check_before_training(args, flags: dict) -> Checked:
     adapter = init_adapter.check(cfg, warn=say)  # lora.init_from: read once, refused by name when it cannot fit
     train_file, val_file = data.find_data_files(Path(cfg.data.path))
     local_model = Path(cfg.model.path).expanduser()
-    tokenizer = data.load_tokenizer(local_model) if local_model.is_dir() else None
+    template_now = fp.run_template_now(_run_dir_or_none(cfg), fresh=args.fresh)
+    tokenizer = data.load_tokenizer(local_model, cfg.data.chat_template_kwargs, template_now) \
+        if local_model.is_dir() else None
     report = check_data_showing_progress(cfg, tokenizer, args.quiet)
     report.raise_if_problems()
     method(cfg.data.method).check(cfg, train_file, val_file)
-    return Checked(cfg, train_file, val_file, tokenizer, report, adapter)
+    return Checked(cfg, train_file, val_file, tokenizer, report, adapter, template_now)
+
+
+def _run_dir_or_none(cfg) -> Path | None:
+    try:
+        return output_dir(cfg)
+    except ConfigError:  # said after the data check, where it always was
+        return None
 
 
 def check_data_showing_progress(cfg, tokenizer, quiet: bool):
@@ -187,7 +197,8 @@ def plan_resume(args, cfg, checked: Checked, run_dir: Path, checkpoints: Checkpo
     continued with this config and backend: ResumeRefused (exit 3) naming what changed otherwise."""
     checkpoint = _agreed_checkpoint(args, run_dir, checkpoints, world)
     fingerprint = fp.compute(cfg, checked.train_file, checked.val_file, backend=backend_name, world_size=world.size,
-                             init_adapter=checked.init_adapter.identity() if checked.init_adapter else None)
+                             init_adapter=checked.init_adapter.identity() if checked.init_adapter else None,
+                             template_now=checked.template_now)
     if checkpoint is None:
         return ResumePlan(fingerprint)
     saved = checkpoints.manifest(checkpoint.path)["fingerprint"]
@@ -339,7 +350,8 @@ class TrainingRun:
         info = self.backend.setup(self.cfg, self.cfg.train.seed)
         checked = self.checked
         if checked.tokenizer is None:
-            checked.tokenizer = data.load_tokenizer(Path(info.model_dir))
+            checked.tokenizer = data.load_tokenizer(Path(info.model_dir), self.cfg.data.chat_template_kwargs,
+                                                    checked.template_now)
             checked.report = check_data_showing_progress(self.cfg, checked.tokenizer, self.args.quiet)
             checked.report.raise_if_problems()
         return info
@@ -485,6 +497,8 @@ def banner(cfg, info, report, run_dir: Path, resumed_from: int | None, processes
     t = cfg.train
     lines = [f"model: {cfg.model.path} | trainable params {info.trainable_params:,} of {info.total_params:,} "
              f"({100.0 * info.trainable_params / max(1, info.total_params):.3f}%)"]
+    if (getattr(info, "details", None) or {}).get("base_weights"):  # e.g. mlx: read from the quantized-weight cache
+        lines.append(f"base weights: {info.details['base_weights']}")
     for name, f in (("train", report.train), ("val", report.val)):
         if f is not None:
             tokens = f", {int(f.lengths.sum()):,} tokens" if f.lengths is not None and len(f.lengths) else ""
