@@ -96,6 +96,10 @@ def target_logps(model, head, chunk_rows: int, inputs, index, targets):
         return _logps_of(logits.reshape(-1, logits.shape[-1])[index], targets)
     hidden = model.model(inputs)
     hidden = hidden.reshape(-1, hidden.shape[-1])[index]
+    if targets.shape[0] <= chunk_rows:
+        # One chunk: its logits are at their largest when the backward starts either way, so a checkpoint would
+        # only add the head's matmul once more.
+        return _logps_of(head(hidden), targets)
     # Token ids are an input of the checkpointed function: they take no gradient.
     chunk = mx.checkpoint(lambda h, t: _logps_of(head(h), mx.stop_gradient(t)))
     pieces = [chunk(hidden[s:s + chunk_rows], targets[s:s + chunk_rows])

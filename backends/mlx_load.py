@@ -266,8 +266,11 @@ class CacheEntry:
         return None
 
     def _touch(self) -> None:
-        with contextlib.suppress(OSError):  # the order of use only decides what is removed first
-            os.utime(self.path / "manifest.json")
+        # The order of use only decides what is removed first. The time is given, not left to the kernel: file
+        # times come from its coarse clock, one tick of which can hold a write and the next entry's use.
+        now = time.time_ns()
+        with contextlib.suppress(OSError):
+            os.utime(self.path / "manifest.json", ns=(now, now))
 
     # -- writing
 

@@ -96,6 +96,23 @@ def _numel(shape) -> int:
     return n
 
 
+SHAPES = {
+    "llama-0.96b-bf16": dict(vocab=49152, hidden=2048, layers=16, heads=32, kv_heads=8, intermediate=5632, shards=3),
+    "tiny-bf16": dict(vocab=512, hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128),
+    "wide-32k": dict(vocab=32768, hidden=256, layers=2, heads=4, kv_heads=2, intermediate=512),
+    "wide-131k": dict(vocab=131072, hidden=256, layers=2, heads=4, kv_heads=2, intermediate=512),
+}
+
+
+def model_folder(models: Path, name: str) -> Path:
+    """SHAPES[name] built under ``models`` by a child process: this process never holds torch or a model, since a
+    child's peak RSS (ru_maxrss) starts from its parent's RSS at the fork."""
+    out = models / name
+    if not (out / "config.json").is_file():
+        subprocess.run([sys.executable, __file__, "build", "--out", str(out), "--shape", name], check=True)
+    return out
+
+
 def weight_bytes(model_dir: Path) -> int:
     return sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
 
@@ -169,30 +186,28 @@ def measured(backend: str, model: Path, *, method="sft", rows=1, length=64, bits
 
 def scale(args) -> dict:
     models = Path(args.models)
-    big = build_model(models / "llama-0.96b-bf16", vocab=49152, hidden=2048, layers=16, heads=32, kv_heads=8,
-                      intermediate=5632, shards=3)
-    tiny = build_model(models / "tiny-bf16", vocab=512, hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128)
+    big, tiny = model_folder(models, "llama-0.96b-bf16"), model_folder(models, "tiny-bf16")
     size = weight_bytes(big)
     out = {"model": str(big), "weights_gb": size / GB, "runs": {}}
     for backend in args.backends.split(","):
         with tempfile.TemporaryDirectory() as cache:
             env = {"OVERNIGHT_CACHE": cache}
-            base = measured(backend, tiny, env=env)
-            runs = [measured(backend, big, env=env) for _ in range(args.repeat)]
+            base = measured(backend, tiny, length=args.length, dtype=args.dtype, env=env)
+            runs = [measured(backend, big, length=args.length, dtype=args.dtype, env=env) for _ in range(args.repeat)]
         for i, run in enumerate(runs):
             over = run["peak_rss_gb"] - base["peak_rss_gb"]
-            out["runs"][f"{backend}#{i + 1}"] = {
+            out["runs"][f"{backend}/{args.dtype}#{i + 1}"] = {
                 "peak_rss_gb": run["peak_rss_gb"], "tiny_peak_rss_gb": base["peak_rss_gb"], "over_tiny_gb": over,
-                "x_bf16_weights": over * GB / size, "setup_s": run["setup_s"], "step_s": run["step_s"],
+                "x_bf16_weights": over * GB / size, "tokens": args.length, "setup_s": run["setup_s"],
+                "step_s": run["step_s"], "base_weights": run["details"].get("base_weights"),
                 "quantization": run["details"].get("quantization"), "loss": run["loss"]}
-            print(backend, i + 1, json.dumps(out["runs"][f"{backend}#{i + 1}"]), flush=True)
+            print(backend, i + 1, json.dumps(out["runs"][f"{backend}/{args.dtype}#{i + 1}"]), flush=True)
     return out
 
 
 def vocab(args) -> dict:
     models = Path(args.models)
-    shapes = {v: build_model(models / f"wide-{v // 1000}k", vocab=v, hidden=256, layers=2, heads=4, kv_heads=2,
-                             intermediate=512) for v in (32768, 131072)}
+    shapes = {32768: model_folder(models, "wide-32k"), 131072: model_folder(models, "wide-131k")}
     out = {"rows": args.rows, "length": args.length, "runs": {}}
     for backend in args.backends.split(","):
         for method in args.methods.split(","):
@@ -202,8 +217,8 @@ def vocab(args) -> dict:
             out["runs"][key] = {"peak_128k_gb": figures[131072]["peak_rss_gb"],
                                 "peak_32k_gb": figures[32768]["peak_rss_gb"],
                                 "diff_gb": figures[131072]["peak_rss_gb"] - figures[32768]["peak_rss_gb"],
-                                "step_s_128k": figures[131072]["step_s"], "head": figures[131072]["details"].get(
-                                    "loss_head")}
+                                "step_s_128k": figures[131072]["step_s"], "bits": args.bits,
+                                "head": figures[131072]["details"].get("loss_head")}
             print(key, json.dumps(out["runs"][key]), flush=True)
     return out
 
@@ -230,12 +245,17 @@ def main(argv=None) -> None:
     child.add_argument("--bits", type=int, default=4)
     child.add_argument("--dtype", default="auto")
     child.add_argument("--full-logits", action="store_true")
+    build = sub.add_parser("build")
+    build.add_argument("--out", required=True)
+    build.add_argument("--shape", required=True, choices=sorted(SHAPES))
     for name in ("scale", "vocab"):
         mode = sub.add_parser(name)
         mode.add_argument("--backends", default="torch,mlx")
         mode.add_argument("--models", default=str(Path(tempfile.gettempdir()) / "overnight-bench-models"))
         mode.add_argument("--out", default=None)
     sub.choices["scale"].add_argument("--repeat", type=int, default=2)
+    sub.choices["scale"].add_argument("--length", type=int, default=64, help="tokens of the one row")
+    sub.choices["scale"].add_argument("--dtype", default="auto", help="model.dtype")
     sub.choices["vocab"].add_argument("--methods", default="sft,dpo,grpo")
     sub.choices["vocab"].add_argument("--rows", type=int, default=8)
     sub.choices["vocab"].add_argument("--length", type=int, default=1024)
@@ -244,6 +264,9 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if args.mode == "step":
         return step(args)
+    if args.mode == "build":
+        build_model(Path(args.out), **SHAPES[args.shape])
+        return None
     out = Path(args.out or ROOT / "bench" / "results" / f"memory-{args.mode}")
     result = {"mode": args.mode, "argv": sys.argv, **(scale(args) if args.mode == "scale" else vocab(args))}
     earlier = out.with_suffix(".json")

@@ -460,7 +460,7 @@ def test_torch_accelerate_launch_trains_the_same_job_as_devices(torch_jobs, tmp_
 
 
 @pytest.mark.torch
-@pytest.mark.parametrize("victim", ["job", "rank1"])
+@pytest.mark.parametrize("victim", ["job", pytest.param("rank1", marks=pytest.mark.soak)])  # CI time: one kill each
 def test_torch_sigkill_then_auto_resume_ends_with_the_uninterrupted_adapter(torch_jobs, victim, tmp_path):
     import random
 
@@ -590,7 +590,8 @@ def test_mlx_two_processes_match_one_process_with_the_same_global_batch(mlx_jobs
 
 
 @pytest.mark.mlx
-@pytest.mark.parametrize("victim", ["job", "rank1", "sigterm"])
+@pytest.mark.parametrize("victim", ["job", pytest.param("rank1", marks=pytest.mark.soak),
+                                    pytest.param("sigterm", marks=pytest.mark.soak)])  # torch's CI runs a SIGTERM
 def test_mlx_a_kill_or_sigterm_then_auto_resume_ends_with_the_uninterrupted_adapter(mlx_jobs, victim, tmp_path):
     """SIGKILL of every process, SIGKILL of rank 1, SIGTERM to `overnight train --devices 2` (as Ctrl-C or a
     spot reclaim would): the exit code says which (mlx.launch alone exits 0 whatever happened)."""

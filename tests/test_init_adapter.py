@@ -77,7 +77,8 @@ def test_a_base_that_cannot_be_compared_here(tmp_path, tiny_model_dir):
     with pytest.raises(ConfigError, match="it was trained on 'org/model-a', this run's model.path is 'org/model-b' "
                                           r"\(if it is the same model, write this model.path as base_model_name_or_path"):
         init_adapter.check(cfg_for("org/model-b", hub, tmp_path))
-    elsewhere, _ = peft_adapter(tmp_path / "rel", base="runs/tiny-model")  # a relative path typed somewhere else
+    # a relative path typed in another folder (none of that name here: demo.sh makes a runs/tiny-model)
+    elsewhere, _ = peft_adapter(tmp_path / "rel", base=f"runs/{tmp_path.name}-model")
     warned: list[str] = []
     assert init_adapter.check(cfg_for(tiny_model_dir, elsewhere, tmp_path), warn=warned.append) is not None
     assert len(warned) == 1 and "cannot be compared" in warned[0] and "only its module shapes are checked" in warned[0]

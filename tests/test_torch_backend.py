@@ -935,3 +935,20 @@ def test_a_model_whose_logits_are_not_its_heads_keeps_its_own_forward(tiny_model
     monkeypatch.setattr(LlamaForCausalLM, "forward", scaled_forward)
     backend, info = make_backend(tiny_model_dir, bits=0)
     assert not backend._plain_head and "own head" in info.details["loss_head"]
+
+
+def test_weight_shards_are_read_not_memory_mapped_while_the_model_loads(tiny_model_dir, monkeypatch):
+    """transformers keeps every shard mapped until the whole model is loaded (the checkpoint's size in RSS on top of
+    the model it builds; bench/memory.py scale measures it); the backend has it read each tensor instead."""
+    import transformers.modeling_utils as loading
+
+    backends_used = []
+    original = loading.safe_open
+
+    def spy(*args, **kwargs):
+        backends_used.append(kwargs.get("backend"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(loading, "safe_open", spy)
+    make_backend(tiny_model_dir, bits=4)
+    assert backends_used == ["pread"]
