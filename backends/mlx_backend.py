@@ -48,10 +48,13 @@ def _neg_logsigmoid(x):
     return mx.logaddexp(mx.zeros_like(x), -x)
 
 
-def _logps_of(logits, targets):
-    """log softmax(logits)[target] per row, in float32 whatever the model's dtype (bf16 log-probs lose the
-    differences dpo and grpo take between close values)."""
+def _logps_of(logits, targets, temperature: float = 1.0):
+    """log softmax(logits / temperature)[target] per row, in float32 whatever the model's dtype (bf16 log-probs
+    lose the differences dpo and grpo take between close values). grpo's temperature is its sampling one, so its
+    log-probs are those of the policy that sampled (objectives.py); every other method's is 1."""
     logits = logits.astype(mx.float32)
+    if temperature != 1.0:
+        logits = logits / temperature
     return mx.take_along_axis(logits, targets[:, None], axis=-1)[:, 0] - mx.logsumexp(logits, axis=-1)
 
 
@@ -89,25 +92,56 @@ def find_plain_head(model) -> tuple[Any, int]:
     return (head if same else None), vocab
 
 
-def target_logps(model, head, chunk_rows: int, inputs, index, targets):
+def target_logps(model, head, chunk_rows: int, inputs, index, targets, temperature: float = 1.0):
     """log p of each target slot (objectives.target_slots), float32 (S,). With a plain head the decoder runs on the
-    batch and the head on the slots only, ``chunk_rows`` at a time, each chunk checkpointed: its logits are freed
-    after its forward and recomputed in the backward, so no (slots x vocabulary) array outlives one chunk. Without
-    one (head None) the model's own full logits are taken at the slots."""
+    batch and the head on the slots only, ``chunk_rows`` at a time (_chunked_head_logps), so no (slots x vocabulary)
+    array outlives one chunk. Without one (head None) the model's own full logits are taken at the slots."""
     if head is None:
         logits = model(inputs)
-        return _logps_of(logits.reshape(-1, logits.shape[-1])[index], targets)
+        return _logps_of(logits.reshape(-1, logits.shape[-1])[index], targets, temperature)
     hidden = model.model(inputs)
     hidden = hidden.reshape(-1, hidden.shape[-1])[index]
     if targets.shape[0] <= chunk_rows:
-        # One chunk: its logits are at their largest when the backward starts either way, so a checkpoint would
-        # only add the head's matmul once more.
-        return _logps_of(head(hidden), targets)
-    # Token ids are an input of the checkpointed function: they take no gradient.
-    chunk = mx.checkpoint(lambda h, t: _logps_of(head(h), mx.stop_gradient(t)))
-    pieces = [chunk(hidden[s:s + chunk_rows], targets[s:s + chunk_rows])
-              for s in range(0, targets.shape[0], chunk_rows)]
-    return pieces[0] if len(pieces) == 1 else mx.concatenate(pieces)
+        # One chunk: its logits are at their largest when the backward starts either way, so recomputing them in
+        # the backward would only add the head's matmul once more.
+        return _logps_of(head(hidden), targets, temperature)
+    return _chunked_head_logps(head, chunk_rows, temperature)(hidden, targets)
+
+
+def _chunked_head_logps(head, chunk_rows: int, temperature: float = 1.0):
+    """_logps_of(head(hidden), targets, temperature), ``chunk_rows`` rows at a time, one chunk's logits alive at once in the
+    forward and in the backward (which recomputes them). Two things make that so. The backward is written here:
+    mx.checkpoint per chunk frees each chunk's logits after its forward, but the recomputations are independent
+    branches of the graph, and MLX builds its evaluation order breadth-first up to 20 branches wide
+    (MLX_BFS_MAX_WIDTH), so every chunk's logits were alive together (+1.6 GB at 2 x 1024 targets, 128k vocabulary).
+    And each chunk, forward and backward, waits on the previous one through mx.depends, a dependency without data,
+    which leaves MLX a single order. The head is frozen base weights (LoRA targets are inside the blocks), so the
+    hidden states are the only input that takes a gradient."""
+    @mx.custom_function
+    def logps(hidden, targets):
+        pieces = []
+        for s in range(0, targets.shape[0], chunk_rows):
+            chunk = hidden[s:s + chunk_rows]
+            if pieces:
+                chunk = mx.depends(chunk, pieces[-1])
+            pieces.append(_logps_of(head(chunk), targets[s:s + chunk_rows], temperature))
+        return mx.concatenate(pieces)
+
+    @logps.vjp
+    def logps_vjp(primals, cotangent, output):
+        hidden, targets = primals
+        grads = []
+        for s in range(0, targets.shape[0], chunk_rows):
+            chunk = hidden[s:s + chunk_rows]
+            if grads:
+                chunk = mx.depends(chunk, grads[-1])
+            chunk_targets = targets[s:s + chunk_rows]
+            _, (grad,) = mx.vjp(lambda h: _logps_of(head(h), chunk_targets, temperature), [chunk],
+                                [cotangent[s:s + chunk_rows]])
+            grads.append(grad)
+        return mx.concatenate(grads), mx.zeros_like(targets)
+
+    return logps
 
 
 def _row_sums(values, rows, num_rows: int):
@@ -132,7 +166,7 @@ def make_grpo_objective(g, has_old: bool, logps):
             per_token = per_token + g.beta * kl
             kl_sum = mx.stop_gradient((kl * weights).sum())
         num_rows = inputs.shape[0]
-        if g.loss_type == "dr_grpo":
+        if g.loss_type in ("dr_grpo", "dapo"):  # a constant: max_new_tokens, or 1 (dapo's 1/C is token_scale)
             divisor = objectives.grpo_row_divisor(g.loss_type, 0, g.max_new_tokens)
         else:
             divisor = mx.maximum(_row_sums(weights, rows, num_rows), 1.0)
@@ -580,7 +614,8 @@ class MLXBackend:
                 m.scale = s
 
     def _logps(self, model, inputs, index, targets):
-        return target_logps(model, self._head, self._chunk_rows, inputs, index, targets)
+        return target_logps(model, self._head, self._chunk_rows, inputs, index, targets,
+                            self.grpo.temperature if self.method == "grpo" else 1.0)
 
     def _device_batch(self, batch: Batch) -> tuple[mx.array, ...]:
         """(inputs, then the target slots: index, targets, weights, rows; then the method's own arrays). Slots are
@@ -688,7 +723,8 @@ class MLXBackend:
 
     def train_step(self, micro_batches: list[Batch], lr: float,
                    step_scales: tuple[float, float, int] | None = None) -> StepResult:
-        token_scale, pair_scale, weight = step_scales or objectives.step_scales(self.method, micro_batches)
+        token_scale, pair_scale, weight = step_scales or objectives.step_scales(
+            self.method, micro_batches, self.grpo.loss_type)
         scales = (mx.array(token_scale, dtype=mx.float32), mx.array(pair_scale, dtype=mx.float32))
         if weight == 0:
             raise ValueError(
@@ -810,7 +846,7 @@ class MLXBackend:
 
     def eval_loss(self, batch: Batch) -> tuple[float, int]:
         """(objective x weight, weight) with the batch's own normalisers (src/backend/objectives.py)."""
-        token_scale, pair_scale, _ = objectives.step_scales(self.method, [batch])
+        token_scale, pair_scale, _ = objectives.step_scales(self.method, [batch], self.grpo.loss_type)
         weight = objectives.eval_weight(self.method, batch)
         self._set_training(False)
         try:

@@ -443,7 +443,13 @@ class TorchBackend:
             return self._chunked_logps(taken[0], targets)
         if logits.dim() == 3:
             logits = logits[:, :-1][sel]
-        return -F.cross_entropy(logits.float(), targets, reduction="none")
+        return -F.cross_entropy(self._tempered(logits.float()), targets, reduction="none")
+
+    def _tempered(self, logits: torch.Tensor) -> torch.Tensor:
+        """grpo's log-probs are those of the policy that sampled: logits / grpo.temperature (objectives.py); every
+        other method's temperature is 1."""
+        temperature = self._grpo.temperature if self._method == "grpo" else 1.0
+        return logits / temperature if temperature != 1.0 else logits
 
     def _head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         with self._autocast():
@@ -453,7 +459,7 @@ class TorchBackend:
         return logits.float()
 
     def _head_logps(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return -F.cross_entropy(self._head_logits(hidden), targets, reduction="none")
+        return -F.cross_entropy(self._tempered(self._head_logits(hidden)), targets, reduction="none")
 
     def _chunked_logps(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """_head_logps of (N, H) hidden states, objectives.logit_chunk_rows positions at a time. Under autograd each
@@ -523,7 +529,8 @@ class TorchBackend:
             if self._kl_sums is not None:
                 self._kl_sums.append(torch.stack([(kl.detach() * weights).sum(), weights.sum()]))
         row_tokens = mask[:, 1:].sum(dim=1)
-        divisor = objectives.grpo_row_divisor(g.loss_type, 0, g.max_new_tokens) if g.loss_type == "dr_grpo" \
+        # dr_grpo and dapo divide by a constant (max_new_tokens; 1, dapo's 1/C being token_scale)
+        divisor = objectives.grpo_row_divisor(g.loss_type, 0, g.max_new_tokens) if g.loss_type in ("dr_grpo", "dapo") \
             else row_tokens.clamp(min=1.0)
         rows = torch.zeros(ids.shape[0], dtype=per_token.dtype, device=per_token.device)
         rows = rows.index_add(0, sel[0], per_token * weights) / divisor
@@ -554,8 +561,8 @@ class TorchBackend:
         self._model.train()
         for group in self._optimizer.param_groups:
             group["lr"] = lr
-        token_scale, pair_scale, weight = (step_scales if step_scales is not None
-                                           else objectives.step_scales(self._method, micro_batches))
+        token_scale, pair_scale, weight = (step_scales if step_scales is not None else objectives.step_scales(
+            self._method, micro_batches, self._grpo.loss_type))
         tokens = sum(mb.num_target_tokens for mb in micro_batches)
         if weight == 0:
             raise ValueError("a training step with no target tokens: every loss_mask entry is 0 "
@@ -697,7 +704,7 @@ class TorchBackend:
         """(objective x weight, weight) with the batch's own normalisers; weight = target tokens (sft, cpt) or
         pairs (dpo, orpo), as src/backend/objectives.py defines."""
         self._model.eval()
-        token_scale, pair_scale, _ = objectives.step_scales(self._method, [batch])
+        token_scale, pair_scale, _ = objectives.step_scales(self._method, [batch], self._grpo.loss_type)
         weight = objectives.eval_weight(self._method, batch)
         try:
             with torch.no_grad():

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -141,6 +142,8 @@ def step(args) -> None:
     started = time.time()
     info = backend.setup(cfg, 0)
     setup_s = time.time() - started
+    # This process's peak so far (the load, the quantization, LoRA): which of setup and step sets the peak.
+    setup_peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB
     if args.full_logits:  # the model's own forward on every target at once: the path before the chunked head
         if hasattr(backend, "_plain_head"):
             backend._plain_head = False
@@ -158,6 +161,7 @@ def step(args) -> None:
     started = time.time()
     result = backend.train_step([batch], 1e-4)
     print(json.dumps({"loss": result.loss, "step_s": time.time() - started, "setup_s": setup_s,
+                      "setup_peak_rss_gb": round(setup_peak_gb, 3),
                       "details": {k: str(v) for k, v in info.details.items()}}))
 
 
@@ -197,7 +201,8 @@ def scale(args) -> dict:
         for i, run in enumerate(runs):
             over = run["peak_rss_gb"] - base["peak_rss_gb"]
             out["runs"][f"{backend}/{args.dtype}#{i + 1}"] = {
-                "peak_rss_gb": run["peak_rss_gb"], "tiny_peak_rss_gb": base["peak_rss_gb"], "over_tiny_gb": over,
+                "peak_rss_gb": run["peak_rss_gb"], "setup_peak_rss_gb": run["setup_peak_rss_gb"],
+                "tiny_peak_rss_gb": base["peak_rss_gb"], "over_tiny_gb": over,
                 "x_bf16_weights": over * GB / size, "tokens": args.length, "setup_s": run["setup_s"],
                 "step_s": run["step_s"], "base_weights": run["details"].get("base_weights"),
                 "quantization": run["details"].get("quantization"), "loss": run["loss"]}

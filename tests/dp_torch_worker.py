@@ -81,7 +81,7 @@ def main(job_path: str) -> int:
     for index, whole in enumerate(steps):
         share = len(whole) // size
         mine = whole[rank * share:(rank + 1) * share]
-        scales = objectives.step_scales(cfg.data.method, whole)
+        scales = objectives.step_scales(cfg.data.method, whole, cfg.grpo.loss_type)
         started = time.monotonic()
         if job["mode"] in ("dead", "silent"):
             try:

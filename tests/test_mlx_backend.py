@@ -878,7 +878,7 @@ def test_metal_memory_watches_active_memory_and_caps_the_cache(monkeypatch):
 
 @pytest.mark.parametrize("method", ["sft", "dpo", "orpo", "grpo"])
 def test_the_head_in_chunks_gives_the_full_logits_values(tiny_model_dir, sft_data, method):
-    """Target slots scored 16 at a time (each chunk checkpointed) equal the model's own full logits taken at the
+    """Target slots scored 16 at a time (each chunk recomputed in the backward) equal the model's own full logits taken at the
     slots: loss and gradients of every method, on the 4-bit default with dropout, to 1e-5."""
     batch = _preference_batch(tiny_model_dir, 0, 4) if method in ("dpo", "orpo") else _merge(sft_data[0][0])
     cfg = _config(tiny_model_dir, bits=4, dropout=0.1, method=method)
@@ -939,3 +939,35 @@ def test_bf16_keeps_every_floating_weight_and_the_stream_in_bf16(tiny_model_dir,
         assert hidden.dtype == getattr(mx, dtype)
         losses[dtype] = backend.train_step([batch], 1e-3).loss
     assert abs(losses["bfloat16"] - losses["float32"]) < 2e-2, losses
+
+
+def test_the_head_chunks_are_evaluated_one_at_a_time():
+    """Peak memory of the chunked head's loss and gradient does not grow with the number of chunks: one chunk's
+    logits at a time, forward and backward (MLX evaluates independent branches together unless told otherwise)."""
+    import mlx.nn as nn
+
+    from overnight.backends.mlx_backend import _chunked_head_logps, _logps_of
+
+    mx.random.seed(0)
+    hidden_size, vocab, chunk_rows = 32, 16384, 64  # one chunk's fp32 logits: 4 MiB
+    head = nn.Linear(hidden_size, vocab, bias=False)
+    head.freeze()
+    mx.eval(head.parameters())
+    peaks = {}
+    for rows in (4 * chunk_rows, 16 * chunk_rows):
+        hidden = mx.random.normal((rows, hidden_size))
+        targets = mx.random.randint(0, vocab, (rows,))
+        mx.eval(hidden, targets)
+        logps = _chunked_head_logps(head, chunk_rows)
+        loss_and_grad = mx.value_and_grad(lambda h: logps(h, targets).sum())
+        mx.clear_cache()
+        mx.reset_peak_memory()
+        loss, grad = loss_and_grad(hidden)
+        mx.eval(loss, grad)
+        peaks[rows] = mx.get_peak_memory()
+        full_loss, full_grad = mx.value_and_grad(lambda h: _logps_of(head(h), targets).sum())(hidden)
+        assert loss.item() == pytest.approx(full_loss.item(), rel=1e-5)
+        np.testing.assert_allclose(np.array(grad), np.array(full_grad), rtol=1e-4, atol=1e-6)
+    chunk_logits = chunk_rows * vocab * 4
+    # 12 more chunks evaluated side by side would add 12 x 4 MiB and more
+    assert peaks[16 * chunk_rows] - peaks[4 * chunk_rows] < 2 * chunk_logits, peaks

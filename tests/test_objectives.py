@@ -80,3 +80,28 @@ def test_a_chunk_of_the_head_holds_the_same_number_of_logits_whatever_the_vocabu
     assert objectives.logit_chunk_rows(32768) == 512
     assert objectives.logit_chunk_rows(49152, multiple=64) == 320
     assert objectives.logit_chunk_rows(10 ** 9, multiple=64) == 64  # at least one bucket
+
+
+def test_grpo_loss_types_normalise_as_trl_does():
+    """dapo: every completion token of the step weighs the same (1/C, rows not divided); grpo: each row's token
+    mean, over N; dr_grpo: tokens over N x max_new_tokens. The step's scales survive a split into micro-batches."""
+    step = _batch([[0, 1, 1, 1, 0], [0, 1, 0, 0, 0], [0, 1, 1, 1, 1], [0, 1, 1, 0, 0]])
+    assert step_scales("grpo", [step], "dapo") == (1 / 10, 0.0, 10)
+    assert step_scales("grpo", [step], "grpo") == (1 / 4, 0.0, 4)
+    for loss_type in objectives.GRPO_LOSS_TYPES:
+        assert step_scales("grpo", step.split(2), loss_type) == step_scales("grpo", [step], loss_type)
+    rng = np.random.default_rng(0)
+    logp = rng.normal(-2.0, 0.5, step.loss_mask.shape)
+    mask, adv = step.loss_mask, np.array([1.0, -1.0, 0.5, -0.5])
+    per_token = -adv[:, None] * np.ones_like(logp)  # on-policy, beta 0: l_t = -A
+    expected = {"dapo": (per_token * mask).sum() / mask.sum(),
+                "grpo": ((per_token * mask).sum(axis=1) / mask.sum(axis=1)).sum() / 4,
+                "dr_grpo": (per_token * mask).sum() / (4 * 8)}
+    for loss_type, value in expected.items():
+        got, _ = objectives.grpo_reference(logp, mask, adv, beta=0.0, epsilon=0.2, loss_type=loss_type,
+                                           max_new_tokens=8)
+        assert got == pytest.approx(value, rel=1e-12), loss_type
+    # Two micro-batches, each with the step's C: their sum is the step's value.
+    halves = [objectives.grpo_reference(logp[a:b], mask[a:b], adv[a:b], beta=0.0, epsilon=0.2, loss_type="dapo",
+                                        max_new_tokens=8, tokens_in_step=mask.sum())[0] for a, b in ((0, 2), (2, 4))]
+    assert sum(halves) == pytest.approx(expected["dapo"], rel=1e-12)

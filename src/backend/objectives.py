@@ -19,7 +19,9 @@ tokens, preference rows come in pairs: row 2i chosen, row 2i+1 rejected):
 
   grpo       every row is one sampled completion (prompt + completion; loss_mask marks the completion tokens,
              its EOS included) with an advantage A (src/methods/rewards.py: its reward against its group's). Per token t:
-               logp_t      log-prob of the token under the policy (adapter on, training mode)
+               logp_t      log-prob of the token under the policy (adapter on, training mode), from the logits
+                           divided by grpo.temperature: the distribution the completion was sampled from, so
+                           the ratio and the KL refer to the sampling policy (TRL does the same)
                old_t       the same under the policy that sampled it: logp_t itself, detached, when
                            grpo.iterations = 1 (on-policy: ratio 1, gradient A * grad logp); else the value
                            recorded when the batch was generated (adapter on, no dropout)
@@ -30,7 +32,11 @@ tokens, preference rows come in pairs: row 2i chosen, row 2i+1 rejected):
              grpo:     L = sum over rows of (sum_t l_t / n_row) / N              n_row: the row's completion tokens
              dr_grpo:  L = sum over rows of (sum_t l_t / max_new_tokens) / N    (Dr. GRPO: one constant, so
                        long and short completions weigh the same per token)
-             N = completions (rows) in the step; beta, epsilon, loss_type, max_new_tokens are grpo.*.
+             dapo:     L = sum over rows of sum_t l_t / C                     (token-level: every completion token
+                       of the step weighs the same, whatever its completion's length)
+             N = completions (rows) in the step, C = completion tokens in the step; beta, epsilon, loss_type,
+             max_new_tokens are grpo.*. These are TRL's GRPOTrainer definitions (grpo_trainer.py _compute_loss at
+             TRL 1.10): its grpo, dr_grpo and dapo loss types, logits / temperature, the k3 KL added per token.
              The logged kl is the token-weighted mean of kl_t over the step's completion tokens.
 
 The normalisers T and P are those of the whole step, not of each micro-batch: every micro-batch adds
@@ -60,7 +66,7 @@ AVG_LOGP_MAX = -1e-7
 # again), whatever the vocabulary: 128 target positions a chunk at 128k rows, 512 at 32k.
 LOGIT_CHUNK_ELEMENTS = 1 << 24
 PAIRED = ("dpo", "orpo")
-GRPO_LOSS_TYPES = ("grpo", "dr_grpo")
+GRPO_LOSS_TYPES = ("grpo", "dr_grpo", "dapo")
 
 
 def logit_chunk_rows(vocab_size: int, multiple: int = 1) -> int:
@@ -107,9 +113,12 @@ def counts(method: str, batches: Sequence) -> tuple[int, int]:
     return tokens, pairs
 
 
-def step_scales(method: str, batches: Sequence) -> tuple[float, float, int]:
+def step_scales(method: str, batches: Sequence, grpo_loss_type: str = "grpo") -> tuple[float, float, int]:
     """(token_scale, pair_scale, weight): the factors each micro-batch's sums are multiplied by, and
-    the step's weight (T or P; 0 means the step has nothing to learn from)."""
+    the step's weight (T, P, N or C; 0 means the step has nothing to learn from)."""
+    if method == "grpo" and grpo_loss_type == "dapo":  # token_scale is 1/C; rows are not divided (divisor 1)
+        tokens = sum(int(batch.loss_mask[:, 1:].sum()) for batch in batches)
+        return (1.0 / tokens if tokens else 0.0), 0.0, tokens
     if method == "grpo":  # token_scale is 1/N; each row's own divisor is grpo_row_divisor's
         rows = sum(batch.num_rows for batch in batches)
         return (1.0 / rows if rows else 0.0), 0.0, rows
@@ -158,17 +167,22 @@ def reference_value(method: str, logp, tokens, beta: float = 0.1, ref_logp=None)
 
 
 def grpo_row_divisor(loss_type: str, row_tokens, max_new_tokens: int):
-    """What a row's summed per-token grpo loss is divided by: its completion tokens (grpo; at least 1) or the
-    constant max_new_tokens (dr_grpo). Works on numbers and numpy arrays; the backends mirror it."""
+    """What a row's summed per-token grpo loss is divided by: its completion tokens (grpo; at least 1), the
+    constant max_new_tokens (dr_grpo) or 1 (dapo, whose step scale divides by the step's completion tokens). Works
+    on numbers and numpy arrays; the backends mirror it."""
     if loss_type == "dr_grpo":
         return float(max_new_tokens)
+    if loss_type == "dapo":
+        return 1.0
     return np.maximum(row_tokens, 1.0)
 
 
 def grpo_reference(logp, mask, advantages, *, beta: float, epsilon: float, loss_type: str, max_new_tokens: int,
-                   ref_logp=None, old_logp=None, rows_in_step: int | None = None) -> tuple[float, float]:
+                   ref_logp=None, old_logp=None, rows_in_step: int | None = None,
+                   tokens_in_step: float | None = None) -> tuple[float, float]:
     """(L, mean kl) of the grpo formula above in float64 numpy, from per-token log-probs (B, T) aligned with
-    ``mask`` (1 on completion tokens). ``old_logp`` None is the on-policy case (ratio 1)."""
+    ``mask`` (1 on completion tokens), taken from logits / temperature. ``old_logp`` None is the on-policy case
+    (ratio 1). N and C default to this batch's."""
     logp = np.asarray(logp, np.float64)
     mask = np.asarray(mask, np.float64)
     adv = np.asarray(advantages, np.float64)[:, None]
@@ -180,5 +194,8 @@ def grpo_reference(logp, mask, advantages, *, beta: float, epsilon: float, loss_
         kl = np.exp(diff) - diff - 1.0
         per_token = per_token + beta * kl
     row = (per_token * mask).sum(axis=1) / grpo_row_divisor(loss_type, mask.sum(axis=1), max_new_tokens)
-    rows = rows_in_step if rows_in_step is not None else logp.shape[0]
-    return float(row.sum() / rows), float((kl * mask).sum() / max(mask.sum(), 1.0))
+    if loss_type == "dapo":
+        scale = tokens_in_step if tokens_in_step is not None else mask.sum()
+    else:
+        scale = rows_in_step if rows_in_step is not None else logp.shape[0]
+    return float(row.sum() / scale), float((kl * mask).sum() / max(mask.sum(), 1.0))
