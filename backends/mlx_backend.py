@@ -27,7 +27,8 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path, tree_unflatten
 
 from overnight.backend import lora_init, lora_targets, objectives, step_buffer
-from overnight.backend import Batch, OutOfMemory, PeerLost, PortableState, SetupInfo, StepResult, as_stop_ids
+from overnight.backend import Batch, OutOfMemory, PeerLost, PortableState, SetupInfo, StepResult, as_prompts, \
+    as_stop_ids
 from overnight.backend.adapter_formats import recorded_base
 from overnight.config import ConfigError
 from overnight.fsutil import atomic_write_text, fsync_dir, fsync_file
@@ -38,6 +39,8 @@ OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "mlx_state.json"
 _MB = 1024 * 1024
 CACHE_SHARE = 0.25  # of the recommended working set, the most MLX may keep cached (see _set_memory_limit)
+# Sampling on Metal reads back whether every row has ended once per this many tokens (see MLXBackend._decode).
+STOP_CHECK_EVERY = 8
 
 
 # ---------------------------------------------------------------------------
@@ -439,6 +442,7 @@ class MLXBackend:
         self.adapter_config: dict[str, Any] = {}
         self._lora_modules: list[nn.Module] = []
         self._training = None
+        self._stop_every: int | None = None  # tests: the stop check's interval (None: the device's)
         self._head = None  # find_plain_head's, or None: the full-logits path
         self._chunk_rows = 64
         self.limit_bytes: int | None = None
@@ -661,50 +665,91 @@ class MLXBackend:
             ref = mx.zeros(slots.index.shape, dtype=mx.float32)
         return adv, old, ref
 
-    def sample(self, prompt_ids: np.ndarray, seeds: list[int], max_new_tokens: int, temperature: float,
+    def sample(self, prompts, seeds: list[int], max_new_tokens: int, temperature: float,
                top_p: float, stop_ids: tuple[int, ...]) -> np.ndarray:
-        """One sampled continuation per seed (src/backend/__init__.py), KV cache, adapter on, no dropout. Each row has its
-        own key chain (mx.random.key(seed), split once per token): Gumbel-max over the top-p set."""
+        """One sampled continuation per seed, all rows in one batch (src/backend/__init__.py), KV cache, adapter
+        on, no dropout. Each row has its own key chain (mx.random.key(seed), split once per token whatever the
+        batch): Gumbel-max over the top-p set."""
+        n, max_new_tokens = len(seeds), int(max_new_tokens)
+        rows, single = as_prompts(prompts)
+        rows = rows * n if single else rows
+        if len(rows) != n:
+            raise ValueError(f"sample: {len(rows)} prompts for {n} seeds")
+        if n == 0 or max_new_tokens <= 0:
+            return np.full((n, max(0, max_new_tokens)), -1, dtype=np.int64)
+        keys = [mx.random.key(int(s)) for s in seeds]  # generator_seed's range
+
+        def draw(logits):
+            scaled = logits / temperature
+            if top_p < 1.0:
+                # Keep the most likely tokens whose probability reaches top_p (the first one always).
+                probs = mx.softmax(scaled, axis=-1)
+                ordered = -mx.sort(-probs, axis=-1)
+                kept = (mx.cumsum(ordered, axis=-1) - ordered) < top_p
+                floor = mx.min(mx.where(kept, ordered, mx.inf), axis=-1, keepdims=True)
+                scaled = mx.where(probs >= floor, scaled, -mx.inf)
+            noise = []
+            for r in range(n):
+                keys[r], sub = mx.random.split(keys[r])
+                noise.append(mx.random.gumbel(shape=(scaled.shape[-1],), key=sub))
+            return mx.argmax(scaled + mx.stack(noise), axis=-1)
+
+        return self._decode(rows, max_new_tokens, as_stop_ids(stop_ids), draw)
+
+    def _stop_check_every(self) -> int:
+        # On the CPU (mlx[cpu]) a read-back waits for nothing a later one would not, and saves the forward passes a
+        # later check would run after the last row ended; on Metal each one stalls the queue.
+        if self._stop_every is not None:
+            return self._stop_every
+        return 1 if mx.default_device() == mx.cpu else STOP_CHECK_EVERY
+
+    def _decode(self, rows: list[np.ndarray], max_new_tokens: int, stop_ids: tuple[int, ...], choose) -> np.ndarray:
+        """The rows' continuations in one batch: int64 (rows, max_new_tokens), each row's stop token kept and -1
+        after it. ``choose(logits)`` picks every row's next token from its float32 logits (rows, vocab).
+
+        Rows of one prompt are adjacent. Each distinct prompt is prefilled alone (batch 1, no padding: its cache
+        and logits are what it would get on its own), then the rows' caches are merged as mlx-lm's BatchGenerator
+        merges them (its BatchKVCache: each row left-padded to the longest prompt, the padding masked, each row's
+        own RoPE offset), so a row decodes as it would alone (up to the rounding of batched kernels). A row that
+        has ended is still fed (its tokens are masked out): it never changes another row. Whether every row has
+        ended is read back every _stop_check_every() tokens; in between, each step is queued with async_eval."""
         from mlx_lm.models.cache import make_prompt_cache
 
-        n, max_new_tokens = len(seeds), int(max_new_tokens)
-        out = np.full((n, max_new_tokens), -1, dtype=np.int64)
-        if n == 0 or max_new_tokens <= 0:
-            return out
         self._set_training(False)
-        stop_ids = as_stop_ids(stop_ids)
+        n = len(rows)
         try:
-            keys = [mx.random.key(int(s)) for s in seeds]  # generator_seed's range
-            cache = make_prompt_cache(self.model)
-            prompt = np.asarray(prompt_ids, dtype=np.int32).reshape(1, -1)
-            logits = self.model(mx.array(np.repeat(prompt, n, axis=0)), cache=cache)[:, -1].astype(mx.float32)
-            done = np.zeros(n, dtype=bool)
+            starts = [r for r in range(n) if r == 0 or not np.array_equal(rows[r], rows[r - 1])]
+            owner = np.repeat(np.arange(len(starts)), np.diff(starts + [n]))
+            caches, last = [], []
+            for r in starts:
+                cache = make_prompt_cache(self.model)
+                logits = self.model(mx.array(rows[r].astype(np.int32)[None]), cache=cache)[:, -1]
+                mx.eval(logits, [c.state for c in cache])
+                caches.append(cache)
+                last.append(logits.astype(mx.float32))
+            cache = [caches[0][layer].merge([caches[o][layer] for o in owner]) for layer in range(len(caches[0]))]
+            del caches
+            logits = mx.concatenate([last[o] for o in owner], axis=0)
+            stop = mx.array(list(stop_ids), dtype=mx.int32) if stop_ids else None
+            done = mx.zeros((n,), dtype=mx.bool_)
+            every, steps = self._stop_check_every(), []
             for t in range(max_new_tokens):
-                scaled = logits / temperature
-                if top_p < 1.0:
-                    # Keep the most likely tokens whose probability reaches top_p (the first one always).
-                    probs = mx.softmax(scaled, axis=-1)
-                    ordered = -mx.sort(-probs, axis=-1)
-                    kept = (mx.cumsum(ordered, axis=-1) - ordered) < top_p
-                    floor = mx.min(mx.where(kept, ordered, mx.inf), axis=-1, keepdims=True)
-                    scaled = mx.where(probs >= floor, scaled, -mx.inf)
-                noise = []
-                for r in range(n):
-                    keys[r], sub = mx.random.split(keys[r])
-                    noise.append(mx.random.gumbel(shape=(scaled.shape[-1],), key=sub))
-                token = mx.argmax(scaled + mx.stack(noise), axis=-1)
-                chosen = np.array(token).astype(np.int64)
-                out[~done, t] = chosen[~done]
-                done |= np.isin(chosen, stop_ids)
-                if done.all() or t + 1 == max_new_tokens:
+                token = choose(logits).astype(mx.int32)
+                steps.append(mx.where(done, -1, token))
+                if stop is not None:
+                    done = done | (token[:, None] == stop[None]).any(axis=1)
+                mx.async_eval(steps[-1], done)
+                if t + 1 == max_new_tokens or (stop is not None and (t + 1) % every == 0 and done.all().item()):
                     break
-                logits = self.model(token.astype(mx.int32).reshape(n, 1), cache=cache)[:, -1].astype(mx.float32)
+                logits = self.model(token[:, None], cache=cache)[:, -1].astype(mx.float32)
+            out = np.full((n, max_new_tokens), -1, dtype=np.int64)
+            out[:, :len(steps)] = np.array(mx.stack(steps, axis=1)).astype(np.int64)
+            return out
         except (RuntimeError, MemoryError) as exc:
             if not _is_oom(exc):
                 raise
             mx.clear_cache()
             raise OutOfMemory(str(exc)) from exc
-        return out
 
     def token_logps(self, batch: Batch, adapter: bool = True) -> np.ndarray:
         self._set_training(False)
@@ -859,26 +904,17 @@ class MLXBackend:
                 raise OutOfMemory(str(exc)) from exc
             raise
 
-    def generate(self, prompt_ids: np.ndarray, max_new_tokens: int, stop_ids: tuple[int, ...]) -> np.ndarray:
-        """Greedy continuation with a KV cache; ends before the first stop token (not included) or at
-        max_new_tokens."""
-        from mlx_lm.models.cache import make_prompt_cache
-
-        prompt = np.asarray(prompt_ids, dtype=np.int32).reshape(1, -1)
-        if prompt.size == 0:
-            raise ValueError("generate needs at least one prompt token")
-        self._set_training(False)
+    def generate(self, prompts, max_new_tokens: int, stop_ids: tuple[int, ...]):
+        """Greedy continuations with a KV cache, each ending before its first stop token (not included) or at
+        max_new_tokens: one array for one prompt, a list for a list, decoded in one batch (see _decode)."""
+        rows, single = as_prompts(prompts)
         stop_ids = as_stop_ids(stop_ids)
-        cache = make_prompt_cache(self.model)
-        y, out = mx.array(prompt), []
-        for _ in range(max(0, int(max_new_tokens))):
-            logits = self.model(y, cache=cache)
-            token = int(mx.argmax(logits[0, -1]).item())
-            if token in stop_ids:
-                break
-            out.append(token)
-            y = mx.array([[token]], dtype=mx.int32)
-        return np.asarray(out, dtype=np.int64)
+        if not rows or max_new_tokens <= 0:
+            answers = [np.zeros(0, dtype=np.int64) for _ in rows]
+        else:
+            out = self._decode(rows, int(max_new_tokens), stop_ids, lambda logits: mx.argmax(logits, axis=-1))
+            answers = [_until_stop(row, stop_ids) for row in out]
+        return answers[0] if single else answers
 
     # -- checkpoints -------------------------------------------------------
 
@@ -996,6 +1032,13 @@ class MLXBackend:
         import mlx_lm
 
         return {"mlx": mx.__version__, "mlx_lm": mlx_lm.__version__}
+
+
+def _until_stop(row: np.ndarray, stop_ids: tuple[int, ...]) -> np.ndarray:
+    """A decoded row up to its first stop token (not included), its -1 tail dropped."""
+    row = row[row >= 0].astype(np.int64)
+    hits = np.flatnonzero(np.isin(row, stop_ids))
+    return row[: hits[0]] if hits.size else row
 
 
 def _check_same_tree(what: str, saved: dict[str, mx.array], current: dict[str, mx.array]) -> None:

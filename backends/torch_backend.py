@@ -37,7 +37,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from overnight.backend import lora_init, lora_targets, model_folder, objectives, step_buffer
-from overnight.backend import Batch, OutOfMemory, PeerLost, PortableState, SetupInfo, StepResult, as_stop_ids
+from overnight.backend import Batch, OutOfMemory, PeerLost, PortableState, SetupInfo, StepResult, as_prompts, \
+    as_stop_ids
 from overnight.backend.adapter_formats import recorded_base
 from overnight.backends import noise
 from overnight.config import ConfigError
@@ -61,6 +62,8 @@ def _is_oom(exc: BaseException) -> bool:
         return True
     return isinstance(exc, RuntimeError) and any(text in str(exc).lower() for text in _OOM_TEXTS)
 STATE_FORMAT = 1
+# Sampling on an accelerator reads back whether every row has ended once per this many tokens (see _decode).
+STOP_CHECK_EVERY = 8
 
 
 class TorchCollective:
@@ -135,6 +138,7 @@ class TorchBackend:
         self._kl_sums: list | None = None  # grpo: per micro-batch (KL sum, tokens) of the step being taken
         self._step_extras: dict[str, float] = {}
         self._world: TorchCollective | None = None  # set by connect() in a data-parallel job
+        self._stop_every: int | None = None  # tests: the stop check's interval (None: the device's)
 
     def connect(self, timeout_s: float) -> TorchCollective:
         """Join the job torchrun / accelerate started (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT): NCCL with
@@ -718,39 +722,24 @@ class TorchBackend:
         self._recover_from_oom()
         raise OutOfMemory(f"out of memory evaluating a batch of {batch.num_rows} rows: {message}")
 
-    def sample(self, prompt_ids: np.ndarray, seeds: list[int], max_new_tokens: int, temperature: float,
+    def sample(self, prompts, seeds: list[int], max_new_tokens: int, temperature: float,
                top_p: float, stop_ids: tuple[int, ...]) -> np.ndarray:
-        """One sampled continuation per seed (src/backend/__init__.py), KV cache, adapter on, eval mode (no dropout).
-        Each row draws from its own torch.Generator: Gumbel-max over the top-p set, an exact categorical draw
-        whose noise depends on that row's seed alone."""
+        """One sampled continuation per seed, all rows in one batch (src/backend/__init__.py), KV cache, adapter
+        on, eval mode (no dropout). Each row draws from its own torch.Generator, once per token whatever the
+        batch: Gumbel-max over the top-p set, an exact categorical draw whose noise depends on that row's seed
+        and the token's index alone."""
         self._model.eval()
         n = len(seeds)
-        out = np.full((n, int(max_new_tokens)), -1, dtype=np.int64)
+        rows, single = as_prompts(prompts)
+        rows = rows * n if single else rows
+        if len(rows) != n:
+            raise ValueError(f"sample: {len(rows)} prompts for {n} seeds")
         if n == 0 or max_new_tokens <= 0:
-            return out
-        try:
-            with torch.no_grad(), self._autocast():
-                return self._sample(prompt_ids, seeds, int(max_new_tokens), float(temperature), float(top_p),
-                                    as_stop_ids(stop_ids), out)
-        except RuntimeError as exc:
-            if not _is_oom(exc):
-                raise
-            message = str(exc).splitlines()[0] if str(exc) else "CUDA out of memory"
-        self._recover_from_oom()
-        raise OutOfMemory(f"out of memory sampling {n} completions: {message}")
+            return np.full((n, max(0, int(max_new_tokens))), -1, dtype=np.int64)
+        temperature, top_p, dev = float(temperature), float(top_p), self._device
+        gens = [torch.Generator(device=dev).manual_seed(int(s)) for s in seeds]  # generator_seed's range
 
-    def _sample(self, prompt_ids, seeds, max_new_tokens, temperature, top_p, stop_ids, out) -> np.ndarray:
-        n = len(seeds)
-        gens = [torch.Generator(device=self._device).manual_seed(int(s)) for s in seeds]  # generator_seed's range
-        ids = torch.as_tensor(np.asarray(prompt_ids, dtype=np.int64).reshape(1, -1), device=self._device).repeat(n, 1)
-        # The head runs on the last position only: on a large vocabulary the prompt's other logits cost more
-        # than the prompt itself.
-        result = self._model(input_ids=ids, use_cache=True, logits_to_keep=1)
-        # transformers 5 calls the KV cache `cache`; its old name still works but logs a deprecation on every run.
-        cache_name = "cache" if "cache" in result else "past_key_values"
-        past, logits = result[cache_name], result.logits[:, -1].float()
-        done = np.zeros(n, dtype=bool)
-        for t in range(max_new_tokens):
+        def draw(logits: torch.Tensor) -> torch.Tensor:
             scaled = logits / temperature
             if top_p < 1.0:
                 # The smallest set of most likely tokens whose probability reaches top_p (the first one always).
@@ -759,18 +748,93 @@ class TorchBackend:
                 drop_sorted = (probs.cumsum(dim=-1) - probs) >= top_p
                 drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
                 scaled = scaled.masked_fill(drop, -math.inf)
-            noise = torch.stack([torch.rand(scaled.shape[-1], generator=g, device=self._device, dtype=torch.float64)
+            noise = torch.stack([torch.rand(scaled.shape[-1], generator=g, device=dev, dtype=torch.float64)
                                  for g in gens])
             gumbel = -torch.log(-torch.log(noise.clamp(min=1e-300)))
-            token = torch.argmax(scaled.double() + gumbel, dim=-1)
-            chosen = token.cpu().numpy()
-            out[~done, t] = chosen[~done]
-            done |= np.isin(chosen, stop_ids)
-            if done.all() or t + 1 == max_new_tokens:
+            return torch.argmax(scaled.double() + gumbel, dim=-1)
+
+        return self._decode(rows, int(max_new_tokens), as_stop_ids(stop_ids), draw, f"sampling {n} completions")
+
+    def _decode(self, rows: list[np.ndarray], max_new_tokens: int, stop_ids: tuple[int, ...], choose,
+                what: str) -> np.ndarray:
+        """The rows' continuations in one batch: int64 (rows, max_new_tokens), each row's stop token kept and -1
+        after it. ``choose(logits)`` picks every row's next token from its float32 logits (rows, vocab).
+
+        Rows of one prompt are adjacent: each distinct prompt is prefilled once and its KV cache repeated for its
+        rows. Prompts are left-padded, with an attention mask and position ids counted from each row's first real
+        token, so a row computes what it would alone (up to the rounding of batched kernels). A row that has ended
+        is still fed (its tokens are masked out): it never changes another row. Whether every row has ended is
+        read back every _stop_check_every() tokens, not every token: on an accelerator each read waits for the
+        device."""
+        try:
+            with torch.no_grad(), self._autocast():
+                return self._decode_rows(rows, max_new_tokens, stop_ids, choose)
+        except (RuntimeError, MemoryError) as exc:
+            if not _is_oom(exc):
+                raise
+            message = str(exc).splitlines()[0] if str(exc) else "CUDA out of memory"
+        self._recover_from_oom()
+        raise OutOfMemory(f"out of memory {what}: {message}")
+
+    def _stop_check_every(self) -> int:
+        # On the CPU every op has already run when Python sees its result, so a per-token check costs nothing and
+        # saves the forward passes a later check would run after the last row ended.
+        if self._stop_every is not None:
+            return self._stop_every
+        return 1 if self._device.type == "cpu" else STOP_CHECK_EVERY
+
+    def _step_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        """The decode steps' attention mask: (rows, 1, 1, keys), True where a row attends, the mask transformers'
+        sdpa_mask builds for one new token, which transformers then takes as it is. Handed the 2-D padding mask
+        instead, it reads back to the host at every token whether any key is padding (masking_utils
+        _ignore_causal_mask_sdpa). Only under sdpa attention with no sliding-window layer (such a layer needs a
+        mask of its own); other models get the 2-D mask."""
+        config = getattr(self._model, "config", None)
+        types = getattr(config, "layer_types", None)
+        full = all(t == "full_attention" for t in types) if types else not getattr(config, "sliding_window", None)
+        if not full or getattr(config, "_attn_implementation", None) != "sdpa":
+            return mask
+        return mask.bool()[:, None, None, :]
+
+    def _decode_rows(self, rows, max_new_tokens, stop_ids, choose) -> np.ndarray:
+        dev, n = self._device, len(rows)
+        starts = [r for r in range(n) if r == 0 or not np.array_equal(rows[r], rows[r - 1])]
+        owner = torch.as_tensor(np.repeat(np.arange(len(starts)), np.diff(starts + [n])), device=dev)
+        width = max(len(rows[r]) for r in starts)
+        ids = torch.zeros((len(starts), width), dtype=torch.long, device=dev)  # 0 on the padding: it is masked
+        attn = torch.zeros_like(ids)
+        for u, r in enumerate(starts):
+            ids[u, width - len(rows[r]):] = torch.as_tensor(rows[r], device=dev)
+            attn[u, width - len(rows[r]):] = 1
+        # The head runs on the last position only: on a large vocabulary the prompt's other logits cost more
+        # than the prompt itself.
+        result = self._model(input_ids=ids, attention_mask=attn, position_ids=(attn.cumsum(-1) - 1).clamp(min=0),
+                             use_cache=True, logits_to_keep=1)
+        # transformers 5 calls the KV cache `cache`; its old name still works but logs a deprecation on every run.
+        cache_name = "cache" if "cache" in result else "past_key_values"
+        past, logits = result[cache_name], result.logits[:, -1].float()
+        if len(starts) < n:
+            past.reorder_cache(owner)  # index_select on the batch: each prompt's keys and values for each of its rows
+            logits = logits[owner]
+        mask = torch.ones((n, width + max_new_tokens), dtype=torch.long, device=dev)
+        mask[:, :width] = attn[owner]
+        position = torch.as_tensor([len(r) for r in rows], dtype=torch.long, device=dev).view(n, 1)
+        step_mask = self._step_mask(mask)
+        stop = torch.as_tensor(stop_ids, dtype=torch.long, device=dev)
+        out = torch.full((n, max_new_tokens), -1, dtype=torch.long, device=dev)
+        done = torch.zeros(n, dtype=torch.bool, device=dev)
+        every = self._stop_check_every()
+        for t in range(max_new_tokens):
+            token = choose(logits)
+            out[:, t] = token.masked_fill(done, -1)
+            if stop.numel():
+                done |= torch.isin(token, stop)
+            if t + 1 == max_new_tokens or (stop.numel() and (t + 1) % every == 0 and bool(done.all())):
                 break
-            result = self._model(input_ids=token.view(n, 1), use_cache=True, **{cache_name: past})
+            result = self._model(input_ids=token.view(n, 1), attention_mask=step_mask[..., :width + t + 1],
+                                 position_ids=position + t, use_cache=True, **{cache_name: past})
             past, logits = result[cache_name], result.logits[:, -1].float()
-        return out
+        return out.cpu().numpy()
 
     def token_logps(self, batch: Batch, adapter: bool = True) -> np.ndarray:
         self._model.eval()
@@ -782,22 +846,19 @@ class TorchBackend:
         out[rows, cols + 1] = values.float().cpu().numpy()
         return out
 
-    def generate(self, prompt_ids: np.ndarray, max_new_tokens: int, stop_ids: tuple[int, ...]) -> np.ndarray:
-        """Greedy continuation, without the prompt, ending before the first stop token (not included)."""
+    def generate(self, prompts, max_new_tokens: int, stop_ids: tuple[int, ...]):
+        """Greedy continuations, without the prompt, each ending before its first stop token (not included): one
+        array for one prompt, a list for a list, decoded in one batch (src/backend/__init__.py)."""
         self._model.eval()
+        rows, single = as_prompts(prompts)
         stop_ids = as_stop_ids(stop_ids)
-        ids = torch.as_tensor(np.asarray(prompt_ids, dtype=np.int64).reshape(1, -1), device=self._device)
-        kwargs: dict[str, Any] = {"do_sample": False, "num_beams": 1, "max_new_tokens": int(max_new_tokens),
-                                  "use_cache": True}
-        if stop_ids:
-            kwargs.update(eos_token_id=list(stop_ids), pad_token_id=stop_ids[0])
-        with torch.no_grad(), self._autocast(), warnings.catch_warnings():
-            # Model folders often ship sampling defaults (temperature, top_p) that greedy decoding ignores.
-            warnings.simplefilter("ignore", UserWarning)
-            out = self._model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
-        new = out[0, ids.shape[1]:].cpu().numpy().astype(np.int64)
-        hits = np.flatnonzero(np.isin(new, stop_ids))
-        return new[: hits[0]] if hits.size else new
+        if not rows or max_new_tokens <= 0:
+            answers = [np.zeros(0, dtype=np.int64) for _ in rows]
+        else:
+            out = self._decode(rows, int(max_new_tokens), stop_ids, lambda logits: torch.argmax(logits, dim=-1),
+                               f"generating {len(rows)} answers")
+            answers = [_until_stop(row, stop_ids) for row in out]
+        return answers[0] if single else answers
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -1017,6 +1078,13 @@ def _keep_4bit_weights_unpacked(model) -> None:
     for module in model.modules():
         if getattr(module, "support_avx512bf16_for_cpu", False):
             module.support_avx512bf16_for_cpu = False
+
+
+def _until_stop(row: np.ndarray, stop_ids: tuple[int, ...]) -> np.ndarray:
+    """A decoded row up to its first stop token (not included), its -1 tail dropped."""
+    row = row[row >= 0].astype(np.int64)
+    hits = np.flatnonzero(np.isin(row, stop_ids))
+    return row[: hits[0]] if hits.size else row
 
 
 def _first_line(exc: BaseException) -> str:

@@ -5,8 +5,9 @@
         --batch-size 8 --rounds 5 --backends torch,mlx --bits 0,4 --out bench/results/big
 
 Pairs: torch = overnight's torch backend vs HF Trainer + PEFT (fp32 on CPU); mlx = overnight's mlx
-backend vs mlx_lm.tuner.trainer.train (mlx_lm.lora's trainer). Runs alternate A B A B ..., each in
-its own subprocess. See bench/README.md for the definitions.
+backend vs mlx_lm.tuner.trainer.train (mlx_lm.lora's trainer); grpo = overnight's GRPO sampler (torch) vs
+transformers' model.generate(do_sample=True) on the same micro-batch, plus the real grpo run's seconds per step
+and eval. Runs alternate A B A B ..., each in its own subprocess. See bench/README.md for the definitions.
 """
 from __future__ import annotations
 
@@ -26,7 +27,18 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).resolve().parent / "worker.py"
-REFERENCE = {"torch": ("hf", "HF Trainer + PEFT"), "mlx": ("mlxlm", "mlx_lm.lora trainer")}
+REFERENCE = {"torch": ("hf", "HF Trainer + PEFT"), "mlx": ("mlxlm", "mlx_lm.lora trainer"),
+             "grpo": ("hfgen", "transformers generate")}
+# The grpo pair's prompts: questions whose answers run past grpo.max_new_tokens, so the measured steps sample
+# full-length completions (as a GRPO night mostly does) rather than stopping at an early end of sequence.
+GRPO_TOPICS = ["the city of Paris", "how bees make honey", "the history of the bicycle", "why the sky is blue",
+               "how a steam engine works", "the life of a river otter", "how to bake bread", "the planet Jupiter",
+               "the rules of chess", "how volcanoes form", "the Roman aqueducts", "how rainbows appear",
+               "the migration of whales", "how a compass works", "the invention of paper", "the water cycle",
+               "how glaciers move", "the game of cricket", "how vaccines train the body", "the Great Wall of China",
+               "how clocks keep time", "the life cycle of a frog", "how airplanes fly", "the ocean tides",
+               "how coffee is grown", "the moons of Mars", "how bridges carry weight", "the history of tea",
+               "how ants find food", "the aurora borealis", "how a piano makes sound", "the deserts of Africa"]
 DEFAULT_CADENCE = 250  # overnight's default eval.every_steps and checkpoint.every_steps
 
 
@@ -34,7 +46,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="/tmp/smollm2-hf", help="Hugging Face model folder (both engines load it)")
     p.add_argument("--data", default=str(ROOT / "data"), help="folder with train.jsonl and val.jsonl (chat rows)")
-    p.add_argument("--backends", default="torch,mlx", help="comma list of torch, mlx")
+    p.add_argument("--backends", default="torch,mlx", help="comma list of torch, mlx, grpo")
     p.add_argument("--bits", default="0,4", help="comma list of 0 (plain LoRA) and 4 (QLoRA)")
     p.add_argument("--steps", type=int, default=25, help="optimizer steps per run (warm-up included)")
     p.add_argument("--warmup", type=int, default=5, help="first steps left out of the steady-state rate")
@@ -56,6 +68,15 @@ def parse_args(argv=None):
     p.add_argument("--overnight-set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra --set for the overnight side (e.g. eval.predictions=0)")
     p.add_argument("--timeout", type=int, default=1800, help="seconds per run")
+    g = p.add_argument_group("grpo pair")
+    g.add_argument("--grpo-batch", type=int, default=4, help="prompts per micro-batch (train.batch_size)")
+    g.add_argument("--grpo-group", type=int, default=4, help="completions per prompt (grpo.group_size)")
+    g.add_argument("--new-tokens", type=int, default=64, help="grpo.max_new_tokens; the sampler pair draws all")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--reps", type=int, default=2, help="timed micro-batches per sampler run (after a warm-up)")
+    g.add_argument("--grpo-steps", type=int, default=3, help="steps of the real grpo run (the first is warm-up)")
+    g.add_argument("--eval-prompts", type=int, default=16, help="grpo.eval_prompts of the real grpo run")
     p.add_argument("--threads", type=int, default=0,
                    help="CPU threads per run (OMP/MKL/torch), the same for both sides; 0 leaves the default. "
                         "On a machine shared with other work, 1 avoids threads spinning at barriers")
@@ -90,7 +111,8 @@ def run_one(spec: dict, workdir: Path, timeout: int) -> dict:
     result_path = workdir / f"result-{spec['tag']}.json"
     spec_path.write_text(json.dumps(spec))
     log = open(workdir / f"log-{spec['tag']}.txt", "w")
-    env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+    # OVERNIGHT_SUPERVISOR=off: `overnight train` trains in this process (not a supervised child) where the timers are.
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", OVERNIGHT_SUPERVISOR="off")
     if spec.get("threads"):
         env.update(OMP_NUM_THREADS=str(spec["threads"]), MKL_NUM_THREADS=str(spec["threads"]))
     proc = subprocess.Popen([sys.executable, str(WORKER), str(spec_path), str(result_path)], stdout=log,
@@ -206,6 +228,123 @@ def cadence_shares(parts: list[dict]) -> dict:
             "outside_step_default_cadence": statistics.median(total)}
 
 
+def write_grpo_data(folder: Path, val_rows: int) -> Path:
+    """train.jsonl and val.jsonl of chat rows asking for a paragraph (GRPO_TOPICS): val_rows for the eval."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = [{"messages": [{"role": "user", "content": f"Write a detailed paragraph about {t}."}]} for t in GRPO_TOPICS]
+    split = max(1, len(rows) - val_rows)
+    for name, part in (("train.jsonl", rows[:split]), ("val.jsonl", rows[split:])):
+        (folder / name).write_text("".join(json.dumps(r) + "\n" for r in part))
+    return folder
+
+
+def grpo_sets(args, bits: int) -> list[str]:
+    """The grpo pair's config as --set items: the sampler side's backend.setup and the step side's CLI both read it."""
+    return [f"model.path={args.model}", "data.method=grpo", f"model.quantization.bits={bits}",
+            f"model.max_seq_length={args.seq}", f"lora.rank={args.rank}", f"lora.alpha={args.alpha}",
+            f"lora.dropout={args.dropout}", f"lora.layers={args.layers}", f"lora.targets=[{args.targets}]",
+            f"train.learning_rate={args.lr}", f"train.seed={args.seed}", f"train.batch_size={args.grpo_batch}",
+            f"grpo.group_size={args.grpo_group}", f"grpo.max_new_tokens={args.new_tokens}",
+            f"grpo.temperature={args.temperature}", f"grpo.top_p={args.top_p}",
+            "grpo.rewards=[length_penalty=50]", f"grpo.eval_prompts={args.eval_prompts}"]
+
+
+def make_grpo_prompts(args, data_dir: Path, path: Path) -> None:
+    """The first micro-batch's prompt ids exactly as overnight's grpo pipeline encodes them (chat template)."""
+    from overnight import data
+    from overnight.config import build_config
+    from overnight.data.batches import _open_source
+    from overnight.methods import grpo, rewards
+
+    cfg = build_config(None, None, grpo_sets(args, 0))
+    tok = data.load_tokenizer(Path(args.model))
+    source = _open_source(data_dir / "train.jsonl", tok, cfg, streaming=False)
+    rows = grpo.PromptRows(source, tok, cfg, rewards.load_rewards(cfg))
+    prompts = [rows.get(i)[0] for i in range(args.grpo_batch)]
+    np.savez(path, count=np.array(len(prompts)), **{f"p_{i}": p for i, p in enumerate(prompts)})
+
+
+def run_grpo_pair(args, bits: int, base: dict, work: Path) -> dict:
+    data_dir = write_grpo_data(work / "grpo-data", args.eval_prompts)
+    prompts = work / "grpo-prompts.npz"
+    make_grpo_prompts(args, data_dir, prompts)
+    spec = dict(base, backend="torch", bits=bits, sets=grpo_sets(args, bits), prompts=str(prompts),
+                group=args.grpo_group, new_tokens=args.new_tokens, temperature=args.temperature, top_p=args.top_p,
+                reps=args.reps, grpo_data=str(data_dir), batch=args.grpo_batch)
+    runs: dict[str, list[dict]] = {"grpo-sampler": [], "hfgen": []}
+    tokens = args.grpo_batch * args.grpo_group * args.new_tokens
+    for rnd in range(args.rounds):
+        for side in runs:
+            tag = f"grpo-{bits}-{side}-{rnd}"
+            t0 = time.time()
+            r = run_one(dict(spec, side=side, tag=tag, out_dir=str(work / tag)), work, args.timeout)
+            runs[side].append(r)
+            print(f"{tag}: {tokens / statistics.median(r['sample_s']):.1f} generated tokens/s, "
+                  f"peak RSS {r['peak_rss_mb']:.0f} MB, {time.time() - t0:.0f} s", flush=True)
+    tag = f"grpo-{bits}-step"
+    step = run_one(dict(spec, side="grpo-step", tag=tag, steps=args.grpo_steps, out_dir=str(work / tag)), work,
+                   args.timeout)
+    shutil.rmtree(work / tag, ignore_errors=True)
+    return summarize_grpo(args, bits, runs, step)
+
+
+def summarize_grpo(args, bits: int, runs: dict[str, list[dict]], step: dict) -> dict:
+    """Generated tokens/s (every row draws all new tokens: no stop token) of each sampler, medians over the runs of
+    each run's median micro-batch; the real run's seconds per step (steady: first step left out) and eval."""
+    tokens = args.grpo_batch * args.grpo_group * args.new_tokens
+
+    def rate(times_per_run: list[list[float]]) -> tuple[float, list[float]]:
+        rates = [tokens / statistics.median(t) for t in times_per_run]
+        return statistics.median(rates), rates
+
+    ours, ours_runs = rate([r["sample_s"] for r in runs["grpo-sampler"]])
+    before, before_runs = rate([r["before_s"] for r in runs["grpo-sampler"]])
+    ref, ref_runs = rate([r["sample_s"] for r in runs["hfgen"]])
+    assert all(r["tokens"] == tokens for side in runs.values() for r in side), "a sampler drew fewer tokens"
+    return {"backend": "grpo", "bits": bits, "reference": REFERENCE["grpo"][1],
+            "shape": {"prompts": args.grpo_batch, "group": args.grpo_group, "new_tokens": args.new_tokens,
+                      "temperature": args.temperature, "top_p": args.top_p},
+            "sides": {"overnight": {"tokens_per_s": ours, "tokens_per_s_runs": ours_runs,
+                                    "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in runs["grpo-sampler"])},
+                      "before": {"tokens_per_s": before, "tokens_per_s_runs": before_runs},
+                      "hfgen": {"tokens_per_s": ref, "tokens_per_s_runs": ref_runs,
+                                "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in runs["hfgen"])}},
+            "speedup_vs_reference": ours / ref, "speedup_vs_before": ours / before,
+            "same_tokens_as_before": all(r["same_tokens_as_before"] for r in runs["grpo-sampler"]),
+            "device": runs["grpo-sampler"][0]["device"],
+            "step": {k: step[k] for k in ("step_s", "sample_s_per_step", "sample_calls_per_step",
+                                          "sampled_tokens_per_step", "eval_s", "eval_prompts")},
+            "step_peak_rss_mb": step["peak_rss_mb"]}
+
+
+def grpo_markdown(settings: list[dict]) -> list[str]:
+    if not settings:
+        return []
+    shape = settings[0]["shape"]
+    lines = ["", f"GRPO sampling ({settings[0]['device']}): one micro-batch of {shape['prompts']} prompts x group "
+             f"{shape['group']} x {shape['new_tokens']} new tokens (every row draws all of them: no stop token), "
+             f"temperature {shape['temperature']:g}, top_p {shape['top_p']:g}; generated tokens/s, medians. "
+             "'before' is the sampler batching replaced (one prompt's group per call, a host read per token), "
+             "run in the same process on the same model and seeds. The real grpo run: seconds per step (first step "
+             "left out) with the sampling's share, and its final eval (greedy answers of grpo.eval_prompts prompts).",
+             "",
+             "| quant | sampler | generated tok/s | overnight / transformers generate | overnight / before | "
+             "same tokens as before | grpo s/step | sampling s/step | eval s (prompts) |",
+             "| --- | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: |"]
+    for s in settings:
+        quant = {0: "none", 4: "4-bit"}[s["bits"]]
+        step = s["step"]
+        step_s = f"{step['step_s']:.2f}" if step["step_s"] is not None else ""
+        evals = f"{step['eval_s'][-1]:.1f} ({step['eval_prompts']})" if step["eval_s"] else ""
+        lines.append(f"| {quant} | overnight | {s['sides']['overnight']['tokens_per_s']:.1f} | "
+                     f"**{s['speedup_vs_reference']:.2f}x** | **{s['speedup_vs_before']:.2f}x** | "
+                     f"{'yes' if s['same_tokens_as_before'] else 'NO'} | {step_s} | {step['sample_s_per_step']:.2f} | "
+                     f"{evals} |")
+        lines.append(f"| {quant} | before | {s['sides']['before']['tokens_per_s']:.1f} |  |  |  |  |  |  |")
+        lines.append(f"| {quant} | {s['reference']} | {s['sides']['hfgen']['tokens_per_s']:.1f} |  |  |  |  |  |  |")
+    return lines
+
+
 def markdown(result: dict) -> str:
     m = result["machine"]
     c = result["config"]
@@ -214,6 +353,11 @@ def markdown(result: dict) -> str:
         f"{', '.join(f'{x:.2f}' for x in m['loadavg_start'] or [])}, at end "
         f"{', '.join(f'{x:.2f}' for x in result['loadavg_end'] or [])}.",
         "Versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()) + ".",
+    ]
+    if c.get("command"):
+        lines.append(f"Command: `{c['command']}`.")
+    training = [s for s in result["settings"] if s["backend"] != "grpo"]
+    lines += [
         f"Model {Path(c['model']).name}, fp32 compute; LoRA rank {c['rank']}, alpha {c['alpha']:g} (scale "
         f"{c['alpha'] / c['rank']:g}), dropout {c['dropout']:g}, {c['targets']} on the last {c['layers']} blocks; "
         f"batch {c['batch_size']}, max_seq_length {c['seq']}, {c['steps']} steps ({c['warmup']} warm-up left out), "
@@ -225,8 +369,11 @@ def markdown(result: dict) -> str:
         "| backend | quant | trainer | steps/s | input tok/s | peak RSS MB | overnight / ref steps/s | "
         "RSS ratio | loop+ckpt overhead, default cadence | eval+predictions, default cadence |",
         "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for s in result["settings"]:
+    ] if training else [
+        f"Model {Path(c['model']).name}, fp32 compute; LoRA rank {c['rank']}, alpha {c['alpha']:g}, dropout "
+        f"{c['dropout']:g}, {c['targets']} on the last {c['layers']} blocks; max_seq_length {c['seq']}; "
+        f"{c['rounds']} alternating rounds; CPU threads per run: {c['threads'] or 'default'}."]
+    for s in training:
         quant = {0: "none", 4: "4-bit"}[s["bits"]]
         for side, entry in s["sides"].items():
             name = "overnight" if side == "overnight" else s["reference"]
@@ -237,14 +384,16 @@ def markdown(result: dict) -> str:
             lines.append(f"| {s['backend']} | {quant} | {name} | {entry['steps_per_s']:.3f} | "
                          f"{entry['input_tokens_per_s']:.0f} | {entry['peak_rss_mb']:.0f} | {ratio} | {rss} | {over} | "
                          f"{evals} |")
+    lines += grpo_markdown([s for s in result["settings"] if s["backend"] == "grpo"])
     return "\n".join(lines) + "\n"
 
 
 def render(path: Path) -> int:
     result = json.loads(path.read_text())
     for setting in result["settings"]:
-        ours = setting["sides"]["overnight"]
-        ours.update(cadence_shares(ours["overhead_parts"]))
+        if setting["backend"] != "grpo":
+            ours = setting["sides"]["overnight"]
+            ours.update(cadence_shares(ours["overhead_parts"]))
     path.write_text(json.dumps(result, indent=1))
     path.with_suffix(".md").write_text(markdown(result))
     print(markdown(result))
@@ -271,6 +420,13 @@ def main(argv=None) -> int:
     try:
         for pair in [b.strip() for b in args.backends.split(",") if b.strip()]:
             for bits in [int(b) for b in args.bits.split(",")]:
+                if pair == "grpo":
+                    settings.append(run_grpo_pair(args, bits, base, work))
+                    s = settings[-1]
+                    print(f"== grpo bits={bits}: overnight {s['sides']['overnight']['tokens_per_s']:.1f} generated "
+                          f"tokens/s, {s['speedup_vs_reference']:.2f}x transformers generate, "
+                          f"{s['speedup_vs_before']:.2f}x before", flush=True)
+                    continue
                 runs: dict[str, list[dict]] = {"overnight": [], REFERENCE[pair][0]: []}
                 for rnd in range(args.rounds):
                     for side in ("overnight", REFERENCE[pair][0]):
@@ -292,7 +448,10 @@ def main(argv=None) -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     config = {k: getattr(args, k) for k in ("model", "data", "steps", "warmup", "rounds", "batch_size", "seq", "rank",
-                                             "alpha", "dropout", "layers", "targets", "lr", "seed", "overnight_set", "threads")}
+                                             "alpha", "dropout", "layers", "targets", "lr", "seed", "overnight_set", "threads",
+                                             "grpo_batch", "grpo_group", "new_tokens", "temperature", "top_p", "reps",
+                                             "grpo_steps", "eval_prompts")}
+    config["command"] = " ".join([Path(sys.executable).name, "bench/run.py", *(sys.argv[1:] if argv is None else argv)])
     result = {"machine": info, "config": config, "tokens": tokens, "token_definition":
               "input_tokens: non-padding input tokens (attention_mask sum); target_tokens: loss-mask tokens",
               "settings": settings, "loadavg_end": os.getloadavg() if hasattr(os, "getloadavg") else None,

@@ -5,6 +5,12 @@ Sides (spec["side"]):
                   around the backend's train_step, the validator, generation and the checkpoint save
   hf              HF Trainer + PEFT (transformers' own training loop), fed the same batches
   mlxlm           mlx_lm.tuner.trainer.train (what `mlx_lm.lora` runs), fed the same batches
+  grpo-sampler    the grpo pair (torch): overnight's sampler (Backend.sample) on one micro-batch of prompts x group,
+                  no stop token, and the sampler it replaced (one prompt's group at a time, a host read per token)
+  hfgen           the grpo pair's reference: transformers' `model.generate(do_sample=True, ...)` (PEFT LoRA of the
+                  same shape) on the same prompts, left-padded, num_return_sequences = group
+  grpo-step       the real `overnight train --method grpo` for a few steps: seconds per step, the sampling's share,
+                  and the final eval's seconds
 
 Every side records `step_ends`: perf_counter() seconds (relative to the first step's start) at which
 optimizer step k had finished, k = 1..N, plus `first_loss`: the loss of step 1 (LoRA B starts at 0, so
@@ -248,13 +254,192 @@ def run_mlxlm(spec: dict) -> dict:
             "wall_s": wall}
 
 
+# --------------------------------------------------------------------------- the grpo pair
+
+
+def _grpo_rows(spec: dict) -> tuple[list[np.ndarray], list[int]]:
+    """The micro-batch: each prompt (as overnight's grpo pipeline encodes it) for `group` rows, and the seeds
+    overnight's grpo draws for them (the run's first micro-batch)."""
+    from overnight.methods.grpo import completion_seed
+
+    data = np.load(spec["prompts"])
+    prompts = [data[f"p_{i}"] for i in range(int(data["count"]))]
+    group = spec["group"]
+    return ([p for p in prompts for _ in range(group)],
+            [completion_seed(spec["seed"], 0, i, k) for i in range(len(prompts)) for k in range(group)])
+
+
+def _timed_reps(spec: dict, sample) -> tuple[list[float], np.ndarray]:
+    sample(2)  # warm-up: first-call allocations and kernel choices
+    times, out = [], None
+    for _ in range(spec["reps"]):
+        t0 = _now()
+        out = sample(spec["new_tokens"])
+        times.append(_now() - t0)
+    return times, out
+
+
+def sample_one_group_at_a_time(backend, prompt_ids, seeds, max_new_tokens, temperature, top_p, stop_ids):
+    """overnight's sampler before batching (commit eca7ef9, TorchBackend._sample): one prompt's group per call, the
+    prompt prefilled for every row, each token read back to the host. The same per-row streams and arithmetic,
+    so it draws the same tokens as Backend.sample, which the result checks."""
+    import math
+
+    import torch
+
+    n = len(seeds)
+    out = np.full((n, int(max_new_tokens)), -1, dtype=np.int64)
+    with torch.no_grad(), backend._autocast():
+        dev, model = backend._device, backend._model
+        gens = [torch.Generator(device=dev).manual_seed(int(s)) for s in seeds]
+        ids = torch.as_tensor(np.asarray(prompt_ids, dtype=np.int64).reshape(1, -1), device=dev).repeat(n, 1)
+        result = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        cache_name = "cache" if "cache" in result else "past_key_values"
+        past, logits = result[cache_name], result.logits[:, -1].float()
+        done = np.zeros(n, dtype=bool)
+        for t in range(max_new_tokens):
+            scaled = logits / temperature
+            if top_p < 1.0:
+                order = torch.argsort(scaled, dim=-1, descending=True)
+                probs = torch.softmax(scaled.gather(-1, order), dim=-1)
+                drop_sorted = (probs.cumsum(dim=-1) - probs) >= top_p
+                drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+                scaled = scaled.masked_fill(drop, -math.inf)
+            noise = torch.stack([torch.rand(scaled.shape[-1], generator=g, device=dev, dtype=torch.float64)
+                                 for g in gens])
+            gumbel = -torch.log(-torch.log(noise.clamp(min=1e-300)))
+            token = torch.argmax(scaled.double() + gumbel, dim=-1)
+            chosen = token.cpu().numpy()
+            out[~done, t] = chosen[~done]
+            done |= np.isin(chosen, stop_ids)
+            if done.all() or t + 1 == max_new_tokens:
+                break
+            result = model(input_ids=token.view(n, 1), use_cache=True, **{cache_name: past})
+            past, logits = result[cache_name], result.logits[:, -1].float()
+    return out
+
+
+def run_grpo_sampler(spec: dict) -> dict:
+    from overnight.backends.torch_backend import TorchBackend
+    from overnight.config import build_config
+
+    backend = TorchBackend()
+    backend.setup(build_config(None, None, spec["sets"]), spec["seed"])
+    rows, seeds = _grpo_rows(spec)
+    group, temperature, top_p = spec["group"], spec["temperature"], spec["top_p"]
+    batched, out = _timed_reps(spec, lambda n: backend.sample(rows, seeds, n, temperature, top_p, ()))
+
+    def before(n):
+        return np.concatenate([sample_one_group_at_a_time(backend, rows[a], seeds[a:a + group], n, temperature,
+                                                          top_p, ()) for a in range(0, len(rows), group)])
+
+    previous, old = _timed_reps(spec, before)
+    return {"rows": len(rows), "tokens": int((out >= 0).sum()), "sample_s": batched, "before_s": previous,
+            "before_tokens": int((old >= 0).sum()), "same_tokens_as_before": bool(np.array_equal(out, old)),
+            "device": str(backend._device)}
+
+
+def run_hfgen(spec: dict) -> dict:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    s = spec
+    cuda = torch.cuda.is_available()
+    dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported(including_emulation=False) else torch.float32
+    kwargs = {"dtype": dtype}
+    if s["bits"] == 4:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype)
+    if s["bits"] == 4 or cuda:
+        kwargs["device_map"] = {"": 0 if cuda else "cpu"}
+    model = AutoModelForCausalLM.from_pretrained(s["model"], **kwargs)
+    n_layers = model.config.num_hidden_layers
+    layers = None if s["layers"] == -1 or s["layers"] >= n_layers else list(range(n_layers - s["layers"], n_layers))
+    model = get_peft_model(model, LoraConfig(r=s["rank"], lora_alpha=s["alpha"], lora_dropout=s["dropout"],
+                                             target_modules=list(s["targets"]), layers_to_transform=layers,
+                                             bias="none", task_type="CAUSAL_LM"))
+    model.eval()
+    data = np.load(s["prompts"])
+    prompts = [data[f"p_{i}"] for i in range(int(data["count"]))]
+    width = max(len(p) for p in prompts)
+    ids = np.zeros((len(prompts), width), np.int64)
+    attn = np.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):], attn[i, width - len(p):] = p, 1
+    device = model.device
+    ids, attn = torch.from_numpy(ids).to(device), torch.from_numpy(attn).to(device)
+    torch.manual_seed(s["seed"])
+
+    def sample(n):
+        # min_new_tokens = max_new_tokens: no row ends early, the same n tokens per row as overnight's side;
+        # top_k=0: plain top-p sampling as overnight's (transformers' default would add top-k 50).
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=attn, do_sample=True, temperature=s["temperature"],
+                                 top_p=s["top_p"], top_k=0, max_new_tokens=n, min_new_tokens=n,
+                                 num_return_sequences=s["group"], pad_token_id=0, use_cache=True)
+        return out[:, width:].cpu().numpy()
+
+    times, out = _timed_reps(s, sample)
+    return {"rows": int(out.shape[0]), "tokens": int(out.size), "sample_s": times}
+
+
+def run_grpo_step(spec: dict) -> dict:
+    from overnight.backends import torch_backend
+    from overnight.commands import cli
+    from overnight.methods import grpo
+
+    cls = torch_backend.TorchBackend
+    rec = {"step_ends": [], "sample_s": [], "sample_tokens": [], "eval_s": []}
+    original_sample, original_step, original_eval = cls.sample, cls.train_step, grpo.GrpoValidator.run
+
+    def sample(self, *args, **kwargs):
+        t0 = _now()
+        out = original_sample(self, *args, **kwargs)
+        rec["sample_s"].append(_now() - t0)
+        rec["sample_tokens"].append(int((out >= 0).sum()))
+        return out
+
+    def train_step(self, *args, **kwargs):
+        result = original_step(self, *args, **kwargs)
+        rec["step_ends"].append(_now())
+        return result
+
+    def evaluate(self, *args, **kwargs):
+        t0 = _now()
+        try:
+            return original_eval(self, *args, **kwargs)
+        finally:
+            rec["eval_s"].append(_now() - t0)
+            rec["eval_prompts"] = len(self._chosen)
+
+    cls.sample, cls.train_step, grpo.GrpoValidator.run = sample, train_step, evaluate
+    s = spec
+    argv = ["train", "--backend", "torch", "--model", s["model"], "--data", s["grpo_data"], "--method", "grpo",
+            "--output", s["out_dir"], "--max-steps", str(s["steps"]), "--batch-size", str(s["batch"]), "--quiet",
+            "--fresh", *[x for kv in s["sets"] + s.get("overnight_set", []) for x in ("--set", kv)]]
+    code = cli.main(argv)
+    if code != 0:
+        raise SystemExit(f"overnight train exited {code}")
+    ends = rec["step_ends"]
+    per_step = len(rec["sample_s"]) // max(1, len(ends))
+    return {"step_ends": ends, "step_s": (ends[-1] - ends[0]) / (len(ends) - 1) if len(ends) > 1 else None,
+            "sample_s_per_step": sum(rec["sample_s"]) / len(ends), "sample_calls_per_step": per_step,
+            "sampled_tokens_per_step": sum(rec["sample_tokens"]) / len(ends), "eval_s": rec["eval_s"],
+            "eval_prompts": rec.get("eval_prompts")}
+
+
 def main() -> None:
     spec = json.loads(Path(sys.argv[1]).read_text())
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import warnings
 
     warnings.filterwarnings("ignore")
-    result = {"overnight": run_overnight, "hf": run_hf, "mlxlm": run_mlxlm}[spec["side"]](spec)
+    result = {"overnight": run_overnight, "hf": run_hf, "mlxlm": run_mlxlm, "grpo-sampler": run_grpo_sampler,
+              "hfgen": run_hfgen, "grpo-step": run_grpo_step}[spec["side"]](spec)
     result["self_maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     Path(sys.argv[2]).write_text(json.dumps(result))
 

@@ -133,13 +133,19 @@ class GrpoConfig:
     max_new_tokens: int = 64
     temperature: float = 1.0
     top_p: float = 1.0
-    beta: float = 0.04  # weight of the KL to the reference (the base with LoRA off); 0 skips the reference pass
+    # TRL's defaults since its GRPO went token-level: no KL term (and so no reference forward) and the dapo loss.
+    beta: float = 0.0  # weight of the KL to the reference (the base with LoRA off); 0 skips the reference pass
     epsilon: float = 0.2  # PPO clip range of the policy ratio
-    loss_type: str = "grpo"  # grpo | dr_grpo
+    loss_type: str = "dapo"  # dapo | grpo | dr_grpo (src/backend/objectives.py)
     iterations: int = 1  # optimizer steps per generated batch; 1 = on-policy
     rewards: list[str] = field(default_factory=list)  # built-in names, "package.module:function", "file.py:function"
     reward_weights: list[float] = field(default_factory=list)  # empty = 1.0 each
     dead_reward_patience: int = 10  # circuit breaker: steps in a row with no advantage anywhere
+    eval_prompts: int = 32  # validation prompts each eval answers (a fixed subset drawn from train.seed)
+    # "prompt" rows through the model's chat template as one user turn: auto = when the tokenizer has one
+    # (an instruct model given bare text often answers with an immediate end of turn)
+    chat_template: str = "auto"  # auto | true | false
+    log_completions_every: int = 10  # steps between completions.jsonl entries (the sampled completions); 0 = never
 
 
 @dataclass
@@ -207,12 +213,25 @@ TRAINING_KEYS = (
     "train.warmup_steps", "train.min_lr_ratio", "train.weight_decay", "train.max_grad_norm",
     "train.optimizer", "train.seed", "preference.beta",
     "grpo.group_size", "grpo.max_new_tokens", "grpo.temperature", "grpo.top_p", "grpo.beta", "grpo.epsilon",
-    "grpo.loss_type", "grpo.iterations", "grpo.rewards", "grpo.reward_weights",
+    "grpo.loss_type", "grpo.iterations", "grpo.rewards", "grpo.reward_weights", "grpo.chat_template",
 )
+
+
+
+def applies_to_method(key: str, method: str) -> bool:
+    """Whether a training key can change what ``method`` computes: grpo.* only grpo's, preference.beta only dpo's
+    and orpo's. A resume compares only these (an sft run does not care that grpo's defaults moved)."""
+    if key.startswith("grpo."):
+        return method == "grpo"
+    if key == "preference.beta":
+        return method in ("dpo", "orpo")
+    return True
+
 
 CHOICES = {
     "data.method": ("sft", "cpt", "dpo", "orpo", "grpo"),
-    "grpo.loss_type": ("grpo", "dr_grpo"),
+    "grpo.loss_type": ("dapo", "grpo", "dr_grpo"),
+    "grpo.chat_template": ("auto", "true", "false"),
     "train.schedule": ("cosine", "linear", "constant"),
     "train.optimizer": ("adamw", "paged_adamw_8bit"),
     "backend": ("auto", "mlx", "torch"),
@@ -276,6 +295,8 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     if hint is str:
         if isinstance(value, (dict, list)):
             raise ConfigError(f"config key '{key}': expected text, got {value!r}")
+        if isinstance(value, bool):  # YAML read `true` as a bool: the text the user wrote (grpo.chat_template)
+            return "true" if value else "false"
         return str(value)
     return value
 
@@ -474,7 +495,7 @@ def _check_bounds(cfg: Config) -> None:
                 "checkpoint.keep_last", "early_stopping.patience", "early_stopping.grad_spike_patience",
                 "early_stopping.check_every_steps", "early_stopping.stuck_steps", "train.report_every",
                 "model.quantization.group_size", "grpo.group_size", "grpo.max_new_tokens", "grpo.iterations",
-                "grpo.dead_reward_patience")
+                "grpo.dead_reward_patience", "grpo.eval_prompts")
     for key in positive:
         if cfg.get(key) < 1:
             raise ConfigError(f"config key '{key}' must be at least 1, got {cfg.get(key)}")
@@ -482,7 +503,7 @@ def _check_bounds(cfg: Config) -> None:
                     "early_stopping.warmup_steps", "early_stopping.min_delta", "eval.predictions",
                     "eval.batch_size", "eval.max_new_tokens", "lora.alpha", "train.min_lr_ratio",
                     "preference.beta", "grpo.beta", "grpo.epsilon", "train.oom_regrow_steps",
-                    "train.swap_patience", "train.max_restarts")
+                    "train.swap_patience", "train.max_restarts", "grpo.log_completions_every")
     for key in non_negative:
         if cfg.get(key) < 0:
             raise ConfigError(f"config key '{key}' must not be negative, got {cfg.get(key)}")

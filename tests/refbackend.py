@@ -28,7 +28,8 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from overnight.backend import Batch, OutOfMemory, SetupInfo, StepResult, as_stop_ids, objectives, step_buffer
+from overnight.backend import Batch, OutOfMemory, SetupInfo, StepResult, as_prompts, as_stop_ids, objectives, \
+    step_buffer
 from overnight.data.source import BatchSource
 
 
@@ -153,7 +154,12 @@ class NumpyBackend:
         nll, weight, _ = self._forward(batch, train=False)
         return float((nll * weight).sum()), int(weight.sum())
 
-    def generate(self, prompt_ids: np.ndarray, max_new_tokens: int, stop_ids: tuple[int, ...]) -> np.ndarray:
+    def generate(self, prompts, max_new_tokens: int, stop_ids: tuple[int, ...]):
+        rows, single = as_prompts(prompts)  # each prompt answered on its own: the batch changes nothing here
+        answers = [self._greedy(row, max_new_tokens, stop_ids) for row in rows]
+        return answers[0] if single else answers
+
+    def _greedy(self, prompt_ids: np.ndarray, max_new_tokens: int, stop_ids: tuple[int, ...]) -> np.ndarray:
         out, last, stop_ids = [], int(prompt_ids[-1]), as_stop_ids(stop_ids)
         for _ in range(max_new_tokens):
             h = self.E[last]

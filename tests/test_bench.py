@@ -20,13 +20,16 @@ def test_bench_writes_json_and_markdown_with_ratios(tiny_model_dir, tmp_path):
            "--warmup", "1", "--rounds", "1", "--bits", "0", "--seq", "64", "--batch-size", "2", "--rank", "4",
            "--alpha", "8", "--layers", "2", "--targets", "q_proj,v_proj", "--out", str(out),
            "--overnight-set", "eval.max_batches=1", "--overnight-set", "eval.predictions=1",
-           "--overnight-set", "eval.max_new_tokens=2"]
+           "--overnight-set", "eval.max_new_tokens=2",
+           # the grpo pair at its smallest shape
+           "--backends", "torch,mlx,grpo", "--grpo-batch", "2", "--grpo-group", "2", "--new-tokens", "4",
+           "--reps", "1", "--grpo-steps", "2", "--eval-prompts", "2"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     data = json.loads(out.with_suffix(".json").read_text())
     assert {"cpu", "cores", "versions"} <= set(data["machine"])
-    assert [s["backend"] for s in data["settings"]] == ["torch", "mlx"]
-    for setting in data["settings"]:
+    assert [s["backend"] for s in data["settings"]] == ["torch", "mlx", "grpo"]
+    for setting in data["settings"][:2]:
         for key in ("speedup_steps_per_s", "peak_rss_ratio", "same_data_first_loss_rel_diff"):
             assert setting[key] > 0 or key == "same_data_first_loss_rel_diff", (key, setting[key])
         # Same model, same batches: the first step's loss (LoRA B = 0, the base model's) agrees across trainers.
@@ -38,8 +41,18 @@ def test_bench_writes_json_and_markdown_with_ratios(tiny_model_dir, tmp_path):
         assert ours["outside_step_default_cadence"] == pytest.approx(
             ours["overhead_default_cadence"] + ours["eval_share_default_cadence"])
         assert all(side["steps_per_s"] > 0 and side["peak_rss_mb"] > 0 for side in setting["sides"].values())
+    # The grpo pair: overnight's sampler, the sampler it replaced (the same tokens) and transformers' generate each
+    # draw every row's tokens; the real grpo run reports its step (one sampling call) and its eval.
+    grpo = data["settings"][2]
+    assert grpo["same_tokens_as_before"] is True and grpo["speedup_vs_reference"] > 0
+    assert all(side["tokens_per_s"] > 0 for side in grpo["sides"].values())
+    step = grpo["step"]
+    assert step["step_s"] > 0 and step["sample_calls_per_step"] == 1 and step["eval_prompts"] == 2
+    assert step["sampled_tokens_per_step"] > 0 and len(step["eval_s"]) == 1
     table = out.with_suffix(".md").read_text()
     assert "| torch | none | overnight |" in table and "HF Trainer + PEFT" in table and "mlx_lm.lora" in table
+    assert "| none | overnight |" in table and "| none | transformers generate |" in table
+    assert "bench/run.py --model" in table  # the command that produced it
 
     # --render re-derives the figures from the measured parts alone and gives the same table.
     rendered = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--render", str(out.with_suffix(".json"))],

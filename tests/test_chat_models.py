@@ -199,7 +199,7 @@ def test_predictions_and_grpo_completions_stop_at_the_templates_end_of_turn(back
     """The random tiny model's own next tokens decide which id the built tokenizer makes <|eot_id|> (the Llama 3
     shape, whose generation_config lists only <|end_of_text|>): predictions (the greedy predictor writing
     predictions.jsonl) and GRPO sampling then end there, where they ran on before."""
-    from overnight.methods.grpo import sample_group
+    from overnight.methods.grpo import sample_rows, sampling_split
     from overnight.methods.registry import greedy_predictor
 
     backend, cfg = _backend(backend_name, tiny_model_dir)
@@ -210,7 +210,8 @@ def test_predictions_and_grpo_completions_stop_at_the_templates_end_of_turn(back
     declared = set(probe.stop_ids)
     greedy = backend.generate(prompt, 12, ()).tolist()
     seed = 11
-    sampled = [int(t) for t in sample_group(backend, prompt, [seed], cfg.grpo, ()).tolist()[0] if t >= 0]
+    sampled = [int(t) for t in sample_rows(backend, [prompt], [seed], cfg.grpo, (), sampling_split()).tolist()[0]
+               if t >= 0]
 
     for name, out in (("greedy", greedy), ("sampled", sampled)):
         turn, k = _a_token_to_end_on(out, declared | set(prompt.tolist()))
@@ -224,7 +225,7 @@ def test_predictions_and_grpo_completions_stop_at_the_templates_end_of_turn(back
             line = json.loads((tmp_path / "predictions.jsonl").read_text().splitlines()[-1])
             assert line["output"] == tok.decode(out[:k]) != tok.decode(out)
         else:
-            stopped = sample_group(backend, ids, [seed], cfg.grpo, tok.stop_ids)[0]
+            stopped = sample_rows(backend, [ids], [seed], cfg.grpo, tok.stop_ids, sampling_split())[0]
             assert stopped.tolist() == out[:k + 1] + [-1] * (len(stopped) - k - 1)  # the stop token is kept
 
 

@@ -189,3 +189,12 @@ def test_model_dtype_is_one_of_the_named_dtypes():
         validate(cfg)
     set_dotted(cfg, "model.dtype", "bfloat16")
     assert validate(cfg).model.dtype == "bfloat16"
+
+
+def test_grpo_takes_trls_loss_types_and_defaults_and_a_positive_eval_prompt_count():
+    cfg = build_config(sets=["data.method=grpo", "grpo.rewards=[exact_match]"])
+    assert (cfg.grpo.loss_type, cfg.grpo.beta, cfg.grpo.eval_prompts) == ("dapo", 0.0, 32)
+    for loss_type in ("dapo", "grpo", "dr_grpo"):
+        assert build_config(sets=[f"grpo.loss_type={loss_type}"]).grpo.loss_type == loss_type
+    with pytest.raises(ConfigError, match="grpo.eval_prompts"):
+        build_config(sets=["grpo.eval_prompts=0"])

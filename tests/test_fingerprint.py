@@ -92,3 +92,19 @@ def test_the_adapter_a_run_started_from_is_compared_by_content(tmp_path, tiny_mo
         f"lora.init_from: /adapters/a (weights sha256 {'a' * 12}) -> none (the seeded initial weights)"]
     older = {k: v for k, v in seeded.items() if k != "init_adapter"}
     assert fp.differences(older, seeded) == []
+
+
+def test_another_methods_keys_do_not_block_a_resume_and_this_methods_do(tmp_path):
+    """An sft checkpoint records grpo.beta and preference.beta too (every training key): that grpo's defaults
+    moved, or a dpo beta was set, changes nothing an sft run computes. For a grpo run they are refused."""
+    current = compute("org/model", tmp_path)
+    older = json.loads(json.dumps(current))
+    older["config"].update({"grpo.beta": 0.04, "grpo.loss_type": "grpo", "preference.beta": 0.5})
+    assert current["config"]["data.method"] == "sft"
+    assert fp.differences(older, current) == []
+    for saved in (older, current):
+        saved["config"]["data.method"] = "grpo"
+    assert fp.differences(older, current) == ["grpo.beta: 0.04 -> 0.0", "grpo.loss_type: 'grpo' -> 'dapo'"]
+    older["config"]["data.method"] = "dpo"
+    changes = fp.differences(older, current)
+    assert "data.method: 'dpo' -> 'grpo'" in changes and not any(c.startswith("preference.beta") for c in changes)

@@ -1,6 +1,7 @@
 """GRPO end to end (SPEC §9, §8): it learns a reward on both backends, the objective is the one in
 src/backend/objectives.py on both (parity on identical completions, against the numpy reference), the dead-reward circuit
-breaker, a raising reward, bad data, and exact resume under SIGKILL (same completions, losses, adapter bytes)."""
+breaker, a raising reward, bad data, and exact resume under SIGKILL (same completions, losses, adapter bytes); as a user
+meets it: prompt rows through the chat template, completions.jsonl, a reward that exits, and the README's example."""
 from __future__ import annotations
 
 import json
@@ -31,7 +32,7 @@ def grpo_args(backend: str, model, out, steps: int, *extra: str, reward: str = "
             "--set", "model.quantization.bits=0", "--set", "model.max_seq_length=64", "--set", "train.report_every=1",
             "--set", "train.learning_rate=2e-2", "--set", "train.warmup_steps=2", "--set", "lora.rank=8",
             "--set", "lora.dropout=0", "--set", "lora.layers=-1", "--set", "grpo.beta=0.0",
-            "--set", "eval.every_steps=1000", "--set", "eval.max_batches=1", "--set", "checkpoint.every_steps=1000",
+            "--set", "eval.every_steps=1000", "--set", "grpo.eval_prompts=4", "--set", "checkpoint.every_steps=1000",
             *extra]
 
 
@@ -71,7 +72,7 @@ def test_a_learnable_reward_rises(backend, steps, tiny_model_dir, tmp_path):
 
 # -- the objective on both backends ---------------------------------------------------------------------
 
-def _config(model_dir, loss_type: str, iterations: int):
+def _config(model_dir, loss_type: str, iterations: int, temperature: float = 1.0):
     from overnight.config import Config
 
     cfg = Config()
@@ -81,6 +82,7 @@ def _config(model_dir, loss_type: str, iterations: int):
     cfg.train.weight_decay = 0.0
     cfg.grpo.rewards, cfg.grpo.beta, cfg.grpo.epsilon = ["exact_match"], 0.2, 0.2
     cfg.grpo.loss_type, cfg.grpo.iterations, cfg.grpo.max_new_tokens = loss_type, iterations, 12
+    cfg.grpo.temperature = temperature
     return cfg
 
 
@@ -102,13 +104,19 @@ def _completions_batch(vocab: int):
 @needs_mlx
 @pytest.mark.torch
 @pytest.mark.mlx
-@pytest.mark.parametrize("loss_type, iterations", [("grpo", 1), ("dr_grpo", 2)])
-def test_grpo_objective_parity_between_backends_and_the_numpy_reference(loss_type, iterations, tiny_model_dir):
+@pytest.mark.parametrize("loss_type, iterations, temperature", [("grpo", 1, 1.0), ("dr_grpo", 2, 1.0),
+                                                                ("dapo", 2, 0.7)])
+def test_grpo_objective_parity_between_backends_and_the_numpy_reference(loss_type, iterations, temperature,
+                                                                        tiny_model_dir):
+    """Both backends' step losses equal the numpy reference (objectives.grpo_reference) on their own log-probs,
+    and those are the log-softmax of the logits / grpo.temperature (the sampling policy's, as TRL)."""
+    import torch
+
     from overnight.backend import objectives
     from overnight.backends.mlx_backend import MLXBackend
     from overnight.backends.torch_backend import TorchBackend
 
-    cfg = _config(tiny_model_dir, loss_type, iterations)
+    cfg = _config(tiny_model_dir, loss_type, iterations, temperature)
     backends = {"torch": TorchBackend(), "mlx": MLXBackend()}
     for backend in backends.values():
         backend.setup(cfg, 3)
@@ -120,6 +128,13 @@ def test_grpo_objective_parity_between_backends_and_the_numpy_reference(loss_typ
                               * batch.loss_mask).astype(np.float32)
         logp = {name: b.token_logps(batch) for name, b in backends.items()}
         ref = backends["torch"].token_logps(batch, adapter=False)
+        if step == 0:  # the model's own logits, tempered by hand
+            with torch.no_grad():
+                ids = torch.as_tensor(batch.input_ids, dtype=torch.long)
+                logits = backends["torch"]._model(input_ids=ids, attention_mask=torch.as_tensor(
+                    batch.attention_mask)).logits.float()
+                by_hand = torch.log_softmax(logits[:, :-1] / temperature, -1).gather(-1, ids[:, 1:, None])[..., 0]
+            np.testing.assert_allclose(logp["torch"][:, 1:], by_hand.numpy() * batch.loss_mask[:, 1:], atol=1e-5)
         expected, kl = objectives.grpo_reference(
             logp["torch"][:, 1:], batch.loss_mask[:, 1:], batch.advantages, beta=0.2, epsilon=0.2,
             loss_type=loss_type, max_new_tokens=12, ref_logp=ref[:, 1:],
@@ -171,9 +186,13 @@ class FakeSampler:
     def token_logps(self, batch, adapter=True):
         return -np.asarray(batch.loss_mask, np.float32)
 
-    def generate(self, prompt_ids, max_new_tokens, eos_id):
+    def generate(self, prompts, max_new_tokens, eos_id):
+        from overnight.backend import as_prompts
+
         self.calls += 1
-        return np.random.default_rng(int(np.sum(prompt_ids))).integers(3, 60, max_new_tokens)
+        rows, single = as_prompts(prompts)
+        answers = [np.random.default_rng(int(np.sum(p))).integers(3, 60, max_new_tokens) for p in rows]
+        return answers[0] if single else answers
 
 
 def _source(model_dir, reward: str, accumulation: int = 1, world=None, **grpo):
@@ -208,7 +227,7 @@ def test_the_source_resumes_exactly_and_replays_for_iterations(tiny_model_dir):
     source.after_step(1, _step())
     saved = json.loads(json.dumps(source.state()))  # as a checkpoint stores it
     replayed = source.next_batch()  # step 2 trains again on step 1's completions (no sampling)
-    assert sampler.calls == 2 and np.array_equal(replayed.input_ids, first.input_ids)
+    assert sampler.calls == 1 and np.array_equal(replayed.input_ids, first.input_ids)  # the micro-batch in one call
     assert np.array_equal(replayed.old_logp, first.old_logp) and replayed.advantages is not None
     source.after_step(2, _step())
     later = [source.next_batch() for _ in range(2)]
@@ -250,11 +269,13 @@ def test_two_ranks_sample_their_share_and_hold_the_whole_step_as_one_source(tiny
 
     def rank(world):
         source, _ = _source(tiny_model_dir, f"{REWARDS}:even_tokens", world=world, iterations=2)
-        source.cfg.eval.max_batches = 2  # 4 prompts, 2 for each rank
+        source.cfg.grpo.eval_prompts = 4  # 2 for each rank
+        source.cfg.eval.batch_size = 2  # in one batch
         return steps(source, validator_for(source), world)
 
     one, _ = _source(tiny_model_dir, f"{REWARDS}:even_tokens", accumulation=2, iterations=2)
-    one.cfg.eval.max_batches = 2
+    one.cfg.grpo.eval_prompts = 4
+    one.cfg.eval.batch_size = 2
     alone = steps(one, validator_for(one))
     ranks = run_ranks(2, rank)
     for got in ranks:
@@ -264,9 +285,10 @@ def test_two_ranks_sample_their_share_and_hold_the_whole_step_as_one_source(tiny
         assert got["stats"] == alone["stats"] and got["state"] == alone["state"]
         assert got["eval"] == alone["eval"] and got["last"] == alone["last"]
         assert len(got["state"]["replay"]) == 2  # a checkpoint holds both ranks' micro-batches
-    # Each rank sampled half: 2 generated steps x its 2 prompts, and 2 of the 4 eval answers; asked as often.
-    assert [got["samples"] for got in ranks] == [6, 6] and alone["samples"] == 12
-    assert ranks[0]["asked"] == ranks[1]["asked"] == 3 and alone["asked"] == 5
+    # Each rank sampled half: 2 generated steps x its micro-batch (its 2 prompts' completions in one call), and
+    # one of the eval's 2 batches of 2 prompts; asked as often.
+    assert [got["samples"] for got in ranks] == [3, 3] and alone["samples"] == 6
+    assert ranks[0]["asked"] == ranks[1]["asked"] == 2 and alone["asked"] == 3
 
 
 def test_a_failure_on_one_rank_fails_every_rank_with_its_message(tiny_model_dir):
@@ -282,6 +304,7 @@ def test_a_failure_on_one_rank_fails_every_rank_with_its_message(tiny_model_dir)
 
     def rank(world):
         source, sampler = _source(tiny_model_dir, f"{REWARDS}:even_tokens", world=world)
+        source.cfg.eval.batch_size = 2  # eval batches for both ranks
         validator = grpo_mod.GrpoValidator(GRPO_DATA / "val.jsonl", source.tok, source.cfg,
                                            rewards.load_rewards(source.cfg))
         if world.rank == 1:
@@ -302,7 +325,7 @@ def test_a_failure_on_one_rank_fails_every_rank_with_its_message(tiny_model_dir)
 def test_out_of_memory_splits_a_group_and_never_changes_it():
     from overnight.backend import Batch, OutOfMemory
     from overnight.config import Config
-    from overnight.methods.grpo import sample_group
+    from overnight.methods.grpo import sample_rows, sampling_split
 
     class Tight(FakeSampler):  # only one completion fits at a time
         def sample(self, prompt_ids, seeds, *args):
@@ -313,8 +336,10 @@ def test_out_of_memory_splits_a_group_and_never_changes_it():
     g = Config().grpo
     g.max_new_tokens = 5
     said = []
-    whole = sample_group(FakeSampler(), np.array([1, 2]), [7, 8, 9, 10], g, None)
-    assert np.array_equal(sample_group(Tight(), np.array([1, 2]), [7, 8, 9, 10], g, None, said.append), whole)
+    prompts = [np.array([1, 2])] * 4
+    whole = sample_rows(FakeSampler(), prompts, [7, 8, 9, 10], g, None, sampling_split())
+    assert np.array_equal(sample_rows(Tight(), prompts, [7, 8, 9, 10], g, None, sampling_split(), said.append),
+                          whole)
     assert said and "same completions" in said[-1]
     # The training step's split (loop: halve the micro-batch) carries each row's advantage and old log-probs.
     batch = Batch(np.arange(12).reshape(6, 2).astype(np.int32), np.ones((6, 2), np.float32),
@@ -557,6 +582,157 @@ def test_grpo_two_processes_match_one_process_and_continue_as_one(backend, tiny_
     assert figures(resumed, "train", fields) == figures(one, "train", fields)
     assert_adapter_equal(resumed, one)
 
+# -- as a user meets it: prompts, completions.jsonl, failures, the progress line ---------------------------------
+
+def test_string_prompts_go_through_the_chat_template_when_the_model_has_one(tiny_model_dir):
+    """grpo.chat_template auto (the default) renders a "prompt" row as one user turn of the model's template, as its
+    "messages" rows are (an instruct model given bare text ends its turn at once); false keeps the bare text; true on a
+    model without a template is refused naming the key. The rewards get the row's text either way."""
+    from overnight.config import ConfigError, build_config
+    from overnight.data import check_data
+
+    auto, _ = _source(tiny_model_dir, "exact_match")
+    plain, _ = _source(tiny_model_dir, "exact_match", chat_template="false")
+    tok, row = auto.tok, json.loads((GRPO_DATA / "train.jsonl").read_text().splitlines()[0])
+    ids, prompt, fields = auto.rows.get(0)
+    rendered = tok.apply_chat_template([{"role": "user", "content": row["prompt"]}], add_generation_prompt=True)
+    assert ids.tolist() == tok.encode(rendered, add_special_tokens=False)
+    seen = tok.decode(ids.tolist(), skip_special_tokens=False)
+    assert seen.endswith(f"<|user|>\n{row['prompt']}<|eos|>\n<|assistant|>\n")
+    assert plain.rows.get(0)[0].tolist() == tok.prefix_ids + tok.encode(row["prompt"], add_special_tokens=False)
+    assert prompt == plain.rows.get(0)[1] == row["prompt"] and fields == {"answer": row["answer"]}
+
+    assert build_config(sets=["grpo.chat_template=true"]).grpo.chat_template == "true"  # YAML's bool, as written
+    with pytest.raises(ConfigError, match="'grpo.chat_template': 'always' is not one of auto, true, false"):
+        build_config(sets=["grpo.chat_template=always"])
+    tok.chat_template_source = None  # a base model's folder: no template
+    cfg = build_config(sets=["data.method=grpo", "grpo.rewards=[exact_match]", "grpo.chat_template=true"])
+    with pytest.raises(ConfigError, match="'grpo.chat_template' is true, but the model .* has no chat template"):
+        check_data(GRPO_DATA, "grpo", tokenizer=tok, cfg=cfg)  # before any work, as `overnight train` checks
+    cfg.grpo.chat_template = "auto"
+    assert check_data(GRPO_DATA, "grpo", tokenizer=tok, cfg=cfg).train.rows == 32
+
+
+def test_a_resume_with_another_chat_template_setting_is_refused(tiny_model_dir):
+    """A data-affecting key like data.chat_template_kwargs: a checkpoint from before the key trained grpo on bare
+    text (false); for another method the key changes nothing and is not compared."""
+    from overnight.config import build_config
+    from overnight.runs import fingerprint as fp
+
+    def print_of(*sets: str) -> dict:
+        cfg = build_config(sets=["grpo.rewards=[exact_match]", f"model.path={tiny_model_dir}", *sets])
+        return fp.compute(cfg, GRPO_DATA / "train.jsonl", GRPO_DATA / "val.jsonl")
+
+    auto, plain = print_of("data.method=grpo"), print_of("data.method=grpo", "grpo.chat_template=false")
+    assert fp.differences(auto, plain) == ["grpo.chat_template: 'auto' -> 'false'"]
+    assert fp.differences(auto, print_of("data.method=grpo")) == []
+    old = json.loads(json.dumps(auto))
+    del old["config"]["grpo.chat_template"]
+    assert fp.differences(old, auto) == ["grpo.chat_template: 'false' -> 'auto'"]
+    assert fp.differences(old, plain) == []
+    old_sft = print_of("data.method=sft")
+    del old_sft["config"]["grpo.chat_template"]
+    assert fp.differences(old_sft, print_of("data.method=sft")) == []
+
+
+def test_completions_jsonl_holds_every_sampled_completion_every_n_steps(tiny_model_dir, tmp_path):
+    """TRL's completions table: at step 1, every grpo.log_completions_every steps, the last step and a dead-reward stop,
+    one line per completion as trained (prompt as the model saw it, completion as the rewards saw it, each reward, the
+    total, the advantage); appended; 0 = never; a failure to write is one warning and training goes on."""
+    source, _ = _source(tiny_model_dir, f"{REWARDS}:even_tokens", log_completions_every=2, dead_reward_patience=99)
+    source.run_dir, source.cfg.train.max_steps = tmp_path, 5
+    served = {}
+    for step in range(1, 6):
+        served[step] = source.next_batch()
+        assert source.after_step(step, _step())[1] is None
+    lines = [json.loads(line) for line in (tmp_path / "completions.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [1] * 8 + [2] * 8 + [4] * 8 + [5] * 8  # 2 prompts x group 4 each
+    assert set(lines[0]) == {"step", "prompt", "completion", "tokens", "rewards", "reward", "advantage"}
+    tok = source.tok
+    for line, b in zip(lines[8:16], range(8)):
+        batch = served[2]
+        answer = batch.input_ids[b][batch.loss_mask[b] == 1].tolist()
+        assert line["completion"] == tok.decode(answer) and line["tokens"] == len(answer) == 6
+        assert line["advantage"] == pytest.approx(float(batch.advantages[b]))
+        assert line["rewards"]["even_tokens"] == line["reward"] == pytest.approx(sum(t % 2 == 0 for t in answer) / 6)
+        assert line["prompt"].endswith("<|assistant|>\n") and "<|user|>\nWhat is" in line["prompt"]
+    assert lines[8]["prompt"] == lines[11]["prompt"] != lines[12]["prompt"]  # a group's 4, then the next prompt
+    from overnight.runs.rundir import owned_entries
+
+    assert owned_entries(tmp_path) == [tmp_path / "completions.jsonl"]  # --fresh archives it with the old run
+    from overnight.distributed import Solo
+    from overnight.methods.registry import Grpo, PartsRequest
+
+    for leader in (True, False):  # data parallel: rank 0 alone writes it (every rank holds the whole step)
+        parts = Grpo.build(PartsRequest(source.cfg, FakeSampler(), tok, GRPO_DATA / "train.jsonl", None, tmp_path,
+                                        print, Solo(), writes_predictions=leader))
+        assert parts.source.run_dir == (tmp_path if leader else None)
+        parts.source.close()
+
+    said = []
+    quiet, _ = _source(tiny_model_dir, f"{REWARDS}:even_tokens", log_completions_every=0)
+    quiet.run_dir = tmp_path / "never"
+    broken, _ = _source(tiny_model_dir, f"{REWARDS}:even_tokens", log_completions_every=1, dead_reward_patience=99)
+    broken.run_dir, broken.say = tmp_path / "no" / "such" / "folder", said.append
+    for step in (1, 2):
+        for source in (quiet, broken):
+            source.next_batch()
+            assert source.after_step(step, _step())[1] is None
+    assert not (tmp_path / "never").exists() and len(said) == 1
+    assert said[0].startswith("warning: writing completions.jsonl failed (FileNotFoundError") and "goes on" in said[0]
+
+
+def test_the_dead_reward_message_names_only_files_that_exist(tiny_model_dir, tmp_path):
+    def stopped(run_dir, every: int = 10) -> str:
+        source, _ = _source(tiny_model_dir, "regex=.", log_completions_every=every)  # all 1: no advantage
+        source.run_dir = run_dir
+        for step in (1, 2):
+            source.next_batch()
+            _, stop = source.after_step(step, _step())
+        return stop.message
+
+    message = stopped(tmp_path)  # steps 1 and 2 logged (the first step, and the stop's)
+    assert "see completions.jsonl (the sampled completions" in message and "predictions.jsonl" not in message
+    assert "rewards/*/mean figures in metrics.jsonl" in message
+    assert "grpo.chat_template, now auto: its chat template" in message
+    assert [json.loads(line)["step"] for line in (tmp_path / "completions.jsonl").read_text().splitlines()] == \
+        [1] * 8 + [2] * 8
+    (tmp_path / "predictions.jsonl").write_text("")  # an eval with predictions ran
+    assert "predictions.jsonl (the evals' greedy answers" in stopped(tmp_path)
+    assert "see the rewards/*/mean figures in metrics.jsonl" in stopped(tmp_path / "off", every=0)
+    assert "jsonl (" not in stopped(None)  # a rank other than 0: it writes nothing and names nothing
+
+
+@needs_torch
+@pytest.mark.torch
+def test_a_reward_that_calls_sys_exit_fails_the_run_by_name_after_completions_were_logged(tiny_model_dir, tmp_path):
+    """Through the CLI: completions.jsonl at steps 1 and 2 (every 2), the progress line shows the reward, and on the
+    third step the user's reward calls sys.exit(3): exit 1 naming it with the user's own line, the heartbeat and
+    metrics say failed (never exit 3 with the heartbeat left "running")."""
+    (tmp_path / "flaky.py").write_text(
+        "import sys\n\ncalls = []\n\n\ndef flaky(prompts, completions, completion_ids, **kw):\n"
+        "    calls.append(1)\n"
+        "    if len(calls) > 2:\n"
+        "        sys.exit(3)\n"
+        "    return [len(ids) % 2 * 1.0 for ids in completion_ids]\n")
+    out = tmp_path / "run"
+    args = [a for a in grpo_args("torch", tiny_model_dir, out, 4, "--set", "grpo.log_completions_every=2",
+                                 reward=f"{tmp_path / 'flaky.py'}:flaky") if a != "--quiet"]
+    args[args.index("--batch-size") + 1] = "2"
+    result = cli(args)
+    assert result.returncode == 1, result.stdout + result.stderr
+    err = result.stderr
+    assert "flaky.py:flaky raised SystemExit (sys.exit(3) ends the process" in err, err
+    assert f"{tmp_path / 'flaky.py'}:9 in flaky: sys.exit(3)" in err and "Traceback" not in err
+    assert "reward=" in err and "reward_avg=" in err and "loss=" not in err  # the plain progress lines
+    heartbeat = json.loads((out / "heartbeat.json").read_text())
+    assert heartbeat["state"] == "failed" and "flaky" in heartbeat["reason"]
+    assert [r for r in read_metrics(out) if r["event"] == "failed"]
+    lines = [json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [1] * 8 + [2] * 8  # batch 2 x group 4
+    assert all(line["rewards"]["flaky"] == line["reward"] == line["tokens"] % 2 for line in lines)
+
+
 # -- the real model -------------------------------------------------------------------------------------
 
 def _smollm2() -> Path | None:
@@ -567,37 +743,36 @@ def _smollm2() -> Path | None:
     return next((p for p in (cached, ROOT / "runs" / "smollm2-135m") if (p / "config.json").is_file()), None)
 
 
+def readme_grpo_command() -> list[str]:
+    """The command of the README's GRPO example, as a user would paste it."""
+    import shlex
+
+    section = (ROOT / "README.md").read_text(encoding="utf-8").split("## GRPO (`--method grpo`)", 1)[1]
+    block = section.split("```", 2)[1].strip().removeprefix("bash").strip()
+    return shlex.split(block.replace("\\\n", " "))
+
+
 @pytest.mark.slow
 @pytest.mark.realmodel
 @needs_torch
 @pytest.mark.torch
-@pytest.mark.skipif(_smollm2() is None,
-                    reason="SmolLM2 is not on this machine (overnight models get smollm2-135m, as .ci/run does)")
-def test_real_model_mean_reward_rises_on_a_verifiable_task(tmp_path):
-    """SmolLM2-135M-Instruct asked for capitals in one word, with 7 new tokens: the reward (data/grpo/rewards.py:
-    mentions_answer) is 1 when the reply names the capital, which its habitual "The capital of X is Y." often does
-    not get to in time. GRPO teaches it to answer sooner."""
-    data = tmp_path / "data"
-    data.mkdir()
-    capitals = [("France", "Paris"), ("Japan", "Tokyo"), ("Italy", "Rome"), ("Spain", "Madrid"),
-                ("Germany", "Berlin"), ("Egypt", "Cairo"), ("Russia", "Moscow"), ("Canada", "Ottawa"),
-                ("Greece", "Athens"), ("Peru", "Lima"), ("Kenya", "Nairobi"), ("Norway", "Oslo")]
-    for name, picked in (("train.jsonl", capitals), ("val.jsonl", capitals[:4])):
-        (data / name).write_text("".join(json.dumps({
-            "messages": [{"role": "user", "content": f"What is the capital of {country}? Answer with one word."}],
-            "answer": city}) + "\n" for country, city in picked))
+@pytest.mark.skipif(_smollm2() is None or _smollm2().parent.parent == ROOT,  # the README names it: the cache's
+                    reason="SmolLM2 is not in overnight's cache (overnight models get smollm2-135m, as .ci/run does)")
+def test_the_readme_grpo_example_raises_the_reward_of_smollm2(tmp_path):
+    """The README's GRPO example exactly as written (plus where its records go): SmolLM2-135M-Instruct asked for
+    capitals in one word, its "prompt" rows through its chat template (grpo.chat_template auto), the built-in
+    `contains` reward, 7 new tokens. Its habitual "The capital of X is Y." often does not get to the city within 7
+    tokens; GRPO teaches it to answer sooner."""
+    command = readme_grpo_command()
+    assert command[:2] == ["overnight", "train"] and "--model" in command, command
     out = tmp_path / "run"
-    steps = 16
-    result = cli(["train", "--backend", "torch", "--model", str(_smollm2()), "--data", str(data), "--method", "grpo",
-                  "--output", str(out), "--max-steps", str(steps), "--batch-size", "2", "--quiet",
-                  "--set", f"grpo.rewards=[{REWARDS}:mentions_answer]", "--set", "grpo.max_new_tokens=7",
-                  "--set", "grpo.group_size=4", "--set", "grpo.beta=0", "--set", "model.quantization.bits=0",
-                  "--set", "model.max_seq_length=96", "--set", "train.report_every=1",
-                  "--set", "train.learning_rate=1e-3", "--set", "train.warmup_steps=2", "--set", "lora.dropout=0",
-                  "--set", "eval.every_steps=1000", "--set", "eval.max_batches=2",
-                  "--set", "checkpoint.every_steps=1000"], timeout=1500)
+    result = cli(command[1:] + ["--output", str(out), "--quiet", "--set", "train.report_every=1"], timeout=1500)
     assert result.returncode == 0, result.stdout + result.stderr
     rewards = [e["reward"] for e in train_events(out)]
     first, last = np.mean(rewards[:4]), np.mean(rewards[-4:])
-    print(f"SmolLM2-135M: mean reward of the first 4 steps {first:.3f}, of the last 4 {last:.3f}: {rewards}")
+    print(f"SmolLM2-135M, the README's GRPO example: mean reward of the first 4 steps {first:.3f}, of the last 4 "
+          f"{last:.3f}: {rewards}")
     assert last > first + 0.15, rewards
+    lines = [json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()]
+    assert lines[0]["step"] == 1 and "<|im_start|>assistant\n" in lines[0]["prompt"]  # the template was used
+    assert lines[-1]["step"] == 16

@@ -178,3 +178,24 @@ def test_a_supervised_child_redraws_when_the_supervisors_stderr_is_a_terminal(mo
     assert not progress._is_terminal(sys.stdout)  # only the stream the supervisor copies
     monkeypatch.setenv(progress.STDERR_IS_TERMINAL_ENV, "0")
     assert not progress._is_terminal(sys.stderr)
+
+
+def test_a_grpo_line_shows_the_reward_and_its_average_not_the_objective():
+    """grpo's objective is ~0 by construction: the line shows the step's mean reward and the window's average (the
+    loop tracks -reward as such a run's loss, so the average reward is -loss_avg), narrow terminals included."""
+    import io
+
+    from overnight.train.progress import fit
+
+    progress = Progress(total_steps=100, enabled=False)
+    line = progress.update(45, 0.0003, -0.48, steps_since_ckpt=5, memory_mb=900.0, reward=0.62)
+    assert line == "Training: 45% | reward=0.62 | reward_avg=0.48 | eta=? | ckpt=-5 | memory_mb=900 | mem_delta=+0"
+    assert progress.update(46, 0.0, 0.0, 0, 900.0, reward=0.0).startswith("Training: 46% | reward=0 | reward_avg=0 |")
+    fields = {"reward": "0.62", "reward_avg": "0.48", "eta": "1:00", "ckpt": "-5", "memory_mb": "900",
+              "mem_delta": "+0"}
+    assert fit(fields, "45%", 56) == "45% reward=0.62 avg=0.48 eta=1:00 ckpt=-5 mem=900MB +0"
+    assert fit(fields, "45%", 22) == "reward=0.62 eta=1:00"
+    out = io.StringIO()
+    plain = Progress(total_steps=10, out=out, terminal=False, wall_clock=lambda: "06:12:03")
+    plain.update(1, 0.0, -0.25, 0, 900.0, reward=0.25)
+    assert out.getvalue().startswith("06:12:03 Training: 10% | step=1/10 | reward=0.25 | reward_avg=0.25 | eta=")

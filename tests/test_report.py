@@ -271,3 +271,33 @@ def test_a_panel_without_data_is_left_empty_with_the_reason_and_a_single_point_s
     assert axes["learning rate"].axison
     (line,) = axes["learning rate"].get_lines()[:1]
     assert line.get_marker() == "o" and list(line.get_xdata()) == [1]  # one point, drawn as a dot
+
+
+@pytest.mark.skipif(not has("matplotlib"), reason="matplotlib is not installed (the report extra)")
+def test_a_grpo_run_gets_a_reward_panel_and_a_reward_line(tmp_path):
+    """grpo's train loss is its objective, ~0 by construction: the first panel draws the reward instead (the step's
+    mean, the moving average the loop tracked as -loss_avg, each reward when there are several, the evals' greedy
+    val_reward), and the summary says how the reward moved."""
+    from overnight.commands.report import figure, summary
+
+    lines = [{"event": "start", "step": 0, "time": 1000.0}]
+    lines += [{"event": "train", "step": s, "time": 1000.0 + s, "loss": 0.001, "loss_avg": -0.05 * s,
+               "reward": 0.1 * s, "rewards/correct/mean": 0.1 * s, "rewards/short/mean": 0.5, "lr": 1e-4}
+              for s in range(1, 11)]
+    lines += [{"event": "eval", "step": s, "time": 1000.0 + s, "val_loss": -0.1 * s, "val_reward": 0.1 * s}
+              for s in (5, 10)]
+    timeline = build_timeline(lines)
+    fig, _ = figure(timeline, "t")
+    axes = {ax.get_title(): ax for ax in fig.axes}
+    assert "train loss" not in axes
+    drawn = {line.get_label(): line for line in axes["reward"].get_lines()}
+    assert set(drawn) >= {"reward", "moving average (50 steps)", "correct", "short", "val_reward (greedy)"}
+    assert list(drawn["reward"].get_ydata()) == pytest.approx([0.1 * s for s in range(1, 11)])
+    assert list(drawn["moving average (50 steps)"].get_ydata()) == pytest.approx([0.05 * s for s in range(1, 11)])
+    assert list(drawn["val_reward (greedy)"].get_xdata()) == [5, 10]
+    s = dict(line.split(": ", 1) for line in summary(tmp_path, timeline))
+    assert s["reward"] == ("0.3000 (mean of the first 5 train lines) -> 0.8000 (the last 5, to step 10); "
+                           "val_reward 0.5000 -> 1.0000 over 2 evals")
+    sft = dict(line.split(": ", 1) for line in summary(tmp_path, build_timeline(short_timeline([1, 2]))))
+    assert "reward" not in sft and "train loss" in {ax.get_title() for ax in figure(
+        build_timeline(short_timeline([1, 2])), "t")[0].axes}

@@ -19,16 +19,16 @@ def test_archive_moves_only_what_the_run_owns(tmp_path):
     (run / "adapter").mkdir()
     (run / "tb").mkdir()
     (run / "wandb").mkdir()
-    for name in ("config.yaml", "metrics.jsonl", "heartbeat.json", "predictions.jsonl", "adapter.tmp-1a2b",
-                 "report.png", "notes.txt", ".lock"):
+    for name in ("config.yaml", "metrics.jsonl", "heartbeat.json", "predictions.jsonl", "completions.jsonl",
+                 "adapter.tmp-1a2b", "report.png", "notes.txt", ".lock"):
         (run / name).write_text(name)
     (run / "mydata").mkdir()
     (run / "mydata" / "keep.jsonl").write_text("{}")
     (run / "archive-20200101-000000").mkdir()
     archive = archive_run(run)
     assert sorted(p.name for p in archive.iterdir()) == sorted(
-        ["adapter", "adapter.tmp-1a2b", "checkpoints", "config.yaml", "heartbeat.json", "metrics.jsonl",
-         "predictions.jsonl", "report.png", "tb", "wandb"])
+        ["adapter", "adapter.tmp-1a2b", "checkpoints", "completions.jsonl", "config.yaml", "heartbeat.json",
+         "metrics.jsonl", "predictions.jsonl", "report.png", "tb", "wandb"])
     left = sorted(p.name for p in run.iterdir())
     assert left == sorted([".lock", "archive-20200101-000000", archive.name, "mydata", "notes.txt"])
     assert archive_run(run) is None  # nothing of a run left: nothing to archive

@@ -116,3 +116,85 @@ def test_advantages_grpo_and_dr_grpo():
     assert np.allclose(grpo[:4], (np.array([1, 0, 0, 1]) - 0.5) / (std + 1e-4))
     assert np.all(grpo[4:] == 0)  # a group whose completions all score the same teaches nothing
     assert np.allclose(rw.advantages(total, 4, "dr_grpo")[:4], [0.5, -0.5, -0.5, 0.5])
+
+
+# -- a reward's own failures, shown where they happen ------------------------------------------------------
+
+USER_REWARD = '''import sys
+
+
+def _parse(text):
+    return int(text)  # line 5: the user's bug
+
+
+def scores(prompts, completions, **kw):
+    return [float(_parse(c)) for c in completions]  # line 9
+
+
+def quits(prompts, completions, **kw):
+    sys.exit(3)
+
+
+def interrupts(prompts, completions, **kw):
+    raise KeyboardInterrupt
+
+
+def huge(prompts, completions, **kw):
+    return [1e31 if c == "big" else 0.0 for c in completions]
+
+
+def spread(prompts, completions, **kw):
+    return [1e30 if c == "big" else -1e30 for c in completions]
+'''
+
+
+def _user_reward(tmp_path, name: str, weight: float = 1.0) -> rw.Reward:
+    (tmp_path / "user_rewards.py").write_text(USER_REWARD)
+    (reward,) = rw.load_rewards(cfg_with(f"{tmp_path / 'user_rewards.py'}:{name}", weights=[weight]))
+    return reward
+
+
+def _score(reward, completions):
+    return rw.score([reward], ["p"] * len(completions), completions, [[1]] * len(completions), {},
+                    lambda g: f"train.jsonl:{g + 1}", len(completions) // 2, 2)
+
+
+def test_a_raising_reward_shows_the_users_own_lines_not_overnights(tmp_path):
+    with pytest.raises(rw.RewardError) as info:
+        _score(_user_reward(tmp_path, "scores"), ["1", "2", "x", "3"])
+    text, path = str(info.value), tmp_path / "user_rewards.py"
+    assert "reward " in text and ":scores raised ValueError: invalid literal" in text
+    assert "on row train.jsonl:2" in text  # the group that raises alone
+    assert f"{path}:9 in scores: return [float(_parse(c)) for c in completions]" in text
+    assert text.rstrip().endswith(f"{path}:5 in _parse: return int(text)  # line 5: the user's bug")
+    assert "methods/rewards.py" not in text and "Traceback" not in text
+
+
+@pytest.mark.parametrize("name, words", [("quits", "SystemExit (sys.exit(3) ends the process"),
+                                         ("interrupts", "raised KeyboardInterrupt on row train.jsonl:1")])
+def test_sys_exit_or_keyboard_interrupt_in_a_reward_is_that_rewards_failure(name, words, tmp_path):
+    with pytest.raises(rw.RewardError) as info:
+        _score(_user_reward(tmp_path, name), ["a", "b"])
+    assert f":{name} raised" in str(info.value) and words in str(info.value)
+    assert "user_rewards.py:" in str(info.value)
+
+
+def test_rewards_beyond_1e30_or_with_no_finite_group_spread_are_refused_by_name(tmp_path):
+    with pytest.raises(rw.RewardError, match=r":huge returned 1e\+31 for completion 2 of row train.jsonl:1; "
+                                             r"a reward must be a finite number within \+-1e\+30"):
+        _score(_user_reward(tmp_path, "huge"), ["a", "big", "c", "d"])
+    assert _score(_user_reward(tmp_path, "spread"), ["big", "c"]).total.tolist() == [1e30, -1e30]
+    # Each value within the limit, but weighted so the group's std overflows: no advantage can come from it.
+    with pytest.raises(rw.RewardError, match=r"rewards \(.*:spread x 1e\+170\) of row train.jsonl:2 .* their "
+                                             r"spread \(the group's std"):
+        _score(_user_reward(tmp_path, "spread", 1e170), ["c", "d", "big", "c"])
+    with pytest.raises(rw.RewardError, match="their sum or their spread"):  # the weighted sum itself overflows
+        _score(_user_reward(tmp_path, "spread", 1e300), ["c", "d", "c", "d"])
+
+
+def test_a_reward_file_that_exits_on_import_is_a_config_error_with_its_line(tmp_path):
+    (tmp_path / "exits.py").write_text("import sys\n\nsys.exit('no GPU here')\n")
+    with pytest.raises(ConfigError) as info:
+        rw.load_rewards(cfg_with(f"{tmp_path / 'exits.py'}:f"))
+    assert "importing" in str(info.value) and "SystemExit" in str(info.value)
+    assert f"{tmp_path / 'exits.py'}:3 in <module>: sys.exit('no GPU here')" in str(info.value)

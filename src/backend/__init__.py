@@ -4,7 +4,8 @@ method's objective and its normalisation, a numpy reference, the skip-a-non-fini
 LoRA A init), `lora_targets` (which modules lora.targets names), `step_buffer` (the data-parallel all-reduce buffer),
 `adapter_formats` (mlx-lm <-> PEFT adapters), `model_folder` (a model folder read before a framework loads it),
 `hub` (model.path as a local folder, a hub id downloaded once).
-The stop ids and generator seeds the core hands to sampling are defined here (as_stop_ids, generator_seed).
+The prompts, stop ids and generator seeds the core hands to sampling are defined here (as_prompts, as_stop_ids,
+generator_seed).
 
 Only numpy arrays, Python numbers, strings and Paths cross this boundary, so the core never touches a framework
 type. Backends live in ``overnight.backends.<name>_backend`` and are imported only when chosen.
@@ -105,6 +106,24 @@ def as_stop_ids(stop_ids: Iterable[int] | int | None) -> tuple[int, ...]:
     return tuple(int(i) for i in stop_ids)
 
 
+def as_prompts(prompts) -> tuple[list[np.ndarray], bool]:
+    """Backend.sample / Backend.generate's ``prompts`` as (one int64 array per prompt, whether one prompt was given):
+    a 1-D array or list of ints is one prompt; a list (or 2-D array) of them is one prompt per row. A prompt needs
+    at least one token (its last one is where the continuation starts)."""
+    if isinstance(prompts, np.ndarray) and prompts.ndim != 1:
+        if prompts.ndim != 2:
+            raise ValueError(f"prompts: expected one prompt (1-D) or one per row (2-D), got shape {prompts.shape}")
+        rows, single = list(prompts), False
+    else:
+        items = list(prompts)
+        single = bool(items) and all(isinstance(x, (int, np.integer)) for x in items)
+        rows = [items] if single else items
+    out = [np.asarray(p, dtype=np.int64).reshape(-1) for p in rows]
+    if any(p.size == 0 for p in out):
+        raise ValueError("a prompt needs at least one token")
+    return out, single
+
+
 @dataclass
 class SetupInfo:
     trainable_params: int
@@ -203,11 +222,15 @@ class Backend(Protocol):
         """Memory figures in MB; must include 'memory_mb' (the figure the progress line shows).
         May include 'limit_mb' (e.g. Metal's recommended working set) for the near-limit warning."""
 
-    def generate(self, prompt_ids: np.ndarray, max_new_tokens: int, stop_ids: tuple[int, ...]) -> np.ndarray:
+    def generate(self, prompts, max_new_tokens: int, stop_ids: tuple[int, ...]):
         """Greedy continuation token ids (without the prompt): at most ``max_new_tokens``, ending before the first
         token in ``stop_ids`` (not included). ``stop_ids`` is the tokenizer's (TextTokenizer.stop_ids: its eos,
         every eos_token_id the model folder lists and the chat template's end-of-turn token); the
-        backend only tests membership in it (overnight.backend.as_stop_ids also takes None and a lone int)."""
+        backend only tests membership in it (overnight.backend.as_stop_ids also takes None and a lone int).
+        ``prompts`` is one prompt (a 1-D int array: returns one int64 array) or a list of them (returns a list,
+        one array each), decoded in one batch: left-padded, each row's positions counted from its own first
+        token, so a prompt's answer does not depend on the prompts beside it (overnight.backend.as_prompts).
+        Out of memory: OutOfMemory (the caller splits the list)."""
 
     def versions(self) -> dict[str, str]:
         """Library versions, recorded in each checkpoint manifest."""
@@ -232,13 +255,16 @@ class Backend(Protocol):
         src/backend/adapter_weights.py), already checked to name exactly this run's modules with their shapes. The
         optimizer is untouched: it has taken no step, so a new run's AdamW state and schedule start from there."""
 
-    def sample(self, prompt_ids: np.ndarray, seeds: list[int], max_new_tokens: int, temperature: float,
+    def sample(self, prompts, seeds: list[int], max_new_tokens: int, temperature: float,
                top_p: float, stop_ids: tuple[int, ...]) -> np.ndarray:
-        """grpo: one sampled continuation of ``prompt_ids`` per seed, with a KV cache, adapter on, no dropout:
+        """grpo: one sampled continuation per seed, all rows in one batch, with a KV cache, adapter on, no dropout:
         int64 (len(seeds), max_new_tokens), a row ending at its first token in ``stop_ids`` (kept), -1 after it
-        (``stop_ids`` as for generate). Each row depends only on its own seed (its own generator), so sampling a
-        group in parts (out of memory) gives the same rows. Seeds come in [0, 2**63) (generator_seed) and seed
-        the row's generator as they are."""
+        (``stop_ids`` as for generate). ``prompts``: one prompt per row (rows of one prompt adjacent: each distinct
+        prompt is prefilled once), or a single 1-D prompt every row continues (overnight.backend.as_prompts). Each
+        row depends only on its own prompt and seed (its own generator, drawn once per token whatever the batch):
+        the rows beside it, and rows that have ended, change nothing, so sampling a batch in parts (out of memory)
+        gives the same rows. Seeds come in [0, 2**63) (generator_seed) and seed the row's generator as they are.
+        Out of memory: OutOfMemory (the caller splits the rows)."""
 
     def token_logps(self, batch: Batch, adapter: bool = True) -> np.ndarray:
         """Per-token log-probs (B, T) of input_ids[:, t] given input_ids[:, :t] where loss_mask is 1 (0 elsewhere),

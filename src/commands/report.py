@@ -190,6 +190,9 @@ def summary(run_dir: Path, t: Timeline) -> list[str]:
     if t.ooms:
         lines.append("out of memory: micro-batch split during step " + ", ".join(
             f"{s}" + (f" (x{n})" if n else "") for s, n in t.ooms))
+    rewards = reward_summary(t)
+    if rewards:
+        lines.append(rewards)
     lines.append("stop: " + stop_reason(run_dir, t))
     best, how = best_eval(t)
     if best is None:
@@ -293,20 +296,60 @@ def figure(t: Timeline, title: str, eval_every: int | None = None):
 
 
 def _panels(t: Timeline) -> list:
-    """(title, [(steps, values, line style), ...]) for each of the six panels, in reading order."""
+    """(title, [(steps, values, line style), ...]) for each of the six panels, in reading order. A grpo run's
+    first panel is its reward (its objective is ~0 by construction, so its train loss says nothing)."""
     steps, loss = _series(t.train, "loss")
     ma_steps, ma = _series(t.train, "loss_avg")
     if len(ma_steps) < len(steps):  # lines from before loss_avg was recorded
         ma_steps, ma = steps, _moving_average(steps, loss)
+    first = ("train loss", [(steps, loss, dict(lw=0.8, alpha=0.45, label="loss")),
+                            (ma_steps, ma, dict(lw=1.8, label=f"moving average ({MA_STEPS} steps)"))])
+    if is_reward_run(t):
+        first = ("reward", _reward_lines(t))
     return [
-        ("train loss", [(steps, loss, dict(lw=0.8, alpha=0.45, label="loss")),
-                        (ma_steps, ma, dict(lw=1.8, label=f"moving average ({MA_STEPS} steps)"))]),
+        first,
         ("val loss", [(*_series(t.evals, "val_loss"), dict(marker="o", ms=3, label="val_loss"))]),
         ("learning rate", [(*_series(t.train, "lr"), dict())]),
         ("grad norm", [(*_series(t.train, "grad_norm"), dict(lw=0.8))]),
         ("memory (MB)", [(*_series(t.train, "memory_mb"), dict())]),
         ("tokens/s", [(*_series(t.train, "tokens_per_sec"), dict(lw=0.8))]),
     ]
+
+
+def is_reward_run(t: Timeline) -> bool:
+    """A run whose train lines carry a reward (grpo)."""
+    return any("reward" in r for r in t.train.values())
+
+
+def _reward_lines(t: Timeline) -> list:
+    """The step's mean reward, its moving average (the loop tracks -reward as a grpo run's loss, so loss_avg is
+    -(average reward)), each reward's own mean when there are several, and the evals' greedy val_reward."""
+    steps, reward = _series(t.train, "reward")
+    ma_steps, ma = _series(t.train, "loss_avg")
+    ma = [-v for v in ma]
+    if len(ma_steps) < len(steps):
+        ma_steps, ma = steps, _moving_average(steps, reward)
+    lines = [(steps, reward, dict(lw=0.8, alpha=0.45, label="reward")),
+             (ma_steps, ma, dict(lw=1.8, label=f"moving average ({MA_STEPS} steps)"))]
+    names = sorted({k for r in t.train.values() for k in r if k.startswith("rewards/") and k.endswith("/mean")})
+    if len(names) > 1:
+        lines += [(*_series(t.train, k), dict(lw=0.8, ls="--", label=k[len("rewards/"):-len("/mean")]))
+                  for k in names]
+    lines.append((*_series(t.evals, "val_reward"), dict(marker="o", ms=4, ls="", label="val_reward (greedy)")))
+    return lines
+
+
+def reward_summary(t: Timeline) -> str | None:
+    """'reward: 0.12 over the first 5 steps -> 0.80 over the last 5 ...' for a grpo run, else None."""
+    steps, reward = _series(t.train, "reward")
+    if not steps:
+        return None
+    n = max(1, min(5, len(reward) // 2))
+    mean = lambda values: sum(values) / len(values)  # noqa: E731
+    line = (f"reward: {mean(reward[:n]):.4f} (mean of the first {n} train lines) -> {mean(reward[-n:]):.4f} (the "
+            f"last {n}, to step {steps[-1]})")
+    _, val = _series(t.evals, "val_reward")
+    return line + (f"; val_reward {val[0]:.4f} -> {val[-1]:.4f} over {len(val)} evals" if val else "")
 
 
 def _why_empty(name: str, t: Timeline, eval_every: int | None) -> str:
@@ -345,8 +388,8 @@ def _draw_panel(ax, name: str, lines: list) -> None:
         finite = [v for v in lines[0][1] if math.isfinite(v) and v > 0]
         if finite and max(finite) / min(finite) > 100:  # one spike would flatten the rest
             ax.set_yscale("log")
-    if name == "train loss" and drawn:
-        ax.legend(fontsize=8, loc="upper right")
+    if name in ("train loss", "reward") and drawn:
+        ax.legend(fontsize=8, loc="upper right" if name == "train loss" else "lower right")
 
 
 def _mark_events(ax, t: Timeline, best: int | None) -> None:

@@ -52,6 +52,7 @@ from overnight.data.tokenizer import (
     encode_row,
     fit,
     load_tokenizer,
+    prompts_use_chat_template,
     shortest_trainable_length,
     target_tokens,
 )
@@ -96,7 +97,7 @@ def check_data(data_path: Path, method: str, *, tokenizer: TextTokenizer | None 
     packing = bool(cfg.packing) if cfg is not None else method == "cpt"
 
     measure = None if tokenizer is None else _token_measure(tokenizer, method, max_len, mask_prompt, truncate,
-                                                            packing)
+                                                            packing, cfg)
     reports = [check_file(path, method, measure, max_len, _progress_for(path, on_progress))
                for path in (train, val) if path is not None]
     report = DataReport(method, reports[0], reports[1] if len(reports) > 1 else None, max_len, truncate, packing,
@@ -113,13 +114,16 @@ def check_data(data_path: Path, method: str, *, tokenizer: TextTokenizer | None 
 
 
 def _token_measure(tokenizer: TextTokenizer, method: str, max_len: int, mask_prompt: bool, truncate: bool,
-                   packing: bool) -> Measure:
+                   packing: bool, cfg: Any = None) -> Measure:
     """check_file's ``measure``: tokenize and cut a row exactly as training will."""
+    templated = method == "grpo" and prompts_use_chat_template(
+        tokenizer, cfg.grpo.chat_template if cfg is not None else "auto")
+
     def measure(row: dict, fmt: str) -> tuple[int, int | None, int | None]:
         if fmt == "chat" and not tokenizer.has_chat_template:
             return 0, None, None  # reported once per file (_check_file_fits), not once per row
         if method == "grpo":  # a prompt: its targets are sampled during training
-            return len(encode_prompt(tokenizer, row, fmt)), None, None
+            return len(encode_prompt(tokenizer, row, fmt, templated)), None, None
         enc = encode_row(tokenizer, row, fmt, mask_prompt)
         if packing or (enc.length > max_len and not truncate):
             return enc.length, None, None  # packed into blocks / dropped whole: counted elsewhere

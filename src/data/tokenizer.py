@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from overnight.config import ConfigError
 from overnight.data.formats import DataError
 
 
@@ -469,12 +470,26 @@ def shortest_trainable_length(enc: Encoded) -> int | None:
     return next((n for n in range(2, enc.length + 1) if target_tokens(fit(enc, n))), None)
 
 
-def encode_prompt(tok: TextTokenizer, row: dict, fmt: str) -> list[int]:
+def prompts_use_chat_template(tok: TextTokenizer, setting: str) -> bool:
+    """grpo.chat_template for this model: whether "prompt" rows are rendered as one user turn of its chat template
+    (true), or reach it as bare text (false); auto is true when the tokenizer has a chat template. An instruct model
+    given bare text tends to end its turn at once, which no reward can score. ConfigError (exit 2) for true on a
+    model without a template."""
+    if setting == "true" and not tok.has_chat_template:
+        raise ConfigError(f"config key 'grpo.chat_template' is true, but the model {tok.model_dir} has no chat "
+                          "template (tokenizer_config.json, chat_template.json or chat_template.jinja) -> set "
+                          "grpo.chat_template=auto (or false) to give it the prompts as plain text")
+    return setting == "true" or (setting == "auto" and tok.has_chat_template)
+
+
+def encode_prompt(tok: TextTokenizer, row: dict, fmt: str, chat_template: bool = False) -> list[int]:
     """The ids a model continues from (grpo, predictions): a conversation through the chat template with the
-    generation prompt, or BOS (if the tokenizer adds one) + the prompt text."""
-    if fmt == "chat":
+    generation prompt; a "prompt" row likewise as one user turn when ``chat_template`` (prompts_use_chat_template),
+    else BOS (if the tokenizer adds one) + the prompt text."""
+    if fmt == "chat" or (fmt == "prompt" and chat_template):
+        messages = row["messages"] if fmt == "chat" else [{"role": "user", "content": row["prompt"]}]
         try:
-            text = tok.apply_chat_template(row["messages"], add_generation_prompt=True)
+            text = tok.apply_chat_template(messages, add_generation_prompt=True)
         except DataError:
             raise
         except Exception as exc:

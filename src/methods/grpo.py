@@ -29,12 +29,13 @@ from overnight.backend import Batch, OutOfMemory, generator_seed
 from overnight.data.batches import TrainStream, _open_source, _rng, collate
 from overnight.data.source import BatchSource
 from overnight.data.formats import DataError
-from overnight.data.tokenizer import encode_prompt, fit_prompt
+from overnight.data.tokenizer import encode_prompt, fit_prompt, prompts_use_chat_template
 from overnight.distributed import Solo, all_gather_json, eval_share
 from overnight.train.loop import TrainingError
 from overnight.train.stopping import Stop
 
 STATE_VERSION = 1
+COMPLETIONS_FILE = "completions.jsonl"
 _SAMPLE_STREAM = 0x6E90_5A11  # keeps completion seeds apart from every other seeded stream
 _EVAL_STREAM = 0x5EED_E7A2
 
@@ -45,22 +46,41 @@ def completion_seed(seed: int, call: int, index: int, k: int) -> int:
     return generator_seed(draw)
 
 
-def sample_group(backend, prompt_ids: np.ndarray, seeds: list[int], g, stop_ids: tuple[int, ...],
-                 say: Callable[[str], None] = print) -> np.ndarray:
-    """The group's completions; out of memory, the seeds are sampled in halves, then quarters, ... The group
-    itself never changes: each completion depends on its own seed only."""
-    parts = 1
-    while True:
-        bounds = np.linspace(0, len(seeds), parts + 1).astype(int)
-        try:
-            return np.concatenate([backend.sample(prompt_ids, seeds[a:b], g.max_new_tokens, g.temperature, g.top_p,
-                                                  stop_ids) for a, b in zip(bounds[:-1], bounds[1:]) if b > a])
-        except OutOfMemory:
-            if parts >= len(seeds):
-                raise TrainingError("out of memory sampling even one completion at a time; lower "
-                                    "grpo.max_new_tokens or model.max_seq_length, or use a smaller model") from None
-            parts *= 2
-            say(f"out of memory while sampling: each group is now sampled in {parts} parts (same completions)")
+class RowSplit:
+    """How many contiguous parts a batch of rows is generated in: one, doubled at each out of memory and kept so
+    for the rest of the process (each row depends on its own prompt and seed only, so the rows are the same in
+    any number of parts, and a resumed run, which starts again at one, samples the same). Out of memory at one
+    row a part is TrainingError(failure)."""
+
+    def __init__(self, doing: str, failure: str):
+        self.parts, self.doing, self.failure = 1, doing, failure
+
+    def run(self, n: int, part: Callable[[int, int], Any], say: Callable[[str], None] = print) -> list:
+        """[part(a, b) for each part [a, b) of range(n)], in order."""
+        while True:
+            parts = max(1, min(self.parts, n))
+            bounds = np.linspace(0, n, parts + 1).astype(int)
+            try:
+                return [part(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+            except OutOfMemory:
+                if parts >= n:
+                    raise TrainingError(self.failure) from None
+                self.parts = parts * 2
+                say(f"out of memory while {self.doing}: from now on each batch goes in {self.parts} parts (the same "
+                    "completions, more slowly)")
+
+
+def sampling_split() -> RowSplit:
+    return RowSplit("sampling", "out of memory sampling even one completion at a time; lower grpo.max_new_tokens or "
+                    "model.max_seq_length, or use a smaller model")
+
+
+def sample_rows(backend, prompts: list[np.ndarray], seeds: list[int], g, stop_ids: tuple[int, ...], split: RowSplit,
+                say: Callable[[str], None] = print) -> np.ndarray:
+    """A micro-batch's completions, row r continuing prompts[r] from seeds[r] (the rows of one prompt adjacent),
+    in one backend.sample call, or in the parts ``split`` says after an out of memory."""
+    return np.concatenate(split.run(len(seeds), lambda a, b: backend.sample(
+        prompts[a:b], seeds[a:b], g.max_new_tokens, g.temperature, g.top_p, stop_ids), say))
 
 
 class PromptRows:
@@ -73,6 +93,8 @@ class PromptRows:
             raise DataError(f"model.max_seq_length={cfg.model.max_seq_length} leaves no room for a prompt before "
                             f"grpo.max_new_tokens={cfg.grpo.max_new_tokens} -> raise model.max_seq_length or lower "
                             "grpo.max_new_tokens")
+        # "prompt" rows as a user turn of the chat template (grpo.chat_template); the rewards still get the text
+        self.templated = prompts_use_chat_template(tokenizer, cfg.grpo.chat_template)
 
     def name(self, i: int) -> str:
         return f"{self.source.path}:{self.source.lineno(i)}"
@@ -85,7 +107,7 @@ class PromptRows:
                 raise DataError(f"{self.name(i)}: key '{reward.field}': missing; reward {reward.name} reads it "
                                 f"-> add '{reward.field}' to every row, or name the field (e.g. exact_match=solution)")
         try:
-            ids = encode_prompt(self.tok, row, self.source.format)
+            ids = encode_prompt(self.tok, row, self.source.format, self.templated)
         except DataError as exc:
             raise DataError(f"{self.name(i)}: {exc}") from None
         ids = fit_prompt(self.tok, ids, self.room)
@@ -135,13 +157,18 @@ class GrpoSource(BatchSource):
     scores_own_steps = True  # the dead-reward breaker replaces the loss-unchanged rule (the objective is ~0)
 
     def __init__(self, train_file: Path, tokenizer, cfg, backend, reward_list: list[rw.Reward],
-                 say: Callable[[str], None] = print, world=Solo()):
+                 say: Callable[[str], None] = print, world=Solo(), run_dir: Path | None = None):
         self.world = world
+        # Where completions.jsonl goes (and the dead-reward message looks for what it names): rank 0's run
+        # directory; None on the other ranks, which hold the same step and write nothing.
+        self.run_dir = None if run_dir is None else Path(run_dir)
+        self._log_failed = False
         self.order = TrainStream(train_file, tokenizer, cfg)  # only its resumable order of prompt rows is used
         self.rows = PromptRows(self.order.source, tokenizer, cfg, reward_list)
         self.tok, self.cfg, self.g, self.backend = tokenizer, cfg, cfg.grpo, backend
         self.rewards, self.say = reward_list, say
         self.calls = 0  # micro-batches served so far: the sampling seed's counter
+        self._split = sampling_split()
         self.dead_run = 0
         self._step: list[dict] = []  # the current step's generated micro-batches (saved while iterations replay it)
         self._pending: list[rw.Scored] = []
@@ -180,13 +207,16 @@ class GrpoSource(BatchSource):
         return [saved for share in shares for saved in share["batches"]]
 
     def _generate(self, call: int, members: list[int]) -> dict:
-        stop_ids = self.tok.stop_ids
+        size = self.g.group_size
+        got = [self.rows.get(i) for i in members]
+        seeds = [completion_seed(self.cfg.train.seed, call, i, k) for i in members for k in range(size)]
+        # Every completion of the micro-batch in one batch: decoding is memory-bound, so a token of B x G rows
+        # takes little longer than a token of one prompt's G.
+        sampled = sample_rows(self.backend, [ids for ids, _, _ in got for _ in range(size)], seeds, self.g,
+                              self.tok.stop_ids, self._split, self.say)
         seqs, prompts, fields, groups = [], [], [], []
-        for i in members:
-            ids, prompt, row_fields = self.rows.get(i)
-            seeds = [completion_seed(self.cfg.train.seed, call, i, k) for k in range(self.g.group_size)]
-            sampled = sample_group(self.backend, ids, seeds, self.g, stop_ids, self.say)
-            group = [self.rows.completion(row) for row in sampled]
+        for n, (ids, prompt, row_fields) in enumerate(got):
+            group = [self.rows.completion(row) for row in sampled[n * size:(n + 1) * size]]
             for completion_ids, _, _ in group:
                 seqs.append((ids.tolist() + completion_ids, [0] * len(ids) + [1] * len(completion_ids)))
             prompts.append(prompt)
@@ -215,6 +245,11 @@ class GrpoSource(BatchSource):
         no_advantage = bool(np.all(groups.max(axis=1) == groups.min(axis=1)))
         self.dead_run = self.dead_run + 1 if (all_zero or no_advantage) else 0
         tracked = -self._stats["reward"]
+        every = self.g.log_completions_every
+        dead = self.dead_run >= self.g.dead_reward_patience
+        # Also the first step, the last, and a dead run's last (its completions show what went wrong).
+        if every and (step % every == 0 or step in (1, self.cfg.train.max_steps) or dead):
+            self._log_completions(step)
         if not math.isfinite(result.loss):  # the tracked reward stays finite: the objective is checked here
             return tracked, Stop("non_finite", f"the grpo loss became {result.loss} at step {step}; lower "
                                  "train.learning_rate, and check for fp16/bf16 overflow")
@@ -222,8 +257,8 @@ class GrpoSource(BatchSource):
         if kl is not None and not math.isfinite(kl):
             return tracked, Stop("non_finite", f"the KL to the reference became {kl} at step {step}; lower "
                                  "train.learning_rate or grpo.beta, and check for fp16/bf16 overflow")
-        if self.dead_run >= self.g.dead_reward_patience:
-            names = ", ".join(r.name for r in self.rewards)
+        if dead:
+            names, chat = ", ".join(r.name for r in self.rewards), self.rows.source.format == "chat"
             what = "every reward was 0" if all_zero else (
                 f"every completion of each prompt got the same reward ({float(groups.mean()):.4g} on average; if "
                 "that is the best score possible, the task is learned and the run can end here)")
@@ -231,13 +266,52 @@ class GrpoSource(BatchSource):
                 f"dead reward: {what} on {self.dead_run} steps in a row (grpo.dead_reward_patience="
                 f"{self.g.dead_reward_patience}) up to step {step}, so there was no advantage to learn from. "
                 f"Rewards: {names}. Check that the reward functions score these completions (see "
-                "predictions.jsonl and the rewards/*/mean figures in metrics.jsonl), that grpo.max_new_tokens "
-                f"(now {self.g.max_new_tokens}) leaves room for an answer, that the chat template and prompt "
-                "format are what the model expects, and that grpo.temperature gives varied completions"))
+                f"{self._where_to_look()}), that grpo.max_new_tokens (now {self.g.max_new_tokens}) leaves room "
+                f"for an answer, that the prompts reach the model as it expects (grpo.chat_template, now "
+                f"{self.g.chat_template}: {'its chat template' if self.rows.templated or chat else 'plain text'}), "
+                "and that grpo.temperature gives varied completions"))
         return tracked, None
 
     def step_stats(self) -> dict:
         return dict(self._stats)
+
+    def _where_to_look(self) -> str:
+        """The files that show this run's completions, named only where they exist (predictions.jsonl needs an
+        eval with eval.predictions, completions.jsonl grpo.log_completions_every)."""
+        places = [f"{name} ({what})" for name, what in (
+            (COMPLETIONS_FILE, "the sampled completions with each reward and advantage"),
+            ("predictions.jsonl", "the evals' greedy answers with their rewards"))
+            if self.run_dir is not None and (self.run_dir / name).is_file()]
+        return ", ".join(places + ["the rewards/*/mean figures in metrics.jsonl"])
+
+    def _log_completions(self, step: int) -> None:
+        """completions.jsonl (TRL's completions table): one line per completion of this step, as trained: the
+        prompt as the model saw it (chat template included), the completion as the rewards saw it, its length in
+        tokens, each reward (null where one did not apply), the weighted total and the advantage. Rank 0 only;
+        appended (a resumed run writes the steps after its checkpoint again, as metrics.jsonl); non-critical: a
+        failure to write is one warning and training goes on."""
+        if self.run_dir is None:
+            return
+        import json
+
+        keys = [r.key or r.name for r in self.rewards]
+        try:
+            with open(self.run_dir / COMPLETIONS_FILE, "a", encoding="utf-8") as handle:
+                for saved in self._step:
+                    for b, ids in enumerate(saved["input_ids"]):
+                        mask, attention = saved["loss_mask"][b], saved["attention_mask"][b]
+                        prompt = [t for t, m, a in zip(ids, mask, attention) if a and not m]
+                        answer = [t for t, m in zip(ids, mask) if m]
+                        handle.write(json.dumps({
+                            "step": step, "prompt": self.tok.decode(prompt, skip_special_tokens=False),
+                            "completion": self.tok.decode(answer), "tokens": len(answer),
+                            "rewards": dict(zip(keys, saved["per_reward"][b])), "reward": saved["total"][b],
+                            "advantage": saved["advantages"][b]}, ensure_ascii=False) + "\n")
+        except Exception as exc:  # noqa: BLE001 (a record for people, SPEC §8: training goes on)
+            if not self._log_failed:  # said once; later steps try again (a disk that had filled up may have room)
+                self._log_failed = True
+                self.say(f"warning: writing {COMPLETIONS_FILE} failed ({exc.__class__.__name__}: {exc}); training "
+                         "goes on")
 
     # -- state -------------------------------------------------------------
 
@@ -297,7 +371,8 @@ def _unpack(saved: dict, pad_id: int) -> tuple[Batch, rw.Scored]:
 
 class GrpoValidator:
     """Eval for grpo: the mean total reward of greedy completions of a fixed subset of the validation prompts
-    (at most eval.max_batches x eval batch size, drawn from train.seed). val_loss is -(mean reward), so lower is
+    (grpo.eval_prompts of them, drawn from train.seed: each is a whole generation, so the eval.max_batches x
+    batch size of the other methods would make an eval of hundreds of generations). val_loss is -(mean reward), so lower is
     better as for every method and the checkpoint score (SPEC §8) works unchanged; val_reward holds the reward
     itself. The first eval.predictions prompts of the subset, with their completions and rewards, are kept for
     predictions.jsonl."""
@@ -307,6 +382,8 @@ class GrpoValidator:
         self._rows: PromptRows | None = None
         self._chosen: list[int] = []
         self.last: list[dict] = []
+        self._split = RowSplit("generating the eval's answers", "validation runs out of memory generating one "
+                               "answer: lower grpo.max_new_tokens or model.max_seq_length")
 
     @property
     def enabled(self) -> bool:
@@ -315,34 +392,36 @@ class GrpoValidator:
     def _prepare(self) -> None:
         source = _open_source(Path(self.val_file), self.tok, self.cfg, streaming=False)
         self._rows = PromptRows(source, self.tok, self.cfg, self.rewards)
-        want = self.cfg.eval.max_batches * (self.cfg.eval.batch_size or self.cfg.train.batch_size)
+        want = self.cfg.grpo.eval_prompts
         self._chosen = sorted(int(i) for i in _rng(self.cfg.train.seed, _EVAL_STREAM).permutation(len(source))[:want])
 
     def run(self, backend, cancelled: Callable[[], object] = lambda: None,
             say: Callable[[str], None] = print, world=Solo()) -> dict | None:
-        """In a data-parallel job the prompts are dealt round-robin (src/distributed.py eval_share), every rank
+        """The prompts are answered in batches of eval.batch_size prompts (0: train.batch_size x grpo.group_size,
+        the rows every sampling call already holds), out of memory in halves, quarters, ... (the same answers).
+        In a data-parallel job the batches are dealt round-robin (src/distributed.py eval_share), every rank
         asking ``cancelled`` (an agreement) once per round, and the answers gathered: every rank then scores all
         of them, so the value is the single process's."""
         if not self.enabled or cancelled():
             return None
         if self._rows is None:
             self._prepare()
+        size = self.cfg.eval.batch_size or self.cfg.train.batch_size * self.cfg.grpo.group_size
+        batches = [range(a, min(a + size, len(self._chosen))) for a in range(0, len(self._chosen), size)]
         answers, failure = [], None  # [position in the subset, answer ids] for this rank's prompts
-        for j in eval_share(len(self._chosen), world):
+        for b in eval_share(len(batches), world):
             if cancelled():
                 return None
-            if j is None or failure is not None:
+            if b is None or failure is not None:
                 continue
             try:
-                ids, _, _ = self._rows.get(self._chosen[j])
-                new = backend.generate(ids, self.cfg.grpo.max_new_tokens, self.tok.stop_ids)
-            except OutOfMemory:
-                failure = TrainingError("validation runs out of memory generating one answer: lower "
-                                        "grpo.max_new_tokens or model.max_seq_length")
+                prompts = [self._rows.get(self._chosen[j])[0] for j in batches[b]]
+                new = [answer for part in self._split.run(len(prompts), lambda a, z: backend.generate(
+                    prompts[a:z], self.cfg.grpo.max_new_tokens, self.tok.stop_ids), say) for answer in part]
             except SHARED_FAILURES as exc:
                 failure = exc
             else:
-                answers.append([j, [int(t) for t in new]])
+                answers += [[j, [int(t) for t in ids]] for j, ids in zip(batches[b], new)]
         shares = all_gather_json(world, {"answers": answers, "failed": _describe(failure)})
         _raise_first_failure(shares, failure)
         by_position = dict(item for share in shares for item in share["answers"])

@@ -53,7 +53,8 @@ class Supervised:
         predict = None
         if val_file and cfg.eval.predictions > 0 and r.writes_predictions:
             prompts = data.prediction_prompts(val_file, r.tokenizer, cfg, cfg.eval.predictions)
-            predict = greedy_predictor(r.backend, r.tokenizer, prompts, cfg.eval.max_new_tokens, r.run_dir, r.say)
+            predict = greedy_predictor(r.backend, r.tokenizer, prompts, cfg.eval.max_new_tokens, r.run_dir, r.say,
+                                       batch_size=eval_batch_size)
         return MethodParts(data.TrainStream(r.train_file, r.tokenizer, cfg), validator, predict)
 
 
@@ -74,7 +75,8 @@ class Grpo:
         from overnight.methods import grpo, rewards
 
         reward_list = rewards.load_rewards(r.cfg)
-        source = grpo.GrpoSource(r.train_file, r.tokenizer, r.cfg, r.backend, reward_list, r.say, r.world)
+        source = grpo.GrpoSource(r.train_file, r.tokenizer, r.cfg, r.backend, reward_list, r.say, r.world,
+                                 run_dir=r.run_dir if r.writes_predictions else None)
         validator = grpo.GrpoValidator(r.val_file, r.tokenizer, r.cfg, reward_list)
         predict = None
         if r.val_file and r.cfg.eval.predictions > 0 and r.writes_predictions:
@@ -91,16 +93,20 @@ def method(name: str):
 
 
 def greedy_predictor(backend, tokenizer, prompts, max_new_tokens: int, run_dir: Path,
-                     say: Callable[[str], None]) -> Callable[[int], None]:
-    """predictions.jsonl: a greedy continuation of each fixed prompt after every eval. Non-critical (SPEC §8):
-    a failure is one warning and training goes on."""
+                     say: Callable[[str], None], batch_size: int = 8) -> Callable[[int], None]:
+    """predictions.jsonl: a greedy continuation of each fixed prompt after every eval, ``batch_size`` prompts per
+    generate call (the eval's batch size: it fits where the eval does). Non-critical (SPEC §8): a failure is one
+    warning and training goes on."""
     failed = []
 
     def predict(step: int) -> None:
         try:
+            answers = []
+            for a in range(0, len(prompts), max(1, batch_size)):
+                answers += backend.generate([ids for _, ids in prompts[a:a + batch_size]], max_new_tokens,
+                                            tokenizer.stop_ids)
             with open(Path(run_dir) / "predictions.jsonl", "a", encoding="utf-8") as handle:
-                for text, ids in prompts:
-                    new_ids = backend.generate(ids, max_new_tokens, tokenizer.stop_ids)
+                for (text, _), new_ids in zip(prompts, answers):
                     handle.write(json.dumps({"step": step, "prompt": text,
                                              "output": tokenizer.decode(list(map(int, new_ids)))}) + "\n")
         except Exception as exc:  # noqa: BLE001 (predictions are non-critical, SPEC §8)

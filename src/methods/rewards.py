@@ -23,6 +23,7 @@ import importlib.util
 import math
 import re
 import sys
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -33,6 +34,13 @@ from overnight.config import ConfigError
 from overnight.train.loop import TrainingError
 
 BUILTINS = ("exact_match", "contains", "regex", "length_penalty")
+# Beyond this a reward is no score a person meant: its group's std and the advantages stop being numbers.
+LIMIT = 1e30
+# What a user's function may raise that is still its failure, named: sys.exit() and a stray KeyboardInterrupt too
+# (the run's own Ctrl-C never arrives as an exception here: src/runs/signals.py turns it into a flag), so neither
+# ends the process past the run's records with its heartbeat left "running".
+CAUGHT = (Exception, SystemExit, KeyboardInterrupt)
+_PACKAGE = Path(__file__).resolve().parents[1]  # overnight's own files: their frames are not the user's
 
 
 class RewardError(TrainingError):
@@ -122,9 +130,9 @@ def _load_file(spec: str, path_text: str, func_name: str) -> Callable:
         module = importlib.util.module_from_spec(loader_spec)
         try:
             loader_spec.loader.exec_module(module)
-        except Exception as exc:  # noqa: BLE001 - the user's file: any error is theirs to see, named
+        except CAUGHT as exc:  # the user's file: any error is theirs to see, named, with their lines
             raise ConfigError(f"config key 'grpo.rewards': {spec}: importing {path} failed "
-                              f"({exc.__class__.__name__}: {exc})") from None
+                              f"({_raised(exc)}){user_frames(exc)}") from None
         sys.modules[module_name] = module
     return _attribute(spec, module, func_name, str(path))
 
@@ -134,10 +142,10 @@ def _load_module(spec: str, module_name: str, func_name: str) -> Callable:
         sys.path.insert(0, str(Path.cwd()))  # as `python -m` would: a module beside the config is found
     try:
         module = importlib.import_module(module_name)
-    except Exception as exc:  # noqa: BLE001
+    except CAUGHT as exc:
         raise ConfigError(f"config key 'grpo.rewards': {spec}: cannot import module '{module_name}' "
-                          f"({exc.__class__.__name__}: {exc}); give an importable module or a file path "
-                          "like path/to/rewards.py:function") from None
+                          f"({_raised(exc)}); give an importable module or a file path "
+                          f"like path/to/rewards.py:function{user_frames(exc)}") from None
     return _attribute(spec, module, func_name, module_name)
 
 
@@ -197,7 +205,7 @@ def score(rewards: Sequence[Reward], prompts: list, completions: list, completio
     for j, reward in enumerate(rewards):
         try:
             values = reward.func(prompts=prompts, completions=completions, completion_ids=completion_ids, **fields)
-        except Exception as exc:  # noqa: BLE001 - whatever a user's reward raises stops the run, named
+        except CAUGHT as exc:  # whatever a user's reward raises stops the run, named
             raise RewardError(_failure(reward, exc, _failing_row(reward, prompts, completions, completion_ids,
                                                                  fields, row_name, groups, group_size))) from None
         try:
@@ -215,20 +223,49 @@ def score(rewards: Sequence[Reward], prompts: list, completions: list, completio
                 number = float(value)
             except (TypeError, ValueError):
                 number = math.nan
-            if not math.isfinite(number) or isinstance(value, (str, bytes)):
+            if not math.isfinite(number) or abs(number) > LIMIT or isinstance(value, (str, bytes)):
                 raise RewardError(f"reward {reward.name} returned {value!r} for completion {i % group_size + 1} of "
-                                  f"row {row_name(i // group_size)}; a reward must be a finite number or None; "
-                                  "no update was applied")
+                                  f"row {row_name(i // group_size)}; a reward must be a finite number within "
+                                  f"+-{LIMIT:g}, or None; no update was applied")
             table[i, j] = number
     weights = np.array([r.weight for r in rewards], dtype=np.float64)
-    total = np.nansum(table * weights, axis=1)
+    with np.errstate(over="ignore", invalid="ignore"):
+        total = np.nansum(table * weights, axis=1)
+        spread = (np.std(total.reshape(groups, group_size), axis=1, ddof=1) if group_size > 1
+                  else np.zeros(groups))
+    for g in range(groups):
+        part = total[g * group_size:(g + 1) * group_size]
+        if not (np.all(np.isfinite(part)) and np.isfinite(spread[g])):
+            raise RewardError(f"the weighted rewards ({', '.join(f'{r.name} x {r.weight:g}' for r in rewards)}) of "
+                              f"row {row_name(g)} are {part.tolist()}: their sum or their spread (the group's std, "
+                              "which scales the advantages) is no finite number; scale the rewards or "
+                              "grpo.reward_weights down; no update was applied")
     return Scored(total, table)
+
+
+def _raised(exc: BaseException) -> str:
+    if isinstance(exc, SystemExit):
+        return f"SystemExit (sys.exit({exc.code!r}) ends the process: a reward returns its scores instead)"
+    return f"{exc.__class__.__name__}: {exc}" if str(exc) else exc.__class__.__name__
+
+
+def user_frames(exc: BaseException, keep: int = 8) -> str:
+    """The lines of the user's own code the exception came through (file:line in function: source), innermost
+    last: overnight's frames and importlib's are left out, so what shows is the place to fix. Empty when none."""
+    lines = []
+    for frame in traceback.extract_tb(exc.__traceback__):
+        path = Path(frame.filename)
+        if frame.filename.startswith("<") or _PACKAGE in path.resolve().parents:
+            continue
+        lines.append(f"  {frame.filename}:{frame.lineno} in {frame.name}" + (f": {frame.line}" if frame.line else ""))
+    return ("\n" + "\n".join(lines[-keep:])) if lines else ""
 
 
 def _failure(reward: Reward, exc: BaseException, row: str | None) -> str:
     where = f"on row {row}" if row else "on this batch"
-    return (f"reward {reward.name} raised {exc.__class__.__name__}: {exc} {where}; the run stops before this step's "
-            "update (a failing reward is never scored 0). Fix the function or the row, then resume with --auto-resume")
+    return (f"reward {reward.name} raised {_raised(exc)} {where}; the run stops before this step's "
+            "update (a failing reward is never scored 0). Fix the function or the row, then resume with --auto-resume"
+            + user_frames(exc))
 
 
 def _failing_row(reward, prompts, completions, completion_ids, fields, row_name, groups, group_size) -> str | None:
@@ -238,17 +275,18 @@ def _failing_row(reward, prompts, completions, completion_ids, fields, row_name,
         try:
             reward.func(prompts=prompts[part], completions=completions[part], completion_ids=completion_ids[part],
                         **{k: v[part] for k, v in fields.items()})
-        except Exception:  # noqa: BLE001
+        except CAUGHT:
             return row_name(g)
     return None
 
 
 def advantages(total: np.ndarray, group_size: int, loss_type: str) -> np.ndarray:
-    """Each completion's reward against its group's (TRL's): grpo (r - mean) / (std + 1e-4) with the unbiased
-    std of the group; dr_grpo r - mean (Dr. GRPO drops the std scaling, which favours easy and hard groups)."""
+    """Each completion's reward against its group's (TRL's): grpo and dapo (r - mean) / (std + 1e-4) with the
+    unbiased std of the group (TRL's scale_rewards="group", its default); dr_grpo r - mean (Dr. GRPO drops the std
+    scaling, which favours easy and hard groups)."""
     groups = np.asarray(total, dtype=np.float64).reshape(-1, group_size)
     centered = groups - groups.mean(axis=1, keepdims=True)
-    if loss_type == "grpo":
+    if loss_type in ("grpo", "dapo"):
         centered = centered / (groups.std(axis=1, ddof=1, keepdims=True) + 1e-4)
     return centered.reshape(-1).astype(np.float32)
 

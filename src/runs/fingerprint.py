@@ -11,7 +11,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Callable
 
-from overnight.config import TRAINING_KEYS, Config
+from overnight.config import TRAINING_KEYS, Config, applies_to_method
 from overnight.fsutil import sha256_file
 from overnight.runs.checkpoint import STEP_DIR
 from overnight.runs.portable import model_shape, same_model_differences
@@ -23,7 +23,9 @@ NOT_COMPARED = ("model.path",)
 MAY_DIFFER_ACROSS_BACKENDS = ("model.quantization.bits", "model.quantization.group_size", "model.dtype")
 # Training keys newer than some checkpoints, with the value those checkpoints trained with (the same as the
 # default's effect), so an older run resumes unless the user changed the key.
-ADDED_KEYS = {"data.chat_template_kwargs": {}, "model.dtype": "auto"}
+# grpo.chat_template: before the key, "prompt" rows reached the model as bare text (false); a grpo run from then
+# resumed on a model with a chat template must say grpo.chat_template=false to keep its prompts.
+ADDED_KEYS = {"data.chat_template_kwargs": {}, "model.dtype": "auto", "grpo.chat_template": "false"}
 
 
 TEMPLATE_NOW = "chat_template_now"
@@ -128,6 +130,11 @@ def differences(saved: dict, current: dict, across_backends: bool = False) -> li
     new_cfg = {k: v for k, v in current.get("config", {}).items() if k not in NOT_COMPARED}
     if old_cfg:
         old_cfg = {k: v for k, v in ADDED_KEYS.items() if k in new_cfg} | old_cfg
+    # Keys of another method's objective (an sft run's grpo.beta) change nothing this run computes; a change of
+    # method itself is data.method's difference.
+    method = new_cfg.get("data.method", old_cfg.get("data.method"))
+    old_cfg = {k: v for k, v in old_cfg.items() if applies_to_method(k, method)}
+    new_cfg = {k: v for k, v in new_cfg.items() if applies_to_method(k, method)}
     changes += _global_batch_change(saved.get("world_size", 1), current.get("world_size", 1), old_cfg, new_cfg)
     for key in sorted(set(old_cfg) | set(new_cfg)):
         if across_backends and key in MAY_DIFFER_ACROSS_BACKENDS:

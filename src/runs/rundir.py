@@ -17,8 +17,8 @@ from overnight.fsutil import atomic_write_text
 # Everything overnight writes into a run directory, in one place: `--fresh` and the archive of a run
 # that died before its first checkpoint move exactly these, never a user's other files. The lock file
 # (.lock, see lock.py) and earlier archive-* folders stay where they are.
-OWNED_NAMES = ("config.yaml", "metrics.jsonl", "heartbeat.json", "predictions.jsonl", "checkpoints", "adapter",
-               "tb", "wandb", "report.png")
+OWNED_NAMES = ("config.yaml", "metrics.jsonl", "heartbeat.json", "predictions.jsonl", "completions.jsonl",
+               "checkpoints", "adapter", "tb", "wandb", "report.png")
 # Temporary names of the writes above that a crash can leave behind (atomic writes, the adapter export).
 OWNED_TEMP_PREFIXES = ("adapter.tmp-", ".heartbeat.json.tmp-", ".config.yaml.tmp-")
 

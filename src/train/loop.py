@@ -145,7 +145,8 @@ def train(cfg, backend, source: BatchSource, validator, effects: Effects, *, res
             effects.heartbeat(step, training_step=step + 1, micro_splits=splits.splits)
             effects.progress.step_started()
             result, new_splits = _train_step_with_oom_fallback(
-                backend, micro, lr, objectives.step_scales(cfg.data.method, whole), splits.splits, say)
+                backend, micro, lr, objectives.step_scales(cfg.data.method, whole, cfg.grpo.loss_type),
+                splits.splits, say)
             if new_splits != splits.splits:
                 splits.split(step, new_splits)
                 swap.reset()
@@ -161,7 +162,8 @@ def train(cfg, backend, source: BatchSource, validator, effects: Effects, *, res
             best.add_train_loss(tracked)
             memory = backend.memory()
             effects.progress.update(step, result.loss, best.loss_avg(), step - last_saved, memory["memory_mb"],
-                                    memory.get("limit_mb"))
+                                    memory.get("limit_mb"),
+                                    reward=source.step_stats().get("reward") if source.scores_own_steps else None)
             swap_split = _watch_swap(swap, splits, world, effects, step, step_time, memory, whole)
             unreported = dict(loss=result.loss, loss_avg=best.loss_avg(), lr=lr, tokens=result.tokens,
                               tokens_per_sec=result.tokens / step_time if step_time > 0 else None,

@@ -8,6 +8,10 @@ When stderr is a file or a pipe (nohup, `> log 2>&1`), a plain line instead, at 
 60 s (whichever comes first) and at the end: no carriage returns, so the log reads line by line next morning:
 
     06:12:03 Training: 45% | step=450/1000 | loss=3.2 | loss_avg=3.4 | eta=6:30 | ckpt=-150 | memory_mb=14051 | ...
+
+A method that scores its own steps (grpo) shows its reward in place of the loss, whose objective is ~0 there:
+
+    Training: 45% | reward=0.62 | reward_avg=0.48 | eta=6:30 | ckpt=-150 | memory_mb=14051 | mem_delta=+245
 """
 from __future__ import annotations
 
@@ -66,21 +70,23 @@ def _columns(out) -> int:
 def fit(fields: dict[str, str], percent: str, width: int) -> str:
     """The longest rendering of the fields that fits ``width`` columns. Fields go in this order: the
     "Training:" label, the separators, loss_avg and ckpt, then the long names; loss, eta and the memory
-    (with its leak mark) stay to the end, and the leak mark survives even a hard cut."""
+    (with its leak mark) stay to the end, and the leak mark survives even a hard cut. The first two fields are
+    the figure and its average: loss and loss_avg, or reward and reward_avg."""
     f = fields
+    name, avg = list(f)[:2]
     mem_delta = f["mem_delta"]
     candidates = [
         f"Training: {percent} | " + " | ".join(f"{k}={v}" for k, v in f.items()),
         f"{percent} " + " ".join(f"{k}={v}" for k, v in f.items()),
-        f"{percent} loss={f['loss']} avg={f['loss_avg']} eta={f['eta']} ckpt={f['ckpt']} "
+        f"{percent} {name}={f[name]} avg={f[avg]} eta={f['eta']} ckpt={f['ckpt']} "
         f"mem={f['memory_mb']}MB {mem_delta}",
-        f"{percent} loss={f['loss']} eta={f['eta']} mem={f['memory_mb']}MB {mem_delta}",
-        f"loss={f['loss']} eta={f['eta']} mem{mem_delta}",
+        f"{percent} {name}={f[name]} eta={f['eta']} mem={f['memory_mb']}MB {mem_delta}",
+        f"{name}={f[name]} eta={f['eta']} mem{mem_delta}",
     ]
     for line in candidates:
         if len(line) <= width:
             return line
-    line = f"loss={f['loss']} eta={f['eta']}"  # a hard cut: no half numbers, but the leak mark stays
+    line = f"{name}={f[name]} eta={f['eta']}"  # a hard cut: no half numbers, but the leak mark stays
     if LEAK_MARK in mem_delta:
         return line[:max(0, width - 2)] + " " + LEAK_MARK
     return line[:max(1, width)]
@@ -150,8 +156,10 @@ class Progress:
         return per_step * max(0, self.total - self.step) / 3600.0
 
     def update(self, step: int, loss: float, loss_avg: float, steps_since_ckpt: int, memory_mb: float,
-               limit_mb: float | None = None) -> str:
-        """``loss_avg`` comes from the loop's checkpointed loss window, so it survives a resume."""
+               limit_mb: float | None = None, reward: float | None = None) -> str:
+        """``loss_avg`` comes from the loop's checkpointed loss window, so it survives a resume. ``reward``: the
+        step's mean reward of a source that scores its own steps (grpo), shown in place of the loss; such a source
+        tracks -reward as its loss (GrpoSource.after_step), so the window's average reward is -loss_avg."""
         self.step = step
         self._steps_seen += 1
         if self.baseline_mb is None and self._steps_seen >= BASELINE_AFTER:
@@ -165,8 +173,10 @@ class Progress:
             self.warn(f"warning: memory {memory_mb:.0f} MB is above {NEAR_LIMIT:.0%} of the device's limit "
                       f"({limit_mb:.0f} MB: Metal's recommended working set, or the GPU's total); lower batch_size "
                       f"or max_seq_length, or enable grad_checkpoint")
-        fields = {"loss": _fmt(loss), "loss_avg": _fmt(loss_avg), "eta": format_eta(self.eta_hours()),
-                  "ckpt": f"-{steps_since_ckpt}", "memory_mb": f"{memory_mb:.0f}", "mem_delta": mem_delta}
+        figure = {"loss": _fmt(loss), "loss_avg": _fmt(loss_avg)} if reward is None else \
+            {"reward": _fmt(reward), "reward_avg": _fmt(0.0 - loss_avg)}
+        fields = {**figure, "eta": format_eta(self.eta_hours()), "ckpt": f"-{steps_since_ckpt}",
+                  "memory_mb": f"{memory_mb:.0f}", "mem_delta": mem_delta}
         percent = f"{100.0 * step / max(1, self.total):.0f}%"
         self.last_line = f"Training: {percent} | " + " | ".join(f"{k}={v}" for k, v in fields.items())
         if self._bar is not None:
