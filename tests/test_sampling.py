@@ -209,3 +209,37 @@ def test_the_eval_answers_in_batches_as_one_at_a_time_and_halves_out_of_memory(b
     assert run(Tight(backend, 3), 0, said.append) == alone and said
     with pytest.raises(TrainingError, match="validation runs out of memory generating one answer"):
         run(Tight(backend, 0), 0, said.append)
+
+
+def test_predictions_are_generated_in_batches_in_order(tmp_path):
+    """The other methods' predictions.jsonl: the fixed prompts answered batch_size at a time, each line its own
+    prompt's answer, in order."""
+    import json
+
+    from overnight.backend import as_prompts
+    from overnight.methods.registry import greedy_predictor
+
+    class Greedy:
+        def __init__(self):
+            self.calls = []
+
+        def generate(self, prompts, max_new_tokens, stop_ids):
+            rows, single = as_prompts(prompts)
+            assert not single
+            self.calls.append(len(rows))
+            return [row[::-1][:max_new_tokens] for row in rows]
+
+    class Tok:
+        stop_ids = ()
+
+        @staticmethod
+        def decode(ids):
+            return " ".join(map(str, ids))
+
+    prompts = [(f"p{i}", np.arange(i + 1, dtype=np.int32) + 10 * i) for i in range(5)]
+    backend = Greedy()
+    greedy_predictor(backend, Tok(), prompts, 3, tmp_path, say=pytest.fail, batch_size=2)(7)
+    lines = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    assert backend.calls == [2, 2, 1]
+    assert [(d["step"], d["prompt"], d["output"]) for d in lines] == [
+        (7, text, " ".join(map(str, ids[::-1][:3]))) for text, ids in prompts]
