@@ -27,6 +27,6 @@ def test_memory_bench_builds_a_model_and_measures_a_step(tmp_path):
     assert (model / "config.json").is_file() and bench.weight_bytes(model) > 0
     run = bench.measured("torch", model, method="dpo", rows=2, length=16, bits=0)
     assert math.isfinite(run["loss"]) and run["step_s"] > 0, run
-    # wait4's peak is the whole child's; the setup's own peak is part of it
-    assert 0 < run["setup_peak_rss_gb"] <= run["peak_rss_gb"] < 8, run
+    # wait4's peak is the whole child's; the setup's own peak (rounded to 1 MB by the child) is part of it
+    assert 0 < run["setup_peak_rss_gb"] <= run["peak_rss_gb"] + 1e-3 and run["peak_rss_gb"] < 8, run
     assert "output head on target positions only" in run["details"]["loss_head"], run
