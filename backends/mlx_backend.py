@@ -29,7 +29,7 @@ from mlx.utils import tree_flatten, tree_map, tree_map_with_path, tree_unflatten
 from overnight.backend import lora_init, lora_targets, objectives, step_buffer
 from overnight.backend import Batch, OutOfMemory, PeerLost, PortableState, SetupInfo, StepResult, as_prompts, \
     as_stop_ids
-from overnight.backend.adapter_formats import recorded_base
+from overnight.backend.adapter_formats import MLX_SCORE_KEY, PORTABLE_SCORE_KEY, recorded_base
 from overnight.config import ConfigError
 from overnight.fsutil import atomic_write_text, fsync_dir, fsync_file
 
@@ -199,6 +199,25 @@ def make_objective(method: str, beta: float, logps):
         return _neg_logsigmoid(beta * margin).sum() * pair_scale
 
     return {"sft": cross_entropy, "cpt": cross_entropy, "orpo": orpo, "dpo": dpo}[method]
+
+
+def reward_scores(model, inputs, positions):
+    """reward's r(row), float32 (B,) (src/backend/objectives.py): the score head (``model.score``, float32) on the
+    decoder's final-normed hidden state at each row's score position; the LM head never runs."""
+    hidden = model.model(inputs)
+    picked = hidden[mx.arange(inputs.shape[0]), positions].astype(mx.float32)
+    return (picked @ model.score.weight.T)[:, 0]
+
+
+def make_reward_objective(center_coefficient: float):
+    def reward(model, token_scale, pair_scale, inputs, positions):
+        r = reward_scores(model, inputs, positions)
+        pair_losses = _neg_logsigmoid(r[0::2] - r[1::2])
+        if center_coefficient:
+            pair_losses = pair_losses + center_coefficient * (r[0::2] + r[1::2]) ** 2
+        return pair_losses.sum() * pair_scale
+
+    return reward
 
 
 # ---------------------------------------------------------------------------
@@ -492,6 +511,8 @@ class MLXBackend:
                                 if self._head is not None else "full logits (the model's head is not a plain "
                                 "projection of its decoder's output)")
         lora_parameters = self._apply_lora(model, cfg, details)
+        if self.method == "reward":
+            self._attach_score_head(model, model_dir)
         self.model = model
         self._build_optimizer(cfg.train)
         self._build_steps()
@@ -503,8 +524,31 @@ class MLXBackend:
         return SetupInfo(trainable_params=int(trainable), total_params=int(base_params + trainable),
                          model_dir=Path(model_dir), details=details)
 
+    def _attach_score_head(self, model: nn.Module, model_dir) -> None:
+        """reward: the score head (objectives.py) as the model's trainable ``score`` (hidden -> 1, no bias, float32,
+        zero at the start), so the optimizer, the clip, the all-reduce buffer and the checkpoints take it with the
+        LoRA weights; refused by name where the decoder's hidden states cannot be reached."""
+        from overnight.data.tokenizer import load_tokenizer
+
+        inner = getattr(model, "model", None)
+        probe = mx.array([[1, 2, 3]], dtype=mx.int32)
+        try:
+            hidden = inner(probe) if callable(inner) else None
+        except Exception:  # noqa: BLE001 - refused below by name
+            hidden = None
+        if hidden is None or hidden.ndim != 3 or hidden.shape[:2] != probe.shape:
+            raise ConfigError(f"config key 'data.method': reward needs the decoder of {type(model).__name__} "
+                              "without its output head (mlx-lm's model.model), and this architecture does not "
+                              "expose one; train a reward model on a Llama/Qwen/Mistral-style model")
+        head = nn.Linear(int(hidden.shape[-1]), 1, bias=False)
+        head.weight = mx.zeros((1, int(hidden.shape[-1])), dtype=mx.float32)
+        model.score = head
+        self.pad_id = load_tokenizer(Path(model_dir)).pad_id
+        self.adapter_config["overnight"]["score_head"] = {"key": MLX_SCORE_KEY, "pad_token_id": int(self.pad_id)}
+
     def _read_config(self, cfg: Any, seed: int) -> None:
         self.method = cfg.data.method
+        self.center_coefficient = float(cfg.reward.center_coefficient)
         self.beta = float(cfg.preference.beta)
         self.grpo = cfg.grpo
         self.seed = int(seed)
@@ -573,8 +617,12 @@ class MLXBackend:
         """(Re)compile the step functions. mx.compile captures the state trees it is given, so this
         runs again whenever one of them is replaced (load, an OOM restore)."""
         model, optimizer = self.model, self.optimizer
-        objective = make_grpo_objective(self.grpo, self.grpo.iterations > 1, self._logps) if self.method == "grpo" \
-            else make_objective(self.method, self.beta, self._logps)
+        if self.method == "grpo":
+            objective = make_grpo_objective(self.grpo, self.grpo.iterations > 1, self._logps)
+        elif self.method == "reward":
+            objective = make_reward_objective(self.center_coefficient)
+        else:
+            objective = make_objective(self.method, self.beta, self._logps)
         value_and_grad = nn.value_and_grad(model, objective)
         max_norm = self.max_grad_norm
 
@@ -625,8 +673,10 @@ class MLXBackend:
         """(inputs, then the target slots: index, targets, weights, rows; then the method's own arrays). Slots are
         padded to a multiple of 64 (objectives.target_slots) so compiled steps see few shapes."""
         ids = np.asarray(batch.input_ids, dtype=np.int32)
-        if batch.paired != (self.method in ("dpo", "orpo")):
+        if batch.paired != (self.method in objectives.PAIRED):
             raise ValueError(f"method {self.method} got a batch with paired={batch.paired}")
+        if self.method == "reward":  # the whole rows: the score position may be the last column
+            return mx.array(ids), mx.array(objectives.score_positions(ids, batch.pad_id).astype(np.int32))
         slots = objectives.target_slots(batch.loss_mask, bucket=64)
         inputs = mx.array(ids[:, :-1])
         arrays = (inputs, mx.array(slots.index.astype(np.int32)), mx.array(ids[:, 1:].reshape(-1)[slots.index]),
@@ -889,6 +939,17 @@ class MLXBackend:
         self.optimizer.state = before[1]
         self._build_steps()  # compile captured the replaced optimizer state
 
+    def reward_scores(self, batch: Batch) -> np.ndarray:
+        """reward: each row's score, float32 (B,), without gradients or dropout."""
+        self._set_training(False)
+        try:
+            return np.array(mx.stop_gradient(reward_scores(self.model, *self._device_batch(batch))))
+        except (RuntimeError, MemoryError) as exc:
+            if _is_oom(exc):
+                mx.clear_cache()
+                raise OutOfMemory(str(exc)) from exc
+            raise
+
     def eval_loss(self, batch: Batch) -> tuple[float, int]:
         """(objective x weight, weight) with the batch's own normalisers (src/backend/objectives.py)."""
         token_scale, pair_scale, _ = objectives.step_scales(self.method, [batch], self.grpo.loss_type)
@@ -962,6 +1023,8 @@ class MLXBackend:
     @staticmethod
     def _portable_key(path: str) -> str:
         # mlx-lm keeps lora_a (in, r) and lora_b (r, out): the neutral layout is their transposes.
+        if path == MLX_SCORE_KEY:
+            return PORTABLE_SCORE_KEY
         module, _, which = path.rpartition(".")
         return lora_init.neutral_module_name(module) + (".A" if which == "lora_a" else ".B")
 
@@ -970,7 +1033,7 @@ class MLXBackend:
         moments = dict(tree_flatten(self.optimizer.state))
 
         def neutral(values: dict[str, mx.array], suffix: str) -> dict[str, np.ndarray]:
-            return {self._portable_key(path): np.array(values[path + suffix].astype(mx.float32)).T
+            return {self._portable_key(path): _neutral_layout(path, np.array(values[path + suffix].astype(mx.float32)))
                     for path in params}
 
         return PortableState(neutral(params, ""), neutral(moments, ".m"), neutral(moments, ".v"),
@@ -980,14 +1043,14 @@ class MLXBackend:
         """lora.init_from: the adapter's weights instead of the seeded ones (Backend.init_lora); the optimizer has
         taken no step, so it starts as new."""
         params = dict(tree_flatten(self.model.trainable_parameters()))
-        self.model.load_weights([(path, mx.array(weights[self._portable_key(path)].T).astype(value.dtype))
+        self.model.load_weights([(path, mx.array(_neutral_layout(path, weights[self._portable_key(path)])).astype(value.dtype))
                                  for path, value in params.items()], strict=False)
         mx.eval(self.model.trainable_parameters())
         self._build_steps()  # as after load(): the compiled steps start from the model's state as it is now
 
     def load_portable(self, state: PortableState) -> None:
         params = dict(tree_flatten(self.model.trainable_parameters()))
-        self.model.load_weights([(path, mx.array(state.weights[self._portable_key(path)].T).astype(value.dtype))
+        self.model.load_weights([(path, mx.array(_neutral_layout(path, state.weights[self._portable_key(path)])).astype(value.dtype))
                                  for path, value in params.items()], strict=False)
         by_suffix = {"m": state.exp_avg, "v": state.exp_avg_sq}
 
@@ -996,7 +1059,7 @@ class MLXBackend:
                 return mx.array(state.adam_step, mx.uint64)
             param, _, which = path.rpartition(".")
             if param in params and which in by_suffix:
-                return mx.array(by_suffix[which][self._portable_key(param)].T).astype(value.dtype)
+                return mx.array(_neutral_layout(param, by_suffix[which][self._portable_key(param)])).astype(value.dtype)
             return value  # learning_rate: the loop sets it every step
 
         self.optimizer.state = tree_map_with_path(restored, self.optimizer.state)
@@ -1039,6 +1102,12 @@ def _until_stop(row: np.ndarray, stop_ids: tuple[int, ...]) -> np.ndarray:
     row = row[row >= 0].astype(np.int64)
     hits = np.flatnonzero(np.isin(row, stop_ids))
     return row[: hits[0]] if hits.size else row
+
+
+def _neutral_layout(path: str, value: np.ndarray) -> np.ndarray:
+    """A trainable array between mlx's layout and the neutral one (both ways: a transpose is its own inverse):
+    LoRA's lora_a/lora_b transposed, the reward score head (1, hidden) in both as it is."""
+    return value if path == MLX_SCORE_KEY else value.T
 
 
 def _check_same_tree(what: str, saved: dict[str, mx.array], current: dict[str, mx.array]) -> None:

@@ -8,11 +8,17 @@ The adapter was trained on the base as the run saw it: a Hugging Face base that 
 quantized here the same way first (mlx-lm's quantize_model, the run's bits and group size), so the fused model
 keeps the quantization the adapter learned on; a pre-quantized MLX base is used as it is. ``--dequantize`` writes
 full-precision weights instead (the base's float dtype), which is also the form mlx-lm's GGUF writer takes.
+
+A reward run (job["reward"]) gives a sequence-classification folder for transformers instead (reward_export): the
+same merge, always dequantized (transformers cannot read mlx's quantized layout; dequantize(quantize(W)) + the delta
+is exactly the model the run trained), without the LM head, with the score head as ``score.weight``, and the config
+the torch exporter writes.
 """
 from __future__ import annotations
 
 import contextlib
 import io
+import json
 import sys
 from pathlib import Path
 
@@ -20,16 +26,17 @@ from overnight.commands.fuse import ExportRefused, copy_base_files, run_export_j
 
 
 def export(job: dict) -> dict:
-    from mlx.utils import tree_flatten, tree_unflatten
+    from mlx.utils import tree_flatten
     from mlx_lm.gguf import convert_to_gguf
     from mlx_lm.tuner.utils import load_adapters
-    from mlx_lm.utils import dequantize_model, load_model, quantize_model, save_config, save_model
+    from mlx_lm.utils import dequantize_model, quantize_model, save_config, save_model
 
     from overnight.backends.mlx_backend import _resolve_model_dir
+    from overnight.backends.mlx_load import load_hf_model
 
     base_dir = _resolve_model_dir(job["base"])
     try:
-        model, config = load_model(Path(base_dir))
+        model, config = load_hf_model(base_dir)
     except Exception as exc:  # noqa: BLE001 - a truncated or corrupt weight file fails deep inside mlx
         if isinstance(exc, MemoryError):
             raise
@@ -46,13 +53,11 @@ def export(job: dict) -> dict:
         weights = f"{job['bits']}-bit affine (group {job['group_size']}), as the run trained on it"
     else:
         weights = None
+    if job.get("reward"):
+        return reward_export(job, model, config, Path(base_dir))
     model = load_adapters(model, job["adapter"])
     model.eval()
-    fused = [(name, module.fuse(dequantize=job["dequantize"])) for name, module in model.named_modules()
-             if hasattr(module, "fuse")]
-    if not fused:
-        raise ExportRefused(f"the adapter in {job['adapter']} attached no LoRA layer to {base_dir}")
-    model.update_modules(tree_unflatten(fused))
+    merge(model, job["adapter"], base_dir, job["dequantize"])
     if job["dequantize"]:
         model = dequantize_model(model)
         config.pop("quantization", None)
@@ -75,6 +80,82 @@ def export(job: dict) -> dict:
             convert_to_gguf(output, dict(tree_flatten(model.parameters())), config, str(output / job["gguf_name"]))
         result["gguf"] = str(output / job["gguf_name"])
     return result
+
+
+def merge(model, adapter: str, base_dir, dequantize: bool) -> None:
+    """Each LoRA layer replaced by its own fuse() (mlx-lm's merge), in place."""
+    from mlx.utils import tree_unflatten
+
+    fused = [(name, module.fuse(dequantize=dequantize)) for name, module in model.named_modules()
+             if hasattr(module, "fuse")]
+    if not fused:
+        raise ExportRefused(f"the adapter in {adapter} attached no LoRA layer to {base_dir}")
+    model.update_modules(tree_unflatten(fused))
+
+
+def reward_export(job: dict, model, config: dict, base_dir: Path) -> dict:
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_lm.tuner.utils import load_adapters
+    from mlx_lm.utils import dequantize_model, make_shards
+
+    from overnight.backend.adapter_formats import CONFIG, MLX_WEIGHTS, mlx_score_head, read_safetensors
+    from overnight.backends.torch_export import SCORE_WEIGHT, hf_weight_names, is_lm_head, \
+        sequence_classifier_architecture
+    from overnight.commands.fuse import sequence_classifier_config
+    from overnight.errors import UsageError
+
+    base_config = json.loads((base_dir / "config.json").read_text(encoding="utf-8"))
+    architecture = sequence_classifier_architecture(base_dir, base_config)
+    adapter = Path(job["adapter"])
+    adapter_config = json.loads((adapter / CONFIG).read_text(encoding="utf-8"))
+    try:
+        head = mlx_score_head(adapter_config, read_safetensors(adapter / MLX_WEIGHTS)[0], adapter)
+    except UsageError as exc:
+        raise ExportRefused(str(exc)) from None
+    if head is None:
+        raise ExportRefused(f"{adapter / CONFIG}: the run trained a reward model, but its adapter records no score "
+                            "head (overnight.score_head)")
+    # mlx-lm's load_adapters takes LoRA tensors only: the head is set aside, and the rest saved in a copy.
+    weights = mx.load(str(adapter / MLX_WEIGHTS))
+    score = weights.pop(adapter_config["overnight"]["score_head"]["key"])
+    lora_only = adapter.parent / "lora-only"
+    lora_only.mkdir()
+    mx.save_safetensors(str(lora_only / MLX_WEIGHTS), weights, metadata={"format": "mlx"})
+    (lora_only / CONFIG).write_text(json.dumps(adapter_config), encoding="utf-8")
+    model = load_adapters(model, str(lora_only))
+    model.eval()
+    merge(model, job["adapter"], base_dir, dequantize=True)
+    model = dequantize_model(model)
+    tensors = {name: value for name, value in tree_flatten(model.parameters()) if not is_lm_head(name)}
+    # transformers reads the folder by the Hugging Face checkpoint's names: an architecture whose mlx-lm module
+    # names differ would load with random weights in their place, so it is refused rather than written.
+    foreign = sorted(set(tensors) - hf_weight_names(base_dir))
+    if foreign:
+        raise ExportRefused(f"mlx-lm names weights of this {config.get('model_type')} model differently from its "
+                            f"Hugging Face checkpoint ({', '.join(foreign[:3])}); a reward model fused here would not "
+                            "open in transformers. Convert the adapter (overnight convert-adapter --to peft) and fuse "
+                            "it on a machine with the torch backend")
+    tensors[SCORE_WEIGHT] = score  # last: into the last shard
+    output = Path(job["output"])
+    shards = make_shards(tensors)
+    pattern = "model-{:05d}-of-{:05d}.safetensors" if len(shards) > 1 else "model.safetensors"
+    weight_map = {}
+    for number, shard in enumerate(shards, 1):
+        name = pattern.format(number, len(shards))
+        # format "pt": the folder is for transformers, whose safetensors loader checks it
+        mx.save_safetensors(str(output / name), shard, metadata={"format": "pt"})
+        weight_map |= {key: name for key in shard}
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(v.nbytes for v in tensors.values())},
+                 "weight_map": dict(sorted(weight_map.items()))}
+        (output / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    config = sequence_classifier_config(base_config, architecture, head.pad_token_id)
+    (output / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    dtypes = sorted({str(v.dtype).replace("mlx.core.", "") for v in tensors.values()})
+    return {"base_dir": str(base_dir), "format": f"Hugging Face {architecture} folder (one label) for "
+            "AutoModelForSequenceClassification", "weights": f"{'/'.join(dtypes)}, full precision",
+            "dtype": dtypes[0], "copied": copy_base_files(base_dir, output), "quantized": False}
 
 
 if __name__ == "__main__":

@@ -102,9 +102,34 @@ def _cast(model: nn.Module, dtype: Any) -> nn.Module:
 
 
 def _lazy_load(model_dir: Path) -> tuple[nn.Module, dict]:
+    return load_hf_model(model_dir, lazy=True)
+
+
+def load_hf_model(model_dir: Path, **kwargs) -> tuple[nn.Module, dict]:
+    """mlx_lm.utils.load_model(model_dir, **kwargs), reading the RoPE settings of a config.json saved by transformers 5
+    (rope_overrides); the config it returns carries them at the top level, where mlx-lm (and a folder saved from
+    this config) reads them."""
     from mlx_lm.utils import load_model
 
-    return load_model(Path(model_dir), lazy=True)
+    return load_model(Path(model_dir), model_config={**rope_overrides(model_dir), **kwargs.pop("model_config", {})},
+                      **kwargs)
+
+
+def rope_overrides(model_dir: Path) -> dict:
+    """What mlx-lm 0.32 misses in a config.json saved by transformers 5, which moves rope_theta (and a scaling) into
+    ``rope_parameters``: mlx-lm's ModelArgs read only the top-level keys and fall back to rope_theta 10000, so
+    SmolLM2 (100000) ran with other positions than torch gives it. Empty when the top-level keys are there."""
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    rope = config.get("rope_parameters")
+    if not isinstance(rope, dict) or "rope_theta" in config:
+        return {}
+    out = {"rope_theta": rope["rope_theta"]} if "rope_theta" in rope else {}
+    if rope.get("rope_type", "default") != "default" and "rope_scaling" not in config:
+        out["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
+    return out
 
 
 def evaluate_by_block(model: nn.Module) -> None:

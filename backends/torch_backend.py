@@ -39,7 +39,7 @@ from torch.utils.checkpoint import checkpoint
 from overnight.backend import lora_init, lora_targets, model_folder, objectives, step_buffer
 from overnight.backend import Batch, OutOfMemory, PeerLost, PortableState, SetupInfo, StepResult, as_prompts, \
     as_stop_ids
-from overnight.backend.adapter_formats import recorded_base
+from overnight.backend.adapter_formats import PEFT_SCORE_KEY, PORTABLE_SCORE_KEY, recorded_base
 from overnight.backends import noise
 from overnight.config import ConfigError
 from overnight.fsutil import give_default_modes
@@ -192,12 +192,61 @@ class TorchBackend:
         self._model = model
         _init_lora_a(model, seed)
         self._find_plain_head()
+        self._score = self._build_score_head() if self._method == "reward" else None
+        if self._score is not None:  # the score position's pad id, as the core's tokenizer pads (objectives.py)
+            from overnight.data.tokenizer import load_tokenizer
+
+            self._pad_id = load_tokenizer(model_dir).pad_id
         self._params = [p for p in model.parameters() if p.requires_grad]
         self._param_names = [name for name, p in model.named_parameters() if p.requires_grad]
+        if self._score is not None:  # trained fully beside LoRA: same optimizer, clip, all-reduce and checkpoints
+            self._params.append(self._score.weight)
+            self._param_names.append(PORTABLE_SCORE_KEY)
         if not self._params:
             raise ConfigError(f"config key 'lora.targets': {list(cfg.lora.targets)} matched no trainable module")
         self._optimizer = self._build_optimizer()
         return self._setup_info(model_dir, tokenizer, lora_layers)
+
+    def _backbone(self):
+        """reward: the decoder without its LM head (LoRA inside), whose output is the final-normed hidden states."""
+        base = self._peft_model().get_base_model()
+        backbone = getattr(base, getattr(base, "base_model_prefix", ""), None)
+        if not isinstance(backbone, torch.nn.Module) or backbone is base:
+            raise ConfigError(f"config key 'data.method': reward needs the decoder of {type(base).__name__} without "
+                              "its output head, and this architecture does not expose one (base_model_prefix); "
+                              "train a reward model on a Llama/Qwen/Mistral-style model")
+        return backbone
+
+    def _build_score_head(self) -> torch.nn.Linear:
+        """reward's score head (objectives.py): hidden -> 1, no bias, float32, zero at the start (every pair's
+        loss starts at log 2 whatever the base)."""
+        self._backbone()
+        hidden = self._model.config.get_text_config().hidden_size
+        head = torch.nn.Linear(hidden, 1, bias=False, device=self._device, dtype=torch.float32)
+        torch.nn.init.zeros_(head.weight)
+        return head
+
+    def _reward_scores(self, ids: torch.Tensor, attn: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """r(row), float32 (B,): the score head on the final hidden state at each row's score position; the LM head
+        never runs."""
+        with self._autocast():
+            hidden = self._backbone()(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state
+        picked = hidden[torch.arange(ids.shape[0], device=hidden.device), positions].float()
+        return (picked @ self._score.weight.t()).squeeze(-1)
+
+    def reward_scores(self, batch: Batch) -> np.ndarray:
+        """reward: each row's score, float32 (B,), without gradients or dropout (validation, tests, export checks)."""
+        self._model.eval()
+        ids, attn, _, positions, _ = self._tensors(batch)
+        try:
+            with torch.no_grad():
+                return self._reward_scores(ids, attn, positions[0]).cpu().numpy()
+        except RuntimeError as exc:
+            if not _is_oom(exc):
+                raise
+            message = _first_line(exc)
+        self._recover_from_oom()
+        raise OutOfMemory(f"out of memory scoring a batch of {batch.num_rows} rows: {message}")
 
     def _read_config(self, cfg: Any) -> None:
         self._cfg = cfg
@@ -387,7 +436,7 @@ class TorchBackend:
         return contextlib.nullcontext()
 
     def _tensors(self, batch: Batch) -> tuple:
-        if self._method in ("dpo", "orpo") and (not batch.paired or batch.num_rows % 2):
+        if self._method in objectives.PAIRED and (not batch.paired or batch.num_rows % 2):
             raise ValueError(f"method {self._method} needs paired rows (chosen, rejected), got an unpaired batch")
         if self._method == "grpo" and batch.advantages is None:
             raise ValueError("method grpo needs batches of sampled completions with advantages (src/methods/grpo.py)")
@@ -398,7 +447,8 @@ class TorchBackend:
         # The target positions, found on the host from the numpy mask: a nonzero() on the device would wait
         # for the GPU once per micro-batch.
         targets = tuple(torch.from_numpy(np.ascontiguousarray(index, dtype=np.int64)).to(dev, non_blocking=True)
-                        for index in np.nonzero(batch.loss_mask[:, 1:]))
+                        for index in (np.nonzero(batch.loss_mask[:, 1:]) if self._method != "reward"
+                                      else (objectives.score_positions(batch.input_ids, batch.pad_id),)))
         grpo = None
         if batch.advantages is not None:
             adv = torch.from_numpy(np.ascontiguousarray(batch.advantages, dtype=np.float32)).to(dev, non_blocking=True)
@@ -546,6 +596,13 @@ class TorchBackend:
         token_scale plus its pair sums times pair_scale, the scales being 1/T and 1/P of the whole step."""
         if self._method == "grpo":
             return self._grpo_objective(ids, attn, mask, targets, *grpo, token_scale)
+        if self._method == "reward":
+            r = self._reward_scores(ids, attn, targets[0])
+            pair_losses = -F.logsigmoid(r[0::2] - r[1::2])
+            center = self._cfg.reward.center_coefficient
+            if center:
+                pair_losses = pair_losses + center * (r[0::2] + r[1::2]) ** 2
+            return pair_losses.sum() * pair_scale
         mask = mask[:, 1:]
         sums = self._row_logp_sums(ids, attn, mask, targets)
         if self._method == "dpo":
@@ -738,8 +795,10 @@ class TorchBackend:
             return np.full((n, max(0, int(max_new_tokens))), -1, dtype=np.int64)
         temperature, top_p, dev = float(temperature), float(top_p), self._device
         gens = [torch.Generator(device=dev).manual_seed(int(s)) for s in seeds]  # generator_seed's range
+        noise = None
 
         def draw(logits: torch.Tensor) -> torch.Tensor:
+            nonlocal noise
             scaled = logits / temperature
             if top_p < 1.0:
                 # The smallest set of most likely tokens whose probability reaches top_p (the first one always).
@@ -748,10 +807,15 @@ class TorchBackend:
                 drop_sorted = (probs.cumsum(dim=-1) - probs) >= top_p
                 drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
                 scaled = scaled.masked_fill(drop, -math.inf)
-            noise = torch.stack([torch.rand(scaled.shape[-1], generator=g, device=dev, dtype=torch.float64)
-                                 for g in gens])
-            gumbel = -torch.log(-torch.log(noise.clamp(min=1e-300)))
-            return torch.argmax(scaled.double() + gumbel, dim=-1)
+            # In place in one buffer kept across tokens: the same values as torch.rand per row and
+            # scaled.double() + gumbel, bit for bit, without four fresh (rows x vocab) float64 tensors per token
+            # (on the CPU their page faults cost as much as the arithmetic).
+            if noise is None or noise.shape != scaled.shape:
+                noise = torch.empty(scaled.shape, dtype=torch.float64, device=dev)
+            for row, g in zip(noise, gens):
+                row.uniform_(generator=g)
+            noise.clamp_(min=1e-300).log_().neg_().log_().neg_().add_(scaled)  # Gumbel noise + the logits
+            return torch.argmax(noise, dim=-1)
 
         return self._decode(rows, int(max_new_tokens), as_stop_ids(stop_ids), draw, f"sampling {n} completions")
 
@@ -875,7 +939,9 @@ class TorchBackend:
         adapter_config = json.loads(config_path.read_text())
         if isinstance(adapter_config.get("target_modules"), list):
             adapter_config["target_modules"] = sorted(adapter_config["target_modules"])
-            config_path.write_text(json.dumps(adapter_config, indent=2, sort_keys=True))
+        if self._score is not None:
+            self._save_score_head(directory / "adapter", adapter_config)
+        config_path.write_text(json.dumps(adapter_config, indent=2, sort_keys=True))
         give_default_modes(directory / "adapter")  # safetensors writes 0600; RUN_DIR/adapter/ is a copy of this
         torch.save(self._optimizer.state_dict(), directory / "optimizer.pt")
         torch.save(
@@ -899,6 +965,20 @@ class TorchBackend:
         }
         (directory / "backend_state.json").write_text(json.dumps(state, indent=1))
 
+    def _save_score_head(self, adapter_dir: Path, adapter_config: dict) -> None:
+        """A reward run's adapter is PEFT's for AutoModelForSequenceClassification (task SEQ_CLS, the head in
+        modules_to_save under PEFT's own key), so transformers + PEFT score with it as overnight does; the base's
+        pad_token_id (the score position's rule, objectives.py) is recorded for the user to pass."""
+        from safetensors.torch import load_file, save_file
+
+        path = adapter_dir / "adapter_model.safetensors"
+        tensors = load_file(str(path))
+        tensors[PEFT_SCORE_KEY] = self._score.weight.detach().float().cpu().contiguous()
+        save_file(tensors, str(path) + ".tmp", metadata={"format": "pt"})
+        os.replace(str(path) + ".tmp", path)
+        adapter_config.update(task_type="SEQ_CLS", modules_to_save=["score"], num_labels=1,
+                              pad_token_id=int(self._pad_id))
+
     def load(self, directory: Path) -> None:
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
@@ -916,6 +996,13 @@ class TorchBackend:
                              "(lora.rank, lora.layers or lora.targets changed?)")
 
         weights = load_file(str(directory / "adapter" / "adapter_model.safetensors"), device=str(self._device))
+        head = weights.pop(PEFT_SCORE_KEY, None)
+        if (head is None) != (self._score is None):
+            raise ValueError(f"the checkpoint in {directory} {'lacks' if head is None else 'holds'} a reward score "
+                             f"head and this run's method is {self._method}")
+        if head is not None:
+            with torch.no_grad():
+                self._score.weight.copy_(head)
         result = set_peft_model_state_dict(self._peft_model(), weights)
         unexpected = list(getattr(result, "unexpected_keys", []) or [])
         if unexpected:
@@ -939,7 +1026,8 @@ class TorchBackend:
 
     def _portable_keys(self) -> list[str]:
         # PEFT's lora_A (r, in) and lora_B (out, r) are already the neutral layout: only the names change.
-        return [lora_init.neutral_module_name(name.split(".lora_")[0]) + (".A" if ".lora_A." in name else ".B")
+        return [name if name == PORTABLE_SCORE_KEY else
+                lora_init.neutral_module_name(name.split(".lora_")[0]) + (".A" if ".lora_A." in name else ".B")
                 for name in self._param_names]
 
     def portable_state(self) -> PortableState:

@@ -20,6 +20,11 @@ in a fraction of a second and holds no framework's memory; torch is imported onl
 Every adapter tensor must land on a checkpoint tensor (never a silently unmerged weight), a merged value that is
 not finite in the stored dtype is refused (PEFT's safe_merge), and an adapter that is more than plain LoRA is
 refused by name.
+
+A reward run's adapter (PEFT SEQ_CLS: LoRA + the score head) gives a sequence-classification folder on the same
+path: the LM head's tensors are left out as their shard is copied, the score head is written last into the last
+shard, and config.json names the base's class with ForCausalLM -> ForSequenceClassification
+(sequence_classifier_architecture).
 """
 from __future__ import annotations
 
@@ -30,11 +35,13 @@ import struct
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
-from overnight.backend.adapter_formats import CONFIG, PEFT_WEIGHTS, read_safetensors, refuse_beyond_plain_lora
-from overnight.commands.fuse import ExportRefused, copy_base_files, run_export_job
+from overnight.backend.adapter_formats import CONFIG, PEFT_WEIGHTS, ScoreHead, Tensor, peft_score_head, \
+    read_safetensors, refuse_beyond_plain_lora
+from overnight.commands.fuse import ExportRefused, copy_base_files, run_export_job, sequence_classifier_config
 from overnight.errors import UsageError
 
 _SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
@@ -46,6 +53,8 @@ SAFETENSORS_INDEX, BIN_INDEX = "model.safetensors.index.json", "pytorch_model.bi
 # PEFT's saved names: base_model.model.<module>.lora_A.weight (the adapter name is dropped on save).
 _LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.(?P<kind>lora_A|lora_B)(?:\.[^.]+)?\.weight$")
 _COPY_CHUNK = 16 << 20  # untouched tensors (a 2 GB embedding) pass through in pieces of this size
+# A reward model's head in its fused folder: transformers' decoder-only sequence classifiers name it so
+SCORE_WEIGHT = "score.weight"
 
 
 def checkpoint_dtype(base_dir: Path) -> str:
@@ -110,11 +119,30 @@ class LoraPair:
 
 def read_adapter(adapter_dir: Path) -> dict[str, LoraPair]:
     """The adapter's LoRA pairs by module path; anything that is not plain LoRA is refused by name."""
+    return _read_adapter(adapter_dir, False)[0]
+
+
+def read_reward_adapter(adapter_dir: Path, base: str | None) -> tuple[dict[str, LoraPair], ScoreHead]:
+    """A reward adapter's LoRA pairs and its score head (PEFT SEQ_CLS, the head in modules_to_save)."""
+    pairs, head = _read_adapter(adapter_dir, True, base)
+    if head is None:
+        raise ExportRefused(f"{adapter_dir / CONFIG}: the run trained a reward model, but its adapter is not a "
+                            "SEQ_CLS adapter with a score head (task_type is not SEQ_CLS)")
+    return pairs, head
+
+
+def _read_adapter(adapter_dir: Path, reward: bool, base: str | None = None
+                  ) -> tuple[dict[str, LoraPair], ScoreHead | None]:
     config_path, weights_path = adapter_dir / CONFIG, adapter_dir / PEFT_WEIGHTS
+    head = None
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
-        refuse_beyond_plain_lora(config, config_path, "a plain LoRA merge", "be fused")
         tensors, _ = read_safetensors(weights_path)
+        if reward:
+            head = peft_score_head(config, tensors, adapter_dir, base)
+            if head is not None:  # the head is written whole beside the merged weights, not merged
+                config = {k: v for k, v in config.items() if k != "modules_to_save"}
+        refuse_beyond_plain_lora(config, config_path, "a plain LoRA merge", "be fused")
     except (OSError, ValueError) as exc:
         raise ExportRefused(f"the adapter in {adapter_dir} cannot be read ({exc.__class__.__name__}: {exc})") from None
     except UsageError as exc:
@@ -143,7 +171,32 @@ def read_adapter(adapter_dir: Path) -> dict[str, LoraPair]:
         pairs[module] = LoraPair(module, a, b, scale)
     if not pairs:
         raise ExportRefused(f"{weights_path} holds no LoRA weights")
-    return pairs
+    return pairs, head
+
+
+def sequence_classifier_architecture(base_dir: Path, base_config: dict) -> str:
+    """The base's causal LM class with ForCausalLM -> ForSequenceClassification (LlamaForCausalLM ->
+    LlamaForSequenceClassification), which must be a class transformers has: a model type without one is refused
+    by name, since the folder would not open. Looked up in transformers' lazy name table, which imports no model
+    code and no torch (the mlx exporter uses it too)."""
+    import transformers
+
+    causal = (base_config.get("architectures") or [None])[0]
+    name = causal[: -len("ForCausalLM")] + "ForSequenceClassification" \
+        if isinstance(causal, str) and causal.endswith("ForCausalLM") else None
+    if name is None or name not in dir(transformers):
+        raise ExportRefused(
+            f"transformers {transformers.__version__} has no sequence-classification class for model_type "
+            f"{base_config.get('model_type')!r} (the base {base_dir}, architectures {causal!r}"
+            + (f": no {name}" if name else ", not a ...ForCausalLM") + "): a fused reward model could not be "
+            "opened. Use the run's adapter as it is (README: Reward models)")
+    return name
+
+
+def is_lm_head(name: str) -> bool:
+    """A tensor of the causal LM head, which a sequence classifier does not have (with tied embeddings there is
+    none in the checkpoint: the input embeddings, which stay, are the only copy)."""
+    return name.startswith("lm_head.")
 
 
 def match_targets(pairs: dict[str, LoraPair], names: set[str]) -> dict[str, LoraPair]:
@@ -271,13 +324,27 @@ def _tensor_bytes(tensor) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
 
 
-def fuse_safetensors_shard(source: Path, dest: Path, targets: dict[str, LoraPair]) -> dict[str, int]:
-    """Copy one safetensors shard into ``dest``, merging the targets it holds; returns {tensor: bytes}."""
+def _extra_entries(extra: dict[str, Tensor]) -> list[tuple[str, str, list[int], int]]:
+    return [(name, t.dtype, list(t.array.shape), t.array.nbytes) for name, t in extra.items()]
+
+
+def _write_extra(writer: ShardWriter, extra: dict[str, Tensor]) -> None:
+    for tensor in extra.values():
+        writer.write(np.ascontiguousarray(tensor.array).reshape(-1).view(np.uint8))
+
+
+def fuse_safetensors_shard(source: Path, dest: Path, targets: dict[str, LoraPair],
+                           drop: Callable[[str], bool] | None = None,
+                           extra: dict[str, Tensor] | None = None) -> dict[str, int]:
+    """Copy one safetensors shard into ``dest``, merging the targets it holds; a reward fuse leaves out the tensors
+    ``drop`` names and appends ``extra`` after the rest. Returns {tensor: bytes}."""
     header, metadata, data_start = read_header(source)
-    order = sorted(header, key=lambda name: header[name]["data_offsets"][0])
+    order = sorted((name for name in header if not (drop and drop(name))),
+                   key=lambda name: header[name]["data_offsets"][0])
     entries = [(name, header[name]["dtype"], list(header[name]["shape"]),
                 header[name]["data_offsets"][1] - header[name]["data_offsets"][0]) for name in order]
-    writer = ShardWriter(dest, entries, metadata or {"format": "pt"})
+    extra = extra or {}
+    writer = ShardWriter(dest, entries + _extra_entries(extra), metadata or {"format": "pt"})
     try:
         with open(source, "rb") as handle:
             for name, dtype, shape, size in entries:
@@ -293,9 +360,10 @@ def fuse_safetensors_shard(source: Path, dest: Path, targets: dict[str, LoraPair
                 weight = weight.reshape(shape) if dtype in _RAW else weight
                 writer.write(merge(name, weight, dtype, targets[name]).reshape(-1).view(np.uint8))
                 del raw, weight
+        _write_extra(writer, extra)
     finally:
         writer.close()
-    return {name: size for name, _, _, size in entries}
+    return {name: size for name, _, _, size in entries + _extra_entries(extra)}
 
 
 def _copy_bytes(handle, writer: ShardWriter, size: int, source: Path) -> None:
@@ -309,8 +377,10 @@ def _copy_bytes(handle, writer: ShardWriter, size: int, source: Path) -> None:
         left -= len(chunk)
 
 
-def fuse_bin_shard(source: Path, dest: Path, targets: dict[str, LoraPair]) -> dict[str, int]:
-    """A pickled pytorch_model*.bin shard (memory-mapped when it is in torch's zip format) written as safetensors."""
+def fuse_bin_shard(source: Path, dest: Path, targets: dict[str, LoraPair], drop: Callable[[str], bool] | None = None,
+                   extra: dict[str, Tensor] | None = None) -> dict[str, int]:
+    """A pickled pytorch_model*.bin shard (memory-mapped when it is in torch's zip format) written as safetensors;
+    ``drop`` and ``extra`` as in fuse_safetensors_shard."""
     import torch
 
     try:
@@ -320,13 +390,16 @@ def fuse_bin_shard(source: Path, dest: Path, targets: dict[str, LoraPair]) -> di
     except Exception as exc:  # noqa: BLE001 - a truncated or foreign pickle
         raise ExportRefused(f"cannot load the base model {source.parent}: {source.name}: "
                             f"{exc.__class__.__name__}: {str(exc)[:300]}") from None
+    if drop:
+        state = {name: tensor for name, tensor in state.items() if not drop(name)}
     codes = {getattr(torch, name): code for code, name in _STORED_DTYPES.items()}
     entries = []
     for name, tensor in state.items():
         if tensor.dtype not in codes:
             raise ExportRefused(f"{name} in {source} has dtype {tensor.dtype}, which safetensors cannot hold here")
         entries.append((name, codes[tensor.dtype], list(tensor.shape), tensor.numel() * tensor.element_size()))
-    writer = ShardWriter(dest, entries, {"format": "pt"})
+    extra = extra or {}
+    writer = ShardWriter(dest, entries + _extra_entries(extra), {"format": "pt"})
     try:
         for (name, tensor), (_, dtype, shape, _) in zip(state.items(), entries):
             data = _tensor_bytes(tensor)
@@ -335,9 +408,10 @@ def fuse_bin_shard(source: Path, dest: Path, targets: dict[str, LoraPair]) -> di
                 data = merge(name, raw.reshape(shape) if dtype in _RAW else raw, dtype, targets[name])
                 data = data.reshape(-1).view(np.uint8)
             writer.write(data)
+        _write_extra(writer, extra)
     finally:
         writer.close()
-    return {name: size for name, _, _, size in entries}
+    return {name: size for name, _, _, size in entries + _extra_entries(extra)}
 
 
 def _names_in(base_dir: Path, shards: list[str], weight_map: dict[str, str] | None) -> dict[str, str]:
@@ -356,6 +430,11 @@ def _names_in(base_dir: Path, shards: list[str], weight_map: dict[str, str] | No
     return {name: shard for name in state}
 
 
+def hf_weight_names(base_dir: Path) -> set[str]:
+    """The tensor names of a Hugging Face folder's weight files (from the index or the headers)."""
+    return set(_names_in(base_dir, *weight_shards(base_dir)))
+
+
 def export(job: dict) -> dict:
     from overnight.backend import hub
 
@@ -366,17 +445,27 @@ def export(job: dict) -> dict:
         method = quant.get("quant_method", "mlx") if isinstance(quant, dict) else "quantized"
         raise ExportRefused(f"the base model {base_dir} is saved pre-quantized ({method}); fuse merges into a "
                             "full-precision base only: give the unquantized original with --base DIR")
-    pairs = read_adapter(Path(job["adapter"]))
+    reward = bool(job.get("reward"))
+    if reward:
+        architecture = sequence_classifier_architecture(base_dir, base_config)
+        pairs, head = read_reward_adapter(Path(job["adapter"]), str(base_dir))
+    else:
+        pairs, head = read_adapter(Path(job["adapter"])), None
     shards, weight_map = weight_shards(base_dir)
     located = _names_in(base_dir, shards, weight_map)
     targets = match_targets(pairs, set(located))
+    if reward and SCORE_WEIGHT in located:
+        raise ExportRefused(f"the base model {base_dir} already holds a {SCORE_WEIGHT}: it is a sequence classifier, "
+                            "not the causal LM a reward run trains on; pass --base DIR with the run's base")
     output = Path(job["output"])
     sizes: dict[str, int] = {}
     new_map: dict[str, str] = {}
     for shard in shards:
         mine = {name: pair for name, pair in targets.items() if located.get(name) == shard}
         fuse_one = fuse_bin_shard if shard.endswith(".bin") else fuse_safetensors_shard
-        written = fuse_one(base_dir / shard, output / output_name(shard), mine)
+        # The score head goes last, into the last shard: a reader that samples a file's end sees it (reward_model.py)
+        extra = {SCORE_WEIGHT: head.weight} if head is not None and shard == shards[-1] else None
+        written = fuse_one(base_dir / shard, output / output_name(shard), mine, is_lm_head if reward else None, extra)
         sizes |= written
         new_map |= {name: output_name(shard) for name in written}
     unmerged = sorted(pair.module for pair in pairs.values() if not pair.merged)
@@ -386,14 +475,19 @@ def export(job: dict) -> dict:
     if weight_map is not None:
         index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": dict(sorted(new_map.items()))}
         (output / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-    # The architecture is the base's, unchanged by a merge: its config.json as it is (no quantization to drop,
-    # the dtype it names is the dtype written).
-    (output / "config.json").write_bytes((base_dir / "config.json").read_bytes())
+    if reward:
+        config = sequence_classifier_config(base_config, architecture, head.pad_token_id)
+        (output / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    else:
+        # The architecture is the base's, unchanged by a merge: its config.json as it is (no quantization to drop,
+        # the dtype it names is the dtype written).
+        (output / "config.json").write_bytes((base_dir / "config.json").read_bytes())
     copied = copy_base_files(base_dir, output)
     dtype_name = checkpoint_dtype(base_dir)
-    return {"base_dir": str(base_dir), "format": "Hugging Face folder for transformers",
-            "weights": f"{dtype_name}, full precision", "dtype": dtype_name, "copied": copied,
-            "merged": len(targets), "shards": len(shards)}
+    kind = (f"Hugging Face {architecture} folder (one label) for AutoModelForSequenceClassification" if reward
+            else "Hugging Face folder for transformers")
+    return {"base_dir": str(base_dir), "format": kind, "weights": f"{dtype_name}, full precision",
+            "dtype": dtype_name, "copied": copied, "merged": len(targets), "shards": len(shards)}
 
 
 if __name__ == "__main__":

@@ -126,6 +126,14 @@ class PreferenceConfig:
 
 
 @dataclass
+class RewardConfig:
+    """method reward (SPEC §9): a scalar score head on the LoRA'd base, trained on preference pairs."""
+    # TRL RewardTrainer's center_rewards_coefficient: weight of mean (r_chosen + r_rejected)^2, which pulls the
+    # scores toward mean 0 (src/backend/objectives.py); 0 = no such term (TRL's None)
+    center_coefficient: float = 0.0
+
+
+@dataclass
 class GrpoConfig:
     """GRPO (SPEC §9): group_size completions are sampled per prompt, scored by the rewards, and each one's
     advantage is its reward against its group's."""
@@ -179,6 +187,7 @@ class Config:
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     preference: PreferenceConfig = field(default_factory=PreferenceConfig)
     grpo: GrpoConfig = field(default_factory=GrpoConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     notify: NotifyConfig = field(default_factory=NotifyConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
@@ -214,6 +223,7 @@ TRAINING_KEYS = (
     "train.optimizer", "train.seed", "preference.beta",
     "grpo.group_size", "grpo.max_new_tokens", "grpo.temperature", "grpo.top_p", "grpo.beta", "grpo.epsilon",
     "grpo.loss_type", "grpo.iterations", "grpo.rewards", "grpo.reward_weights", "grpo.chat_template",
+    "reward.center_coefficient",
 )
 
 
@@ -223,13 +233,15 @@ def applies_to_method(key: str, method: str) -> bool:
     and orpo's. A resume compares only these (an sft run does not care that grpo's defaults moved)."""
     if key.startswith("grpo."):
         return method == "grpo"
+    if key.startswith("reward."):
+        return method == "reward"
     if key == "preference.beta":
         return method in ("dpo", "orpo")
     return True
 
 
 CHOICES = {
-    "data.method": ("sft", "cpt", "dpo", "orpo", "grpo"),
+    "data.method": ("sft", "cpt", "dpo", "orpo", "grpo", "reward"),
     "grpo.loss_type": ("dapo", "grpo", "dr_grpo"),
     "grpo.chat_template": ("auto", "true", "false"),
     "train.schedule": ("cosine", "linear", "constant"),
@@ -503,7 +515,8 @@ def _check_bounds(cfg: Config) -> None:
                     "early_stopping.warmup_steps", "early_stopping.min_delta", "eval.predictions",
                     "eval.batch_size", "eval.max_new_tokens", "lora.alpha", "train.min_lr_ratio",
                     "preference.beta", "grpo.beta", "grpo.epsilon", "train.oom_regrow_steps",
-                    "train.swap_patience", "train.max_restarts", "grpo.log_completions_every")
+                    "train.swap_patience", "train.max_restarts", "grpo.log_completions_every",
+                    "reward.center_coefficient")
     for key in non_negative:
         if cfg.get(key) < 0:
             raise ConfigError(f"config key '{key}' must not be negative, got {cfg.get(key)}")

@@ -18,6 +18,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # The CLI tests run with stdin not a terminal, which supervises a run (overnight.runs.supervise); the tests that
 # kill the trainer themselves expect it to stay dead. tests/test_supervise.py turns supervision back on.
 os.environ.setdefault("OVERNIGHT_SUPERVISOR", "off")
+# One compute thread per test process (and the CLI runs they start): the README's command runs two xdist workers,
+# one per core of CI's 2-core machine, and torch's default of a thread per core made four busy-waiting threads on
+# two cores (a tiny model's sampling call measured 14 s that way, 0.5 s with one thread).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def has(*modules: str) -> bool:

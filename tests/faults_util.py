@@ -116,12 +116,12 @@ BACKEND_SPECS = {"numpy": "faults_util:RecordingNumpy", "torch": "faults_util:Re
 NO_EVAL = 10**6
 
 
-def make_small_data(target: Path, train_rows: int = 26, val_rows: int = 8) -> Path:
-    """A copy of the bundled data, cut short so a short run crosses several epochs (26 rows at batch 4
-    is 6 full batches and a last one of 2)."""
+def make_small_data(target: Path, train_rows: int = 26, val_rows: int = 8, source: Path = DATA_DIR) -> Path:
+    """A copy of the bundled data (``source``: data/ or one of its method folders), cut short so a short run
+    crosses several epochs (26 rows at batch 4 is 6 full batches and a last one of 2)."""
     target.mkdir(parents=True, exist_ok=True)
     for name, rows in (("train.jsonl", train_rows), ("val.jsonl", val_rows)):
-        lines = [line for line in (DATA_DIR / name).read_text(encoding="utf-8").splitlines() if line.strip()]
+        lines = [line for line in (source / name).read_text(encoding="utf-8").splitlines() if line.strip()]
         (target / name).write_text("\n".join(lines[:rows]) + "\n", encoding="utf-8")
     return target
 

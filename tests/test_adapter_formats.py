@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -307,3 +308,150 @@ def test_what_mlx_lm_cannot_hold_is_refused_by_name(peft_adapter, tmp_path):
     with pytest.raises(UsageError, match="pass --base MODEL_DIR"):
         convert_adapter(variant("hub", base_model_name_or_path="org/model"), "mlx", tmp_path / "o5")
     assert not any((tmp_path / f"o{i}").exists() for i in range(1, 6))
+
+
+# -- reward models (--method reward): LoRA + the score head -------------------------------------------------
+
+@pytest.fixture(scope="module")
+def peft_reward_adapter(tiny_model_dir, tmp_path_factory) -> Path:
+    """A reward adapter as PEFT itself writes one (SEQ_CLS: modules_to_save ["classifier", "score"], no pad id
+    recorded), random LoRA B and head."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(3)
+    base = AutoModelForSequenceClassification.from_pretrained(str(tiny_model_dir), num_labels=1, dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                            task_type="SEQ_CLS"))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name or "score" in name:
+                param.copy_(torch.randn_like(param) * 0.2)
+    out = tmp_path_factory.mktemp("peft-reward") / "adapter"
+    model.save_pretrained(str(out), safe_serialization=True)
+    return out
+
+
+def reward_batch(model_dir: Path, pad_id: int):
+    """Four preference pairs of the bundled data, right-padded with ``pad_id``, each row closed by eos."""
+    from tokenizers import Tokenizer
+
+    from overnight.backend import Batch
+
+    tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    rows = []
+    for line in (DATA_DIR / "preference" / "val.jsonl").read_text(encoding="utf-8").splitlines()[:4]:
+        row = json.loads(line)
+        rows += [tok.encode(row["prompt"] + row[k] + "<|eos|>", add_special_tokens=False).ids
+                 for k in ("chosen", "rejected")]
+    ids = np.full((len(rows), max(map(len, rows))), pad_id, np.int32)
+    attention = np.zeros_like(ids)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)], attention[i, : len(row)] = row, 1
+    return Batch(ids, attention.astype(np.float32), attention, pad_id, paired=True)
+
+
+@pytest.fixture(scope="module")
+def mlx_reward(tiny_model_dir, tmp_path_factory):
+    """(the mlx backend after 3 reward steps, a batch, the adapter it saved)."""
+    from overnight.backends.mlx_backend import MLXBackend
+    from overnight.config import Config
+
+    cfg = Config()
+    cfg.model.path, cfg.model.quantization.bits, cfg.data.method = str(tiny_model_dir), 0, "reward"
+    cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.layers = 4, 8.0, 0.0, -1
+    backend = MLXBackend()
+    backend.setup(cfg, seed=0)
+    batch = reward_batch(tiny_model_dir, backend.pad_id)
+    for _ in range(3):
+        backend.train_step([batch], 2e-2)
+    out = tmp_path_factory.mktemp("mlx-reward")
+    backend.save(out)
+    return backend, batch, out / "adapter"
+
+
+def test_a_reward_adapter_round_trips_exactly_both_ways(peft_reward_adapter, mlx_reward, tmp_path):
+    """PEFT's SEQ_CLS adapter -> mlx (through the CLI) -> PEFT, and an mlx reward run's adapter -> PEFT -> mlx: every
+    tensor back bit for bit, the score head included, and what says where the score is read (pad id, one label)."""
+    from safetensors.numpy import load_file
+
+    there = tmp_path / "mlx"
+    result = cli("convert-adapter", str(peft_reward_adapter), "--to", "mlx", "--output", str(there))
+    assert result.returncode == 0, result.stderr
+    assert "(4 LoRA modules, rank 4, and the reward score head)" in result.stdout
+    mlx_side = load_file(str(there / "adapters.safetensors"))
+    source = load_file(str(peft_reward_adapter / "adapter_model.safetensors"))
+    assert np.array_equal(mlx_side["score.weight"], source["base_model.model.score.weight"])
+    overnight = json.loads((there / "adapter_config.json").read_text())["overnight"]
+    assert overnight["score_head"] == {"key": "score.weight", "pad_token_id": 0}  # the base's config.json pad id
+    back = convert_adapter(there, "peft", tmp_path / "back", say=lambda m: None)
+    returned = load_file(str(back / "adapter_model.safetensors"))
+    assert set(returned) == set(source)
+    assert all(returned[k].dtype == source[k].dtype and np.array_equal(returned[k], source[k]) for k in source)
+    config = json.loads((back / "adapter_config.json").read_text())
+    assert (config["task_type"], config["modules_to_save"], config["num_labels"], config["pad_token_id"]) == \
+        ("SEQ_CLS", ["score"], 1, 0)
+
+    _, _, adapter = mlx_reward
+    peft_side = convert_adapter(adapter, "peft", tmp_path / "peft", say=lambda m: None)
+    again = convert_adapter(peft_side, "mlx", tmp_path / "again", say=lambda m: None)
+    original, returned = (load_file(str(p / "adapters.safetensors")) for p in (adapter, again))
+    assert set(original) == set(returned) and "score.weight" in original
+    assert all(returned[k].dtype == original[k].dtype and np.array_equal(returned[k], original[k]) for k in original)
+    first, last = (json.loads((p / "adapter_config.json").read_text()) for p in (adapter, again))
+    assert last["overnight"]["score_head"] == first["overnight"]["score_head"]
+    assert (last["num_layers"], last["lora_parameters"]) == (first["num_layers"], first["lora_parameters"])
+
+
+def test_an_mlx_reward_adapter_converted_to_peft_scores_as_the_mlx_backend(mlx_reward, tiny_model_dir, tmp_path):
+    """The converted adapter opens the standard way (AutoModelForSequenceClassification with the pad id it records,
+    then PeftModel) and scores rows as the mlx backend that trained it (1e-4)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    backend, batch, adapter = mlx_reward
+    out = convert_adapter(adapter, "peft", tmp_path / "peft", say=lambda m: None)
+    pad = json.loads((out / "adapter_config.json").read_text())["pad_token_id"]
+    model = AutoModelForSequenceClassification.from_pretrained(str(tiny_model_dir), num_labels=1, pad_token_id=pad,
+                                                               dtype=torch.float32)
+    model = PeftModel.from_pretrained(model, str(out)).eval()
+    with torch.no_grad():
+        theirs = model(input_ids=torch.from_numpy(batch.input_ids.astype(np.int64)),
+                       attention_mask=torch.from_numpy(batch.attention_mask.astype(np.int64))).logits[:, 0].numpy()
+    ours = backend.reward_scores(batch)
+    assert np.abs(ours).max() > 1e-3 and np.ptp(ours) > 1e-3  # a trained head: equal zeros would prove nothing
+    print(f"mlx reward adapter -> peft: max |score diff| {np.abs(theirs - ours).max():.2e}")
+    np.testing.assert_allclose(theirs, ours, rtol=0, atol=1e-4)
+
+
+def test_a_reward_adapter_that_does_not_convert_exactly_is_refused_by_name(peft_reward_adapter, mlx_reward, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    def variant(name: str, source: Path, weights_name: str, drop=(), add=None, **changes) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        tensors = {k: v for k, v in load_file(str(source / weights_name)).items() if k not in drop} | (add or {})
+        save_file(tensors, str(folder / weights_name))
+        config = json.loads((source / "adapter_config.json").read_text()) | changes
+        (folder / "adapter_config.json").write_text(json.dumps(config))
+        return folder
+
+    peft, head = peft_reward_adapter, "base_model.model.score.weight"
+    cases = [
+        (variant("lm_head", peft, "adapter_model.safetensors", modules_to_save=["score", "lm_head"]), "mlx",
+         "modules_to_save=['score', 'lm_head']"),
+        (variant("labels", peft, "adapter_model.safetensors", add={head: np.ones((3, 64), np.float32)}), "mlx",
+         "has shape [3, 64]; a reward model has one label"),
+        (variant("nohead", peft, "adapter_model.safetensors", drop=(head,)), "mlx",
+         f"must hold its score head {head}"),
+        (variant("nopad", peft, "adapter_model.safetensors", base_model_name_or_path="org/model"), "mlx",
+         "records no pad_token_id"),
+        (variant("badspec", mlx_reward[2], "adapters.safetensors", overnight={"score_head": {"key": "score.weight"}}),
+         "peft", "overnight.score_head must be"),
+    ]
+    for i, (folder, to, message) in enumerate(cases):
+        with pytest.raises(UsageError, match=re.escape(message)):
+            convert_adapter(folder, to, tmp_path / f"o{i}", say=lambda m: None)
+        assert not (tmp_path / f"o{i}").exists()

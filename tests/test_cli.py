@@ -292,3 +292,17 @@ def test_two_run_lengths_or_a_malformed_set_value_exit_2_naming_them(tmp_path, t
     for needle in needles:
         assert needle in result.stderr, (needle, result.stderr)
     assert "Traceback" not in result.stdout + result.stderr and not out.exists()
+
+
+def test_reward_refuses_rows_that_are_not_preference_pairs_naming_file_line_and_key(tmp_path, tiny_model_dir):
+    """`--method reward` reads dpo's rows and gets dpo's refusals, before any model is loaded: exit 2, the file, the
+    line and the missing key."""
+    data = tmp_path / "data"
+    data.mkdir()
+    good = json.dumps({"prompt": "Q?", "chosen": "yes", "rejected": "no"})
+    (data / "train.jsonl").write_text(good + "\n" + json.dumps({"prompt": "Q?", "chosen": "yes"}) + "\n")
+    result = overnight("train", "--backend", "torch", "--model", str(tiny_model_dir), "--data", str(data),
+                       "--method", "reward", "--output", str(tmp_path / "run"), "--max-steps", "2")
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"{data / 'train.jsonl'}:2" in result.stderr and "'rejected'" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr

@@ -33,7 +33,7 @@ from pathlib import Path
 import pytest
 
 from faults_util import (
-    NO_EVAL, Launch, Trials, assert_adapter_equal, assert_checkpoints_sound, assert_each_sample_once_per_epoch,
+    DATA_DIR, NO_EVAL, Launch, Trials, assert_adapter_equal, assert_checkpoints_sound, assert_each_sample_once_per_epoch,
     assert_losses_match, checkpoint_manager, copy_run, heartbeat, leftovers, make_small_data, metrics, run_cli,
     sha_tree, stray_temp_files, train_args, train_lines, wait_heartbeat,
 )
@@ -253,6 +253,33 @@ def test_qlora_kill_after_an_eval_before_the_next_checkpoint_is_exact(backend, r
     assert_losses_match(out, ref.run, steps)
     assert_adapter_equal(out, ref.run)
     assert_each_sample_once_per_epoch(record, ref.record, steps, SAMPLES)
+
+
+@pytest.mark.parametrize("backend", backend_params(REAL))
+def test_reward_killed_on_the_default_path_resumes_exactly(backend, tiny_model_dir, tmp_path):
+    """A reward model on the default path (4-bit QLoRA, dropout on): killed when it asks for step 6 (after the eval
+    at 3 and the checkpoint at 4), resumed from 4: every train loss, every eval's val_loss and val_accuracy and the
+    adapter (its score head included) equal an uninterrupted run's, bit for bit."""
+    data = make_small_data(tmp_path / "data", source=DATA_DIR / "preference")
+    pytest.importorskip(f"overnight.backends.{backend}_backend")
+    steps, settings = 8, dict(every=4, eval_every=3, keep_last=2, keep_best=False, bits=4)
+    ref = tmp_path / "ref"
+    done = run_cli(train_args(backend, tiny_model_dir, data, ref, steps, "--method", "reward", **settings))
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = tmp_path / "run"
+    args = train_args(backend, tiny_model_dir, data, out, steps, "--method", "reward", **settings)
+    killed = run_cli(args, kill_before_step=6)
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    assert assert_checkpoints_sound(out) == 4
+    resumed = run_cli(args + ["--auto-resume"])
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert_losses_match(out, ref, steps)
+
+    def evals(run):
+        return {r["step"]: (r["val_loss"], r["val_accuracy"]) for r in metrics(run) if r["event"] == "eval"}
+
+    assert sorted(evals(ref)) == [3, 6, 8] and evals(out) == evals(ref)
+    assert_adapter_equal(out, ref)
 
 
 # =================================================================================================

@@ -707,3 +707,114 @@ def test_torch_fuse_refuses_what_it_cannot_merge_exactly(tiny_model_dir, tmp_pat
     (dora / "adapter_config.json").write_text(json.dumps(config | {"use_dora": True}))
     with pytest.raises(ExportRefused, match="DoRA"):
         export_in_process(tiny_model_dir, dora, tmp_path / "out3")
+
+
+# -- reward models (--method reward): a standalone sequence-classification folder -----------------------------
+
+def train_reward(backend: str, model: Path, out: Path, bits: int) -> Path:
+    """2 reward steps on the bundled preference pairs at a large learning rate (the head and LoRA far from their
+    start), one checkpoint."""
+    result = cli("train", "--backend", backend, "--model", str(model), "--data", str(DATA_DIR / "preference"),
+                 "--method", "reward", "--output", str(out), "--max-steps", "2", "--batch-size", "4",
+                 "--lora-rank", "4", "--quiet", "--set", f"model.quantization.bits={bits}",
+                 "--set", "model.max_seq_length=128", "--set", "lora.dropout=0", "--set", "lora.layers=-1",
+                 "--set", "train.learning_rate=5e-2", "--set", "train.warmup_steps=0",
+                 "--set", "eval.every_steps=100", "--set", "eval.max_batches=1", "--set", "checkpoint.every_steps=2")
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    return out
+
+
+def run_scores(run: Path, backend_name: str, batch) -> np.ndarray:
+    """The scores of the run's own model: its backend set up from its config.yaml, its step-2 checkpoint loaded."""
+    from overnight.config import build_config
+
+    cfg = build_config(run / "config.yaml")
+    if backend_name == "torch":
+        from overnight.backends.torch_backend import TorchBackend as Backend
+    else:
+        from overnight.backends.mlx_backend import MLXBackend as Backend
+    backend = Backend()
+    backend.setup(cfg, cfg.train.seed)
+    backend.load(run / "checkpoints" / "step-00000002")
+    return backend.reward_scores(batch)
+
+
+def check_reward_fused(run: Path, backend: str, base: Path, fused: Path) -> float:
+    """The folder opens in AutoModelForSequenceClassification on its own (every weight found, none left over),
+    holds no LM head, and scores rows as the run did."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from test_adapter_formats import reward_batch
+
+    config = json.loads((fused / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForSequenceClassification"] and config["pad_token_id"] == 0
+    assert config["id2label"] == {"0": "LABEL_0"} and "quantization" not in config
+    header = safetensors_header(fused)
+    assert "lm_head.weight" not in header and header["score.weight"]["shape"] == [1, 64]
+    assert not any("lora" in name for name in header)
+    assert_base_files_copied(base, fused)
+    model, info = AutoModelForSequenceClassification.from_pretrained(str(fused), dtype=torch.float32,
+                                                                     output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    batch = reward_batch(base, pad_id=0)
+    with torch.no_grad():
+        theirs = model.eval()(input_ids=torch.from_numpy(batch.input_ids.astype(np.int64)),
+                              attention_mask=torch.from_numpy(batch.attention_mask.astype(np.int64))).logits[:, 0]
+    ours = run_scores(run, backend, batch)
+    assert np.ptp(ours) > 1e-3  # a trained head and LoRA: equal scores would prove nothing
+    diff = max_diff(theirs.numpy(), ours)
+    assert diff < TOLERANCE, (theirs, ours)
+    return diff
+
+
+@needs_torch
+@pytest.mark.torch
+def test_torch_fuse_of_a_reward_run_is_a_sequence_classifier_that_scores_as_the_run(tiny_model_dir, tmp_path):
+    run = train_reward("torch", tiny_model_dir, tmp_path / "run", bits=0)
+    result = fuse(run, tmp_path / "fused")
+    assert result.returncode == 0, result.stderr
+    assert "LlamaForSequenceClassification folder (one label)" in result.stdout
+    diff = check_reward_fused(run, "torch", tiny_model_dir, tmp_path / "fused")
+    print(f"torch reward fuse: max |score diff| {diff:.2e}")
+    assert_umask_modes(tmp_path / "fused")
+
+
+@needs_mlx
+@needs_torch
+@pytest.mark.mlx
+def test_mlx_fuse_of_a_4bit_reward_run_is_a_sequence_classifier_that_scores_as_the_run(tiny_model_dir, tmp_path):
+    """4-bit: the base quantized as the run had it, LoRA merged by mlx-lm, then dequantized (transformers reads no
+    mlx quantization), so the float folder is exactly the model the run scored with."""
+    run = train_reward("mlx", tiny_model_dir, tmp_path / "run", bits=4)
+    result = fuse(run, tmp_path / "fused")
+    assert result.returncode == 0, result.stderr
+    assert "LlamaForSequenceClassification folder (one label)" in result.stdout
+    diff = check_reward_fused(run, "mlx", tiny_model_dir, tmp_path / "fused")
+    print(f"mlx 4-bit reward fuse: max |score diff| {diff:.2e}")
+
+
+def test_a_reward_run_asked_for_a_gguf_is_refused_before_anything_is_read_or_written(tmp_path):
+    """llama.cpp's GGUF holds a causal LM, with no place for a reward model's score head: exit 2 naming why and what
+    to do instead, before the checkpoint is read."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("data:\n  method: reward\n")
+    result = fuse(run, tmp_path / "fused", "--gguf")
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "reward model" in result.stderr and "score head" in result.stderr and "without --gguf" in result.stderr
+    assert not (tmp_path / "fused").exists()
+
+
+@needs_torch
+def test_a_model_type_transformers_cannot_classify_is_refused_by_name(tmp_path):
+    from overnight.backends.torch_export import sequence_classifier_architecture
+    from overnight.commands.fuse import ExportRefused
+
+    llama = {"model_type": "llama", "architectures": ["LlamaForCausalLM"]}
+    assert sequence_classifier_architecture(tmp_path, llama) == "LlamaForSequenceClassification"
+    with pytest.raises(ExportRefused, match="no sequence-classification class for model_type 'novel'.*"
+                                            "no NovelForSequenceClassification"):
+        sequence_classifier_architecture(tmp_path, {"model_type": "novel", "architectures": ["NovelForCausalLM"]})
+    with pytest.raises(ExportRefused, match="not a ...ForCausalLM"):
+        sequence_classifier_architecture(tmp_path, {"model_type": "llama"})

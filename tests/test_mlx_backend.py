@@ -518,6 +518,32 @@ def test_orpo_is_the_trl_objective_and_learns(tiny_model_dir):
     assert backend.eval_loss(batch)[0] / pairs < expected - 1.0
 
 
+def test_reward_trains_its_head_and_lora_and_a_split_step_is_the_same(tiny_model_dir):
+    """reward on mlx: log 2 from the zero head, head and LoRA both train, a split step is the same step, accuracy
+    above chance, eval_loss is the numpy formula over the backend's own scores."""
+    from overnight.backend.objectives import pairs_ranked_right, reward_reference
+
+    batch = _preference_batch(tiny_model_dir, 0, 4)
+    whole, split = (_backend(tiny_model_dir, method="reward") for _ in range(2))
+    assert "score.weight" in _adapter(whole) and _adapter(whole)["score.weight"].dtype == np.float32
+    total, pairs = whole.eval_loss(batch)
+    assert pairs == 4 and total / pairs == pytest.approx(np.log(2), rel=1e-6)
+    before = _adapter(whole)
+    losses = []
+    for _ in range(12):
+        a, b = whole.train_step([batch], 1e-2), split.train_step(batch.split(4), 1e-2)
+        assert b.loss == pytest.approx(a.loss, rel=1e-4, abs=2e-5)  # float sums in another order
+        losses.append(a.loss)
+    after = _adapter(whole)
+    assert not np.allclose(after["score.weight"], before["score.weight"])
+    assert any(not np.allclose(after[k], before[k]) for k in after if k.endswith("lora_b"))
+    assert losses[-1] < losses[0] - 0.2, losses
+    scores = whole.reward_scores(batch)
+    assert pairs_ranked_right(scores) > 2
+    total, pairs = whole.eval_loss(batch)
+    assert total / pairs == pytest.approx(reward_reference(scores), rel=1e-5)
+
+
 def test_paired_batches_must_match_the_method(tiny_model_dir, sft_data):
     steps, _ = sft_data
     with pytest.raises(ValueError, match="paired"):

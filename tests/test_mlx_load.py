@@ -296,3 +296,27 @@ def test_peak_memory_is_the_quantized_model_plus_about_one_block(tmp_path, cache
     assert "read from the quantized-weight cache" in peaks["base_weights"]
     assert peaks["fresh_peak"] < peaks["quantized"] + 2 * block < 0.6 * full
     assert peaks["cached_peak"] < peaks["quantized"] + 0.5 * block
+
+
+@pytest.mark.torch
+def test_a_transformers_5_config_keeps_its_rope_theta(tiny_model_dir, tmp_path):
+    """transformers 5 saves rope_theta only inside rope_parameters (the SmolLM2 folder overnight converts: 100000);
+    mlx-lm 0.32 reads the top-level key and fell back to 10000, so the mlx policy computed other logits than torch's
+    for the same model. Now both read 100000: the logits agree."""
+    torch = pytest.importorskip("torch")
+    from transformers import AutoModelForCausalLM
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    config.pop("rope_theta", None)
+    config["rope_parameters"] = {"rope_theta": 100000.0, "rope_type": "default"}
+    (model_dir / "config.json").write_text(json.dumps(config))
+    model, _ = _load(model_dir, SimpleNamespace(bits=0, group_size=64))
+    ids = np.arange(1, 49, dtype=np.int64)[None, :] * 7 % 400 + 3
+    ours = np.array(model(mx.array(ids)).astype(mx.float32))
+    reference = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    with torch.no_grad():
+        theirs = reference(torch.as_tensor(ids)).logits.numpy()
+    assert reference.config.rope_parameters["rope_theta"] == 100000.0
+    np.testing.assert_allclose(ours, theirs, atol=2e-4, rtol=1e-4)

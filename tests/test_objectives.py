@@ -105,3 +105,37 @@ def test_grpo_loss_types_normalise_as_trl_does():
     halves = [objectives.grpo_reference(logp[a:b], mask[a:b], adv[a:b], beta=0.0, epsilon=0.2, loss_type="dapo",
                                         max_new_tokens=8, tokens_in_step=mask.sum())[0] for a, b in ((0, 2), (2, 4))]
     assert sum(halves) == pytest.approx(expected["dapo"], rel=1e-12)
+
+
+def test_reward_scores_at_the_token_transformers_reads():
+    """The score position is the rightmost token that is not the pad id (transformers' sequence classifiers):
+    with pad = eos the closing eos is padding too, so the score sits on the token before it."""
+    eos = pad = 2
+    ids = np.array([[1, 7, 8, 2, 2, 2],    # ends with eos, right-padded with the same id
+                    [1, 7, 8, 9, 5, 6],    # fills the batch: its last column
+                    [2, 2, 2, 2, 2, 2]])   # nothing but pads: position 0, as transformers' argmax
+    assert objectives.score_positions(ids, pad).tolist() == [2, 5, 0]
+    assert objectives.score_positions(np.where(ids == eos, 0, ids), 0).tolist() == [2, 5, 0]
+    with_eos = np.array([[1, 7, 8, 2, 0, 0]])  # pad != eos: the eos itself carries the score
+    assert objectives.score_positions(with_eos, 0).tolist() == [3]
+
+
+def test_reward_objective_is_trls_with_centering_and_splits_change_nothing():
+    scores = np.array([1.5, -0.5, 0.2, 0.4, -1.0, -3.0, 0.0, 0.0])
+    chosen, rejected = scores[0::2], scores[1::2]
+    bt = np.log1p(np.exp(-(chosen - rejected)))
+    assert objectives.reward_reference(scores) == pytest.approx(bt.mean(), rel=1e-12)
+    center = 0.01 * ((chosen + rejected) ** 2).mean()  # TRL: loss.mean() + c * mean((r_c + r_r)^2)
+    assert objectives.reward_reference(scores, 0.01) == pytest.approx(bt.mean() + center, rel=1e-12)
+    # A step cut into micro-batches: each adds its pair sums times the whole step's 1/P.
+    batch = _batch(np.ones((8, 4)), paired=True)
+    _, pair_scale, weight = step_scales("reward", [batch])
+    assert weight == 4 and pair_scale == 0.25 and eval_weight("reward", batch) == 4
+    parts = batch.split(3)
+    assert all(p.paired and p.num_rows % 2 == 0 for p in parts)
+    _, split_scale, _ = step_scales("reward", parts)
+    bounds = np.cumsum([0] + [p.num_rows for p in parts])
+    summed = sum(objectives.reward_pair_losses(scores[a:b], 0.01).sum() * split_scale
+                 for a, b in zip(bounds[:-1], bounds[1:]))
+    assert summed == pytest.approx(objectives.reward_reference(scores, 0.01), rel=1e-12)
+    assert objectives.pairs_ranked_right(scores) == 2  # a tie is not ranked right (TRL's accuracy)

@@ -22,7 +22,8 @@ pytestmark = [pytest.mark.skipif(not has("torch", "transformers", "peft", "mlx",
 
 STEPS = 16
 TOLERANCE = 2e-3
-DATA = {"sft": DATA_DIR, "cpt": DATA_DIR / "text", "dpo": DATA_DIR / "preference", "orpo": DATA_DIR / "preference"}
+DATA = {"sft": DATA_DIR, "cpt": DATA_DIR / "text", "dpo": DATA_DIR / "preference", "orpo": DATA_DIR / "preference",
+        "reward": DATA_DIR / "preference"}
 
 
 def train(backend: str, method: str, model, out, *extra: str) -> list[dict]:
@@ -45,7 +46,7 @@ def by_step(records: list[dict], event: str, field: str) -> dict[int, float]:
     return {r["step"]: r[field] for r in records if r["event"] == event}
 
 
-@pytest.mark.parametrize("method", ["sft", "cpt", "dpo", "orpo"])
+@pytest.mark.parametrize("method", ["sft", "cpt", "dpo", "orpo", "reward"])
 def test_same_config_same_training_on_torch_and_mlx(method, tiny_model_dir, tmp_path):
     runs = {name: train(name, method, tiny_model_dir, tmp_path / name) for name in ("torch", "mlx")}
     losses = {name: by_step(records, "train", "loss") for name, records in runs.items()}
@@ -63,4 +64,5 @@ def test_same_config_same_training_on_torch_and_mlx(method, tiny_model_dir, tmp_
     assert not off, off
     # The run really trained (parity of two frozen models would prove nothing).
     first, last = losses["torch"][1], sum(losses["torch"][s] for s in range(STEPS - 3, STEPS + 1)) / 4
-    assert last < first - 0.05 * abs(first), (first, last)
+    # reward starts at log 2 (a zero score head) and its LoRA has no gradient until the head moves: a slower start
+    assert last < first - (0.03 if method == "reward" else 0.05) * abs(first), (first, last)

@@ -199,3 +199,16 @@ def test_a_grpo_line_shows_the_reward_and_its_average_not_the_objective():
     plain = Progress(total_steps=10, out=out, terminal=False, wall_clock=lambda: "06:12:03")
     plain.update(1, 0.0, -0.25, 0, 900.0, reward=0.25)
     assert out.getvalue().startswith("06:12:03 Training: 10% | step=1/10 | reward=0.25 | reward_avg=0.25 | eta=")
+
+
+def test_the_eval_line_shows_each_methods_own_figure():
+    """A perplexity means something for the likelihood losses only: grpo shows the greedy answers' reward, a reward
+    model its pairwise accuracy."""
+    from overnight.train.progress import eval_line
+
+    assert eval_line(8, {"val_loss": 1.5, "val_ppl": 4.48}, 1.5, True, None) == \
+        "eval step 8: val_loss=1.5 ppl=4.48 score=1.5 (new best)"
+    assert eval_line(8, {"val_loss": -0.4, "val_ppl": 0.67, "val_reward": 0.4}, -0.4, False, 4) == \
+        "eval step 8: val_reward=0.4 score=-0.4 (best is still step 4)"
+    assert eval_line(8, {"val_loss": 0.3, "val_ppl": 1.35, "val_accuracy": 0.875}, 0.3, True, None) == \
+        "eval step 8: val_loss=0.3 accuracy=0.875 score=0.3 (new best)"

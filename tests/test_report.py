@@ -301,3 +301,27 @@ def test_a_grpo_run_gets_a_reward_panel_and_a_reward_line(tmp_path):
     sft = dict(line.split(": ", 1) for line in summary(tmp_path, build_timeline(short_timeline([1, 2]))))
     assert "reward" not in sft and "train loss" in {ax.get_title() for ax in figure(
         build_timeline(short_timeline([1, 2])), "t")[0].axes}
+
+
+@pytest.mark.skipif(not has("matplotlib"), reason="matplotlib is not installed (the report extra)")
+def test_a_reward_model_run_shows_its_pairwise_accuracy(tmp_path):
+    """--method reward evals record val_accuracy beside val_loss: the summary says how it moved and gives it on the
+    best line, and the val panel draws it; an sft run's report has neither."""
+    from overnight.commands.report import figure, summary
+
+    lines = short_timeline([1, 2, 3, 4])
+    lines += [{"event": "eval", "step": s, "time": 1000.5 + s, "val_loss": 0.7 - 0.1 * s, "score": 0.7 - 0.1 * s,
+               "val_accuracy": acc} for s, acc in ((2, 0.5), (3, 0.9375), (4, 0.875))]
+    lines += [{"event": "end", "step": 4, "time": 1005.0, "status": "completed", "reason": "max_steps",
+               "best_step": 4, "adapter_from": 4}]
+    timeline = build_timeline(lines)
+    s = dict(line.split(": ", 1) for line in summary(tmp_path, timeline))
+    assert s["val_accuracy"] == "0.5000 (step 2) -> 0.8750 (step 4) over 3 evals; highest 0.9375 at step 3"
+    assert "val_loss 0.3000, val_accuracy 0.8750" in s["best"]
+    axes = {ax.get_title(): ax for ax in figure(timeline, "t")[0].axes}
+    drawn = {line.get_label(): line for line in axes["val loss & pairwise accuracy"].get_lines()}
+    assert list(drawn["val_accuracy"].get_xdata()) == [2, 3, 4]
+    assert list(drawn["val_accuracy"].get_ydata()) == [0.5, 0.9375, 0.875]
+    sft = build_timeline(short_timeline([1, 2]) + [{"event": "eval", "step": 2, "time": 1003.0, "val_loss": 1.0}])
+    assert not any(line.startswith("val_accuracy") for line in summary(tmp_path, sft))
+    assert "val loss" in {ax.get_title() for ax in figure(sft, "t")[0].axes}

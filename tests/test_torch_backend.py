@@ -482,6 +482,65 @@ def test_orpo_is_the_trl_objective(tiny_model_dir):
     assert backend.train_step(batch.split(2), 1e-2).loss == pytest.approx(expected, rel=1e-5)
 
 
+def test_reward_trains_its_head_and_lora_and_a_split_step_is_the_same(tiny_model_dir):
+    """reward: a zero score head gives log 2 on every pair; the head and LoRA both train (the head first: LoRA
+    has no gradient while the head is zero); splitting the step into pairs changes nothing; accuracy rises above
+    chance; eval_loss is the numpy formula over the backend's own scores, centering term included."""
+    from overnight.backend.objectives import pairs_ranked_right, reward_reference
+
+    batch = preference_batch(tiny_model_dir)
+    whole, _ = make_backend(tiny_model_dir, data__method="reward", reward__center_coefficient=0.05)
+    split, _ = make_backend(tiny_model_dir, data__method="reward", reward__center_coefficient=0.05)
+    assert whole._param_names[-1] == "score.weight" and whole._score.weight.dtype.is_floating_point
+    total, pairs = whole.eval_loss(batch)
+    assert pairs == len(PREFERENCES) and total / pairs == pytest.approx(math.log(2), abs=1e-6)
+    def trainable(backend):
+        return {n: p.detach().float().numpy().copy() for n, p in zip(backend._param_names, backend._params)}
+
+    before = trainable(whole)
+    losses = []
+    for _ in range(12):
+        a = whole.train_step([batch], 1e-2)
+        b = split.train_step(batch.split(4), 1e-2)
+        assert b.loss == pytest.approx(a.loss, rel=1e-4)  # float sums in another order, 10 steps on
+        losses.append(a.loss)
+    after = trainable(whole)
+    assert not np.allclose(after["score.weight"], before["score.weight"])
+    assert any(not np.allclose(after[k], before[k]) for k in after if "lora_B" in k)
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-6) and losses[-1] < losses[0] - 0.2, losses
+    scores = whole.reward_scores(batch)
+    assert pairs_ranked_right(scores) > len(PREFERENCES) / 2
+    total, pairs = whole.eval_loss(batch)
+    assert total / pairs == pytest.approx(reward_reference(scores, 0.05), rel=1e-5)
+
+
+def test_a_reward_adapter_opens_in_transformers_and_peft_with_the_same_scores(tiny_model_dir, tmp_path):
+    """The adapter a reward run saves is PEFT's for AutoModelForSequenceClassification (SEQ_CLS, the head in
+    modules_to_save): loaded the standard way with the pad id it records, it scores rows as training did (1e-4)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    backend, _ = make_backend(tiny_model_dir, data__method="reward")
+    batch = preference_batch(tiny_model_dir, pad_id=backend._pad_id)
+    for _ in range(3):
+        backend.train_step([batch], 1e-2)
+    (tmp_path / "ckpt").mkdir()
+    backend.save(tmp_path / "ckpt")
+    adapter = tmp_path / "ckpt" / "adapter"
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["task_type"] == "SEQ_CLS" and config["modules_to_save"] == ["score"]
+    model = AutoModelForSequenceClassification.from_pretrained(
+        str(tiny_model_dir), num_labels=1, pad_token_id=config["pad_token_id"], dtype=torch.float32)
+    model = PeftModel.from_pretrained(model, str(adapter)).eval()
+    with torch.no_grad():
+        theirs = model(input_ids=torch.from_numpy(batch.input_ids.astype(np.int64)),
+                       attention_mask=torch.from_numpy(batch.attention_mask.astype(np.int64))).logits[:, 0].numpy()
+    ours = backend.reward_scores(batch)
+    assert np.abs(ours).max() > 1e-3  # a trained head: equal zeros would prove nothing
+    np.testing.assert_allclose(theirs, ours, rtol=0, atol=1e-4)
+
+
 def test_preference_method_needs_paired_batches(tiny_model_dir):
     backend, _ = make_backend(tiny_model_dir, data__method="dpo")
     with pytest.raises(ValueError, match="paired"):

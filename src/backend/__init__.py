@@ -287,6 +287,35 @@ EXPORTERS = {
 }
 # `overnight models get`: the GGUF -> Hugging Face folder conversion, run in a child process (transformers).
 GGUF_CONVERTER = "overnight.backends.gguf_convert"
+# grpo.rewards=[reward_model=PATH] (src/methods/reward_model.py): each backend's scorer of a one-label sequence
+# classifier, imported only when a run uses one.
+REWARD_SCORERS = {
+    "mlx": "overnight.backends.mlx_reward_model",
+    "torch": "overnight.backends.torch_reward_model",
+}
+
+
+class RewardScorer(Protocol):
+    def score(self, input_ids: np.ndarray, attention_mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """float64 (B,): the score head's output at ``positions`` (B,) of right-padded ``input_ids`` (B, T), without
+        gradients. Out of memory: OutOfMemory (the caller scores fewer rows at a time)."""
+
+
+def reward_scorer(backend, model_dir: Path, adapter_dir: Path | None, adapter_format: str | None, dtype: str,
+                  spec: str) -> RewardScorer:
+    """A reward model loaded on ``backend``'s device (its module's ``load_scorer``): the sequence classifier in
+    ``model_dir``, with the adapter in ``adapter_dir`` on it when given (``adapter_format`` "peft": a PEFT SEQ_CLS
+    adapter; "mlx": an mlx reward run's adapter). ``dtype``: model.dtype.
+    ConfigError (exit 2, naming ``spec``) when this backend has no scorer or cannot load the model."""
+    from overnight.config import ConfigError
+
+    module_name = REWARD_SCORERS.get(getattr(backend, "name", ""))
+    if module_name is None:
+        raise ConfigError(f"config key 'grpo.rewards': {spec}: the backend {getattr(backend, 'name', backend)!r} "
+                          f"cannot score with a reward model (backends that can: {', '.join(REWARD_SCORERS)})")
+    return importlib.import_module(module_name).load_scorer(backend, Path(model_dir),
+                                                            None if adapter_dir is None else Path(adapter_dir),
+                                                            adapter_format, dtype, spec)
 
 
 class BackendUnavailable(RuntimeError):

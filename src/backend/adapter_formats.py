@@ -15,6 +15,14 @@ The module path inside the model (``model.layers.N.self_attn.q_proj``) is kept a
 names its modules as the Hugging Face checkpoints do for the architectures both load (Llama, Mistral, Qwen...).
 Anything one format can express and the other cannot (DoRA, per-module ranks, extra trained modules, LoRA on
 some blocks that are not the last N) is refused by name, never approximated.
+
+A reward model's adapter (`--method reward`) also carries its score head (hidden -> 1), moved as it is, (1, hidden)
+on both sides:
+
+    mlx-lm  adapters.safetensors   score.weight (MLX_SCORE_KEY); adapter_config.json overnight.score_head
+                                   {key, pad_token_id}
+    PEFT    adapter_model.safetensors  base_model.model.score.weight (PEFT_SCORE_KEY); adapter_config.json
+                                   task_type SEQ_CLS, modules_to_save ["score"], num_labels 1, pad_token_id
 """
 from __future__ import annotations
 
@@ -35,6 +43,12 @@ from overnight.fsutil import fsync_dir, fsync_file, give_default_modes, pid_aliv
 
 MLX_WEIGHTS, PEFT_WEIGHTS, CONFIG = "adapters.safetensors", "adapter_model.safetensors", "adapter_config.json"
 PEFT_PREFIX = "base_model.model."
+# A reward model's score head (hidden -> 1, objectives.py), beside its LoRA tensors: PEFT's name for a SEQ_CLS
+# adapter's modules_to_save ["score"] (what AutoModelForSequenceClassification + PeftModel.from_pretrained read), and
+# the name in an mlx adapters.safetensors, where the head is kept as (1, hidden) too.
+PEFT_SCORE_KEY, MLX_SCORE_KEY = "base_model.model.score.weight", "score.weight"
+# The head's key in a portable checkpoint's weights (src/runs/portable.py stores it as lora.score.weight).
+PORTABLE_SCORE_KEY = "score.weight"
 _MLX_KEY = re.compile(r"^(?P<module>.*\.layers\.(?P<layer>\d+)\.(?P<path>.+))\.(?P<kind>lora_a|lora_b)$")
 _PEFT_KEY = re.compile(r"^base_model\.model\.(?P<module>.*\.layers\.(?P<layer>\d+)\.(?P<path>.+))"
                        r"\.(?P<kind>lora_A|lora_B)(?:\.default)?\.weight$")
@@ -210,10 +224,76 @@ def refuse_beyond_plain_lora(config: dict, where: Path, holder: str, purpose: st
                          f"bias='none' can {purpose}")
 
 
+# What PEFT puts in a SEQ_CLS adapter's modules_to_save on its own (it adds both names whatever the model calls
+# its head): only "score" is a decoder-only classifier's head, and only its weight may be in the file.
+_SEQ_CLS_MODULES = {"score", "classifier"}
+
+
+@dataclass
+class ScoreHead:
+    weight: Tensor  # (1, hidden), the safetensors dtype kept
+    pad_token_id: int  # the token the score is read before (objectives.score_positions): part of the model
+
+
+def _check_head(tensor: Tensor | None, where: Path, key: str) -> Tensor:
+    if tensor is None:
+        raise UsageError(f"{where}: a reward model's adapter must hold its score head {key}; it is missing")
+    if tensor.array.ndim != 2 or tensor.array.shape[0] != 1:
+        raise UsageError(f"{where}: the score head {key} has shape {list(tensor.array.shape)}; a reward model has "
+                         "one label, (1, hidden): a classifier with more labels does not convert")
+    return tensor
+
+
+def peft_score_head(config: dict, tensors: dict[str, Tensor], adapter_dir: Path,
+                     base: str | None) -> ScoreHead | None:
+    """A PEFT SEQ_CLS adapter's score head, taken out of ``tensors`` (None for any other task type); UsageError
+    naming what is wrong. The pad id is the adapter's own (what a torch reward run records), else its base's
+    config.json pad_token_id, which is what transformers reads the score with. convert-adapter and the torch fuse."""
+    if config.get("task_type") != "SEQ_CLS":
+        return None
+    where = adapter_dir / CONFIG
+    saved = config.get("modules_to_save")
+    if not isinstance(saved, list) or "score" not in saved or not set(saved) <= _SEQ_CLS_MODULES:
+        raise UsageError(f"{where}: a SEQ_CLS adapter converts when its trained head is 'score' (modules_to_save "
+                         f"[\"score\"], as a reward model's); this one has modules_to_save={saved!r}")
+    if config.get("num_labels", 1) != 1:
+        raise UsageError(f"{where}: num_labels is {config['num_labels']}; only a one-label sequence classifier (a "
+                         "reward model) converts")
+    head = _check_head(tensors.pop(PEFT_SCORE_KEY, None), adapter_dir / PEFT_WEIGHTS, PEFT_SCORE_KEY)
+    pad = config.get("pad_token_id")
+    if not isinstance(pad, int):
+        base_config = Path(base or config.get("base_model_name_or_path") or "").expanduser() / "config.json"
+        pad = json.loads(base_config.read_text(encoding="utf-8")).get("pad_token_id") \
+            if base_config.is_file() else None
+    if not isinstance(pad, int):
+        raise UsageError(f"{where} records no pad_token_id, and no local base model's config.json names one: the "
+                         "score is read at the last token that is not the pad token, so it is part of the model. "
+                         "Add \"pad_token_id\": ID to adapter_config.json (the id the model was trained with) or "
+                         "pass --base MODEL_DIR")
+    return ScoreHead(head, pad)
+
+
+def mlx_score_head(config: dict, tensors: dict[str, Tensor], adapter_dir: Path) -> ScoreHead | None:
+    """An mlx reward adapter's score head (adapter_config.json overnight.score_head), taken out of ``tensors``
+    (None when it has none); convert-adapter and the mlx fuse."""
+    spec = (config.get("overnight") or {}).get("score_head")
+    if spec is None:
+        return None
+    where = adapter_dir / CONFIG
+    if not isinstance(spec, dict) or not isinstance(spec.get("key"), str) or not isinstance(
+            spec.get("pad_token_id"), int):
+        raise UsageError(f"{where}: overnight.score_head must be {{\"key\": NAME, \"pad_token_id\": ID}}, not "
+                         f"{spec!r}")
+    head = _check_head(tensors.pop(spec["key"], None), adapter_dir / MLX_WEIGHTS, spec["key"])
+    return ScoreHead(head, spec["pad_token_id"])
+
+
 def _peft_to_mlx(adapter_dir: Path, base: str | None) -> tuple[dict[str, Tensor], dict, dict]:
     config = _read_config(adapter_dir)
-    refuse_beyond_plain_lora(config, adapter_dir / CONFIG, "mlx-lm's LoRA", "be converted exactly")
     tensors, _ = read_safetensors(adapter_dir / PEFT_WEIGHTS)
+    head = peft_score_head(config, tensors, adapter_dir, base)
+    plain = {k: v for k, v in config.items() if k != "modules_to_save"} if head else config
+    refuse_beyond_plain_lora(plain, adapter_dir / CONFIG, "mlx-lm's LoRA", "be converted exactly")
     modules = _collect(tensors, _PEFT_KEY, "lora_A", to_peft_layout=False, source=adapter_dir / PEFT_WEIGHTS)
     rank = int(config.get("r", modules[0].a.array.shape[0]))
     if rank != modules[0].a.array.shape[0]:
@@ -243,6 +323,10 @@ def _peft_to_mlx(adapter_dir: Path, base: str | None) -> tuple[dict[str, Tensor]
     for m in modules:
         out[f"{m.module}.lora_a"] = _transposed(m.a)
         out[f"{m.module}.lora_b"] = _transposed(m.b)
+    if head:  # as an mlx reward run writes it (backends/mlx_backend.py), so its scorer and a resume read it
+        out[MLX_SCORE_KEY] = head.weight
+        mlx_config["overnight"] |= {"method": "reward",
+                                    "score_head": {"key": MLX_SCORE_KEY, "pad_token_id": head.pad_token_id}}
     return out, mlx_config, {"format": "mlx"}
 
 
@@ -254,6 +338,7 @@ def _mlx_to_peft(adapter_dir: Path, base: str | None) -> tuple[dict[str, Tensor]
                          "exactly (DoRA stores its magnitudes differently, 'full' is not an adapter)")
     params = config.get("lora_parameters") or {}
     tensors, _ = read_safetensors(adapter_dir / MLX_WEIGHTS)
+    head = mlx_score_head(config, tensors, adapter_dir)
     modules = _collect(tensors, _MLX_KEY, "lora_a", to_peft_layout=True, source=adapter_dir / MLX_WEIGHTS)
     rank = modules[0].a.array.shape[0]
     if "rank" in params and int(params["rank"]) != rank:
@@ -286,6 +371,10 @@ def _mlx_to_peft(adapter_dir: Path, base: str | None) -> tuple[dict[str, Tensor]
     for m in modules:
         out[f"{PEFT_PREFIX}{m.module}.lora_A.weight"] = m.a
         out[f"{PEFT_PREFIX}{m.module}.lora_B.weight"] = m.b
+    if head:  # what a torch reward run saves: AutoModelForSequenceClassification + PeftModel.from_pretrained read it
+        out[PEFT_SCORE_KEY] = head.weight
+        peft_config |= {"task_type": "SEQ_CLS", "modules_to_save": ["score"], "num_labels": 1,
+                        "pad_token_id": head.pad_token_id}
     return out, peft_config, {"format": "pt"}
 
 
@@ -309,9 +398,10 @@ def convert_adapter(adapter_dir: Path, to: str, output: Path, base: str | None =
         (folder / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
     write_folder_atomically(output, write, say)
-    modules = len(tensors) // 2
+    head = {PEFT_SCORE_KEY, MLX_SCORE_KEY} & set(tensors)
+    modules = (len(tensors) - len(head)) // 2
     say(f"converted {source} adapter {adapter_dir} -> {to} adapter {output} ({modules} LoRA modules, "
-        f"rank {config.get('r') or config['lora_parameters']['rank']})")
+        f"rank {config.get('r') or config['lora_parameters']['rank']}{', and the reward score head' if head else ''})")
     if to == "peft" and not config["base_model_name_or_path"]:
         say("note: base_model_name_or_path is empty; pass --base MODEL to record which model the adapter belongs to")
     return output

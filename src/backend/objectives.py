@@ -16,6 +16,20 @@ tokens, preference rows come in pairs: row 2i chosen, row 2i+1 rejected):
              log_or = log_odds(chosen) - log_odds(rejected),  log_odds(x) = a - log(1 - exp(a)), a = avg_logp(x)
              (TRL's ORPO: mean chosen-token NLL + beta * mean over pairs of the odds-ratio loss;
              a is clamped to at most AVG_LOGP_MAX so log(1 - exp(a)) stays finite)
+  reward     a reward model: the base with LoRA plus a score head w (hidden -> 1, no bias, float32, zero at the start,
+             trained fully). r(row) = w . h(row)[s(row)], h the final hidden states (after the final norm: the input
+             of the LM head, which a reward step never computes), s(row) the score position (score_positions):
+             the rightmost position whose token is not the batch's pad id, 0 if there is none. That is exactly
+             the token transformers' AutoModelForSequenceClassification reads (GenericForSequenceClassification,
+             transformers 5: the rightmost token != config.pad_token_id), so an exported model with
+             pad_token_id = the tokenizer's pad id scores every row as training did, whatever the padding; when
+             pad = eos (SmolLM2, most chat models) the row's closing eos is that pad and the score sits on the
+             token before it, in training and in transformers alike.
+             L = sum over pairs of [-logsigmoid(r(chosen) - r(rejected)) + c * (r(chosen) + r(rejected))^2] / P,
+             c = reward.center_coefficient (TRL's RewardTrainer.compute_loss, TRL main at commit 00b6d2b:
+             the mean Bradley-Terry loss plus center_rewards_coefficient * mean (r_chosen + r_rejected)^2, the
+             same over one batch). Validation also counts pairwise accuracy: r(chosen) > r(rejected), a tie
+             counting as wrong (TRL's accuracy metric).
 
   grpo       every row is one sampled completion (prompt + completion; loss_mask marks the completion tokens,
              its EOS included) with an advantage A (src/methods/rewards.py: its reward against its group's). Per token t:
@@ -65,7 +79,7 @@ AVG_LOGP_MAX = -1e-7
 # The most logits one chunk of the output head holds: 2**24 is 64 MB in float32 (the chunk's softmax gradient as much
 # again), whatever the vocabulary: 128 target positions a chunk at 128k rows, 512 at 32k.
 LOGIT_CHUNK_ELEMENTS = 1 << 24
-PAIRED = ("dpo", "orpo")
+PAIRED = ("dpo", "orpo", "reward")
 GRPO_LOSS_TYPES = ("grpo", "dr_grpo", "dapo")
 
 
@@ -123,7 +137,7 @@ def step_scales(method: str, batches: Sequence, grpo_loss_type: str = "grpo") ->
         rows = sum(batch.num_rows for batch in batches)
         return (1.0 / rows if rows else 0.0), 0.0, rows
     tokens, pairs = counts(method, batches)
-    weight = pairs if method == "dpo" else tokens
+    weight = pairs if method in ("dpo", "reward") else tokens
     return (1.0 / tokens if tokens else 0.0), (1.0 / pairs if pairs else 0.0), weight
 
 
@@ -164,6 +178,33 @@ def reference_value(method: str, logp, tokens, beta: float = 0.1, ref_logp=None)
     avg = np.minimum(logp / np.maximum(tokens, 1.0), AVG_LOGP_MAX)
     log_odds = avg - np.log(-np.expm1(avg))
     return float(-logp[0::2].sum() / tokens[0::2].sum() + beta * neg_logsigmoid(log_odds[0::2] - log_odds[1::2]).mean())
+
+
+def score_positions(input_ids, pad_id: int) -> np.ndarray:
+    """reward: each row's score position s(row), int64 (B,): its rightmost token that is not ``pad_id`` (0 when
+    every token is), computed as transformers' sequence classifiers do, so both backends and an exported model
+    read the score at the same token."""
+    real = np.asarray(input_ids) != int(pad_id)
+    return (np.arange(real.shape[1], dtype=np.int64)[None, :] * real).argmax(axis=1).astype(np.int64)
+
+
+def reward_pair_losses(scores, center_coefficient: float = 0.0) -> np.ndarray:
+    """reward: each pair's term of L (before dividing by P) in float64, from per-row scores (chosen, rejected
+    interleaved)."""
+    r = np.asarray(scores, np.float64)
+    chosen, rejected = r[0::2], r[1::2]
+    return np.logaddexp(0.0, -(chosen - rejected)) + center_coefficient * (chosen + rejected) ** 2
+
+
+def reward_reference(scores, center_coefficient: float = 0.0) -> float:
+    """reward's L in numpy from per-row scores of one step (chosen, rejected interleaved)."""
+    return float(reward_pair_losses(scores, center_coefficient).mean())
+
+
+def pairs_ranked_right(scores) -> int:
+    """reward's accuracy count: pairs whose chosen row scores strictly above its rejected one (a tie is wrong)."""
+    r = np.asarray(scores, np.float64)
+    return int((r[0::2] > r[1::2]).sum())
 
 
 def grpo_row_divisor(loss_type: str, row_tokens, max_new_tokens: int):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from overnight.backend import BackendUnavailable
 from overnight.runs.checkpoint import CheckpointError
-from overnight.config import ConfigError
+from overnight.config import CHOICES, ConfigError
 from overnight.errors import (EXIT_CRASH, EXIT_OK, EXIT_RESUME_REFUSED, EXIT_SIGINT, EXIT_USAGE, ResumeRefused, RunLocked,
                      UsageError)
 from overnight.runs.console import say
@@ -127,7 +127,7 @@ def _add_train_command(sub) -> None:
     t.add_argument("--output", metavar="DIR", help="run directory (output.dir)")
     t.add_argument("--model", metavar="ID_OR_PATH", help="model folder or hub id (model.path)")
     t.add_argument("--data", metavar="DIR", help="folder with train.jsonl and val.jsonl (data.path)")
-    t.add_argument("--method", choices=["sft", "cpt", "dpo", "orpo", "grpo"], help="data.method")
+    t.add_argument("--method", choices=list(CHOICES["data.method"]), help="data.method")
     t.add_argument("--batch-size", type=int, metavar="N", help="train.batch_size")
     t.add_argument("--lora-rank", type=int, metavar="N", help="lora.rank")
     t.add_argument("--lora-layers", type=int, metavar="N", help="lora.layers (last N blocks, -1 all)")
@@ -205,7 +205,7 @@ def _add_convert_adapter_command(sub) -> None:
 def _add_validate_data_command(sub) -> None:
     v = sub.add_parser("validate-data", help="check a dataset before training")
     v.add_argument("path", metavar="DIR_OR_FILE")
-    v.add_argument("--method", choices=["sft", "cpt", "dpo", "orpo", "grpo"], default=None)
+    v.add_argument("--method", choices=list(CHOICES["data.method"]), default=None)
     v.add_argument("--model", metavar="DIR", default=None, help="tokenize with this model's tokenizer for length stats")
     v.add_argument("--max-seq-length", type=int, metavar="N", default=None,
                    help="model.max_seq_length to check against (default: the built-in default)")

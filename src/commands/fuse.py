@@ -1,6 +1,11 @@
 """`overnight fuse`: a checkpoint's adapter merged into its base, written as a standalone model in the format of
 the backend the run trained with.
 
+A reward run (`--method reward`) fuses into a standalone sequence-classification folder instead: the merged
+decoder without its LM head, the score head as ``score.weight``, and a config.json naming the base's class with
+ForCausalLM -> ForSequenceClassification, one label and the pad id the scores were read at
+(sequence_classifier_config), which AutoModelForSequenceClassification opens on its own.
+
 The core chooses and verifies the checkpoint (the same manifest sha256 check a resume makes, read-only: nothing
 is quarantined), checks that the base model is still the one the run trained on, and hands the merge to the
 backend's exporter (backends/<name>_export.py, found through the registry in src/backend/__init__.py) in a child process,
@@ -272,7 +277,12 @@ def fuse(run_dir: Path, choice: str, output: Path, dequantize: bool = False, ggu
     _check_run_dir(run_dir)
     step_choice = parse_choice(choice)
     check_output_dir(output)
+    reward = _is_reward_run(run_dir)
+    _refuse_reward_gguf(run_dir, reward and gguf)
     chosen = choose_checkpoint(run_dir, step_choice)
+    # The adapter says so too (a run whose config.yaml is gone or was edited): its head must never be dropped.
+    reward = reward or _has_score_head(chosen.info.path / "adapter")
+    _refuse_reward_gguf(run_dir, reward and gguf)
     trained = _trained_on(chosen, run_dir)
     backend = trained["backend"]
     _check_exporter(backend)
@@ -290,16 +300,49 @@ def fuse(run_dir: Path, choice: str, output: Path, dequantize: bool = False, ggu
         adapter = _verified_adapter_copy(chosen.info.path, Path(scratch))
         job = {"base": str(base_path), "adapter": str(adapter), "dequantize": bool(dequantize), "gguf": gguf_by_mlx,
                "gguf_name": GGUF_NAME, "bits": int(trained["bits"] or 0),
-               "group_size": int(trained["group_size"] or 64)}
+               "group_size": int(trained["group_size"] or 64), "reward": reward}
         write_folder_atomically(output, lambda folder: result.update(
             _run_exporter(backend, job | {"output": str(folder)}, Path(scratch))), say)
     result["step"] = chosen.info.step
     say(f"fused model: {output} ({result['format']}, {result['weights']})")
-    if backend == "torch" and dequantize:
-        say("note: --dequantize changes nothing for a torch run: its fused model is always full precision")
+    if (backend == "torch" or reward) and dequantize:
+        say(f"note: --dequantize changes nothing for a {'reward' if reward else 'torch'} run: its fused model is "
+            "always full precision")
     if gguf:
         _say_gguf(output, backend, result, gguf_by_mlx, say)
     return result
+
+
+def _is_reward_run(run_dir: Path) -> bool:
+    return (_run_config(run_dir).get("data") or {}).get("method") == "reward"
+
+
+def _has_score_head(adapter: Path) -> bool:
+    """A reward model's adapter: PEFT's SEQ_CLS, or mlx's with overnight.score_head (adapter_formats.py)."""
+    try:
+        config = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False  # read again, and refused by name, where the exporter needs it
+    return isinstance(config, dict) and (config.get("task_type") == "SEQ_CLS" or "score_head" in (
+        config.get("overnight") or {}))
+
+
+def _refuse_reward_gguf(run_dir: Path, refused: bool) -> None:
+    if refused:
+        raise UsageError(f"{run_dir} trained a reward model (data.method reward): --gguf writes a causal LM for "
+                         "llama.cpp, which has no place for its score head; fuse it without --gguf (a "
+                         "sequence-classification folder for transformers)")
+
+
+def sequence_classifier_config(base_config: dict, architecture: str, pad_token_id: int) -> dict:
+    """config.json of a fused reward model: the base's, naming ``architecture`` (the model type's
+    ForSequenceClassification class) with one label, and the pad id training read the score before
+    (objectives.score_positions: transformers' sequence classifiers read it the same way from config.pad_token_id).
+    Quantization keys go: the fused weights are full precision."""
+    config = {k: v for k, v in base_config.items() if k not in ("quantization", "quantization_config")}
+    config.update(architectures=[architecture], num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0},
+                  pad_token_id=int(pad_token_id))
+    return config
 
 
 def _check_run_dir(run_dir: Path) -> None:

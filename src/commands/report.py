@@ -193,6 +193,9 @@ def summary(run_dir: Path, t: Timeline) -> list[str]:
     rewards = reward_summary(t)
     if rewards:
         lines.append(rewards)
+    accuracy = accuracy_summary(t)
+    if accuracy:
+        lines.append(accuracy)
     lines.append("stop: " + stop_reason(run_dir, t))
     best, how = best_eval(t)
     if best is None:
@@ -200,7 +203,7 @@ def summary(run_dir: Path, t: Timeline) -> list[str]:
     else:
         ev = t.evals.get(best, {})
         parts = [f"val_loss {_fmt(ev.get('val_loss'))}"] + [
-            f"{name} {_fmt(ev.get(name))}" for name in ("gap", "ppl_ratio", "momentum") if name in ev]
+            f"{name} {_fmt(ev.get(name))}" for name in ("val_accuracy", "gap", "ppl_ratio", "momentum") if name in ev]
         score = f"score {_fmt(ev.get('score'))} = 0.5 val_loss + 0.3 gap + 0.1 ppl_ratio + 0.1 momentum; " \
             if "score" in ev else ""
         lines.append(f"best: step {best} ({how}): {score}{', '.join(parts)}")
@@ -308,12 +311,21 @@ def _panels(t: Timeline) -> list:
         first = ("reward", _reward_lines(t))
     return [
         first,
-        ("val loss", [(*_series(t.evals, "val_loss"), dict(marker="o", ms=3, label="val_loss"))]),
+        _val_panel(t),
         ("learning rate", [(*_series(t.train, "lr"), dict())]),
         ("grad norm", [(*_series(t.train, "grad_norm"), dict(lw=0.8))]),
         ("memory (MB)", [(*_series(t.train, "memory_mb"), dict())]),
         ("tokens/s", [(*_series(t.train, "tokens_per_sec"), dict(lw=0.8))]),
     ]
+
+
+def _val_panel(t: Timeline) -> tuple:
+    val_loss = (*_series(t.evals, "val_loss"), dict(marker="o", ms=3, label="val_loss"))
+    accuracy = _series(t.evals, "val_accuracy")
+    if not accuracy[0]:
+        return "val loss", [val_loss]
+    # a reward model's evals (--method reward): its pairwise accuracy beside its loss, both on a 0..1-ish scale
+    return "val loss & pairwise accuracy", [val_loss, (*accuracy, dict(marker="s", ms=3, label="val_accuracy"))]
 
 
 def is_reward_run(t: Timeline) -> bool:
@@ -352,6 +364,17 @@ def reward_summary(t: Timeline) -> str | None:
     return line + (f"; val_reward {val[0]:.4f} -> {val[-1]:.4f} over {len(val)} evals" if val else "")
 
 
+def accuracy_summary(t: Timeline) -> str | None:
+    """'val_accuracy: 0.5000 (step 2) -> 0.9375 (step 250) over 3 evals; best 0.9375 at step 250' for a reward model
+    run (its evals' pairwise accuracy), else None."""
+    steps, accuracy = _series(t.evals, "val_accuracy")
+    if not steps:
+        return None
+    top = max(range(len(accuracy)), key=lambda i: (accuracy[i], -steps[i]))
+    return (f"val_accuracy: {accuracy[0]:.4f} (step {steps[0]}) -> {accuracy[-1]:.4f} (step {steps[-1]}) over "
+            f"{len(steps)} evals; highest {accuracy[top]:.4f} at step {steps[top]}")
+
+
 def _why_empty(name: str, t: Timeline, eval_every: int | None) -> str:
     if name == "val loss":
         if t.end and t.end.get("status") == "completed":  # with validation on, the last step is always evaluated
@@ -388,7 +411,7 @@ def _draw_panel(ax, name: str, lines: list) -> None:
         finite = [v for v in lines[0][1] if math.isfinite(v) and v > 0]
         if finite and max(finite) / min(finite) > 100:  # one spike would flatten the rest
             ax.set_yscale("log")
-    if name in ("train loss", "reward") and drawn:
+    if drawn and (name in ("train loss", "reward") or len([xs for xs, _, _ in lines if xs]) > 1):
         ax.legend(fontsize=8, loc="upper right" if name == "train loss" else "lower right")
 
 

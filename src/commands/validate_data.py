@@ -12,6 +12,7 @@ from typing import Callable
 
 import numpy as np
 
+from overnight.backend.objectives import PAIRED
 from overnight.config import Config, ConfigError, set_dotted, validate
 from overnight.data import DataError, check_data, find_data_files, load_tokenizer
 from overnight.data.formats import METHOD_FORMATS, detect_format, iter_lines, no_target_fix, parse_line
@@ -79,7 +80,7 @@ def validate_data_main(path: str, method: str | None, model: str | None, max_seq
         blank = f", {f.blank_lines} blank line(s) skipped" if f.blank_lines else ""
         out(f"  {f.path}: {f.rows} valid row(s), {fmt}{blank}")
         if f.lengths is not None and len(f.lengths):
-            unit = "tokens per pair (longer side)" if method in ("dpo", "orpo") else "tokens per row"
+            unit = "tokens per pair (longer side)" if method in PAIRED else "tokens per row"
             too_long = f"{f.too_long} longer than max_seq_length {cfg.model.max_seq_length}"
             if f.too_long and not report.packing:
                 too_long += " (would be truncated)" if cfg.data.truncate else " (would be dropped)"

@@ -21,6 +21,7 @@ from typing import Any, Callable
 import numpy as np
 
 from overnight.backend import Batch
+from overnight.backend.objectives import PAIRED
 from overnight.data.source import BatchSource
 from overnight.data.formats import (
     METHOD_FORMATS,
@@ -64,7 +65,7 @@ __all__ = [
 
 WINDOW_BATCHES = 32  # batches per length-bucketing window
 STATE_VERSION = 1
-PAIRED_METHODS = ("dpo", "orpo")
+PAIRED_METHODS = PAIRED  # preference pairs (objectives.PAIRED): row 2i chosen, 2i+1 rejected
 _EVAL_STREAM = 0x5EED_E7A1  # keeps the eval subset's RNG apart from the training order's
 
 
@@ -587,8 +588,8 @@ def prediction_prompts(val_file: Path, tokenizer: TextTokenizer, cfg: Any, n: in
     try:
         for i in range(min(n, len(source))):
             row = source.checked_row(i)
-            if source.format == "chat":
-                messages = row["messages"]
+            if source.format == "chat" or isinstance(row.get("prompt"), list):  # conversational preference rows
+                messages = row["messages"] if source.format == "chat" else row["prompt"] + [{"role": "assistant"}]
                 last = max(j for j, m in enumerate(messages) if m["role"] == "assistant")
                 try:
                     text = tokenizer.apply_chat_template(messages[:last], add_generation_prompt=True)

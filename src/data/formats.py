@@ -4,7 +4,8 @@ Four row formats (SPEC §9), detected per file from its first row:
     chat        {"messages": [{"role": "user", "content": ...}, {"role": "assistant", ...}]}
     completion  {"prompt": ..., "completion": ...}
     text        {"text": ...}
-    preference  {"prompt": ..., "chosen": ..., "rejected": ...}
+    preference  {"prompt": ..., "chosen": ..., "rejected": ...}  (strings, or TRL's conversational form: prompt a
+                list of messages ending with a user turn, chosen and rejected lists of assistant messages)
     prompt      {"prompt": ..., any other fields}  (grpo: only the prompt; the other fields go to the rewards)
 grpo also takes chat rows whose conversation ends with a user turn (the model writes the next one).
 Every problem names file, line and key, and says what to do about it.
@@ -20,6 +21,8 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from overnight.backend.objectives import PAIRED
+
 FORMAT_KEYS = {
     "chat": ("messages",),
     "completion": ("prompt", "completion"),
@@ -32,6 +35,7 @@ METHOD_FORMATS = {
     "cpt": ("text",),
     "dpo": ("preference",),
     "orpo": ("preference",),
+    "reward": ("preference",),
     "grpo": ("prompt", "chat"),
 }
 ROLES = ("system", "user", "assistant", "tool")
@@ -40,6 +44,8 @@ EXAMPLES = {
     "completion": '{"prompt": "Q: 2+2?\\nA:", "completion": " 4"}',
     "text": '{"text": "Some document."}',
     "preference": '{"prompt": "Q: 2+2?", "chosen": "4", "rejected": "5"}',
+    "chat_preference": ('{"prompt": [{"role": "user", "content": "2+2?"}], "chosen": [{"role": "assistant", '
+                        '"content": "4"}], "rejected": [{"role": "assistant", "content": "5"}]}'),
     "prompt": '{"prompt": "Q: 2+2?", "answer": "4"}',
 }
 MAX_KEPT_PROBLEMS = 1000  # all problems are counted; this many are kept with their text
@@ -174,29 +180,18 @@ def row_problems(row: dict, fmt: str, method: str | None = None) -> list[tuple[s
             out.append((key, "missing", f"{fmt} rows need {format_keys_text(fmt)}, e.g. {EXAMPLES[fmt]}"))
     if out:
         return out
+    if fmt == "preference" and any(isinstance(row[k], list) for k in FORMAT_KEYS[fmt]):
+        return _chat_preference_problems(row)
     if fmt == "chat":
         messages = row["messages"]
-        if not isinstance(messages, list) or not messages:
-            return [("messages", "must be a non-empty list of {\"role\", \"content\"} objects", f"e.g. {EXAMPLES['chat']}")]
-        for i, msg in enumerate(messages):
-            key = f"messages[{i}]"
-            if not isinstance(msg, dict):
-                out.append((key, "must be an object with 'role' and 'content'", f"e.g. {EXAMPLES['chat']}"))
-                continue
-            role = msg.get("role")
-            if role not in ROLES:
-                hint = "use one of " + ", ".join(ROLES)
-                if role in ("human", "gpt", "bot", "model"):
-                    hint += " (ShareGPT-style 'human'/'gpt' become 'user'/'assistant')"
-                out.append((key + ".role", f"is {role!r}", hint))
-            if not _is_text(msg.get("content")):
-                out.append((key + ".content", f"must be a string, got {type(msg.get('content')).__name__}",
-                            "put the message text in 'content' as a string"))
-        if not out and method == "grpo":
+        out = _message_problems(messages, "messages", EXAMPLES["chat"])
+        if out:
+            return out
+        if method == "grpo":
             if messages[-1].get("role") != "user":
                 out.append(("messages", f"ends with a {messages[-1].get('role')} turn; a grpo prompt ends with a user "
                             "turn (the model writes the answer)", "remove the trailing turns or the line"))
-        elif not out and not any(m.get("role") == "assistant" for m in messages):
+        elif not any(m.get("role") == "assistant" for m in messages):
             out.append(("messages", "has no assistant message, so there is nothing to learn",
                         "add the answer as {\"role\": \"assistant\", \"content\": ...} or remove the line"))
         return out
@@ -205,6 +200,57 @@ def row_problems(row: dict, fmt: str, method: str | None = None) -> list[tuple[s
         if not _is_text(value):
             out.append((key, f"must be a string, got {type(value).__name__}", f"e.g. {EXAMPLES[fmt]}"))
         elif (key != "prompt" or fmt == "prompt") and not value.strip():
+            out.append((key, "is empty, so there is nothing to learn", "fill it in or remove the line"))
+    return out
+
+
+def _message_problems(messages: Any, name: str, example: str) -> list[tuple[str | None, str, str]]:
+    """(key, message, hint) for each way ``messages`` (the value of key ``name``) is not a non-empty list of
+    {"role", "content"} objects with known roles and string contents."""
+    if not isinstance(messages, list) or not messages:
+        return [(name, "must be a non-empty list of {\"role\", \"content\"} objects", f"e.g. {example}")]
+    out: list[tuple[str | None, str, str]] = []
+    for i, msg in enumerate(messages):
+        key = f"{name}[{i}]"
+        if not isinstance(msg, dict):
+            out.append((key, "must be an object with 'role' and 'content'", f"e.g. {example}"))
+            continue
+        role = msg.get("role")
+        if role not in ROLES:
+            hint = "use one of " + ", ".join(ROLES)
+            if role in ("human", "gpt", "bot", "model"):
+                hint += " (ShareGPT-style 'human'/'gpt' become 'user'/'assistant')"
+            out.append((key + ".role", f"is {role!r}", hint))
+        if not _is_text(msg.get("content")):
+            out.append((key + ".content", f"must be a string, got {type(msg.get('content')).__name__}",
+                        "put the message text in 'content' as a string"))
+    return out
+
+
+def _chat_preference_problems(row: dict) -> list[tuple[str | None, str, str]]:
+    """A conversational preference row (TRL's format): ``prompt`` the conversation so far, ending with a user turn,
+    ``chosen`` and ``rejected`` the assistant's answers, each a list of messages, rendered by the chat template."""
+    example = EXAMPLES["chat_preference"]
+    out: list[tuple[str | None, str, str]] = []
+    for key in FORMAT_KEYS["preference"]:
+        if not isinstance(row[key], list):
+            out.append((key, f"is a {type(row[key]).__name__} while another of prompt/chosen/rejected is a list of "
+                        "messages", f"give all three as strings, or all three as lists of messages: e.g. {example}"))
+    if out:
+        return out
+    for key in FORMAT_KEYS["preference"]:
+        out += _message_problems(row[key], key, example)
+    if out:
+        return out
+    if row["prompt"][-1].get("role") != "user":
+        out.append(("prompt", f"ends with a {row['prompt'][-1].get('role')} turn; the prompt ends with the user turn "
+                    "the answers reply to", f"e.g. {example}"))
+    for key in ("chosen", "rejected"):
+        roles = sorted({m["role"] for m in row[key]} - {"assistant"})
+        if roles:
+            out.append((key, f"holds a {roles[0]} message; an answer is the assistant's turn",
+                        f"put only {{\"role\": \"assistant\", ...}} messages in {key}, e.g. {example}"))
+        elif not any(m["content"].strip() for m in row[key]):
             out.append((key, "is empty, so there is nothing to learn", "fill it in or remove the line"))
     return out
 
@@ -468,7 +514,7 @@ def _unknown_format_hint(row: dict, method: str) -> str:
     if "conversations" in row:
         return "ShareGPT 'conversations' must be converted to 'messages' with 'role'/'content'; " + hint
     if "prompt" in row:
-        needed = "'chosen' and 'rejected'" if method in ("dpo", "orpo") else "'completion'"
+        needed = "'chosen' and 'rejected'" if method in PAIRED else "'completion'"
         return f"a 'prompt' needs {needed}; " + hint
     return hint
 

@@ -419,6 +419,8 @@ def encode_row(tok: TextTokenizer, row: dict, fmt: str, mask_prompt: bool = True
         for a, b in _assistant_spans(tok, row["messages"], text):
             mask |= (starts < b) & (ends > a)
         return Encoded([], [], [(ids, mask.astype(int).tolist())])
+    if fmt == "preference" and isinstance(row["prompt"], list):
+        return _encode_chat_pair(tok, row)
     prompt = tok.prefix_ids + tok.encode(row["prompt"], add_special_tokens=False)
     keep = len(tok.prefix_ids)
     if fmt == "completion":
@@ -432,6 +434,37 @@ def encode_row(tok: TextTokenizer, row: dict, fmt: str, mask_prompt: bool = True
             pair.append((resp, [1] * len(resp)))
         return Encoded(prompt, [0] * len(prompt), pair, keep)
     raise ValueError(f"unknown format {fmt}")
+
+
+def _render(tok: TextTokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    try:
+        return tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+    except DataError:
+        raise
+    except Exception as exc:
+        raise DataError(f"the chat template failed on this row ({exc}) -> check roles and their order") from None
+
+
+def _encode_chat_pair(tok: TextTokenizer, row: dict) -> Encoded:
+    """A conversational preference row (TRL's format: ``prompt`` a list of messages, ``chosen`` and ``rejected``
+    lists of assistant messages) through the model's chat template, as TRL's trainers render it: the prompt with the
+    generation prompt, each answer the rest of the whole conversation's text (its end-of-turn token included, no
+    EOS added). So a reward model trained on these rows reads the text a GRPO reward model is handed (the chat
+    template of prompt + completion)."""
+    prompt_text = _render(tok, row["prompt"], add_generation_prompt=True)
+    prompt = tok.encode(prompt_text, add_special_tokens=False)
+    pair = []
+    for key in ("chosen", "rejected"):
+        full = _render(tok, row["prompt"] + row[key])
+        if not full.startswith(prompt_text):
+            raise DataError(f"key '{key}': the chat template renders the prompt with the answer differently from the "
+                            "prompt alone (it does not begin with the prompt's text), so the answer's tokens cannot "
+                            "be told apart -> give prompt, chosen and rejected as plain strings instead")
+        resp = tok.encode(full[len(prompt_text):], add_special_tokens=False)
+        pair.append((resp, [1] * len(resp)))
+    prefix = tok.prefix_ids
+    keep = len(prefix) if prefix and prompt[:len(prefix)] == prefix else 0
+    return Encoded(prompt, [0] * len(prompt), pair, keep)
 
 
 def fit(enc: Encoded, max_len: int) -> list[tuple[list[int], list[int]]]:

@@ -10,7 +10,7 @@ from typing import Callable
 
 from overnight import data
 from overnight.data.source import BatchSource
-from overnight.train.validation import Validator
+from overnight.train.validation import RewardValidator, Validator
 
 
 @dataclass
@@ -58,6 +58,23 @@ class Supervised:
         return MethodParts(data.TrainStream(r.train_file, r.tokenizer, cfg), validator, predict)
 
 
+class Reward:
+    """reward: the preference pairs dpo reads, in the same order and batches; validation scores the fixed pairs
+    (val_loss and val_accuracy, overnight.train.validation.RewardValidator). No predictions: a reward model does not
+    generate."""
+
+    check = Supervised.check
+
+    @staticmethod
+    def build(r: PartsRequest) -> MethodParts:
+        cfg, val_file = r.cfg, r.val_file
+        eval_batch_size = cfg.eval.batch_size or cfg.train.batch_size
+        validator = RewardValidator(
+            (lambda: data.eval_batches(val_file, r.tokenizer, cfg, cfg.eval.max_batches, eval_batch_size))
+            if val_file else None, cfg.reward.center_coefficient)
+        return MethodParts(data.TrainStream(r.train_file, r.tokenizer, cfg), validator, None)
+
+
 class Grpo:
     """grpo: sampled completions scored by the rewards in place of fixed batches (overnight.methods.grpo)."""
 
@@ -75,6 +92,7 @@ class Grpo:
         from overnight.methods import grpo, rewards
 
         reward_list = rewards.load_rewards(r.cfg)
+        rewards.bind(reward_list, r.backend, r.tokenizer, r.cfg.model.dtype)  # a reward model loads here, once
         source = grpo.GrpoSource(r.train_file, r.tokenizer, r.cfg, r.backend, reward_list, r.say, r.world,
                                  run_dir=r.run_dir if r.writes_predictions else None)
         validator = grpo.GrpoValidator(r.val_file, r.tokenizer, r.cfg, reward_list)
@@ -84,7 +102,8 @@ class Grpo:
         return MethodParts(source, validator, predict)
 
 
-METHODS = {"sft": Supervised, "cpt": Supervised, "dpo": Supervised, "orpo": Supervised, "grpo": Grpo}
+METHODS = {"sft": Supervised, "cpt": Supervised, "dpo": Supervised, "orpo": Supervised, "grpo": Grpo,
+           "reward": Reward}
 
 
 def method(name: str):

@@ -13,6 +13,7 @@ and of the reward's mean and std.
 
 A reward is named in grpo.rewards as
   - a built-in: exact_match[=FIELD], contains[=FIELD], regex=PATTERN, length_penalty[=CHARS];
+  - reward_model=PATH: a one-label sequence classifier scoring prompt + completion (src/methods/reward_model.py);
   - "package.module:function" (importable from the working directory or the Python path);
   - "path/to/file.py:function" (relative to the working directory).
 """
@@ -33,7 +34,7 @@ import numpy as np
 from overnight.config import ConfigError
 from overnight.train.loop import TrainingError
 
-BUILTINS = ("exact_match", "contains", "regex", "length_penalty")
+BUILTINS = ("exact_match", "contains", "regex", "length_penalty", "reward_model")
 # Beyond this a reward is no score a person meant: its group's std and the advantages stop being numbers.
 LIMIT = 1e30
 # What a user's function may raise that is still its failure, named: sys.exit() and a stray KeyboardInterrupt too
@@ -106,7 +107,14 @@ def length_penalty(chars: str = "100") -> Callable:
     return reward
 
 
-_MAKERS = {"exact_match": exact_match, "contains": contains, "regex": regex, "length_penalty": length_penalty}
+def reward_model(path: str, spec: str = ""):
+    from overnight.methods.reward_model import RewardModel
+
+    return RewardModel(path, spec or f"reward_model={path}")
+
+
+_MAKERS = {"exact_match": exact_match, "contains": contains, "regex": regex, "length_penalty": length_penalty,
+           "reward_model": reward_model}
 
 
 @dataclass
@@ -166,6 +174,8 @@ def load_reward(spec: str) -> Callable:
     if name in _MAKERS:
         if name == "regex" and not arg:
             raise ConfigError("config key 'grpo.rewards': regex needs a pattern, e.g. regex=^<answer>.*</answer>$")
+        if name == "reward_model":
+            return reward_model(arg.strip(), spec)
         return _MAKERS[name](arg) if arg else _MAKERS[name]()
     if ":" not in spec:
         raise ConfigError(f"config key 'grpo.rewards': '{spec}' is neither a built-in ({', '.join(BUILTINS)}) nor "
@@ -184,10 +194,23 @@ def load_rewards(cfg) -> list[Reward]:
         name, _, arg = spec.strip().partition("=")
         field = (arg or "answer") if name in ("exact_match", "contains") else None
         func = load_reward(spec)
-        key = spec.strip() if name in _MAKERS else spec.rsplit(":", 1)[1]
+        # a reward model by its folder's name (as TRL names one), not by its whole path
+        key = func.key if name == "reward_model" else spec.strip() if name in _MAKERS else spec.rsplit(":", 1)[1]
         key = key if key not in {r.key for r in out} else f"{key}_{len(out)}"
         out.append(Reward(spec, func, float(weight), field, key))
     return out
+
+
+def bind(rewards: Sequence[Reward], backend, tokenizer, dtype: str = "auto") -> None:
+    """Load the rewards that run on the training backend (reward models) once, before training: each scores with its
+    own tokenizer, rendering chat templates with the policy tokenizer's template variables and pinned time
+    (data.chat_template_kwargs, as TRL passes its chat_template_kwargs to the reward model's template)."""
+    from overnight.methods.reward_model import RewardModel
+
+    for reward in rewards:
+        if isinstance(reward.func, RewardModel):
+            reward.func.bind(backend, getattr(tokenizer, "template_kwargs", None),
+                             getattr(tokenizer, "template_now", None), dtype)
 
 
 @dataclass

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Callable
 
 from overnight.config import TRAINING_KEYS, Config, applies_to_method
+from overnight.methods import reward_model
 from overnight.fsutil import sha256_file
 from overnight.runs.checkpoint import STEP_DIR
 from overnight.runs.portable import model_shape, same_model_differences
@@ -93,6 +94,9 @@ def compute(cfg: Config, train_file: Path, val_file: Path | None, backend: str |
         "train_data": _file_digest(train_file),
         "val_data": _file_digest(val_file),
         "config": {key: json.loads(json.dumps(cfg.get(key))) for key in keys} | {"packing": cfg.packing},
+        # grpo.rewards=[reward_model=PATH]: the model by content (reward_model.identity), so retraining it between a
+        # run and its resume is a changed reward, while moving its folder is not
+        "reward_models": reward_model.identities(list(cfg.grpo.rewards)) if cfg.data.method == "grpo" else {},
     }
 
 
@@ -121,6 +125,10 @@ def differences(saved: dict, current: dict, across_backends: bool = False) -> li
     old_init, new_init = saved.get("init_adapter"), current.get("init_adapter")
     if (old_init or {}).get("sha256") != (new_init or {}).get("sha256"):  # by content: a moved copy is the same
         changes.append(f"lora.init_from: {_adapter_name(old_init)} -> {_adapter_name(new_init)}")
+    old_models, new_models = saved.get("reward_models") or {}, current.get("reward_models") or {}
+    for spec in sorted(set(old_models) & set(new_models)):  # a spec added or removed is grpo.rewards' difference
+        if old_models[spec] != new_models[spec]:
+            changes.append(f"grpo.rewards: the reward model of {spec} changed (its config, tokenizer or weights)")
     if saved.get("train_data") != current.get("train_data"):
         changes.append("train data file contents")
     if saved.get("val_data") != current.get("val_data"):

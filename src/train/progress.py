@@ -95,8 +95,15 @@ def fit(fields: dict[str, str], percent: str, width: int) -> str:
 def eval_line(step: int, evaluation: dict, score: float, new_best: bool, best_step: int | None) -> str:
     """One line per eval, so the morning-after log shows how validation went without reading metrics.jsonl."""
     verdict = "new best" if new_best else f"best is still step {best_step}" if best_step is not None else "not scored"
-    return (f"eval step {step}: val_loss={evaluation['val_loss']:.4g} ppl={evaluation['val_ppl']:.4g} "
-            f"score={score:.4g} ({verdict})")
+    # A perplexity means something for the likelihood losses only: a reward model shows its pairwise accuracy, grpo
+    # the reward of its greedy answers (its val_loss is that reward's negative).
+    if "val_reward" in evaluation:
+        figures = f"val_reward={evaluation['val_reward']:.4g}"
+    elif "val_accuracy" in evaluation:
+        figures = f"val_loss={evaluation['val_loss']:.4g} accuracy={evaluation['val_accuracy']:.3g}"
+    else:
+        figures = f"val_loss={evaluation['val_loss']:.4g} ppl={evaluation['val_ppl']:.4g}"
+    return f"eval step {step}: {figures} score={score:.4g} ({verdict})"
 
 
 def checkpoint_line(step: int, best_step: int | None, removed: list[int]) -> str:

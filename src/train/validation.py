@@ -6,7 +6,7 @@ from typing import Callable
 
 import numpy as np
 
-from overnight.backend import Batch, OutOfMemory
+from overnight.backend import Batch, OutOfMemory, objectives
 from overnight.distributed import Solo, eval_share
 from overnight.errors import TrainingError
 
@@ -47,30 +47,38 @@ class Validator:
         if self._batches is None:
             self._batches = self._make_batches()
             self._parts = [1] * len(self._batches)
-        total_loss, total_tokens = 0.0, 0
+        totals = np.zeros(self.FIGURES, dtype=np.float64)
         for i in eval_share(len(self._batches), world):
             if cancelled():
                 return None
             if i is None:  # this rank has no batch in the last round
                 continue
-            loss_sum, tokens = self._loss(backend, i, say)
-            total_loss += loss_sum
-            total_tokens += tokens
+            totals += self._sums(backend, i, say)
         if world.size > 1:
-            total_loss, total_tokens = world.all_sum(np.array([total_loss, total_tokens], dtype=np.float64))
-            total_loss, total_tokens = float(total_loss), int(round(total_tokens))
+            totals = np.asarray(world.all_sum(totals), dtype=np.float64)
+        total_loss, total_tokens = float(totals[0]), int(round(totals[1]))
         if total_tokens == 0:
             return None
         val_loss = total_loss / total_tokens
-        return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)), "val_tokens": total_tokens}
+        return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)), "val_tokens": total_tokens,
+                **self._more(totals)}
 
-    def _loss(self, backend, i: int, say: Callable[[str], None]) -> tuple[float, int]:
+    FIGURES = 2  # what _measure sums per batch: (loss x weight, weight), then any the method adds
+
+    def _measure(self, backend, piece: Batch) -> np.ndarray:
+        loss_sum, weight = backend.eval_loss(piece)
+        return np.array([loss_sum, int(weight)], dtype=np.float64)
+
+    def _more(self, totals: np.ndarray) -> dict:
+        """The eval figures a method adds from its summed figures beyond the first two."""
+        return {}
+
+    def _sums(self, backend, i: int, say: Callable[[str], None]) -> np.ndarray:
         batch = self._batches[i]
         while True:
             pieces = batch.split(self._parts[i]) if self._parts[i] > 1 else [batch]
             try:
-                results = [backend.eval_loss(piece) for piece in pieces]
-                return sum(r[0] for r in results), sum(int(r[1]) for r in results)
+                return sum((self._measure(backend, piece) for piece in pieces), np.zeros(self.FIGURES))
             except OutOfMemory:
                 unit = 2 if batch.paired else 1
                 if max(p.num_rows for p in pieces) <= unit:
@@ -85,3 +93,23 @@ class Validator:
                     say(f"out of memory in validation: eval batches are split (now {self._parts[i]} parts of "
                         f"{batch.num_rows} rows) and the parts summed, so the value is unchanged; a smaller "
                         "eval.batch_size avoids the failed tries")
+
+
+class RewardValidator(Validator):
+    """reward: val_loss is the reward objective over the fixed pairs (weight = pairs), from the scores the backend
+    gives (Backend.reward_scores) and objectives' numpy formula, so both backends are judged by one definition;
+    val_accuracy is the fraction of pairs whose chosen row scores above its rejected one (a tie is wrong)."""
+
+    FIGURES = 3
+
+    def __init__(self, make_batches: Callable[[], list[Batch]] | None, center_coefficient: float = 0.0):
+        super().__init__(make_batches)
+        self.center_coefficient = center_coefficient
+
+    def _measure(self, backend, piece: Batch) -> np.ndarray:
+        scores = np.asarray(backend.reward_scores(piece), dtype=np.float64)
+        losses = objectives.reward_pair_losses(scores, self.center_coefficient)
+        return np.array([losses.sum(), losses.size, objectives.pairs_ranked_right(scores)], dtype=np.float64)
+
+    def _more(self, totals: np.ndarray) -> dict:
+        return {"val_accuracy": float(totals[2] / totals[1])}
