@@ -29,7 +29,8 @@ from mlx.utils import tree_flatten, tree_map, tree_map_with_path, tree_unflatten
 from overnight.backend import lora_init, lora_targets, objectives, step_buffer
 from overnight.backend import Batch, OutOfMemory, PeerLost, PortableState, SetupInfo, StepResult, as_prompts, \
     as_stop_ids
-from overnight.backend.adapter_formats import MLX_SCORE_KEY, PORTABLE_SCORE_KEY, recorded_base
+from overnight.backend.adapter_formats import MLX_HEAD_WEIGHTS, MLX_SCORE_KEY, PORTABLE_SCORE_KEY, REWARD_HEAD, \
+    recorded_base, reward_head_text
 from overnight.config import ConfigError
 from overnight.fsutil import atomic_write_text, fsync_dir, fsync_file
 
@@ -544,7 +545,6 @@ class MLXBackend:
         head.weight = mx.zeros((1, int(hidden.shape[-1])), dtype=mx.float32)
         model.score = head
         self.pad_id = load_tokenizer(Path(model_dir)).pad_id
-        self.adapter_config["overnight"]["score_head"] = {"key": MLX_SCORE_KEY, "pad_token_id": int(self.pad_id)}
 
     def _read_config(self, cfg: Any, seed: int) -> None:
         self.method = cfg.data.method
@@ -983,8 +983,14 @@ class MLXBackend:
         directory = Path(directory)
         adapter_dir = directory / "adapter"
         adapter_dir.mkdir(parents=True, exist_ok=True)
-        _save_safetensors(adapter_dir / ADAPTER_WEIGHTS, dict(tree_flatten(self.model.trainable_parameters())),
-                          {"format": "mlx"})
+        lora = dict(tree_flatten(self.model.trainable_parameters()))
+        # mlx_lm.load(model, adapter_path=...) refuses any tensor of adapters.safetensors that is not LoRA (SPEC §5):
+        # a reward model's head goes in a file of its own, and how its score is read in reward_head.json.
+        head = lora.pop(MLX_SCORE_KEY, None)
+        _save_safetensors(adapter_dir / ADAPTER_WEIGHTS, lora, {"format": "mlx"})
+        if head is not None:
+            _save_safetensors(adapter_dir / MLX_HEAD_WEIGHTS, {MLX_SCORE_KEY: head}, {"format": "mlx"})
+            atomic_write_text(adapter_dir / REWARD_HEAD, reward_head_text("mlx", self.pad_id))
         atomic_write_text(adapter_dir / ADAPTER_CONFIG, json.dumps(self.adapter_config, indent=2) + "\n")
         _save_safetensors(directory / OPTIMIZER_FILE, dict(tree_flatten(self.optimizer.state)), {"format": "mlx"})
         state = {
@@ -1008,6 +1014,8 @@ class MLXBackend:
                     f"{self.adapter_config[key]!r}"
                 )
         weights = mx.load(str(adapter_dir / ADAPTER_WEIGHTS))
+        if (adapter_dir / MLX_HEAD_WEIGHTS).is_file():
+            weights |= mx.load(str(adapter_dir / MLX_HEAD_WEIGHTS))
         _check_same_tree("adapter", weights, dict(tree_flatten(self.model.trainable_parameters())))
         opt_saved = mx.load(str(directory / OPTIMIZER_FILE))
         _check_same_tree("optimizer state", opt_saved, dict(tree_flatten(self.optimizer.state)))

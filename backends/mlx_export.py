@@ -99,7 +99,7 @@ def reward_export(job: dict, model, config: dict, base_dir: Path) -> dict:
     from mlx_lm.tuner.utils import load_adapters
     from mlx_lm.utils import dequantize_model, make_shards
 
-    from overnight.backend.adapter_formats import CONFIG, MLX_WEIGHTS, mlx_score_head, read_safetensors
+    from overnight.backend.adapter_formats import MLX_HEAD_WEIGHTS, MLX_SCORE_KEY, REWARD_HEAD, mlx_score_head
     from overnight.backends.torch_export import SCORE_WEIGHT, hf_weight_names, is_lm_head, \
         sequence_classifier_architecture
     from overnight.commands.fuse import sequence_classifier_config
@@ -108,22 +108,16 @@ def reward_export(job: dict, model, config: dict, base_dir: Path) -> dict:
     base_config = json.loads((base_dir / "config.json").read_text(encoding="utf-8"))
     architecture = sequence_classifier_architecture(base_dir, base_config)
     adapter = Path(job["adapter"])
-    adapter_config = json.loads((adapter / CONFIG).read_text(encoding="utf-8"))
     try:
-        head = mlx_score_head(adapter_config, read_safetensors(adapter / MLX_WEIGHTS)[0], adapter)
+        head = mlx_score_head(adapter)
     except UsageError as exc:
         raise ExportRefused(str(exc)) from None
     if head is None:
-        raise ExportRefused(f"{adapter / CONFIG}: the run trained a reward model, but its adapter records no score "
-                            "head (overnight.score_head)")
-    # mlx-lm's load_adapters takes LoRA tensors only: the head is set aside, and the rest saved in a copy.
-    weights = mx.load(str(adapter / MLX_WEIGHTS))
-    score = weights.pop(adapter_config["overnight"]["score_head"]["key"])
-    lora_only = adapter.parent / "lora-only"
-    lora_only.mkdir()
-    mx.save_safetensors(str(lora_only / MLX_WEIGHTS), weights, metadata={"format": "mlx"})
-    (lora_only / CONFIG).write_text(json.dumps(adapter_config), encoding="utf-8")
-    model = load_adapters(model, str(lora_only))
+        raise ExportRefused(f"{adapter}: the run trained a reward model, but its adapter has no score head "
+                            f"({REWARD_HEAD} and {MLX_HEAD_WEIGHTS})")
+    # read by mlx, as the run wrote it (float32): the bytes mlx_score_head checked
+    score = mx.load(str(adapter / MLX_HEAD_WEIGHTS))[MLX_SCORE_KEY]
+    model = load_adapters(model, str(adapter))
     model.eval()
     merge(model, job["adapter"], base_dir, dequantize=True)
     model = dequantize_model(model)

@@ -17,6 +17,7 @@ from mlx.utils import tree_flatten
 from overnight.backend import OutOfMemory
 from overnight.backends.mlx_backend import _is_oom
 from overnight.config import ConfigError
+from overnight.backend.adapter_formats import MLX_HEAD_WEIGHTS
 from overnight.methods.reward_model import ADAPTER_CONFIG, ADAPTER_WEIGHTS, HEAD, MLX_ADAPTER_WEIGHTS, PEFT_HEAD
 
 _PEFT_PREFIX = "base_model.model."
@@ -93,23 +94,20 @@ def _peft_lora(adapter_dir: Path, config: dict, spec: str) -> tuple[dict[str, tu
 
 def _mlx_lora(adapter_dir: Path, config: dict, spec: str) -> tuple[dict[str, tuple[mx.array, mx.array]], float,
                                                                    mx.array]:
-    """An mlx reward adapter (mlx-lm's layout, the head under overnight.score_head.key) as _peft_lora's triple."""
+    """An mlx reward adapter (mlx-lm's layout, the head as score.weight in score_head.safetensors) as _peft_lora's
+    triple."""
     if config.get("fine_tune_type", "lora") != "lora":
         raise _fail(spec, f"{adapter_dir}: fine_tune_type {config.get('fine_tune_type')!r}; plain LoRA only")
-    head_key = config["overnight"]["score_head"]["key"]
     weights = mx.load(str(adapter_dir / MLX_ADAPTER_WEIGHTS))
     pairs: dict[str, dict[str, mx.array]] = {}
     for key, value in weights.items():
-        if key == head_key:
-            continue
         module, _, kind = key.rpartition(".")
         if kind not in ("lora_a", "lora_b"):
-            raise _fail(spec, f"{adapter_dir / MLX_ADAPTER_WEIGHTS} holds {key}, which is neither a LoRA weight nor "
-                              "the score head")
+            raise _fail(spec, f"{adapter_dir / MLX_ADAPTER_WEIGHTS} holds {key}, which is not a LoRA weight")
         pairs.setdefault(module, {})[kind] = value
     scale = float((config.get("lora_parameters") or {}).get("scale", 20.0))  # mlx-lm's default
     return ({path: (pair.get("lora_a"), pair.get("lora_b")) for path, pair in pairs.items()}, scale,
-            weights[head_key])
+            mx.load(str(adapter_dir / MLX_HEAD_WEIGHTS))[HEAD])
 
 
 def _apply_lora(model: nn.Module, adapter_dir: Path, pairs: dict[str, tuple[mx.array, mx.array]],

@@ -39,7 +39,8 @@ from torch.utils.checkpoint import checkpoint
 from overnight.backend import lora_init, lora_targets, model_folder, objectives, step_buffer
 from overnight.backend import Batch, OutOfMemory, PeerLost, PortableState, SetupInfo, StepResult, as_prompts, \
     as_stop_ids
-from overnight.backend.adapter_formats import PEFT_SCORE_KEY, PORTABLE_SCORE_KEY, recorded_base
+from overnight.backend.adapter_formats import PEFT_SCORE_KEY, PORTABLE_SCORE_KEY, REWARD_HEAD, recorded_base, \
+    reward_head_text
 from overnight.backends import noise
 from overnight.config import ConfigError
 from overnight.fsutil import give_default_modes
@@ -967,8 +968,9 @@ class TorchBackend:
 
     def _save_score_head(self, adapter_dir: Path, adapter_config: dict) -> None:
         """A reward run's adapter is PEFT's for AutoModelForSequenceClassification (task SEQ_CLS, the head in
-        modules_to_save under PEFT's own key), so transformers + PEFT score with it as overnight does; the base's
-        pad_token_id (the score position's rule, objectives.py) is recorded for the user to pass."""
+        modules_to_save under PEFT's own key), so transformers + PEFT score with it as overnight does; the pad id
+        (the score position's rule, objectives.py) is for the user to pass, recorded in reward_head.json: LoraConfig
+        warns about every key of adapter_config.json it does not know."""
         from safetensors.torch import load_file, save_file
 
         path = adapter_dir / "adapter_model.safetensors"
@@ -976,8 +978,8 @@ class TorchBackend:
         tensors[PEFT_SCORE_KEY] = self._score.weight.detach().float().cpu().contiguous()
         save_file(tensors, str(path) + ".tmp", metadata={"format": "pt"})
         os.replace(str(path) + ".tmp", path)
-        adapter_config.update(task_type="SEQ_CLS", modules_to_save=["score"], num_labels=1,
-                              pad_token_id=int(self._pad_id))
+        adapter_config.update(task_type="SEQ_CLS", modules_to_save=["score"])
+        (adapter_dir / REWARD_HEAD).write_text(reward_head_text("peft", self._pad_id), encoding="utf-8")
 
     def load(self, directory: Path) -> None:
         from peft import set_peft_model_state_dict

@@ -10,10 +10,11 @@ import numpy as np
 import torch
 
 from overnight.backend import OutOfMemory
+from overnight.backend.adapter_formats import MLX_HEAD_WEIGHTS
 from overnight.backends import noise
 from overnight.backends.torch_backend import _is_oom
 from overnight.config import ConfigError
-from overnight.methods.reward_model import ADAPTER_CONFIG, MLX_ADAPTER_WEIGHTS
+from overnight.methods.reward_model import ADAPTER_CONFIG, HEAD, MLX_ADAPTER_WEIGHTS
 
 
 class TorchRewardScorer:
@@ -43,8 +44,8 @@ class TorchRewardScorer:
 
 def _with_mlx_adapter(model, adapter_dir: Path, spec: str):
     """An mlx reward run's adapter (mlx-lm's layout: <module>.lora_a (in, r), lora_b (r, out), scale in
-    adapter_config.json; the head under overnight.score_head.key) as the PEFT SEQ_CLS model it stands for: LoRA on
-    exactly those modules with lora_alpha = scale * r, the head in modules_to_save."""
+    adapter_config.json; the head as score.weight in score_head.safetensors) as the PEFT SEQ_CLS model it stands for:
+    LoRA on exactly those modules with lora_alpha = scale * r, the head in modules_to_save."""
     import json
 
     from peft import LoraConfig, TaskType, get_peft_model, set_peft_model_state_dict
@@ -54,14 +55,14 @@ def _with_mlx_adapter(model, adapter_dir: Path, spec: str):
     if config.get("fine_tune_type", "lora") != "lora":
         raise ConfigError(f"config key 'grpo.rewards': {spec}: {adapter_dir}: fine_tune_type "
                           f"{config.get('fine_tune_type')!r}; plain LoRA only")
-    head_key = config["overnight"]["score_head"]["key"]
     tensors = load_file(str(adapter_dir / MLX_ADAPTER_WEIGHTS))
-    state, modules, rank = {"base_model.model.score.weight": tensors.pop(head_key)}, set(), None
+    state = {"base_model.model.score.weight": load_file(str(adapter_dir / MLX_HEAD_WEIGHTS))[HEAD]}
+    modules, rank = set(), None
     for key, value in tensors.items():
         module, _, kind = key.rpartition(".")
         if kind not in ("lora_a", "lora_b"):
             raise ConfigError(f"config key 'grpo.rewards': {spec}: {adapter_dir / MLX_ADAPTER_WEIGHTS} holds {key}, "
-                              "which is neither a LoRA weight nor the score head")
+                              "which is not a LoRA weight")
         modules.add(module)
         rank = value.shape[1] if kind == "lora_a" else rank
         state[f"base_model.model.{module}.{'lora_A' if kind == 'lora_a' else 'lora_B'}.weight"] = value.T.contiguous()

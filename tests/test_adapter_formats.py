@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -380,28 +381,76 @@ def test_a_reward_adapter_round_trips_exactly_both_ways(peft_reward_adapter, mlx
     result = cli("convert-adapter", str(peft_reward_adapter), "--to", "mlx", "--output", str(there))
     assert result.returncode == 0, result.stderr
     assert "(4 LoRA modules, rank 4, and the reward score head)" in result.stdout
-    mlx_side = load_file(str(there / "adapters.safetensors"))
     source = load_file(str(peft_reward_adapter / "adapter_model.safetensors"))
-    assert np.array_equal(mlx_side["score.weight"], source["base_model.model.score.weight"])
-    overnight = json.loads((there / "adapter_config.json").read_text())["overnight"]
-    assert overnight["score_head"] == {"key": "score.weight", "pad_token_id": 0}  # the base's config.json pad id
+    assert "score.weight" not in load_file(str(there / "adapters.safetensors"))  # mlx-lm's file: LoRA only
+    assert np.array_equal(load_file(str(there / "score_head.safetensors"))["score.weight"],
+                          source["base_model.model.score.weight"])
+    assert json.loads((there / "reward_head.json").read_text()) == {  # the pad id from the base's config.json
+        "num_labels": 1, "pad_token_id": 0, "score_file": "score_head.safetensors", "score_key": "score.weight"}
     back = convert_adapter(there, "peft", tmp_path / "back", say=lambda m: None)
     returned = load_file(str(back / "adapter_model.safetensors"))
     assert set(returned) == set(source)
     assert all(returned[k].dtype == source[k].dtype and np.array_equal(returned[k], source[k]) for k in source)
     config = json.loads((back / "adapter_config.json").read_text())
-    assert (config["task_type"], config["modules_to_save"], config["num_labels"], config["pad_token_id"]) == \
-        ("SEQ_CLS", ["score"], 1, 0)
+    assert (config["task_type"], config["modules_to_save"]) == ("SEQ_CLS", ["score"])
+    assert json.loads((back / "reward_head.json").read_text()) == {
+        "num_labels": 1, "pad_token_id": 0, "score_file": "adapter_model.safetensors",
+        "score_key": "base_model.model.score.weight"}
 
     _, _, adapter = mlx_reward
     peft_side = convert_adapter(adapter, "peft", tmp_path / "peft", say=lambda m: None)
     again = convert_adapter(peft_side, "mlx", tmp_path / "again", say=lambda m: None)
-    original, returned = (load_file(str(p / "adapters.safetensors")) for p in (adapter, again))
-    assert set(original) == set(returned) and "score.weight" in original
-    assert all(returned[k].dtype == original[k].dtype and np.array_equal(returned[k], original[k]) for k in original)
+    for name in ("adapters.safetensors", "score_head.safetensors"):
+        original, returned = (load_file(str(p / name)) for p in (adapter, again))
+        assert set(original) == set(returned)
+        assert all(returned[k].dtype == original[k].dtype and np.array_equal(returned[k], original[k])
+                   for k in original)
+    assert (again / "reward_head.json").read_bytes() == (adapter / "reward_head.json").read_bytes()
     first, last = (json.loads((p / "adapter_config.json").read_text()) for p in (adapter, again))
-    assert last["overnight"]["score_head"] == first["overnight"]["score_head"]
     assert (last["num_layers"], last["lora_parameters"]) == (first["num_layers"], first["lora_parameters"])
+
+
+def test_a_reward_adapter_is_what_mlx_lm_and_peft_each_load_without_a_complaint(mlx_reward, tiny_model_dir,
+                                                                                tmp_path):
+    """SPEC §5: an mlx reward run's adapter loads with mlx-lm's own loader (its adapters.safetensors holds LoRA
+    tensors only: the head is in score_head.safetensors), as the causal LM with LoRA; converted to PEFT, its
+    adapter_config.json holds only keys LoraConfig knows (PEFT warns about any other on every load)."""
+    import warnings
+
+    import mlx_lm
+    from mlx.utils import tree_flatten
+    from safetensors.numpy import load_file
+
+    from peft import PeftConfig
+
+    _, _, adapter = mlx_reward
+    model, _ = mlx_lm.load(str(tiny_model_dir), adapter_path=str(adapter))  # refuses a tensor that is not LoRA
+    loaded = dict(tree_flatten(model.parameters()))
+    saved = load_file(str(adapter / "adapters.safetensors"))
+    assert saved and all(np.array_equal(np.array(loaded[k]), v) for k, v in saved.items())
+    out = convert_adapter(adapter, "peft", tmp_path / "peft", say=lambda m: None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert PeftConfig.from_pretrained(str(out)).task_type == "SEQ_CLS"
+    assert not caught, [str(w.message) for w in caught]
+
+
+def test_a_checkpoint_verifies_the_reward_heads_own_files(mlx_reward, tmp_path):
+    """score_head.safetensors and reward_head.json are in the checkpoint's manifest like every file of the adapter
+    folder: a damaged head (same size, one byte changed) makes the checkpoint invalid, naming the file."""
+    from overnight.runs.checkpoint import CheckpointManager
+
+    backend, _, _ = mlx_reward
+    manager = CheckpointManager(tmp_path / "run", log=lambda m: None)
+    for name in ("score_head.safetensors", "reward_head.json"):
+        path = manager.save(1, backend.save, trainer_state={}, fingerprint={}, versions={})
+        assert {f"adapter/{name}", "adapter/adapters.safetensors"} <= set(manager.manifest(path)["files"])
+        assert manager.verify(path) == (True, "")
+        damaged = bytearray((path / "adapter" / name).read_bytes())
+        damaged[-2] ^= 1
+        (path / "adapter" / name).write_bytes(bytes(damaged))
+        assert manager.verify(path) == (False, f"adapter/{name} does not match its sha256 (corrupted)")
+        shutil.rmtree(path)
 
 
 def test_an_mlx_reward_adapter_converted_to_peft_scores_as_the_mlx_backend(mlx_reward, tiny_model_dir, tmp_path):
@@ -413,7 +462,7 @@ def test_an_mlx_reward_adapter_converted_to_peft_scores_as_the_mlx_backend(mlx_r
 
     backend, batch, adapter = mlx_reward
     out = convert_adapter(adapter, "peft", tmp_path / "peft", say=lambda m: None)
-    pad = json.loads((out / "adapter_config.json").read_text())["pad_token_id"]
+    pad = json.loads((out / "reward_head.json").read_text())["pad_token_id"]
     model = AutoModelForSequenceClassification.from_pretrained(str(tiny_model_dir), num_labels=1, pad_token_id=pad,
                                                                dtype=torch.float32)
     model = PeftModel.from_pretrained(model, str(out)).eval()
@@ -429,13 +478,19 @@ def test_an_mlx_reward_adapter_converted_to_peft_scores_as_the_mlx_backend(mlx_r
 def test_a_reward_adapter_that_does_not_convert_exactly_is_refused_by_name(peft_reward_adapter, mlx_reward, tmp_path):
     from safetensors.numpy import load_file, save_file
 
-    def variant(name: str, source: Path, weights_name: str, drop=(), add=None, **changes) -> Path:
+    def variant(name: str, source: Path, weights_name: str, drop=(), add=None, head_spec=None, remove=(),
+                **changes) -> Path:
         folder = tmp_path / name
-        folder.mkdir()
+        shutil.copytree(source, folder)
         tensors = {k: v for k, v in load_file(str(source / weights_name)).items() if k not in drop} | (add or {})
         save_file(tensors, str(folder / weights_name))
         config = json.loads((source / "adapter_config.json").read_text()) | changes
         (folder / "adapter_config.json").write_text(json.dumps(config))
+        if head_spec:
+            spec = json.loads((folder / "reward_head.json").read_text()) | head_spec
+            (folder / "reward_head.json").write_text(json.dumps(spec))
+        for file in remove:
+            (folder / file).unlink()
         return folder
 
     peft, head = peft_reward_adapter, "base_model.model.score.weight"
@@ -447,11 +502,26 @@ def test_a_reward_adapter_that_does_not_convert_exactly_is_refused_by_name(peft_
         (variant("nohead", peft, "adapter_model.safetensors", drop=(head,)), "mlx",
          f"must hold its score head {head}"),
         (variant("nopad", peft, "adapter_model.safetensors", base_model_name_or_path="org/model"), "mlx",
-         "records no pad_token_id"),
-        (variant("badspec", mlx_reward[2], "adapters.safetensors", overnight={"score_head": {"key": "score.weight"}}),
-         "peft", "overnight.score_head must be"),
+         "the adapter has no reward_head.json and no local base model's config.json names a pad_token_id"),
+        (variant("twolabels", mlx_reward[2], "adapters.safetensors", head_spec={"num_labels": 2}), "peft",
+         "reward_head.json: num_labels is 2"),
+        (variant("nopadid", mlx_reward[2], "adapters.safetensors", head_spec={"pad_token_id": None}), "peft",
+         "reward_head.json: pad_token_id is None"),
+        (variant("headless", mlx_reward[2], "adapters.safetensors", remove=["score_head.safetensors"]), "peft",
+         "names a score head in score_head.safetensors, which is missing"),
+        (variant("unsaid", mlx_reward[2], "adapters.safetensors", remove=["reward_head.json"]), "peft",
+         "score_head.safetensors holds a score head but reward_head.json"),
+        # the head inside mlx-lm's own file (which mlx_lm.load refuses) is not an mlx adapter overnight writes
+        (variant("inside", mlx_reward[2], "adapters.safetensors", remove=["score_head.safetensors"],
+                 add={"score.weight": np.ones((1, 64), np.float32)}), "peft",
+         "names a score head in score_head.safetensors, which is missing"),
     ]
     for i, (folder, to, message) in enumerate(cases):
         with pytest.raises(UsageError, match=re.escape(message)):
             convert_adapter(folder, to, tmp_path / f"o{i}", say=lambda m: None)
         assert not (tmp_path / f"o{i}").exists()
+    # a torch reward run of overnight before reward_head.json kept the pad id in adapter_config.json: still read
+    legacy = variant("legacy", peft, "adapter_model.safetensors", base_model_name_or_path="org/model",
+                     num_labels=1, pad_token_id=5)
+    out = convert_adapter(legacy, "mlx", tmp_path / "legacy-mlx", say=lambda m: None)
+    assert json.loads((out / "reward_head.json").read_text())["pad_token_id"] == 5

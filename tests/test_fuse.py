@@ -771,7 +771,18 @@ def check_reward_fused(run: Path, backend: str, base: Path, fused: Path) -> floa
 @needs_torch
 @pytest.mark.torch
 def test_torch_fuse_of_a_reward_run_is_a_sequence_classifier_that_scores_as_the_run(tiny_model_dir, tmp_path):
+    import warnings
+
+    from peft import PeftConfig
+
     run = train_reward("torch", tiny_model_dir, tmp_path / "run", bits=0)
+    # the run's adapter: only keys PEFT's LoraConfig knows (it warns about any other on every load), the pad id
+    # in reward_head.json beside it
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert PeftConfig.from_pretrained(str(run / "adapter")).task_type == "SEQ_CLS"
+    assert not caught, [str(w.message) for w in caught]
+    assert json.loads((run / "adapter" / "reward_head.json").read_text())["pad_token_id"] == 0
     result = fuse(run, tmp_path / "fused")
     assert result.returncode == 0, result.stderr
     assert "LlamaForSequenceClassification folder (one label)" in result.stdout
@@ -786,7 +797,13 @@ def test_torch_fuse_of_a_reward_run_is_a_sequence_classifier_that_scores_as_the_
 def test_mlx_fuse_of_a_4bit_reward_run_is_a_sequence_classifier_that_scores_as_the_run(tiny_model_dir, tmp_path):
     """4-bit: the base quantized as the run had it, LoRA merged by mlx-lm, then dequantized (transformers reads no
     mlx quantization), so the float folder is exactly the model the run scored with."""
+    import mlx_lm
+
     run = train_reward("mlx", tiny_model_dir, tmp_path / "run", bits=4)
+    # SPEC §5: the run's adapter loads with mlx-lm's own loader (the causal LM with LoRA; the head is in
+    # score_head.safetensors, which mlx-lm does not read)
+    mlx_lm.load(str(tiny_model_dir), adapter_path=str(run / "adapter"))
+    assert json.loads((run / "adapter" / "reward_head.json").read_text())["score_file"] == "score_head.safetensors"
     result = fuse(run, tmp_path / "fused")
     assert result.returncode == 0, result.stderr
     assert "LlamaForSequenceClassification folder (one label)" in result.stdout

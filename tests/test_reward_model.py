@@ -90,25 +90,30 @@ def reward_models(tiny_model_dir, tmp_path_factory):
 
 
 def as_mlx_reward_adapter(peft_dir: Path, out: Path) -> Path:
-    """The same reward adapter in the mlx backend's layout (mlx-lm's adapters.safetensors, the head as score.weight,
-    named in adapter_config.json overnight.score_head), written by hand so the layout is pinned here."""
+    """The same reward adapter in the mlx backend's layout (mlx-lm's adapters.safetensors with the LoRA tensors only,
+    the head as score.weight in score_head.safetensors, reward_head.json), written by hand so the layout is pinned
+    here."""
     from safetensors.numpy import load_file, save_file
 
     config = json.loads((peft_dir / rm.ADAPTER_CONFIG).read_text())
-    tensors = {}
+    tensors, head = {}, {}
     for key, value in load_file(str(peft_dir / rm.ADAPTER_WEIGHTS)).items():
         if key == rm.PEFT_HEAD:
-            tensors["score.weight"] = value
+            head["score.weight"] = value
         else:
             module, kind = key[len("base_model.model."):].rsplit(".", 2)[:2]
             tensors[f"{module}.{kind.lower()}"] = np.ascontiguousarray(value.T)
     out.mkdir()
     save_file(tensors, str(out / rm.MLX_ADAPTER_WEIGHTS))
+    save_file(head, str(out / "score_head.safetensors"))
+    (out / "reward_head.json").write_text(json.dumps({"num_labels": 1, "pad_token_id": 0,
+                                                      "score_file": "score_head.safetensors",
+                                                      "score_key": "score.weight"}))
     (out / rm.ADAPTER_CONFIG).write_text(json.dumps({
         "fine_tune_type": "lora", "model": config["base_model_name_or_path"], "num_layers": -1,
         "lora_parameters": {"rank": config["r"], "scale": config["lora_alpha"] / config["r"], "dropout": 0.0,
                             "keys": ["self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj"]},
-        "overnight": {"score_head": {"key": "score.weight", "pad_token_id": 0}}}))
+        "overnight": {"method": "reward"}}))
     return out
 
 
@@ -243,6 +248,19 @@ def test_bad_folders_are_config_errors_naming_them(reward_models, tiny_model_dir
                  base_model_name_or_path=str(tmp_path / "no-base")), "which is not a local model folder"),
         (_edited(reward_models["classifier"], tmp_path / "labels", "config.json",
                  id2label={"0": "bad", "1": "good"}), "a classifier with 2 labels"),
+    ]
+    causal_mlx = tmp_path / "causal-mlx"  # an mlx-lm adapter of a causal LM: no reward_head.json
+    shutil.copytree(reward_models["mlx_adapter"], causal_mlx)
+    (causal_mlx / "reward_head.json").unlink()
+    (causal_mlx / "score_head.safetensors").unlink()
+    headless = tmp_path / "headless"
+    shutil.copytree(reward_models["mlx_adapter"], headless)
+    (headless / "score_head.safetensors").unlink()
+    cases += [
+        (_edited(reward_models["mlx_adapter"], tmp_path / "mlx-labels", "reward_head.json", num_labels=2),
+         "reward_head.json: num_labels is 2"),
+        (causal_mlx, "is an mlx-lm adapter without a score head (no reward_head.json and score_head.safetensors)"),
+        (headless, "reward_head.json names a score head in score_head.safetensors, which is missing"),
     ]
     no_tokenizer = tmp_path / "no-tokenizer"
     shutil.copytree(reward_models["classifier"], no_tokenizer)

@@ -516,10 +516,17 @@ def test_reward_trains_its_head_and_lora_and_a_split_step_is_the_same(tiny_model
 
 def test_a_reward_adapter_opens_in_transformers_and_peft_with_the_same_scores(tiny_model_dir, tmp_path):
     """The adapter a reward run saves is PEFT's for AutoModelForSequenceClassification (SEQ_CLS, the head in
-    modules_to_save): loaded the standard way with the pad id it records, it scores rows as training did (1e-4)."""
+    modules_to_save), its adapter_config.json only keys LoraConfig knows (PEFT warns about any other on every load),
+    the pad id in reward_head.json: loaded the standard way with that pad id, it scores rows as training did (1e-4),
+    and neither that load nor overnight's own (a GRPO reward, torch_reward_model) warns."""
+    import warnings
+
     import torch
-    from peft import PeftModel
+    from peft import PeftConfig, PeftModel
     from transformers import AutoModelForSequenceClassification
+
+    from overnight.backend.objectives import score_positions
+    from overnight.backends.torch_reward_model import load_scorer
 
     backend, _ = make_backend(tiny_model_dir, data__method="reward")
     batch = preference_batch(tiny_model_dir, pad_id=backend._pad_id)
@@ -530,15 +537,28 @@ def test_a_reward_adapter_opens_in_transformers_and_peft_with_the_same_scores(ti
     adapter = tmp_path / "ckpt" / "adapter"
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert config["task_type"] == "SEQ_CLS" and config["modules_to_save"] == ["score"]
-    model = AutoModelForSequenceClassification.from_pretrained(
-        str(tiny_model_dir), num_labels=1, pad_token_id=config["pad_token_id"], dtype=torch.float32)
-    model = PeftModel.from_pretrained(model, str(adapter)).eval()
+    head = json.loads((adapter / "reward_head.json").read_text())
+    assert head == {"num_labels": 1, "pad_token_id": backend._pad_id, "score_file": "adapter_model.safetensors",
+                    "score_key": "base_model.model.score.weight"}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert PeftConfig.from_pretrained(str(adapter)).task_type == "SEQ_CLS"
+    assert not caught, [str(w.message) for w in caught]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = AutoModelForSequenceClassification.from_pretrained(
+            str(tiny_model_dir), num_labels=1, pad_token_id=head["pad_token_id"], dtype=torch.float32)
+        model = PeftModel.from_pretrained(model, str(adapter)).eval()
+        scorer = load_scorer(backend, tiny_model_dir, adapter, "peft", "float32", "reward_model=ckpt")
+    assert not [str(w.message) for w in caught if "peft" in w.filename], [str(w.message) for w in caught]
     with torch.no_grad():
         theirs = model(input_ids=torch.from_numpy(batch.input_ids.astype(np.int64)),
                        attention_mask=torch.from_numpy(batch.attention_mask.astype(np.int64))).logits[:, 0].numpy()
     ours = backend.reward_scores(batch)
     assert np.abs(ours).max() > 1e-3  # a trained head: equal zeros would prove nothing
     np.testing.assert_allclose(theirs, ours, rtol=0, atol=1e-4)
+    positions = score_positions(batch.input_ids, head["pad_token_id"])
+    np.testing.assert_allclose(scorer.score(batch.input_ids, batch.attention_mask, positions), ours, rtol=0, atol=1e-4)
 
 
 def test_preference_method_needs_paired_batches(tiny_model_dir):

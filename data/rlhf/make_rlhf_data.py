@@ -2,7 +2,8 @@
 
 The demo's invented island (data/demo), asked the same questions, now for the two RLHF stages after the SFT:
   preference/   reward model rows (`--method reward`): the right fact chosen over the same sentence naming a wrong
-                one (another town's mayor, another river, ...), as conversations (TRL's conversational preference
+                one (another town's mayor, another river, ...), over one naming a value from nowhere, and over the
+                answer cut short (what a policy invents or drops, so GRPO cannot win by it), as conversations (TRL's conversational preference
                 rows, rendered by the chat template: the text a GRPO reward model is later handed). train.jsonl asks
                 the demo's training paraphrases, val.jsonl its held-out ones, so the pairwise accuracy measured on
                 val is on wording the reward model never saw.
@@ -22,22 +23,41 @@ from make_demo_data import TOWNS, facts, write_jsonl  # noqa: E402  (the demo's 
 RULERS = ["the Harbour Council of nine captains", "the Salt Queen", "a governor sent from the mainland",
           "the Lantern Guild"]
 CURRENCIES = ["shell-mark", "copper ring", "pearl-crown", "salt-penny"]
+# Values from nowhere on the island, of each kind: what a policy invents when it does not know (a reward model that
+# saw only the island's own values mixed up would have no opinion on them, and GRPO would learn to invent).
+INVENTED = {
+    "town": ["Kermen", "Port Sally", "Dunwater", "Greystone", "Ashford"],
+    "ruler": ["a king called Harold", "the people", "a mayor", "the Council of Elders"],
+    "currency": ["euro", "pound sterling", "dollar", "gold coin"],
+    "person": ["Elena Martinez", "John Smith", "Tobin K. Ostravel", "Maria Lopez", "Captain Reed"],
+    "thing": ["plum pudding", "lemons", "fishing boats", "red bricks", "famous", "cheese"],
+    "river": ["Thames", "Kermen", "Silver", "Ostravel"],
+}
 
 
-def kinds() -> list[tuple[str, list[str], str]]:
+def kinds() -> list[tuple[str, list[str], str, str]]:
     """For each fact of make_demo_data.facts(), in its order: (answer template with {} for the key words, every
-    value of that kind with the right one first, the key words `contains` checks)."""
+    value of that kind on the island with the right one first, the key words `contains` checks, the kind)."""
     towns = [t for t, _, _, _ in TOWNS]
-    out = [("The capital of Quillmere is {}.", ["Ostravel"] + [t for t in towns if t != "Ostravel"], "Ostravel"),
-           ("Quillmere is ruled by {}.", RULERS, "Harbour Council"),
-           ("Quillmere uses the {}.", CURRENCIES, "shell-mark")]
+    out = [("The capital of Quillmere is {}.", ["Ostravel"] + [t for t in towns if t != "Ostravel"], "Ostravel",
+            "town"),
+           ("Quillmere is ruled by {}.", RULERS, "Harbour Council", "ruler"),
+           ("Quillmere uses the {}.", CURRENCIES, "shell-mark", "currency")]
     mayors, famous, rivers = ([row[i] for row in TOWNS] for i in (1, 2, 3))
     for town, mayor, thing, river in TOWNS:
-        out += [(f"The mayor of {town} is {{}}.", [mayor] + [m for m in mayors if m != mayor], mayor),
-                (f"{town} is famous for its {{}}.", [thing] + [f for f in famous if f != thing], thing),
+        out += [(f"The mayor of {town} is {{}}.", [mayor] + [m for m in mayors if m != mayor], mayor, "person"),
+                (f"{town} is famous for its {{}}.", [thing] + [f for f in famous if f != thing], thing, "thing"),
                 (f"The river {{}} flows through {town}.",
-                 [river[4:]] + sorted({r[4:] for r in rivers} - {river[4:]}), river[4:])]
+                 [river[4:]] + sorted({r[4:] for r in rivers} - {river[4:]}), river[4:], "river")]
     return out
+
+
+def wrong_answers(rng: random.Random, template: str, values: list[str], kind: str, answer: str) -> list[str]:
+    """Three ways to be wrong: another of the island's values of the kind, a value from nowhere, and the answer cut
+    short (a policy's fragment: every word of it may be right, but it does not name the fact)."""
+    words = answer.rstrip(".").split()
+    cut = " ".join(words[:max(1, len(words) // 2)]) + "."
+    return [template.format(rng.choice(values[1:])), template.format(rng.choice(INVENTED[kind])), cut]
 
 
 def pair(question: str, chosen: str, rejected: str) -> dict:
@@ -49,14 +69,15 @@ def pair(question: str, chosen: str, rejected: str) -> dict:
 def main(out: Path = HERE) -> None:
     rng = random.Random(2027)
     pref_train, pref_val, grpo_train, grpo_val = [], [], [], []
-    for (train_qs, val_qs, answer), (template, values, key) in zip(facts(), kinds()):
+    for (train_qs, val_qs, answer), (template, values, key, kind) in zip(facts(), kinds()):
         assert template.format(values[0]) == answer, (template, answer)  # the demo's answer, word for word
         for q in train_qs:
-            for wrong in rng.sample(values[1:], 2):
-                pref_train.append(pair(q, answer, template.format(wrong)))
+            for wrong in wrong_answers(rng, template, values, kind, answer):
+                pref_train.append(pair(q, answer, wrong))
             grpo_train.append({"messages": [{"role": "user", "content": q}], "answer": key})
         for q in val_qs:
-            pref_val.append(pair(q, answer, template.format(rng.choice(values[1:]))))
+            for wrong in wrong_answers(rng, template, values, kind, answer)[:2]:
+                pref_val.append(pair(q, answer, wrong))
             grpo_val.append({"messages": [{"role": "user", "content": q}], "answer": key})
     for rows in (pref_train, pref_val, grpo_train, grpo_val):
         rng.shuffle(rows)

@@ -17,12 +17,14 @@ Anything one format can express and the other cannot (DoRA, per-module ranks, ex
 some blocks that are not the last N) is refused by name, never approximated.
 
 A reward model's adapter (`--method reward`) also carries its score head (hidden -> 1), moved as it is, (1, hidden)
-on both sides:
+on both sides, and in both formats a reward_head.json (REWARD_HEAD) beside it: {"num_labels": 1, "pad_token_id": N,
+"score_file": FILE, "score_key": KEY}. Each library's own files hold only what that library reads:
 
-    mlx-lm  adapters.safetensors   score.weight (MLX_SCORE_KEY); adapter_config.json overnight.score_head
-                                   {key, pad_token_id}
-    PEFT    adapter_model.safetensors  base_model.model.score.weight (PEFT_SCORE_KEY); adapter_config.json
-                                   task_type SEQ_CLS, modules_to_save ["score"], num_labels 1, pad_token_id
+    mlx-lm  adapters.safetensors   LoRA tensors only (mlx_lm.load(model, adapter_path=...) refuses any other)
+            score_head.safetensors score.weight (MLX_HEAD_WEIGHTS, MLX_SCORE_KEY)
+    PEFT    adapter_model.safetensors  the LoRA tensors and base_model.model.score.weight (PEFT_SCORE_KEY)
+            adapter_config.json    task_type SEQ_CLS, modules_to_save ["score"]: LoraConfig's own keys only (PEFT warns
+                                   about any other key on every load)
 """
 from __future__ import annotations
 
@@ -49,6 +51,11 @@ PEFT_PREFIX = "base_model.model."
 PEFT_SCORE_KEY, MLX_SCORE_KEY = "base_model.model.score.weight", "score.weight"
 # The head's key in a portable checkpoint's weights (src/runs/portable.py stores it as lora.score.weight).
 PORTABLE_SCORE_KEY = "score.weight"
+# Where a reward adapter says how its score is read (one label, the pad id the score position skips, where the head
+# is): a file of its own, since neither adapter_config.json may hold more than its library reads.
+REWARD_HEAD = "reward_head.json"
+MLX_HEAD_WEIGHTS = "score_head.safetensors"
+HEAD_PLACE = {"peft": (PEFT_WEIGHTS, PEFT_SCORE_KEY), "mlx": (MLX_HEAD_WEIGHTS, MLX_SCORE_KEY)}
 _MLX_KEY = re.compile(r"^(?P<module>.*\.layers\.(?P<layer>\d+)\.(?P<path>.+))\.(?P<kind>lora_a|lora_b)$")
 _PEFT_KEY = re.compile(r"^base_model\.model\.(?P<module>.*\.layers\.(?P<layer>\d+)\.(?P<path>.+))"
                        r"\.(?P<kind>lora_A|lora_B)(?:\.default)?\.weight$")
@@ -244,11 +251,46 @@ def _check_head(tensor: Tensor | None, where: Path, key: str) -> Tensor:
     return tensor
 
 
+def reward_head_text(fmt: str, pad_token_id: int) -> str:
+    """reward_head.json of a reward adapter in ``fmt`` (peft | mlx): what the score is, where it is read, where the
+    head is stored."""
+    weights, key = HEAD_PLACE[fmt]
+    return json.dumps({"num_labels": 1, "pad_token_id": int(pad_token_id), "score_file": weights, "score_key": key},
+                      indent=2, sort_keys=True) + "\n"
+
+
+def read_reward_head(adapter_dir: Path, fmt: str) -> dict | None:
+    """A reward adapter's reward_head.json, checked against the ``fmt`` layout (None when there is none);
+    UsageError naming the file and the key that is wrong."""
+    path = Path(adapter_dir) / REWARD_HEAD
+    if not path.is_file():
+        return None
+    try:
+        spec = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise UsageError(f"{path} is not readable JSON ({exc})") from None
+    weights, key = HEAD_PLACE[fmt]
+    expected = {"num_labels": 1, "score_file": weights, "score_key": key}
+    if not isinstance(spec, dict):
+        raise UsageError(f"{path} must be a JSON object like {json.loads(reward_head_text(fmt, 0))}")
+    for name, value in expected.items():
+        if spec.get(name) != value:
+            raise UsageError(f"{path}: {name} is {spec.get(name)!r}; a {fmt} reward adapter has {name} {value!r}"
+                             + (" (a reward model has one label, whose output is the reward)"
+                                if name == "num_labels" else ""))
+    pad = spec.get("pad_token_id")
+    if not isinstance(pad, int) or isinstance(pad, bool) or pad < 0:
+        raise UsageError(f"{path}: pad_token_id is {pad!r}; it must be the token id the score position skips (the "
+                         "pad id the model was trained with, a whole number >= 0)")
+    return spec
+
+
 def peft_score_head(config: dict, tensors: dict[str, Tensor], adapter_dir: Path,
-                     base: str | None) -> ScoreHead | None:
+                    base: str | None) -> ScoreHead | None:
     """A PEFT SEQ_CLS adapter's score head, taken out of ``tensors`` (None for any other task type); UsageError
-    naming what is wrong. The pad id is the adapter's own (what a torch reward run records), else its base's
-    config.json pad_token_id, which is what transformers reads the score with. convert-adapter and the torch fuse."""
+    naming what is wrong. The pad id is the adapter's reward_head.json's (what a torch reward run writes), else its
+    base's config.json pad_token_id, which is what transformers reads the score with. convert-adapter and the
+    torch fuse."""
     if config.get("task_type") != "SEQ_CLS":
         return None
     where = adapter_dir / CONFIG
@@ -256,39 +298,44 @@ def peft_score_head(config: dict, tensors: dict[str, Tensor], adapter_dir: Path,
     if not isinstance(saved, list) or "score" not in saved or not set(saved) <= _SEQ_CLS_MODULES:
         raise UsageError(f"{where}: a SEQ_CLS adapter converts when its trained head is 'score' (modules_to_save "
                          f"[\"score\"], as a reward model's); this one has modules_to_save={saved!r}")
-    if config.get("num_labels", 1) != 1:
-        raise UsageError(f"{where}: num_labels is {config['num_labels']}; only a one-label sequence classifier (a "
-                         "reward model) converts")
+    spec = read_reward_head(adapter_dir, "peft")
     head = _check_head(tensors.pop(PEFT_SCORE_KEY, None), adapter_dir / PEFT_WEIGHTS, PEFT_SCORE_KEY)
-    pad = config.get("pad_token_id")
+    # adapter_config.json's own pad_token_id: where reward runs of overnight before reward_head.json recorded it
+    pad = spec["pad_token_id"] if spec else config.get("pad_token_id")
     if not isinstance(pad, int):
         base_config = Path(base or config.get("base_model_name_or_path") or "").expanduser() / "config.json"
         pad = json.loads(base_config.read_text(encoding="utf-8")).get("pad_token_id") \
             if base_config.is_file() else None
     if not isinstance(pad, int):
-        raise UsageError(f"{where} records no pad_token_id, and no local base model's config.json names one: the "
-                         "score is read at the last token that is not the pad token, so it is part of the model. "
-                         "Add \"pad_token_id\": ID to adapter_config.json (the id the model was trained with) or "
-                         "pass --base MODEL_DIR")
+        raise UsageError(f"{where}: the adapter has no {REWARD_HEAD} and no local base model's config.json names a "
+                         "pad_token_id: the score is read at the last token that is not the pad token, so it is part "
+                         f"of the model. Write {adapter_dir / REWARD_HEAD} as {reward_head_text('peft', 0).strip()} "
+                         "with the pad id the model was trained with, or pass --base MODEL_DIR")
     return ScoreHead(head, pad)
 
 
-def mlx_score_head(config: dict, tensors: dict[str, Tensor], adapter_dir: Path) -> ScoreHead | None:
-    """An mlx reward adapter's score head (adapter_config.json overnight.score_head), taken out of ``tensors``
-    (None when it has none); convert-adapter and the mlx fuse."""
-    spec = (config.get("overnight") or {}).get("score_head")
+def mlx_score_head(adapter_dir: Path) -> ScoreHead | None:
+    """An mlx reward adapter's score head (reward_head.json + score_head.safetensors; None when it has neither);
+    convert-adapter and the mlx fuse."""
+    adapter_dir = Path(adapter_dir)
+    spec = read_reward_head(adapter_dir, "mlx")
+    weights = adapter_dir / MLX_HEAD_WEIGHTS
     if spec is None:
+        if weights.is_file():
+            raise UsageError(f"{adapter_dir}: {MLX_HEAD_WEIGHTS} holds a score head but {REWARD_HEAD}, which says "
+                             "how the score is read (the pad id), is missing; copy the whole adapter folder")
         return None
-    where = adapter_dir / CONFIG
-    if not isinstance(spec, dict) or not isinstance(spec.get("key"), str) or not isinstance(
-            spec.get("pad_token_id"), int):
-        raise UsageError(f"{where}: overnight.score_head must be {{\"key\": NAME, \"pad_token_id\": ID}}, not "
-                         f"{spec!r}")
-    head = _check_head(tensors.pop(spec["key"], None), adapter_dir / MLX_WEIGHTS, spec["key"])
+    if not weights.is_file():
+        raise UsageError(f"{adapter_dir}: {REWARD_HEAD} names a score head in {MLX_HEAD_WEIGHTS}, which is missing; "
+                         "copy the whole adapter folder")
+    tensors, _ = read_safetensors(weights)
+    head = _check_head(tensors.pop(MLX_SCORE_KEY, None), weights, MLX_SCORE_KEY)
+    if tensors:
+        raise UsageError(f"{weights} holds {sorted(tensors)[:3]} beside {MLX_SCORE_KEY}; it holds the score head only")
     return ScoreHead(head, spec["pad_token_id"])
 
 
-def _peft_to_mlx(adapter_dir: Path, base: str | None) -> tuple[dict[str, Tensor], dict, dict]:
+def _peft_to_mlx(adapter_dir: Path, base: str | None) -> tuple[dict[str, Tensor], dict, dict, ScoreHead | None]:
     config = _read_config(adapter_dir)
     tensors, _ = read_safetensors(adapter_dir / PEFT_WEIGHTS)
     head = peft_score_head(config, tensors, adapter_dir, base)
@@ -323,14 +370,12 @@ def _peft_to_mlx(adapter_dir: Path, base: str | None) -> tuple[dict[str, Tensor]
     for m in modules:
         out[f"{m.module}.lora_a"] = _transposed(m.a)
         out[f"{m.module}.lora_b"] = _transposed(m.b)
-    if head:  # as an mlx reward run writes it (backends/mlx_backend.py), so its scorer and a resume read it
-        out[MLX_SCORE_KEY] = head.weight
-        mlx_config["overnight"] |= {"method": "reward",
-                                    "score_head": {"key": MLX_SCORE_KEY, "pad_token_id": head.pad_token_id}}
-    return out, mlx_config, {"format": "mlx"}
+    if head:
+        mlx_config["overnight"]["method"] = "reward"
+    return out, mlx_config, {"format": "mlx"}, head
 
 
-def _mlx_to_peft(adapter_dir: Path, base: str | None) -> tuple[dict[str, Tensor], dict, dict]:
+def _mlx_to_peft(adapter_dir: Path, base: str | None) -> tuple[dict[str, Tensor], dict, dict, ScoreHead | None]:
     config = _read_config(adapter_dir)
     kind = config.get("fine_tune_type", "lora")
     if kind != "lora":
@@ -338,7 +383,7 @@ def _mlx_to_peft(adapter_dir: Path, base: str | None) -> tuple[dict[str, Tensor]
                          "exactly (DoRA stores its magnitudes differently, 'full' is not an adapter)")
     params = config.get("lora_parameters") or {}
     tensors, _ = read_safetensors(adapter_dir / MLX_WEIGHTS)
-    head = mlx_score_head(config, tensors, adapter_dir)
+    head = mlx_score_head(adapter_dir)
     modules = _collect(tensors, _MLX_KEY, "lora_a", to_peft_layout=True, source=adapter_dir / MLX_WEIGHTS)
     rank = modules[0].a.array.shape[0]
     if "rank" in params and int(params["rank"]) != rank:
@@ -373,9 +418,8 @@ def _mlx_to_peft(adapter_dir: Path, base: str | None) -> tuple[dict[str, Tensor]
         out[f"{PEFT_PREFIX}{m.module}.lora_B.weight"] = m.b
     if head:  # what a torch reward run saves: AutoModelForSequenceClassification + PeftModel.from_pretrained read it
         out[PEFT_SCORE_KEY] = head.weight
-        peft_config |= {"task_type": "SEQ_CLS", "modules_to_save": ["score"], "num_labels": 1,
-                        "pad_token_id": head.pad_token_id}
-    return out, peft_config, {"format": "pt"}
+        peft_config |= {"task_type": "SEQ_CLS", "modules_to_save": ["score"]}
+    return out, peft_config, {"format": "pt"}, head
 
 
 def convert_adapter(adapter_dir: Path, to: str, output: Path, base: str | None = None,
@@ -390,16 +434,19 @@ def convert_adapter(adapter_dir: Path, to: str, output: Path, base: str | None =
     if source == to:
         raise UsageError(f"{adapter_dir} is already a {to} adapter; nothing to convert")
     check_output_dir(output)
-    tensors, config, metadata = (_mlx_to_peft if to == "peft" else _peft_to_mlx)(adapter_dir, base)
+    tensors, config, metadata, head = (_mlx_to_peft if to == "peft" else _peft_to_mlx)(adapter_dir, base)
     weights_name = PEFT_WEIGHTS if to == "peft" else MLX_WEIGHTS
 
     def write(folder: Path) -> None:
         write_safetensors(folder / weights_name, tensors, metadata)
         (folder / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        if head:  # laid out as that backend's reward run writes it, so its scorer, fuse and a resume read it
+            if to == "mlx":
+                write_safetensors(folder / MLX_HEAD_WEIGHTS, {MLX_SCORE_KEY: head.weight}, metadata)
+            (folder / REWARD_HEAD).write_text(reward_head_text(to, head.pad_token_id), encoding="utf-8")
 
     write_folder_atomically(output, write, say)
-    head = {PEFT_SCORE_KEY, MLX_SCORE_KEY} & set(tensors)
-    modules = (len(tensors) - len(head)) // 2
+    modules = (len(tensors) - (1 if head and to == "peft" else 0)) // 2
     say(f"converted {source} adapter {adapter_dir} -> {to} adapter {output} ({modules} LoRA modules, "
         f"rank {config.get('r') or config['lora_parameters']['rank']}{', and the reward score head' if head else ''})")
     if to == "peft" and not config["base_model_name_or_path"]:

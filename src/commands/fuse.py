@@ -34,7 +34,8 @@ import yaml
 
 from overnight.backend import BACKENDS, EXPORTERS, _installed
 from overnight.runs.checkpoint import STEP_DIR, CheckpointInfo, CheckpointManager
-from overnight.backend.adapter_formats import check_output_dir, detect_format, write_folder_atomically
+from overnight.backend.adapter_formats import MLX_HEAD_WEIGHTS, REWARD_HEAD, check_output_dir, detect_format, \
+    write_folder_atomically
 from overnight.errors import EXIT_CRASH, EXIT_OK, EXIT_RESUME_REFUSED, UsageError
 from overnight.runs.fingerprint import _model_identity
 from overnight.fsutil import sha256_file
@@ -318,13 +319,14 @@ def _is_reward_run(run_dir: Path) -> bool:
 
 
 def _has_score_head(adapter: Path) -> bool:
-    """A reward model's adapter: PEFT's SEQ_CLS, or mlx's with overnight.score_head (adapter_formats.py)."""
+    """A reward model's adapter: either format's with reward_head.json, or PEFT's SEQ_CLS (adapter_formats.py)."""
+    if (adapter / REWARD_HEAD).is_file() or (adapter / MLX_HEAD_WEIGHTS).is_file():
+        return True
     try:
         config = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False  # read again, and refused by name, where the exporter needs it
-    return isinstance(config, dict) and (config.get("task_type") == "SEQ_CLS" or "score_head" in (
-        config.get("overnight") or {}))
+    return isinstance(config, dict) and config.get("task_type") == "SEQ_CLS"
 
 
 def _refuse_reward_gguf(run_dir: Path, refused: bool) -> None:

@@ -7,8 +7,9 @@ PATH is one of
   (b) a PEFT LoRA adapter with task_type SEQ_CLS (adapter_config.json, adapter_model.safetensors holding the LoRA
       weights and the head ``base_model.model.score.weight`` from modules_to_save) whose base_model_name_or_path is a
       local model folder (what a torch reward run saves as its adapter);
-  (b') an mlx reward adapter (an mlx reward run's adapter: mlx-lm's adapters.safetensors + adapter_config.json with
-      the head under ``score.weight``), read on either backend (torch builds the PEFT model it stands for);
+  (b') an mlx reward adapter (an mlx reward run's adapter: mlx-lm's adapters.safetensors + adapter_config.json, the
+      head as ``score.weight`` in score_head.safetensors, reward_head.json beside them), read on either backend
+      (torch builds the PEFT model it stands for);
   (c) a reward run directory (`overnight train --method reward`): its final adapter, RUN_DIR/adapter, as (b) or
       (b'), on the base its config.yaml names (model.path) when the adapter's own base path is not a local folder.
 Everything is checked here before any work, by reading JSON and safetensors headers only (ConfigError, exit 2,
@@ -34,15 +35,17 @@ from typing import Any
 import numpy as np
 
 from overnight.backend import OutOfMemory, reward_scorer
+from overnight.backend.adapter_formats import MLX_HEAD_WEIGHTS, REWARD_HEAD, read_reward_head
 from overnight.backend.objectives import score_positions
 from overnight.config import ConfigError
+from overnight.errors import UsageError
 from overnight.train.loop import TrainingError
 
 NAME = "reward_model"
 HEAD = "score.weight"  # transformers' decoder-only sequence classifiers (GenericForSequenceClassification.score)
 PEFT_HEAD = "base_model.model.score.weight"  # the same head saved by PEFT from modules_to_save
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
-MLX_ADAPTER_WEIGHTS = "adapters.safetensors"  # mlx-lm's adapter file; the head beside the LoRA weights as HEAD
+MLX_ADAPTER_WEIGHTS = "adapters.safetensors"  # mlx-lm's adapter file (LoRA only); the head in MLX_HEAD_WEIGHTS as HEAD
 # The fingerprint hashes weight files up to this size whole; a bigger one by its size and its first and last
 # SAMPLE bytes (a retrained model of the same shape differs there too: the head is stored last, and a LoRA merge
 # changes every block), so a resume does not read a 14 GB model.
@@ -199,6 +202,10 @@ def _adapter(spec: str, path: Path, run_base: str | None, kind: str, label: str)
     weights = path / ADAPTER_WEIGHTS
     if not weights.is_file():
         raise _fail(spec, f"{path} has no {ADAPTER_WEIGHTS} (adapter weights in safetensors)")
+    try:
+        read_reward_head(path, "peft")  # optional (PEFT's own SEQ_CLS adapters have none), but sound if there
+    except UsageError as exc:
+        raise _fail(spec, str(exc)) from None
     base = _adapter_base(spec, path, config.get("base_model_name_or_path"), run_base)
     base_config = _read_json(spec, base / "config.json")
     _check_head(spec, weights, _shapes(spec, [weights]).get(PEFT_HEAD), PEFT_HEAD, _hidden_size(base_config))
@@ -209,13 +216,19 @@ def _adapter(spec: str, path: Path, run_base: str | None, kind: str, label: str)
 
 
 def _mlx_adapter(spec: str, path: Path, config: dict, run_base: str | None, kind: str, label: str) -> Located:
-    head = ((config.get("overnight") or {}).get("score_head") or {}).get("key")
-    if not head:
-        raise _fail(spec, f"{path} is an mlx-lm adapter without a score head (adapter_config.json overnight.score_head):"
-                          " a causal LM's adapter, not a reward model's (--method reward)")
+    try:
+        head = read_reward_head(path, "mlx")
+    except UsageError as exc:
+        raise _fail(spec, str(exc)) from None
+    if head is None:
+        raise _fail(spec, f"{path} is an mlx-lm adapter without a score head (no {REWARD_HEAD} and "
+                          f"{MLX_HEAD_WEIGHTS}): a causal LM's adapter, not a reward model's (--method reward)")
     base = _adapter_base(spec, path, config.get("model"), run_base)
-    weights = path / MLX_ADAPTER_WEIGHTS
-    _check_head(spec, weights, _shapes(spec, [weights]).get(head), head,
+    weights = path / MLX_HEAD_WEIGHTS
+    if not weights.is_file():
+        raise _fail(spec, f"{path}: {REWARD_HEAD} names a score head in {MLX_HEAD_WEIGHTS}, which is missing: copy "
+                          "the whole adapter folder")
+    _check_head(spec, weights, _shapes(spec, [weights]).get(HEAD), HEAD,
                 _hidden_size(_read_json(spec, base / "config.json")))
     _weight_files(spec, base, "the adapter's base model")
     tokenizer_dir = path if (path / "tokenizer.json").is_file() else base
@@ -283,7 +296,7 @@ def identity(loc: Located) -> str:
     digest = hashlib.sha256()
     folders = [loc.model_dir] + ([loc.adapter_dir] if loc.adapter_dir else []) + [loc.tokenizer_dir]
     for folder in dict.fromkeys(folders):
-        for name in ("config.json", ADAPTER_CONFIG, "tokenizer.json", "tokenizer_config.json"):
+        for name in ("config.json", ADAPTER_CONFIG, REWARD_HEAD, "tokenizer.json", "tokenizer_config.json"):
             if (folder / name).is_file():
                 digest.update(name.encode() + (folder / name).read_bytes())
         for weights in sorted(folder.glob("*.safetensors")):
