@@ -139,3 +139,43 @@ def test_a_corrupt_model_weight_file_is_a_clear_error(backend, damage, tiny_mode
     assert "Traceback" not in result.stdout + result.stderr
     assert "model.path" in result.stderr and str(model) in result.stderr
     assert "weight files" in result.stderr
+
+
+def readme_rlhf_commands() -> list[list[str]]:
+    """The RLHF walkthrough's commands, as a user would paste them (README, "RLHF on SmolLM2")."""
+    import shlex
+
+    section = (ROOT / "README.md").read_text(encoding="utf-8").split("### RLHF on SmolLM2", 1)[1]
+    block = section.split("```", 2)[1].strip().removeprefix("bash").strip()
+    return [shlex.split(line) for line in block.replace("\\\n", " ").splitlines() if line.strip()]
+
+
+@pytest.mark.soak  # ~25 min on 2 CPU cores: three real trainings of SmolLM2, beyond CI's budget
+@pytest.mark.realmodel
+@needs_torch
+@pytest.mark.torch
+@pytest.mark.skipif(not _smollm2_here(), reason="SmolLM2 is not on this machine (run: overnight models get "
+                    "smollm2-135m, as .ci/run does)")
+def test_the_readme_rlhf_walkthrough_trains_a_reward_model_and_grpo_raises_its_score(tmp_path):
+    """The README's three commands as written, from a folder holding the repository's configs/ and data/ (their runs/
+    land there): SFT, the reward model (held-out pairwise accuracy >= 0.9), GRPO against it (configs/rlhf.yaml: the
+    reward model's mean score and the right-fact check rise from the first sampled batches to the last)."""
+    for name in ("configs", "data"):
+        (tmp_path / name).symlink_to(ROOT / name)
+    commands = readme_rlhf_commands()
+    assert [c[:2] for c in commands] == [["overnight", "train"]] * 3, commands
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    for command in commands:
+        result = subprocess.run([sys.executable, "-m", "overnight", *command[1:], "--quiet"], capture_output=True,
+                                text=True, env=env, cwd=tmp_path, timeout=3600, stdin=subprocess.DEVNULL)
+        assert result.returncode == 0, (command, result.stdout[-2000:], result.stderr[-3000:])
+    accuracy = [r["val_accuracy"] for r in read_metrics(tmp_path / "runs" / "rlhf-rm") if r["event"] == "eval"]
+    assert accuracy[-1] >= 0.9, accuracy
+    train = [r for r in read_metrics(tmp_path / "runs" / "rlhf") if r["event"] == "train"]
+    batches = train[::4]  # grpo.iterations 4: each sampled batch is trained on for 4 steps, logged with each
+    score = [r["rewards/rlhf-rm/mean"] for r in batches]
+    right = [r["rewards/contains/mean"] for r in batches]
+    print(f"reward model accuracy {accuracy}; per sampled batch: reward model score {score}, right fact {right}")
+    third = len(batches) // 3
+    assert sum(score[-third:]) > sum(score[:third]), score
+    assert sum(right[-third:]) > sum(right[:third]), right
