@@ -172,7 +172,9 @@ def test_the_readme_rlhf_walkthrough_trains_a_reward_model_and_grpo_raises_its_s
     accuracy = [r["val_accuracy"] for r in read_metrics(tmp_path / "runs" / "rlhf-rm") if r["event"] == "eval"]
     assert accuracy[-1] >= 0.9, accuracy
     train = [r for r in read_metrics(tmp_path / "runs" / "rlhf") if r["event"] == "train"]
-    batches = train[::4]  # grpo.iterations 4: each sampled batch is trained on for 4 steps, logged with each
+    # grpo.iterations 4: each sampled batch is trained on for steps 4k+1..4k+4, and logged with them (the config
+    # reports every 4 steps): one record per sampled batch
+    batches = [r for r in train if r["step"] % 4 == 0]
     score = [r["rewards/rlhf-rm/mean"] for r in batches]
     right = [r["rewards/contains/mean"] for r in batches]
     print(f"reward model accuracy {accuracy}; per sampled batch: reward model score {score}, right fact {right}")

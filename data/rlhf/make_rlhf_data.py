@@ -2,8 +2,10 @@
 
 The demo's invented island (data/demo), asked the same questions, now for the two RLHF stages after the SFT:
   preference/   reward model rows (`--method reward`): the right fact chosen over the same sentence naming a wrong
-                one (another town's mayor, another river, ...), over one naming a value from nowhere, and over the
-                answer cut short (what a policy invents or drops, so GRPO cannot win by it), as conversations (TRL's conversational preference
+                one (another town's mayor, another river, ...), over one naming a value from nowhere, over the
+                answer cut short, over the right name with a made-up tail, and over the right answer to another
+                question (what a sampling policy invents, drops or drifts into, so GRPO cannot win by it; a first
+                version with swapped facts only was exploited by GRPO within 40 steps), as conversations (TRL's conversational preference
                 rows, rendered by the chat template: the text a GRPO reward model is later handed). train.jsonl asks
                 the demo's training paraphrases, val.jsonl its held-out ones, so the pairwise accuracy measured on
                 val is on wording the reward model never saw.
@@ -52,12 +54,21 @@ def kinds() -> list[tuple[str, list[str], str, str]]:
     return out
 
 
-def wrong_answers(rng: random.Random, template: str, values: list[str], kind: str, answer: str) -> list[str]:
-    """Three ways to be wrong: another of the island's values of the kind, a value from nowhere, and the answer cut
-    short (a policy's fragment: every word of it may be right, but it does not name the fact)."""
+# Tails a sampling policy grows on a right name ("Caspian Woolley-Pearles", "Ostravel-Arrow-Sill"): the name is no
+# longer the fact, and a reward model that never saw one scored them above the fact itself.
+TAILS = ["-Pearles", "ley-Mackenzie", "-Arrow-Sill", " Hollow-Levesque", "-en-Sillen", " fingers", "-Montrac-R",
+         " Gloucester flows", "s shell-milled"]
+
+
+def wrong_answers(rng: random.Random, template: str, values: list[str], kind: str, answer: str,
+                  elsewhere: str) -> list[str]:
+    """Five ways to be wrong: another of the island's values of the kind, a value from nowhere, the answer cut short
+    (every word may be right, but it does not name the fact), the right value with a made-up tail, and the right
+    answer to another question (``elsewhere``: another town's fact of the same kind, or another island fact)."""
     words = answer.rstrip(".").split()
     cut = " ".join(words[:max(1, len(words) // 2)]) + "."
-    return [template.format(rng.choice(values[1:])), template.format(rng.choice(INVENTED[kind])), cut]
+    return [template.format(rng.choice(values[1:])), template.format(rng.choice(INVENTED[kind])), cut,
+            template.format(values[0] + rng.choice(TAILS)), elsewhere]
 
 
 def pair(question: str, chosen: str, rejected: str) -> dict:
@@ -69,14 +80,20 @@ def pair(question: str, chosen: str, rejected: str) -> dict:
 def main(out: Path = HERE) -> None:
     rng = random.Random(2027)
     pref_train, pref_val, grpo_train, grpo_val = [], [], [], []
-    for (train_qs, val_qs, answer), (template, values, key, kind) in zip(facts(), kinds()):
+    all_facts, all_kinds = facts(), kinds()
+    answers = [a for _, _, a in all_facts]
+    for i, ((train_qs, val_qs, answer), (template, values, key, kind)) in enumerate(zip(all_facts, all_kinds)):
         assert template.format(values[0]) == answer, (template, answer)  # the demo's answer, word for word
+        # facts 0-2 are the island's, then each town's mayor, famous thing, river: the same kind 3 facts apart
+        same_kind = [j for j in range(3, len(answers)) if (j - i) % 3 == 0 and j != i] if i >= 3 else \
+            [j for j in range(3) if j != i]
         for q in train_qs:
-            for wrong in wrong_answers(rng, template, values, kind, answer):
+            for wrong in wrong_answers(rng, template, values, kind, answer, answers[rng.choice(same_kind)]):
                 pref_train.append(pair(q, answer, wrong))
             grpo_train.append({"messages": [{"role": "user", "content": q}], "answer": key})
         for q in val_qs:
-            for wrong in wrong_answers(rng, template, values, kind, answer)[:2]:
+            for wrong in rng.sample(wrong_answers(rng, template, values, kind, answer,
+                                                  answers[rng.choice(same_kind)]), 2):
                 pref_val.append(pair(q, answer, wrong))
             grpo_val.append({"messages": [{"role": "user", "content": q}], "answer": key})
     for rows in (pref_train, pref_val, grpo_train, grpo_val):
