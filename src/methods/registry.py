@@ -47,15 +47,22 @@ class Supervised:
     def build(r: PartsRequest) -> MethodParts:
         cfg, val_file = r.cfg, r.val_file
         eval_batch_size = cfg.eval.batch_size or cfg.train.batch_size
-        validator = Validator(
-            (lambda: data.eval_batches(val_file, r.tokenizer, cfg, cfg.eval.max_batches, eval_batch_size))
-            if val_file else None)
+        validator = Validator(_fixed_eval_batches(r))
         predict = None
         if val_file and cfg.eval.predictions > 0 and r.writes_predictions:
             prompts = data.prediction_prompts(val_file, r.tokenizer, cfg, cfg.eval.predictions)
             predict = greedy_predictor(r.backend, r.tokenizer, prompts, cfg.eval.max_new_tokens, r.run_dir, r.say,
                                        batch_size=eval_batch_size)
         return MethodParts(data.TrainStream(r.train_file, r.tokenizer, cfg), validator, predict)
+
+
+def _fixed_eval_batches(r: PartsRequest) -> Callable[[], list] | None:
+    """The fixed validation subset's batches, built when the first eval asks (None without a validation file)."""
+    if not r.val_file:
+        return None
+    cfg = r.cfg
+    eval_batch_size = cfg.eval.batch_size or cfg.train.batch_size
+    return lambda: data.eval_batches(r.val_file, r.tokenizer, cfg, cfg.eval.max_batches, eval_batch_size)
 
 
 class Reward:
@@ -67,12 +74,8 @@ class Reward:
 
     @staticmethod
     def build(r: PartsRequest) -> MethodParts:
-        cfg, val_file = r.cfg, r.val_file
-        eval_batch_size = cfg.eval.batch_size or cfg.train.batch_size
-        validator = RewardValidator(
-            (lambda: data.eval_batches(val_file, r.tokenizer, cfg, cfg.eval.max_batches, eval_batch_size))
-            if val_file else None, cfg.reward.center_coefficient)
-        return MethodParts(data.TrainStream(r.train_file, r.tokenizer, cfg), validator, None)
+        validator = RewardValidator(_fixed_eval_batches(r), r.cfg.reward.center_coefficient)
+        return MethodParts(data.TrainStream(r.train_file, r.tokenizer, r.cfg), validator, None)
 
 
 class Grpo:
