@@ -466,3 +466,21 @@ def test_a_slide_into_swap_warns_once_then_saves_and_splits(tmp_path):
     state = CheckpointManager.trainer_state(CheckpointManager(run_dir).path_for(15))
     assert (state["micro_splits"], state["last_split_step"]) == (2, 15)  # saved with the split it continues with
     assert not backend.swapping  # two rows per micro-batch from step 16 on: out of swap
+
+
+def test_a_source_that_scores_its_own_steps_gets_no_overfitting_gap_in_the_checkpoint_score(tmp_path):
+    """grpo's tracked loss is minus the sampled reward, not a likelihood: val_loss minus it measures no overfitting
+    (tests/test_scoring.py shows the worse eval it picked), so the loop scores such a source without the gap."""
+    class RewardScored(SyntheticStream):
+        scores_own_steps = True
+
+        def after_step(self, step, result):
+            return -100.0, None  # minus a large reward: the gap would be val_loss + 100
+
+    def gaps(source_class, out):
+        cfg = make_cfg(out)
+        _, _, _, run_dir = run(cfg, stream=source_class(cfg.train.batch_size, seed=cfg.train.seed))
+        return [r["gap"] for r in read_metrics(run_dir) if r["event"] == "eval"]
+
+    assert all(g > 50 for g in gaps(type("Plain", (RewardScored,), {"scores_own_steps": False}), tmp_path / "a"))
+    assert gaps(RewardScored, tmp_path / "b") == [0.0] * 6

@@ -196,7 +196,7 @@ def train(cfg, backend, source: BatchSource, validator, effects: Effects, *, res
                 owe = {"stop": stop and vars(stop)}  # the resumed run does this eval first, then the same stop
                 say(f"interrupted: the evaluation of step {step} is skipped now and runs first on resume")
             elif evaluation:
-                scores = best.score(evaluation["val_loss"])
+                scores = best.score(evaluation["val_loss"], overfit_gap=not source.scores_own_steps)
                 new_best = agreed_flag(world, best.offer(step, scores["score"], evaluation["val_loss"]))
                 effects.event("eval", step, **evaluation, **scores, best=new_best)
                 say(eval_line(step, evaluation, scores["score"], new_best, best.best_step))

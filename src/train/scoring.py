@@ -1,7 +1,7 @@
 """Which checkpoint is best: a multi-metric score (SPEC §8), lower is better.
 
     score = 0.5 * val_loss
-          + 0.3 * gap        max(0, val_loss - mean of the last 100 train losses): overfitting penalty
+          + 0.3 * gap        max(0, val_loss - mean of the last 100 train losses): overfitting penalty (0 for grpo)
           + 0.1 * ppl_ratio  val perplexity / first val perplexity: < 1 once it improved
           + 0.1 * momentum   relative change of train loss across the window (needs >= 10 losses):
                              negative while the loss still falls, a bonus for a run still improving
@@ -44,11 +44,14 @@ class BestTracker:
         recent = [v for v in list(self.train_losses)[-last:] if math.isfinite(v)]
         return sum(recent) / len(recent) if recent else float("nan")
 
-    def score(self, val_loss: float) -> dict:
+    def score(self, val_loss: float, overfit_gap: bool = True) -> dict:
+        """``overfit_gap``: whether val_loss - train loss measures overfitting. Not for a source that scores its own
+        steps (grpo: its tracked loss is minus the sampled answers' reward, its val_loss minus the greedy answers'):
+        there a falling training reward narrowed the gap, so a worse policy scored better."""
         if self.first_val_loss is None:
             self.first_val_loss = val_loss
         finite = [v for v in self.train_losses if math.isfinite(v)]
-        gap = max(0.0, val_loss - float(np.mean(finite))) if finite else 0.0
+        gap = max(0.0, val_loss - float(np.mean(finite))) if finite and overfit_gap else 0.0
         ppl_ratio = math.exp(min(50.0, val_loss - self.first_val_loss))
         trend = momentum(self.train_losses)
         score = 0.5 * val_loss + 0.3 * gap + 0.1 * ppl_ratio + 0.1 * trend
