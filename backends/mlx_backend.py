@@ -27,8 +27,8 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path, tree_unflatten
 
 from overnight.backend import lora_init, lora_targets, objectives, step_buffer
-from overnight.backend import Batch, OutOfMemory, PeerLost, PortableState, SetupInfo, StepResult, as_prompts, \
-    as_stop_ids
+from overnight.backend import Batch, OutOfMemory, PeerLost, PortableState, PortTaken, SetupInfo, StepResult, \
+    as_prompts, as_stop_ids
 from overnight.backend.adapter_formats import MLX_HEAD_WEIGHTS, MLX_SCORE_KEY, PORTABLE_SCORE_KEY, REWARD_HEAD, \
     recorded_base, reward_head_text
 from overnight.config import ConfigError
@@ -481,6 +481,9 @@ class MLXBackend:
         try:
             group = mx.distributed.init(strict=True, backend="ring")
         except Exception as exc:  # noqa: BLE001
+            if "bind" in str(exc).lower():  # the ring's "Couldn't bind socket (error: 98)": EADDRINUSE
+                raise PortTaken(f"rank {os.environ.get('MLX_RANK', '?')} could not listen on the port mlx.launch "
+                                f"gave it ({exc}): another program holds it") from None
             raise PeerLost(f"could not join the data-parallel job started by mlx.launch: {exc}") from None
         finally:
             joined.set()

@@ -94,6 +94,11 @@ signal.signal(signal.SIGINT, leave)
 note_rank_started()
 if part == "hang":
     os.kill(os.getpid(), signal.SIGSTOP)  # alive, never answering (SIGKILL still works)
+if part == "port":  # what a rank whose port another program took does in the join (lifecycle.run_train)
+    from overnight.runs.launch import note_port_taken
+    note_port_taken()
+    note_rank_exit(1)
+    sys.exit(1)
 if part.startswith("exit"):
     time.sleep(0.5)
     note_rank_exit(int(part[4:]))
@@ -122,6 +127,59 @@ def test_devices_job_exits_with_the_ranks_code_not_the_launchers(tmp_path):
     assert supervise_stand_ins(tmp_path, "exit0", "exit0") == 0
     assert supervise_stand_ins(tmp_path, "exit1", "exit2") == 2  # the one the user must act on
     assert supervise_stand_ins(tmp_path, "exit3", "exit0") == 3
+
+
+def test_a_job_whose_port_was_taken_starts_again_at_once_on_a_new_command(tmp_path, capsys):
+    """The other rank waits in the join for the one that could not listen: it is stopped at once, not after the
+    straggler grace, and the job starts again from a new command (new ports); the end said is the last job's."""
+    import sys
+    import time
+
+    from overnight.runs import launch
+
+    (tmp_path / "launcher.py").write_text(STAND_IN_LAUNCHER)
+    (tmp_path / "rank.py").write_text(STAND_IN_RANK)
+    attempts = [["port", "wait"], ["exit0", "exit0"]]
+
+    def command():
+        return [sys.executable, str(tmp_path / "launcher.py"), str(tmp_path / "rank.py"), *attempts.pop(0)]
+
+    started = time.monotonic()
+    assert launch.supervise(command, 2, poll_s=0.05, grace_s=60.0, attempts=3) == 0
+    assert time.monotonic() - started < 30 and not attempts
+    err = capsys.readouterr().err
+    assert "starting the job again on other ports (2 of 3)" in err and "job ended" not in err, err
+
+    attempts[:] = [["port", "wait"]] * 2  # taken every time: the last attempt's end is the job's
+    assert launch.supervise(command, 2, poll_s=0.05, grace_s=60.0, attempts=2) == 1
+    err = capsys.readouterr().err
+    assert err.count("starting the job again") == 1 and "the 2-process job ended with exit code 1" in err, err
+
+
+def test_free_ports_are_consecutive_free_and_below_the_ephemeral_range(monkeypatch):
+    """mlx.launch's ring listens on --starting-port + rank: the second port must be free too, and outside the range
+    the kernel hands to outgoing connections (a port there can be taken between the choice and the bind)."""
+    import random
+    import socket
+
+    from overnight.runs import launch
+
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    held.listen()
+    taken = held.getsockname()[1]
+    draws = [taken - 1]  # the first draw's second port is held by "another program"
+    real_randint = random.randint
+    monkeypatch.setattr(random, "randint", lambda low, high: draws.pop(0) if draws else real_randint(low, high))
+    try:
+        first = launch.free_ports(4)
+    finally:
+        held.close()
+    assert first != taken - 1 and not draws
+    assert first + 4 < launch._ephemeral_low()
+    for port in range(first, first + 4):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", port))
 
 
 def test_devices_job_relays_a_signal_to_every_rank_and_exits_with_its_code(tmp_path, capsys):
@@ -629,6 +687,37 @@ def test_mlx_a_kill_or_sigterm_then_auto_resume_ends_with_the_uninterrupted_adap
     assert resumed.wait(400) == 0, resumed.tail()
     fu.assert_adapter_equal(out, mlx_jobs["two"])
     losses_close(out, mlx_jobs["two"])
+
+
+@pytest.mark.mlx
+def test_mlx_job_whose_port_another_program_holds_starts_again_and_trains(mlx_jobs, tmp_path, monkeypatch, capfd):
+    """The CI failure of session 11: rank 1's ring port (--starting-port + 1) was in use; the job died with a
+    traceback. Now the rank says so, rank 0 is stopped at once and the job starts again on other ports."""
+    import socket
+
+    from overnight.commands.cli import main
+    from overnight.runs import launch
+
+    first = launch.free_ports(2)
+    held = socket.socket()  # "another program" listening on rank 1's port
+    held.bind(("127.0.0.1", first + 1))
+    held.listen()
+    draws, real_free_ports = [first], launch.free_ports
+    monkeypatch.setattr(launch, "free_ports", lambda count: draws.pop(0) if draws else real_free_ports(count))
+    out = tmp_path / "run"
+    args = mlx_args(mlx_jobs["model"], mlx_jobs["data"], out, 1, 2)
+    args[args.index("--backend") + 1] = "mlx"
+    args[args.index("--max-steps") + 1] = "2"
+    try:
+        code = main(args)
+    finally:
+        held.close()
+    captured = capfd.readouterr()
+    err = captured.err
+    assert code == 0, err
+    assert not draws and "could not listen on the port mlx.launch gave it" in err, (captured.out, err)
+    assert "starting the job again on other ports (2 of 3)" in err and "Traceback" not in err, err
+    assert [r["step"] for r in fu.metrics(out) if r["event"] == "train"][-1] == 2
 
 
 def _cuda_devices() -> int:

@@ -646,20 +646,9 @@ MLX_LAUNCH = Path(sys.executable).with_name("mlx.launch")
 
 
 def _free_ports(count: int) -> int:
-    """A first port such that it and the next count - 1 are free now (the ring uses one per rank)."""
-    import random
-    import socket
+    from overnight.runs.launch import free_ports
 
-    for _ in range(200):
-        first = random.randint(20000, 60000)
-        try:
-            for port in range(first, first + count):
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", port))
-            return first
-        except OSError:
-            continue
-    raise RuntimeError("no free ports")
+    return free_ports(count)
 
 
 @pytest.fixture(scope="module")

@@ -165,6 +165,11 @@ class PeerLost(RuntimeError):
     (the last committed checkpoint is the job's state)."""
 
 
+class PortTaken(PeerLost):
+    """A rank could not listen on the port its launcher gave it: another program took it after the port was chosen.
+    Nothing has started; `overnight train --devices` starts the job again on other ports."""
+
+
 class Collective(Protocol):
     """The few collectives the loop needs across the processes of a data-parallel job (src/distributed.py), each a
     call every process makes at the same point. Values are float64 vectors of the same length on every rank."""

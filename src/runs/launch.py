@@ -15,10 +15,37 @@ from overnight.errors import UsageError
 from overnight.runs import lock
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+def free_ports(count: int, attempts: int = 200) -> int:
+    """A first port such that it and the next ``count - 1`` are free now: mlx.launch's ring listens on
+    --starting-port + rank, so every one of them must be, not only the first. Drawn below the kernel's ephemeral
+    range, where the outgoing connections of every other program on the machine take their ports; a port inside
+    it can be taken between this probe and the rank's bind."""
+    import random
+
+    low = _ephemeral_low()
+    for _ in range(attempts):
+        first = random.randint(max(1024, low - 12000), low - count - 1)
+        probes = []
+        try:
+            for port in range(first, first + count):
+                probe = socket.socket()
+                probes.append(probe)
+                probe.bind(("127.0.0.1", port))
+            return first
+        except OSError:
+            continue
+        finally:
+            for probe in probes:
+                probe.close()
+    raise UsageError(f"--devices {count}: found no {count} free consecutive ports on this machine for mlx.launch")
+
+
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as source:
+            return int(source.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default; macOS's range starts at 49152
 
 
 def _torchrun(devices: int, train_args: list[str]) -> list[str]:
@@ -30,7 +57,7 @@ def _torchrun(devices: int, train_args: list[str]) -> list[str]:
 def _mlx_launch(devices: int, train_args: list[str]) -> list[str]:
     """mlx.launch's ring backend on this machine."""
     mlx_launch = shutil.which("mlx.launch") or os.path.join(os.path.dirname(sys.executable), "mlx.launch")
-    return [mlx_launch, "-n", str(devices), "--backend", "ring", "--starting-port", str(free_port()),
+    return [mlx_launch, "-n", str(devices), "--backend", "ring", "--starting-port", str(free_ports(devices)),
             "--", sys.executable, "-m", "overnight", "train", *train_args]
 
 
@@ -126,6 +153,12 @@ def watch_supervisor(alive_path: str, on_gone=None) -> None:
 
 def note_rank_exit(code: int, environ: Mapping[str, str] = os.environ) -> None:
     _note_rank(environ, "exit", code)
+
+
+def note_port_taken(environ: Mapping[str, str] = os.environ) -> None:
+    """This rank could not listen on its port (another program took it after free_ports chose it): the supervisor
+    ends the job at once and starts it again on other ports."""
+    _note_rank(environ, "port", 1)
 
 
 def _note_rank(environ: Mapping[str, str], kind: str, value: int) -> None:
@@ -231,11 +264,31 @@ class _Relay:
         os.close(self.read_fd)
 
 
-def supervise(command: list[str], devices: int, poll_s: float = 0.2,
-              grace_s: float = STRAGGLER_GRACE_S, quiet_launcher: bool = False) -> int:
-    """Run the launcher ``command`` (N ranks of `overnight train`) to the end and return the job's exit code.
+PORT_ATTEMPTS = 3  # a job whose port was taken before a rank could listen on it is started again, on other ports
+
+
+def supervise(command, devices: int, poll_s: float = 0.2, grace_s: float = STRAGGLER_GRACE_S,
+              quiet_launcher: bool = False, attempts: int = 1) -> int:
+    """Run the launcher ``command`` (N ranks of `overnight train`; or a function that makes one, drawing new ports
+    each time) to the end and return the job's exit code. A job that ended because a rank's port was taken (no rank
+    trained: it happens at the join) is started again with a new command, up to ``attempts`` times in all.
     With ``quiet_launcher`` the launcher's own stderr is kept from the user (shown only when no rank ever started)
     and the ranks' stderr reaches the user through a relay, so overnight's messages are the last words."""
+    for attempt in range(1, attempts + 1):
+        last = attempt == attempts
+        code, port_taken = _supervise_once(command() if callable(command) else command, devices, poll_s, grace_s,
+                                           quiet_launcher, final=last)
+        if not port_taken or last:
+            return code
+        print(f"a port chosen for the job was taken by another program before a rank could listen on it; starting "
+              f"the job again on other ports ({attempt + 1} of {attempts})", file=sys.stderr, flush=True)
+    raise AssertionError("unreachable")
+
+
+def _supervise_once(command: list[str], devices: int, poll_s: float, grace_s: float, quiet_launcher: bool,
+                    final: bool) -> tuple[int, bool]:
+    """(the job's exit code, whether it ended only because a port was taken and no signal came: worth a retry).
+    The job's end is said unless it is such a retry and not the ``final`` attempt."""
     import shutil as _shutil
     import signal
     import subprocess
@@ -277,9 +330,10 @@ def supervise(command: list[str], devices: int, poll_s: float = 0.2,
             launcher_log.seek(0)
             sys.stderr.write(launcher_log.read().decode(errors="replace"))
         code = job_exit_code(exits, devices, launched.returncode, received[0] if received else None)
-        if code:
+        port_taken = code == 1 and bool(read_rank_notes(job_dir, "port")) and not received
+        if code and (final or not port_taken):
             _say_job_end(code, devices, started, exits)
-        return code
+        return code, port_taken
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
@@ -315,7 +369,9 @@ def _wait_for_launcher(launched, job_dir: str, poll_s: float, grace_s: float, re
         exits = read_rank_notes(job_dir, "exit")
         if first_failure is None and any(exits.values()):
             first_failure = time.monotonic()
-        if first_failure is not None and time.monotonic() - first_failure > grace_s:
+        # A rank whose port was taken: the others wait for it in the join, where no work can be lost.
+        patience = 0.0 if read_rank_notes(job_dir, "port") else grace_s
+        if first_failure is not None and time.monotonic() - first_failure > patience:
             for rank, pid in read_rank_notes(job_dir, "pid").items():
                 if rank not in exits:
                     try:
@@ -360,9 +416,12 @@ def relaunch_on_devices(args, backend_name: str, argv: list[str], say) -> int | 
     devices = requested_devices(args)
     if devices == 1 or launcher():
         return None
-    command = launch_command(backend_name, devices, without_devices_flag(argv))
-    if not os.access(command[0], os.X_OK):
-        raise UsageError(f"--devices {devices}: cannot start {command[0]} (not found or not executable)")
-    say(f"starting {devices} processes: {' '.join(command)}")
-    sys.stdout.flush()
-    return supervise(command, devices, quiet_launcher=backend_name in QUIET_LAUNCHERS)
+    def command() -> list[str]:  # each attempt draws its own ports
+        made = launch_command(backend_name, devices, without_devices_flag(argv))
+        if not os.access(made[0], os.X_OK):
+            raise UsageError(f"--devices {devices}: cannot start {made[0]} (not found or not executable)")
+        say(f"starting {devices} processes: {' '.join(made)}")
+        sys.stdout.flush()
+        return made
+
+    return supervise(command, devices, quiet_launcher=backend_name in QUIET_LAUNCHERS, attempts=PORT_ATTEMPTS)

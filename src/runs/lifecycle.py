@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from overnight import data, distributed
-from overnight.backend import BackendUnavailable, PeerLost, get_backend
+from overnight.backend import BackendUnavailable, PeerLost, PortTaken, get_backend
 from overnight.config import ConfigError, build_config, dump_config
 from overnight.errors import EXIT_CRASH, EXIT_OK, EXIT_USAGE, ResumeRefused, RunLocked, TrainingError, UsageError
 from overnight.integrations.cloud import KeepAwake, runpod_warning
@@ -67,7 +67,13 @@ def _run_train(args, flags: dict, run_dirs: list[Path]) -> int:
     job_code = launch.relaunch_on_devices(args, backend.name, getattr(args, "train_argv", []), say)
     if job_code is not None:
         return job_code
-    world = distributed.join(backend, timeout_s=checked.cfg.train.collective_timeout_s)
+    try:
+        world = distributed.join(backend, timeout_s=checked.cfg.train.collective_timeout_s)
+    except PortTaken as exc:  # nothing started: the supervisor starts the job again on other ports
+        launch.note_port_taken()
+        raise TrainingError(f"{exc}; nothing was started") from None
+    except PeerLost as exc:
+        raise TrainingError(f"{exc}; nothing was started or changed. Start the job again") from None
     schedule.apply_epochs(checked.cfg, checked.report, world.size)  # train.epochs -> max_steps, for this job's size
     run = TrainingRun(args, checked, run_dir, backend, world)
     if world.rank != 0:  # rank 0 owns RUN_DIR (lock, files, checkpoints); this rank follows its decisions
