@@ -140,6 +140,7 @@ class TorchBackend:
         self._step_extras: dict[str, float] = {}
         self._world: TorchCollective | None = None  # set by connect() in a data-parallel job
         self._stop_every: int | None = None  # tests: the stop check's interval (None: the device's)
+        self._fused = False  # AdamW's fused kernel (set with the optimizer)
 
     def connect(self, timeout_s: float) -> TorchCollective:
         """Join the job torchrun / accelerate started (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT): NCCL with
@@ -257,16 +258,21 @@ class TorchBackend:
         self._optimizer_name = cfg.train.optimizer
 
     def _pick_device(self) -> None:
-        """This process's device and compute dtype, and CUDA's deterministic mode. In a data-parallel job each rank
-        has its own GPU (connect() set it current): QLoRA per rank."""
+        """This process's device and compute dtype, and CUDA's deterministic mode (train.deterministic). In a
+        data-parallel job each rank has its own GPU (connect() set it current): QLoRA per rank."""
         self._device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         on_cuda = self._device.type == "cuda"
         if on_cuda:
-            # Same seed, same data => same losses, and a resume that continues bit for bit: CUDA's atomics
-            # (index_add_ of the per-row sums, some backward kernels) otherwise reorder float sums from run to run.
-            # cuBLAS needs its workspace fixed for that, before its first call.
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-            torch.use_deterministic_algorithms(True, warn_only=True)
+            # The losses' sums are deterministic by construction (_row_sums); what can still reorder float sums from
+            # run to run on CUDA is in kernels overnight does not write (some backward kernels, attention's memory-
+            # efficient one among them, pick a deterministic algorithm only in this mode), so a bit-exact resume
+            # needs it. Its price: every torch.empty is filled (fill_uninitialized_memory), bitsandbytes'
+            # dequantisation buffers included. cuBLAS needs its workspace fixed for it, before its first call. The
+            # CPU's kernels are deterministic already: there the mode would only add the fills.
+            deterministic = bool(self._cfg.train.deterministic)
+            if deterministic:
+                os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(deterministic, warn_only=True)
         if self._optimizer_name == "paged_adamw_8bit" and not on_cuda:
             raise ConfigError(
                 "config key 'train.optimizer': paged_adamw_8bit needs a CUDA GPU (bitsandbytes paged optimizers are "
@@ -406,6 +412,7 @@ class TorchBackend:
             "lora_modules": len(lora_modules),
             "lora_scale": cfg.lora.alpha / cfg.lora.rank,
             "optimizer": self._optimizer_name,
+            "adamw_fused": self._fused,
             "grad_checkpoint": bool(cfg.model.grad_checkpoint),
             "method": self._method,
             "tokenizer_size": tokenizer.vocab_size,
@@ -427,7 +434,29 @@ class TorchBackend:
             import bitsandbytes as bnb
 
             return bnb.optim.PagedAdamW8bit(self._params, lr=train.learning_rate, weight_decay=train.weight_decay)
-        return torch.optim.AdamW(self._params, lr=train.learning_rate, weight_decay=train.weight_decay)
+        # One kernel for every parameter's update instead of a dozen element-wise ops over them; its state is the
+        # default kernel's (exp_avg, exp_avg_sq, step), so checkpoints and portable states are unchanged.
+        self._fused = _fused_adamw_supported(self._params)
+        return torch.optim.AdamW(self._params, lr=train.learning_rate, weight_decay=train.weight_decay,
+                                 fused=self._fused or None)
+
+    def _match_optimizer_kernel(self) -> None:
+        """After a checkpoint's optimizer state is loaded: load_state_dict keeps the param groups' flags of the
+        optimizer that saved it (a run from before the fused default, or from a machine where it was not
+        supported), so this run's choice is set again, and each step count is put where that kernel reads it."""
+        if self._optimizer_name != "adamw":
+            return
+        for group in self._optimizer.param_groups:
+            group["fused"], group["foreach"] = self._fused or None, None
+        for param in self._params:
+            state = self._optimizer.state.get(param)
+            if state and "step" in state:
+                state["step"] = self._adam_step(float(state["step"]), param)
+
+    def _adam_step(self, value: float, param: torch.Tensor) -> torch.Tensor:
+        """An AdamW step count as torch keeps it: float32, on the parameter's device for the fused kernel, on the
+        CPU for the default one (torch/optim/adam.py, _init_group)."""
+        return torch.tensor(value, dtype=torch.float32, device=param.device if self._fused else "cpu")
 
     # ------------------------------------------------------------------ steps
 
@@ -443,13 +472,17 @@ class TorchBackend:
             raise ValueError("method grpo needs batches of sampled completions with advantages (src/methods/grpo.py)")
         dev = self._device
         ids = torch.from_numpy(np.ascontiguousarray(batch.input_ids, dtype=np.int64)).to(dev, non_blocking=True)
-        attn = torch.from_numpy(np.ascontiguousarray(batch.attention_mask, dtype=np.int64)).to(dev, non_blocking=True)
         mask = torch.from_numpy(np.ascontiguousarray(batch.loss_mask, dtype=np.float32)).to(dev, non_blocking=True)
         # The target positions, found on the host from the numpy mask: a nonzero() on the device would wait
         # for the GPU once per micro-batch.
+        where = (np.nonzero(batch.loss_mask[:, 1:]) if self._method != "reward"
+                 else (objectives.score_positions(batch.input_ids, batch.pad_id),))
         targets = tuple(torch.from_numpy(np.ascontiguousarray(index, dtype=np.int64)).to(dev, non_blocking=True)
-                        for index in (np.nonzero(batch.loss_mask[:, 1:]) if self._method != "reward"
-                                      else (objectives.score_positions(batch.input_ids, batch.pad_id),)))
+                        for index in where)
+        # The positions whose hidden states are read: a target's predecessor, or a reward row's score position.
+        read = where if len(where) == 2 else (np.arange(batch.num_rows), where[0])
+        attn = None if _causal_mask_changes_nothing(batch.attention_mask, *read) else torch.from_numpy(
+            np.ascontiguousarray(batch.attention_mask, dtype=np.int64)).to(dev, non_blocking=True)
         grpo = None
         if batch.advantages is not None:
             adv = torch.from_numpy(np.ascontiguousarray(batch.advantages, dtype=np.float32)).to(dev, non_blocking=True)
@@ -467,8 +500,7 @@ class TorchBackend:
         instead of (B, T, H). On a large vocabulary the head and its cross-entropy are a large share of the step,
         and most positions (prompts, padding) have no target. Same values as the full logits up to float rounding;
         a model whose head gets anything but (B, T, H) takes the full path."""
-        logp = self._target_logps(ids, attn, sel) * mask[sel]
-        return torch.zeros(ids.shape[0], dtype=logp.dtype, device=logp.device).index_add_(0, sel[0], logp)
+        return _row_sums(self._target_logps(ids, attn, sel) * mask[sel], sel, mask.shape)
 
     def _target_logps(self, ids: torch.Tensor, attn: torch.Tensor, sel: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """The log-probability of each target token, float32 (N,) in the order of ``sel`` (the nonzero positions of
@@ -587,8 +619,7 @@ class TorchBackend:
         # dr_grpo and dapo divide by a constant (max_new_tokens; 1, dapo's 1/C being token_scale)
         divisor = objectives.grpo_row_divisor(g.loss_type, 0, g.max_new_tokens) if g.loss_type in ("dr_grpo", "dapo") \
             else row_tokens.clamp(min=1.0)
-        rows = torch.zeros(ids.shape[0], dtype=per_token.dtype, device=per_token.device)
-        rows = rows.index_add(0, sel[0], per_token * weights) / divisor
+        rows = _row_sums(per_token * weights, sel, (ids.shape[0], ids.shape[1] - 1)) / divisor
         return rows.sum() * token_scale
 
     def _objective(self, ids: torch.Tensor, attn: torch.Tensor, mask: torch.Tensor, targets: tuple[torch.Tensor, ...],
@@ -1014,6 +1045,7 @@ class TorchBackend:
             raise ValueError(f"adapter in {directory} lacks LoRA tensors: {missing[:5]}")
 
         self._optimizer.load_state_dict(torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=True))
+        self._match_optimizer_kernel()
 
         rng = json.loads((directory / "rng_state.json").read_text())
         py = rng["python"]
@@ -1064,7 +1096,7 @@ class TorchBackend:
             for key, param in zip(self._portable_keys(), self._params):
                 param.copy_(torch.from_numpy(state.weights[key]).to(param.dtype))
                 self._optimizer.state[param] = {
-                    "step": torch.tensor(float(state.adam_step), dtype=torch.float32),
+                    "step": self._adam_step(float(state.adam_step), param),
                     "exp_avg": torch.from_numpy(state.exp_avg[key]).to(param.device, param.dtype),
                     "exp_avg_sq": torch.from_numpy(state.exp_avg_sq[key]).to(param.device, param.dtype),
                 }
@@ -1168,6 +1200,41 @@ def _keep_4bit_weights_unpacked(model) -> None:
     for module in model.modules():
         if getattr(module, "support_avx512bf16_for_cpu", False):
             module.support_avx512bf16_for_cpu = False
+
+
+def _fused_adamw_supported(params: list[torch.Tensor]) -> bool:
+    """Whether torch's fused AdamW takes these parameters: floating point, on a device its fused kernels cover
+    (torch's own list: CUDA, and the CPU since torch 2.4, for every float dtype)."""
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+        devices = set(_get_fused_kernels_supported_devices())
+    except ImportError:  # a private helper: a torch without it gets the kernel where every torch had it
+        devices = {"cuda"}
+    return bool(params) and all(p.is_floating_point() and p.device.type in devices for p in params)
+
+
+def _causal_mask_changes_nothing(attention: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> bool:
+    """Whether a causal forward without this padding mask gives the values the mask would at the positions read
+    ((rows, cols)): every row right-padded (its 1s, then its 0s) and every position read a real token, which sees
+    only the real tokens before it either way. Then the model gets no mask and attention runs causal without one
+    (SDPA's fastest kernels take no mask; transformers also stops checking the mask on the host each forward). A
+    left-padded batch, or any other mask, keeps it."""
+    attention = np.asarray(attention)
+    if attention.ndim != 2 or not np.isin(attention, (0, 1)).all():
+        return False
+    if attention.shape[1] > 1 and (attention[:, 1:] > attention[:, :-1]).any():
+        return False
+    return bool(attention[rows, cols].all())
+
+
+def _row_sums(values: torch.Tensor, sel: tuple[torch.Tensor, torch.Tensor], shape) -> torch.Tensor:
+    """Per row, the sum of ``values`` (N,), each given at its own (row, column) of ``sel`` in a (B, T) grid: written
+    into zeros at those distinct places, then summed along each row. No two values share a place, and a row's
+    reduction adds in an order fixed by the shape and the device, so the same inputs give the same sums on every
+    run without the global deterministic mode (index_add_ on CUDA adds with atomics, in whatever order the threads
+    arrive). Its backward is a gather: deterministic too."""
+    return values.new_zeros(tuple(shape)).index_put(tuple(sel), values).sum(dim=-1)
 
 
 def _until_stop(row: np.ndarray, stop_ids: tuple[int, ...]) -> np.ndarray:

@@ -33,6 +33,18 @@ def per_token(config: dict, lora_layers: int, target_fraction: float) -> dict:
             "ceiling_vs_reference_4bit": reference_kbit / overnight}
 
 
+def mfu_flops_per_token(config: dict, seq: int) -> float:
+    """The FLOPs per input token that MFU counts for a LoRA step on a frozen base: 4 x the linear layers' parameters
+    (forward, and the backward's input gradients; a frozen base computes no weight gradients; the embedding lookup
+    left out, the output head counted) plus attention's scores and values, 12 x layers x hidden x seq (forward and
+    backward, as PaLM counts them: the causal mask not discounted). LoRA's own matmuls are left out."""
+    hidden, inter, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+    heads = config["num_attention_heads"]
+    kv = hidden // heads * config.get("num_key_value_heads", heads)
+    linear = layers * (2 * hidden * hidden + 2 * hidden * kv + 3 * hidden * inter) + hidden * config["vocab_size"]
+    return 4.0 * linear + 12.0 * layers * hidden * seq
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("model", type=Path)

@@ -106,6 +106,14 @@ def make_batches(args, path: Path) -> dict:
     return {"input_tokens_per_step": inputs / measured, "target_tokens_per_step": targets / measured}
 
 
+def base_spec(args, batches: Path) -> dict:
+    """What every run of a setting shares (bench/worker.py reads it); each run adds its side, backend and bits."""
+    return {"model": args.model, "data": args.data, "batches": str(batches), "steps": args.steps,
+            "batch_size": args.batch_size, "seq": args.seq, "rank": args.rank, "alpha": args.alpha,
+            "dropout": args.dropout, "layers": args.layers, "targets": args.targets.split(","), "lr": args.lr,
+            "seed": args.seed, "overnight_set": args.overnight_set, "threads": args.threads}
+
+
 def run_one(spec: dict, workdir: Path, timeout: int) -> dict:
     spec_path = workdir / f"spec-{spec['tag']}.json"
     result_path = workdir / f"result-{spec['tag']}.json"
@@ -182,6 +190,9 @@ def summarize(args, pair: str, bits: int, runs: dict[str, list[dict]], tokens: d
                  "target_tokens_per_s": sps * tokens["target_tokens_per_step"],
                  "peak_rss_mb": statistics.median(rss), "peak_rss_mb_runs": rss,
                  "first_loss": runs[side][0]["first_loss"], "wall_s_runs": [r["wall_s"] for r in runs[side]]}
+        if all("peak_gpu_mb" in r for r in runs[side]):  # CUDA: torch's own peak allocation in each run
+            entry["peak_gpu_mb"] = statistics.median(r["peak_gpu_mb"] for r in runs[side])
+            entry["peak_gpu_reserved_mb"] = statistics.median(r["peak_gpu_reserved_mb"] for r in runs[side])
         if side == "overnight":
             entry.update(overhead(args, runs[side]))
         out["sides"][side] = entry
@@ -189,6 +200,8 @@ def summarize(args, pair: str, bits: int, runs: dict[str, list[dict]], tokens: d
     out["speedup_steps_per_s"] = a["steps_per_s"] / b["steps_per_s"]
     out["speedup_runs"] = [x / y for x, y in zip(a["steps_per_s_runs"], b["steps_per_s_runs"])]
     out["peak_rss_ratio"] = a["peak_rss_mb"] / b["peak_rss_mb"]
+    if "peak_gpu_mb" in a and "peak_gpu_mb" in b:
+        out["peak_gpu_ratio"] = a["peak_gpu_mb"] / b["peak_gpu_mb"]
     out["same_data_first_loss_rel_diff"] = abs(a["first_loss"] - b["first_loss"]) / abs(b["first_loss"])
     return out
 
@@ -412,10 +425,7 @@ def main(argv=None) -> int:
     info = machine()
     batches = work / "batches.npz"
     tokens = make_batches(args, batches)
-    base = {"model": args.model, "data": args.data, "batches": str(batches), "steps": args.steps,
-            "batch_size": args.batch_size, "seq": args.seq, "rank": args.rank, "alpha": args.alpha,
-            "dropout": args.dropout, "layers": args.layers, "targets": args.targets.split(","), "lr": args.lr,
-            "seed": args.seed, "overnight_set": args.overnight_set, "threads": args.threads}
+    base = base_spec(args, batches)
     settings = []
     try:
         for pair in [b.strip() for b in args.backends.split(",") if b.strip()]:

@@ -441,6 +441,11 @@ def main() -> None:
     result = {"overnight": run_overnight, "hf": run_hf, "mlxlm": run_mlxlm, "grpo-sampler": run_grpo_sampler,
               "hfgen": run_hfgen, "grpo-step": run_grpo_step}[spec["side"]](spec)
     result["self_maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():  # this run's own process: its peak is this side's alone
+        result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        result["peak_gpu_reserved_mb"] = torch.cuda.max_memory_reserved() / 2**20
+        result["gpu"] = torch.cuda.get_device_name()
     Path(sys.argv[2]).write_text(json.dumps(result))
 
 

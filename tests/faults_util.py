@@ -6,7 +6,8 @@ Imported in two places:
     PYTHONPATH=tests), where a thin subclass of the real backend records which samples each optimizer
     step consumed. Nothing in the product is changed for this: the recorder wraps the backend from
     the outside and, only when ``OVERNIGHT_TEST_RECORD`` is set, wraps ``TrainStream._sequences`` (the
-    one place a batch's sample indices pass through) for the lifetime of that subprocess.
+    one place a batch's sample indices pass through) and ``TrainStream.next_batch`` (which groups them by batch)
+    for the lifetime of that subprocess.
 
 With OVERNIGHT_TEST_KILL_BEFORE_STEP=N the recorder SIGKILLs its own process when the loop asks for step N,
 that is after step N-1 and whatever eval and save followed it: a crash at an exact place, not a random one.
@@ -35,7 +36,10 @@ DATA_DIR = ROOT / "data"
 
 # -- inside the subprocess: recording backends ------------------------------------------------------
 
+# The loop builds batches ahead on a thread (overnight.data.prefetch), so the draws seen so far run ahead of the
+# steps trained: _PENDING holds one entry per batch built, in order, and each step takes its own batches from it.
 _PENDING: list = []
+_BUILDING: list = []  # the draws of the batch being built now
 _PATCHED: list = []
 
 
@@ -47,10 +51,20 @@ def _patch_stream() -> None:
     original = data.TrainStream._sequences
 
     def _sequences(self, members):
-        _PENDING.append([int(self.epoch), [int(i) for i in members]])
+        _BUILDING.append([int(self.epoch), [int(i) for i in members]])
         return original(self, members)
 
+    original_next = data.TrainStream.next_batch
+
+    def next_batch(self):
+        try:
+            return original_next(self)
+        finally:
+            _PENDING.append(_BUILDING[:])
+            _BUILDING.clear()
+
     data.TrainStream._sequences = _sequences
+    data.TrainStream.next_batch = next_batch
     _PATCHED.append(original)
 
 
@@ -61,6 +75,7 @@ def _recording(base: type) -> type:
             self._rec_sleep = float(os.environ.get("OVERNIGHT_TEST_SLEEP_S", "0") or 0)
             self._rec_step = 0
             self._rec_accumulation = cfg.train.grad_accumulation
+            self._rec_per_step = cfg.train.grad_accumulation * int(os.environ.get("WORLD_SIZE", "1") or 1)
             if self._rec_path:
                 _patch_stream()
             return super().setup(cfg, seed)
@@ -83,8 +98,8 @@ def _recording(base: type) -> type:
             result = super().train_step(micro_batches, lr, step_scales)
             self._rec_step += 1
             if self._rec_path:
-                batches = _PENDING[:]
-                _PENDING.clear()
+                batches = [draw for built in _PENDING[:self._rec_per_step] for draw in built]
+                del _PENDING[:self._rec_per_step]
                 with open(self._rec_path, "a", encoding="utf-8") as handle:
                     handle.write(json.dumps({"pid": os.getpid(), "step": self._rec_step, "batches": batches}) + "\n")
             return result

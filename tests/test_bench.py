@@ -3,6 +3,7 @@ cannot rot silently. The benchmark itself never runs in CI."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -76,3 +77,40 @@ def test_flop_ceiling_counts_the_head_and_the_backward_depth():
     # SmolLM2-135M, the bench's data: the head at 20% of positions is the whole exact saving.
     assert partial["ceiling_vs_reference"] == pytest.approx(1.261, abs=1e-3)
     assert partial["ceiling_vs_reference_4bit"] == pytest.approx(1.546, abs=1e-3)
+
+
+def test_gpu_script_dry_run_writes_every_step_with_numbers(tmp_path):
+    """bench/gpu.sh --dry-run: the GPU script's every step on CPU at tiny sizes (one short pair, the
+    deterministic-off side, the cuda tests and the GPU resume test collected), so the script cannot rot before a GPU
+    machine runs it."""
+    out = tmp_path / "gpu"
+    result = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh"), "--dry-run", "--out", str(out)],
+                            capture_output=True, text=True, timeout=300, cwd=ROOT,
+                            env={**os.environ, "PYTHON": sys.executable})
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    data = json.loads(out.with_suffix(".json").read_text())
+    steps = data["steps"]
+    assert list(steps) == ["cuda_tests", "smollm2", "build", "llama8b_2x64", "llama8b_2x64_det_off", "resume",
+                           "mlx_tests"]
+    assert all(s["ok"] for s in steps.values()), {k: s.get("error") for k, s in steps.items()}
+    assert steps["cuda_tests"]["collected"] >= 3 and steps["resume"]["collected"] == 1
+    pair = steps["llama8b_2x64"]
+    assert pair["same_data_first_loss_rel_diff"] < 1e-3 and pair["speedup_tokens_per_s"] > 0
+    assert all(side["tokens_per_s"] > 0 and side["achieved_tflops"] > 0 for side in pair["sides"].values())
+    assert steps["llama8b_2x64_det_off"]["tokens_per_s"] > 0
+    assert data["env"]["matmul_tflops_measured"] > 0
+    table = out.with_suffix(".md").read_text()
+    assert "| llama8b_2x64 | 2 x 64 | overnight |" in table and "4 x the linear layers' parameters" in table
+
+
+def test_mfu_counts_four_times_the_linear_parameters_plus_attention():
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        from flops import mfu_flops_per_token
+    finally:
+        sys.path.pop(0)
+    llama8b = {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+               "num_key_value_heads": 8, "vocab_size": 128256}
+    # Llama-3.1-8B: 8.03B parameters, of which 7.50B in linear layers (the 0.53B embedding is a lookup).
+    assert mfu_flops_per_token(llama8b, 0) == pytest.approx(4 * 7.504e9, rel=1e-3)
+    assert mfu_flops_per_token(llama8b, 2048) - mfu_flops_per_token(llama8b, 0) == 12 * 32 * 4096 * 2048

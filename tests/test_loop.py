@@ -484,3 +484,50 @@ def test_a_source_that_scores_its_own_steps_gets_no_overfitting_gap_in_the_check
 
     assert all(g > 50 for g in gaps(type("Plain", (RewardScored,), {"scores_own_steps": False}), tmp_path / "a"))
     assert gaps(RewardScored, tmp_path / "b") == [0.0] * 6
+
+
+# -- batches built ahead on a thread (overnight.data.prefetch) ---------------------------------------------------
+
+class ReadAhead(SyntheticStream):
+    prefetch = True  # as TrainStream: the loop builds its batches on a thread
+
+
+def prefetch_threads() -> list:
+    import threading
+
+    return [t for t in threading.enumerate() if t.name == "overnight-prefetch" and t.is_alive()]
+
+
+@pytest.mark.parametrize("stop_at", [7, 10])
+def test_batches_built_ahead_train_the_same_run_and_resume_exactly(tmp_path, stop_at):
+    """Read ahead or not, the same losses; a signal stops the thread and the checkpoint holds the position after the
+    last batch the loop took (not the thread's), so the resumed run (reading ahead again) ends identical."""
+    sets = ("train.grad_accumulation=2",)
+    _, plain, _, plain_dir = run(make_cfg(tmp_path / "plain", *sets))
+    cfg = make_cfg(tmp_path / "ahead", *sets)
+    first, _, _, run_dir = run(cfg, stream=ReadAhead(cfg.train.batch_size, seed=cfg.train.seed), stop_at=stop_at)
+    assert first.status == "interrupted" and not prefetch_threads()
+    taken = SyntheticStream(cfg.train.batch_size, seed=cfg.train.seed)
+    for _ in range(2 * stop_at):
+        taken.next_batch()
+    checkpoint = CheckpointManager(run_dir).latest_valid()
+    assert CheckpointManager.trainer_state(checkpoint.path)["data"] == taken.state()
+    second, resumed, _, _ = run(cfg, stream=ReadAhead(cfg.train.batch_size, seed=cfg.train.seed),
+                                resume_dir=checkpoint.path)
+    assert second.status == "completed" and not prefetch_threads()
+    assert train_losses(run_dir) == train_losses(plain_dir)
+    for key in plain.params:
+        np.testing.assert_array_equal(plain.params[key], resumed.params[key])
+
+
+def test_the_read_ahead_thread_ends_when_the_loop_raises(tmp_path):
+    class Crashing(NumpyBackend):
+        def train_step(self, micro_batches, lr, step_scales=None):
+            if self.updates == 3:
+                raise RuntimeError("the backend failed")
+            return super().train_step(micro_batches, lr, step_scales)
+
+    cfg = make_cfg(tmp_path)
+    with pytest.raises(RuntimeError, match="the backend failed"):
+        run(cfg, backend=Crashing(vocab_size=64), stream=ReadAhead(cfg.train.batch_size, seed=cfg.train.seed))
+    assert not prefetch_threads()

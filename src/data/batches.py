@@ -325,6 +325,8 @@ class TrainStream(BatchSource):
     front for the warning. On out-of-memory, split the batch (Batch.split) rather than changing
     cfg.train.batch_size: the order depends on the batch size, and restore() refuses a different one."""
 
+    prefetch = True  # a pure function of (seed, position): the loop builds the next batches on a thread
+
     def __init__(self, train_file: Path, tokenizer: TextTokenizer, cfg: Any):
         self.tok = tokenizer
         self.cfg = cfg

@@ -20,6 +20,10 @@ class BatchSource:
     # may stop the run with its own circuit breaker, so the loop's loss-unchanged (stuck) rule is off for it
     # (grpo's objective is ~0 by construction).
     scores_own_steps = False
+    # True for a source whose batches do not depend on the model, so the loop may build them ahead on a thread
+    # (overnight.data.prefetch). Off unless a source opts in: grpo samples each batch with the current policy, so
+    # a batch built ahead would come from stale weights.
+    prefetch = False
 
     def next_batch(self) -> Batch:
         raise NotImplementedError

@@ -9,6 +9,7 @@ from typing import Callable, Protocol
 import numpy as np
 
 from overnight.backend import Batch, OutOfMemory, objectives
+from overnight.data.prefetch import Prefetched, prefetching
 from overnight.data.source import BatchSource
 from overnight.distributed import Solo, agreed_flag, agreed_signal, step_batches
 from overnight.errors import TrainingError
@@ -83,7 +84,23 @@ def train(cfg, backend, source: BatchSource, validator, effects: Effects, *, res
     step (overnight.runs.supervise): that step starts with the micro-batch split at least that many ways.
 
     One function on purpose (nanoGPT's shape): the order of train, record, stop, eval, save and stop again is the
-    contract that makes a resumed run identical to an uninterrupted one, and it is easiest to check read at once."""
+    contract that makes a resumed run identical to an uninterrupted one, and it is easiest to check read at once
+    (_loop; this wrapper only owns the data thread)."""
+    # The next step's micro-batches are built on a thread while this one trains (a source that allows it: not grpo,
+    # whose batches need the current weights), so a fast device never waits for tokenizing. The same batches in the
+    # same order; checkpoints record the position after the last batch the loop took. The thread ends however the
+    # loop ends: finished, a signal, an exception.
+    feed = prefetching(source, max(2, cfg.train.grad_accumulation * world.size))
+    try:
+        return _loop(cfg, backend, feed, validator, effects, resume_state=resume_state, interrupted=interrupted,
+                     world=world, split_at=split_at)
+    finally:
+        if isinstance(feed, Prefetched):
+            feed.stop()
+
+
+def _loop(cfg, backend, source: BatchSource, validator, effects: Effects, *, resume_state: dict | None,
+          interrupted: Callable[[], int | None], world, split_at: tuple[int, int] | None) -> Outcome:
     t, say = cfg.train, effects.say
     stopper, best = EarlyStopping(cfg.early_stopping, stuck_rule=not source.scores_own_steps), BestTracker()
     step, tokens_seen, elapsed, owed = 0, 0, 0.0, None

@@ -1,0 +1,369 @@
+"""The CUDA path measured in one go (run it through bench/gpu.sh, which makes overnight and any carried wheels
+importable first). Every step writes its figures to files and a failed step is recorded, never the end of the
+script:
+
+  env         device, versions, the device's bf16 peak (its data sheet's dense figure) and a measured matmul rate
+  cuda_tests  `pytest -m cuda` (the dry run only collects them)
+  smollm2     the torch pair of bench/run.py (overnight vs HF Trainer + PEFT + bitsandbytes, QLoRA nf4, bf16) on
+              SmolLM2-135M: the real folder where one is found (--smollm2 or overnight's model cache), else random
+              weights of its shape (said so in the result)
+  llama8b_*   the same pair on a Llama-3-8B-width model with random bf16 weights built here (no download) and
+              fewer blocks than 32 (--blocks: said so), batch x seq 8 x 2048 and 16 x 1024; at 8 x 2048 also
+              overnight with train.deterministic=false (what the global deterministic mode costs)
+  resume      a 4-bit run SIGKILLed and continued with --auto-resume, losses exact (tests/test_faults.py's case)
+  mlx_tests   the mlx backend's tests on this GPU, where mlx with its CUDA backend imports (else skipped, said so)
+
+tokens/s: non-padding input tokens per second of the steady steps. MFU = tokens/s x bench/flops.py's
+mfu_flops_per_token (4 x linear parameters for a frozen base, plus attention) / the device's bf16 peak.
+`--dry-run` runs every step on CPU at tiny sizes into a temp folder (CI runs it, so the script cannot rot).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+sys.path.insert(0, str(BENCH))
+
+import flops  # noqa: E402
+import memory  # noqa: E402
+import run as pairs  # noqa: E402
+
+# Dense bf16 tensor-core TFLOP/s from the vendors' data sheets (no sparsity), matched in this order on the name.
+BF16_PEAK_TFLOPS = [("H200", 989.0), ("H100 NVL", 835.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("GH200", 989.0),
+                    ("B200", 2250.0), ("A100", 312.0), ("L40S", 362.0), ("L4", 121.0), ("A10G", 70.0),
+                    ("RTX 4090", 165.0), ("RTX 6000 Ada", 364.0)]
+ALL_LINEAR = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+LLAMA8B = dict(vocab=128256, hidden=4096, heads=32, kv_heads=8, intermediate=14336)  # Llama-3.1-8B's widths
+SMOLLM2 = dict(vocab=49152, hidden=576, layers=30, heads=9, kv_heads=3, intermediate=1536)
+WORDS = ("the river runs past old stone bridges while birds call over quiet fields and a slow wind moves the "
+         "grass near small houses where people cook bread and talk about weather markets music and long roads").split()
+
+# The full run's sizes and each step's budget in seconds (all together under 8 minutes on an H100); the dry run's.
+FULL = dict(shapes=[(8, 2048), (16, 1024)], steps=12, warmup=4, blocks=4, rank=16,
+            budget=dict(env=30, cuda_tests=120, smollm2=75, build=45, llama8b_8x2048=95, llama8b_8x2048_det_off=50,
+                        llama8b_16x1024=85, resume=90, mlx_tests=60))
+# The dry run checks that every step still runs, at the least cost: one shape (the second runs the same code), the
+# smollm2 step only finds its model (its pair is the same code as llama8b_*), the GPU tests only collected.
+DRY = dict(shapes=[(2, 64)], steps=3, warmup=1, blocks=2, rank=4,
+           budget=dict(env=20, cuda_tests=60, smollm2=30, build=30, llama8b_2x64=120, llama8b_2x64_det_off=60,
+                       resume=30, mlx_tests=10))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dry-run", action="store_true", help="every step on CPU at tiny sizes, into a temp folder")
+    p.add_argument("--out", help="result path without extension (default bench/results/<gpu>; dry run: a temp folder)")
+    p.add_argument("--smollm2", help="a SmolLM2-135M Hugging Face folder (default: overnight's model cache)")
+    p.add_argument("--blocks", type=int, help="blocks of the 8B-width model (32 in the real one)")
+    p.add_argument("--steps", type=int, help="optimizer steps per run (warm-up included)")
+    p.add_argument("--only", help="comma list of steps to run (env always runs)")
+    args = p.parse_args(argv)
+    sizes = dict(DRY if args.dry_run else FULL)
+    sizes["blocks"] = args.blocks or sizes["blocks"]
+    sizes["steps"] = args.steps or sizes["steps"]
+    work = Path(tempfile.mkdtemp(prefix="overnight-gpu-"))
+    env = env_step(args.dry_run)
+    out = Path(args.out) if args.out else (Path(tempfile.mkdtemp(prefix="overnight-gpu-dry-")) / "gpu" if args.dry_run
+                                           else ROOT / "bench" / "results" / slug(env["device"]))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result = {"dry_run": args.dry_run, "env": env, "sizes": {k: v for k, v in sizes.items() if k != "budget"},
+              "flop_count": " ".join(flops.mfu_flops_per_token.__doc__.split("LoRA step on a frozen base: ")[1].split()),
+              "steps": {}, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    only = set(args.only.split(",")) if args.only else None
+    try:
+        for name, fn in planned_steps(args, sizes, work, out, env):
+            if only and not any(name.startswith(o) for o in only):
+                continue
+            budget = sizes["budget"].get(name, 120)
+            t0 = time.monotonic()
+            print(f"== {name} (budget {budget} s)", flush=True)
+            try:
+                record = fn(budget) or {}
+                record.setdefault("ok", True)
+            except Exception as exc:  # noqa: BLE001 - a failed step is a figure too; the next one still runs
+                record = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[-4000:],
+                          "traceback": traceback.format_exc()[-4000:]}
+            record["seconds"] = round(time.monotonic() - t0, 1)
+            result["steps"][name] = record
+            print(f"   {name}: {'ok' if record['ok'] else 'FAILED'} in {record['seconds']} s"
+                  + (f" ({record.get('note')})" if record.get("note") else "")
+                  + ("" if record["ok"] else f"\n   {record['error'][-600:]}"), flush=True)
+            write(result, out)  # after every step: a run cut short still leaves what it measured
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    result["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    write(result, out)
+    print(out.with_suffix(".md").read_text())
+    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
+    return 0 if all(s["ok"] for s in result["steps"].values()) else 1
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "device"
+
+
+# ----------------------------------------------------------------------------------------------------- steps
+
+
+def env_step(dry_run: bool) -> dict:
+    import torch
+
+    cuda = torch.cuda.is_available() and not dry_run
+    device = torch.cuda.get_device_name() if cuda else f"cpu ({platform.processor() or platform.machine()})"
+    spec = next((peak for name, peak in BF16_PEAK_TFLOPS if name in device), None) if cuda else None
+    return {"device": device, "cuda": cuda, "machine": pairs.machine(), "bf16_peak_tflops_spec": spec,
+            "matmul_tflops_measured": matmul_tflops(torch, cuda), "torch_cuda": torch.version.cuda,
+            "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF")}
+
+
+def matmul_tflops(torch, cuda: bool) -> float:
+    """A large square matmul's rate in the compute dtype (bf16 on CUDA, fp32 on CPU): what this device delivers."""
+    n, reps = (8192, 10) if cuda else (256, 3)
+    dtype, dev = (torch.bfloat16, "cuda") if cuda else (torch.float32, "cpu")
+    a, b = torch.randn(n, n, dtype=dtype, device=dev), torch.randn(n, n, dtype=dtype, device=dev)
+    for _ in range(2):
+        a @ b
+    if cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    if cuda:
+        torch.cuda.synchronize()
+    return 2 * n ** 3 * reps / (time.perf_counter() - t0) / 1e12
+
+
+def planned_steps(args, sizes: dict, work: Path, out: Path, env: dict):
+    dry = args.dry_run
+    models = work / "models"
+    data = {}
+
+    def data_for(seq: int) -> Path:
+        if seq not in data:
+            data[seq] = long_rows(work / f"data-{seq}", rows=sizes["steps"] * max(b for b, _ in sizes["shapes"]) + 8,
+                                  words=int(seq * 1.3))
+        return data[seq]
+
+    # The dry run collects only the files that hold cuda tests (collecting the whole suite imports it all: ~20 s).
+    where = sorted(str(f.relative_to(ROOT)) for f in (ROOT / "tests").glob("test_*.py")
+                   if "mark.cuda" in f.read_text()) if dry else ["tests/"]
+    yield "cuda_tests", lambda budget: pytest_step(["-m", "cuda", *where] + (["--collect-only"] if dry else []),
+                                                   budget, work / "cuda-tests.xml", collect_only=dry)
+
+    def smollm2(budget):
+        seq_b, seq = sizes["shapes"][0]
+        folder, note = smollm2_folder(args, models, dry, seq)
+        if dry:
+            return {"model": str(folder), "model_note": note, "skipped": True,
+                    "note": "dry run: the model found; its pair is the code the llama8b step runs"}
+        figures = pair(folder, data_for(seq), seq_b, seq, sizes, budget, out, "smollm2", env)
+        return {**figures, "model_note": note}
+
+    yield "smollm2", smollm2
+    big = {}
+
+    def build(budget):
+        shape = dict(LLAMA8B, layers=sizes["blocks"])
+        if dry:  # the same builder and config edits at a size a CPU trains in seconds
+            shape = dict(vocab=1024, hidden=64, layers=sizes["blocks"], heads=4, kv_heads=2, intermediate=128)
+        folder = random_model(models / "llama8b", shape, max(s for _, s in sizes["shapes"]))
+        big["folder"] = folder
+        return {"model": str(folder), "shape": shape, "note": f"Llama-3.1-8B widths with random bf16 weights, "
+                f"{sizes['blocks']} of its 32 blocks (time), the tiny model's tokenizer" if not dry else
+                "dry run: a small Llama shape with random weights"}
+
+    yield "build", build
+    for i, (batch, seq) in enumerate(sizes["shapes"]):
+        name = f"llama8b_{batch}x{seq}"
+        yield name, (lambda budget, b=batch, s=seq, n=name: pair(big["folder"], data_for(s), b, s, sizes, budget, out,
+                                                                n, env))
+        if i == 0:
+            yield name + "_det_off", (lambda budget, b=batch, s=seq: overnight_only(
+                big["folder"], data_for(s), b, s, sizes, budget, work, env, ["train.deterministic=false"]))
+    yield "resume", lambda budget: pytest_step(
+        ["tests/test_faults.py", "-k", "qlora_kill_after_an_eval_before_the_next_checkpoint_is_exact and torch"]
+        + (["--collect-only"] if dry else []), budget, work / "resume.xml", collect_only=dry)
+    yield "mlx_tests", lambda budget: mlx_step(dry, budget, work)
+
+
+def smollm2_folder(args, models: Path, dry: bool, seq: int) -> tuple[Path, str]:
+    """The real SmolLM2-135M where one is here (it cannot be downloaded on a GPU box), else its shape with random
+    weights; the dry run a tiny one."""
+    if dry:
+        return random_model(models / "smollm2", dict(SMOLLM2, vocab=1024, hidden=64, layers=2, heads=4, kv_heads=2,
+                                                     intermediate=128), seq), "dry run: a tiny model"
+    candidates = [Path(args.smollm2)] if args.smollm2 else sorted(
+        (Path.home() / ".cache" / "overnight" / "models").glob("smollm2-135m*"))
+    for folder in candidates:
+        if (folder / "config.json").is_file():
+            return folder, f"SmolLM2-135M-Instruct from {folder}"
+    return (random_model(models / "smollm2", SMOLLM2, seq),
+            "SmolLM2-135M's shape with random bf16 weights (no SmolLM2 folder on this machine) and the tiny "
+            "model's tokenizer")
+
+
+def random_model(folder: Path, shape: dict, seq: int) -> Path:
+    """bench/memory.py's random bf16 Llama, with room for ``seq`` positions."""
+    memory.build_model(folder, shards=max(1, shape["layers"] // 4), **shape)
+    config = json.loads((folder / "config.json").read_text())
+    config["max_position_embeddings"] = max(config.get("max_position_embeddings", 0), seq)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    return folder
+
+
+def long_rows(folder: Path, rows: int, words: int) -> Path:
+    """text rows of ``words`` words each: every row fills max_seq_length (cut to it), so a batch is batch x seq."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(0)
+    for name, count in (("train.jsonl", rows), ("val.jsonl", 4)):
+        with open(folder / name, "w") as f:
+            for _ in range(count):
+                f.write(json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(words))}) + "\n")
+    return folder
+
+
+def pair_argv(model: Path, data: Path, batch: int, seq: int, sizes: dict, budget: int, out: Path) -> list[str]:
+    return ["--model", str(model), "--data", str(data), "--backends", "torch", "--bits", "4",
+            "--steps", str(sizes["steps"]), "--warmup", str(sizes["warmup"]), "--rounds", "1",
+            "--batch-size", str(batch), "--seq", str(seq), "--rank", str(sizes["rank"]),
+            "--alpha", str(2 * sizes["rank"]), "--layers", "-1", "--targets", ALL_LINEAR,
+            "--overnight-set", "eval.max_batches=1", "--overnight-set", "eval.predictions=0",
+            "--timeout", str(max(10, budget // 2)), "--out", str(out)]
+
+
+def pair(model: Path, data: Path, batch: int, seq: int, sizes: dict, budget: int, out: Path, name: str,
+         env: dict) -> dict:
+    """bench/run.py's torch pair at this shape, its result beside ours (OUT-NAME.json/.md), and the GPU figures."""
+    target = out.parent / f"{out.name}-{name}"
+    code = pairs.main(pair_argv(model, data, batch, seq, sizes, budget, target))
+    if code != 0:
+        raise RuntimeError(f"bench/run.py exited {code}")
+    result = json.loads(target.with_suffix(".json").read_text())
+    setting = result["settings"][0]
+    config = json.loads((model / "config.json").read_text())
+    figures = {"model": str(model), "batch": batch, "seq": seq, "result": str(target.with_suffix(".json")),
+               "same_data_first_loss_rel_diff": setting["same_data_first_loss_rel_diff"],
+               "speedup_tokens_per_s": setting["speedup_steps_per_s"],
+               "peak_gpu_ratio": setting.get("peak_gpu_ratio"), "sides": {}}
+    for side, entry in setting["sides"].items():
+        figures["sides"][side] = side_figures(entry["input_tokens_per_s"], entry.get("peak_gpu_mb"), config, seq, env)
+    return figures
+
+
+def side_figures(tokens_per_s: float, peak_gpu_mb: float | None, config: dict, seq: int, env: dict) -> dict:
+    achieved = tokens_per_s * flops.mfu_flops_per_token(config, seq) / 1e12
+    spec, measured = env["bf16_peak_tflops_spec"], env["matmul_tflops_measured"]
+    return {"tokens_per_s": tokens_per_s, "peak_gpu_mb": peak_gpu_mb, "achieved_tflops": achieved,
+            "mfu": achieved / spec if spec else None, "of_measured_matmul": achieved / measured}
+
+
+def overnight_only(model: Path, data: Path, batch: int, seq: int, sizes: dict, budget: int, work: Path, env: dict,
+                   sets: list[str]) -> dict:
+    """overnight's side alone with extra --sets, on the same batches as the pair at this shape."""
+    argv = pair_argv(model, data, batch, seq, sizes, budget, work / "unused")
+    for kv in sets:
+        argv += ["--overnight-set", kv]
+    args = pairs.parse_args(argv)
+    tokens = pairs.make_batches(args, work / f"batches-{batch}x{seq}.npz")
+    spec = dict(pairs.base_spec(args, work / f"batches-{batch}x{seq}.npz"), side="overnight", backend="torch", bits=4,
+                tag=f"only-{batch}x{seq}", out_dir=str(work / f"only-{batch}x{seq}"))
+    r = pairs.run_one(spec, work, args.timeout)
+    tokens_per_s = pairs.steady(r, args.warmup) * tokens["input_tokens_per_step"]
+    config = json.loads((model / "config.json").read_text())
+    return {"sets": sets, "batch": batch, "seq": seq,
+            **side_figures(tokens_per_s, r.get("peak_gpu_mb"), config, seq, env)}
+
+
+def pytest_step(pytest_args: list[str], budget: int, junit: Path, collect_only: bool = False) -> dict:
+    # pyproject's addopts deselect `cuda`; a later -m (the cuda step's) takes its place.
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *pytest_args,
+           f"--junitxml={junit}"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=budget)
+    tail = (proc.stdout + proc.stderr)[-3000:]
+    counts = {k: int(v) for v, k in re.findall(r"(\d+) (passed|failed|skipped|errors?|deselected)", tail)}
+    if collect_only:
+        collected = len([line for line in proc.stdout.splitlines() if "::" in line])
+        return {"ok": proc.returncode == 0 and collected > 0, "collected": collected, "exit": proc.returncode,
+                "note": "dry run: collected, not run", "tail": tail[-800:]}
+    return {"ok": proc.returncode == 0 and counts.get("passed", 0) > 0 and not counts.get("failed"), **counts,
+            "exit": proc.returncode, "tail": tail[-1500:]}
+
+
+def mlx_step(dry: bool, budget: int, work: Path) -> dict:
+    if dry:
+        return {"ok": True, "skipped": True, "note": "dry run: mlx's tests run on CPU in the normal suite"}
+    probe = subprocess.run([sys.executable, "-c", "import mlx.core as mx; print(mx.default_device())"],
+                           capture_output=True, text=True, timeout=60)
+    if probe.returncode != 0 or "gpu" not in probe.stdout.lower():
+        return {"ok": True, "skipped": True,
+                "note": "mlx with its CUDA backend is not importable here (bring an mlx[cuda] wheel in .whl)",
+                "probe": (probe.stdout + probe.stderr)[-500:]}
+    return pytest_step(["tests/test_mlx_backend.py", "-x"], budget, work / "mlx.xml")
+
+
+# ---------------------------------------------------------------------------------------------------- output
+
+
+def write(result: dict, out: Path) -> None:
+    out.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str))
+    out.with_suffix(".md").write_text(markdown(result))
+
+
+def markdown(result: dict) -> str:
+    env = result["env"]
+    spec = env["bf16_peak_tflops_spec"]
+    lines = [f"# bench/gpu.sh{' --dry-run' if result['dry_run'] else ''}: {env['device']}", "",
+             f"torch CUDA {env['torch_cuda']}; bf16 peak {spec or 'unknown'} TFLOP/s (data sheet, dense); a "
+             f"measured matmul {env['matmul_tflops_measured']:.3g} TFLOP/s. Versions: "
+             + ", ".join(f"{k} {v}" for k, v in env["machine"]["versions"].items()) + ".",
+             f"MFU counts {result['flop_count']}", "",
+             "| step | ok | s | figures |", "| --- | --- | ---: | --- |"]
+    for name, s in result["steps"].items():
+        lines.append(f"| {name} | {'yes' if s['ok'] else '**FAILED**'} | {s['seconds']} | {summary(s)} |")
+    table = [(name, s) for name, s in result["steps"].items() if s.get("sides")]
+    if table:
+        lines += ["", "| model | batch x seq | trainer | tokens/s | peak GPU MB | MFU | overnight / HF tokens/s | "
+                  "peak GPU ratio |", "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+        for name, s in table:
+            for side, f in s["sides"].items():
+                ours = side == "overnight"
+                lines.append(
+                    f"| {name} | {s['batch']} x {s['seq']} | {'overnight' if ours else 'HF Trainer + PEFT + bnb'} | "
+                    f"{f['tokens_per_s']:.0f} | {fmt(f['peak_gpu_mb'], '.0f')} | {fmt(f['mfu'], '.1%')} | "
+                    f"{fmt(s['speedup_tokens_per_s'], '.2f') + 'x' if ours else ''} | "
+                    f"{fmt(s['peak_gpu_ratio'], '.2f') if ours else ''} |")
+    return "\n".join(lines) + "\n"
+
+
+def fmt(value, spec: str) -> str:
+    return "" if value is None else format(value, spec)
+
+
+def summary(s: dict) -> str:
+    if not s["ok"]:
+        return s.get("error", "")[-200:].replace("|", "/").replace("\n", " ")
+    if "sides" in s:
+        ours = s["sides"]["overnight"]
+        return (f"overnight {ours['tokens_per_s']:.0f} tok/s, {s['speedup_tokens_per_s']:.2f}x HF; "
+                f"{s.get('model_note', '')}").strip("; ")
+    if "tokens_per_s" in s:
+        return f"overnight with {' '.join(s['sets'])}: {s['tokens_per_s']:.0f} tok/s"
+    counts = ", ".join(f"{k} {s[k]}" for k in ("collected", "passed", "failed") if k in s)
+    return "; ".join(part for part in (counts, s.get("note", "")) if part)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
