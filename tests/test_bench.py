@@ -62,12 +62,18 @@ def test_bench_writes_json_and_markdown_with_ratios(tiny_model_dir, tmp_path):
     assert out.with_suffix(".md").read_text() == table
 
 
-def test_flop_ceiling_counts_the_head_and_the_backward_depth():
+def _bench_flops():
+    """bench/flops.py (bench/ is scripts, not a package)."""
     sys.path.insert(0, str(ROOT / "bench"))
     try:
-        from flops import per_token
+        import flops
     finally:
         sys.path.pop(0)
+    return flops
+
+
+def test_flop_ceiling_counts_the_head_and_the_backward_depth():
+    per_token = _bench_flops().per_token
     config = {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
               "num_key_value_heads": 3, "vocab_size": 49152}
     # Every position a target and LoRA on every block: overnight does exactly the reference's matmuls.
@@ -104,11 +110,7 @@ def test_gpu_script_dry_run_writes_every_step_with_numbers(tmp_path):
 
 
 def test_mfu_counts_four_times_the_linear_parameters_plus_attention():
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        from flops import mfu_flops_per_token
-    finally:
-        sys.path.pop(0)
+    mfu_flops_per_token = _bench_flops().mfu_flops_per_token
     llama8b = {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
                "num_key_value_heads": 8, "vocab_size": 128256}
     # Llama-3.1-8B: 8.03B parameters, of which 7.50B in linear layers (the 0.53B embedding is a lookup).
