@@ -10,11 +10,11 @@ import numpy as np
 import torch
 
 from overnight.backend import OutOfMemory
-from overnight.backend.adapter_formats import MLX_HEAD_WEIGHTS
+from overnight.backend.adapter_formats import convert_adapter
 from overnight.backends import noise
 from overnight.backends.torch_backend import _is_oom
 from overnight.config import ConfigError
-from overnight.methods.reward_model import ADAPTER_CONFIG, HEAD, MLX_ADAPTER_WEIGHTS
+from overnight.errors import UsageError
 
 
 class TorchRewardScorer:
@@ -43,38 +43,24 @@ class TorchRewardScorer:
 
 
 def _with_mlx_adapter(model, adapter_dir: Path, spec: str):
-    """An mlx reward run's adapter (mlx-lm's layout: <module>.lora_a (in, r), lora_b (r, out), scale in
-    adapter_config.json; the head as score.weight in score_head.safetensors) as the PEFT SEQ_CLS model it stands for:
-    LoRA on exactly those modules with lora_alpha = scale * r, the head in modules_to_save."""
-    import json
+    """An mlx reward run's adapter as the PEFT SEQ_CLS model it stands for: converted by `overnight
+    convert-adapter`'s own code (exact both ways, tested there) into a temporary folder, then loaded as any PEFT
+    reward adapter is."""
+    import shutil
+    import tempfile
 
-    from peft import LoraConfig, TaskType, get_peft_model, set_peft_model_state_dict
-    from safetensors.torch import load_file
+    from peft import PeftModel
 
-    config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text(encoding="utf-8"))
-    if config.get("fine_tune_type", "lora") != "lora":
-        raise ConfigError(f"config key 'grpo.rewards': {spec}: {adapter_dir}: fine_tune_type "
-                          f"{config.get('fine_tune_type')!r}; plain LoRA only")
-    tensors = load_file(str(adapter_dir / MLX_ADAPTER_WEIGHTS))
-    state = {"base_model.model.score.weight": load_file(str(adapter_dir / MLX_HEAD_WEIGHTS))[HEAD]}
-    modules, rank = set(), None
-    for key, value in tensors.items():
-        module, _, kind = key.rpartition(".")
-        if kind not in ("lora_a", "lora_b"):
-            raise ConfigError(f"config key 'grpo.rewards': {spec}: {adapter_dir / MLX_ADAPTER_WEIGHTS} holds {key}, "
-                              "which is not a LoRA weight")
-        modules.add(module)
-        rank = value.shape[1] if kind == "lora_a" else rank
-        state[f"base_model.model.{module}.{'lora_A' if kind == 'lora_a' else 'lora_B'}.weight"] = value.T.contiguous()
-    scale = float((config.get("lora_parameters") or {}).get("scale", 20.0))  # mlx-lm's default
-    peft_model = get_peft_model(model, LoraConfig(
-        task_type=TaskType.SEQ_CLS, r=int(rank), lora_alpha=scale * int(rank), lora_dropout=0.0,
-        target_modules=sorted(modules), modules_to_save=["score"]))
-    result = set_peft_model_state_dict(peft_model, state)
-    missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k or "modules_to_save" in k]
-    if missing:
-        raise ConfigError(f"config key 'grpo.rewards': {spec}: {adapter_dir} leaves {missing[0]} unset")
-    return peft_model
+    scratch = Path(tempfile.mkdtemp(prefix="overnight-reward-adapter-"))
+    try:
+        try:
+            converted = convert_adapter(adapter_dir, "peft", scratch / "adapter", say=lambda _line: None)
+        except (UsageError, ConfigError, ValueError, KeyError) as exc:
+            raise ConfigError(f"config key 'grpo.rewards': {spec}: {adapter_dir}: not a reward adapter overnight can "
+                              f"read ({exc})") from None
+        return PeftModel.from_pretrained(model, str(converted), is_trainable=False)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def load_scorer(backend, model_dir: Path, adapter_dir: Path | None, adapter_format: str | None, dtype: str,
