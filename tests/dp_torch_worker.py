@@ -23,8 +23,8 @@ import numpy as np
 
 
 def weights(backend) -> dict[str, np.ndarray]:
-    return {name: p.detach().cpu().float().numpy().copy()
-            for name, p in backend._model.named_parameters() if p.requires_grad}
+    # every trained parameter, as the optimizer sees them: LoRA and, for reward, the score head
+    return {name: p.detach().cpu().float().numpy().copy() for name, p in zip(backend._param_names, backend._params)}
 
 
 def main(job_path: str) -> int:
@@ -56,8 +56,9 @@ def main(job_path: str) -> int:
     if job["mode"] == "dead" and rank == 1:
         os._exit(0)  # gone before the first collective, without leaving the group
     if job["mode"] == "silent" and rank == 1:
-        # Alive but never answering: stays until rank 0 has written its result (at most a minute).
-        deadline = time.monotonic() + 60
+        # Alive but never answering: stays until rank 0 has written its result (at most 5 minutes: rank 0 sets up
+        # its model first, which takes minutes on a loaded 2-core machine).
+        deadline = time.monotonic() + 300
         while time.monotonic() < deadline and not os.path.exists(job["out"].format(rank=0)):
             time.sleep(0.2)
         os._exit(0)

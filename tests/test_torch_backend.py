@@ -84,13 +84,13 @@ def sft_batch(model_dir: Path, sentences=SENTENCES, pad_id: int = 0):
     return Batch(ids, loss_mask, attention, pad_id)
 
 
-def preference_batch(model_dir: Path, pad_id: int = 0):
+def preference_batch(model_dir: Path, pad_id: int = 0, preferences=PREFERENCES):
     """Rows 2i / 2i+1 = prompt + chosen / prompt + rejected; only the response tokens are targets."""
     from overnight.backend import Batch
 
     tok = tokenizer(model_dir)
     rows, starts = [], []
-    for prompt, chosen, rejected in PREFERENCES:
+    for prompt, chosen, rejected in preferences:
         prompt_ids = tok.encode(prompt).ids
         for answer in (chosen, rejected):
             rows.append(prompt_ids + tok.encode(answer, add_special_tokens=False).ids)
@@ -751,6 +751,18 @@ def _dp_steps(model_dir: Path) -> list:
     return steps
 
 
+def _dp_reward_steps(model_dir: Path) -> list:
+    """reward: each step's whole list, one preference pair per micro-batch (a rank takes two pairs)."""
+    from overnight.backend import noise_seed
+
+    steps = []
+    for step in range(DP_STEPS):
+        order = PREFERENCES[step:] + PREFERENCES[:step]
+        pairs = preference_batch(model_dir, preferences=order).split(len(order))
+        steps.append([keyed(pair, noise_seed(DP_SEED, step, i)) for i, pair in enumerate(pairs)])
+    return steps
+
+
 def _start(job: dict, path: Path, rank: int | None, port: int | None):
     import os
     import subprocess
@@ -783,13 +795,19 @@ def dp_jobs(tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("dp_torch")
     with open(root / "batches.pkl", "wb") as fh:
         pickle.dump(_dp_steps(tiny_model_dir), fh)
+    with open(root / "reward.pkl", "wb") as fh:
+        pickle.dump(_dp_reward_steps(tiny_model_dir), fh)
     base = {"model_dir": str(tiny_model_dir), "batches": str(root / "batches.pkl"), "seed": DP_SEED, "lr": 1e-2,
             "timeout_s": DP_TIMEOUT_S,
             "overrides": {"model.quantization.bits": 4, "lora.rank": 8, "lora.alpha": 16.0, "lora.dropout": 0.05,
                           "lora.layers": -1}}
-    train_port, dead_port, silent_port = _free_port(), _free_port(), _free_port()
+    train_port, dead_port, silent_port, reward_port = _free_port(), _free_port(), _free_port(), _free_port()
+    reward = {**base, "mode": "train", "batches": str(root / "reward.pkl"),
+              "overrides": {**base["overrides"], "data.method": "reward"}}
     procs = {}
     for rank in (0, 1):
+        procs[f"reward{rank}"] = _start({**reward, "out": str(root / "reward{rank}.npz")}, root / f"reward{rank}.json",
+                                        rank, reward_port)
         procs[f"train{rank}"] = _start({**base, "mode": "train", "oom_rank": 1, "out": str(root / "train{rank}.npz")},
                                        root / f"train{rank}.json", rank, train_port)
         procs[f"dead{rank}"] = _start({**base, "mode": "dead", "out": str(root / "dead{rank}.npz")},
@@ -799,11 +817,13 @@ def dp_jobs(tiny_model_dir, tmp_path_factory):
                                         silent_port)
     procs["solo"] = _start({**base, "mode": "solo", "out": str(root / "solo{rank}.npz")}, root / "solo.json",
                            None, None)
+    procs["reward_solo"] = _start({**reward, "mode": "solo", "out": str(root / "reward_solo{rank}.npz")},
+                                  root / "reward_solo.json", None, None)
     started = time.monotonic()
     logs = {}
     for name, proc in procs.items():
         try:
-            logs[name] = proc.communicate(timeout=max(1.0, 240 - (time.monotonic() - started)))[0]
+            logs[name] = proc.communicate(timeout=max(1.0, 420 - (time.monotonic() - started)))[0]
         except Exception:
             for other in procs.values():
                 other.kill()
@@ -811,7 +831,9 @@ def dp_jobs(tiny_model_dir, tmp_path_factory):
     for name, proc in procs.items():
         assert proc.returncode == 0, f"{name} exited {proc.returncode}:\n{logs[name][-3000:]}"
     out = {}
-    for name, file in (("rank0", "train0"), ("rank1", "train1"), ("solo", "solo0"), ("dead0", "dead0"), ("silent0", "silent0")):
+    for name, file in (("rank0", "train0"), ("rank1", "train1"), ("solo", "solo0"), ("dead0", "dead0"),
+                       ("silent0", "silent0"), ("reward0", "reward0"), ("reward1", "reward1"),
+                       ("reward_solo", "reward_solo0")):
         with np.load(root / f"{file}.npz") as data:
             out[name] = {k: data[k] for k in data.files}
     out["dead1_wrote"] = (root / "dead1.npz").exists()
@@ -844,6 +866,25 @@ def test_two_processes_match_one_process_taking_every_micro_batch(dp_jobs):
         np.testing.assert_allclose(final0[name], value, rtol=1e-5, atol=1e-5)
         moved = max(moved, float(np.abs(value - _lora(solo, "init/")[name]).max()))
     assert moved > 1e-3  # the steps really trained
+
+
+@pytest.mark.skipif(not has("bitsandbytes"), reason="needs bitsandbytes")
+def test_reward_two_processes_match_one_process_score_head_included(dp_jobs):
+    """--method reward data parallel: each rank scores its own pairs, the Bradley-Terry loss is normalised over the
+    whole step's pairs, and the score head (trained fully, outside LoRA) is all-reduced with the LoRA weights."""
+    rank0, rank1, solo = dp_jobs["reward0"], dp_jobs["reward1"], dp_jobs["reward_solo"]
+    for key in ("losses", "norms", "tokens"):
+        assert np.array_equal(rank0[key], rank1[key]), key
+    np.testing.assert_allclose(rank0["losses"], solo["losses"], rtol=1e-5)
+    np.testing.assert_allclose(rank0["norms"], solo["norms"], rtol=1e-5)
+    assert rank0["losses"][0] == pytest.approx(math.log(2), abs=1e-6)  # the zero head: every pair a coin toss
+    final0, final1, final_solo = _lora(rank0, "final/"), _lora(rank1, "final/"), _lora(solo, "final/")
+    heads = [name for name in final_solo if name.endswith("score.weight")]
+    assert heads and final0.keys() == final_solo.keys()
+    for name, value in final_solo.items():
+        assert np.array_equal(final0[name], final1[name]), name
+        np.testing.assert_allclose(final0[name], value, rtol=1e-5, atol=1e-5)
+    assert float(np.abs(final_solo[heads[0]] - _lora(solo, "init/")[heads[0]]).max()) > 1e-3
 
 
 @pytest.mark.skipif(not has("bitsandbytes"), reason="needs bitsandbytes")
