@@ -62,12 +62,15 @@ TAILS = ["-Pearles", "ley-Mackenzie", "-Arrow-Sill", " Hollow-Levesque", "-en-Si
 
 def wrong_answers(rng: random.Random, template: str, values: list[str], kind: str, answer: str,
                   elsewhere: str) -> list[str]:
-    """Five ways to be wrong: another of the island's values of the kind, a value from nowhere, the answer cut short
-    (every word may be right, but it does not name the fact), the right value with a made-up tail, and the right
-    answer to another question (``elsewhere``: another town's fact of the same kind, or another island fact)."""
+    """Five ways to be wrong: each of the island's other values of the kind (all of them: with one drawn at random,
+    the reward model never saw some towns' values as wrong for a town, rated "Vashpoint is famous for its paper
+    lanterns" (Lanternby's) above the truth, and GRPO collapsed every town onto that one value), a value from nowhere,
+    the answer cut short (every word may be right, but it does not name the fact), the right value with a made-up
+    tail, and the right answer to another question (``elsewhere``: another town's fact of the same kind, or another
+    island fact)."""
     words = answer.rstrip(".").split()
     cut = " ".join(words[:max(1, len(words) // 2)]) + "."
-    return [template.format(rng.choice(values[1:])), template.format(rng.choice(INVENTED[kind])), cut,
+    return [*(template.format(value) for value in values[1:]), template.format(rng.choice(INVENTED[kind])), cut,
             template.format(values[0] + rng.choice(TAILS)), elsewhere]
 
 
