@@ -150,7 +150,7 @@ def readme_rlhf_commands() -> list[list[str]]:
     return [shlex.split(line) for line in block.replace("\\\n", " ").splitlines() if line.strip()]
 
 
-@pytest.mark.soak  # ~25 min on 2 CPU cores: three real trainings of SmolLM2, beyond CI's budget
+@pytest.mark.soak  # ~50 min on 2 CPU cores: three real trainings of SmolLM2, beyond CI's budget
 @pytest.mark.realmodel
 @needs_torch
 @pytest.mark.torch
