@@ -315,8 +315,8 @@ def test_what_mlx_lm_cannot_hold_is_refused_by_name(peft_adapter, tmp_path):
 
 @pytest.fixture(scope="module")
 def peft_reward_adapter(tiny_model_dir, tmp_path_factory) -> Path:
-    """A reward adapter as PEFT itself writes one (SEQ_CLS: modules_to_save ["classifier", "score"], no pad id
-    recorded), random LoRA B and head."""
+    """A reward adapter as PEFT itself writes one (SEQ_CLS: modules_to_save ["classifier", "score"], and
+    "pre_classifier" since PEFT 0.22; no pad id recorded), random LoRA B and head."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForSequenceClassification

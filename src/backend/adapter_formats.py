@@ -231,9 +231,10 @@ def refuse_beyond_plain_lora(config: dict, where: Path, holder: str, purpose: st
                          f"bias='none' can {purpose}")
 
 
-# What PEFT puts in a SEQ_CLS adapter's modules_to_save on its own (it adds both names whatever the model calls
-# its head): only "score" is a decoder-only classifier's head, and only its weight may be in the file.
-_SEQ_CLS_MODULES = {"score", "classifier"}
+# What PEFT puts in a SEQ_CLS adapter's modules_to_save on its own (peft_model.CLASSIFIER_MODULE_NAMES, whatever the
+# model calls its head: "classifier" and "score" before PEFT 0.22, "pre_classifier" too since): only "score" is a
+# decoder-only classifier's head, and only its weight may be in the file.
+_SEQ_CLS_MODULES = {"score", "classifier", "pre_classifier"}
 
 
 @dataclass
