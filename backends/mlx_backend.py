@@ -430,6 +430,56 @@ def _patch_blocks(layers: list[nn.Module], grad_checkpoint: bool) -> None:
                     layer._overnight_dropouts.append(module.dropout)
 
 
+def _dora_layer_class():
+    """DoRA as overnight defines it (src/backend/lora_init.py, DORA: PEFT's), on mlx-lm's DoRALinear: the same
+    parameters (lora_a, lora_b, m) under the same names, so a saved adapter is mlx-lm's own and mlx_lm.load reads it,
+    and its fuse() is mlx-lm's. Only the training forward differs: mlx-lm's rescales the undropped base output, PEFT's
+    (this one) takes the base term's rescaling from the dropped input too. With dropout off both are
+    g * (W x + s B A x) + b. Built on first use, so importing this module does not import mlx-lm's tuner."""
+    global _DORA_LAYER
+    if _DORA_LAYER is not None:
+        return _DORA_LAYER
+    from mlx_lm.tuner.dora import DoRALinear
+
+    class PeftDoRALinear(DoRALinear):
+        def __call__(self, x):
+            base = self.linear(x)  # the quantized matmul on a 4-bit base, the bias included
+            if not self.scale:  # scale 0 is how the backend turns adapters off (_lora_off): the base alone
+                return base
+            weight = self._dequantized_weight().astype(mx.float32)
+            # The norm in float32 with its gradient stopped, as PEFT's (A and B detached in it too).
+            norm = mx.stop_gradient(mx.linalg.norm(weight + (self.scale * self.lora_b.T) @ self.lora_a.T, axis=1))
+            g = self.m / norm
+            dropped = self.dropout(x)
+            if dropped is x:  # no dropout (eval, or lora.dropout 0): W x is the base output without its bias
+                base_term = base - self.linear.bias if "bias" in self.linear else base
+            else:
+                base_term = dropped @ weight.T.astype(x.dtype)
+            lora = (dropped @ self.lora_a) @ self.lora_b
+            return base + ((g - 1.0) * base_term + g * (self.scale * lora)).astype(x.dtype)
+
+    _DORA_LAYER = PeftDoRALinear
+    return _DORA_LAYER
+
+
+_DORA_LAYER = None
+
+
+def _use_peft_dora(model: nn.Module) -> None:
+    """Give every DoRA layer linear_to_lora_layers made the PEFT forward (_dora_layer_class); DoRA on anything but a
+    linear layer (an embedding, stacked experts) is refused by name: PEFT's and mlx-lm's differ there, and
+    overnight defines only the linear one."""
+    from mlx_lm.tuner.dora import DoRALinear
+
+    layer_class = _dora_layer_class()
+    for name, module in model.named_modules():
+        if type(module) is DoRALinear:
+            module.__class__ = layer_class  # same parameters, same fuse(): only __call__ changes
+        elif "lora_a" in module and not isinstance(module, DoRALinear):
+            raise ConfigError(f"config key 'lora.use_dora': {name} ({type(module).__name__}) is not a linear layer, "
+                              "and overnight's DoRA covers linear layers only; take it out of lora.targets")
+
+
 def _init_lora_a(model: nn.Module, seed: int) -> None:
     """The framework-free initial lora_a (src/backend/lora_init.py), so torch and mlx start from the same adapter."""
     for name, module in model.named_modules():
@@ -451,6 +501,7 @@ def _step_seed(seed: int, step: int) -> int:
 class MLXBackend:
     name = "mlx"
     adapter_format = "mlx"  # what its adapter/ folders hold (src/backend/adapter_formats.py)
+    supports_dora = True  # lora.use_dora (src/backend/lora_init.py, DORA)
 
     def __init__(self) -> None:
         self.model: nn.Module | None = None
@@ -574,13 +625,21 @@ class MLXBackend:
             "keys": _lora_keys(list(model.layers), num_layers, list(cfg.lora.targets)),
         }
         model.freeze()
-        linear_to_lora_layers(model, num_layers, lora_parameters)
+        use_dora = bool(cfg.lora.use_dora)
+        try:
+            linear_to_lora_layers(model, num_layers, lora_parameters, use_dora=use_dora)
+        except ValueError as exc:  # mlx-lm's "SwitchLinear doesn't support DoRA yet."
+            if not use_dora:
+                raise
+            raise ConfigError(f"config key 'lora.use_dora': {exc} Take such layers out of lora.targets") from None
+        if use_dora:
+            _use_peft_dora(model)
         _init_lora_a(model, self.seed)
         _patch_blocks(list(model.layers), bool(cfg.model.grad_checkpoint))
         self._lora_modules = [m for _, m in model.named_modules()
                               if "lora_a" in m and isinstance(getattr(m, "scale", None), float)]
         self.adapter_config = {
-            "fine_tune_type": "lora",
+            "fine_tune_type": "dora" if use_dora else "lora",  # what mlx_lm.load reads to make DoRA layers
             "num_layers": num_layers,
             "lora_parameters": lora_parameters,
             "model": recorded_base(str(cfg.model.path)),
@@ -1037,7 +1096,8 @@ class MLXBackend:
         if path == MLX_SCORE_KEY:
             return PORTABLE_SCORE_KEY
         module, _, which = path.rpartition(".")
-        return lora_init.neutral_module_name(module) + (".A" if which == "lora_a" else ".B")
+        suffix = {"lora_a": ".A", "lora_b": ".B", "m": lora_init.MAGNITUDE_SUFFIX}[which]
+        return lora_init.neutral_module_name(module) + suffix
 
     def portable_state(self) -> PortableState:
         params = dict(tree_flatten(self.model.trainable_parameters()))
@@ -1117,7 +1177,8 @@ def _until_stop(row: np.ndarray, stop_ids: tuple[int, ...]) -> np.ndarray:
 
 def _neutral_layout(path: str, value: np.ndarray) -> np.ndarray:
     """A trainable array between mlx's layout and the neutral one (both ways: a transpose is its own inverse):
-    LoRA's lora_a/lora_b transposed, the reward score head (1, hidden) in both as it is."""
+    LoRA's lora_a/lora_b transposed, the reward score head (1, hidden) in both as it is, DoRA's magnitude (out,)
+    too (.T of a vector is the vector)."""
     return value if path == MLX_SCORE_KEY else value.T
 
 

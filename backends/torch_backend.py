@@ -130,6 +130,7 @@ def _bnb_version() -> str | None:
 class TorchBackend:
     name = "torch"
     adapter_format = "peft"  # what its adapter/ folders hold (src/backend/adapter_formats.py)
+    supports_dora = True  # lora.use_dora (src/backend/lora_init.py, DORA)
 
     def __init__(self) -> None:
         self._model = None
@@ -382,6 +383,7 @@ class TorchBackend:
             layers_to_transform=layers,
             bias="none",
             task_type="CAUSAL_LM",
+            use_dora=bool(lora.use_dora),  # PEFT's DoRA is the definition both backends compute (lora_init.DORA)
         )
         _seed_everything(seed)  # right before LoRA init, so the adapter's initial weights depend on the seed alone
         try:
@@ -1059,9 +1061,10 @@ class TorchBackend:
                 torch.cuda.set_rng_state(cuda_state, index)
 
     def _portable_keys(self) -> list[str]:
-        # PEFT's lora_A (r, in) and lora_B (out, r) are already the neutral layout: only the names change.
+        # PEFT's lora_A (r, in), lora_B (out, r) and DoRA's magnitude (out,) are already the neutral layout: only
+        # the names change.
         return [name if name == PORTABLE_SCORE_KEY else
-                lora_init.neutral_module_name(name.split(".lora_")[0]) + (".A" if ".lora_A." in name else ".B")
+                lora_init.neutral_module_name(name.split(".lora_")[0]) + _PORTABLE_SUFFIX[name.split(".lora_")[1][0]]
                 for name in self._param_names]
 
     def portable_state(self) -> PortableState:
@@ -1251,6 +1254,10 @@ def _first_line(exc: BaseException) -> str:
 
 def _oom_message(exc: BaseException) -> str:
     return _first_line(exc) if str(exc).strip() else "CUDA out of memory"
+
+
+# What follows ".lora_" in a PEFT parameter's name (lora_A, lora_B, lora_magnitude_vector) -> its portable suffix.
+_PORTABLE_SUFFIX = {"A": ".A", "B": ".B", "m": lora_init.MAGNITUDE_SUFFIX}
 
 
 def _lora_capable_paths(model) -> list[str]:

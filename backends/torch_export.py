@@ -18,8 +18,9 @@ The arithmetic is numpy's (bf16 as its bit pattern, rounded to nearest-even as t
 in a fraction of a second and holds no framework's memory; torch is imported only to read a pickled .bin shard.
 
 Every adapter tensor must land on a checkpoint tensor (never a silently unmerged weight), a merged value that is
-not finite in the stored dtype is refused (PEFT's safe_merge), and an adapter that is more than plain LoRA is
-refused by name.
+not finite in the stored dtype is refused (PEFT's safe_merge), and an adapter that is more than plain LoRA or DoRA
+is refused by name. DoRA merges as PEFT's merge does (src/backend/lora_init.py, DORA): the row norms of
+W + scale·B·A taken once, and the merged weight is (m / norm) · (W + scale·B·A), all in float32.
 
 A reward run's adapter (PEFT SEQ_CLS: LoRA + the score head) gives a sequence-classification folder on the same
 path: the LM head's tensors are left out as their shard is copied, the score head is written last into the last
@@ -39,8 +40,8 @@ from typing import Callable
 
 import numpy as np
 
-from overnight.backend.adapter_formats import CONFIG, PEFT_WEIGHTS, ScoreHead, Tensor, peft_score_head, \
-    read_safetensors, refuse_beyond_plain_lora
+from overnight.backend.adapter_formats import CONFIG, PEFT_MAGNITUDE, PEFT_WEIGHTS, ScoreHead, Tensor, \
+    peft_score_head, read_safetensors, refuse_beyond_plain_lora, split_magnitudes
 from overnight.commands.fuse import ExportRefused, copy_base_files, run_export_job, sequence_classifier_config
 from overnight.errors import UsageError
 
@@ -115,6 +116,7 @@ class LoraPair:
     b: np.ndarray  # float32 (out, r)
     scale: float
     merged: bool = False
+    magnitude: np.ndarray | None = None  # DoRA's m, float32 (out,)
 
 
 def read_adapter(adapter_dir: Path) -> dict[str, LoraPair]:
@@ -142,7 +144,9 @@ def _read_adapter(adapter_dir: Path, reward: bool, base: str | None = None
             head = peft_score_head(config, tensors, adapter_dir, base)
             if head is not None:  # the head is written whole beside the merged weights, not merged
                 config = {k: v for k, v in config.items() if k != "modules_to_save"}
-        refuse_beyond_plain_lora(config, config_path, "a plain LoRA merge", "be fused")
+        # A reward model's DoRA adapter is not one overnight trains (config.py refuses it): not covered here either.
+        refuse_beyond_plain_lora(config, config_path, "a plain LoRA merge", "be fused", dora_ok=not reward)
+        magnitudes = split_magnitudes(tensors, PEFT_MAGNITUDE, bool(config.get("use_dora")), weights_path)
     except (OSError, ValueError) as exc:
         raise ExportRefused(f"the adapter in {adapter_dir} cannot be read ({exc.__class__.__name__}: {exc})") from None
     except UsageError as exc:
@@ -169,6 +173,16 @@ def _read_adapter(adapter_dir: Path, reward: bool, base: str | None = None
         alpha = float(config.get("lora_alpha", 8))
         scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
         pairs[module] = LoraPair(module, a, b, scale)
+        if config.get("use_dora"):
+            magnitude = magnitudes.pop(module, None)
+            if magnitude is None or magnitude.array.shape != (b.shape[0],):
+                found = "none" if magnitude is None else list(magnitude.array.shape)
+                raise ExportRefused(f"{weights_path}: the DoRA module {module} needs a magnitude vector of shape "
+                                    f"[{b.shape[0]}]; it has {found}")
+            pairs[module].magnitude = to_float32(magnitude.array, magnitude.dtype)
+    if magnitudes:
+        raise ExportRefused(f"{weights_path}: DoRA magnitudes for {sorted(magnitudes)[:3]}, which have no LoRA "
+                            "matrices; the adapter is incomplete")
     if not pairs:
         raise ExportRefused(f"{weights_path} holds no LoRA weights")
     return pairs, head
@@ -221,7 +235,8 @@ def match_targets(pairs: dict[str, LoraPair], names: set[str]) -> dict[str, Lora
 
 
 def merge(name: str, raw: np.ndarray, dtype: str, pair: LoraPair) -> np.ndarray:
-    """W + scale·B·A, summed in float32 and stored in W's dtype (``raw`` and the result: that dtype's raw view)."""
+    """W + scale·B·A, summed in float32 and stored in W's dtype (``raw`` and the result: that dtype's raw view); for
+    DoRA that sum rescaled row by row to m / its norm."""
     if dtype not in _RAW:
         raise ExportRefused(f"{name} is stored as {dtype}, not a float weight a LoRA delta can be added to: the base "
                             "is quantized; fuse merges into a full-precision base only (--base DIR)")
@@ -234,6 +249,9 @@ def merge(name: str, raw: np.ndarray, dtype: str, pair: LoraPair) -> np.ndarray:
     delta *= np.float32(pair.scale)
     summed += delta
     del delta
+    if pair.magnitude is not None:
+        with np.errstate(divide="ignore", invalid="ignore"):  # a zero row is non-finite: refused below by name
+            summed *= (pair.magnitude / np.linalg.norm(summed, axis=1))[:, None]
     stored = from_float32(summed, dtype) if np.isfinite(summed).all() else None
     if stored is None or not _all_finite(stored, dtype):
         raise ExportRefused(f"merging the adapter into {name} gives non-finite values in {_SAFETENSORS_DTYPES[dtype]}: "

@@ -44,11 +44,26 @@ class LoraConfig:
     # of the seeded ones, like mlx-lm's --resume-adapter-file: a new run, optimizer and schedule from step 0. Its
     # content is in the fingerprint (src/runs/init_adapter.py), not compared as a config key.
     init_from: str | None = None
+    # DoRA (weight-decomposed LoRA): a trained magnitude per output row on top of the LoRA update, computed as PEFT
+    # computes it on both backends (src/backend/lora_init.py, DORA).
+    use_dora: bool = False
+
+
+@dataclass
+class HfDatasetConfig:
+    """A dataset datasets.load_dataset fetches (once, into the Hugging Face cache) instead of data.path."""
+
+    name: str | None = None  # a hub id (org/name), or anything load_dataset takes (a local dataset folder)
+    config: str | None = None  # the dataset's configuration (load_dataset's second argument), if it has several
+    train_split: str = "train"
+    val_split: str | None = None  # None: validation, val, valid or test, the first the dataset has
 
 
 @dataclass
 class DataConfig:
-    path: str = "data"  # a folder with train.jsonl and (optionally) val.jsonl / valid.jsonl
+    # A folder with train.jsonl (and val.jsonl / valid.jsonl), train.parquet, the hub's parquet shards or a
+    # datasets.save_to_disk folder; or a .jsonl / .parquet file (src/data/sources.py). Not read with hf_dataset.
+    path: str = "data"
     method: str = "sft"
     streaming: bool = True
     packing: bool | None = None  # None = on for cpt, off otherwise
@@ -57,6 +72,9 @@ class DataConfig:
     # Extra variables for every chat template rendering (training rows, GRPO and prediction prompts, validate-data),
     # as transformers' apply_chat_template(**kwargs): e.g. {enable_thinking: false} for Qwen3.
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    # The user's column names for the row keys, e.g. {prompt: question, completion: answer}; any source, JSONL too.
+    columns: dict[str, str] = field(default_factory=dict)
+    hf_dataset: HfDatasetConfig = field(default_factory=HfDatasetConfig)
 
 
 @dataclass
@@ -221,7 +239,7 @@ class Config:
 # (SPEC §7). max_steps is left out on purpose so a finished run can be extended.
 TRAINING_KEYS = (
     "model.path", "model.quantization.bits", "model.quantization.group_size", "model.max_seq_length", "model.dtype",
-    "lora.rank", "lora.alpha", "lora.dropout", "lora.layers", "lora.targets",
+    "lora.rank", "lora.alpha", "lora.dropout", "lora.layers", "lora.targets", "lora.use_dora",
     "data.method", "data.packing", "data.mask_prompt", "data.truncate", "data.chat_template_kwargs",
     "train.batch_size", "train.grad_accumulation", "train.learning_rate", "train.schedule",
     "train.warmup_steps", "train.min_lr_ratio", "train.weight_decay", "train.max_grad_norm",
@@ -271,7 +289,7 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         hint = next(a for a in args if a is not type(None))
         origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin is dict:
-        return _template_kwargs(key, value)
+        return _columns(key, value) if key == "data.columns" else _template_kwargs(key, value)
     if origin is list:
         if isinstance(value, str):
             if _unbalanced(value) or value.lstrip().startswith(("[", "{")) or value.rstrip().endswith(("]", "}")):
@@ -341,6 +359,37 @@ def _template_kwargs(key: str, value: Any) -> dict[str, Any]:
         if not _plain(item):
             raise ConfigError(f"config key '{key}.{name}': {item!r} is not text, a number, true/false or a list or "
                               f"mapping of those (a YAML date must be quoted, e.g. date_string: '26 Jul 2024')")
+    return dict(value)
+
+
+# The keys of every row format (src/data/formats.py FORMAT_KEYS, a higher layer; a test keeps the two equal):
+# what data.columns may map a column onto.
+ROW_KEYS = ("messages", "prompt", "completion", "text", "chosen", "rejected")
+
+
+def _columns(key: str, value: Any) -> dict[str, str]:
+    """data.columns: row key -> the user's column name. A key that is no row key is refused here (the columns
+    are checked against the data when it is read, src/data/sources.py)."""
+    row_keys = sorted(ROW_KEYS)
+    example = "e.g. {prompt: question, completion: answer} (the row key first, then your column)"
+    if value is None or value == "":
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"config key '{key}': expected a mapping of row keys to your column names ({example}), "
+                          f"got {value!r}; on the command line quote it: --set '{key}={{prompt: question}}'")
+    for row_key, column in value.items():
+        if not isinstance(column, str) or not column:
+            raise ConfigError(f"config key '{key}.{row_key}': expected a column name, got {column!r} ({example})")
+        if row_key not in row_keys:
+            near = difflib.get_close_matches(str(row_key), row_keys, n=1, cutoff=0.5)
+            turned = (f"; did you mean {{{column}: {row_key}}}? the row key comes first" if column in row_keys
+                      else f"; did you mean '{near[0]}'?" if near else "")
+            raise ConfigError(f"config key '{key}': '{row_key}' is not a key of any row format (row keys: "
+                              f"{', '.join(row_keys)}){turned}")
+    doubled = sorted({c for c in value.values() if list(value.values()).count(c) > 1})
+    if doubled:
+        raise ConfigError(f"config key '{key}': column '{doubled[0]}' is mapped to more than one row key; map each "
+                          f"column once ({example})")
     return dict(value)
 
 
@@ -537,6 +586,14 @@ def _check_lora(cfg: Config) -> None:
         raise ConfigError(f"config key 'lora.layers' must be a positive number of blocks or -1 (all), got {cfg.lora.layers}")
     if not cfg.lora.targets:
         raise ConfigError("config key 'lora.targets' must name at least one module, e.g. [q_proj, v_proj]")
+    if cfg.lora.use_dora and cfg.data.method == "reward":
+        # A reward model's adapter is read back as a sequence classifier (src/methods/reward_model.py), and neither
+        # that reader nor convert-adapter carries DoRA's magnitudes.
+        raise ConfigError("config key 'lora.use_dora': DoRA is not supported with data.method reward; "
+                          "train the reward model with plain LoRA (lora.use_dora=false)")
+    if cfg.lora.use_dora and cfg.lora.init_from:
+        raise ConfigError("config key 'lora.use_dora': lora.init_from starts only LoRA's A and B, not DoRA's "
+                          "magnitudes; leave one of the two out")
 
 
 def _check_grpo(cfg: Config) -> None:

@@ -113,3 +113,12 @@ def give_default_modes(*paths: Path) -> None:
             modes[file.parent] = default_file_mode(file.parent)
         if stat.S_IMODE(file.lstat().st_mode) != modes[file.parent]:
             os.chmod(file, modes[file.parent])
+
+
+def overnight_cache_dir() -> Path:
+    """overnight's own cache (provided models, converted data): OVERNIGHT_CACHE wins (the tests point it at a temp
+    folder), then the XDG cache, then ~/.cache."""
+    if os.environ.get("OVERNIGHT_CACHE"):
+        return Path(os.environ["OVERNIGHT_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base).expanduser() / "overnight"

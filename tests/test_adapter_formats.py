@@ -293,7 +293,8 @@ def test_what_mlx_lm_cannot_hold_is_refused_by_name(peft_adapter, tmp_path):
         (folder / "adapter_config.json").write_text(json.dumps(config))
         return folder
 
-    with pytest.raises(UsageError, match="DoRA"):
+    # DoRA converts (below), but not a DoRA config whose weights lack the magnitudes
+    with pytest.raises(UsageError, match="DoRA module .* needs a magnitude vector of shape"):
         convert_adapter(variant("dora", use_dora=True), "mlx", tmp_path / "o1")
     with pytest.raises(UsageError, match="rank_pattern"):
         convert_adapter(variant("ranks", rank_pattern={"q_proj": 8}), "mlx", tmp_path / "o2")
@@ -312,6 +313,55 @@ def test_what_mlx_lm_cannot_hold_is_refused_by_name(peft_adapter, tmp_path):
 
 
 # -- reward models (--method reward): LoRA + the score head -------------------------------------------------
+
+@pytest.fixture(scope="module")
+def peft_dora_adapter(tiny_model_dir, tmp_path_factory) -> Path:
+    """PEFT DoRA on both blocks, q_proj and up_proj, rank 4, alpha 8; B and the magnitudes moved off their start."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(3)
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "up_proj"], use_dora=True,
+                                            task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn_like(param) * 0.2)
+            elif "lora_magnitude_vector" in name:
+                param.mul_(torch.rand_like(param) + 0.5)
+    out = tmp_path_factory.mktemp("peft-dora") / "adapter"
+    model.save_pretrained(str(out), safe_serialization=True)
+    return out
+
+
+def test_a_dora_adapter_converts_both_ways_exactly(peft_dora_adapter, tiny_model_dir, tmp_path):
+    """PEFT DoRA -> mlx-lm DoRA (fine_tune_type dora, the magnitudes as .m) scores the same in mlx_lm.load, and back
+    to PEFT is the same bytes, magnitudes included. A magnitude in an adapter that does not say DoRA is refused."""
+    from safetensors.numpy import load_file
+
+    original = torch_logits(tiny_model_dir, peft_dora_adapter)
+    there = convert_adapter(peft_dora_adapter, "mlx", tmp_path / "mlx", base=str(tiny_model_dir), say=lambda m: None)
+    assert json.loads((there / "adapter_config.json").read_text())["fine_tune_type"] == "dora"
+    magnitudes = [k for k in load_file(str(there / "adapters.safetensors")) if k.endswith(".m")]
+    assert len(magnitudes) == 4 and "model.layers.0.self_attn.q_proj.m" in magnitudes
+    diff = max_diff(original, mlx_logits(tiny_model_dir, there))
+    print(f"peft dora -> mlx: max |logits diff| {diff:.2e}")
+    assert diff < TOLERANCE
+    back = convert_adapter(there, "peft", tmp_path / "back", say=lambda m: None)
+    before, after = (load_file(str(p / "adapter_model.safetensors")) for p in (peft_dora_adapter, back))
+    assert set(before) == set(after) and all(np.array_equal(before[k], after[k]) for k in before)
+    assert json.loads((back / "adapter_config.json").read_text())["use_dora"] is True
+    assert max_diff(original, torch_logits(tiny_model_dir, back)) == 0.0
+
+    lora_config = tmp_path / "not-dora"
+    shutil.copytree(there, lora_config)
+    config = json.loads((lora_config / "adapter_config.json").read_text())
+    (lora_config / "adapter_config.json").write_text(json.dumps(config | {"fine_tune_type": "lora"}))
+    with pytest.raises(UsageError, match="holds DoRA magnitude vectors .* does not say DoRA"):
+        convert_adapter(lora_config, "peft", tmp_path / "o1", say=lambda m: None)
+
 
 @pytest.fixture(scope="module")
 def peft_reward_adapter(tiny_model_dir, tmp_path_factory) -> Path:

@@ -76,6 +76,10 @@ QWEN3_TEMPLATE = (
     "{%- endif %}"
 )
 
+# The real templates of models that call tools (Qwen2.5-Instruct, Qwen3, Llama 3.1 Instruct), as their
+# tokenizer_config.json ships them: tests/chat_templates/.
+TEMPLATES = TESTS / "chat_templates"
+
 # Each family: its named tokens, its other special tokens, its template, and which tokens its
 # generation_config.json lists as eos_token_id (Llama 3.0 and Gemma 1 folders list the eos alone).
 SHAPES = {
@@ -87,6 +91,18 @@ SHAPES = {
     "qwen3": {"bos": None, "eos": "<|endoftext|>", "turn": "<|im_end|>", "pad": "<|endoftext|>",
               "special": ["<|im_start|>"], "added": ["<think>", "</think>"], "template": QWEN3_TEMPLATE,
               "generation_eos": ["turn", "eos"]},
+    "qwen2.5-tools": {"bos": None, "eos": "<|im_end|>", "turn": "<|im_end|>", "pad": "<|endoftext|>",
+                      "special": ["<|im_start|>"], "added": ["<tool_call>", "</tool_call>", "<tool_response>",
+                                                             "</tool_response>"],
+                      "template": (TEMPLATES / "qwen2.5.jinja").read_text(), "generation_eos": ["eos"]},
+    "qwen3-tools": {"bos": None, "eos": "<|endoftext|>", "turn": "<|im_end|>", "pad": "<|endoftext|>",
+                    "special": ["<|im_start|>"], "added": ["<think>", "</think>", "<tool_call>", "</tool_call>",
+                                                           "<tool_response>", "</tool_response>"],
+                    "template": (TEMPLATES / "qwen3.jinja").read_text(), "generation_eos": ["turn", "eos"]},
+    "llama3.1-tools": {"bos": "<|begin_of_text|>", "eos": "<|end_of_text|>", "turn": "<|eot_id|>", "pad": None,
+                       "special": ["<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|python_tag|>"],
+                       "added": [], "template": (TEMPLATES / "llama3.1.jinja").read_text(),
+                       "generation_eos": ["eos", "turn"]},
 }
 
 
@@ -98,7 +114,7 @@ def chat_model(out: Path, base: Path, shape: str, turn_id: int | None = None) ->
 
     spec = SHAPES[shape]
     size = json.loads((base / "config.json").read_text())["vocab_size"]
-    named = [spec["eos"], spec["turn"]] + [t for t in (spec["bos"], spec["pad"]) if t and t != spec["eos"]]
+    named = list(dict.fromkeys([spec["eos"], spec["turn"]] + [t for t in (spec["bos"], spec["pad"]) if t]))
     specials = named + spec["special"]
     order = sorted(pre_tokenizers.ByteLevel.alphabet()) + specials + spec["added"]
     order += [f"<unused{i}>" for i in range(size - len(order))]
@@ -163,12 +179,12 @@ def test_a_turn_that_ends_in_eos_adds_nothing_and_qwen3s_turn_end_needs_no_gener
 
 # -- generation stops at the end-of-turn token, on both backends -------------------------------------------------
 
-def _backend(name: str, model_dir: Path):
+def _backend(name: str, model_dir: Path, max_seq_length: int = 256):
     """The backend on the tiny model with the defaults (4-bit, dropout on)."""
     from overnight.config import Config
 
     cfg = Config()
-    cfg.model.path, cfg.model.max_seq_length = str(model_dir), 256
+    cfg.model.path, cfg.model.max_seq_length = str(model_dir), max_seq_length
     cfg.lora.layers = -1
     if name == "torch":
         from overnight.backends.torch_backend import TorchBackend as Backend
@@ -418,3 +434,192 @@ def test_chat_template_kwargs_must_be_a_mapping_of_plain_values_named_by_key():
     for item, message in refused.items():
         with pytest.raises(ConfigError, match=re.escape(message)):
             kwargs(item)
+
+
+# -- tools (issue 30, part 2) ------------------------------------------------------------------------------------
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+
+
+def _call(city: str, call_id: str) -> dict:
+    """A call as OpenAI's API writes it: arguments as JSON text."""
+    return {"id": call_id, "type": "function",
+            "function": {"name": "get_weather", "arguments": json.dumps({"city": city})}}
+
+
+# Two calls in one turn and their two results (Qwen writes both results into one user turn); Llama 3.1's template
+# takes one call a turn.
+TOOL_CHATS = {
+    "parallel": [
+        {"role": "user", "content": "Weather in Paris and Lyon?"},
+        {"role": "assistant", "content": None, "tool_calls": [_call("Paris", "c1"), _call("Lyon", "c2")]},
+        {"role": "tool", "tool_call_id": "c1", "name": "get_weather", "content": "RESULT-ONE 18 C"},
+        {"role": "tool", "tool_call_id": "c2", "name": "get_weather", "content": "RESULT-TWO 20 C"},
+        {"role": "assistant", "content": "Paris 18 C, Lyon 20 C."}],
+    "single": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "tool_calls": [_call("Paris", "c1")]},
+        {"role": "tool", "tool_call_id": "c1", "content": "RESULT-ONE 18 C"},
+        {"role": "assistant", "content": "18 C."}],
+}
+CALL = '{"name": "get_weather", "arguments": {"city": "%s"}}'
+# What each template makes the model learn: every assistant turn, the call turns included, nothing else.
+TOOL_TARGETS = {
+    ("qwen2.5-tools", "parallel"): [f"<tool_call>\n{CALL % 'Paris'}\n</tool_call>\n<tool_call>\n{CALL % 'Lyon'}\n"
+                                    "</tool_call><|im_end|>\n", "Paris 18 C, Lyon 20 C.<|im_end|>\n"],
+    # Qwen3 writes a think block into the last answer only, so the call turn (not last) is found by its end token
+    ("qwen3-tools", "parallel"): [f"<tool_call>\n{CALL % 'Paris'}\n</tool_call>\n<tool_call>\n{CALL % 'Lyon'}\n"
+                                  "</tool_call><|im_end|>",
+                                  "<think>\n\n</think>\n\nParis 18 C, Lyon 20 C.<|im_end|>\n"],
+    ("llama3.1-tools", "single"): ['{"name": "get_weather", "parameters": {"city": "Paris"}}<|eot_id|>',
+                                   "18 C.<|eot_id|>"],
+}
+
+
+def _targets(tok, ids: list[int], mask: list[int]) -> list[str]:
+    """The decoded runs of consecutive target tokens."""
+    runs, run = [], []
+    for token, m in zip(ids, mask):
+        if m:
+            run.append(token)
+        elif run:
+            runs.append(run)
+            run = []
+    return [tok.decode(r, skip_special_tokens=False) for r in runs + ([run] if run else [])]
+
+
+@pytest.mark.parametrize("shape, chat", sorted(TOOL_TARGETS))
+def test_tool_conversations_render_as_transformers_and_train_every_assistant_turn_but_no_tool_result(
+        shape, chat, tiny_model_dir, tmp_path):
+    """The real templates of Qwen2.5, Qwen3 and Llama 3.1: overnight's rendering equals transformers' given the same
+    conversation with the arguments as objects (overnight takes OpenAI's JSON text too), and the loss mask covers the
+    call turns and the answers, never the tool results (Qwen renders those inside a user turn)."""
+    from transformers import AutoTokenizer
+
+    folder = chat_model(tmp_path / shape, tiny_model_dir, shape)
+    tok, hf = load_tokenizer(folder), AutoTokenizer.from_pretrained(str(folder))
+    messages = TOOL_CHATS[chat]
+    as_objects = json.loads(json.dumps(messages))
+    for message in as_objects:
+        for call in message.get("tool_calls") or []:
+            call["function"]["arguments"] = json.loads(call["function"]["arguments"])
+    for upto, gen in ((len(messages), False), (len(messages) - 1, True), (2, False)):
+        theirs = hf.apply_chat_template(as_objects[:upto], tools=[WEATHER], tokenize=False, add_generation_prompt=gen)
+        assert tok.apply_chat_template(messages[:upto], gen, tools=[WEATHER]) == theirs
+        assert tok.apply_chat_template(as_objects[:upto], gen, tools=json.dumps([WEATHER])) == theirs
+    ids, mask = encode_row(tok, {"messages": messages, "tools": [WEATHER]}, "chat").responses[0]
+    assert ids == tok.encode(hf.apply_chat_template(as_objects, tools=[WEATHER], tokenize=False), False)
+    targets = _targets(tok, ids, mask)
+    assert targets == TOOL_TARGETS[shape, chat]
+    assert not any("RESULT" in t for t in targets)
+    text = tok.decode(ids, skip_special_tokens=False)
+    assert "RESULT-ONE 18 C" in text and "get_weather" in text.split(targets[0])[0]  # the tools are in the prompt
+
+
+def test_a_template_that_drops_tools_or_calls_is_refused_at_the_data_check(tiny_model_dir, tmp_path):
+    """The tiny model's template and Gemma's know no tools: a row with tools, or with tool calls, is refused before
+    training (exit 2) naming the file, the line, the key, the model's template and what to do; rows without tools
+    still pass. A template that renders both passes the same file."""
+    from overnight.data import check_data
+
+    data = tmp_path / "data"
+    data.mkdir()
+    plain = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
+    only_tools = {**plain, "tools": [WEATHER]}
+    only_calls = {"messages": TOOL_CHATS["single"][1:3] + [{"role": "assistant", "content": "Sunny."}]}
+    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (plain, only_tools, only_calls)))
+    result = _validate_data(str(data), "--model", str(tiny_model_dir))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    lines = [line.strip() for line in (result.stdout + result.stderr).splitlines() if " key '" in line]
+    assert len(lines) == 2
+    assert lines[0].startswith(f"{data / 'train.jsonl'}:2: key 'tools': the chat template of {tiny_model_dir} "
+                               "ignores 'tools'") and "use a model whose chat template renders tools" in lines[0]
+    assert lines[1].startswith(f"{data / 'train.jsonl'}:3: key 'messages[1].tool_calls': the chat template of "
+                               f"{tiny_model_dir} drops tool calls") and "into the assistant's 'content'" in lines[1]
+
+    gemma = load_tokenizer(chat_model(tmp_path / "gemma", tiny_model_dir, "gemma"))
+    keys = [(p.line, p.key) for p in check_data(data, "sft", tokenizer=gemma).problems]
+    assert keys == [(2, "tools"), (3, "messages[1].tool_calls")]
+    qwen = load_tokenizer(chat_model(tmp_path / "qwen", tiny_model_dir, "qwen2.5-tools"))
+    assert check_data(data, "sft", tokenizer=qwen).ok
+
+
+def test_grpo_prompts_and_preference_pairs_render_the_rows_tools(tiny_model_dir, tmp_path):
+    """A GRPO prompt (a conversation ending with a user turn or a tool result, or a "prompt" row under
+    grpo.chat_template) is rendered with its row's tools; so is a conversational preference pair, whose answer may be
+    a call. A "prompt" row given as plain text cannot carry tools: refused by key."""
+    from transformers import AutoTokenizer
+
+    from overnight.data import DataError
+
+    folder = chat_model(tmp_path / "qwen", tiny_model_dir, "qwen2.5-tools")
+    tok, hf = load_tokenizer(folder), AutoTokenizer.from_pretrained(str(folder))
+    after_results = TOOL_CHATS["parallel"][:4]
+    ids = encode_prompt(tok, {"messages": after_results, "tools": [WEATHER]}, "chat")
+    listed = tok.decode(ids, skip_special_tokens=False).split("<tools>\n")[1].split("\n</tools>")[0]
+    assert json.loads(listed) == WEATHER
+    assert tok.decode(ids, skip_special_tokens=False).endswith("RESULT-TWO 20 C\n</tool_response><|im_end|>\n"
+                                                                 "<|im_start|>assistant\n")
+    prompt_row = {"prompt": "Weather in Paris?", "tools": [WEATHER]}
+    assert tok.decode(encode_prompt(tok, prompt_row, "prompt", chat_template=True), skip_special_tokens=False) == \
+        hf.apply_chat_template([{"role": "user", "content": "Weather in Paris?"}], tools=[WEATHER], tokenize=False,
+                               add_generation_prompt=True)
+    with pytest.raises(DataError, match="plain text") as refused:
+        encode_prompt(tok, prompt_row, "prompt", chat_template=False)
+    assert refused.value.key == "tools"
+
+    pair = {"prompt": after_results[:1], "tools": [WEATHER], "chosen": after_results[1:2],
+            "rejected": [{"role": "assistant", "content": "I cannot know."}]}
+    enc = encode_row(tok, pair, "preference")
+    assert "get_weather" in tok.decode(enc.prompt, skip_special_tokens=False)
+    assert [tok.decode(r, skip_special_tokens=False) for r, _ in enc.responses] == [
+        TOOL_TARGETS["qwen2.5-tools", "parallel"][0], "I cannot know.<|im_end|>\n"]
+    with pytest.raises(DataError, match="drops tool calls") as refused:
+        encode_row(load_tokenizer(tiny_model_dir), {**pair, "tools": []}, "preference")
+    assert refused.value.key == "chosen[0].tool_calls"
+
+
+BACKENDS = [
+    pytest.param("torch", marks=[pytest.mark.torch, pytest.mark.skipif(not has("torch", "transformers", "peft"),
+                                                                         reason="needs the torch backend")]),
+    pytest.param("mlx", marks=[pytest.mark.mlx, pytest.mark.skipif(not has("mlx", "mlx_lm"),
+                                                                     reason="needs the mlx backend")]),
+]
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
+def test_training_on_tool_calls_weights_the_calls_and_answers_and_never_the_tool_results(
+        backend_name, tiny_model_dir, tmp_path):
+    """A real run's steps (the defaults: 4-bit, dropout on) on a batch of two tool conversations in Qwen2.5's
+    template: the tokens the backend trains on are exactly those of the assistant turns, call turns included, counted
+    from the template's text independently of the mask, and every token of the tool results has no loss weight."""
+    from overnight.data import TrainStream
+
+    folder = chat_model(tmp_path / "qwen", tiny_model_dir, "qwen2.5-tools")
+    tok = load_tokenizer(folder)
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"messages": TOOL_CHATS[chat], "tools": [WEATHER]}) + "\n"
+                            for chat in ("parallel", "single")))
+    backend, cfg = _backend(backend_name, folder, max_seq_length=1024)
+    cfg.train.batch_size = 2
+    batch = TrainStream(data, tok, cfg).next_batch()
+    single = [f"<tool_call>\n{CALL % 'Paris'}\n</tool_call><|im_end|>\n", "18 C.<|im_end|>\n"]
+    expected = sum(len(tok.encode(t, False)) for t in TOOL_TARGETS["qwen2.5-tools", "parallel"] + single)
+    assert batch.num_target_tokens == expected
+    results = 0
+    for b in range(batch.num_rows):
+        ids = [int(i) for i in batch.input_ids[b][batch.attention_mask[b] == 1]]
+        for result in ("\n<tool_response>\nRESULT-ONE 18 C\n</tool_response>",
+                       "\n<tool_response>\nRESULT-TWO 20 C\n</tool_response>"):
+            span = tok.encode(result, False)
+            at = next((k for k in range(len(ids)) if ids[k:k + len(span)] == span), None)
+            if at is not None:
+                results += 1
+                assert not batch.loss_mask[b][at:at + len(span)].any()
+    assert results == 3
+    steps = [backend.train_step([batch], 1e-2) for _ in range(3)]
+    assert [s.tokens for s in steps] == [expected] * 3
+    assert all(np.isfinite(s.loss) for s in steps) and steps[-1].loss < steps[0].loss

@@ -86,6 +86,19 @@ def test_non_finite_numbers_and_negative_seeds_are_refused_by_name(item, key):
         build_config(None, {}, [item])
 
 
+def test_lora_use_dora_is_an_off_by_default_training_key_refused_where_it_cannot_work():
+    from overnight.config import TRAINING_KEYS
+
+    assert build_config().lora.use_dora is False and "lora.use_dora" in TRAINING_KEYS
+    assert build_config(None, {}, ["lora.use_dora=true"]).lora.use_dora is True
+    with pytest.raises(ConfigError, match="lora.use_dora.*data.method reward"):
+        build_config(None, {}, ["lora.use_dora=true", "data.method=reward"])
+    with pytest.raises(ConfigError, match="lora.use_dora.*lora.init_from"):
+        build_config(None, {}, ["lora.use_dora=true", "lora.init_from=/some/adapter"])
+    with pytest.raises(ConfigError, match="lora.use_dora"):
+        build_config(None, {}, ["lora.use_dora=sometimes"])
+
+
 def test_preference_beta_is_a_training_key_with_the_papers_default():
     from overnight.config import TRAINING_KEYS
 
@@ -198,3 +211,24 @@ def test_grpo_takes_trls_loss_types_and_defaults_and_a_positive_eval_prompt_coun
         assert build_config(sets=[f"grpo.loss_type={loss_type}"]).grpo.loss_type == loss_type
     with pytest.raises(ConfigError, match="grpo.eval_prompts"):
         build_config(sets=["grpo.eval_prompts=0"])
+
+
+def test_data_columns_maps_row_keys_and_refuses_other_keys_by_name(tmp_path):
+    from overnight.config import ROW_KEYS
+    from overnight.data.formats import FORMAT_KEYS
+
+    assert set(ROW_KEYS) == {k for keys in FORMAT_KEYS.values() for k in keys}
+    cfg = build_config(write(tmp_path, "data:\n  columns: {prompt: question, completion: answer}\n"
+                                       "  hf_dataset: {name: org/set, config: en, val_split: dev}\n"))
+    assert cfg.data.columns == {"prompt": "question", "completion": "answer"}
+    assert (cfg.data.hf_dataset.name, cfg.data.hf_dataset.config, cfg.data.hf_dataset.train_split,
+            cfg.data.hf_dataset.val_split) == ("org/set", "en", "train", "dev")
+    with pytest.raises(ConfigError, match=r"'question' is not a key of any row format .*did you mean "
+                                          r"\{prompt: question\}\? the row key comes first"):
+        build_config(sets=["data.columns={question: prompt}"])
+    with pytest.raises(ConfigError, match=r"'promt' is not a key of any row format .*did you mean 'prompt'"):
+        build_config(sets=["data.columns={promt: q}"])
+    with pytest.raises(ConfigError, match="column 'q' is mapped to more than one row key"):
+        build_config(sets=["data.columns={prompt: q, text: q}"])
+    with pytest.raises(ConfigError, match=r"unknown config key 'data.hf_dataset.split' \(did you mean"):
+        build_config(sets=["data.hf_dataset.split=train"])

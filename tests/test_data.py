@@ -357,6 +357,24 @@ def test_find_data_files(tmp_path):
         find_data_files(Path("/dev/null"))
 
 
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "Weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+
+
+def _tool_row(tools=TOOLS, call=None, result=None) -> bytes:
+    """One chat row with a tool call and its result (as OpenAI writes them), with one piece replaced."""
+    call = [{"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}] \
+        if call is None else call
+    messages = [{"role": "user", "content": "Weather in Paris?"},
+                {"role": "assistant", "content": None, "tool_calls": call},
+                result or {"role": "tool", "tool_call_id": "c1", "name": "get_weather", "content": "18 C, sunny"},
+                {"role": "assistant", "content": "It is 18 C and sunny."}]
+    return (json.dumps({"tools": tools, "messages": messages}) + "\n").encode()
+
+
+TOOL_ROW = _tool_row()
+
 REFUSALS = [
     # (lines, method, expected line, expected key, words in the message)
     ([b'{"text": "ok"}\n', b'{"text": "a",}\n'], "sft", 2, None, "not valid JSON"),
@@ -377,6 +395,31 @@ REFUSALS = [
     ([b'{"text": ["a"]}\n'], "sft", 1, "text", "must be a string"),
     ([b'{"prompt": "a", "completion": "  "}\n'], "sft", 1, "completion", "is empty"),
     ([b'["text", "a"]\n'], "sft", 1, None, "not an object"),
+    # conversations with tools (a good row first: the bad one is named by its own line)
+    ([TOOL_ROW, _tool_row(tools={"name": "get_weather"})], "sft", 2, "tools", "must be a list"),
+    ([_tool_row(tools='[{"name": "get_weather"')], "sft", 1, "tools", "not valid JSON"),
+    ([_tool_row(tools=[{"type": "function", "function": {"description": "no name"}}])], "sft", 1,
+     "tools[0].function.name", "names its function"),
+    ([_tool_row(call={"type": "function", "function": {"name": "get_weather", "arguments": {}}})], "sft", 1,
+     "messages[1].tool_calls", "must be a list"),
+    ([_tool_row(call=[{"type": "function", "function": {"arguments": {"city": "Paris"}}}])], "sft", 1,
+     "messages[1].tool_calls[0].function.name", "names the function"),
+    ([_tool_row(call=[{"name": "get_weather", "arguments": "city=Paris"}])], "sft", 1,
+     "messages[1].tool_calls[0].arguments", "not a JSON object"),
+    ([_tool_row(call=[{"name": "get_weather", "arguments": '["Paris"]'}])], "sft", 1,
+     "messages[1].tool_calls[0].arguments", "not a JSON object"),
+    ([_tool_row(call=[{"name": "get_weather", "arguments": ["Paris"]}])], "sft", 1,
+     "messages[1].tool_calls[0].arguments", "must be an object"),
+    ([_tool_row(call=[{"type": "function", "function": {"name": "get_weather"}}])], "sft", 1,
+     "messages[1].tool_calls[0].function.arguments", "{} for none"),
+    ([_tool_row(result={"role": "tool", "name": "get_weather"})], "sft", 1, "messages[2].content",
+     "holds the tool's result"),
+    ([_tool_row(result={"role": "tool", "content": {"temp": 18}})], "sft", 1, "messages[2].content",
+     "JSON text"),
+    ([_tool_row(result={"role": "user", "content": "x", "tool_calls": [{"name": "f", "arguments": {}}]})], "sft",
+     1, "messages[2].tool_calls", "only the assistant calls tools"),
+    ([b'{"prompt": "Weather?", "completion": " Sunny.", "tools": [{"name": "get_weather"}]}\n'], "sft", 1,
+     "tools", "not rendered by the chat template"),
 ]
 
 
@@ -393,6 +436,27 @@ def test_refusals_name_file_line_key_and_hint(tmp_path, lines, method, line, key
     assert f"{path}:{line}:" in str(err.value) and "nothing was trained or written" in str(err.value)
     if key:
         assert f"key '{key}'" in str(err.value)
+
+
+def test_tool_rows_in_every_shape_transformers_takes_pass_the_row_check(tmp_path):
+    """OpenAI's wire form (arguments as JSON text, content null, ids), transformers' (arguments an object, no
+    content), a bare {"name", "arguments"} call, tools as a JSON string (as parquet stores them), an empty calls list,
+    a grpo prompt ending with a tool result, and a conversational preference pair whose answer is a call."""
+    bare = [{"name": "get_weather", "arguments": {"city": "Paris"}}]
+    rows = [TOOL_ROW, _tool_row(call=bare), _tool_row(tools=json.dumps(TOOLS)), _tool_row(tools=[]),
+            json.dumps({"messages": [{"role": "user", "content": "Hi"},
+                                     {"role": "assistant", "content": "Hello", "tool_calls": []}]}).encode() + b"\n"]
+    write_jsonl(tmp_path / "sft" / "train.jsonl", rows, raw=True)
+    assert check_data(tmp_path / "sft", "sft").ok
+    prompt = json.loads(TOOL_ROW)["messages"][:3]
+    write_jsonl(tmp_path / "grpo" / "train.jsonl", [{"messages": prompt, "tools": TOOLS}])
+    assert check_data(tmp_path / "grpo", "grpo").ok
+    pair = {"prompt": prompt[:1], "tools": TOOLS, "chosen": prompt[1:2],
+            "rejected": [{"role": "assistant", "content": "I cannot know."}]}
+    write_jsonl(tmp_path / "dpo" / "train.jsonl", [pair])
+    assert check_data(tmp_path / "dpo", "dpo").ok
+    write_jsonl(tmp_path / "dpo2" / "train.jsonl", [{**pair, "chosen": [{"role": "assistant", "content": ""}]}])
+    assert [p.key for p in check_data(tmp_path / "dpo2", "dpo").problems] == ["chosen"]  # empty, no call either
 
 
 def test_empty_files_and_blank_lines(tmp_path):

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from conftest import DATA_DIR, ROOT, has
+from overnight.backend import Batch
 
 needs_torch = pytest.mark.skipif(not has("torch", "transformers", "peft"), reason="torch backend not installed")
 needs_mlx = pytest.mark.skipif(not has("mlx", "mlx_lm"), reason="mlx backend not installed")
@@ -34,7 +35,7 @@ def cli(*args: str) -> subprocess.CompletedProcess:
                           stdin=subprocess.DEVNULL, timeout=600, cwd=ROOT)
 
 
-def train(backend: str, model: Path, out: Path, bits: int, steps: int = 4) -> Path:
+def train(backend: str, model: Path, out: Path, bits: int, steps: int = 4, *extra: str) -> Path:
     """Checkpoints at steps 2 and 4 (each evaluated, so the best is recorded)."""
     result = cli("train", "--backend", backend, "--model", str(model), "--data", str(DATA_DIR), "--output", str(out),
                  "--max-steps", str(steps), "--batch-size", "4", "--lora-rank", "4", "--quiet",
@@ -42,7 +43,7 @@ def train(backend: str, model: Path, out: Path, bits: int, steps: int = 4) -> Pa
                  "--set", "lora.alpha=8", "--set", "lora.dropout=0", "--set", "lora.layers=-1",
                  "--set", "train.learning_rate=2e-2", "--set", "train.warmup_steps=0",
                  "--set", "eval.every_steps=2", "--set", "eval.max_batches=2", "--set", "eval.predictions=0",
-                 "--set", "checkpoint.every_steps=2")
+                 "--set", "checkpoint.every_steps=2", *extra)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     return out
 
@@ -481,14 +482,20 @@ def test_mlx_fuse_on_a_pre_quantized_mlx_base_keeps_its_quantization(tiny_model_
 
 # -- torch: shard by shard ------------------------------------------------------------------------------------
 
-def peft_adapter(base: Path, out: Path, targets=("q_proj", "v_proj", "down_proj"), seed: int = 0) -> Path:
-    """A PEFT adapter as a torch run saves it, with B far from zero (init_lora_weights=False keeps nn.Linear's init)."""
+def peft_adapter(base: Path, out: Path, targets=("q_proj", "v_proj", "down_proj"), seed: int = 0,
+                 dora: bool = False) -> Path:
+    """A PEFT adapter as a torch run saves it, with B far from zero (init_lora_weights=False keeps nn.Linear's init);
+    with ``dora``, DoRA with its magnitudes moved off their start."""
     import torch
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
     model = get_peft_model(torch_model(base), LoraConfig(r=4, lora_alpha=8, target_modules=list(targets),
-                                                         init_lora_weights=False))
+                                                         init_lora_weights=False, use_dora=dora))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                param.mul_(torch.rand_like(param) + 0.5)
     model.save_pretrained(str(out))
     return out
 
@@ -674,8 +681,8 @@ def test_torch_fuse_of_a_pickled_bin_base_writes_safetensors(tiny_model_dir, tmp
 @needs_torch
 @pytest.mark.torch
 def test_torch_fuse_refuses_what_it_cannot_merge_exactly(tiny_model_dir, tmp_path):
-    """A LoRA module with no checkpoint tensor, a merge that overflows the stored dtype, DoRA: each refused by name,
-    never a model with some weights silently left unmerged."""
+    """A LoRA module with no checkpoint tensor, a merge that overflows the stored dtype, DoRA without its magnitudes:
+    each refused by name, never a model with some weights silently left unmerged."""
     import torch
     from safetensors.torch import load_file, save_file
 
@@ -705,8 +712,57 @@ def test_torch_fuse_refuses_what_it_cannot_merge_exactly(tiny_model_dir, tmp_pat
     shutil.copytree(adapter, dora)
     config = json.loads((dora / "adapter_config.json").read_text())
     (dora / "adapter_config.json").write_text(json.dumps(config | {"use_dora": True}))
-    with pytest.raises(ExportRefused, match="DoRA"):
+    with pytest.raises(ExportRefused, match="DoRA module .* needs a magnitude vector"):
         export_in_process(tiny_model_dir, dora, tmp_path / "out3")
+
+
+@needs_torch
+@pytest.mark.torch
+def test_torch_fuse_merges_dora_as_peft_does(tiny_model_dir, tmp_path):
+    """A PEFT DoRA adapter (lora.use_dora) fused: each merged weight is (m / ||W + s·B·A||) · (W + s·B·A), as
+    PEFT's merge_and_unload makes it, and the fused folder gives PeftModel's logits and greedy tokens."""
+    import torch
+    from safetensors.torch import load_file
+
+    adapter = peft_adapter(tiny_model_dir, tmp_path / "adapter", dora=True)
+    export_in_process(tiny_model_dir, adapter, tmp_path / "fused")
+    check_torch_fused(tiny_model_dir, adapter, tmp_path / "fused")
+    merged = torch_model(tiny_model_dir, adapter).merge_and_unload(safe_merge=True)
+    ours = load_file(str(tmp_path / "fused" / "model.safetensors"))
+    name = "model.layers.1.mlp.down_proj.weight"
+    torch.testing.assert_close(ours[name], merged.state_dict()[name], rtol=1e-5, atol=1e-6)
+
+
+@needs_mlx
+@pytest.mark.mlx
+def test_mlx_fuse_merges_a_dora_run_with_mlx_lms_own_fuse(tiny_model_dir, tmp_path):
+    """An mlx DoRA adapter as the backend saves it (lora.use_dora, trained a few steps) fused by the mlx exporter
+    (mlx-lm's DoRALinear.fuse) gives the logits and greedy tokens of the adapter as mlx_lm.load reads it."""
+    from overnight.backends.mlx_backend import MLXBackend
+    from overnight.backends.mlx_export import export
+    from overnight.config import Config
+
+    cfg = Config()
+    cfg.model.path, cfg.model.quantization.bits, cfg.lora.layers = str(tiny_model_dir), 0, -1
+    cfg.lora.rank, cfg.lora.dropout, cfg.lora.use_dora = 4, 0.0, True
+    backend = MLXBackend()
+    backend.setup(cfg, 0)
+    ids = np.concatenate([TOKENS, TOKENS[:, ::-1]]).astype(np.int32)
+    batch = Batch(ids, np.ones(ids.shape, np.float32), np.ones(ids.shape, np.int32), pad_id=0)
+    for _ in range(3):
+        backend.train_step([batch], 2e-2)
+    backend.save(tmp_path / "checkpoint")
+    adapter = tmp_path / "checkpoint" / "adapter"
+    (tmp_path / "fused").mkdir()
+    export({"base": str(tiny_model_dir), "adapter": str(adapter), "output": str(tmp_path / "fused"), "bits": 0,
+            "group_size": 64, "dequantize": False, "gguf": False, "reward": False})
+    reference = mlx_forward(mlx_trained_model(tiny_model_dir, adapter, bits=0))
+    merged = mlx_forward(mlx_fused(tmp_path / "fused"))
+    assert max_diff(reference(TOKENS), mlx_forward(mlx_trained_model(tiny_model_dir, None, 0))(TOKENS)) > ADAPTER_EFFECT
+    diff = max_diff(reference(TOKENS), merged(TOKENS))
+    print(f"mlx DoRA fuse: max |logits diff| {diff:.2e}")
+    assert diff < TOLERANCE
+    assert greedy(reference) == greedy(merged)
 
 
 # -- reward models (--method reward): a standalone sequence-classification folder -----------------------------

@@ -181,3 +181,13 @@ def test_a_sigterm_before_training_started_says_so(tmp_path, tiny_model_dir):
     assert "stopped by SIGTERM before training started; nothing was trained or saved" in stderr, stderr
     assert "no checkpoint exists yet: the same command starts the run again" in stderr
     assert "Traceback" not in stderr and not (out / "metrics.jsonl").exists()
+
+
+def test_dora_on_a_backend_that_does_not_build_it_is_refused_before_anything_is_written(tmp_path, tiny_model_dir):
+    """The numpy reference backend has no DoRA layers: lora.use_dora=true there is exit 2 naming the key and the
+    backend, not a plain-LoRA run under a config that says DoRA."""
+    run = tmp_path / "run"
+    args = base_args(tiny_model_dir, run, 5, "--set", "lora.use_dora=true")
+    result = overnight(*args)
+    refused_with(result, 2, "lora.use_dora", "does not build DoRA layers")
+    assert not (run / "checkpoints").exists()

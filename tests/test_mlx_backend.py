@@ -111,6 +111,7 @@ def _config(model_dir: Path, **over) -> Config:
     cfg.lora.layers = over.pop("layers", -1)
     cfg.lora.targets = over.pop("targets", ["q_proj", "k_proj", "v_proj", "o_proj",
                                             "gate_proj", "up_proj", "down_proj"])
+    cfg.lora.use_dora = over.pop("use_dora", False)
     cfg.data.method = over.pop("method", "sft")
     cfg.train.weight_decay = over.pop("weight_decay", 0.0)
     cfg.train.max_grad_norm = over.pop("max_grad_norm", 1.0)
@@ -359,6 +360,86 @@ def test_mlx_lm_loads_the_adapter_and_it_beats_the_base(trained, sft_data, tiny_
     tuned_loss, base_loss = _heldout_loss(tuned, val), _heldout_loss(base, val)
     assert tuned_loss == pytest.approx(val_after, rel=1e-5)  # same model as the backend's, dropout off
     assert tuned_loss < base_loss - 1.0, (base_loss, tuned_loss)
+
+
+class _FixedMask(nn.Module):
+    """A dropout whose mask is given, so a layer's training forward can be compared with the reference."""
+
+    def __init__(self, mask):
+        super().__init__()
+        self._mask = mask
+
+    def __call__(self, x):
+        return x * self._mask
+
+
+@pytest.mark.parametrize("bits", [0, 4], ids=["float", "4-bit"])
+def test_dora_layer_computes_the_one_definition(bits):
+    """The mlx DoRA layer's output is lora_init.DORA's (PEFT's) in training, dropout included, and in eval; mlx-lm's
+    own DoRALinear is not (it rescales the undropped base output), which is why the backend has its own."""
+    from mlx_lm.tuner.dora import DoRALinear
+
+    from overnight.backend import lora_init
+    from overnight.backends.mlx_backend import _dora_layer_class
+
+    rng = np.random.default_rng(0)
+    linear = nn.Linear(64, 24, bias=True)
+    linear.weight = mx.array(rng.normal(0, 0.2, (24, 64)).astype(np.float32))
+    linear.bias = mx.array(rng.normal(0, 0.2, 24).astype(np.float32))
+    if bits:
+        linear = nn.QuantizedLinear.from_linear(linear, group_size=32, bits=bits)
+    layer = DoRALinear.from_base(linear, r=4, dropout=0.5, scale=2.0)
+    weight = np.array(layer._dequantized_weight())
+    assert np.allclose(np.array(layer.m), lora_init.dora_magnitude(weight), rtol=1e-5)  # the initial magnitude
+    layer.lora_b = mx.array(rng.normal(0, 0.3, (4, 24)).astype(np.float32))
+    layer.m = layer.m * mx.array(rng.uniform(0.5, 1.5, 24).astype(np.float32))
+    x = rng.normal(0, 1, (3, 64)).astype(np.float32)
+    mask = (rng.uniform(size=(3, 64)) > 0.5).astype(np.float32) * 2.0
+    params = [np.array(v) for v in (layer.linear.bias, layer.lora_a.T, layer.lora_b.T, layer.m)]
+
+    def reference(dropped):
+        return lora_init.dora_forward(x, dropped, weight, params[0], params[1], params[2], params[3], 2.0)
+
+    layer.dropout = _FixedMask(mx.array(mask))
+    layer.train()
+    mlx_lm_training = np.array(layer(mx.array(x)))
+    layer.__class__ = _dora_layer_class()
+    assert np.allclose(np.array(layer(mx.array(x))), reference(x * mask), rtol=1e-4, atol=1e-5)
+    assert not np.allclose(mlx_lm_training, reference(x * mask), rtol=1e-2, atol=1e-3)
+    layer.dropout = nn.Dropout(0.5)
+    layer.eval()
+    assert np.allclose(np.array(layer(mx.array(x))), reference(x), rtol=1e-4, atol=1e-5)
+
+
+def test_dora_trains_saves_and_mlx_lm_loads_it(tiny_model_dir, sft_data, tmp_path):
+    """DoRA on the default path (4-bit base, dropout on): the magnitudes train, the adapter is mlx-lm's own DoRA
+    layout (fine_tune_type dora, .m beside lora_a/lora_b) and mlx_lm.load scores with it as the backend does, and
+    the adapter switched off (dpo's and grpo's reference) is the base alone, magnitudes included."""
+    import mlx_lm
+
+    from overnight.backend import lora_init
+
+    steps, val = sft_data
+    backend = _backend(tiny_model_dir, bits=4, dropout=0.1, use_dora=True, targets=["q_proj", "v_proj"])
+    before = _adapter(backend)
+    for micro_batches in steps[:3]:
+        backend.train_step(micro_batches, 1e-2)
+    after = _adapter(backend)
+    magnitudes = sorted(k for k in after if k.endswith(".m"))
+    assert len(magnitudes) == 4 and len(after) == 12  # 2 blocks x q_proj, v_proj x (lora_a, lora_b, m)
+    assert all(not np.allclose(before[k], after[k]) for k in magnitudes)
+    backend.save(tmp_path)
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["fine_tune_type"] == "dora"
+    assert backend._portable_key(magnitudes[0]) == lora_init.neutral_module_name(magnitudes[0][:-2]) + ".M"
+
+    backend._set_training(False)
+    tuned, _ = mlx_lm.load(str(tiny_model_dir), adapter_path=str(tmp_path / "adapter"))
+    assert _heldout_loss(tuned, val[:1]) == pytest.approx(_val_loss(backend, val[:1]), rel=1e-4)
+    base = MLXBackend()
+    base.setup(_config(tiny_model_dir, bits=4, targets=["q_proj", "v_proj"]), 0)  # LoRA, B = 0: the base
+    assert np.allclose(backend.token_logps(val[0], adapter=False), base.token_logps(val[0]), atol=1e-5)
+    assert not np.allclose(backend.token_logps(val[0]), base.token_logps(val[0]), atol=1e-3)
 
 
 def test_generate_is_greedy_bounded_and_stops_at_eos(trained):

@@ -48,7 +48,18 @@ def by_step(records: list[dict], event: str, field: str) -> dict[int, float]:
 
 @pytest.mark.parametrize("method", ["sft", "cpt", "dpo", "orpo", "reward"])
 def test_same_config_same_training_on_torch_and_mlx(method, tiny_model_dir, tmp_path):
-    runs = {name: train(name, method, tiny_model_dir, tmp_path / name) for name in ("torch", "mlx")}
+    assert_same_training(method, tiny_model_dir, tmp_path)
+
+
+def test_dora_same_training_on_torch_and_mlx(tiny_model_dir, tmp_path):
+    """DoRA (lora.use_dora) as src/backend/lora_init.py's DORA defines it: PEFT's DoRA on torch, the mlx backend's
+    own layer on mlx, the same losses. dpo also runs its reference pass, the base with the adapter off, which for
+    DoRA must also switch the magnitudes off."""
+    assert_same_training("dpo", tiny_model_dir, tmp_path, "--set", "lora.use_dora=true")
+
+
+def assert_same_training(method: str, model, tmp_path, *extra: str) -> None:
+    runs = {name: train(name, method, model, tmp_path / name, *extra) for name in ("torch", "mlx")}
     losses = {name: by_step(records, "train", "loss") for name, records in runs.items()}
     evals = {name: by_step(records, "eval", "val_loss") for name, records in runs.items()}
     assert sorted(losses["torch"]) == sorted(losses["mlx"]) == list(range(1, STEPS + 1))

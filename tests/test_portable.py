@@ -145,6 +145,54 @@ def test_ten_steps_on_one_backend_then_ten_on_the_other_match_twenty_on_the_othe
     load_in(target, tiny_model_dir, early / "adapter")
 
 
+@BOTH
+def test_a_dora_state_moves_between_backends_magnitudes_included(tiny_model_dir, tmp_path):
+    """DoRA's magnitudes travel in the portable copy (<module>.M with their AdamW moments): three steps on mlx, the
+    state through portable.safetensors into torch and back into a new mlx backend, every weight and moment the same,
+    and the next step gives the same loss on all three (no quantization, no dropout)."""
+    from overnight.backend import Batch
+    from overnight.backends.mlx_backend import MLXBackend
+    from overnight.backends.torch_backend import TorchBackend
+    from overnight.config import Config
+    from tokenizers import Tokenizer
+
+    cfg = Config()
+    cfg.model.path, cfg.model.quantization.bits = str(tiny_model_dir), 0
+    cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.layers = 4, 8.0, 0.0, -1
+    cfg.lora.targets, cfg.lora.use_dora = ["q_proj", "down_proj"], True
+    rows = [e.ids for e in Tokenizer.from_file(str(tiny_model_dir / "tokenizer.json")).encode_batch(
+        ["The capital of France is Paris.", "Rain fell all morning and the sun was warm."])]
+    ids = np.zeros((2, max(map(len, rows))), np.int32)
+    mask = np.zeros(ids.shape, np.float32)
+    for i, row in enumerate(rows):
+        ids[i, :len(row)], mask[i, 1:len(row)] = row, 1
+    batch = Batch(ids, mask, (mask > 0) | (np.arange(ids.shape[1]) == 0), pad_id=0)
+
+    def started(backend_class):
+        backend = backend_class()
+        backend.setup(cfg, 0)
+        return backend
+
+    source = started(MLXBackend)
+    for _ in range(3):
+        source.train_step([batch], 1e-2)
+    portable.write(tmp_path, source.portable_state(), "mlx")
+    state = portable.read(tmp_path)
+    assert sorted(k for k in state.weights if k.endswith(".M")) == [
+        f"layers.{i}.{p}.M" for i in (0, 1) for p in ("mlp.down_proj", "self_attn.q_proj")]
+    torch_backend = started(TorchBackend)
+    portable.check_fits(state, {k: v.shape for k, v in torch_backend.portable_state().weights.items()}, "here")
+    torch_backend.load_portable(state)
+    back = started(MLXBackend)
+    back.load_portable(torch_backend.portable_state())
+    for moved in (torch_backend.portable_state(), back.portable_state()):
+        for ours, theirs in ((state.weights, moved.weights), (state.exp_avg, moved.exp_avg),
+                             (state.exp_avg_sq, moved.exp_avg_sq)):
+            assert ours.keys() == theirs.keys() and all(np.array_equal(ours[k], theirs[k]) for k in ours)
+    losses = [b.train_step([batch], 1e-2).loss for b in (source, torch_backend, back)]
+    assert relative(losses[0], losses[1]) < TOLERANCE and losses[0] == losses[2], losses
+
+
 FORMAT = {"torch": "peft", "mlx": "mlx"}
 
 

@@ -1,6 +1,7 @@
 """src/data/tokenizer.py: the stop tokens a model folder declares (the rest of the tokenizer: tests/test_data.py)."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from overnight.data.tokenizer import _stop_ids, load_tokenizer
@@ -72,3 +73,56 @@ def test_the_probe_renders_with_the_chat_template_kwargs(tiny_model_dir, tmp_pat
     ids = load_tokenizer(tiny_model_dir)._tok
     assert load_tokenizer(folder, {"close": True}).end_of_turn_id == ids.token_to_id("<|user|>")
     assert load_tokenizer(folder, {"close": False}).end_of_turn_id == ids.token_to_id("<|system|>")
+
+
+# -- tools: what the template is given -----------------------------------------------------------------------------
+
+CALL_TEXT = '{"city": "Paris"}'
+
+
+def _call_turn(arguments) -> list[dict]:
+    return [{"role": "user", "content": "Weather?"},
+            {"role": "assistant", "tool_calls": [{"name": "get_weather", "arguments": arguments}]}]
+
+
+def test_tool_call_arguments_go_in_the_form_the_template_writes(tiny_model_dir, tmp_path):
+    """Templates that `tojson` the arguments (Qwen2.5, Llama 3.1) get an object, a JSON text parsed, so it is not
+    quoted twice; a template that can only concatenate text (as DeepSeek's does) gets text, the row's own string
+    verbatim; one that would print a Python dict gets text too. A bare {"name", "arguments"} call is wrapped in
+    transformers' {"type": "function", "function": ...} shape."""
+    calls = "{% for m in messages %}{% for c in m.tool_calls or [] %}[{{ c.type }}:{{ c.function.name }}:%s]" \
+            "{% endfor %}{% endfor %}"
+    cases = {
+        "tojson": (calls.replace("%s", "{{ c.function.arguments | tojson }}"), False,
+                   '[function:get_weather:{"city": "Paris"}]'),
+        "concatenates": (calls.replace("%s", "{{ '' + c.function.arguments }}"), True, "[function:get_weather:%s]"),
+        "prints": (calls.replace("%s", "{{ c.function.arguments }}"), True, "[function:get_weather:%s]"),
+    }
+    for name, (template, as_text, expected) in cases.items():
+        tok = load_tokenizer(_with_template(tiny_model_dir, tmp_path / name, template))
+        assert tok.tool_support.renders_calls and tok.tool_support.arguments_as_text == as_text, name
+        for arguments in ({"city": "Paris"}, CALL_TEXT, '{"city":"Paris"}'):
+            text = tok.apply_chat_template(_call_turn(arguments))
+            shown = arguments if isinstance(arguments, str) else CALL_TEXT
+            assert text == (expected % shown if as_text else expected), (name, arguments)
+
+
+def test_a_template_that_refuses_every_probe_leaves_the_decision_to_the_rows(tiny_model_dir, tmp_path):
+    from overnight.data.tokenizer import ToolSupport, require_tool_support
+
+    tiny = load_tokenizer(tiny_model_dir)
+    assert tiny.tool_support == ToolSupport(False, False)  # the probes render: tools and calls leave no trace
+    refusing = load_tokenizer(_with_template(tiny_model_dir, tmp_path / "refuses", "{{ raise_exception('no') }}"))
+    assert refusing.tool_support == ToolSupport(None, None)
+    require_tool_support(refusing, [{"name": "f"}], _call_turn({}))  # not refused here: the row's rendering decides
+
+
+def test_tools_given_as_json_text_are_parsed_and_an_empty_list_is_no_tools(tiny_model_dir, tmp_path):
+    template = "{% if tools is not none %}{{ tools | tojson }}{% else %}none{% endif %}"
+    tok = load_tokenizer(_with_template(tiny_model_dir, tmp_path / "tools", template))
+    tools = [{"type": "function", "function": {"name": "f"}}]
+    chat = [{"role": "user", "content": "x"}]
+    assert tok.apply_chat_template(chat, tools=tools) == tok.apply_chat_template(chat, tools=json.dumps(tools)) == \
+        json.dumps(tools)
+    assert tok.apply_chat_template(chat, tools=[]) == tok.apply_chat_template(chat) == "none"
+    assert tok.tool_support.renders_tools and not tok.tool_support.renders_calls

@@ -373,6 +373,89 @@ def test_saved_adapter_loads_with_peft_from_pretrained(tiny_model_dir, tmp_path)
     assert not torch.allclose(plain, want)  # the adapter really changes the model
 
 
+def test_peft_dora_layer_computes_the_one_definition():
+    """PEFT's DoRA, which the torch backend trains with, is lora_init.DORA (the definition the mlx backend's layer
+    is held to), in training with a dropout mask and in eval: a PEFT upgrade that changed it fails here."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from overnight.backend import lora_init
+
+    class Mask(torch.nn.Module):
+        def __init__(self, mask):
+            super().__init__()
+            self.mask = mask
+
+        def forward(self, x):
+            return x * self.mask
+
+    torch.manual_seed(0)
+    model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(64, 24)),
+                           LoraConfig(r=4, lora_alpha=8, lora_dropout=0.5, target_modules=["0"], use_dora=True))
+    layer = model.base_model.model[0]
+    weight, bias = layer.base_layer.weight.detach().numpy(), layer.base_layer.bias.detach().numpy()
+    magnitude = layer.lora_magnitude_vector["default"].weight
+    np.testing.assert_allclose(magnitude.detach().numpy(), lora_init.dora_magnitude(weight), rtol=1e-5)
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_(0, 0.3)
+        magnitude.mul_(torch.rand(24) + 0.5)
+    x = torch.randn(3, 64)
+    mask = (torch.rand(3, 64) > 0.5).float() * 2.0
+    layer.lora_dropout["default"] = Mask(mask)
+    arrays = [t.detach().numpy() for t in (layer.lora_A["default"].weight, layer.lora_B["default"].weight, magnitude)]
+    model.train()
+    with torch.no_grad():
+        trained = model(x).numpy()
+    want = lora_init.dora_forward(x.numpy(), (x * mask).numpy(), weight, bias, *arrays, 2.0)
+    np.testing.assert_allclose(trained, want, rtol=1e-4, atol=1e-5)
+    model.eval()
+    with torch.no_grad():
+        evaluated = model(x).numpy()
+    np.testing.assert_allclose(evaluated, lora_init.dora_forward(x.numpy(), x.numpy(), weight, bias, *arrays, 2.0),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_dora_on_4bit_trains_and_peft_loads_it_with_the_same_logits(tiny_model_dir, tmp_path):
+    """lora.use_dora on the default 4-bit path: the magnitudes train, the adapter is a PEFT DoRA adapter (use_dora,
+    lora_magnitude_vector under PEFT's own name) that PeftModel.from_pretrained on the same 4-bit base reads back to
+    the same logits, and the portable copy names the magnitudes <module>.M."""
+    import torch
+    from peft import PeftModel
+    from safetensors.numpy import load_file
+    from transformers import AutoModelForCausalLM
+
+    backend, _ = make_backend(tiny_model_dir, bits=4, lora__use_dora=True, lora__targets=["q_proj", "v_proj"],
+                              lora__dropout=0.1)
+    before = lora_weights(backend)
+    batch = sft_batch(tiny_model_dir)
+    for _ in range(3):
+        backend.train_step([batch], 1e-2)
+    after = lora_weights(backend)
+    magnitudes = [k for k in after if "lora_magnitude_vector" in k]
+    assert len(magnitudes) == 4 and all(not np.allclose(before[k], after[k]) for k in magnitudes)
+    backend.save(tmp_path)
+    adapter = tmp_path / "adapter"
+    assert json.loads((adapter / "adapter_config.json").read_text())["use_dora"] is True
+    saved = load_file(str(adapter / "adapter_model.safetensors"))
+    assert "base_model.model.model.layers.1.self_attn.v_proj.lora_magnitude_vector" in saved
+    assert sorted(k for k in backend.portable_state().weights if k.endswith(".M")) == [
+        f"layers.{i}.self_attn.{p}.M" for i in (0, 1) for p in ("q_proj", "v_proj")]
+
+    from overnight.backends.torch_backend import _keep_4bit_weights_unpacked
+
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32, device_map={"": "cpu"},
+                                                quantization_config=backend._quantization_config(4))
+    _keep_4bit_weights_unpacked(base)  # bitsandbytes' CPU repacking rounds otherwise (the backend's own rule)
+    loaded = PeftModel.from_pretrained(base, str(adapter)).eval()
+    ids = torch.as_tensor(batch.input_ids, dtype=torch.long)
+    attn = torch.as_tensor(batch.attention_mask, dtype=torch.long)
+    backend._model.eval()
+    with torch.no_grad():
+        want = backend._model(input_ids=ids, attention_mask=attn).logits
+        got = loaded(input_ids=ids, attention_mask=attn).logits
+    torch.testing.assert_close(got, want)
+
+
 def test_resume_with_another_optimizer_is_refused(tiny_model_dir, tmp_path):
     from overnight.config import ConfigError
 

@@ -192,6 +192,9 @@ class Collective(Protocol):
 
 class Backend(Protocol):
     name: str
+    # True for a backend that builds DoRA layers when lora.use_dora is set (src/backend/lora_init.py, DORA); the core
+    # refuses the key for any other, rather than let it train plain LoRA
+    supports_dora: bool
 
     def setup(self, cfg: Any, seed: int) -> SetupInfo:
         """Load model, quantize if asked, attach LoRA, build the optimizer. ``cfg`` is overnight.config.Config."""

@@ -13,8 +13,16 @@ dtype (bf16 included, which numpy cannot name) crosses bit for bit.
 
 The module path inside the model (``model.layers.N.self_attn.q_proj``) is kept as it is: mlx-lm's model code
 names its modules as the Hugging Face checkpoints do for the architectures both load (Llama, Mistral, Qwen...).
-Anything one format can express and the other cannot (DoRA, per-module ranks, extra trained modules, LoRA on
-some blocks that are not the last N) is refused by name, never approximated.
+Anything one format can express and the other cannot (per-module ranks, extra trained modules, LoRA on some blocks
+that are not the last N) is refused by name, never approximated.
+
+DoRA (src/backend/lora_init.py, DORA) converts too: both libraries keep the same magnitude vector, one value per
+output row of the layer, so it moves as it is, renamed:
+
+    mlx-lm  fine_tune_type "dora"; model.layers.N.<path>.m                      (out,)
+    PEFT    use_dora true;         base_model.model.model.layers.N.<path>.lora_magnitude_vector  (out,)
+
+A reward model's DoRA adapter is refused (overnight does not train one; see config.py).
 
 A reward model's adapter (`--method reward`) also carries its score head (hidden -> 1), moved as it is, (1, hidden)
 on both sides, and in both formats a reward_head.json (REWARD_HEAD) beside it: {"num_labels": 1, "pad_token_id": N,
@@ -59,12 +67,16 @@ HEAD_PLACE = {"peft": (PEFT_WEIGHTS, PEFT_SCORE_KEY), "mlx": (MLX_HEAD_WEIGHTS, 
 _MLX_KEY = re.compile(r"^(?P<module>.*\.layers\.(?P<layer>\d+)\.(?P<path>.+))\.(?P<kind>lora_a|lora_b)$")
 _PEFT_KEY = re.compile(r"^base_model\.model\.(?P<module>.*\.layers\.(?P<layer>\d+)\.(?P<path>.+))"
                        r"\.(?P<kind>lora_A|lora_B)(?:\.default)?\.weight$")
+# DoRA's magnitude vectors: mlx-lm's DoRALinear.m, PEFT's lora_magnitude_vector (saved without ".weight").
+MLX_MAGNITUDE = re.compile(r"^(?P<module>.*\.layers\.\d+\..+)\.m$")
+PEFT_MAGNITUDE = re.compile(r"^base_model\.model\.(?P<module>.*\.layers\.\d+\..+)\.lora_magnitude_vector"
+                             r"(?:\.default)?(?:\.weight)?$")
 # numpy stand-ins of the same width: bytes are moved, never reinterpreted as numbers.
 _ITEM_DTYPE = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16}
 
 # PEFT features that have no mlx-lm equivalent; each must be off for the conversion to be exact.
 _PEFT_UNSUPPORTED = {
-    "use_dora": "DoRA (mlx-lm has its own DoRA layers, but their magnitude vector is stored differently)",
+    "use_dora": "DoRA's magnitude vectors (use_dora)",
     "rank_pattern": "per-module ranks (rank_pattern)", "alpha_pattern": "per-module alphas (alpha_pattern)",
     "modules_to_save": "fully trained extra modules (modules_to_save)", "lora_bias": "LoRA bias vectors",
     "layer_replication": "layer_replication", "fan_in_fan_out": "fan_in_fan_out (GPT-2 Conv1D layers)",
@@ -172,6 +184,7 @@ class LoraModule:
     block_path: str  # the path inside its block, e.g. self_attn.q_proj
     a: Tensor  # PEFT layout (r, in)
     b: Tensor  # PEFT layout (out, r)
+    magnitude: Tensor | None = None  # DoRA's (out,), the same in both formats
 
 
 def _transposed(tensor: Tensor) -> Tensor:
@@ -216,13 +229,15 @@ def _last_blocks(layers: list[int], total: int | None, source: str) -> int:
     return top - lowest
 
 
-def refuse_beyond_plain_lora(config: dict, where: Path, holder: str, purpose: str) -> None:
-    """A PEFT adapter_config.json that is more than plain LoRA (another PEFT type, DoRA and the other features in
-    _PEFT_UNSUPPORTED, bias vectors) cannot ``purpose`` (be converted exactly, start a run): UsageError naming the
-    key, since ``holder`` (mlx-lm's LoRA, overnight's LoRA) has nowhere to put it."""
+def refuse_beyond_plain_lora(config: dict, where: Path, holder: str, purpose: str, dora_ok: bool = False) -> None:
+    """A PEFT adapter_config.json that is more than plain LoRA (another PEFT type, DoRA unless ``dora_ok`` and the
+    other features in _PEFT_UNSUPPORTED, bias vectors) cannot ``purpose`` (be converted exactly, start a run):
+    UsageError naming the key, since ``holder`` (mlx-lm's LoRA, overnight's LoRA) has nowhere to put it."""
     if config.get("peft_type", "LORA") != "LORA":
         raise UsageError(f"{where}: peft_type is {config.get('peft_type')}; only a LoRA adapter can {purpose}")
     for key, what in _PEFT_UNSUPPORTED.items():
+        if key == "use_dora" and dora_ok:
+            continue
         if config.get(key):
             raise UsageError(f"{where}: {what} ({key}={config[key]!r}) has no place in {holder}; this adapter "
                              f"cannot {purpose}")
@@ -336,13 +351,49 @@ def mlx_score_head(adapter_dir: Path) -> ScoreHead | None:
     return ScoreHead(head, spec["pad_token_id"])
 
 
+def split_magnitudes(tensors: dict[str, Tensor], pattern: re.Pattern, dora: bool, source: Path) -> dict[str, Tensor]:
+    """DoRA's magnitude vectors taken out of ``tensors``, by module path; a magnitude in an adapter whose config does
+    not say DoRA is refused (it would be dropped, and the adapter would be another model)."""
+    magnitudes = {}
+    for name in [n for n in tensors if pattern.match(n)]:
+        magnitudes[pattern.match(name)["module"]] = tensors.pop(name)
+    if magnitudes and not dora:
+        raise UsageError(f"{source} holds DoRA magnitude vectors ({sorted(magnitudes)[0]}, ...) but its "
+                         f"{CONFIG} does not say DoRA; the config and the weights do not belong together")
+    return magnitudes
+
+
+def _attach_magnitudes(modules: list[LoraModule], magnitudes: dict[str, Tensor], source: Path) -> None:
+    """Each DoRA module gets its magnitude, (out_features,): every module one, none left over."""
+    for m in modules:
+        magnitude = magnitudes.pop(m.module, None)
+        out = m.b.array.shape[0]
+        if magnitude is None or magnitude.array.shape != (out,):
+            raise UsageError(f"{source}: the DoRA module {m.module} needs a magnitude vector of shape [{out}]; it has "
+                             + ("none" if magnitude is None else f"{list(magnitude.array.shape)}"))
+        m.magnitude = magnitude
+    if magnitudes:
+        raise UsageError(f"{source}: DoRA magnitudes for {sorted(magnitudes)[:3]}, which have no LoRA matrices")
+
+
+def _refuse_dora_reward(dora: bool, head: ScoreHead | None, where: Path) -> None:
+    if dora and head is not None:
+        raise UsageError(f"{where}: a reward model with DoRA is not covered (overnight trains reward models with "
+                         "plain LoRA only); it cannot be converted exactly")
+
+
 def _peft_to_mlx(adapter_dir: Path, base: str | None) -> tuple[dict[str, Tensor], dict, dict, ScoreHead | None]:
     config = _read_config(adapter_dir)
     tensors, _ = read_safetensors(adapter_dir / PEFT_WEIGHTS)
     head = peft_score_head(config, tensors, adapter_dir, base)
     plain = {k: v for k, v in config.items() if k != "modules_to_save"} if head else config
-    refuse_beyond_plain_lora(plain, adapter_dir / CONFIG, "mlx-lm's LoRA", "be converted exactly")
+    refuse_beyond_plain_lora(plain, adapter_dir / CONFIG, "mlx-lm's LoRA", "be converted exactly", dora_ok=True)
+    dora = bool(config.get("use_dora"))
+    _refuse_dora_reward(dora, head, adapter_dir / CONFIG)
+    magnitudes = split_magnitudes(tensors, PEFT_MAGNITUDE, dora, adapter_dir / PEFT_WEIGHTS)
     modules = _collect(tensors, _PEFT_KEY, "lora_A", to_peft_layout=False, source=adapter_dir / PEFT_WEIGHTS)
+    if dora:
+        _attach_magnitudes(modules, magnitudes, adapter_dir / PEFT_WEIGHTS)
     rank = int(config.get("r", modules[0].a.array.shape[0]))
     if rank != modules[0].a.array.shape[0]:
         raise UsageError(f"{adapter_dir / CONFIG}: r={rank} but the weights have rank {modules[0].a.array.shape[0]}")
@@ -358,7 +409,7 @@ def _peft_to_mlx(adapter_dir: Path, base: str | None) -> tuple[dict[str, Tensor]
     num_layers = _last_blocks(layers, total, str(adapter_dir))
     block_paths = sorted({m.block_path for m in modules})
     mlx_config = {
-        "fine_tune_type": "lora",
+        "fine_tune_type": "dora" if dora else "lora",
         "num_layers": num_layers,
         "lora_parameters": {"rank": rank, "scale": scale, "dropout": float(config.get("lora_dropout", 0.0)),
                             "keys": block_paths},
@@ -371,6 +422,8 @@ def _peft_to_mlx(adapter_dir: Path, base: str | None) -> tuple[dict[str, Tensor]
     for m in modules:
         out[f"{m.module}.lora_a"] = _transposed(m.a)
         out[f"{m.module}.lora_b"] = _transposed(m.b)
+        if m.magnitude is not None:
+            out[f"{m.module}.m"] = m.magnitude
     if head:
         mlx_config["overnight"]["method"] = "reward"
     return out, mlx_config, {"format": "mlx"}, head
@@ -379,13 +432,18 @@ def _peft_to_mlx(adapter_dir: Path, base: str | None) -> tuple[dict[str, Tensor]
 def _mlx_to_peft(adapter_dir: Path, base: str | None) -> tuple[dict[str, Tensor], dict, dict, ScoreHead | None]:
     config = _read_config(adapter_dir)
     kind = config.get("fine_tune_type", "lora")
-    if kind != "lora":
-        raise UsageError(f"{adapter_dir / CONFIG}: fine_tune_type is {kind!r}; only plain LoRA converts to PEFT "
-                         "exactly (DoRA stores its magnitudes differently, 'full' is not an adapter)")
+    if kind not in ("lora", "dora"):
+        raise UsageError(f"{adapter_dir / CONFIG}: fine_tune_type is {kind!r}; only LoRA and DoRA adapters convert "
+                         "to PEFT ('full' is not an adapter)")
+    dora = kind == "dora"
     params = config.get("lora_parameters") or {}
     tensors, _ = read_safetensors(adapter_dir / MLX_WEIGHTS)
     head = mlx_score_head(adapter_dir)
+    _refuse_dora_reward(dora, head, adapter_dir / CONFIG)
+    magnitudes = split_magnitudes(tensors, MLX_MAGNITUDE, dora, adapter_dir / MLX_WEIGHTS)
     modules = _collect(tensors, _MLX_KEY, "lora_a", to_peft_layout=True, source=adapter_dir / MLX_WEIGHTS)
+    if dora:
+        _attach_magnitudes(modules, magnitudes, adapter_dir / MLX_WEIGHTS)
     rank = modules[0].a.array.shape[0]
     if "rank" in params and int(params["rank"]) != rank:
         raise UsageError(f"{adapter_dir / CONFIG}: rank {params['rank']} but the weights have rank {rank}")
@@ -410,13 +468,15 @@ def _mlx_to_peft(adapter_dir: Path, base: str | None) -> tuple[dict[str, Tensor]
         "lora_dropout": float(params.get("dropout", 0.0)), "target_modules": targets, "bias": "none",
         "layers_to_transform": None if everywhere else layers, "layers_pattern": None,
         "base_model_name_or_path": recorded_base(str(base or config.get("model") or "")), "fan_in_fan_out": False,
-        "init_lora_weights": True, "inference_mode": True, "modules_to_save": None, "use_dora": False,
+        "init_lora_weights": True, "inference_mode": True, "modules_to_save": None, "use_dora": dora,
         "rank_pattern": {}, "alpha_pattern": {}, "revision": None,
     }
     out = {}
     for m in modules:
         out[f"{PEFT_PREFIX}{m.module}.lora_A.weight"] = m.a
         out[f"{PEFT_PREFIX}{m.module}.lora_B.weight"] = m.b
+        if m.magnitude is not None:
+            out[f"{PEFT_PREFIX}{m.module}.lora_magnitude_vector"] = m.magnitude
     if head:  # what a torch reward run saves: AutoModelForSequenceClassification + PeftModel.from_pretrained read it
         out[PEFT_SCORE_KEY] = head.weight
         peft_config |= {"task_type": "SEQ_CLS", "modules_to_save": ["score"]}
@@ -447,9 +507,11 @@ def convert_adapter(adapter_dir: Path, to: str, output: Path, base: str | None =
             (folder / REWARD_HEAD).write_text(reward_head_text(to, head.pad_token_id), encoding="utf-8")
 
     write_folder_atomically(output, write, say)
-    modules = (len(tensors) - (1 if head and to == "peft" else 0)) // 2
-    say(f"converted {source} adapter {adapter_dir} -> {to} adapter {output} ({modules} LoRA modules, "
-        f"rank {config.get('r') or config['lora_parameters']['rank']}{', and the reward score head' if head else ''})")
+    dora = bool(config.get("use_dora")) or config.get("fine_tune_type") == "dora"
+    modules = (len(tensors) - (1 if head and to == "peft" else 0)) // (3 if dora else 2)
+    say(f"converted {source} adapter {adapter_dir} -> {to} adapter {output} ({modules} "
+        f"{'DoRA' if dora else 'LoRA'} modules, rank {config.get('r') or config['lora_parameters']['rank']}"
+        f"{', and the reward score head' if head else ''})")
     if to == "peft" and not config["base_model_name_or_path"]:
         say("note: base_model_name_or_path is empty; pass --base MODEL to record which model the adapter belongs to")
     return output

@@ -31,3 +31,42 @@ def lora_a(seed: int, module: str, rank: int, in_features: int) -> np.ndarray:
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), *map(int, words)]))
     bound = 1.0 / np.sqrt(in_features)
     return rng.uniform(-bound, bound, size=(rank, in_features)).astype(np.float32)
+
+
+# The portable/neutral name of DoRA's magnitude vector: ``layers.3.self_attn.q_proj.M``, (out_features,) float32,
+# beside ``.A`` and ``.B`` (src/runs/portable.py).
+MAGNITUDE_SUFFIX = ".M"
+
+DORA = """DoRA (lora.use_dora), as both backends compute it: PEFT's definition (peft/tuners/lora/dora.py, 0.22).
+
+For a linear layer y = W x + b (W the base weight, dequantized when the base is 4-bit), LoRA's A (r, in),
+B (out, r), scale s = alpha / rank, the magnitude m (out,) and dropout D (identity in eval):
+
+    n = || W + s B A ||  per output row, treated as a constant (no gradient flows through it)
+    g = m / n
+    y = W x + b + (g - 1) * (W D(x)) + g * s * B A D(x)
+
+m starts as || W || per row (B is zero at the start, so the layer starts as the base). Without dropout (eval, or
+lora.dropout 0) this is g * (W x + s B A x) + b, which is also what mlx-lm's DoRALinear computes, so the adapter
+overnight saves loads in mlx-lm and in PEFT and scores the same in both. In training with dropout on, mlx-lm's
+DoRALinear computes g * (W x + s B A D(x)) + b instead (dropout on the LoRA term only, the base term rescaled
+undropped), so the mlx backend trains with a layer of its own that computes the line above. The merged weight
+(fuse) is g * (W + s B A), the bias unchanged. No epsilon: a row of W + s B A whose norm is 0 cannot occur with a
+trained base."""
+
+
+def dora_magnitude(weight: np.ndarray) -> np.ndarray:
+    """DoRA's initial magnitude: the row norms of the base weight (out, in), float32 (out,)."""
+    return np.linalg.norm(np.asarray(weight, dtype=np.float64), axis=1).astype(np.float32)
+
+
+def dora_forward(x: np.ndarray, dropped_x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, a: np.ndarray,
+                 b: np.ndarray, magnitude: np.ndarray, scale: float) -> np.ndarray:
+    """DORA's output in float64, the reference the backends' layers are tested against: ``x`` (..., in),
+    ``dropped_x`` the same input after the layer's dropout (``x`` itself in eval), A (r, in), B (out, r)."""
+    w = np.asarray(weight, dtype=np.float64)
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    x, dropped_x = np.asarray(x, dtype=np.float64), np.asarray(dropped_x, dtype=np.float64)
+    g = np.asarray(magnitude, dtype=np.float64) / np.linalg.norm(w + scale * b @ a, axis=1)
+    y = x @ w.T + (g - 1.0) * (dropped_x @ w.T) + g * scale * (dropped_x @ a.T @ b.T)
+    return y if bias is None else y + np.asarray(bias, dtype=np.float64)

@@ -126,7 +126,9 @@ def _add_train_command(sub) -> None:
     mode.add_argument("--before-step", type=int, metavar="N", help="resume from the newest checkpoint before step N")
     t.add_argument("--output", metavar="DIR", help="run directory (output.dir)")
     t.add_argument("--model", metavar="ID_OR_PATH", help="model folder or hub id (model.path)")
-    t.add_argument("--data", metavar="DIR", help="folder with train.jsonl and val.jsonl (data.path)")
+    t.add_argument("--data", metavar="DIR", help="folder with train.jsonl and val.jsonl, train.parquet and "
+                   "val.parquet, the hub's data/train-*.parquet shards, or a datasets save_to_disk folder; or a "
+                   ".jsonl or .parquet file (data.path; a hub dataset: --set data.hf_dataset.name=ORG/NAME)")
     t.add_argument("--method", choices=list(CHOICES["data.method"]), help="data.method")
     t.add_argument("--batch-size", type=int, metavar="N", help="train.batch_size")
     t.add_argument("--lora-rank", type=int, metavar="N", help="lora.rank")
@@ -192,8 +194,8 @@ def _add_fuse_command(sub) -> None:
 def _add_convert_adapter_command(sub) -> None:
     a = sub.add_parser("convert-adapter", help="convert a LoRA adapter between mlx-lm and PEFT formats, exactly",
                        description="Rename, transpose and translate the config of a LoRA adapter: mlx-lm "
-                       "(adapters.safetensors) <-> PEFT (adapter_model.safetensors). What one format cannot express "
-                       "(DoRA, per-module ranks, ...) is refused by name.")
+                       "(adapters.safetensors) <-> PEFT (adapter_model.safetensors), DoRA magnitudes included. What one "
+                       "format cannot express (per-module ranks, extra trained modules, ...) is refused by name.")
     a.add_argument("adapter_dir", metavar="ADAPTER_DIR")
     a.add_argument("--to", required=True, choices=["peft", "mlx"])
     a.add_argument("--output", required=True, metavar="DIR", help="new or empty folder")
@@ -204,7 +206,8 @@ def _add_convert_adapter_command(sub) -> None:
 
 def _add_validate_data_command(sub) -> None:
     v = sub.add_parser("validate-data", help="check a dataset before training")
-    v.add_argument("path", metavar="DIR_OR_FILE")
+    v.add_argument("path", metavar="DIR_OR_FILE", nargs="?",
+                   help="what train's --data takes; leave it out for --set data.hf_dataset.name=ORG/NAME")
     v.add_argument("--method", choices=list(CHOICES["data.method"]), default=None)
     v.add_argument("--model", metavar="DIR", default=None, help="tokenize with this model's tokenizer for length stats")
     v.add_argument("--max-seq-length", type=int, metavar="N", default=None,

@@ -1,8 +1,10 @@
-"""`overnight validate-data PATH [--method M] [--model DIR] [--max-seq-length N] [--set KEY=VALUE ...]`: the
+"""`overnight validate-data [PATH] [--method M] [--model DIR] [--max-seq-length N] [--set KEY=VALUE ...]`: the
 pre-training data check.
 
+PATH is what --data takes (JSONL, parquet, a datasets save_to_disk folder); a hub dataset is named with
+--set data.hf_dataset.name=ORG/NAME instead, and --set data.columns=... maps column names as for train.
 Prints rows per file and format, token-length statistics when a model folder is given, and every
-problem as file:line. Returns 0 when the data is clean, 2 otherwise.
+problem as file:line (source and row, for data that is not JSONL). Returns 0 when the data is clean, 2 otherwise.
 """
 from __future__ import annotations
 
@@ -15,7 +17,8 @@ import numpy as np
 from overnight.backend.objectives import PAIRED
 from overnight.config import Config, ConfigError, set_dotted, validate
 from overnight.data import DataError, check_data, find_data_files, load_tokenizer
-from overnight.data.formats import METHOD_FORMATS, detect_format, iter_lines, no_target_fix, parse_line
+from overnight.data.formats import (METHOD_FORMATS, detect_format, iter_lines, label_of, no_target_fix, parse_line,
+                                    row_ref, where)
 from overnight.train.progress import DataCheckProgress
 
 
@@ -31,7 +34,7 @@ def infer_method(train_file: Path) -> str:
     return "sft"
 
 
-def validate_data_main(path: str, method: str | None, model: str | None, max_seq_length: int | None = None,
+def validate_data_main(path: str | None, method: str | None, model: str | None, max_seq_length: int | None = None,
                        out: Callable[[str], None] = print, sets: list[str] | None = None) -> int:
     """``sets``: `--set KEY=VALUE` as for train (e.g. data.chat_template_kwargs, data.mask_prompt), so rows are
     checked as the run will encode them. Chat templates that print today's date get today's: a run pins its start
@@ -52,7 +55,14 @@ def validate_data_main(path: str, method: str | None, model: str | None, max_seq
         if max_seq_length is not None and (isinstance(max_seq_length, bool) or not isinstance(max_seq_length, int)
                                            or max_seq_length < 1):
             raise DataError(f"max_seq_length must be a whole number of tokens, at least 1 (got {max_seq_length!r})")
-        train_file, _ = find_data_files(Path(path))
+        hub = cfg.data.hf_dataset.name
+        if path is None and not hub:
+            raise DataError("no data named -> pass DIR_OR_FILE (what --data takes), or a hub dataset with "
+                            "--set data.hf_dataset.name=ORG/NAME")
+        if path is not None and hub:
+            raise DataError(f"both {path} and data.hf_dataset.name={hub} name the data -> pass one of them")
+        path = path if path is not None else cfg.data.path
+        train_file, _ = find_data_files(Path(path), cfg.data.columns, cfg.data.hf_dataset)
         if method is None:
             method, how = infer_method(train_file), "inferred from the rows; pass --method to check for another"
         elif method not in METHOD_FORMATS:
@@ -74,11 +84,14 @@ def validate_data_main(path: str, method: str | None, model: str | None, max_seq
         out(f"error: {exc}")
         return 2
 
-    out(f"data: {path} (method {method}, {how})")
+    out(f"data: {f'hub dataset {hub}' if hub else path} (method {method}, {how})")
     for f in report.files:
         fmt = f"{f.format} format" if f.format else "format unknown"
         blank = f", {f.blank_lines} blank line(s) skipped" if f.blank_lines else ""
-        out(f"  {f.path}: {f.rows} valid row(s), {fmt}{blank}")
+        label = label_of(f.path)
+        copy = f" (rows counted from 1; read through the JSONL copy {f.path})" \
+            if label is not None and not label.lines else ""
+        out(f"  {where(f.path)}: {f.rows} valid row(s), {fmt}{blank}{copy}")
         if f.lengths is not None and len(f.lengths):
             unit = "tokens per pair (longer side)" if method in PAIRED else "tokens per row"
             too_long = f"{f.too_long} longer than max_seq_length {cfg.model.max_seq_length}"
@@ -88,7 +101,7 @@ def validate_data_main(path: str, method: str | None, model: str | None, max_seq
                 f"max {int(f.lengths.max())}; {too_long}")
             if f.no_targets:
                 out(f"    {f.no_targets} with no target token within max_seq_length {cfg.model.max_seq_length} "
-                    f"(e.g. line {f.no_target_line}; they would train nothing): "
+                    f"(e.g. {row_ref(f.path, f.no_target_line)}; they would train nothing): "
                     f"{no_target_fix(f, cfg.data.mask_prompt)}")
     if tokenizer is None:
         out("  (pass --model DIR for token-length statistics)")
@@ -108,7 +121,7 @@ if __name__ == "__main__":
     import argparse
 
     p = argparse.ArgumentParser(prog="python -m overnight.commands.validate_data")
-    p.add_argument("path")
+    p.add_argument("path", nargs="?")
     p.add_argument("--method", default=None)
     p.add_argument("--model", default=None)
     p.add_argument("--max-seq-length", type=int, default=None)

@@ -37,6 +37,8 @@ from overnight.data.formats import (
     detect_format,
     find_data_files,
     iter_lines,
+    key_text,
+    label_of,
     line_content,
     line_number_at,
     method_needs,
@@ -45,6 +47,7 @@ from overnight.data.formats import (
     row_problems,
     stamp_of,
     validate_data_command,
+    where,
 )
 from overnight.data.tokenizer import (
     Encoded,
@@ -91,7 +94,8 @@ def check_data(data_path: Path, method: str, *, tokenizer: TextTokenizer | None 
     nothing is refused. `report.raise_if_problems()` raises one DataError listing the problems."""
     if method not in METHOD_FORMATS:
         raise DataError(f"unknown method '{method}' -> use one of {', '.join(METHOD_FORMATS)}")
-    train, val = find_data_files(Path(data_path))
+    train, val = find_data_files(Path(data_path), cfg.data.columns if cfg is not None else None,
+                                 cfg.data.hf_dataset if cfg is not None else None)
     max_len = cfg.model.max_seq_length if cfg is not None else 2048
     mask_prompt = cfg.data.mask_prompt if cfg is not None else True
     truncate = cfg.data.truncate if cfg is not None else True
@@ -139,7 +143,8 @@ def _progress_for(path: Path, on_progress: Callable[[Path, int, int, int], None]
     if on_progress is None:
         return None
     size = path.stat().st_size if path.is_file() else 0
-    return lambda rows, offset: on_progress(path, rows, offset, size)
+    shown = where(path) if label_of(path) else path  # a converted source by the name the user gave it (a str)
+    return lambda rows, offset: on_progress(shown, rows, offset, size)
 
 
 def _check_file_fits(f: FileReport, report: DataReport, method: str, tokenizer: TextTokenizer | None,
@@ -184,7 +189,7 @@ class RowSource:
         self.method = method
         self._handle = None
         if not self.path.is_file():
-            raise DataError(f"{self.path}: no such file -> check data.path")
+            raise DataError(f"{where(self.path)}: no such file -> check data.path")
         # Typed arrays keep the index at 12 bytes a row (a Python list of ints costs several times that).
         offsets, lengths, rows = array("q"), array("i"), []
         try:
@@ -203,19 +208,19 @@ class RowSource:
                     rows.append(self._parse(content, lineno))
         except OSError as exc:
             self.close()
-            raise DataError(f"{self.path}: cannot be read ({exc.strerror or exc})") from None
+            raise DataError(f"{where(self.path)}: cannot be read ({exc.strerror or exc})") from None
         if not streaming:
             self.close()
         self._unchanged(stamp_of(self.path))  # edited while it was indexed
         if not offsets:
-            raise DataError(f"{self.path}: is empty (no rows) -> add one JSON object per line")
+            raise DataError(f"{where(self.path)}: is empty (no rows) -> add one JSON object per line")
         self.offsets = np.frombuffer(offsets, dtype=np.int64)
         self.lengths = np.frombuffer(lengths, dtype=np.int32)
         self.rows = rows if not streaming else None
         first = self.row(0)
         self.format = detect_format(first)
         if self.format is None:
-            raise DataError(f"{self.path}:{self.lineno(0)}: the row has none of the keys of a known format "
+            raise DataError(f"{where(self.path, self.lineno(0))}: the row has none of the keys of a known format "
                             f"-> run {validate_data_command(self.path, self.method)} for details")
 
     def __len__(self) -> int:
@@ -233,7 +238,7 @@ class RowSource:
         row, err = parse_line(content)
         if err:
             lineno = lineno if lineno is not None else self.lineno(index)
-            raise DataError(f"{self.path}:{lineno}: {err[0]} -> {err[1]}")
+            raise DataError(f"{where(self.path, lineno)}: {err[0]} -> {err[1]}")
         return row
 
     def row(self, i: int) -> dict:
@@ -256,8 +261,7 @@ class RowSource:
             if fmt != self.format else row_problems(row, fmt, self.method)
         if problems:
             key, message, hint = problems[0]
-            key_text = f" key '{key}':" if key else ""
-            raise DataError(f"{self.path}:{self.lineno(i)}:{key_text} {message}"
+            raise DataError(f"{where(self.path, self.lineno(i))}:{key_text(self.path, key)} {message}"
                             + f" -> {hint or 'run ' + validate_data_command(self.path, self.method)}")
         return row
 
@@ -274,12 +278,12 @@ def _open_source(path: Path, tokenizer: TextTokenizer, cfg: Any, streaming: bool
     method = cfg.data.method
     source = RowSource(path, streaming, method)
     if source.format not in METHOD_FORMATS[method]:
-        raise DataError(f"{path}: rows are in {source.format} format, which method '{method}' cannot train on "
+        raise DataError(f"{where(path)}: rows are in {source.format} format, which method '{method}' cannot train on "
                         f"-> method {method} needs {method_needs(method)}")
     if cfg.packing and method in PAIRED_METHODS + ("grpo",):
         raise DataError(f"data.packing cannot be used with method {method} -> set data.packing=false")
     if source.format == "chat" and not tokenizer.has_chat_template:
-        raise DataError(f"{path}: chat rows need a chat template, and the tokenizer in {tokenizer.model_dir} "
+        raise DataError(f"{where(path)}: chat rows need a chat template, and the tokenizer in {tokenizer.model_dir} "
                         "has none -> use prompt/completion or text rows")
     return source
 
@@ -379,7 +383,7 @@ class TrainStream(BatchSource):
         try:
             return encode_row(self.tok, row, self.format, self.cfg.data.mask_prompt)
         except DataError as exc:
-            raise DataError(f"{self.source.path}:{self.source.lineno(i)}: {exc}") from None
+            raise DataError(f"{where(self.source.path, self.source.lineno(i))}: {exc}") from None
 
     def next_members(self) -> np.ndarray:
         """The sample indices of the next batch in the order (grpo reads its prompt rows through this)."""
@@ -408,11 +412,11 @@ class TrainStream(BatchSource):
             empty += 1
             if empty > self.samples_per_epoch:
                 if self.no_targets:
-                    raise DataError(f"{self.source.path}: no row has a target token within model.max_seq_length="
+                    raise DataError(f"{where(self.source.path)}: no row has a target token within model.max_seq_length="
                                     f"{self.max_len} (data.mask_prompt={str(self.cfg.data.mask_prompt).lower()}), "
                                     "so there is nothing to train on -> raise model.max_seq_length or set "
                                     "data.mask_prompt=false")
-                raise DataError(f"{self.source.path}: every row is longer than max_seq_length={self.max_len} "
+                raise DataError(f"{where(self.source.path)}: every row is longer than max_seq_length={self.max_len} "
                                 "tokens and data.truncate=false drops them -> raise model.max_seq_length "
                                 "or set data.truncate=true")
 
@@ -498,7 +502,7 @@ class TrainStream(BatchSource):
         changed = [f"{k} {was!r} -> {now!r}" for k, (was, now) in
                    order_changes(state, self.cfg, self.samples_per_epoch).items()]
         if changed:
-            raise DataError(f"{self.source.path}: the saved data position does not fit this data or config "
+            raise DataError(f"{where(self.source.path)}: the saved data position does not fit this data or config "
                             f"({'; '.join(changed)}) -> resume with the same data and batch size, or start fresh")
         self.epoch = int(state["epoch"])
         self._position = int(state["position"])
@@ -545,7 +549,7 @@ def eval_batches(val_file: Path, tokenizer: TextTokenizer, cfg: Any, max_batches
         try:
             return encode_row(tokenizer, row, source.format, cfg.data.mask_prompt)
         except DataError as exc:
-            raise DataError(f"{val_file}:{source.lineno(i)}: {exc}") from None
+            raise DataError(f"{where(val_file, source.lineno(i))}: {exc}") from None
 
     if cfg.packing:
         ids: list[int] = []
@@ -594,7 +598,8 @@ def prediction_prompts(val_file: Path, tokenizer: TextTokenizer, cfg: Any, n: in
                 messages = row["messages"] if source.format == "chat" else row["prompt"] + [{"role": "assistant"}]
                 last = max(j for j, m in enumerate(messages) if m["role"] == "assistant")
                 try:
-                    text = tokenizer.apply_chat_template(messages[:last], add_generation_prompt=True)
+                    text = tokenizer.apply_chat_template(messages[:last], add_generation_prompt=True,
+                                                          tools=row.get("tools"))
                 except Exception:  # e.g. a template that refuses a conversation opening with the answer:
                     continue  # predictions are non-critical (SPEC §8), this row just gives no prompt
                 ids = tokenizer.encode(text, add_special_tokens=False)

@@ -5,9 +5,12 @@ Four row formats (SPEC §9), detected per file from its first row:
     completion  {"prompt": ..., "completion": ...}
     text        {"text": ...}
     preference  {"prompt": ..., "chosen": ..., "rejected": ...}  (strings, or TRL's conversational form: prompt a
-                list of messages ending with a user turn, chosen and rejected lists of assistant messages)
+                list of messages ending with a user turn or a tool result, chosen and rejected lists of assistant
+                messages)
     prompt      {"prompt": ..., any other fields}  (grpo: only the prompt; the other fields go to the rewards)
-grpo also takes chat rows whose conversation ends with a user turn (the model writes the next one).
+grpo also takes chat rows whose conversation ends with a user turn or a tool result (the model writes the next one).
+Conversations may use tools (transformers' shape): a `tools` list of JSON-schema function specs on the row,
+`tool_calls` on assistant messages, `tool` messages holding each result; see _message_problems.
 Every problem names file, line and key, and says what to do about it.
 """
 from __future__ import annotations
@@ -39,6 +42,7 @@ METHOD_FORMATS = {
     "grpo": ("prompt", "chat"),
 }
 ROLES = ("system", "user", "assistant", "tool")
+PROMPT_END_ROLES = ("user", "tool")  # a prompt (grpo, a preference pair's) ends where the assistant answers next
 EXAMPLES = {
     "chat": '{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}',
     "completion": '{"prompt": "Q: 2+2?\\nA:", "completion": " 4"}',
@@ -47,13 +51,94 @@ EXAMPLES = {
     "chat_preference": ('{"prompt": [{"role": "user", "content": "2+2?"}], "chosen": [{"role": "assistant", '
                         '"content": "4"}], "rejected": [{"role": "assistant", "content": "5"}]}'),
     "prompt": '{"prompt": "Q: 2+2?", "answer": "4"}',
+    "tools": ('{"tools": [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city", '
+              '"parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}], "messages": [...]}'),
+    "tool_call": ('{"role": "assistant", "tool_calls": [{"type": "function", "function": {"name": "get_weather", '
+                  '"arguments": {"city": "Paris"}}}]}'),
+    "tool_result": '{"role": "tool", "name": "get_weather", "content": "18 C, sunny"}',
 }
 MAX_KEPT_PROBLEMS = 1000  # all problems are counted; this many are kept with their text
 SHOWN_PROBLEMS = 20
 
 
 class DataError(Exception):
-    """A problem with the user's data: the CLI prints the message and exits 2."""
+    """A problem with the user's data: the CLI prints the message and exits 2. ``key``: the row's key it is about,
+    when one is (the data check shows it beside the file and line)."""
+
+    def __init__(self, message: str = "", key: str | None = None):
+        super().__init__(message)
+        self.key = key
+
+
+# ---------------------------------------------------------------------------
+# Naming rows as the user knows them
+
+@dataclass(frozen=True)
+class SourceLabel:
+    """How the user knows a JSONL file that overnight wrote from their data (src/data/sources.py): every message
+    names the source (a parquet file, a saved dataset's split, a hub dataset's split) and its row, never the cache
+    file. Line N of the converted file is row N of the source, counted from 1 (``index`` N-1 is what ds[i] and
+    df.iloc[i] take); a JSONL file converted only to rename its keys keeps the original's line numbers."""
+
+    name: str
+    columns: dict[str, str] = field(default_factory=dict)  # row key -> the user's column (data.columns)
+    command_args: tuple[str, ...] = ()  # what `overnight validate-data` is given to check the same rows
+    shards: tuple[tuple[str, int], ...] = ()  # (file, rows) when several files make the split: rows named per file
+    lines: bool = False  # the original is JSONL: its lines are named as they are in that file
+
+    def at(self, line: int) -> str:
+        if self.lines:
+            return f"{self.name}:{line}"
+        name, row = self.name, line
+        for shard, rows in self.shards:
+            name = shard
+            if row <= rows:
+                break
+            row -= rows
+        return f"{name} row {row} (index {row - 1})"
+
+    def key(self, key: str) -> str:
+        """``'K':`` naming the user's column where data.columns renamed it (messages[0].role -> turns[0].role)."""
+        head = key.split("[", 1)[0].split(".", 1)[0]
+        if head not in self.columns:
+            return f"'{key}':"
+        return f"'{self.columns[head]}{key[len(head):]}' (data.columns maps it to '{head}'):"
+
+
+_LABELS: dict[str, SourceLabel] = {}
+
+
+def register_label(path: Path, label: SourceLabel) -> None:
+    _LABELS[os.path.realpath(path)] = label
+
+
+def label_of(path: Path | None) -> SourceLabel | None:
+    return _LABELS.get(os.path.realpath(path)) if path is not None else None
+
+
+def where(path: Path, line: int | None = None) -> str:
+    """``path:line`` for the user's own file; the source and row the user knows for a converted one."""
+    label = label_of(path)
+    if label is None:
+        return f"{path}:{line}" if line is not None else str(path)
+    return label.at(line) if line is not None else label.name
+
+
+def row_ref(path: Path, line: int) -> str:
+    """A row as a phrase after the file was named: "line 5", or "row 5 (index 4)" (in which shard, if several)."""
+    label = label_of(path)
+    if label is None or label.lines:
+        return f"line {line}"
+    shown = label.at(line)
+    return shown[len(label.name) + 1:] if shown.startswith(label.name + " ") else shown
+
+
+def key_text(path: Path, key: str | None) -> str:
+    """`` key 'K':`` as Problem and the stream's refusals print it, K in the user's column names."""
+    if not key:
+        return ""
+    label = label_of(path)
+    return f" key {label.key(key)}" if label else f" key '{key}':"
 
 
 @dataclass
@@ -65,17 +150,16 @@ class Problem:
     hint: str = ""
 
     def __str__(self) -> str:
-        where = f"{self.file}:{self.line}" if self.line is not None else str(self.file)
-        key = f" key '{self.key}':" if self.key else ""
         hint = f" -> {self.hint}" if self.hint else ""
-        return f"{where}:{key} {self.message}{hint}"
+        return f"{where(self.file, self.line)}:{key_text(self.file, self.key)} {self.message}{hint}"
 
 
 def validate_data_command(path: Path, method: str | None, model_dir: Path | str | None = None,
                           max_seq_length: int | None = None) -> str:
     """The `overnight validate-data` command that checks what the run checked: the method decides which rows fit
     (validate-data infers sft or dpo otherwise), and only a tokenizer finds rows too long for max_seq_length."""
-    parts = ["overnight validate-data", str(path)]
+    label = label_of(path)
+    parts = ["overnight validate-data", *(label.command_args if label else [str(path)])]
     if method:
         parts += ["--method", method]
     if model_dir:
@@ -180,7 +264,16 @@ def row_problems(row: dict, fmt: str, method: str | None = None) -> list[tuple[s
             out.append((key, "missing", f"{fmt} rows need {format_keys_text(fmt)}, e.g. {EXAMPLES[fmt]}"))
     if out:
         return out
-    if fmt == "preference" and any(isinstance(row[k], list) for k in FORMAT_KEYS[fmt]):
+    conversational = fmt == "chat" or (fmt == "preference" and any(isinstance(row[k], list) for k in FORMAT_KEYS[fmt]))
+    if row.get("tools") not in (None, []):
+        if conversational or fmt == "prompt":  # prompt rows: rendered as a user turn under grpo.chat_template
+            out += _tools_problems(row["tools"])
+        else:
+            out.append(("tools", f"{fmt} rows are not rendered by the chat template, so their tools would reach the "
+                        "model nowhere", f"give the row as 'messages' with the tools beside them: {EXAMPLES['tools']}"))
+        if out:
+            return out
+    if fmt == "preference" and conversational:
         return _chat_preference_problems(row)
     if fmt == "chat":
         messages = row["messages"]
@@ -188,9 +281,10 @@ def row_problems(row: dict, fmt: str, method: str | None = None) -> list[tuple[s
         if out:
             return out
         if method == "grpo":
-            if messages[-1].get("role") != "user":
+            if messages[-1].get("role") not in PROMPT_END_ROLES:
                 out.append(("messages", f"ends with a {messages[-1].get('role')} turn; a grpo prompt ends with a user "
-                            "turn (the model writes the answer)", "remove the trailing turns or the line"))
+                            "turn or a tool result (the model writes the answer)", "remove the trailing turns or the "
+                            "line"))
         elif not any(m.get("role") == "assistant" for m in messages):
             out.append(("messages", "has no assistant message, so there is nothing to learn",
                         "add the answer as {\"role\": \"assistant\", \"content\": ...} or remove the line"))
@@ -206,7 +300,9 @@ def row_problems(row: dict, fmt: str, method: str | None = None) -> list[tuple[s
 
 def _message_problems(messages: Any, name: str, example: str) -> list[tuple[str | None, str, str]]:
     """(key, message, hint) for each way ``messages`` (the value of key ``name``) is not a non-empty list of
-    {"role", "content"} objects with known roles and string contents."""
+    {"role", "content"} objects with known roles and string contents. An assistant message may carry
+    ``tool_calls`` instead of (or beside) content; a tool message carries the tool's result as its content
+    (its ``name`` and ``tool_call_id`` go to the template as given)."""
     if not isinstance(messages, list) or not messages:
         return [(name, "must be a non-empty list of {\"role\", \"content\"} objects", f"e.g. {example}")]
     out: list[tuple[str | None, str, str]] = []
@@ -221,9 +317,99 @@ def _message_problems(messages: Any, name: str, example: str) -> list[tuple[str 
             if role in ("human", "gpt", "bot", "model"):
                 hint += " (ShareGPT-style 'human'/'gpt' become 'user'/'assistant')"
             out.append((key + ".role", f"is {role!r}", hint))
-        if not _is_text(msg.get("content")):
-            out.append((key + ".content", f"must be a string, got {type(msg.get('content')).__name__}",
-                        "put the message text in 'content' as a string"))
+        calls = msg.get("tool_calls")
+        if calls not in (None, []) and role != "assistant":
+            out.append((key + ".tool_calls", f"is on a {role} message; only the assistant calls tools",
+                        f"move the calls to the assistant turn: {EXAMPLES['tool_call']}"))
+            continue
+        call_problems = _tool_call_problems(calls, key + ".tool_calls") if calls is not None else []
+        out += call_problems
+        content = msg.get("content")
+        if calls and content is None:
+            pass  # a turn of only tool calls
+        elif role == "tool" and content is None:
+            out.append((key + ".content", "missing: a tool message holds the tool's result in 'content'",
+                        f"e.g. {EXAMPLES['tool_result']}"))
+        elif not _is_text(content):
+            out.append((key + ".content", f"must be a string, got {type(content).__name__}",
+                        "put the message text in 'content' as a string" + (
+                            " (a tool's structured result as its JSON text)" if role == "tool" else "")))
+        for field_name in ("name", "tool_call_id"):
+            if role == "tool" and msg.get(field_name) is not None and not _is_text(msg[field_name]):
+                out.append((f"{key}.{field_name}", f"must be a string, got {type(msg[field_name]).__name__}",
+                            f"e.g. {EXAMPLES['tool_result']}"))
+    return out
+
+
+def _parses_to_object(text: str) -> bool:
+    try:
+        return isinstance(json.loads(text), dict)
+    except (ValueError, RecursionError):
+        return False
+
+
+def _tools_problems(tools: Any) -> list[tuple[str | None, str, str]]:
+    """``tools``: a list of function specs as transformers takes them (JSON schema, {"type": "function",
+    "function": {"name", "description", "parameters"}}, or the bare {"name", ...}), or that list as a JSON string
+    (how Arrow/parquet datasets often store it)."""
+    hint = f"give a list of JSON-schema function specs: {EXAMPLES['tools']}"
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except (ValueError, RecursionError):
+            return [("tools", "is a string that is not valid JSON", hint)]
+    if not isinstance(tools, list):
+        return [("tools", f"must be a list of tool specs, got {type(tools).__name__}", hint)]
+    out: list[tuple[str | None, str, str]] = []
+    for j, tool in enumerate(tools):
+        if not isinstance(tool, dict):
+            out.append((f"tools[{j}]", f"must be an object (a function spec), got {type(tool).__name__}", hint))
+            continue
+        function = tool.get("function", tool)
+        name = function.get("name") if isinstance(function, dict) else None
+        if not isinstance(name, str) or not name.strip():
+            where = "function.name" if "function" in tool else "name"
+            out.append((f"tools[{j}].{where}", "missing: a tool spec names its function", hint))
+    return out
+
+
+def _tool_call_problems(calls: Any, key: str) -> list[tuple[str | None, str, str]]:
+    """``tool_calls``: a list of {"type": "function", "function": {"name", "arguments"}} (OpenAI's and
+    transformers' shape; the bare {"name", "arguments"} too), ``arguments`` an object or a JSON string of one."""
+    hint = f"e.g. {EXAMPLES['tool_call']}"
+    if not isinstance(calls, list):
+        return [(key, f"must be a list of tool calls, got {type(calls).__name__}", hint)]
+    out: list[tuple[str | None, str, str]] = []
+    for j, call in enumerate(calls):
+        at = f"{key}[{j}]"
+        if not isinstance(call, dict):
+            out.append((at, f"must be an object, got {type(call).__name__}", hint))
+            continue
+        if call.get("type") not in (None, "function"):
+            out.append((at + ".type", f"is {call['type']!r}; only function calls render", hint))
+        if "function" in call:
+            function, at = call["function"], at + ".function"
+            if not isinstance(function, dict):
+                out.append((at, f"must be an object with 'name' and 'arguments', got {type(function).__name__}",
+                            hint))
+                continue
+        else:
+            function = call
+        name = function.get("name")
+        if not isinstance(name, str) or not name.strip():
+            out.append((at + ".name", "missing: a tool call names the function it calls", hint))
+        arguments = function.get("arguments")
+        if arguments is None:
+            out.append((at + ".arguments", "missing", "give the call's arguments as an object ({} for none), "
+                        + hint))
+        elif isinstance(arguments, str):
+            if not _parses_to_object(arguments):
+                out.append((at + ".arguments", "is a string that is not a JSON object",
+                            "give the arguments as an object, or as the JSON text of one (OpenAI's form): "
+                            "'{\"city\": \"Paris\"}'"))
+        elif not isinstance(arguments, dict):
+            out.append((at + ".arguments", f"must be an object (or the JSON text of one), got "
+                        f"{type(arguments).__name__}", hint))
     return out
 
 
@@ -242,15 +428,15 @@ def _chat_preference_problems(row: dict) -> list[tuple[str | None, str, str]]:
         out += _message_problems(row[key], key, example)
     if out:
         return out
-    if row["prompt"][-1].get("role") != "user":
+    if row["prompt"][-1].get("role") not in PROMPT_END_ROLES:
         out.append(("prompt", f"ends with a {row['prompt'][-1].get('role')} turn; the prompt ends with the user turn "
-                    "the answers reply to", f"e.g. {example}"))
+                    "(or the tool result) the answers reply to", f"e.g. {example}"))
     for key in ("chosen", "rejected"):
         roles = sorted({m["role"] for m in row[key]} - {"assistant"})
         if roles:
             out.append((key, f"holds a {roles[0]} message; an answer is the assistant's turn",
                         f"put only {{\"role\": \"assistant\", ...}} messages in {key}, e.g. {example}"))
-        elif not any(m["content"].strip() for m in row[key]):
+        elif not any((m.get("content") or "").strip() or m.get("tool_calls") for m in row[key]):
             out.append((key, "is empty, so there is nothing to learn", "fill it in or remove the line"))
     return out
 
@@ -297,6 +483,12 @@ def checked_stamp(path: Path) -> FileStamp | None:
 def changed_file_error(path: Path, was: FileStamp, now: FileStamp | None) -> DataError:
     """Said instead of what reading a changed file would give (a row that does not parse, on a line that may no
     longer exist, or silently other rows)."""
+    if label_of(path) is not None:  # overnight's own copy of the user's rows (src/data/sources.py), in its cache
+        return DataError(
+            f"{where(path)}: overnight's converted copy of these rows ({path}) changed while the run was using it "
+            f"(when it was checked: {was.describe()}; now: {now.describe() if now else 'gone'}) -> leave the cache "
+            "folder alone while a run uses it; remove the copy (it is written again from the source) and continue "
+            "with --auto-resume")
     return DataError(
         f"{path}: the file changed while the run was using it (when it was checked: {was.describe()}; now: "
         f"{now.describe() if now else 'gone'}). overnight reads the rows again after checking them (as it trains, "
@@ -308,29 +500,46 @@ def changed_file_error(path: Path, was: FileStamp, now: FileStamp | None) -> Dat
 # ---------------------------------------------------------------------------
 # Files
 
-def find_data_files(data_path: Path) -> tuple[Path, Path | None]:
-    """(train file, validation file or None). A folder needs train.jsonl and may hold val.jsonl or
-    valid.jsonl (val.jsonl wins when both exist); a single file is used as the training file."""
+# What --data (data.path) may name; src/data/sources.py reads all but the first through a converted JSONL copy.
+ACCEPTED_DATA = ("a folder holding train.jsonl (one JSON object per line; val.jsonl or valid.jsonl for validation), "
+                 "train.parquet (val.parquet, validation.parquet, valid.parquet or test.parquet), the hub's "
+                 "data/train-00000-of-00002.parquet shards (validation-/val-/valid-/test- shards), or what "
+                 "datasets' save_to_disk wrote (a DatasetDict with train and validation/val/valid/test, or one "
+                 "Dataset); a .jsonl or .parquet file; or a hub dataset id in data.hf_dataset.name")
+
+
+def find_data_files(data_path: Path, columns: dict[str, str] | None = None,
+                    hf_dataset: Any = None) -> tuple[Path, Path | None]:
+    """(train file, validation file or None) as JSONL, whatever the source (src/data/sources.py): ``columns`` is
+    data.columns, ``hf_dataset`` data.hf_dataset (its name, when set, replaces ``data_path``)."""
+    from overnight.data import sources  # it reads JSONL through this module: imported here, not at the top
+
+    return sources.find_data_files(data_path, columns, hf_dataset)
+
+
+def find_jsonl_files(data_path: Path) -> tuple[Path, Path | None]:
+    """(train file, validation file or None) of JSONL data. A folder needs train.jsonl and may hold val.jsonl or
+    valid.jsonl (val.jsonl wins when both exist); a single file is used as the training file. The other sources
+    come here when they found none of their layouts, for this refusal."""
     data_path = Path(data_path)
     if not data_path.exists():
-        raise DataError(f"{data_path}: no such file or folder -> pass --data with a folder holding train.jsonl "
-                        "(and val.jsonl), or a .jsonl file")
+        raise DataError(f"{data_path}: no such file or folder -> pass --data with {ACCEPTED_DATA}")
     if data_path.is_file():
         return data_path, None
     if not data_path.is_dir():  # a device, a pipe, a socket: nothing rows can be read from twice
-        raise DataError(f"{data_path}: is neither a file nor a folder -> pass --data with a folder holding "
-                        "train.jsonl (and val.jsonl), or a .jsonl file")
+        raise DataError(f"{data_path}: is neither a file nor a folder -> pass --data with {ACCEPTED_DATA}")
     train = data_path / "train.jsonl"
     if not train.is_file():
         if train.exists():
             raise DataError(f"{train}: is not a file -> train.jsonl must be a file with one JSON object per line")
         try:
-            found = sorted(p.name for p in data_path.iterdir() if p.suffix in (".jsonl", ".json"))
+            found = sorted(p.name for p in data_path.iterdir()
+                           if p.suffix in (".jsonl", ".json", ".parquet", ".arrow", ".csv", ".tsv") or p.is_dir())
         except OSError as exc:
             raise DataError(f"{data_path}: cannot be read ({exc.strerror or exc}) -> check its permissions") from None
-        extra = f" (found: {', '.join(found)})" if found else ""
-        raise DataError(f"{data_path}: missing train.jsonl{extra} -> put the training rows in {train}, "
-                        "one JSON object per line")
+        extra = f" (found: {', '.join(found[:12])}{', ...' if len(found) > 12 else ''})" if found else ""
+        raise DataError(f"{data_path}: missing train.jsonl{extra} and none of the other layouts overnight reads -> "
+                        f"pass --data with {ACCEPTED_DATA}")
     for name in ("val.jsonl", "valid.jsonl"):
         if (data_path / name).is_file():
             return train, data_path / name
@@ -402,12 +611,13 @@ class DataReport:
         for f in self.files:
             if f.too_long and not self.packing:
                 action = "truncated to fit" if self.truncate else "dropped (data.truncate=false)"
-                out.append(f"{f.path}: {f.too_long} of {f.rows} rows are longer than max_seq_length="
+                out.append(f"{where(f.path)}: {f.too_long} of {f.rows} rows are longer than max_seq_length="
                            f"{self.max_seq_length} tokens and will be {action}")
             if f.no_targets:
-                out.append(f"{f.path}: {f.no_targets} of {f.rows} rows (e.g. line {f.no_target_line}) have no target "
-                           f"token within max_seq_length={self.max_seq_length} and are left out (nothing in them to "
-                           f"learn or score); {no_target_fix(f, self.mask_prompt)}")
+                out.append(f"{where(f.path)}: {f.no_targets} of {f.rows} rows (e.g. "
+                           f"{row_ref(f.path, f.no_target_line)}) have no target token within max_seq_length="
+                           f"{self.max_seq_length} and are left out (nothing in them to learn or score); "
+                           f"{no_target_fix(f, self.mask_prompt)}")
         return out
 
     def raise_if_problems(self) -> None:
@@ -417,8 +627,8 @@ class DataReport:
         lines = [f"{self.problem_count} problem(s) in the data; nothing was trained or written:"]
         lines += [f"  {p}" for p in shown]
         if self.problem_count > len(shown):
-            command = validate_data_command(self.data_path or self.train.path, self.method, self.model_dir,
-                                            self.max_seq_length)
+            named = self.train.path if label_of(self.train.path) else self.data_path or self.train.path
+            command = validate_data_command(named, self.method, self.model_dir, self.max_seq_length)
             lines.append(f"  ... and {self.problem_count - len(shown)} more ({command} lists them all)")
         raise DataError("\n".join(lines))
 
@@ -516,7 +726,7 @@ def _unknown_format_hint(row: dict, method: str) -> str:
     if "prompt" in row:
         needed = "'chosen' and 'rejected'" if method in PAIRED else "'completion'"
         return f"a 'prompt' needs {needed}; " + hint
-    return hint
+    return hint + " (other names for these keys are mapped with data.columns, e.g. {prompt: question})"
 
 
 def _measure_row(report: FileReport, tally: _Tally, row: dict, fmt: str, lineno: int, measure: Measure) -> None:
@@ -524,7 +734,7 @@ def _measure_row(report: FileReport, tally: _Tally, row: dict, fmt: str, lineno:
     try:
         length, targets, needed = measure(row, fmt)
     except DataError as exc:
-        report.add(lineno, None, str(exc))
+        report.add(lineno, exc.key, str(exc))
         return
     tally.lengths.append(length)
     if targets == 0:
@@ -546,7 +756,8 @@ def _settle_format(report: FileReport, tallies: dict[str, _Tally], method: str) 
             continue
         for lineno in tally.lines:
             report.add(lineno, FORMAT_KEYS[other][-1],
-                       f"row is in {other} format but the file is in {fmt} format (like line {chosen.first_line})",
+                       f"row is in {other} format but the file is in {fmt} format (like "
+                       f"{row_ref(report.path, chosen.first_line)})",
                        f"one file holds one format; make this row {format_keys_text(fmt)}")
         report.problem_count += tally.count - len(tally.lines)
     if fmt in METHOD_FORMATS[method]:

@@ -4,7 +4,9 @@ Both backends train on the ids made here, so the same data gives the same tokens
 The behaviour follows transformers' `AutoTokenizer` on the same folder: tokenizer.json's post-processor
 alone decides the special tokens `encode` adds (transformers 5 ignores tokenizer_config.json's
 `add_bos_token`/`add_eos_token` when a tokenizer.json exists), and chat templates are rendered with the
-same sandboxed Jinja environment and variables.
+same sandboxed Jinja environment and variables. Conversations with tools (a row's `tools`, assistant
+`tool_calls`, `tool` turns) render as transformers renders them; a template that would drop them is refused
+(require_tool_support), and the loss mask trains every assistant turn, call turns included, never a tool result.
 """
 from __future__ import annotations
 
@@ -53,16 +55,66 @@ SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_
 REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")  # transformers' order: the first one set wins
 
 
-def _template_message(message: Any) -> Any:
+def _template_message(message: Any, arguments_as_text: bool = False) -> Any:
     """A message as transformers hands it to a template: keys whose value is null are dropped (templates
-    test for a missing key), and a reasoning field is also given as `thinking` and `reasoning_content`."""
+    test for a missing key), and a reasoning field is also given as `thinking` and `reasoning_content`.
+    Tool calls go in the one shape every tool template reads (_template_call); an empty list of them is no calls."""
     if not isinstance(message, dict):
         return message
     message = {key: value for key, value in message.items() if value is not None}
     reasoning = next((message[key] for key in REASONING_FIELDS if message.get(key) is not None), None)
     if reasoning is not None:
         message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
+    if "tool_calls" in message:
+        if message["tool_calls"] == []:  # OpenAI exports write [] for "no calls"; Llama 3.1's template raises on it
+            del message["tool_calls"]
+        elif isinstance(message["tool_calls"], list):
+            message["tool_calls"] = [_template_call(call, arguments_as_text) for call in message["tool_calls"]]
     return message
+
+
+def _template_call(call: Any, arguments_as_text: bool) -> Any:
+    """A tool call as {"type": "function", "function": {"name", "arguments"}} (+ its other keys, e.g. "id"): the
+    shape transformers documents, which Qwen's templates unwrap and Llama 3.1's requires; a bare {"name",
+    "arguments"} call is wrapped so. ``arguments`` go as an object, a JSON string parsed (Qwen2.5's and Llama 3.1's
+    templates `tojson` them, which would quote a string a second time; Qwen3's writes either as JSON), or, for a
+    template that only writes text (``arguments_as_text``, found by TextTokenizer.tool_support), as the row's string
+    verbatim, an object serialized."""
+    if not isinstance(call, dict):
+        return call
+    if isinstance(call.get("function"), dict):
+        outer = {key: value for key, value in call.items() if value is not None}
+        function = {key: value for key, value in call["function"].items() if value is not None}
+    else:
+        outer = {key: value for key, value in call.items() if key not in ("name", "arguments") and value is not None}
+        function = {key: call[key] for key in ("name", "arguments") if call.get(key) is not None}
+    arguments = function.get("arguments")
+    if arguments_as_text and isinstance(arguments, dict):
+        function["arguments"] = json.dumps(arguments, ensure_ascii=False)
+    elif not arguments_as_text and isinstance(arguments, str):
+        try:
+            function["arguments"] = json.loads(arguments)
+        except ValueError:  # the row check refuses such a row; a direct caller gets the text as it is
+            pass
+    return {**outer, "type": outer.get("type") or "function", "function": function}
+
+
+def _template_tools(tools: Any) -> Any:
+    """The row's tools as the template gets them: a JSON string (how Arrow/parquet datasets often store them)
+    parsed; an empty list is no tools (Llama 3.1's template would otherwise announce an empty tool set)."""
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except ValueError:
+            pass
+    return tools or None
+
+
+def _uses_tools(row_tools: Any, messages: Any) -> tuple[bool, list[tuple[int, Any]]]:
+    """(whether the row gives tools, [(index, message)] of the messages that carry tool calls)."""
+    calls = [(i, m) for i, m in enumerate(messages if isinstance(messages, list) else [])
+             if isinstance(m, dict) and m.get("tool_calls")]
+    return _template_tools(row_tools) is not None, calls
 
 
 def _compile_template(source: str, clock: Callable[[], datetime] = datetime.now):
@@ -165,6 +217,27 @@ _PROBES = (
 )
 
 
+# The tool probes: a tool, and a call under another name, with a value no template writes by itself, so finding
+# them in the rendered text tells that the template rendered what it was given (and not the tool list alone).
+_PROBE_TOOL = {"type": "function", "function": {
+    "name": "overnight_probe_tool", "description": "Overnight probe tool.",
+    "parameters": {"type": "object", "properties": {"probe_argument": {"type": "string"}},
+                   "required": ["probe_argument"]}}}
+_PROBE_CALL = {"name": "overnight_probe_call", "arguments": {"probe_argument": "overnight probe value"}}
+
+
+@dataclass(frozen=True)
+class ToolSupport:
+    """What a chat template does with tools, found once per tokenizer by rendering probe conversations.
+    ``renders_tools`` / ``renders_calls``: None when the template refused every probe conversation (the rows'
+    own renderings then decide). ``arguments_as_text``: the template writes a call's arguments only when given as
+    a JSON string (it concatenates them as text); every template with tools seen so far takes an object."""
+
+    renders_tools: bool | None
+    renders_calls: bool | None
+    arguments_as_text: bool = False
+
+
 class TextTokenizer:
     """encode / decode / chat template over `tokenizers.Tokenizer` + tokenizer_config.json.
 
@@ -211,6 +284,7 @@ class TextTokenizer:
                                             _read_json(self.model_dir / "generation_config.json"))
         self._stop_ids: tuple[int, ...] | None = None
         self._end_of_turn: tuple[int | None] | None = None
+        self._tool_support: ToolSupport | None = None
 
         # What encode(add_special_tokens=True) puts around a text, found by asking the post-processor.
         bare = self._tok.encode("a", add_special_tokens=False).ids
@@ -284,6 +358,49 @@ class TextTokenizer:
             return None
         return None
 
+    @property
+    def tool_support(self) -> ToolSupport:
+        if self._tool_support is None:
+            self._tool_support = self._probe_tool_support()
+        return self._tool_support
+
+    def _probe_tool_support(self) -> ToolSupport:
+        """Tools: the probe tool's name is in the text rendered with it and the text differs from the one rendered
+        without. Calls: the call's name and its argument's value are in the text of a conversation whose answer is
+        only the call (no content, then empty content for templates that read it unconditionally); arguments as an
+        object first, a JSON string second. The second base conversation is for templates that insist on a system
+        turn, as in _PROBES."""
+        if self.chat_template_source is None:
+            return ToolSupport(None, None)
+        bases = [conversation[:-1] for conversation in _PROBES]
+        name = _PROBE_TOOL["function"]["name"]
+        renders_tools = None
+        for base in bases:
+            try:
+                with_tools = self._render(base, True, [_PROBE_TOOL])
+                without = self._render(base, True, None)
+            except Exception:  # noqa: BLE001 (a template that refuses this conversation: try the next one)
+                continue
+            renders_tools = name in with_tools and with_tools != without
+            break
+        value = _PROBE_CALL["arguments"]["probe_argument"]
+        call = {"type": "function", "function": _PROBE_CALL}
+        rendered_any = False
+        for as_text in (False, True):
+            for base in bases:
+                for answer in ({"role": "assistant", "tool_calls": [call]},
+                               {"role": "assistant", "content": "", "tool_calls": [call]}):
+                    try:
+                        text = self._render(base + [answer], False, [_PROBE_TOOL] if renders_tools else None,
+                                            as_text)
+                    except Exception:  # noqa: BLE001
+                        continue
+                    rendered_any = True
+                    # an object written as Python's repr (a template that prints it as text) does not count
+                    if _PROBE_CALL["name"] in text and value in text and repr(_PROBE_CALL["arguments"]) not in text:
+                        return ToolSupport(renders_tools, True, as_text)
+        return ToolSupport(renders_tools, False if rendered_any else None)
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
@@ -295,14 +412,22 @@ class TextTokenizer:
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False,
+                            tools: list[dict] | str | None = None) -> str:
         """The rendered conversation text; tokenize it with add_special_tokens=False (the template
         already holds the special tokens, as in transformers).
 
-        The template sees what transformers' `apply_chat_template` (5.x) gives it with no tools and no
-        documents: `messages` (keys holding null dropped; a reasoning field also under `thinking` and
-        `reasoning_content`), `tools=None`, `documents=None`, `add_generation_prompt`, and every named
+        The template sees what transformers' `apply_chat_template` (5.x) gives it with no documents: `messages`
+        (keys holding null dropped; a reasoning field also under `thinking` and `reasoning_content`; tool calls in
+        transformers' documented shape, see _template_call), `tools` (the row's list of JSON-schema specs, a JSON
+        string parsed; None when there are none), `documents=None`, `add_generation_prompt`, and every named
         special token."""
+        has_calls = any(isinstance(m, dict) and m.get("tool_calls") for m in messages)
+        as_text = has_calls and self.tool_support.arguments_as_text
+        return self._render(messages, add_generation_prompt, _template_tools(tools), as_text)
+
+    def _render(self, messages: list[dict], add_generation_prompt: bool, tools: Any,
+                arguments_as_text: bool = False) -> str:
         if self.chat_template_source is None:
             raise DataError(f"{self.model_dir}: the tokenizer has no chat template -> use prompt/completion or "
                             "text rows, or a model whose tokenizer_config.json has a chat_template")
@@ -317,8 +442,8 @@ class TextTokenizer:
         # As transformers: the user's kwargs may shadow a special token's name; the variables overnight itself
         # sets come last (config.py refuses them as chat_template_kwargs keys).
         variables = {**self.special_tokens, **self.template_kwargs,
-                     "messages": [_template_message(m) for m in messages], "tools": None, "documents": None,
-                     "add_generation_prompt": add_generation_prompt}
+                     "messages": [_template_message(m, arguments_as_text) for m in messages], "tools": tools,
+                     "documents": None, "add_generation_prompt": add_generation_prompt}
         return self._template.render(**variables)
 
 
@@ -357,9 +482,41 @@ def _with_eos(tok: TextTokenizer, ids: list[int]) -> list[int]:
     return ids
 
 
-def _assistant_spans(tok: TextTokenizer, messages: list[dict], text: str) -> list[tuple[int, int]]:
+def require_tool_support(tok: TextTokenizer, tools: Any, messages: list, name: str = "messages") -> None:
+    """DataError (naming the key) when the row gives tools or tool calls that the model's chat template would drop
+    from the text: the model would then learn answers to tools it was never shown, or the calls not at all."""
+    has_tools, calls = _uses_tools(tools, messages)
+    if not has_tools and not calls:
+        return
+    if tok.chat_template_source is None:  # said once per file by the data check (no chat template at all)
+        return
+    support = tok.tool_support
+    if has_tools and support.renders_tools is False:
+        raise DataError(f"the chat template of {tok.model_dir} ignores 'tools' (it renders the same text with and "
+                        "without them), so the model would learn to call tools it is never shown -> use a model whose "
+                        "chat template renders tools (e.g. Qwen2.5, Qwen3 or Llama 3.1 Instruct), or describe the "
+                        "tools as text in the system message and remove 'tools'", key="tools")
+    if calls and support.renders_calls is False:
+        raise DataError(f"the chat template of {tok.model_dir} drops tool calls from the assistant's turn, so they "
+                        "would not be trained -> use a model whose chat template renders 'tool_calls' (e.g. Qwen2.5, "
+                        "Qwen3 or Llama 3.1 Instruct), or write the calls into the assistant's 'content' as text",
+                        key=f"{name}[{calls[0][0]}].tool_calls")
+
+
+def _call_names(message: dict) -> list[str]:
+    names = []
+    for call in message.get("tool_calls") or []:
+        function = call.get("function") if isinstance(call.get("function"), dict) else call
+        names.append(str(function.get("name", "")))
+    return names
+
+
+def _assistant_spans(tok: TextTokenizer, messages: list[dict], text: str,
+                     tools: Any = None) -> list[tuple[int, int]]:
     """Character spans of the assistant turns in the rendered ``text``: from the end of the rendered
-    generation prompt to the end of the rendered turn, so the end-of-turn tokens are learned too."""
+    generation prompt to the end of the rendered turn, so the end-of-turn tokens are learned too. A turn of
+    tool calls is a span like any other; tool results, wherever the template puts them (Qwen: inside a user
+    turn), lie between spans and are never targets."""
     spans = []
     search = 0
     # What closes a turn, so the fallback below makes it a target too: a model that never learns it never stops.
@@ -368,13 +525,26 @@ def _assistant_spans(tok: TextTokenizer, messages: list[dict], text: str) -> lis
         if message.get("role") != "assistant":
             continue
         span = None
+        before = None
         try:
-            before = tok.apply_chat_template(messages[:i], add_generation_prompt=True)
-            upto = tok.apply_chat_template(messages[:i + 1])
+            before = tok.apply_chat_template(messages[:i], add_generation_prompt=True, tools=tools)
+            upto = tok.apply_chat_template(messages[:i + 1], tools=tools)
             if len(before) < len(upto) and text.startswith(upto) and upto.startswith(before):
                 span = (len(before), len(upto))
         except Exception:
             span = None
+        calls = _call_names(message)
+        if span is None and calls:
+            # A call turn rendered differently when it is the last one (Qwen3 writes a think block only there): it
+            # starts where the generation prompt ends and runs to its end-of-turn token.
+            ends = []
+            if before is not None and text.startswith(before) and len(before) >= search:
+                ends = [at + len(c) for c in closers if (at := text.find(c, len(before))) >= 0]
+            if not ends:
+                raise DataError(f"the chat template does not render assistant message {i} (tool calls) after the "
+                                "conversation before it, so its tokens cannot be found for the loss mask -> set "
+                                "data.mask_prompt=false", key=f"messages[{i}]")
+            span = (len(before), min(ends))
         if span is None:
             # Templates that render earlier turns differently (e.g. dropping reasoning): find the content.
             content = message.get("content", "")
@@ -386,6 +556,11 @@ def _assistant_spans(tok: TextTokenizer, messages: list[dict], text: str) -> lis
             closer = next((c for c in closers if text.startswith(c, end)), "")
             end += len(closer)
             span = (start, end)
+        missing = [name for name in calls if name not in text[span[0]:span[1]]]
+        if missing:
+            raise DataError(f"the chat template leaves tool call '{missing[0]}' out of assistant message {i}, so the "
+                            "call would not be trained -> use a model whose chat template renders 'tool_calls', or "
+                            "write the call into the assistant's 'content' as text", key=f"messages[{i}].tool_calls")
         spans.append(span)
         search = span[1]
     return spans
@@ -404,19 +579,16 @@ def encode_row(tok: TextTokenizer, row: dict, fmt: str, mask_prompt: bool = True
         mask = [0] * len(tok.prefix_ids) + [1] * (len(ids) - len(tok.prefix_ids))
         return Encoded([], [], [(ids, mask)])
     if fmt == "chat":
-        try:
-            text = tok.apply_chat_template(row["messages"])
-        except DataError:
-            raise
-        except Exception as exc:
-            raise DataError(f"the chat template failed on this row ({exc}) -> check roles and their order") from None
+        tools = row.get("tools")
+        require_tool_support(tok, tools, row["messages"])
+        text = _render(tok, row["messages"], tools=tools)
         ids, offsets = tok.encode_with_offsets(text)
         if not mask_prompt:
             return Encoded([], [], [(ids, [1] * len(ids))])
         starts = np.array([s for s, _ in offsets], dtype=np.int64)
         ends = np.array([e for _, e in offsets], dtype=np.int64)
         mask = np.zeros(len(ids), dtype=bool)
-        for a, b in _assistant_spans(tok, row["messages"], text):
+        for a, b in _assistant_spans(tok, row["messages"], text, tools):
             mask |= (starts < b) & (ends > a)
         return Encoded([], [], [(ids, mask.astype(int).tolist())])
     if fmt == "preference" and isinstance(row["prompt"], list):
@@ -436,9 +608,9 @@ def encode_row(tok: TextTokenizer, row: dict, fmt: str, mask_prompt: bool = True
     raise ValueError(f"unknown format {fmt}")
 
 
-def _render(tok: TextTokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
+def _render(tok: TextTokenizer, messages: list[dict], add_generation_prompt: bool = False, tools: Any = None) -> str:
     try:
-        return tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+        return tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tools=tools)
     except DataError:
         raise
     except Exception as exc:
@@ -451,11 +623,14 @@ def _encode_chat_pair(tok: TextTokenizer, row: dict) -> Encoded:
     generation prompt, each answer the rest of the whole conversation's text (its end-of-turn token included, no
     EOS added). So a reward model trained on these rows reads the text a GRPO reward model is handed (the chat
     template of prompt + completion)."""
-    prompt_text = _render(tok, row["prompt"], add_generation_prompt=True)
+    tools = row.get("tools")
+    for key in ("prompt", "chosen", "rejected"):
+        require_tool_support(tok, tools, row[key], key)
+    prompt_text = _render(tok, row["prompt"], add_generation_prompt=True, tools=tools)
     prompt = tok.encode(prompt_text, add_special_tokens=False)
     pair = []
     for key in ("chosen", "rejected"):
-        full = _render(tok, row["prompt"] + row[key])
+        full = _render(tok, row["prompt"] + row[key], tools=tools)
         if not full.startswith(prompt_text):
             raise DataError(f"key '{key}': the chat template renders the prompt with the answer differently from the "
                             "prompt alone (it does not begin with the prompt's text), so the answer's tokens cannot "
@@ -519,15 +694,16 @@ def encode_prompt(tok: TextTokenizer, row: dict, fmt: str, chat_template: bool =
     """The ids a model continues from (grpo, predictions): a conversation through the chat template with the
     generation prompt; a "prompt" row likewise as one user turn when ``chat_template`` (prompts_use_chat_template),
     else BOS (if the tokenizer adds one) + the prompt text."""
+    tools = row.get("tools")
     if fmt == "chat" or (fmt == "prompt" and chat_template):
         messages = row["messages"] if fmt == "chat" else [{"role": "user", "content": row["prompt"]}]
-        try:
-            text = tok.apply_chat_template(messages, add_generation_prompt=True)
-        except DataError:
-            raise
-        except Exception as exc:
-            raise DataError(f"the chat template failed on this row ({exc}) -> check roles and their order") from None
+        require_tool_support(tok, tools, messages)
+        text = _render(tok, messages, add_generation_prompt=True, tools=tools)
         return tok.encode(text, add_special_tokens=False)
+    if fmt == "prompt" and _template_tools(tools) is not None:
+        raise DataError("'tools' reach the model only through its chat template, and this prompt is given as plain "
+                        "text -> set grpo.chat_template=auto (or true) with a model that has a chat template, or "
+                        "remove 'tools'", key="tools")
     return tok.prefix_ids + tok.encode(row["prompt"], add_special_tokens=False)
 
 

@@ -28,7 +28,7 @@ from overnight.methods import rewards as rw
 from overnight.backend import Batch, OutOfMemory, generator_seed
 from overnight.data.batches import TrainStream, _open_source, _rng, collate
 from overnight.data.source import BatchSource
-from overnight.data.formats import DataError
+from overnight.data.formats import DataError, where
 from overnight.data.tokenizer import encode_prompt, fit_prompt, prompts_use_chat_template
 from overnight.distributed import Solo, all_gather_json, eval_share
 from overnight.train.loop import TrainingError
@@ -97,7 +97,7 @@ class PromptRows:
         self.templated = prompts_use_chat_template(tokenizer, cfg.grpo.chat_template)
 
     def name(self, i: int) -> str:
-        return f"{self.source.path}:{self.source.lineno(i)}"
+        return where(self.source.path, self.source.lineno(i))
 
     def get(self, i: int) -> tuple[np.ndarray, Any, dict]:
         """(prompt ids, the prompt as rewards get it, the row's other fields)."""
@@ -145,9 +145,9 @@ def check_reward_fields(files: list[Path | None], reward_list: list[rw.Reward]) 
             row, err = parse_line(content)
             for reward in needed if err is None else []:
                 if reward.field not in row:
-                    raise DataError(f"{path}:{lineno}: key '{reward.field}': missing; reward {reward.name} reads it "
-                                    f"-> add '{reward.field}' to every row, or name the field the answer is in "
-                                    "(e.g. exact_match=solution)")
+                    raise DataError(f"{where(Path(path), lineno)}: key '{reward.field}': missing; reward "
+                                    f"{reward.name} reads it -> add '{reward.field}' to every row, or name the field "
+                                    "the answer is in (e.g. exact_match=solution)")
 
 
 class GrpoSource(BatchSource):

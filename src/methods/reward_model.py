@@ -362,16 +362,21 @@ class RewardModel:
                                   "tokenizer_config.json")
         self._scorer = reward_scorer(backend, loc.model_dir, loc.adapter_dir, loc.adapter_format, dtype, loc.spec)
 
-    def texts(self, prompts: list, completions: list) -> list[str]:
+    def texts(self, prompts: list, completions: list, tools: list | None = None) -> list[str]:
+        """What the reward model reads: a conversation through the chat template (with the row's tools, as the
+        policy saw them), else prompt + completion as plain text."""
         if prompts and is_conversational(prompts[0]):
-            return [self.tok.apply_chat_template(list(p) + list(c)) for p, c in zip(prompts, completions)]
+            tools = tools or [None] * len(prompts)
+            return [self.tok.apply_chat_template(list(p) + list(c), tools=t)
+                    for p, c, t in zip(prompts, completions, tools)]
         return [str(p) + (c if isinstance(c, str) else str(c[-1].get("content", ""))) for p, c in
                 zip(prompts, completions)]
 
     def __call__(self, prompts: list, completions: list, **fields) -> list[float]:
         if self._scorer is None:
             raise RuntimeError(f"{self.located.spec} was not bound to a backend (rewards.bind)")
-        rows = [self.tok.encode(text, add_special_tokens=False) for text in self.texts(prompts, completions)]
+        texts = self.texts(prompts, completions, fields.get("tools"))
+        rows = [self.tok.encode(text, add_special_tokens=False) for text in texts]
         return self.score_rows(rows).tolist()
 
     def score_rows(self, rows: list[list[int]]) -> np.ndarray:

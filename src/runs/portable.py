@@ -4,8 +4,10 @@ Each checkpoint holds ``portable.safetensors`` beside the backend's native files
 
     lora.<module>.A              (rank, in_features)    the LoRA down-projection, PEFT's lora_A layout
     lora.<module>.B              (out_features, rank)   the up-projection (PEFT's lora_B; mlx-lm stores both transposed)
-    adam.exp_avg.<module>.A|B    AdamW's first moment, same shape as the weight it belongs to
-    adam.exp_avg_sq.<module>.A|B AdamW's second moment
+    lora.<module>.M              (out_features,)        DoRA's magnitude (lora.use_dora only; PEFT's
+                                                        lora_magnitude_vector, mlx-lm's m: the same vector)
+    adam.exp_avg.<module>.A|B|M  AdamW's first moment, same shape as the weight it belongs to
+    adam.exp_avg_sq.<module>.A|B|M AdamW's second moment
 
 where ``<module>`` is the neutral module name of src/backend/lora_init.py (``layers.3.self_attn.q_proj``). The
 safetensors metadata holds the format, the AdamW step count (bias correction), the backend that wrote it and

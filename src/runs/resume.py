@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Callable
 
 from overnight.data import DataError
+from overnight.data.formats import where
 from overnight.data.batches import order_changes
 from overnight.runs import fingerprint as fp
 from overnight.runs.checkpoint import CheckpointInfo, CheckpointManager
@@ -144,8 +145,8 @@ def check_data_position(saved_data: dict, cfg, train_file: Path, train_rows: int
     if "samples_per_epoch" in changes:
         was, now = changes["samples_per_epoch"]
         raise _cannot_continue(
-            step, f"it holds a place in the data order of {was} training rows, and {train_file} now has {now}, so "
-            "that order cannot be continued (--allow-config-change cannot carry a change of rows)", "To continue "
+            step, f"it holds a place in the data order of {was} training rows, and {where(train_file)} now has {now}, "
+            "so that order cannot be continued (--allow-config-change cannot carry a change of rows)", "To continue "
             "this run, put back the training file it was trained on (the checkpoints record its sha256)", run_dir)
     names = {"kind": "data.packing", "batch_size": "train.batch_size", "seed": "train.seed"}
     shown = {names.get(k, k): (was == "packed", now == "packed") if k == "kind" else (was, now)
