@@ -64,10 +64,6 @@ def _run_train(args, flags: dict, run_dirs: list[Path]) -> int:
     run_dir = output_dir(checked.cfg)
     run_dirs.append(run_dir)
     backend = get_backend(checked.cfg.backend, announce=say)  # imports the framework, loads no model
-    if checked.cfg.lora.use_dora and not getattr(backend, "supports_dora", False):
-        # a backend that does not know the key would train plain LoRA under a config that says DoRA
-        raise ConfigError(f"config key 'lora.use_dora': backend {backend.name} does not build DoRA layers (it does "
-                          "not declare supports_dora) -> use --backend torch or mlx, or lora.use_dora=false")
     job_code = launch.relaunch_on_devices(args, backend.name, getattr(args, "train_argv", []), say)
     if job_code is not None:
         return job_code
@@ -319,6 +315,12 @@ class TrainingRun:
         if plan.nothing_left:
             say(plan.nothing_left)
             return EXIT_OK
+        if self.cfg.lora.use_dora and not getattr(self.backend, "supports_dora", False):
+            # a backend that does not know the key would train plain LoRA under a config that says DoRA; said
+            # after the resume check, so a resumed run that changed the key hears that first (exit 3)
+            raise ConfigError(f"config key 'lora.use_dora': backend {self.backend.name} does not build DoRA layers "
+                              "(it does not declare supports_dora) -> use --backend torch or mlx, or "
+                              "lora.use_dora=false")
         self.start_step = plan.start_step
         if plan.checkpoint is not None:  # never rotated away; what an abort names as safe
             self.checkpoints.protected.add(plan.checkpoint.step)
