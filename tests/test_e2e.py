@@ -181,3 +181,13 @@ def test_the_readme_rlhf_walkthrough_trains_a_reward_model_and_grpo_raises_its_s
     third = len(batches) // 3
     assert sum(score[-third:]) > sum(score[:third]), score
     assert sum(right[-third:]) > sum(right[:third]), right
+    # The same questions asked as often of the SFT policy and of GRPO's last step (the per-batch figures above ask
+    # 4 other questions each batch): held-out wording, 16 answers per question.
+    final = max((tmp_path / "runs" / "rlhf" / "checkpoints").glob("step-*")) / "adapter"
+    rated = subprocess.run([sys.executable, str(ROOT / "data" / "rlhf" / "right_fact_rate.py"),
+                            str(tmp_path / "runs" / "rlhf-sft" / "adapter"), str(final), "--split", "val",
+                            "--samples", "16"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=1800)
+    assert rated.returncode == 0, rated.stderr[-3000:]
+    before, after = (float(line.split(": ", 1)[1].split()[0]) for line in rated.stdout.splitlines()[-2:])
+    print(f"right-fact share on held-out wording: SFT {before}, after GRPO {after}")
+    assert after > before, rated.stdout

@@ -5,7 +5,9 @@ The demo's invented island (data/demo), asked the same questions, now for the tw
                 one (another town's mayor, another river, ...), over one naming a value from nowhere, over the
                 answer cut short, over the right name with a made-up tail, and over the right answer to another
                 question (what a sampling policy invents, drops or drifts into, so GRPO cannot win by it; a first
-                version with swapped facts only was exploited by GRPO within 40 steps), as conversations (TRL's conversational preference
+                version with swapped facts only was exploited by GRPO within 40 steps), and over each of the SFT
+                policy's own wrong answers in policy_answers.jsonl (sample_policy_answers.py; a reward model without
+                them scored the policy's samples by their form), as conversations (TRL's conversational preference
                 rows, rendered by the chat template: the text a GRPO reward model is later handed). train.jsonl asks
                 the demo's training paraphrases, val.jsonl its held-out ones, so the pairwise accuracy measured on
                 val is on wording the reward model never saw.
@@ -14,6 +16,7 @@ The demo's invented island (data/demo), asked the same questions, now for the tw
 """
 from __future__ import annotations
 
+import json
 import random
 import sys
 from pathlib import Path
@@ -80,9 +83,28 @@ def pair(question: str, chosen: str, rejected: str) -> dict:
             "rejected": [{"role": "assistant", "content": rejected}]}
 
 
+def policy_pairs(right_answer_of: dict[str, str]) -> list[dict]:
+    """The island's right answer over each distinct answer of the SFT policy's own (policy_answers.jsonl, written
+    by sample_policy_answers.py) that does not name the right fact: the wrong answers GRPO's samples actually are,
+    in their own words and form, which the templated ones above do not cover."""
+    path = HERE / "policy_answers.jsonl"
+    if not path.is_file():
+        return []
+    seen, out = set(), []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        key = (row["question"], row["completion"])
+        if row["right"] or not row["completion"] or key in seen:
+            continue
+        seen.add(key)
+        out.append(pair(row["question"], right_answer_of[row["question"]], row["completion"]))
+    return out
+
+
 def main(out: Path = HERE) -> None:
     rng = random.Random(2027)
     pref_train, pref_val, grpo_train, grpo_val = [], [], [], []
+    right_answer_of: dict[str, str] = {}
     all_facts, all_kinds = facts(), kinds()
     answers = [a for _, _, a in all_facts]
     for i, ((train_qs, val_qs, answer), (template, values, key, kind)) in enumerate(zip(all_facts, all_kinds)):
@@ -91,6 +113,7 @@ def main(out: Path = HERE) -> None:
         same_kind = [j for j in range(3, len(answers)) if (j - i) % 3 == 0 and j != i] if i >= 3 else \
             [j for j in range(3) if j != i]
         for q in train_qs:
+            right_answer_of[q] = answer
             for wrong in wrong_answers(rng, template, values, kind, answer, answers[rng.choice(same_kind)]):
                 pref_train.append(pair(q, answer, wrong))
             grpo_train.append({"messages": [{"role": "user", "content": q}], "answer": key})
@@ -101,6 +124,9 @@ def main(out: Path = HERE) -> None:
             grpo_val.append({"messages": [{"role": "user", "content": q}], "answer": key})
     for rows in (pref_train, pref_val, grpo_train, grpo_val):
         rng.shuffle(rows)
+    # the policy's own wrong answers mixed in by their own draw, so the other files stay as they were without them
+    pref_train += policy_pairs(right_answer_of)
+    random.Random(2028).shuffle(pref_train)
     for folder, train, val in (("preference", pref_train, pref_val), ("grpo", grpo_train, grpo_val)):
         (out / folder).mkdir(parents=True, exist_ok=True)
         write_jsonl(out / folder / "train.jsonl", train)
