@@ -361,13 +361,7 @@ def test_saved_adapter_loads_with_peft_from_pretrained(tiny_model_dir, tmp_path)
 
     base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
     loaded = PeftModel.from_pretrained(base, str(adapter)).eval()
-    ids = torch.as_tensor(batch.input_ids, dtype=torch.long)
-    attn = torch.as_tensor(batch.attention_mask, dtype=torch.long)
-    backend._model.eval()
-    with torch.no_grad():
-        want = backend._model(input_ids=ids, attention_mask=attn).logits
-        got = loaded(input_ids=ids, attention_mask=attn).logits
-    torch.testing.assert_close(got, want)
+    ids, attn, want = assert_peft_logits_match(backend, loaded, batch)
     with torch.no_grad(), loaded.disable_adapter():
         plain = loaded(input_ids=ids, attention_mask=attn).logits
     assert not torch.allclose(plain, want)  # the adapter really changes the model
@@ -447,6 +441,14 @@ def test_dora_on_4bit_trains_and_peft_loads_it_with_the_same_logits(tiny_model_d
                                                 quantization_config=backend._quantization_config(4))
     _keep_4bit_weights_unpacked(base)  # bitsandbytes' CPU repacking rounds otherwise (the backend's own rule)
     loaded = PeftModel.from_pretrained(base, str(adapter)).eval()
+    assert_peft_logits_match(backend, loaded, batch)
+
+
+def assert_peft_logits_match(backend, loaded, batch):
+    """The PEFT model loaded from the backend's saved adapter gives the backend's own logits on ``batch``;
+    (input ids, attention mask, the logits) as tensors, for more checks."""
+    import torch
+
     ids = torch.as_tensor(batch.input_ids, dtype=torch.long)
     attn = torch.as_tensor(batch.attention_mask, dtype=torch.long)
     backend._model.eval()
@@ -454,6 +456,7 @@ def test_dora_on_4bit_trains_and_peft_loads_it_with_the_same_logits(tiny_model_d
         want = backend._model(input_ids=ids, attention_mask=attn).logits
         got = loaded(input_ids=ids, attention_mask=attn).logits
     torch.testing.assert_close(got, want)
+    return ids, attn, want
 
 
 def test_resume_with_another_optimizer_is_refused(tiny_model_dir, tmp_path):
