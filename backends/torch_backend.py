@@ -41,7 +41,7 @@ from overnight.backend import Batch, OutOfMemory, PeerLost, PortableState, Setup
     as_stop_ids
 from overnight.backend.adapter_formats import PEFT_SCORE_KEY, PORTABLE_SCORE_KEY, REWARD_HEAD, recorded_base, \
     reward_head_text
-from overnight.backends import noise
+from overnight.backends import noise, torch_stored_dtype
 from overnight.config import ConfigError
 from overnight.fsutil import give_default_modes
 
@@ -187,8 +187,12 @@ class TorchBackend:
         model_dir = self._resolve_model_dir(cfg.model.path)
         model_folder.refuse_mlx_quantized_for_torch(model_dir, model_folder.read_config(model_dir))
         tokenizer = _load_tokenizer(model_dir)
-        self._check_lora_targets_before_loading(model_dir)
-        model = self._load_model(model_dir)
+        skeleton = _meta_skeleton(model_dir)
+        self._check_lora_targets_before_loading(skeleton)
+        # float32 compute on a 16-bit checkpoint: the frozen embedding and head stay 16-bit (torch_stored_dtype.py)
+        stored = torch_stored_dtype.plan(skeleton, model_dir, self._compute_dtype) if skeleton is not None else {}
+        model = self._load_model(model_dir, stored)
+        self._kept_16bit = torch_stored_dtype.upcast_on_use(model, stored, self._compute_dtype)
         _check_vocabulary(model, tokenizer, model_dir)
         model = self._prepare_for_training(model)
         model, lora_layers = self._apply_lora(model, seed)
@@ -289,25 +293,19 @@ class TorchBackend:
         else:
             self._compute_dtype = getattr(torch, named)
 
-    def _check_lora_targets_before_loading(self, model_dir: Path) -> None:
+    def _check_lora_targets_before_loading(self, skeleton) -> None:
         """lora.targets checked on the model's skeleton (no weights, no memory), so a misspelt target is refused in
         seconds rather than after loading (and quantizing) a large base. Best effort: an architecture that cannot be
         built on the meta device is checked after loading, in _apply_lora, as every model is."""
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        try:
-            config = AutoConfig.from_pretrained(str(model_dir))
-            with torch.device("meta"), warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                skeleton = AutoModelForCausalLM.from_config(config)
-            num_layers = config.get_text_config().num_hidden_layers
-        except Exception:  # noqa: BLE001 - the load below reports what is wrong with the model, in its own words
+        num_layers = getattr(skeleton.config.get_text_config(), "num_hidden_layers", None) if skeleton else None
+        if num_layers is None:
             return
         lora_targets.resolve(self._cfg.lora.targets, _lora_capable_paths(skeleton),
                              lora_targets.lora_blocks(num_layers, self._cfg.lora.layers))
 
-    def _load_model(self, model_dir: Path):
-        """The base causal LM, quantized by bitsandbytes when model.quantization.bits is 4 or 8, on this device."""
+    def _load_model(self, model_dir: Path, stored: dict[str, torch.dtype]):
+        """The base causal LM, quantized by bitsandbytes when model.quantization.bits is 4 or 8, on this device; the
+        weights named in ``stored`` loaded in their 16-bit dtype."""
         from transformers import AutoModelForCausalLM
 
         bits = self._cfg.model.quantization.bits
@@ -318,7 +316,7 @@ class TorchBackend:
             # Straight onto the device: no full-precision copy of a large model in host memory first.
             load_kwargs["device_map"] = {"": self._device.index if self._device.type == "cuda" else "cpu"}
         try:
-            with _weights_read_not_mapped():
+            with _weights_read_not_mapped(), torch_stored_dtype.loading_in(stored):
                 model = AutoModelForCausalLM.from_pretrained(str(model_dir), **load_kwargs)
         except Exception as exc:  # noqa: BLE001 - a truncated or corrupt weight file raises SafetensorError, not OSError
             if _is_oom(exc):
@@ -419,6 +417,9 @@ class TorchBackend:
             "method": self._method,
             "tokenizer_size": tokenizer.vocab_size,
         }
+        if self._kept_16bit:
+            details["stored_16bit"] = (f"{', '.join(self._kept_16bit)} kept in the checkpoint's 16-bit dtype, "
+                                       f"upcast to {details['compute_dtype']} on use (frozen; exact)")
         if bits == 4 and cfg.model.quantization.group_size != 64:
             details["note"] = (f"model.quantization.group_size={cfg.model.quantization.group_size} is not used by "
                                "bitsandbytes, whose NF4 blocksize is 64")
@@ -1172,6 +1173,21 @@ def _weights_read_not_mapped():
         yield
     finally:
         loading.safe_open = opened
+
+
+def _meta_skeleton(model_dir: Path):
+    """The causal LM built from model_dir's config on the meta device (no weights, no memory), or None for an
+    architecture that cannot be built that way (its load reports what is wrong, in its own words)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(str(model_dir))
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            skeleton = AutoModelForCausalLM.from_config(config)
+    except Exception:  # noqa: BLE001
+        return None
+    return skeleton
 
 
 def _load_tokenizer(model_dir: Path):

@@ -1158,3 +1158,152 @@ def test_weight_shards_are_read_not_memory_mapped_while_the_model_loads(tiny_mod
     monkeypatch.setattr(loading, "safe_open", spy)
     make_backend(tiny_model_dir, bits=4)
     assert backends_used == ["pread"]
+
+
+# --------------------------------------------------------------------------- 16-bit checkpoints, float32 compute
+
+
+@pytest.fixture(scope="module")
+def sixteen_bit_twins(tmp_path_factory):
+    """{tied: (bf16 folder, float32 folder)}: the tiny model's weights rounded to bf16 and saved once as bf16 and once
+    as float32 (the same values), untied and tied: the float32 twin loads the way every checkpoint did before."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from overnight.models.tiny import build_tiny_model
+
+    twins = {}
+    for tied in (False, True):
+        root = tmp_path_factory.mktemp("tied" if tied else "untied")
+        build_tiny_model(root / "bf16")
+        weights = {k: v.to(torch.bfloat16) for k, v in load_file(str(root / "bf16" / "model.safetensors")).items()}
+        config = json.loads((root / "bf16" / "config.json").read_text())
+        if tied:
+            weights.pop("lm_head.weight")
+            config["tie_word_embeddings"] = True
+        config["torch_dtype"] = "bfloat16"
+        (root / "bf16" / "config.json").write_text(json.dumps(config))
+        save_file(weights, str(root / "bf16" / "model.safetensors"), metadata={"format": "pt"})
+        (root / "fp32").mkdir()
+        for item in (root / "bf16").iterdir():
+            (root / "fp32" / item.name).write_bytes(item.read_bytes())
+        save_file({k: v.float() for k, v in weights.items()}, str(root / "fp32" / "model.safetensors"),
+                  metadata={"format": "pt"})
+        twins[tied] = (root / "bf16", root / "fp32")
+    return twins
+
+
+def _run_figures(backend, model_dir: Path) -> dict:
+    """Three train steps' losses, an eval loss, sampled and greedy tokens: what a run computes."""
+    batch = sft_batch(model_dir)
+    prompt = batch.input_ids[0, :5]
+    return {"losses": [backend.train_step([batch], 1e-3).loss for _ in range(3)],
+            "eval": backend.eval_loss(batch),
+            "sampled": backend.sample([prompt, batch.input_ids[1, :4]], [3, 4], 6, 1.0, 1.0, ()).tolist(),
+            "greedy": [row.tolist() for row in backend.generate([prompt], 6, ())]}
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_float32_compute_keeps_a_16bit_checkpoints_embedding_and_head_16bit_with_the_same_run(sixteen_bit_twins,
+                                                                                             monkeypatch, tied):
+    """The CPU's float32 default on a bf16 checkpoint: the frozen embedding and head are never made float32 (not even
+    while loading: they are 0.47x of a 1B model's bf16 size in float32), the hidden states between blocks are float32,
+    and training, eval and sampling give the float32 twin's figures (the 4-bit default, dropout on)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    bf16_dir, fp32_dir = sixteen_bit_twins[tied]
+    loaded_dtypes = []
+    original = AutoModelForCausalLM.from_pretrained
+
+    def spy(*args, **kwargs):
+        model = original(*args, **kwargs)
+        loaded_dtypes.append({model.get_input_embeddings().weight.dtype, model.get_output_embeddings().weight.dtype})
+        return model
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", spy)
+    backend, info = make_backend(bf16_dir, bits=4, lora__dropout=0.1)
+    assert loaded_dtypes == [{torch.bfloat16}]
+    assert info.details["compute_dtype"] == "float32" and "kept in the checkpoint's 16-bit" in info.details["stored_16bit"]
+    model = backend._model
+    assert (model.get_input_embeddings().weight.dtype, model.get_output_embeddings().weight.dtype) == \
+        (torch.bfloat16, torch.bfloat16)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    assert not [name for name, p in model.named_parameters() if p.dtype == torch.float32 and p.shape[0] == vocab]
+    between_blocks = []
+    handles = [layer.register_forward_hook(lambda m, a, out: between_blocks.append(
+        (out[0] if isinstance(out, tuple) else out).dtype)) for layer in model.get_base_model().model.layers]
+    try:
+        got = _run_figures(backend, bf16_dir)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert set(between_blocks) == {torch.float32}
+    twin, twin_info = make_backend(fp32_dir, bits=4, lora__dropout=0.1)
+    assert "stored_16bit" not in twin_info.details
+    want = _run_figures(twin, fp32_dir)
+    assert got["losses"] == pytest.approx(want["losses"], rel=1e-6)
+    assert got["eval"][0] == pytest.approx(want["eval"][0], rel=1e-6) and got["eval"][1] == want["eval"][1]
+    assert (got["sampled"], got["greedy"]) == (want["sampled"], want["greedy"])
+
+
+def test_bfloat16_compute_and_float32_checkpoints_load_as_before(sixteen_bit_twins, tiny_model_dir):
+    """Nothing is kept narrower than the compute dtype unless upcasting it is exact and the compute is float32."""
+    import torch
+
+    bf16_dir, _ = sixteen_bit_twins[False]
+    _, info = make_backend(bf16_dir, bits=4, model__dtype="bfloat16")
+    assert "stored_16bit" not in info.details
+    backend, info = make_backend(tiny_model_dir, bits=4)
+    assert "stored_16bit" not in info.details
+    assert backend._model.get_output_embeddings().weight.dtype == torch.float32
+
+
+def test_the_sliced_head_equals_the_float32_matmul_and_its_gradient():
+    """The head's matmul upcasting its 16-bit weight a slice at a time (slices not dividing the vocabulary, a bias,
+    a (B, T, H) input): the float32 matmul's values and input gradient, to float rounding."""
+    import torch
+
+    from overnight.backends import torch_stored_dtype
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(24, 103, bias=True).to(torch.bfloat16).requires_grad_(False)
+    wide = torch.nn.Linear(24, 103, bias=True).requires_grad_(False)
+    wide.load_state_dict({k: v.float() for k, v in head.state_dict().items()})
+    head.forward = torch_stored_dtype._sliced_forward(head)
+    hidden = torch.randn(2, 5, 24, requires_grad=True)
+    for rows in (7, 103, 500):
+        sliced = torch_stored_dtype._UpcastInSlices.apply(hidden, head.weight, head.bias, rows)
+        full = wide(hidden)
+        assert torch.allclose(sliced, full, rtol=1e-6, atol=1e-7)
+        grad = torch.randn_like(full)
+        (sliced_grad,) = torch.autograd.grad(sliced, hidden, grad)
+        (full_grad,) = torch.autograd.grad(full, hidden, grad)
+        assert torch.allclose(sliced_grad, full_grad, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(head(hidden), wide(hidden), rtol=1e-6, atol=1e-7)
+
+
+def test_a_subclassed_embedding_stays_in_the_compute_dtype(sixteen_bit_twins):
+    """A module that computes on its own weight (Gemma scales its embedding in the weight's dtype) is not narrowed:
+    alone it keeps float32, and a tied pair with it keeps both float32; a plain head beside it is still narrowed."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from overnight.backends import torch_stored_dtype
+
+    class ScaledEmbedding(torch.nn.Embedding):
+        def forward(self, ids):
+            return super().forward(ids) * 2.0
+
+    for tied, expected in ((False, {"lm_head.weight"}), (True, set())):
+        bf16_dir, _ = sixteen_bit_twins[tied]
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(bf16_dir)))
+        assert set(torch_stored_dtype.plan(skeleton, bf16_dir, torch.float32)) == \
+            {"model.embed_tokens.weight", "lm_head.weight"}  # tied: one weight, stored under the embedding's name
+        plain = skeleton.get_input_embeddings()
+        scaled = ScaledEmbedding(plain.num_embeddings, plain.embedding_dim, device="meta")
+        if tied:
+            scaled.weight = plain.weight
+        skeleton.set_input_embeddings(scaled)
+        assert set(torch_stored_dtype.plan(skeleton, bf16_dir, torch.float32)) == expected
