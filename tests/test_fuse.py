@@ -735,15 +735,18 @@ def test_torch_fuse_merges_dora_as_peft_does(tiny_model_dir, tmp_path):
 
 @needs_mlx
 @pytest.mark.mlx
-def test_mlx_fuse_merges_a_dora_run_with_mlx_lms_own_fuse(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("bits", [0, 4])
+def test_mlx_fuse_merges_a_dora_run_with_mlx_lms_own_fuse(tiny_model_dir, tmp_path, bits):
     """An mlx DoRA adapter as the backend saves it (lora.use_dora, trained a few steps) fused by the mlx exporter
-    (mlx-lm's DoRALinear.fuse) gives the logits and greedy tokens of the adapter as mlx_lm.load reads it."""
+    (mlx-lm's DoRALinear.fuse) gives the logits and greedy tokens of the adapter as mlx_lm.load reads it. On a 4-bit
+    base the merged weights are quantized again (closer to the trained model than the base was, not equal), and
+    with --dequantize they are the trained model's floats."""
     from overnight.backends.mlx_backend import MLXBackend
     from overnight.backends.mlx_export import export
     from overnight.config import Config
 
     cfg = Config()
-    cfg.model.path, cfg.model.quantization.bits, cfg.lora.layers = str(tiny_model_dir), 0, -1
+    cfg.model.path, cfg.model.quantization.bits, cfg.lora.layers = str(tiny_model_dir), bits, -1
     cfg.lora.rank, cfg.lora.dropout, cfg.lora.use_dora = 4, 0.0, True
     backend = MLXBackend()
     backend.setup(cfg, 0)
@@ -753,16 +756,24 @@ def test_mlx_fuse_merges_a_dora_run_with_mlx_lms_own_fuse(tiny_model_dir, tmp_pa
         backend.train_step([batch], 2e-2)
     backend.save(tmp_path / "checkpoint")
     adapter = tmp_path / "checkpoint" / "adapter"
-    (tmp_path / "fused").mkdir()
-    export({"base": str(tiny_model_dir), "adapter": str(adapter), "output": str(tmp_path / "fused"), "bits": 0,
-            "group_size": 64, "dequantize": False, "gguf": False, "reward": False})
-    reference = mlx_forward(mlx_trained_model(tiny_model_dir, adapter, bits=0))
-    merged = mlx_forward(mlx_fused(tmp_path / "fused"))
-    assert max_diff(reference(TOKENS), mlx_forward(mlx_trained_model(tiny_model_dir, None, 0))(TOKENS)) > ADAPTER_EFFECT
-    diff = max_diff(reference(TOKENS), merged(TOKENS))
-    print(f"mlx DoRA fuse: max |logits diff| {diff:.2e}")
-    assert diff < TOLERANCE
-    assert greedy(reference) == greedy(merged)
+    reference = mlx_forward(mlx_trained_model(tiny_model_dir, adapter, bits=bits))
+    base = mlx_forward(mlx_trained_model(tiny_model_dir, None, bits))(TOKENS)
+    assert max_diff(reference(TOKENS), base) > ADAPTER_EFFECT
+    for dequantize in ((False, True) if bits else (False,)):
+        out = tmp_path / f"fused-{dequantize}"
+        out.mkdir()
+        export({"base": str(tiny_model_dir), "adapter": str(adapter), "output": str(out), "bits": bits,
+                "group_size": 64, "dequantize": dequantize, "gguf": False, "reward": False})
+        config = json.loads((out / "config.json").read_text())
+        assert ("quantization" in config) == (bits == 4 and not dequantize)
+        merged = mlx_forward(mlx_fused(out))
+        diff = max_diff(reference(TOKENS), merged(TOKENS))
+        print(f"mlx DoRA fuse, bits {bits}, dequantize {dequantize}: max |logits diff| {diff:.2e}")
+        if bits == 4 and not dequantize:
+            assert diff < 0.5 * max_diff(reference(TOKENS), base)
+            continue
+        assert diff < TOLERANCE
+        assert greedy(reference) == greedy(merged)
 
 
 # -- reward models (--method reward): a standalone sequence-classification folder -----------------------------
