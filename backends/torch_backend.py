@@ -143,6 +143,11 @@ class TorchBackend:
         self._stop_every: int | None = None  # tests: the stop check's interval (None: the device's)
         self._fused = False  # AdamW's fused kernel (set with the optimizer)
 
+    @property
+    def placement(self) -> tuple[torch.device, torch.dtype]:
+        """(device, compute dtype) setup picked: where a model loaded beside the policy (a GRPO reward model) goes."""
+        return self._device, self._compute_dtype
+
     def connect(self, timeout_s: float) -> TorchCollective:
         """Join the job torchrun / accelerate started (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT): NCCL with
         one GPU per process (LOCAL_RANK picks it) when CUDA is there, gloo on CPU."""
@@ -394,6 +399,8 @@ class TorchBackend:
         # A local folder by its absolute path, a hub id as given (not this machine's cache folder): the rule every
         # adapter overnight writes follows (adapter_formats.recorded_base).
         model.peft_config["default"].base_model_name_or_path = recorded_base(self._cfg.model.path)
+        if lora.use_dora:
+            _start_dora_magnitudes_in_float32(model)
         return model, (layers if layers is not None else list(range(num_layers)))
 
     def _setup_info(self, model_dir: Path, tokenizer, lora_layers: list[int]) -> SetupInfo:
@@ -834,7 +841,8 @@ class TorchBackend:
 
         def draw(logits: torch.Tensor) -> torch.Tensor:
             nonlocal noise
-            scaled = logits / temperature
+            # x / 1.0 is x bit for bit: no (rows x vocab) pass at the default temperature. logits is only read below.
+            scaled = logits / temperature if temperature != 1.0 else logits
             if top_p < 1.0:
                 # The smallest set of most likely tokens whose probability reaches top_p (the first one always).
                 order = torch.argsort(scaled, dim=-1, descending=True)
@@ -1209,6 +1217,24 @@ def _check_vocabulary(model, tokenizer, model_dir: Path) -> None:
             f"config key 'model.path': the tokenizer in {model_dir} has {tokenizer.vocab_size} tokens but the "
             f"model's embedding has only {embed_rows} rows"
         )
+
+
+def _start_dora_magnitudes_in_float32(model) -> None:
+    """DoRA's m as lora_init.DORA starts it (and the mlx backend does): the float32 row norms of the dequantized base
+    weight. PEFT computes that norm in the base weight's dtype and keeps it rounded so (to bfloat16 on a bf16 base,
+    the GPU's compute dtype), while its forward's ||W + s*B*A|| comes out in float32 (the input cast to the adapter's
+    float32, or CUDA autocast, which runs linalg norms in float32): every row of a new adapter would be scaled by
+    m / n, up to 2^-9 off 1, so a new DoRA adapter would not be the base. Unchanged on a float32 base."""
+    from peft.utils.integrations import dequantize_module_weight
+
+    for module in model.modules():
+        vectors = getattr(module, "lora_magnitude_vector", None)
+        if not vectors:
+            continue
+        with torch.no_grad():
+            norm = torch.linalg.norm(dequantize_module_weight(module.get_base_layer()).float(), dim=1)
+            for vector in vectors.values():
+                vector.weight.copy_(norm.to(vector.weight.device))
 
 
 def _keep_4bit_weights_unpacked(model) -> None:

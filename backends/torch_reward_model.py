@@ -66,14 +66,12 @@ def _with_mlx_adapter(model, adapter_dir: Path, spec: str):
 def load_scorer(backend, model_dir: Path, adapter_dir: Path | None, adapter_format: str | None, dtype: str,
                 spec: str) -> TorchRewardScorer:
     """The reward model on the device and in the compute dtype the torch backend picked for the policy (its
-    private ``_device`` and ``_compute_dtype``, set in setup); ``dtype`` is already in the latter. The score
-    position comes from the core, so the model's config.pad_token_id is not used."""
+    ``placement``, set in setup); ``dtype`` is already in the latter. The score position comes from the core, so
+    the model's config.pad_token_id is not used."""
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
-
-    device = getattr(backend, "_device", None) or torch.device("cpu")
-    compute_dtype = getattr(backend, "_compute_dtype", None) or torch.float32
+    device, compute_dtype = backend.placement
     noise.hide_loading_bars()
     verbosity = hf_logging.get_verbosity()
     # A SEQ_CLS adapter's base is often the causal LM itself: transformers reports its lm_head as unexpected and the

@@ -154,7 +154,7 @@ def bound(path: Path, backend: str) -> rm.RewardModel:
     if backend == "torch":
         import torch
 
-        fake = types.SimpleNamespace(name="torch", _device=torch.device("cpu"), _compute_dtype=torch.float32)
+        fake = types.SimpleNamespace(name="torch", placement=(torch.device("cpu"), torch.float32))
     else:
         fake = types.SimpleNamespace(name="mlx")
     reward.bind(fake)
