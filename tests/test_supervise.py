@@ -72,6 +72,11 @@ def test_only_crashes_are_restarted():
         assert not supervise.is_restartable(code, [])
     # overnight's own message for a failure a restart would only repeat (one row per micro-batch still OOM)
     assert not supervise.is_restartable(1, ["error: out of memory even at one example per micro-batch; try"])
+    # a message whose continuation lines are indented (a reward function's own frames) is still overnight's own
+    assert not supervise.is_restartable(1, ["error: reward r.py:f raised ValueError: boom on row t.jsonl:3; ...",
+                                            "  /home/u/r.py:2 in f: raise ValueError(\"boom\")", ""])
+    assert supervise.is_restartable(1, ["error: an earlier warning", "Traceback (most recent call last):",
+                                        '  File "x.py", line 1', "ValueError: boom"])
 
 
 def test_who_is_supervised():
@@ -303,3 +308,20 @@ def test_torch_4bit_sigkill_of_the_child_is_survived_exactly(tmp_path, tiny_mode
     run_dir = torch_child_killed_in_step_4(tmp_path, tiny_model_dir, small_data)
     fu.assert_losses_match(run_dir, reference, TORCH_STEPS)
     fu.assert_adapter_equal(run_dir, reference)
+
+
+@pytest.mark.torch
+@pytest.mark.skipif(not has("torch", "transformers", "peft"), reason="needs torch")
+def test_a_reward_function_that_raises_is_not_restarted(tmp_path, tiny_model_dir):
+    """A user's reward that raises fails the run once (exit 1, its frames named): restarting would fail the same way
+    and, before that, log the same completions again."""
+    (tmp_path / "rewards.py").write_text("def broken(prompts, completions, **kw):\n    raise ValueError('boom')\n")
+    args = ["train", "--backend", "torch", "--model", str(tiny_model_dir), "--data", str(fu.DATA_DIR / "grpo"),
+            "--method", "grpo", "--output", str(tmp_path / "run"), "--max-steps", "3", "--batch-size", "2", "--quiet",
+            "--set", f"grpo.rewards=[{tmp_path / 'rewards.py'}:broken]", "--set", "grpo.max_new_tokens=4",
+            "--set", "model.max_seq_length=64", "--set", "eval.every_steps=1000", "--set", "grpo.eval_prompts=2"]
+    done = fu.run_cli(args)
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "broken raised ValueError: boom" in done.stderr and "rewards.py:2 in broken" in done.stderr
+    assert "starting it again" not in done.stderr, done.stderr[-2000:]
+    assert len(events(tmp_path / "run", "failed")) == 1

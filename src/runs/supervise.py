@@ -120,13 +120,16 @@ def describe_death(code: int) -> str:
 
 
 def is_restartable(code: int, stderr_tail: list[str]) -> bool:
-    """A crash the user did not cause and did not ask for. An exit 1 whose last line is overnight's own `error:`
-    (out of memory at one row, a checkpoint it cannot write, a training breaker) would only say the same again."""
+    """A crash the user did not cause and did not ask for. An exit 1 whose last message is overnight's own `error:`
+    (out of memory at one row, a checkpoint it cannot write, a training breaker, a user's reward function that
+    raised) would only say the same again. A message's own continuation lines are indented (a reward's frames:
+    "  rewards.py:9 in f: ..."), so the last line that starts a message is the last unindented one; a Python
+    traceback ends unindented ("ValueError: ...", then overnight's "crashed unexpectedly")."""
     if code < 0:
         return -code in CRASH_SIGNALS
     if code != 1:
         return False
-    last = next((line for line in reversed(stderr_tail) if line.strip()), "")
+    last = next((line for line in reversed(stderr_tail) if line.strip() and not line[0].isspace()), "")
     return not last.startswith(("error: ", "resume refused: "))
 
 
