@@ -168,6 +168,12 @@ def test_a_bad_row_is_named_by_source_split_row_and_key(sources, tmp_path):
         assert any(line.startswith(f"  {where}: key 'messages[1].role': is 'bot'") for line in lines), lines
         with pytest.raises(DataError, match=r"row 3 \(index 2\): key 'messages\[1\]\.role': is 'bot'"):
             check_data(path, "sft").raise_if_problems()
+    # A split saved with no rows: datasets cannot load the folder again; the split is named, not a traceback's text
+    save_to_disk(tmp_path / "empty_split", {"train": TRAIN, "test": []})
+    lines = []
+    assert validate_data_main(str(tmp_path / "empty_split"), "sft", None, out=lines.append) == 2
+    assert lines[0].startswith(f"error: {tmp_path / 'empty_split'} split 'test': has no rows") and \
+        "del ds['test']" in lines[0], lines
     # A shard names its own file and row: the split's row 27 is row 2 of the second shard.
     write_parquet(tmp_path / "sh" / "data" / "train-00000-of-00002.parquet", TRAIN[:25])
     write_parquet(tmp_path / "sh" / "data" / "train-00001-of-00002.parquet", [TRAIN[25], bad[2]])
@@ -194,6 +200,90 @@ def test_values_json_cannot_hold_are_refused_by_row_and_column(tmp_path):
     assert f"{tmp_path / 'train.parquet'} row 1 (index 0): column 'image' holds binary data" in text
     assert f"{tmp_path / 'train.parquet'} row 2 (index 1): column 'score' holds nan" in text
     assert "Traceback" not in text
+
+
+def test_values_are_what_the_data_says(tmp_path):
+    """A float32 is its shortest decimal (an exact_match reward compares its text), a map is an object, a null item
+    of a list stays; a column Python cannot hold and a damaged file are refused by name, exit 2, no traceback."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({
+        "prompt": ["2+2?", "1/10?"], "completion": ["4", "0.1"],
+        "answer": pa.array([4.0, 0.1], pa.float32()), "half": pa.array([0.5, 0.1], pa.float16()),
+        "nested": pa.array([[{"x": 0.1}], []], pa.list_(pa.struct([("x", pa.float32())]))),
+        "meta": pa.array([[("k", 1)], []], pa.map_(pa.string(), pa.int64())),
+        "items": pa.array([[1, None], None], pa.list_(pa.int64())),
+        "label": pa.array([0.1, 0.1], pa.float32()).dictionary_encode()}), tmp_path / "train.parquet")
+    train, _ = find_data_files(tmp_path)
+    assert [json.loads(line) for line in train.read_text().splitlines()] == [
+        {"prompt": "2+2?", "completion": "4", "answer": 4.0, "half": 0.5, "nested": [{"x": 0.1}], "meta": {"k": 1},
+         "items": [1, None], "label": 0.1},
+        {"prompt": "1/10?", "completion": "0.1", "answer": 0.1, "half": 0.1, "nested": [], "meta": {},
+         "label": 0.1}]
+
+    far = tmp_path / "far"  # a date past the year 9999
+    far.mkdir()
+    pq.write_table(pa.table({"text": ["a", "b"], "when": pa.array([0, 253402300800 + 86400], pa.timestamp("s"))}),
+                   far / "train.parquet")
+    lines: list[str] = []
+    assert validate_data_main(str(far), None, None, out=lines.append) == 2
+    assert f"{far / 'train.parquet'} row 1 (index 0) to {far / 'train.parquet'} row 2 (index 1): column 'when' " \
+           "cannot be read into Python" in lines[0], lines
+
+    # a corrupt page: the file is named as damaged, not the cache as unwritable
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    pq.write_table(pa.table({"text": [f"row {i} " * 40 for i in range(2000)]}), damaged / "train.parquet")
+    raw = bytearray((damaged / "train.parquet").read_bytes())
+    raw[1000:3000] = bytes(b ^ 0x5A for b in raw[1000:3000])
+    (damaged / "train.parquet").write_bytes(bytes(raw))
+    done = overnight("validate-data", str(damaged))
+    said = done.stdout + done.stderr
+    assert done.returncode == 2, said
+    assert f"{damaged / 'train.parquet'}: cannot be read as parquet (" in said, said
+    assert "Traceback" not in said and "free some space" not in said
+
+
+def test_a_damaged_copy_in_the_cache_is_written_again(sources, monkeypatch):
+    """A copy truncated or edited in the cache between runs is not trained on (nor blamed on the user's file by a
+    resume): it no longer matches the sha256 recorded with it, and is written again from the source."""
+    from overnight.data import sources as src
+
+    reference = (sources["jsonl"] / "train.jsonl").read_bytes()
+    train, _ = find_data_files(sources["parquet"])
+    assert train.read_bytes() == reference
+    for damage in (lambda p: p.write_bytes(reference[:len(reference) // 2]),  # truncated
+                   lambda p: p.write_bytes(reference.replace(b"plus", b"PLUS", 1)),  # edited, same size
+                   lambda p: Path(str(p) + ".sha256").unlink()):  # the record gone: nothing to check against
+        damage(train)
+        monkeypatch.setattr(src, "_LOCAL_MEMO", {})  # a new process
+        assert find_data_files(sources["parquet"])[0] == train
+        assert train.read_bytes() == reference
+
+
+def test_a_copy_another_process_wrote_meanwhile_is_kept(tmp_path):
+    """Two processes converting the same split at once (a data-parallel job's ranks): the one that finishes second
+    keeps the first one's copy, which the first may be reading already (its file-stamp guard would stop the run
+    were the file replaced), and never leaves a partial file."""
+    from overnight.data import sources as src
+    from overnight.data.formats import SourceLabel, stamp_of
+
+    label = SourceLabel(str(tmp_path / "train.parquet"))
+    rows = b"".join(json.dumps(r).encode() + b"\n" for r in TRAIN)
+    first: dict = {}
+
+    def slow_write(f):  # this process converts; meanwhile another one converts the same split and reads its copy
+        f.write(rows[:100])
+        first["out"] = src._copy(label, "same source", {}, lambda g: g.write(rows))
+        first["stamp"] = stamp_of(first["out"])
+        f.write(rows[100:])
+
+    out = src._copy(label, "same source", {}, slow_write)
+    assert out == first["out"] and out.read_bytes() == rows
+    assert stamp_of(out) == first["stamp"]  # the same file: not replaced under the first process
+    assert sorted(p.name for p in out.parent.iterdir() if p.name.startswith(out.name)) == [out.name,
+                                                                                           out.name + ".sha256"]
 
 
 def test_column_mapping_refusals(sources, tmp_path):
@@ -231,6 +321,17 @@ def test_an_offline_hub_dataset_not_in_the_cache_is_exit_2_naming_it():
     assert "run once online" in lines[0] and "save_to_disk('DIR') and pass --data DIR" in lines[0]
 
 
+def test_a_hub_dataset_folder_or_config_that_is_not_there_is_named_so(sources, tmp_path):
+    """Not 'offline and not in the Hugging Face cache' for what being online would not fix."""
+    for sets, said in [
+        ([f"data.hf_dataset.name={sources['shards']}", "data.hf_dataset.config=zz"],
+         f"hub dataset {sources['shards']} (config zz): has no config 'zz' ("),
+        ([f"data.hf_dataset.name={tmp_path / 'nope'}"], f"hub dataset {tmp_path / 'nope'}: no such folder (")]:
+        lines: list[str] = []
+        assert validate_data_main(None, None, None, out=lines.append, sets=sets) == 2
+        assert lines[0].startswith("error: " + said) and "offline" not in lines[0], lines
+
+
 # ---------------------------------------------------------------------------
 # Training and resuming (the CLI, the numpy reference backend: losses bit for bit)
 
@@ -263,6 +364,10 @@ def test_parquet_and_hub_train_as_jsonl_and_resume_exactly(sources, tiny_model_d
     write_parquet(data / "val.parquet", VAL)
     first = overnight(*train_args(tiny_model_dir, data, tmp_path / "pq", 5))
     assert first.returncode == 0, first.stderr
+    # the converted copy truncated in the cache meanwhile: written again from the parquet file, not refused as
+    # changed data (nor trained on as fewer rows)
+    copy = find_data_files(data)[0]
+    copy.write_bytes(copy.read_bytes()[:1000])
     resumed = overnight(*train_args(tiny_model_dir, data, tmp_path / "pq", 10, "--auto-resume"))
     assert resumed.returncode == 0, resumed.stderr
     assert [x for x in losses(tmp_path / "pq") if x[1] > 0] == [x for x in expected if x[1] > 0]

@@ -7,14 +7,20 @@ row N of a split as line N. Everything after that (the data check and its refusa
 offsets, file stamps, the checkpoint's sha256 of the train and validation files) is the JSONL path, unchanged. The
 file's name is a hash of what identifies the source's content (the source files' sha256, or the hub dataset's
 datasets fingerprint) and the column mapping, so a second start reads the same file and a changed source gives
-another file, whose sha256 a resume refuses. Every message names the user's source and row (formats.SourceLabel),
-never the cache file.
+another file, whose sha256 a resume refuses. Beside each copy a record (NAME.jsonl.sha256) holds its sha256: a copy
+that no longer matches it (truncated, edited) or has none is written again from the source before it is used. A
+copy is published with a hard link, never over one that is there: processes converting the same source at once
+(a data-parallel job's ranks, two runs) all end up reading the first one written, and a process already reading it
+never sees it replaced (its file-stamp guard would stop the run). Every message names the user's source and row
+(formats.SourceLabel), never the cache file.
 
 Values arrow gives that JSON has no type for are converted where the meaning is plain (numpy scalars to numbers,
-dates and times to ISO 8601 text, decimals to numbers, UTF-8 bytes to text) and refused by split, row and column
-otherwise (binary data, NaN, durations). A null is dropped, at any depth: arrow gives every row every field of a
-struct (a message's tool_calls) and every column, filling the ones a row lacked with null, and a missing key is
-what the row meant (a null where a value is needed is then refused as that key missing).
+dates and times to ISO 8601 text, decimals to numbers, UTF-8 bytes to text, a map to an object) and refused by
+split, row and column otherwise (binary data, NaN, durations). A float32 or float16 value is written as the
+shortest decimal that is that value (a float32 0.1 is 0.1, not 0.10000000149011612: an exact_match reward compares
+its text). A null field is dropped, at any depth: arrow gives every row every field of a struct (a message's
+tool_calls) and every column, filling the ones a row lacked with null, and a missing key is what the row meant (a
+null where a value is needed is then refused as that key missing); a null item of a list stays null.
 """
 from __future__ import annotations
 
@@ -45,7 +51,7 @@ from overnight.data.formats import (
 )
 from overnight.fsutil import fsync_file, overnight_cache_dir, sha256_file
 
-CONVERSION_VERSION = 1  # in every cache key: a change in how rows are written makes new files
+CONVERSION_VERSION = 2  # in every cache key: a change in how rows are written makes new files
 VAL_SPLITS = ("validation", "val", "valid", "test")  # the first one a source has is its validation split
 DATA_EXTRA = "pip install 'overnight[data]'"
 _SHARD = r"-(\d+)-of-(\d+)(?:-[0-9a-zA-Z]+)?\.parquet"  # the hub's train-00000-of-00002[-hash].parquet
@@ -153,11 +159,11 @@ def _parquet_files(data_path: Path, train: list[Path], val: list[Path] | None,
         shards = tuple((str(p), open_file(p).metadata.num_rows) for p in files) if len(files) > 1 else ()
         label = SourceLabel(name, columns, _command_args([str(data_path)], columns), shards)
 
-        def batches() -> Iterator[tuple[list[str], list[dict]]]:
+        def batches() -> Iterator[Any]:
             for path in files:
                 pf = open_file(path)
-                for batch in pf.iter_batches(batch_size=1024):
-                    yield pf.schema_arrow.names, batch.to_pylist()
+                yield from _read(pf.iter_batches(batch_size=1024), f"{path}: cannot be read as parquet",
+                                 "check the file, or export it again")
 
         return _local_copy(label, files, columns, lambda f: _write_arrow_rows(f, label, batches(), columns))
 
@@ -169,6 +175,11 @@ def _saved_dataset_files(folder: Path, columns: dict) -> tuple[Path, Path | None
     try:
         saved = datasets.load_from_disk(str(folder))
     except Exception as exc:  # noqa: BLE001 - datasets raises FileNotFoundError, ValueError, json errors...
+        empty = _empty_splits(folder)
+        if empty:  # datasets saves a split with no rows but cannot load the DatasetDict again (IndexError)
+            raise DataError(f"{folder} split '{empty[0]}': has no rows, and datasets cannot load a DatasetDict saved "
+                            f"with an empty split ({exc or type(exc).__name__}) -> save it again without that split "
+                            f"(del ds[{empty[0]!r}] before ds.save_to_disk(...)), or with rows in it") from None
         raise DataError(f"{folder}: cannot be read as a datasets save_to_disk folder ({exc}) -> save it again with "
                         "ds.save_to_disk(...) (a DatasetDict with a train split, or one Dataset)") from None
     command = _command_args([str(folder)], columns)
@@ -176,14 +187,25 @@ def _saved_dataset_files(folder: Path, columns: dict) -> tuple[Path, Path | None
     def convert(dataset: Any, split_folder: Path, name: str) -> Path:
         label = SourceLabel(name, columns, command)
         files = sorted(p for p in split_folder.rglob("*") if p.is_file())
+        fix = "save it again with ds.save_to_disk(...)"
         return _local_copy(label, files, columns,
-                           lambda f: _write_arrow_rows(f, label, _dataset_batches(dataset), columns))
+                           lambda f: _write_arrow_rows(f, label, _dataset_batches(dataset, name, fix), columns))
 
     if not isinstance(saved, datasets.DatasetDict):  # one Dataset: the training rows
         return convert(saved, folder, str(folder)), None
     train, val = _pick_splits(list(saved), "train", None, f"{folder} (a DatasetDict)")
     return (convert(saved[train], folder / train, f"{folder} split '{train}'"),
             convert(saved[val], folder / val, f"{folder} split '{val}'") if val else None)
+
+
+def _empty_splits(folder: Path) -> list[str]:
+    """The splits of a saved DatasetDict that were saved with no rows (no arrow files)."""
+    try:
+        splits = json.loads((folder / "dataset_dict.json").read_text(encoding="utf-8"))["splits"]
+        return [split for split in splits
+                if json.loads((folder / split / "state.json").read_text(encoding="utf-8")).get("_data_files") == []]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return []
 
 
 _HUB_MEMO: dict[tuple, tuple[Path, Path | None]] = {}
@@ -211,8 +233,9 @@ def _hub_files(hf: Any, columns: dict) -> tuple[Path, Path | None]:
         dataset = loaded[split]
         # datasets' fingerprint of a split follows its files in the Hugging Face cache: a new revision, a new copy
         identity = json.dumps(["hub", hf.name, hf.config, split, dataset._fingerprint])
-        return _copy(label, identity, columns, lambda f: _write_arrow_rows(f, label, _dataset_batches(dataset),
-                                                                           columns))
+        fix = "remove its folder from the Hugging Face cache (HF_DATASETS_CACHE) to have it downloaded again"
+        return _copy(label, identity, columns,
+                     lambda f: _write_arrow_rows(f, label, _dataset_batches(dataset, label.name, fix), columns))
 
     _HUB_MEMO[asked] = (convert(train), convert(val) if val else None)
     return _HUB_MEMO[asked]
@@ -223,6 +246,13 @@ def _hub_failure(shown: str, hf: Any, exc: Exception) -> str:
                   for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
     why = "offline (HF_HUB_OFFLINE) and not in the Hugging Face cache" if offline else "could not be loaded"
     detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if hf.config and "BuilderConfig" in detail and "not found" in detail:  # datasets' ValueError for a bad config
+        return (f"{shown}: has no config {hf.config!r} ({detail}) -> set data.hf_dataset.config to one of its "
+                "configs, or leave it unset for a dataset with one")
+    local = Path(hf.name).expanduser()
+    if hf.name.startswith(("/", ".", "~")) or local.exists():  # a folder on this machine: offline is not why
+        why = "could not be loaded" if local.exists() else "no such folder"
+        return f"{shown}: {why} ({detail}) -> check data.hf_dataset.name, or pass the folder with --data"
     call = f"datasets.load_dataset({hf.name!r}{', ' + repr(hf.config) if hf.config else ''})"
     return (f"{shown}: {why} ({detail}) -> check data.hf_dataset.name{' and .config' if hf.config else ''}; to "
             f"work offline, run once online (the dataset is downloaded once into the Hugging Face cache), or on a "
@@ -243,10 +273,24 @@ def _pick_splits(have: list[str], train_split: str, val_split: str | None, shown
     return train_split, val_split or next((s for s in VAL_SPLITS if s in have and s != train_split), None)
 
 
-def _dataset_batches(dataset: Any) -> Iterator[tuple[list[str], list[dict]]]:
+def _dataset_batches(dataset: Any, shown: str, fix: str) -> Iterator[Any]:
     """The rows as arrow holds them (no feature decoding: an image stays its bytes, and is refused as such)."""
-    for table in dataset.with_format("arrow").iter(batch_size=1024):
-        yield table.column_names, table.to_pylist()
+    yield from _read(dataset.with_format("arrow").iter(batch_size=1024), f"{shown}: cannot be read", fix)
+
+
+def _read(tables: Iterable[Any], failed: str, fix: str) -> Iterator[Any]:
+    """``tables``, a damaged source (a corrupt page, a truncated arrow file) refused as ``failed`` (exit 2), not
+    taken for a cache that cannot be written or shown as a traceback."""
+    it = iter(tables)
+    while True:
+        try:
+            table = next(it)
+        except StopIteration:
+            return
+        except Exception as exc:  # noqa: BLE001 - pyarrow's OSError, ArrowInvalid, datasets' own errors...
+            raise DataError(f"{failed} ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}) -> "
+                            f"{fix}") from None
+        yield table
 
 
 def _command_args(source: list[str], columns: dict) -> tuple[str, ...]:
@@ -290,9 +334,11 @@ def _copy(label: SourceLabel, identity: str, columns: dict, write: Callable) -> 
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", label.name).strip("_.")[-60:] or "rows"
     out = overnight_cache_dir() / "data" / f"{slug}-{digest[:24]}.jsonl"
     register_label(out, label)
-    if out.is_file():
+    if out.is_file() and _intact(out):
         return out
-    print(f"overnight: converting {label.name} to JSONL once (cached as {out})", file=sys.stderr, flush=True)
+    again = " once" if not out.is_file() else " again (the copy there does not match the sha256 recorded when it " \
+        "was written)" if _record_path(out).is_file() else " again (the copy there has no record of its sha256)"
+    print(f"overnight: converting {label.name} to JSONL{again} (cached as {out})", file=sys.stderr, flush=True)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(f"{out.name}.tmp-{uuid.uuid4().hex[:8]}")
@@ -300,7 +346,7 @@ def _copy(label: SourceLabel, identity: str, columns: dict, write: Callable) -> 
             with open(tmp, "wb") as f:
                 write(f)
             fsync_file(tmp)
-            os.replace(tmp, out)  # whole or not at all: another process may be converting the same split
+            _publish(tmp, out, sha256_file(tmp))
         finally:
             tmp.unlink(missing_ok=True)
     except OSError as exc:
@@ -309,24 +355,84 @@ def _copy(label: SourceLabel, identity: str, columns: dict, write: Callable) -> 
     return out
 
 
-def _write_arrow_rows(f, label: SourceLabel, batches: Iterable[tuple[list[str], list[dict]]],
-                      columns: dict) -> None:
+def _record_path(out: Path) -> Path:
+    return out.with_name(out.name + ".sha256")
+
+
+def _intact(out: Path) -> bool:
+    """The copy is the one that was written: its recorded sha256, checked by reading it unless the file's stamp
+    (inode, size, modification time) is the one recorded with it."""
+    try:
+        record = json.loads(_record_path(out).read_text(encoding="utf-8"))
+        stamp = stamp_of(out)
+        if stamp is None or stamp.size != record["size"]:
+            return False
+        if [stamp.inode, stamp.mtime_ns] == record.get("stamp"):
+            return True
+        if sha256_file(out) != record["sha256"]:
+            return False
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    _write_record(out, record["sha256"])  # touched or copied back, same rows: the stamp is checked from now on
+    return True
+
+
+def _write_record(out: Path, sha256: str) -> None:
+    stamp = stamp_of(out)
+    if stamp is None:
+        return
+    record = _record_path(out)
+    tmp = record.with_name(f"{record.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        tmp.write_text(json.dumps({"sha256": sha256, "size": stamp.size, "stamp": [stamp.inode, stamp.mtime_ns]}),
+                       encoding="utf-8")
+        os.replace(tmp, record)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _publish(tmp: Path, out: Path, sha256: str) -> None:
+    """``tmp`` as ``out``, whole or not at all. A copy already there with the same content is kept as it is: another
+    process converting the same split may have written it and be reading it now."""
+    try:
+        os.link(tmp, out)  # fails where a file is there; never replaces one
+    except FileExistsError:
+        if _content_is(out, sha256):
+            _write_record(out, sha256)
+            return
+        os.replace(tmp, out)  # a damaged copy: the rows written now replace it
+    except OSError:  # a file system without hard links
+        if not _content_is(out, sha256):
+            os.replace(tmp, out)
+    _write_record(out, sha256)
+
+
+def _content_is(path: Path, sha256: str) -> bool:
+    try:
+        return sha256_file(path) == sha256
+    except OSError:
+        return False
+
+
+def _write_arrow_rows(f, label: SourceLabel, batches: Iterable[Any], columns: dict) -> None:
     """One JSON object a line, nulls dropped, keys renamed by data.columns; values without a JSON form are refused
-    all at once, by row and column."""
+    all at once, by row and column. ``batches``: arrow tables or record batches."""
     rename = {column: key for key, column in columns.items()}
     have: list[str] = []
     problems: list[str] = []
     count = line = 0
-    for names, rows in batches:
+    for table in batches:
+        names = table.schema.names
         if not have:  # arrow gives every row every column: the first batch's are the columns
             _check_mapping(label, columns, names)
         have += [n for n in names if n not in have]
-        for row in rows:
+        types = {field.name: field.type if _typed(field.type) else None for field in table.schema}
+        for row in _pylist(table, label, line):
             line += 1
             out: dict[str, Any] = {}
             for column, value in row.items():
                 try:
-                    value = _json_value(value)
+                    value = _json_value(value, types.get(column))
                 except _NotJson as exc:
                     count += 1
                     if len(problems) < SHOWN_PROBLEMS:
@@ -341,6 +447,29 @@ def _write_arrow_rows(f, label: SourceLabel, batches: Iterable[tuple[list[str], 
         more = f"\n  ... and {count - len(problems)} more" if count > len(problems) else ""
         raise DataError(f"{count} value(s) in the data have no JSON form; nothing was trained or written:\n  "
                         + "\n  ".join(problems) + more)
+
+
+def _pylist(table: Any, label: SourceLabel, before: int) -> list[dict]:
+    """The rows of ``table`` as Python values; a column Python cannot hold (a date past the year 9999) is refused
+    by name."""
+    try:
+        return table.to_pylist()
+    except Exception as exc:  # noqa: BLE001 - OverflowError, ValueError, ArrowNotImplementedError...
+        failed = exc
+    for name, column in zip(table.schema.names, table.columns):
+        try:
+            column.to_pylist()
+        except Exception as exc:  # noqa: BLE001 - as above
+            failed, where = exc, name
+            break
+    else:
+        where = None
+    detail = str(failed).splitlines()[0] if str(failed) else type(failed).__name__
+    rows = f"{label.at(before + 1)} to {label.at(before + table.num_rows)}" if table.num_rows > 1 else \
+        label.at(before + 1)
+    raise DataError(f"{rows}: {f'column {where!r}' if where else 'a column'} cannot be read into Python ({detail}), "
+                    "which a JSON row needs -> convert the column to text or numbers (ds.map, ds.cast_column) or "
+                    "remove it (ds.remove_columns)")
 
 
 def _write_renamed_lines(f, label: SourceLabel, path: Path, columns: dict) -> None:
@@ -379,22 +508,58 @@ def _jsonl_line(row: dict) -> bytes:
     return json.dumps(row, ensure_ascii=False).encode("utf-8") + b"\n"
 
 
+_NARROW_FLOATS = {"float": np.float32, "halffloat": np.float16}  # arrow's names for float32, float16
+
+
+def _typed(typ: Any) -> bool:
+    """Whether a column's values need its arrow type to be written (a float32 or a map in it): the others go the
+    faster way without."""
+    import pyarrow.types as pat
+
+    if pat.is_float32(typ) or pat.is_float16(typ) or pat.is_map(typ) or pat.is_dictionary(typ):
+        return True
+    return any(_typed(typ.field(i).type) for i in range(typ.num_fields))
+
+
+def _is(typ: Any, test: str) -> bool:
+    if typ is None:
+        return False
+    import pyarrow.types as pat  # imported by then: the rows came from pyarrow
+
+    return getattr(pat, test)(typ)
+
+
 class _NotJson(Exception):
     """A value with no JSON form; its message says what it holds."""
 
 
-def _json_value(value: Any) -> Any:
+def _json_value(value: Any, typ: Any = None) -> Any:
+    """``value`` as JSON holds it; ``typ``, the arrow type it came as (when known), tells a float32's shortest
+    decimal and a map's pairs."""
     if value is None or isinstance(value, (bool, int, str)):
         return value
+    if _is(typ, "is_dictionary"):  # a dictionary-encoded column: its values' type
+        typ = typ.value_type
     if isinstance(value, float):
-        if math.isfinite(value):
-            return value
-        raise _NotJson(f"holds {value} (JSON has no NaN or infinity)")
+        if not math.isfinite(value):
+            raise _NotJson(f"holds {value} (JSON has no NaN or infinity)")
+        narrow = _NARROW_FLOATS.get(str(typ)) if typ is not None else None
+        return float(str(narrow(value))) if narrow else value  # str(np.float32(x)) is its shortest decimal
     if isinstance(value, dict):
-        converted = ((str(k), _json_value(v)) for k, v in value.items())
+        fields = {f.name: f.type for f in typ} if _is(typ, "is_struct") else {}
+        converted = ((str(k), _json_value(v, fields.get(k))) for k, v in value.items())
         return {k: v for k, v in converted if v is not None}
+    if _is(typ, "is_map") and isinstance(value, list):  # arrow gives a map as (key, item) pairs
+        obj: dict[str, Any] = {}
+        for k, v in value:
+            k = _json_value(k, typ.key_type)
+            if str(k) in obj:
+                raise _NotJson(f"holds a map with the key {k!r} twice")
+            obj[str(k)] = _json_value(v, typ.item_type)
+        return {k: v for k, v in obj.items() if v is not None}
     if isinstance(value, (list, tuple)):
-        return [_json_value(v) for v in value]
+        item = getattr(typ, "value_type", None) if typ is not None else None
+        return [_json_value(v, item) for v in value]
     if isinstance(value, np.generic):
         return _json_value(value.item())
     if isinstance(value, np.ndarray):
