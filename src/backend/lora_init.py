@@ -46,7 +46,8 @@ B (out, r), scale s = alpha / rank, the magnitude m (out,) and dropout D (identi
     g = m / n
     y = W x + b + (g - 1) * (W D(x)) + g * s * B A D(x)
 
-m starts as || W || per row (B is zero at the start, so the layer starts as the base). Without dropout (eval, or
+m starts as || W || per row, computed in float32 on both backends whatever the compute dtype (B is zero at the
+start, so the layer starts as the base). Without dropout (eval, or
 lora.dropout 0) this is g * (W x + s B A x) + b, which is also what mlx-lm's DoRALinear computes, so the adapter
 overnight saves loads in mlx-lm and in PEFT and scores the same in both. In training with dropout on, mlx-lm's
 DoRALinear computes g * (W x + s B A D(x)) + b instead (dropout on the LoRA term only, the base term rescaled

@@ -561,6 +561,15 @@ def _assistant_spans(tok: TextTokenizer, messages: list[dict], text: str,
             raise DataError(f"the chat template leaves tool call '{missing[0]}' out of assistant message {i}, so the "
                             "call would not be trained -> use a model whose chat template renders 'tool_calls', or "
                             "write the call into the assistant's 'content' as text", key=f"messages[{i}].tool_calls")
+        # A call turn's text, which some templates drop beside a call (Llama 3.1 writes only the call): it would
+        # silently never be trained. The part after a reasoning block is what templates show (Qwen3 moves the rest).
+        content = message.get("content")
+        visible = content.split("</think>")[-1].strip() if calls and isinstance(content, str) else ""
+        if visible and visible not in text[span[0]:span[1]]:
+            raise DataError(f"the chat template of {tok.model_dir} writes only the tool call of assistant message {i} "
+                            f"and drops its text ({visible[:40]!r}), so the text would not be trained -> put the text "
+                            "in an assistant message of its own before the call, or remove it",
+                            key=f"messages[{i}].content")
         spans.append(span)
         search = span[1]
     return spans
