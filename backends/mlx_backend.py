@@ -502,6 +502,7 @@ class MLXBackend:
     name = "mlx"
     adapter_format = "mlx"  # what its adapter/ folders hold (src/backend/adapter_formats.py)
     supports_dora = True  # lora.use_dora (src/backend/lora_init.py, DORA)
+    loss_kernels = ("chunked",)  # model.loss_kernel: Liger's kernels are CUDA (Triton) only
 
     def __init__(self) -> None:
         self.model: nn.Module | None = None

@@ -131,6 +131,7 @@ class TorchBackend:
     name = "torch"
     adapter_format = "peft"  # what its adapter/ folders hold (src/backend/adapter_formats.py)
     supports_dora = True  # lora.use_dora (src/backend/lora_init.py, DORA)
+    loss_kernels = ("chunked", "liger")  # model.loss_kernel (liger: CUDA with liger-kernel, see _liger_loss)
 
     def __init__(self) -> None:
         self._model = None
@@ -142,6 +143,7 @@ class TorchBackend:
         self._world: TorchCollective | None = None  # set by connect() in a data-parallel job
         self._stop_every: int | None = None  # tests: the stop check's interval (None: the device's)
         self._fused = False  # AdamW's fused kernel (set with the optimizer)
+        self._liger = None  # model.loss_kernel=liger: Liger-Kernel's fused linear cross-entropy (set in setup)
 
     @property
     def placement(self) -> tuple[torch.device, torch.dtype]:
@@ -204,6 +206,7 @@ class TorchBackend:
         self._model = model
         _init_lora_a(model, seed)
         self._find_plain_head()
+        self._liger = self._liger_loss() if cfg.model.loss_kernel == "liger" else None
         self._score = self._build_score_head() if self._method == "reward" else None
         if self._score is not None:  # the score position's pad id, as the core's tokenizer pads (objectives.py)
             from overnight.data.tokenizer import load_tokenizer
@@ -373,6 +376,12 @@ class TorchBackend:
         from peft import LoraConfig, get_peft_model
 
         lora = self._cfg.lora
+        if lora.use_dora and self._cfg.model.quantization.bits == 8 and self._device.type != "cuda":
+            # bitsandbytes' int8 layer on the CPU cannot be dequantized for DoRA's norm once it has run: PEFT's
+            # forward raised AttributeError at the first step (tests/test_dora.py)
+            raise ConfigError("config key 'lora.use_dora': DoRA on an 8-bit base does not run on the CPU "
+                              "(bitsandbytes' int8 weights cannot be dequantized there) -> use "
+                              "model.quantization.bits=4 or 0, or lora.use_dora=false")
         num_layers = model.config.get_text_config().num_hidden_layers
         blocks = lora_targets.lora_blocks(num_layers, lora.layers)
         # PEFT errs only when no target matches anything: check each one first, by the rule mlx uses too.
@@ -410,7 +419,9 @@ class TorchBackend:
         details = {
             "device": str(self._device),
             "compute_dtype": str(self._compute_dtype).replace("torch.", ""),
-            "loss_head": (f"output head on target positions only, {self._chunk_rows} a chunk" if self._plain_head
+            "loss_head": ("output head on target positions only, Liger-Kernel's fused linear cross-entropy"
+                          if self._liger is not None
+                          else f"output head on target positions only, {self._chunk_rows} a chunk" if self._plain_head
                           else "the model's own head on target positions, all at once (its logits are not a plain "
                                "projection of the decoder's output)"),
             "quantization": {0: "none", 4: "bitsandbytes nf4, double quantization, blocksize 64",
@@ -561,7 +572,10 @@ class TorchBackend:
     def _chunked_logps(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """_head_logps of (N, H) hidden states, objectives.logit_chunk_rows positions at a time. Under autograd each
         chunk is checkpointed: its logits are freed after its forward and recomputed in the backward, so no
-        (N x vocabulary) tensor outlives one chunk (the cost: the head's matmul once more)."""
+        (N x vocabulary) tensor outlives one chunk (the cost: the head's matmul once more). With
+        model.loss_kernel=liger, Liger-Kernel's fused linear cross-entropy computes the same values instead."""
+        if self._liger is not None:
+            return self._liger_logps(hidden, targets)
         rows = self._chunk_rows
         # One chunk: its logits are at their largest when the backward starts either way, so a checkpoint would
         # only add the head's matmul once more.
@@ -574,6 +588,43 @@ class TorchBackend:
             else:
                 pieces.append(self._head_logps(h, t))
         return torch.cat(pieces) if len(pieces) != 1 else pieces[0]
+
+    def _liger_loss(self):
+        """model.loss_kernel=liger: Liger-Kernel's fused linear cross-entropy, where it computes what the chunked
+        head does; anything else is refused by name rather than run another way."""
+        def refuse(why: str) -> ConfigError:
+            return ConfigError(f"config key 'model.loss_kernel': liger {why} -> model.loss_kernel=chunked")
+
+        if self._device.type != "cuda":
+            raise refuse(f"runs on CUDA GPUs (Triton kernels) and this torch sees no GPU (device {self._device})")
+        if self._method == "reward":
+            raise refuse("takes the LM head's log-probs, which a reward model (data.method=reward) never computes")
+        try:
+            from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+        except Exception as exc:  # noqa: BLE001 - missing, or a Triton that does not import on this machine
+            raise refuse(f"needs the liger-kernel package, which does not import here ({exc.__class__.__name__}: "
+                         f"{str(exc)[:200]}): pip install liger-kernel") from None
+        head = self._model.get_output_embeddings()
+        if not self._plain_head or head.bias is not None:
+            raise refuse("needs logits that are the output head's plain projection (no bias, no other scaling); "
+                         "this model's are not (setup's loss_head says so)")
+        if head.weight.dtype != self._compute_dtype:
+            raise refuse(f"needs the output head in the compute dtype ({self._compute_dtype}); it is kept in "
+                         f"{head.weight.dtype} (float32 compute on a 16-bit checkpoint): use model.dtype=bfloat16")
+        if self._method == "grpo" and self._grpo.temperature != 1.0 and self._softcap:
+            raise refuse("cannot divide soft-capped logits (final_logit_softcapping) by grpo.temperature")
+        return liger_fused_linear_cross_entropy
+
+    def _liger_logps(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """log p(target) of (N, H) hidden states by Liger's kernel: its per-token cross-entropy (reduction "none",
+        whose backward takes each token's own upstream gradient), negated. grpo's logits / T are (hidden / T) @ W.T
+        (the head has no bias: checked at setup)."""
+        temperature = self._grpo.temperature if self._method == "grpo" else 1.0
+        weight = self._model.get_output_embeddings().weight
+        if temperature != 1.0:
+            hidden = hidden / temperature
+        losses = self._liger(hidden.to(weight.dtype), weight, targets, reduction="none", softcap=self._softcap)
+        return -losses.float()
 
     def _find_plain_head(self) -> None:
         """Whether the model's logits are exactly its output head (then Gemma's final soft-capping, where the config

@@ -2,7 +2,7 @@
 # The CUDA path measured in one command (bench/gpu.py says what each step measures):
 #   bench/gpu.sh              on a fresh GPU machine with torch, transformers and peft: writes bench/results/<gpu>.json/.md
 #   bench/gpu.sh --dry-run    the same steps on CPU at tiny sizes, into a temp folder (CI runs it)
-# Wheels the machine lacks (bitsandbytes; mlx[cuda] for the mlx step) are installed from WHEELS (default .whl/) when
+# Wheels the machine lacks (bitsandbytes; liger-kernel for the model.loss_kernel=liger cuda tests; mlx[cuda] for the mlx step) are installed from WHEELS (default .whl/) when
 # that folder holds any, without the network; overnight itself is installed beside them if python cannot import it.
 # PYTHON picks the interpreter (default: .venv/bin/python where there is one, else python3).
 set -u

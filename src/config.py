@@ -31,6 +31,10 @@ class ModelConfig:
     # The dtype of every weight that is not quantized (embeddings, norms, output head) and of the activations.
     # auto: torch bf16 on a GPU that has it natively, else float32; mlx the dtype the checkpoint was saved in.
     dtype: str = "auto"
+    # How the loss takes the output head's log-probs at the target positions: chunked (overnight's own, a chunk of
+    # positions at a time, every backend and device) or liger (Liger-Kernel's fused linear cross-entropy: torch on
+    # a CUDA GPU with the liger-kernel package). Not a training key: both compute the same values up to rounding.
+    loss_kernel: str = "chunked"
 
 
 @dataclass
@@ -272,6 +276,7 @@ CHOICES = {
     "backend": ("auto", "mlx", "torch"),
     "model.quantization.bits": (0, 4, 8),
     "model.dtype": ("auto", "bfloat16", "float16", "float32"),
+    "model.loss_kernel": ("chunked", "liger"),
 }
 
 

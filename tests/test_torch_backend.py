@@ -1307,3 +1307,99 @@ def test_a_subclassed_embedding_stays_in_the_compute_dtype(sixteen_bit_twins):
             scaled.weight = plain.weight
         skeleton.set_input_embeddings(scaled)
         assert set(torch_stored_dtype.plan(skeleton, bf16_dir, torch.float32)) == expected
+
+
+# --------------------------------------------------------------------------- model.loss_kernel=liger
+
+
+def _method_batch(model_dir: Path, method: str):
+    batch = preference_batch(model_dir) if method in ("dpo", "orpo") else sft_batch(model_dir)
+    if method == "grpo":
+        batch.advantages = np.random.default_rng(0).normal(size=batch.num_rows).astype(np.float32)
+        batch.old_logp = None
+    return batch
+
+
+def _loss_and_grads(backend, batch, method: str):
+    import torch
+
+    from overnight.backend import objectives
+
+    backend._model.train()
+    torch.manual_seed(3)
+    token_scale, pair_scale, _ = objectives.step_scales(method, [batch])
+    loss = backend._local_passes([batch], token_scale, pair_scale).item()
+    return loss, [p.grad.detach().float().clone() for p in backend._params]
+
+
+def _torch_flce(input, weight, target, bias=None, reduction="mean", softcap=None, **_ignored):
+    """Liger's liger_fused_linear_cross_entropy computed by plain torch ops (its Triton kernel runs only on CUDA):
+    what the kernel returns, so the CPU test checks the call overnight makes (arguments, sign, temperature)."""
+    import torch
+    import torch.nn.functional as F
+
+    logits = F.linear(input, weight, bias).float()
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return F.cross_entropy(logits, target, reduction=reduction)
+
+
+@pytest.mark.parametrize("method", ["sft", "dpo", "grpo"])
+def test_the_liger_call_computes_the_chunked_heads_values(tiny_model_dir, method, monkeypatch):
+    """model.loss_kernel=liger hands Liger's fused linear cross-entropy the target positions' hidden states, the head
+    and the targets (grpo: the hidden states / temperature): with the kernel's values computed by torch (its Triton
+    kernel needs CUDA; test_cuda_liger_loss_kernel runs the real one) losses and LoRA gradients are the chunked
+    head's, 4-bit with dropout."""
+    batch = _method_batch(tiny_model_dir, method)
+    overrides = dict(bits=4, lora__dropout=0.1, data__method=method, grpo__beta=0.05, grpo__temperature=0.7)
+    backend, _ = make_backend(tiny_model_dir, **overrides)
+    chunked = _loss_and_grads(backend, batch, method)
+    backend, _ = make_backend(tiny_model_dir, **overrides)
+    backend._liger = _torch_flce
+    liger = _loss_and_grads(backend, batch, method)
+    assert liger[0] == pytest.approx(chunked[0], rel=1e-5, abs=1e-6)
+    for got, want in zip(liger[1], chunked[1]):
+        assert np.allclose(got.numpy(), want.numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_liger_is_refused_by_name_where_it_cannot_run(tiny_model_dir, tmp_path):
+    """On a machine without CUDA (this one), on the mlx backend, and for a reward model: exit 2 naming the key and
+    the way out, before any step."""
+    from overnight.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"model.loss_kernel.*CUDA GPUs.*model.loss_kernel=chunked"):
+        make_backend(tiny_model_dir, bits=4, model__loss_kernel="liger")
+    from test_grpo import cli
+
+    data = Path(__file__).resolve().parent.parent / "data"
+    done = cli(["train", "--backend", "torch", "--model", str(tiny_model_dir), "--data", str(data), "--output",
+                str(tmp_path / "run"), "--max-steps", "1", "--quiet", "--set", "model.loss_kernel=liger"])
+    assert done.returncode == 2 and "config key 'model.loss_kernel'" in done.stderr, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    if has("mlx"):
+        done = cli(["train", "--backend", "mlx", "--model", str(tiny_model_dir), "--data", str(data), "--output",
+                    str(tmp_path / "mlx"), "--max-steps", "1", "--quiet", "--set", "model.loss_kernel=liger"])
+        assert done.returncode == 2, done.stderr[-2000:]
+        assert "backend mlx computes the loss with chunked, not liger" in done.stderr
+    done = cli(["train", "--backend", "torch", "--model", str(tiny_model_dir), "--data", str(data), "--output",
+                str(tmp_path / "typo"), "--max-steps", "1", "--quiet", "--set", "model.loss_kernel=ligre"])
+    assert done.returncode == 2 and "model.loss_kernel" in done.stderr and "liger" in done.stderr
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("method", ["sft", "dpo", "grpo"])
+def test_cuda_liger_loss_kernel(tiny_model_dir, method):
+    """The real kernel on the GPU (bf16, 4-bit, dropout): losses and LoRA gradients of the chunked head's to bf16
+    rounding, and its setup says so."""
+    pytest.importorskip("liger_kernel")
+    batch = _method_batch(tiny_model_dir, method)
+    overrides = dict(bits=4, lora__dropout=0.1, data__method=method, grpo__beta=0.05, grpo__temperature=0.7)
+    chunked = _loss_and_grads(make_backend(tiny_model_dir, **overrides)[0], batch, method)
+    backend, info = make_backend(tiny_model_dir, model__loss_kernel="liger", **overrides)
+    assert "Liger" in info.details["loss_head"]
+    liger = _loss_and_grads(backend, batch, method)
+    print(f"liger {method}: loss {liger[0]:.6f} vs chunked {chunked[0]:.6f}")
+    assert liger[0] == pytest.approx(chunked[0], rel=2e-2, abs=1e-3)
+    for got, want in zip(liger[1], chunked[1]):
+        cosine = float((got * want).sum() / (got.norm() * want.norm() + 1e-30))
+        assert cosine > 0.99, cosine

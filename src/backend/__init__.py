@@ -195,6 +195,8 @@ class Backend(Protocol):
     # True for a backend that builds DoRA layers when lora.use_dora is set (src/backend/lora_init.py, DORA); the core
     # refuses the key for any other, rather than let it train plain LoRA
     supports_dora: bool
+    # The values of model.loss_kernel it computes ("chunked" at least); the core refuses any other by name
+    loss_kernels: tuple[str, ...]
 
     def setup(self, cfg: Any, seed: int) -> SetupInfo:
         """Load model, quantize if asked, attach LoRA, build the optimizer. ``cfg`` is overnight.config.Config."""

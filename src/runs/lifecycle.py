@@ -321,6 +321,11 @@ class TrainingRun:
             raise ConfigError(f"config key 'lora.use_dora': backend {self.backend.name} does not build DoRA layers "
                               "(it does not declare supports_dora) -> use --backend torch or mlx, or "
                               "lora.use_dora=false")
+        kernels = getattr(self.backend, "loss_kernels", ("chunked",))
+        if self.cfg.model.loss_kernel not in kernels:
+            raise ConfigError(f"config key 'model.loss_kernel': backend {self.backend.name} computes the loss with "
+                              f"{' or '.join(kernels)}, not {self.cfg.model.loss_kernel} -> "
+                              f"model.loss_kernel={kernels[0]}")
         self.start_step = plan.start_step
         if plan.checkpoint is not None:  # never rotated away; what an abort names as safe
             self.checkpoints.protected.add(plan.checkpoint.step)
