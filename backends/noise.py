@@ -8,6 +8,7 @@ categories, and the hub's download bars (a real download is worth watching) are 
 """
 from __future__ import annotations
 
+import importlib
 import logging
 import re
 import sys
@@ -16,7 +17,7 @@ import warnings
 # logger name -> message prefixes dropped (logging records, printed by logging's last-resort handler)
 DROPPED_LOG_RECORDS = {
     # bitsandbytes/backends/cpu/ops.py, at import on CPUs with AVX512-BF16: an optional faster CPU kernel
-    # from the `kernels` package; overnight trains on GPUs and keeps its 4-bit CPU layout fixed anyway.
+    # from the `kernels` package, which import_bitsandbytes_without_hub_kernels keeps it from fetching.
     "bitsandbytes.backends.cpu.ops": ("Failed to load CPU gemm_4bit_forward from kernels-community",),
     # kernels/_internals/hf_hub.py (kernels 0.19, pulled in by transformers 5), on that same attempt when the hub is
     # offline (overnight's tests; a cached kernel): the trust check of bitsandbytes' own kernel repo is skipped.
@@ -50,6 +51,28 @@ REPHRASED_WARNINGS = [
 LIBRARY_MODULES = r"(transformers|peft|bitsandbytes|accelerate)(\..*)?$"
 
 _said: set[str] = set()
+
+
+def import_bitsandbytes_without_hub_kernels() -> None:
+    """Import bitsandbytes (where installed) with the `kernels` package hidden for the import. On a CPU with
+    AVX512-BF16, bitsandbytes 0.50 (backends/cpu/ops.py) asks the Hugging Face hub for a faster 4-bit CPU kernel at
+    import: a network call at run time, and a matmul whose rounding would then depend on whether the machine could
+    reach the hub. Hidden, bitsandbytes falls back to its own kernel, as it does offline; nothing else is changed
+    (`kernels` is importable again right after). CUDA machines never take that path."""
+    if "bitsandbytes" in sys.modules:
+        return
+    missing = object()
+    hidden = sys.modules.get("kernels", missing)
+    sys.modules["kernels"] = None  # `from kernels import get_kernel` raises ImportError, which bitsandbytes catches
+    try:
+        importlib.import_module("bitsandbytes")
+    except Exception:  # noqa: BLE001 - not installed, or no usable native library: the 4-bit setup says so later
+        pass
+    finally:
+        if hidden is missing:
+            sys.modules.pop("kernels", None)
+        else:
+            sys.modules["kernels"] = hidden
 
 
 def say_once(text: str) -> None:

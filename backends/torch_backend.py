@@ -46,6 +46,7 @@ from overnight.config import ConfigError
 from overnight.fsutil import give_default_modes
 
 noise.install()  # before bitsandbytes is imported: its import logs a line that is not the user's business
+noise.import_bitsandbytes_without_hub_kernels()  # before transformers or PEFT import it
 _OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 # Allocation failures that arrive as a plain RuntimeError rather than _OOM, as ATen/cuda/Exceptions.h and
 # c10/cuda/CUDAException.h word them: cuBLAS/cuSPARSE/cuSOLVER/cuFFT ("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when

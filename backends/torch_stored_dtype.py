@@ -75,7 +75,7 @@ def plan(skeleton, model_dir: Path, compute_dtype: torch.dtype) -> dict[str, tor
     pair = _plain_pair(skeleton)
     names = [name for name, _ in pair]
     stored = _checkpoint_dtypes(model_dir, names)
-    if len(pair) == 2 and pair[0][1].weight is pair[1][1].weight:  # tied: the checkpoint holds the one under either name
+    if len(pair) == 2 and pair[0][1].weight is pair[1][1].weight:  # tied: one weight, stored under either name
         stored = dict.fromkeys(names, next(iter(stored.values()), None))
     return {name: _SIXTEEN_BIT[stored[name]] for name in names if stored.get(name) in _SIXTEEN_BIT}
 

@@ -1403,3 +1403,30 @@ def test_cuda_liger_loss_kernel(tiny_model_dir, method):
     for got, want in zip(liger[1], chunked[1]):
         cosine = float((got * want).sum() / (got.norm() * want.norm() + 1e-30))
         assert cosine > 0.99, cosine
+
+
+def test_importing_the_backend_never_asks_the_hub_for_a_bitsandbytes_kernel(tmp_path):
+    """bitsandbytes 0.50 on an AVX512-BF16 CPU fetches a 4-bit kernel from the hub at import (the `kernels`
+    package): a network call at run time, and rounding that would depend on reaching the hub. A `kernels` whose
+    get_kernel leaves a mark shows it is never called, and the package is importable again afterwards."""
+    import subprocess
+    import sys
+
+    fake = tmp_path / "site" / "kernels"
+    fake.mkdir(parents=True)
+    mark = tmp_path / "asked"
+    (fake / "__init__.py").write_text(
+        f"def get_kernel(*args, **kwargs):\n    open({str(mark)!r}, 'w').write(repr(args))\n    raise RuntimeError('no')\n")
+    code = ("import sys, overnight.backends.torch_backend, bitsandbytes.functional as f; import kernels; "
+            "print(bool(f.has_avx512bf16()), 'kernels' in sys.modules)")
+    env = {**__import__("os").environ, "PYTHONPATH": str(tmp_path / "site")}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert not mark.exists(), mark.read_text()
+    assert done.stdout.split()[1] == "True"
+    # The mark is reachable at all: bitsandbytes imported with the fake in place, on a CPU that asks
+    control = subprocess.run([sys.executable, "-c",
+                              "import bitsandbytes.functional as f; print(bool(f.has_avx512bf16()))"],
+                             capture_output=True, text=True, env=env, timeout=300)
+    if control.stdout.strip() == "True":
+        assert mark.exists()
