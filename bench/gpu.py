@@ -10,6 +10,10 @@ script:
   llama8b_*   the same pair on a Llama-3-8B-width model with random bf16 weights built here (no download) and
               fewer blocks than 32 (--blocks: said so), batch x seq 8 x 2048 and 16 x 1024; at 8 x 2048 also
               overnight with train.deterministic=false (what the global deterministic mode costs)
+  grpo        bench/run.py's grpo pair on SmolLM2 (4-bit): overnight's batched sampler vs the same sampler one
+              prompt's group per call ("before", in the same process) vs transformers' generate, 4 prompts x group 4
+              x 64 new tokens, generated tokens/s ([5/8]'s figure: decoding is memory-bound on a GPU), plus the
+              real grpo run's seconds per step and eval
   resume      a 4-bit run SIGKILLed and continued with --auto-resume, losses exact (tests/test_faults.py's case)
   mlx_tests   the mlx backend's tests on this GPU, where mlx with its CUDA backend imports (else skipped, said so)
 
@@ -54,12 +58,12 @@ WORDS = ("the river runs past old stone bridges while birds call over quiet fiel
 # The full run's sizes and each step's budget in seconds (all together under 8 minutes on an H100); the dry run's.
 FULL = dict(shapes=[(8, 2048), (16, 1024)], steps=12, warmup=4, blocks=4, rank=16,
             budget=dict(env=30, cuda_tests=120, smollm2=75, build=45, llama8b_8x2048=95, llama8b_8x2048_det_off=50,
-                        llama8b_16x1024=85, resume=90, mlx_tests=60))
+                        llama8b_16x1024=85, grpo=75, resume=90, mlx_tests=60))
 # The dry run checks that every step still runs, at the least cost: one shape (the second runs the same code), the
 # smollm2 step only finds its model (its pair is the same code as llama8b_*), the GPU tests only collected.
 DRY = dict(shapes=[(2, 64)], steps=3, warmup=1, blocks=2, rank=4,
            budget=dict(env=20, cuda_tests=60, smollm2=30, build=30, llama8b_2x64=120, llama8b_2x64_det_off=60,
-                       resume=30, mlx_tests=10))
+                       grpo=120, resume=30, mlx_tests=10))
 
 
 def main(argv=None) -> int:
@@ -193,6 +197,23 @@ def planned_steps(args, sizes: dict, work: Path, out: Path, env: dict):
         if i == 0:
             yield name + "_det_off", (lambda budget, b=batch, s=seq: overnight_only(
                 big["folder"], data_for(s), b, s, sizes, budget, work, env, ["train.deterministic=false"]))
+    def grpo(budget):
+        folder, note = smollm2_folder(args, models, dry, 256)
+        target = out.parent / f"{out.name}-grpo"
+        small = ["--new-tokens", "8", "--eval-prompts", "2", "--reps", "1", "--grpo-steps", "2"] if dry else \
+            ["--new-tokens", "64", "--eval-prompts", "8", "--reps", "2", "--grpo-steps", "2"]
+        code = pairs.main(["--model", str(folder), "--backends", "grpo", "--bits", "4", "--rounds", "1",
+                           "--timeout", str(max(10, budget // 2)), "--out", str(target), *small])
+        if code != 0:
+            raise RuntimeError(f"bench/run.py exited {code}")
+        setting = json.loads(target.with_suffix(".json").read_text())["settings"][0]
+        return {"model_note": note, "result": str(target.with_suffix(".json")), "shape": setting["shape"],
+                "sampler_tokens_per_s": {side: v["tokens_per_s"] for side, v in setting["sides"].items()},
+                "speedup_vs_before": setting["speedup_vs_before"],
+                "speedup_vs_generate": setting["speedup_vs_reference"],
+                "same_tokens_as_before": setting["same_tokens_as_before"], "step": setting["step"]}
+
+    yield "grpo", grpo
     yield "resume", lambda budget: pytest_step(
         ["tests/test_faults.py", "-k", "qlora_kill_after_an_eval_before_the_next_checkpoint_is_exact and torch"]
         + (["--collect-only"] if dry else []), budget, work / "resume.xml", collect_only=dry)
@@ -361,6 +382,11 @@ def summary(s: dict) -> str:
                 f"{s.get('model_note', '')}").strip("; ")
     if "tokens_per_s" in s:
         return f"overnight with {' '.join(s['sets'])}: {s['tokens_per_s']:.0f} tok/s"
+    if "sampler_tokens_per_s" in s:
+        rates = s["sampler_tokens_per_s"]
+        return (f"grpo sampling {rates['overnight']:.0f} generated tok/s, {s['speedup_vs_before']:.2f}x one group per "
+                f"call, {s['speedup_vs_generate']:.2f}x transformers generate; same tokens as before: "
+                f"{'yes' if s['same_tokens_as_before'] else 'NO'}; {s.get('model_note', '')}").strip("; ")
     counts = ", ".join(f"{k} {s[k]}" for k in ("collected", "passed", "failed") if k in s)
     return "; ".join(part for part in (counts, s.get("note", "")) if part)
 

@@ -91,19 +91,21 @@ def test_gpu_script_dry_run_writes_every_step_with_numbers(tmp_path):
     machine runs it."""
     out = tmp_path / "gpu"
     result = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh"), "--dry-run", "--out", str(out)],
-                            capture_output=True, text=True, timeout=300, cwd=ROOT,
+                            capture_output=True, text=True, timeout=420, cwd=ROOT,
                             env={**os.environ, "PYTHON": sys.executable})
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     data = json.loads(out.with_suffix(".json").read_text())
     steps = data["steps"]
-    assert list(steps) == ["cuda_tests", "smollm2", "build", "llama8b_2x64", "llama8b_2x64_det_off", "resume",
-                           "mlx_tests"]
+    assert list(steps) == ["cuda_tests", "smollm2", "build", "llama8b_2x64", "llama8b_2x64_det_off", "grpo",
+                           "resume", "mlx_tests"]
     assert all(s["ok"] for s in steps.values()), {k: s.get("error") for k, s in steps.items()}
     assert steps["cuda_tests"]["collected"] >= 3 and steps["resume"]["collected"] == 1
     pair = steps["llama8b_2x64"]
     assert pair["same_data_first_loss_rel_diff"] < 1e-3 and pair["speedup_tokens_per_s"] > 0
     assert all(side["tokens_per_s"] > 0 and side["achieved_tflops"] > 0 for side in pair["sides"].values())
     assert steps["llama8b_2x64_det_off"]["tokens_per_s"] > 0
+    grpo = steps["grpo"]
+    assert grpo["same_tokens_as_before"] and all(v > 0 for v in grpo["sampler_tokens_per_s"].values()), grpo
     assert data["env"]["matmul_tflops_measured"] > 0
     table = out.with_suffix(".md").read_text()
     assert "| llama8b_2x64 | 2 x 64 | overnight |" in table and "4 x the linear layers' parameters" in table
