@@ -11,11 +11,16 @@ the same command measures an older commit through PYTHONPATH:
 --api old calls Backend.sample the way commits before batched sampling took it (one prompt, its group's seeds);
 --api new hands it the micro-batch's rows. Both runs print and save the sampled tokens, so the two can be compared
 for equality (same seeds: same completions).
+
+--sampler-only measures the sampler alone: the same command sets the backend up, and at the run's first sampling
+call (the adapter as initialised, before any update) the timed micro-batches run, the result is written and the
+process exits, without the steps or the eval. Cheap enough to alternate the two trees several rounds.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -39,9 +44,13 @@ def main(argv=None) -> int:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--eval-prompts", type=int, default=16, help="validation prompts (the eval answers all of them)")
     p.add_argument("--reps", type=int, default=2, help="timed micro-batches of the sampler (after a warm-up)")
+    p.add_argument("--sampler-only", action="store_true", help="the sampler alone, at the run's first sampling call")
     p.add_argument("--out", required=True, help="result JSON")
     args = p.parse_args(argv)
 
+    # The run in this process (the timers are patched in here): no supervising parent that would start the training
+    # in a child, as `overnight train` does when stdin is not a terminal (overnight.runs.supervise).
+    os.environ["OVERNIGHT_SUPERVISOR"] = "off"
     from overnight.commands import cli
     from overnight.methods import grpo
 
@@ -57,6 +66,12 @@ def main(argv=None) -> int:
         return setup(self, *a, **k)
 
     def timed_sample(self, *a, **k):
+        if args.sampler_only:  # the backend is set up; no step, no eval
+            result = {"api": args.api, "backend": args.backend, "bits": args.bits, "model": args.model,
+                      "sampler_only": True}
+            measure_sampler(self, result)
+            sys.stdout.flush()
+            os._exit(0)  # the training run is not wanted past this point
         t0 = time.perf_counter()
         out = sample(self, *a, **k)
         rec["sample_s"].append(time.perf_counter() - t0)
@@ -74,6 +89,37 @@ def main(argv=None) -> int:
         rec["eval_s"].append(time.perf_counter() - t0)
         rec["eval_prompts"] = len(self._chosen)
         return result
+
+    def measure_sampler(backend, result: dict) -> None:
+        from overnight.data import load_tokenizer
+        from overnight.data.tokenizer import encode_prompt
+
+        tok = load_tokenizer(Path(cli_model_path(args.model)))
+        rows = [json.loads(line) for line in (data_dir / "train.jsonl").read_text().splitlines()][:args.batch]
+        prompts = [np.asarray(encode_prompt(tok, r, "chat"), np.int32) for r in rows]
+        seeds = [[grpo.completion_seed(42, 0, i, k) for k in range(args.group)] for i in range(args.batch)]
+
+        def micro_batch(n: int) -> np.ndarray:
+            if args.api == "old":
+                return np.concatenate([sample(backend, p, s, n, 1.0, 1.0, ()) for p, s in zip(prompts, seeds)])
+            return sample(backend, [p for p in prompts for _ in range(args.group)], [x for s in seeds for x in s], n,
+                          1.0, 1.0, ())
+
+        micro_batch(2)
+        times, cpu = [], []
+        for _ in range(args.reps):
+            t0, c0 = time.perf_counter(), time.process_time()
+            out = micro_batch(args.new_tokens)
+            times.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
+        # The process's CPU seconds beside the wall clock: on a machine shared with other work the wall clock also
+        # counts the time this process waited for a core (one thread here: CPU seconds <= wall seconds).
+        tokens = int((out >= 0).sum())
+        result.update(sampler_s=times, sampler_cpu_s=cpu, sampler_tokens=tokens,
+                      sampler_tokens_per_s=tokens / min(times), sampler_tokens_per_cpu_s=tokens / min(cpu),
+                      sampled=out.tolist())
+        print(json.dumps({k: v for k, v in result.items() if k != "sampled"}))
+        Path(args.out).write_text(json.dumps(result))
 
     cls.setup, cls.sample, cls.train_step, grpo.GrpoValidator.run = timed_setup, timed_sample, timed_step, timed_eval
     work = Path(args.work)
@@ -98,30 +144,7 @@ def main(argv=None) -> int:
               "sampling_s_per_step": sum(rec["sample_s"]) / len(ends),
               "sampled_tokens_per_step": sum(rec["sample_tokens"]) / len(ends)}
 
-    from overnight.data import load_tokenizer
-    from overnight.data.tokenizer import encode_prompt
-
-    backend, tok = rec["backend"][0], load_tokenizer(Path(cli_model_path(args.model)))
-    rows = [json.loads(line) for line in (data_dir / "train.jsonl").read_text().splitlines()][:args.batch]
-    prompts = [np.asarray(encode_prompt(tok, r, "chat"), np.int32) for r in rows]
-    seeds = [[grpo.completion_seed(42, 0, i, k) for k in range(args.group)] for i in range(args.batch)]
-
-    def micro_batch(n: int) -> np.ndarray:
-        if args.api == "old":
-            return np.concatenate([sample(backend, p, s, n, 1.0, 1.0, ()) for p, s in zip(prompts, seeds)])
-        return sample(backend, [p for p in prompts for _ in range(args.group)], [x for s in seeds for x in s], n,
-                      1.0, 1.0, ())
-
-    micro_batch(2)
-    times = []
-    for _ in range(args.reps):
-        t0 = time.perf_counter()
-        out = micro_batch(args.new_tokens)
-        times.append(time.perf_counter() - t0)
-    result.update(sampler_s=times, sampler_tokens=int((out >= 0).sum()),
-                  sampler_tokens_per_s=int((out >= 0).sum()) / min(times), sampled=out.tolist())
-    print(json.dumps({k: v for k, v in result.items() if k != "sampled"}))
-    Path(args.out).write_text(json.dumps(result))
+    measure_sampler(rec["backend"][0], result)
     return 0
 
 
