@@ -45,10 +45,20 @@ def _checkpoint_dtypes(model_dir: Path, names: list[str]) -> dict[str, str]:
         files = {"model.safetensors"} if (model_dir / "model.safetensors").is_file() else set()
     found: dict[str, str] = {}
     for file in sorted(files):
-        with open(model_dir / file, "rb") as handle:
-            header = json.loads(handle.read(struct.unpack("<Q", handle.read(8))[0]))
-        found.update({name: header[name]["dtype"] for name in names if name in header})
+        try:
+            found.update(_header_dtypes(model_dir / file, names))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, struct.error):
+            continue  # a damaged file: the load that follows names it, in the user's words (exit 2)
     return found
+
+
+def _header_dtypes(path: Path, names: list[str]) -> dict[str, str]:
+    with open(path, "rb") as handle:
+        size = struct.unpack("<Q", handle.read(8))[0]
+        if size > min(path.stat().st_size, 1 << 28):  # a damaged length: never read (or allocate) past the file
+            raise ValueError(f"{path}: header length {size}")
+        header = json.loads(handle.read(size))
+    return {name: header[name]["dtype"] for name in names if name in header}
 
 
 def _plain_pair(model) -> tuple[tuple[str, torch.nn.Module], ...]:
