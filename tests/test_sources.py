@@ -390,3 +390,19 @@ def test_torch_trains_on_a_saved_dataset_as_on_jsonl(sources, tiny_model_dir, tm
         assert done.returncode == 0, done.stderr
         runs[name] = losses(tmp_path / name)
     assert runs["saved_dict"] == runs["jsonl"] and len(runs["jsonl"]) >= 3
+
+
+def test_an_empty_parquet_split_says_what_to_do_in_parquet_terms(tmp_path):
+    """A parquet file with no rows: the message names it and asks for rows (or leaving it out), not for JSON lines."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    write_parquet(tmp_path / "train.parquet", TRAIN[:4])
+    pq.write_table(pa.table({"messages": pa.array([], type=pa.table(
+        {"messages": [arrow_rows(TRAIN[:1])[0]["messages"]]}).schema.field("messages").type)}),
+        tmp_path / "validation.parquet")
+    lines: list[str] = []
+    assert validate_data_main(str(tmp_path), None, None, out=lines.append) == 2
+    text = "\n".join(lines)
+    assert "validation.parquet" in text and "is empty (no rows)" in text, text
+    assert "add rows to it, or leave it out of the data" in text and "JSON object per line" not in text, text

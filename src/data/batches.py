@@ -35,6 +35,7 @@ from overnight.data.formats import (
     check_file,
     checked_stamp,
     detect_format,
+    empty_fix,
     find_data_files,
     iter_lines,
     key_text,
@@ -213,7 +214,7 @@ class RowSource:
             self.close()
         self._unchanged(stamp_of(self.path))  # edited while it was indexed
         if not offsets:
-            raise DataError(f"{where(self.path)}: is empty (no rows) -> add one JSON object per line")
+            raise DataError(f"{where(self.path)}: is empty (no rows) -> {empty_fix(self.path)}")
         self.offsets = np.frombuffer(offsets, dtype=np.int64)
         self.lengths = np.frombuffer(lengths, dtype=np.int32)
         self.rows = rows if not streaming else None

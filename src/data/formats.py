@@ -124,6 +124,14 @@ def where(path: Path, line: int | None = None) -> str:
     return label.at(line) if line is not None else label.name
 
 
+def empty_fix(path: Path) -> str:
+    """What to do about a file or split with no rows, in the terms of the source the user has."""
+    label = label_of(path)
+    if label is None or label.lines:
+        return "add one JSON object per line"
+    return "add rows to it, or leave it out of the data (a validation split is optional)"
+
+
 def row_ref(path: Path, line: int) -> str:
     """A row as a phrase after the file was named: "line 5", or "row 5 (index 4)" (in which shard, if several)."""
     label = label_of(path)
@@ -682,8 +690,7 @@ def check_file(path: Path, method: str, measure: Measure | None = None,
     if tallies:
         _settle_format(report, tallies, method)
     if report.rows == 0 and report.problem_count == 0:
-        report.add(None, None, "is empty (no rows)",
-                   f"add one JSON object per line; method {method} needs {method_needs(method)}")
+        report.add(None, None, "is empty (no rows)", f"{empty_fix(path)}; method {method} needs {method_needs(method)}")
     if measure is not None:
         report.lengths = np.asarray(tallies[report.format].lengths if report.rows else [], dtype=np.int64)
         if max_seq_length is not None:
