@@ -554,10 +554,13 @@ class TorchBackend:
             logits = logits[:, :-1][sel]
         return -F.cross_entropy(self._tempered(logits.float()), targets, reduction="none")
 
-    def _tempered(self, logits: torch.Tensor) -> torch.Tensor:
+    def _logit_temperature(self) -> float:
         """grpo's log-probs are those of the policy that sampled: logits / grpo.temperature (objectives.py); every
         other method's temperature is 1."""
-        temperature = self._grpo.temperature if self._method == "grpo" else 1.0
+        return self._grpo.temperature if self._method == "grpo" else 1.0
+
+    def _tempered(self, logits: torch.Tensor) -> torch.Tensor:
+        temperature = self._logit_temperature()
         return logits / temperature if temperature != 1.0 else logits
 
     def _head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -608,11 +611,11 @@ class TorchBackend:
         head = self._model.get_output_embeddings()
         if not self._plain_head or head.bias is not None:
             raise refuse("needs logits that are the output head's plain projection (no bias, no other scaling); "
-                         "this model's are not (setup's loss_head says so)")
+                         "this model's are not")
         if head.weight.dtype != self._compute_dtype:
             raise refuse(f"needs the output head in the compute dtype ({self._compute_dtype}); it is kept in "
                          f"{head.weight.dtype} (float32 compute on a 16-bit checkpoint): use model.dtype=bfloat16")
-        if self._method == "grpo" and self._grpo.temperature != 1.0 and self._softcap:
+        if self._logit_temperature() != 1.0 and self._softcap:
             raise refuse("cannot divide soft-capped logits (final_logit_softcapping) by grpo.temperature")
         return liger_fused_linear_cross_entropy
 
@@ -620,7 +623,7 @@ class TorchBackend:
         """log p(target) of (N, H) hidden states by Liger's kernel: its per-token cross-entropy (reduction "none",
         whose backward takes each token's own upstream gradient), negated. grpo's logits / T are (hidden / T) @ W.T
         (the head has no bias: checked at setup)."""
-        temperature = self._grpo.temperature if self._method == "grpo" else 1.0
+        temperature = self._logit_temperature()
         weight = self._model.get_output_embeddings().weight
         if temperature != 1.0:
             hidden = hidden / temperature

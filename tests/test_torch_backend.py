@@ -1103,11 +1103,7 @@ def test_the_head_in_chunks_gives_the_full_logits_values(tiny_model_dir, method,
 
     from overnight.backend import objectives
 
-    batch = preference_batch(tiny_model_dir) if method in ("dpo", "orpo") else sft_batch(tiny_model_dir)
-    if method == "grpo":
-        rng = np.random.default_rng(0)
-        batch.advantages = rng.normal(size=batch.num_rows).astype(np.float32)
-        batch.old_logp = None
+    batch = _method_batch(tiny_model_dir, method)
     figures = {}
     for way in ("chunks", "full"):
         monkeypatch.setattr(objectives, "LOGIT_CHUNK_ELEMENTS", 7 * 512)  # 7 positions a chunk at this vocabulary
@@ -1116,11 +1112,7 @@ def test_the_head_in_chunks_gives_the_full_logits_values(tiny_model_dir, method,
         assert backend._chunk_rows == 7 and backend._plain_head
         if way == "full":
             backend._plain_head = False  # the model's own forward computes the logits, all at once
-        backend._model.train()
-        torch.manual_seed(3)
-        token_scale, pair_scale, _ = objectives.step_scales(method, [batch])
-        loss = backend._local_passes([batch], token_scale, pair_scale).item()
-        figures[way] = (loss, [p.grad.detach().clone() for p in backend._params])
+        figures[way] = _loss_and_grads(backend, batch, method)
     assert figures["chunks"][0] == pytest.approx(figures["full"][0], rel=1e-5, abs=1e-6)
     for chunked, full in zip(figures["chunks"][1], figures["full"][1]):
         assert torch.allclose(chunked, full, rtol=1e-4, atol=1e-6)
