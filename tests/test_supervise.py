@@ -79,6 +79,28 @@ def test_only_crashes_are_restarted():
                                         '  File "x.py", line 1', "ValueError: boom"])
 
 
+def test_overnights_own_error_is_found_under_unindented_lines_after_it():
+    """The message decides, not the last unindented line: a user's exception whose message runs over unindented
+    lines (pydantic's ValidationError names each field on a line of its own), and a library's line printed at exit
+    after overnight's message (multiprocessing's resource tracker), were restarted as crashes. An exit 1 overnight
+    never explained is still restarted."""
+    reward = ["error: reward judge.py:score raised ValidationError: 1 validation error for Verdict",
+              "score", "  Input should be a valid number [type=float_parsing, input_value='n/a', input_type=str]",
+              "  judge.py:14 in score: return [Verdict.model_validate_json(r).score for r in replies]"]
+    assert not supervise.is_restartable(1, reward)
+    leaked = ["error: out of memory even at one example per micro-batch; try model.grad_checkpoint=true",
+              "/usr/lib/python3.11/multiprocessing/resource_tracker.py:254: UserWarning: resource_tracker: There "
+              "appear to be 1 leaked semaphore objects to clean up at shutdown",
+              "  warnings.warn('resource_tracker: There appear to be %d '"]
+    assert not supervise.is_restartable(1, leaked)
+    # a crash whose exception message has a line starting like overnight's message is still a crash
+    assert supervise.is_restartable(1, ["Traceback (most recent call last):", '  File "x.py", line 1',
+                                        "RuntimeError: nvrtc compilation failed:", "error: identifier undefined",
+                                        "overnight crashed unexpectedly; checkpoint 20 is safe. Please report it"])
+    assert supervise.is_restartable(1, ["step 40/100 loss 1.23", "Segmentation fault in a worker thread"])
+    assert supervise.is_restartable(1, [])
+
+
 def test_who_is_supervised():
     class Args:
         auto_resume, devices = False, None

@@ -119,18 +119,25 @@ def describe_death(code: int) -> str:
     return f"exit code {code}"
 
 
+# How overnight's last word on stderr starts: its own message for a failure a restart would only repeat, or its
+# report of a crash (overnight crashed unexpectedly, after the traceback; Python's own header when the exception
+# escaped overnight's handler).
+_OWN_MESSAGE = ("error: ", "resume refused: ")
+_CRASH_REPORT = ("overnight crashed unexpectedly", "Traceback (most recent call last):")
+
+
 def is_restartable(code: int, stderr_tail: list[str]) -> bool:
     """A crash the user did not cause and did not ask for. An exit 1 whose last message is overnight's own `error:`
     (out of memory at one row, a checkpoint it cannot write, a training breaker, a user's reward function that
-    raised) would only say the same again. A message's own continuation lines are indented (a reward's frames:
-    "  rewards.py:9 in f: ..."), so the last line that starts a message is the last unindented one; a Python
-    traceback ends unindented ("ValueError: ...", then overnight's "crashed unexpectedly")."""
+    raised) would only say the same again. Whichever of that message and a crash report comes last decides, read
+    from the end: what follows either (the message's own lines, indented or not: a user's exception text, a reward's
+    frames; a library's line at exit) does not. An exit 1 with neither is a crash overnight never explained."""
     if code < 0:
         return -code in CRASH_SIGNALS
     if code != 1:
         return False
-    last = next((line for line in reversed(stderr_tail) if line.strip() and not line[0].isspace()), "")
-    return not last.startswith(("error: ", "resume refused: "))
+    last = next((line for line in reversed(stderr_tail) if line.startswith(_OWN_MESSAGE + _CRASH_REPORT)), "")
+    return not last.startswith(_OWN_MESSAGE)
 
 
 class _Tee:
