@@ -102,6 +102,39 @@ def test_an_assistant_text_the_template_drops_from_a_call_turn_is_refused_by_key
     assert check_data(data, "sft", tokenizer=load_tokenizer(folders["qwen2.5-tools"])).ok
 
 
+def test_two_calls_in_one_turn_on_a_template_that_takes_one_are_refused_by_key_with_the_fix(folders, tmp_path):
+    """Llama 3.1's template raises "only supports single tool-calls at once" on a turn with two calls. The data check
+    refuses such a row as it refuses any other: the file, the line, messages[i].tool_calls and the fix (one call a
+    turn), not the template's own words; validate-data exits 2. Qwen2.5, whose template writes both calls, takes the
+    same file."""
+    from overnight.data import check_data
+
+    data = tmp_path / "data"
+    data.mkdir()
+    parallel = [{"role": "user", "content": "USER-A Paris and Lyon?"},
+                {"role": "assistant", "content": None, "tool_calls": [_call("Paris", "c1"), _call("Lyon", "c2")]},
+                RESULT_ONE, RESULT_TWO, {"role": "assistant", "content": "Paris 18 C, Lyon 20 C."}]
+    rows = [{"messages": CONVERSATIONS["two_rounds"], "tools": [WEATHER]}, {"messages": parallel, "tools": [WEATHER]}]
+    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    llama = load_tokenizer(folders["llama3.1-tools"], template_now=datetime(2025, 3, 1, 12, 0))
+    assert llama.tool_support.several_calls is False
+    problems = check_data(data, "sft", tokenizer=llama).problems
+    assert [(p.line, p.key) for p in problems] == [(2, "messages[1].tool_calls")]
+    said = str(problems[0])
+    assert "assistant message 1 has 2" in said and "split them into turns" in said
+    assert "single tool-calls" not in said
+    qwen = load_tokenizer(folders["qwen2.5-tools"])
+    assert qwen.tool_support.several_calls is True
+    assert check_data(data, "sft", tokenizer=qwen).ok
+    done = subprocess.run([sys.executable, "-m", "overnight", "validate-data", str(data), "--model",
+                           str(folders["llama3.1-tools"])], capture_output=True, text=True, cwd=ROOT,
+                          stdin=subprocess.DEVNULL, timeout=120)
+    out = done.stdout + done.stderr
+    assert done.returncode == 2, out
+    assert f"{data / 'train.jsonl'}:2" in out and "messages[1].tool_calls" in out and "split them into turns" in out
+    assert "Traceback" not in out and "single tool-calls" not in out
+
+
 _ENCODE = """
 import json, sys
 from datetime import datetime

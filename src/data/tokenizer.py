@@ -224,6 +224,7 @@ _PROBE_TOOL = {"type": "function", "function": {
     "parameters": {"type": "object", "properties": {"probe_argument": {"type": "string"}},
                    "required": ["probe_argument"]}}}
 _PROBE_CALL = {"name": "overnight_probe_call", "arguments": {"probe_argument": "overnight probe value"}}
+_PROBE_SECOND_CALL = {"name": "overnight_probe_second_call", "arguments": {"probe_argument": "overnight probe value"}}
 
 
 @dataclass(frozen=True)
@@ -231,11 +232,14 @@ class ToolSupport:
     """What a chat template does with tools, found once per tokenizer by rendering probe conversations.
     ``renders_tools`` / ``renders_calls``: None when the template refused every probe conversation (the rows'
     own renderings then decide). ``arguments_as_text``: the template writes a call's arguments only when given as
-    a JSON string (it concatenates them as text); every template with tools seen so far takes an object."""
+    a JSON string (it concatenates them as text); every template with tools seen so far takes an object.
+    ``several_calls``: whether one assistant turn may hold more than one call (False: the template refuses two, as
+    Llama 3.1's raises "only supports single tool-calls at once", or leaves one out); None when not probed."""
 
     renders_tools: bool | None
     renders_calls: bool | None
     arguments_as_text: bool = False
+    several_calls: bool | None = None
 
 
 class TextTokenizer:
@@ -398,8 +402,19 @@ class TextTokenizer:
                     rendered_any = True
                     # an object written as Python's repr (a template that prints it as text) does not count
                     if _PROBE_CALL["name"] in text and value in text and repr(_PROBE_CALL["arguments"]) not in text:
-                        return ToolSupport(renders_tools, True, as_text)
+                        second = {"type": "function", "function": _PROBE_SECOND_CALL}
+                        several = self._renders_both_calls(base + [{**answer, "tool_calls": [call, second]}],
+                                                           [_PROBE_TOOL] if renders_tools else None, as_text)
+                        return ToolSupport(renders_tools, True, as_text, several)
         return ToolSupport(renders_tools, False if rendered_any else None)
+
+    def _renders_both_calls(self, conversation: list[dict], tools: Any, as_text: bool) -> bool:
+        """Whether the template writes both calls of a turn that has two (in the form one call rendered in)."""
+        try:
+            text = self._render(conversation, False, tools, as_text)
+        except Exception:  # noqa: BLE001 (Llama 3.1's raise_exception: one call per turn)
+            return False
+        return _PROBE_CALL["name"] in text and _PROBE_SECOND_CALL["name"] in text
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
@@ -501,6 +516,14 @@ def require_tool_support(tok: TextTokenizer, tools: Any, messages: list, name: s
                         "would not be trained -> use a model whose chat template renders 'tool_calls' (e.g. Qwen2.5, "
                         "Qwen3 or Llama 3.1 Instruct), or write the calls into the assistant's 'content' as text",
                         key=f"{name}[{calls[0][0]}].tool_calls")
+    several = next(((i, len(m["tool_calls"])) for i, m in calls
+                    if isinstance(m["tool_calls"], list) and len(m["tool_calls"]) > 1), None)
+    if several and support.several_calls is False:
+        i, count = several
+        raise DataError(f"the chat template of {tok.model_dir} renders one tool call per assistant turn (it refuses "
+                        f"or drops a second one), and assistant message {i} has {count} -> split them into turns: an "
+                        "assistant message with one call, then that call's tool result, then the next call's "
+                        "assistant message", key=f"{name}[{i}].tool_calls")
 
 
 def _call_names(message: dict) -> list[str]:
