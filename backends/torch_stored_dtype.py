@@ -38,11 +38,14 @@ def _checkpoint_dtypes(model_dir: Path, names: list[str]) -> dict[str, str]:
     """The safetensors dtype name (``BF16``) of each of ``names`` the checkpoint stores, read from the files'
     headers (no tensor data is read). A checkpoint without safetensors files gives nothing."""
     index = model_dir / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map", {})
-        files = {weight_map[name] for name in names if name in weight_map}
-    else:
-        files = {"model.safetensors"} if (model_dir / "model.safetensors").is_file() else set()
+    try:
+        if index.is_file():
+            weight_map = json.loads(index.read_text()).get("weight_map", {})
+            files = {weight_map[name] for name in names if name in weight_map}
+        else:
+            files = {"model.safetensors"} if (model_dir / "model.safetensors").is_file() else set()
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}  # a damaged index: the load that follows names it, in the user's words (exit 2)
     found: dict[str, str] = {}
     for file in sorted(files):
         try:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -1299,6 +1300,30 @@ def test_a_subclassed_embedding_stays_in_the_compute_dtype(sixteen_bit_twins):
             scaled.weight = plain.weight
         skeleton.set_input_embeddings(scaled)
         assert set(torch_stored_dtype.plan(skeleton, bf16_dir, torch.float32)) == expected
+
+
+@pytest.mark.parametrize("index", ["", '{"weight_map": {"model.embed', '["model-00001-of-00002.safetensors"]',
+                                   '{"weight_map": ["model.embed_tokens.weight"]}'],
+                         ids=["empty", "cut", "list", "map-a-list"])
+def test_a_damaged_shard_index_is_named_not_a_traceback(tiny_model_dir, tmp_path, index):
+    """A sharded checkpoint whose model.safetensors.index.json is damaged (an interrupted copy): the float32
+    compute's look at the stored dtypes reads that index before transformers does, and raised its JSONDecodeError
+    (a crash: exit 1, restarted by the supervisor) where the load says which folder to re-copy (exit 2)."""
+    from safetensors.torch import load_file, save_file
+
+    from overnight.config import ConfigError
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    weights = load_file(str(model / "model.safetensors"))
+    (model / "model.safetensors").unlink()
+    names = sorted(weights)
+    for number, part in enumerate((names[: len(names) // 2], names[len(names) // 2:]), start=1):
+        save_file({name: weights[name] for name in part}, str(model / f"model-0000{number}-of-00002.safetensors"),
+                  metadata={"format": "pt"})
+    (model / "model.safetensors.index.json").write_text(index)
+    with pytest.raises(ConfigError, match=r"config key 'model.path': cannot load .*weight files are complete"):
+        make_backend(model, bits=4)
 
 
 # --------------------------------------------------------------------------- model.loss_kernel=liger
