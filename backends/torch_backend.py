@@ -66,6 +66,9 @@ def _is_oom(exc: BaseException) -> bool:
 STATE_FORMAT = 1
 # Sampling on an accelerator reads back whether every row has ended once per this many tokens (see _decode).
 STOP_CHECK_EVERY = 8
+# The first Liger-Kernel release whose fused linear cross-entropy gives per-token losses their own gradients
+# (model.loss_kernel=liger, _liger_loss).
+LIGER_PER_TOKEN_GRADIENTS = "0.8.2"
 
 
 class TorchCollective:
@@ -599,15 +602,23 @@ class TorchBackend:
         def refuse(why: str) -> ConfigError:
             return ConfigError(f"config key 'model.loss_kernel': liger {why} -> model.loss_kernel=chunked")
 
-        if self._device.type != "cuda":
-            raise refuse(f"runs on CUDA GPUs (Triton kernels) and this torch sees no GPU (device {self._device})")
         if self._method == "reward":
             raise refuse("takes the LM head's log-probs, which a reward model (data.method=reward) never computes")
+        installed = _installed_older_than("liger-kernel", LIGER_PER_TOKEN_GRADIENTS)
+        if installed is not None:
+            # Before it, the backward of reduction "none" multiplies every token's input gradient by the first
+            # token's upstream gradient (Liger-Kernel #1298): dpo's and grpo's per-token weights differ, so the
+            # LoRA gradients would be wrong without any error. Read from the metadata: checked before the GPU.
+            raise refuse(f"needs liger-kernel {LIGER_PER_TOKEN_GRADIENTS} or newer; liger-kernel {installed} is "
+                         "installed, whose per-token losses (reduction \"none\") get the first token's gradient "
+                         f"weight on every token: pip install -U 'liger-kernel>={LIGER_PER_TOKEN_GRADIENTS}'")
+        if self._device.type != "cuda":
+            raise refuse(f"runs on CUDA GPUs (Triton kernels) and this torch sees no GPU (device {self._device})")
         try:
             from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
         except Exception as exc:  # noqa: BLE001 - missing, or a Triton that does not import on this machine
             raise refuse(f"needs the liger-kernel package, which does not import here ({exc.__class__.__name__}: "
-                         f"{str(exc)[:200]}): pip install liger-kernel") from None
+                         f"{str(exc)[:200]}): pip install 'liger-kernel>={LIGER_PER_TOKEN_GRADIENTS}'") from None
         head = self._model.get_output_embeddings()
         if not self._plain_head or head.bias is not None:
             raise refuse("needs logits that are the output head's plain projection (no bias, no other scaling); "
@@ -1342,6 +1353,20 @@ def _until_stop(row: np.ndarray, stop_ids: tuple[int, ...]) -> np.ndarray:
     row = row[row >= 0].astype(np.int64)
     hits = np.flatnonzero(np.isin(row, stop_ids))
     return row[: hits[0]] if hits.size else row
+
+
+def _installed_older_than(distribution: str, minimum: str) -> str | None:
+    """The installed version of ``distribution`` where it is older than ``minimum``; None where it is not (or it is
+    not installed, or its version does not parse)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        installed = version(distribution)
+        return installed if Version(installed) < Version(minimum) else None
+    except (PackageNotFoundError, InvalidVersion):
+        return None
 
 
 def _first_line(exc: BaseException) -> str:

@@ -1403,6 +1403,28 @@ def test_liger_is_refused_by_name_where_it_cannot_run(tiny_model_dir, tmp_path):
     assert done.returncode == 2 and "model.loss_kernel" in done.stderr and "liger" in done.stderr
 
 
+@pytest.mark.parametrize("version", ["0.6.4", "0.8.1", "0.8.2"])
+def test_a_liger_kernel_whose_per_token_gradients_are_wrong_is_refused(tiny_model_dir, tmp_path, monkeypatch,
+                                                                      version):
+    """Before 0.8.2 Liger's fused linear cross-entropy with reduction "none" scales every token's input gradient by
+    the first token's upstream gradient (Liger-Kernel #1298): dpo's and grpo's per-token weights differ, so the LoRA
+    gradients would be silently wrong. Such an install is refused by its version (read from its metadata, so this
+    CPU checks it too); 0.8.2 gets as far as the GPU check."""
+    from overnight.config import ConfigError
+
+    info = tmp_path / f"liger_kernel-{version}.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: liger-kernel\nVersion: {version}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    if version == "0.8.2":
+        with pytest.raises(ConfigError, match=r"liger runs on CUDA GPUs"):
+            make_backend(tiny_model_dir, model__loss_kernel="liger")
+    else:
+        with pytest.raises(ConfigError, match=rf"model.loss_kernel.*liger-kernel {version}.*gradient.*"
+                                              r"liger-kernel>=0.8.2.*model.loss_kernel=chunked"):
+            make_backend(tiny_model_dir, model__loss_kernel="liger")
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("method", ["sft", "dpo", "grpo"])
 def test_cuda_liger_loss_kernel(tiny_model_dir, method):
