@@ -108,3 +108,24 @@ def test_another_methods_keys_do_not_block_a_resume_and_this_methods_do(tmp_path
     older["config"]["data.method"] = "dpo"
     changes = fp.differences(older, current)
     assert "data.method: 'dpo' -> 'grpo'" in changes and not any(c.startswith("preference.beta") for c in changes)
+
+
+def test_a_copy_that_only_a_newer_converter_wrote_otherwise_is_not_called_a_changed_file():
+    """Checkpoints record which converter wrote a converted copy and from which source: the same source under
+    another converter is overnight's change (and the refusal offers no "undo"); another source is the user's. A file
+    of the user's own (recorded as None) is never the converter's."""
+    saved = {"train_data": "a", "train_source": "data/train.parquet",
+             "train_conversion": {"converter": 1, "source": "s1"}}
+    newer = {"train_data": "b", "train_source": "data/train.parquet",
+             "train_conversion": {"converter": 2, "source": "s1"}}
+    [change] = fp.differences(saved, newer)
+    assert change.startswith("train data as overnight converts it: data/train.parquet is unchanged, but overnight's "
+                             "converter changed since the checkpoint (version 1 -> 2: float32"), change
+    assert fp.only_conversion_changed(saved, newer, [change])
+    edited = dict(newer, train_conversion={"converter": 2, "source": "s2"})
+    assert fp.differences(saved, edited) == ["train data file contents (data/train.parquet differs from the data the "
+                                             "checkpoint was trained on)"]
+    own = dict(saved, train_conversion=None)
+    assert fp.differences(own, newer)[0].startswith("train data file contents (data/train.parquet differs from the "
+                                                    "data the checkpoint was trained on)")
+    assert not fp.only_conversion_changed(saved, edited, fp.differences(saved, edited))

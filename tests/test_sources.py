@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -390,6 +391,83 @@ def test_torch_trains_on_a_saved_dataset_as_on_jsonl(sources, tiny_model_dir, tm
         assert done.returncode == 0, done.stderr
         runs[name] = losses(tmp_path / name)
     assert runs["saved_dict"] == runs["jsonl"] and len(runs["jsonl"]) >= 3
+
+
+# overnight as it was before this checkout's converter (version 1: a float32 written as the double arrow hands over,
+# a map as [key, value] pairs) and before checkpoints recorded the converter: `overnight train` under that code.
+_CONVERTER_V1_TRAIN = """
+import sys
+from overnight.data import sources
+from overnight.runs import fingerprint
+from overnight.commands.cli import main
+
+sources.CONVERSION_VERSION = 1
+sources._typed = lambda typ: False
+compute = fingerprint.compute
+
+
+def without_converter_record(*args, **kwargs):
+    found = compute(*args, **kwargs)
+    found.pop("train_conversion", None)
+    found.pop("val_conversion", None)
+    return found
+
+
+fingerprint.compute = without_converter_record
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_resume_after_overnight_converts_the_same_parquet_differently_says_so_and_what_to_do(tiny_model_dir,
+                                                                                                tmp_path):
+    """A run started under converter version 1 on a parquet file with float32 values, resumed after the converter
+    changed: the copy's sha256 differs though the user's file does not. The refusal (exit 3) says that overnight's
+    converter changed and the file is unchanged, names the file, and offers --allow-config-change (which resumes)
+    or --fresh, not "undo the change". Without the old copy in the cache to prove it, the data change is refused as
+    before, saying the converter may be the difference."""
+    import subprocess
+    import sys
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from conftest import ROOT
+    from test_cli import env
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for name, rows in (("train", TRAIN), ("validation", VAL)):
+        table = pa.Table.from_pylist([{"messages": r["messages"]} for r in rows])
+        table = table.append_column("score", pa.array([0.1 * (i + 1) for i in range(len(rows))], pa.float32()))
+        pq.write_table(table, data / f"{name}.parquet")
+    run = tmp_path / "run"
+    old = subprocess.run([sys.executable, "-c", _CONVERTER_V1_TRAIN, *train_args(tiny_model_dir, data, run, 5)],
+                         capture_output=True, text=True, env=env(), stdin=subprocess.DEVNULL, timeout=120, cwd=ROOT)
+    assert old.returncode == 0, old.stderr
+    refused = overnight(*train_args(tiny_model_dir, data, run, 10, "--auto-resume"))
+    assert refused.returncode == 3, refused.stderr
+    said = refused.stderr
+    for split, name, versions in (("train", "train.parquet", "version 1 -> 2: float32 and float16 values written "
+                                   "as their shortest decimal"), ("validation", "validation.parquet", "version 1 -> 2)")):
+        assert (f"{split} data as overnight converts it: {data / name} is unchanged, but overnight's converter changed "
+                f"since the checkpoint ({versions}" in said), said  # what the converter changed: said once
+    assert "differs from the data the checkpoint was trained on" not in said and "Undo the change" not in said
+    assert "Your data needs no change: pass --allow-config-change" in said and "--fresh" in said
+    assert "Traceback" not in said
+    # the old copies gone from the cache (removing it is safe): no proof, so a data change, the converter named
+    current = [find_data_files(data)[0].name, find_data_files(data)[1].name]
+    for copy in (Path(os.environ["OVERNIGHT_CACHE"]) / "data").glob("*.jsonl"):
+        if copy.name not in current and copy.name.rsplit("-", 1)[0] in {c.rsplit("-", 1)[0] for c in current}:
+            copy.unlink()
+    unproven = overnight(*train_args(tiny_model_dir, data, run, 10, "--auto-resume"))
+    assert unproven.returncode == 3, unproven.stderr
+    assert (f"train data file contents ({data / 'train.parquet'} differs from the data the checkpoint was trained on; "
+            "if you did not change it, the difference is overnight's converter, which changed since the checkpoint "
+            "(version 1 -> 2: " in unproven.stderr), unproven.stderr
+    allowed = overnight(*train_args(tiny_model_dir, data, run, 10, "--auto-resume", "--allow-config-change"))
+    assert allowed.returncode == 0, allowed.stderr
+    resume = next(r for r in read_metrics(run) if r["event"] == "resume")
+    assert resume["from_step"] == 5 and len(resume["overridden"]) == 2
 
 
 def test_an_empty_parquet_split_says_what_to_do_in_parquet_terms(tmp_path):

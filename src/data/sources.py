@@ -52,6 +52,12 @@ from overnight.data.formats import (
 from overnight.fsutil import fsync_file, overnight_cache_dir, sha256_file
 
 CONVERSION_VERSION = 2  # in every cache key: a change in how rows are written makes new files
+# What each version changed in the rows it writes: a run trained on an earlier version's copy is told, at its resume,
+# that overnight rewrote its data, not that the user did.
+CONVERSION_CHANGES = {
+    2: "float32 and float16 values written as their shortest decimal (0.1, not 0.10000000149011612), maps as objects "
+       "(they were lists of [key, value] pairs)",
+}
 VAL_SPLITS = ("validation", "val", "valid", "test")  # the first one a source has is its validation split
 DATA_EXTRA = "pip install 'overnight[data]'"
 _SHARD = r"-(\d+)-of-(\d+)(?:-[0-9a-zA-Z]+)?\.parquet"  # the hub's train-00000-of-00002[-hash].parquet
@@ -327,13 +333,45 @@ def _local_copy(label: SourceLabel, files: list[Path], columns: dict, write: Cal
     return _LOCAL_MEMO[asked]
 
 
+# A copy this process converted (its real path) -> (digest of its source and mapping, identity, columns, slug):
+# what conversion_of records and earlier_copy_sha256 finds an earlier converter's copy by.
+_CONVERTED: dict[str, tuple[str, str, dict, str]] = {}
+
+
+def conversion_of(path: Path | None) -> dict | None:
+    """How the JSONL file ``path`` was written from the user's source, for a checkpoint's fingerprint:
+    {"converter": the version, "source": a digest of the source's content and data.columns}; None for a file
+    that is the user's own."""
+    found = _CONVERTED.get(os.path.realpath(path)) if path is not None else None
+    return {"converter": CONVERSION_VERSION, "source": found[0]} if found else None
+
+
+def earlier_copy_sha256(source: str, version: int) -> str | None:
+    """The sha256 of the copy converter ``version`` wrote from the source with digest ``source`` (conversion_of),
+    if it is still in the cache and intact; None otherwise (never converted there, or removed)."""
+    found = next((entry for entry in _CONVERTED.values() if entry[0] == source), None)
+    if found is None:
+        return None
+    out = _copy_path(version, *found[1:])
+    try:
+        return json.loads(_record_path(out).read_text(encoding="utf-8"))["sha256"] if _intact(out) else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _copy_path(version: int, identity: str, columns: dict, slug: str) -> Path:
+    digest = hashlib.sha256(json.dumps([version, identity, sorted(columns.items())]).encode()).hexdigest()
+    return overnight_cache_dir() / "data" / f"{slug}-{digest[:24]}.jsonl"
+
+
 def _copy(label: SourceLabel, identity: str, columns: dict, write: Callable) -> Path:
     """The cached JSONL copy of one split, named by ``identity`` (what its content follows from) and the mapping;
     ``write(file)`` writes it the first time."""
-    digest = hashlib.sha256(json.dumps([CONVERSION_VERSION, identity, sorted(columns.items())]).encode()).hexdigest()
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", label.name).strip("_.")[-60:] or "rows"
-    out = overnight_cache_dir() / "data" / f"{slug}-{digest[:24]}.jsonl"
+    out = _copy_path(CONVERSION_VERSION, identity, columns, slug)
     register_label(out, label)
+    source = hashlib.sha256(json.dumps([identity, sorted(columns.items())]).encode()).hexdigest()
+    _CONVERTED[os.path.realpath(out)] = (source, identity, dict(columns), slug)
     if out.is_file() and _intact(out):
         return out
     again = " once" if not out.is_file() else " again (the copy there does not match the sha256 recorded when it " \

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Callable
 
 from overnight.config import TRAINING_KEYS, Config, applies_to_method
+from overnight.data import sources
 from overnight.data.formats import where
 from overnight.methods import reward_model
 from overnight.fsutil import sha256_file
@@ -100,6 +101,10 @@ def compute(cfg: Config, train_file: Path, val_file: Path | None, backend: str |
         # Recorded to name the data in a refusal as the user knows it, never compared (the content is).
         "train_source": where(train_file),
         "val_source": where(val_file) if val_file is not None else None,
+        # Which converter wrote a converted copy, from which source: a copy that a newer converter writes otherwise
+        # is then told apart from a source the user changed (conversion_change). Never compared by itself.
+        "train_conversion": sources.conversion_of(train_file),
+        "val_conversion": sources.conversion_of(val_file),
         "config": {key: json.loads(json.dumps(cfg.get(key))) for key in keys} | {"packing": cfg.packing},
         # grpo.rewards=[reward_model=PATH]: the model by content (reward_model.identity), so retraining it between a
         # run and its resume is a changed reward, while moving its folder is not
@@ -136,10 +141,13 @@ def differences(saved: dict, current: dict, across_backends: bool = False) -> li
     for spec in sorted(set(old_models) & set(new_models)):  # a spec added or removed is grpo.rewards' difference
         if old_models[spec] != new_models[spec]:
             changes.append(f"grpo.rewards: the reward model of {spec} changed (its config, tokenizer or weights)")
-    if saved.get("train_data") != current.get("train_data"):
-        changes.append("train data file contents" + _source_named(current.get("train_source")))
-    if saved.get("val_data") != current.get("val_data"):
-        changes.append("validation data file contents" + _source_named(current.get("val_source")))
+    described = False  # what the converter changed is said once, with the first split it concerns
+    for split, what in (("train", "train data file contents"), ("val", "validation data file contents")):
+        if saved.get(f"{split}_data") != current.get(f"{split}_data"):
+            converted = conversion_change(saved, current, split, describe=not described)
+            maybe = "" if converted else _maybe_converted(saved, current, split, describe=not described)
+            described = described or bool(converted or maybe)
+            changes.append(converted or what + _source_named(current.get(f"{split}_source"), maybe))
     # Checkpoints written before model.path stopped counting still carry it: skip it on both sides.
     old_cfg = {k: v for k, v in saved.get("config", {}).items() if k not in NOT_COMPARED}
     new_cfg = {k: v for k, v in current.get("config", {}).items() if k not in NOT_COMPARED}
@@ -159,8 +167,56 @@ def differences(saved: dict, current: dict, across_backends: bool = False) -> li
     return changes
 
 
-def _source_named(source: str | None) -> str:
-    return f" ({source} differs from the data the checkpoint was trained on)" if source else ""
+def conversion_change(saved: dict, current: dict, split: str, describe: bool = True) -> str | None:
+    """When the data of ``split`` ("train", "val") differs only because overnight converts the user's source
+    (sources.py) differently now: what to tell the user, who did not change their file; None otherwise. Known from
+    the source digest both checkpoints record, or, for a checkpoint from before converters were recorded (version
+    1), from the earlier converter's copy still in the cache having the checkpoint's sha256."""
+    now = current.get(f"{split}_conversion")
+    if not now:
+        return None
+    was = saved.get(f"{split}_conversion")
+    if f"{split}_conversion" in saved and not was:  # trained on a file of the user's own
+        return None
+    if was:
+        if was.get("source") != now["source"] or was.get("converter") == now["converter"]:
+            return None
+        old_version = was.get("converter")
+    else:
+        old_version = 1
+        if sources.earlier_copy_sha256(now["source"], old_version) != saved.get(f"{split}_data"):
+            return None
+    name = current.get(f"{split}_source") or "the data"
+    return (f"{'train' if split == 'train' else 'validation'} data as overnight converts it: {name} is unchanged, "
+            f"but overnight's converter changed since the checkpoint ({_converter_versions(old_version, now, describe)}"
+            "), so the JSONL copy the run reads differs")
+
+
+def _converter_versions(old_version: int, now: dict, describe: bool = True) -> str:
+    changed = "; ".join(sources.CONVERSION_CHANGES[v] for v in range(old_version + 1, now["converter"] + 1)
+                        if v in sources.CONVERSION_CHANGES) if describe else ""
+    return f"version {old_version} -> {now['converter']}{': ' + changed if changed else ''}"
+
+
+def _maybe_converted(saved: dict, current: dict, split: str, describe: bool = True) -> str:
+    """For a converted source whose checkpoint predates the converter record, when the earlier converter's copy is
+    gone from the cache: the converter may be the difference, which only the user can tell."""
+    now = current.get(f"{split}_conversion")
+    if not now or f"{split}_conversion" in saved or now["converter"] <= 1:
+        return ""
+    return (f"; if you did not change it, the difference is overnight's converter, which changed since the checkpoint "
+            f"({_converter_versions(1, now, describe)}): --allow-config-change continues on the new conversion")
+
+
+def only_conversion_changed(saved: dict, current: dict, changes: list[str]) -> bool:
+    """Whether every change is overnight's own conversion of unchanged data (nothing the user can undo)."""
+    return bool(changes) and len(changes) == sum(
+        conversion_change(saved, current, split) is not None for split in ("train", "val")
+        if saved.get(f"{split}_data") != current.get(f"{split}_data"))
+
+
+def _source_named(source: str | None, maybe_converted: str = "") -> str:
+    return f" ({source} differs from the data the checkpoint was trained on{maybe_converted})" if source else ""
 
 
 def _adapter_name(init: dict | None) -> str:

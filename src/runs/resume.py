@@ -121,6 +121,12 @@ def check_fingerprint(saved: dict, current: dict, step: int, allow_change: bool,
                       across_backends: bool = False) -> list[str]:
     """The changed fields (empty when none). Raises ResumeRefused unless the user allowed the change."""
     changes = fp.differences(saved, current, across_backends)
+    if changes and not allow_change and fp.only_conversion_changed(saved, current, changes):
+        raise ResumeRefused(
+            f"the checkpoint at step {step} was trained on data that overnight now converts differently; changed: "
+            + "; ".join(changes) + ". Your data needs no change: pass --allow-config-change to continue on the new "
+            "conversion (the same rows, the changed values as the converter writes them now; the resume event records "
+            "it), or start over with --fresh")
     if changes and not allow_change:
         raise ResumeRefused(
             f"the checkpoint at step {step} was trained with a different setup; changed: " + "; ".join(changes)
