@@ -191,3 +191,54 @@ def test_dora_on_a_backend_that_does_not_build_it_is_refused_before_anything_is_
     result = overnight(*args)
     refused_with(result, 2, "lora.use_dora", "does not build DoRA layers")
     assert not (run / "checkpoints").exists()
+
+
+@pytest.fixture(scope="module")
+def bf16_tiny_model(tmp_path_factory) -> Path:
+    """The tiny model saved in bfloat16, as most hub checkpoints are: on CPU (float32 compute) the torch backend
+    keeps its embedding and head 16-bit, a setup detail the start banner says."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from overnight.models.tiny import build_tiny_model
+
+    folder = build_tiny_model(tmp_path_factory.mktemp("bf16-tiny") / "model", seed=0)
+    weights = {k: v.to(torch.bfloat16) for k, v in load_file(str(folder / "model.safetensors")).items()}
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "torch_dtype": "bfloat16"}))
+    return folder
+
+
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+def test_the_setup_details_that_change_a_step_are_said_at_start_and_all_are_recorded(backend, tmp_path,
+                                                                                       bf16_tiny_model):
+    """A real run on each backend: the log says which loss head computes the loss, how the base model is held
+    (quantization, compute dtype, torch's 16-bit embedding and head, mlx's base weights) and the backend's notes;
+    the start event records every detail under `setup`, and a resume records them again (another machine may
+    choose another head for the same config)."""
+    pytest.importorskip("mlx" if backend == "mlx" else "torch")
+    out = tmp_path / "run"
+    args = base_args(bf16_tiny_model, out, 1)
+    args[args.index("--backend") + 1] = backend
+    first = overnight(*args, timeout=300)
+    assert first.returncode == 0, first.stdout + first.stderr
+    setup = next(r for r in read_metrics(out) if r["event"] == "start")["setup"]
+    said = first.stdout.splitlines()
+    assert setup["loss_head"].startswith("output head on target positions only")
+    assert f"loss head: {setup['loss_head']}" in said, first.stdout
+    assert any(line.startswith("base model: 4-bit") or line.startswith("base model: bitsandbytes nf4")
+               for line in said), first.stdout
+    if backend == "torch":
+        assert "kept in the checkpoint's 16-bit dtype" in setup["stored_16bit"]
+        assert f"16-bit storage: {setup['stored_16bit']}" in said, first.stdout
+        assert setup["compute_dtype"] == "float32" and setup["lora_layers"] == [0, 1]
+    else:
+        assert f"base weights: {setup['base_weights']}" in said, first.stdout
+        assert f"note: {setup['lora_layers_note']}" in said, first.stdout  # lora.layers=16 on 2 blocks
+        assert setup["lora_keys"] and setup["lora_layers"] == 2
+    resumed = overnight(*args[:args.index("--max-steps") + 1], "2", *args[args.index("--max-steps") + 2:],
+                        "--auto-resume", timeout=300)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert next(r for r in read_metrics(out) if r["event"] == "resume")["setup"] == setup
+    assert f"loss head: {setup['loss_head']}" in resumed.stdout.splitlines()

@@ -7,7 +7,9 @@ every resource released in one place. It returns an exit code, or raises the typ
 (overnight.errors)."""
 from __future__ import annotations
 
+import json
 import os
+import re
 import sys
 import traceback
 from contextlib import ExitStack
@@ -392,7 +394,8 @@ class TrainingRun:
             if start is not None:  # a new run from an adapter's weights (lora.init_from); the optimizer stays new
                 init_adapter.load_into(self.backend, start)
             files.event("start", 0, backend=self.backend.name, trainable_params=info.trainable_params,
-                        total_params=info.total_params, **({"init_adapter": start.identity()} if start else {}))
+                        total_params=info.total_params, setup=setup_record(info.details),
+                        **({"init_adapter": start.identity()} if start else {}))
             notify("job_started", run_dir=str(self.run_dir))
         else:
             self._load_checkpoint(plan)
@@ -402,8 +405,10 @@ class TrainingRun:
                 self.checkpoints.prune_on_resume((plan.state.get("best") or {}).get("best_step"))
             self.world.barrier()  # every rank has loaded the checkpoint before any trains on
             say(f"resuming from step {plan.checkpoint.step} ({plan.checkpoint.path})")
+            # the setup again: another machine or library may pick another loss head or dtype for the same config
             files.event("resume", plan.checkpoint.step, from_step=plan.checkpoint.step,
-                        overridden=plan.overridden or None, backend_change=self._backend_change(plan))
+                        overridden=plan.overridden or None, backend_change=self._backend_change(plan),
+                        setup=setup_record(info.details))
             notify("job_started", run_dir=str(self.run_dir), resumed_from=plan.checkpoint.step)
             if plan.overridden:
                 say("warning: resuming despite changes (--allow-config-change): " + "; ".join(plan.overridden))
@@ -514,8 +519,7 @@ def banner(cfg, info, report, run_dir: Path, resumed_from: int | None, processes
     t = cfg.train
     lines = [f"model: {cfg.model.path} | trainable params {info.trainable_params:,} of {info.total_params:,} "
              f"({100.0 * info.trainable_params / max(1, info.total_params):.3f}%)"]
-    if (getattr(info, "details", None) or {}).get("base_weights"):  # e.g. mlx: read from the quantized-weight cache
-        lines.append(f"base weights: {info.details['base_weights']}")
+    lines += setup_lines(getattr(info, "details", None) or {})
     for name, f in (("train", report.train), ("val", report.val)):
         if f is not None:
             tokens = f", {int(f.lengths.sum()):,} tokens" if f.lengths is not None and len(f.lengths) else ""
@@ -532,6 +536,29 @@ def banner(cfg, info, report, run_dir: Path, resumed_from: int | None, processes
                  f"{' + best' if cfg.checkpoint.keep_best else ''})")
     lines.append(f"run dir: {run_dir}" + (f" | resuming from step {resumed_from}" if resumed_from is not None else ""))
     return lines
+
+
+def setup_lines(details: dict) -> list[str]:
+    """The backend's setup details that change what a step computes or how much memory it takes, one line each;
+    the rest (LoRA layers, optimizer, ...) only go into the start/resume event (setup_record)."""
+    lines = []
+    if details.get("quantization"):
+        compute = f" | compute {details['compute_dtype']}" if details.get("compute_dtype") else ""
+        device = re.sub(r"^Device\((\w+), \d+\)$", r"\1", str(details.get("device") or ""))  # mlx: Device(gpu, 0)
+        device = f" | device {device}" if device else ""
+        lines.append(f"base model: {'not quantized' if details['quantization'] == 'none' else details['quantization']}"
+                     f"{compute}{device}")
+    for key, label in (("base_weights", "base weights"), ("loss_head", "loss head"),
+                       ("stored_16bit", "16-bit storage")):
+        if details.get(key):
+            lines.append(f"{label}: {details[key]}")
+    lines += [f"note: {value}" for key, value in details.items() if key.endswith("note") and value]
+    return lines
+
+
+def setup_record(details: dict) -> dict:
+    """All the setup details as metrics.jsonl holds them (JSON values; anything else as its text)."""
+    return json.loads(json.dumps(details, default=str))
 
 
 def checkpoint_note(step: int | None) -> str:
