@@ -617,8 +617,9 @@ class MLXBackend:
 
         blocks = len(model.layers)
         num_layers = blocks if cfg.lora.layers == -1 else min(cfg.lora.layers, blocks)
-        if cfg.lora.layers > blocks:
-            details["lora_layers_note"] = f"lora.layers={cfg.lora.layers} but the model has {blocks} blocks; using all"
+        note = lora_targets.lora_blocks_note(blocks, cfg.lora.layers)
+        if note:
+            details["lora_layers_note"] = note
         lora_parameters = {
             "rank": cfg.lora.rank,
             "scale": cfg.lora.alpha / cfg.lora.rank,

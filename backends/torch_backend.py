@@ -388,6 +388,7 @@ class TorchBackend:
                               "model.quantization.bits=4 or 0, or lora.use_dora=false")
         num_layers = model.config.get_text_config().num_hidden_layers
         blocks = lora_targets.lora_blocks(num_layers, lora.layers)
+        self._lora_blocks_note = lora_targets.lora_blocks_note(num_layers, lora.layers)
         # PEFT errs only when no target matches anything: check each one first, by the rule mlx uses too.
         lora_targets.resolve(lora.targets, _lora_capable_paths(model), blocks)
         layers = None if len(blocks) == num_layers else blocks
@@ -439,6 +440,8 @@ class TorchBackend:
             "method": self._method,
             "tokenizer_size": tokenizer.vocab_size,
         }
+        if self._lora_blocks_note:
+            details["lora_layers_note"] = self._lora_blocks_note
         if self._kept_16bit:
             details["stored_16bit"] = (f"{', '.join(self._kept_16bit)} kept in the checkpoint's 16-bit dtype, "
                                        f"upcast to {details['compute_dtype']} on use (frozen; exact)")

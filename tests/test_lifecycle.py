@@ -229,13 +229,15 @@ def test_the_setup_details_that_change_a_step_are_said_at_start_and_all_are_reco
     assert f"loss head: {setup['loss_head']}" in said, first.stdout
     assert any(line.startswith("base model: 4-bit") or line.startswith("base model: bitsandbytes nf4")
                for line in said), first.stdout
+    # lora.layers 16 (the default) on a 2-block model: all blocks, said on either backend
+    assert setup["lora_layers_note"] == "lora.layers=16 but the model has 2 blocks; using all"
+    assert f"note: {setup['lora_layers_note']}" in said, first.stdout
     if backend == "torch":
         assert "kept in the checkpoint's 16-bit dtype" in setup["stored_16bit"]
         assert f"16-bit storage: {setup['stored_16bit']}" in said, first.stdout
         assert setup["compute_dtype"] == "float32" and setup["lora_layers"] == [0, 1]
     else:
         assert f"base weights: {setup['base_weights']}" in said, first.stdout
-        assert f"note: {setup['lora_layers_note']}" in said, first.stdout  # lora.layers=16 on 2 blocks
         assert setup["lora_keys"] and setup["lora_layers"] == 2
     resumed = overnight(*args[:args.index("--max-steps") + 1], "2", *args[args.index("--max-steps") + 2:],
                         "--auto-resume", timeout=300)

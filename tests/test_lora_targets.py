@@ -43,3 +43,11 @@ def test_a_target_must_match_inside_the_blocks_that_get_lora():
                                                       (4, 16, [0, 1, 2, 3])])
 def test_lora_blocks_are_the_last_n(blocks, layers, expected):
     assert lora_targets.lora_blocks(blocks, layers) == expected
+
+
+@pytest.mark.parametrize("blocks, layers, note", [
+    (2, 16, "lora.layers=16 but the model has 2 blocks; using all"),
+    (30, 16, None), (16, 16, None), (4, -1, None),
+])
+def test_more_lora_layers_than_blocks_is_a_note_not_silence(blocks, layers, note):
+    assert lora_targets.lora_blocks_note(blocks, layers) == note

@@ -36,6 +36,14 @@ def lora_blocks(num_blocks: int, layers: int) -> list[int]:
     return list(range(first, num_blocks))
 
 
+def lora_blocks_note(num_blocks: int, layers: int) -> str | None:
+    """What a user is told when ``lora.layers`` asks for more blocks than the model has: all of them get LoRA (the
+    default 16 on a smaller model is not an error), and the start log says so on either backend."""
+    if layers > num_blocks:
+        return f"lora.layers={layers} but the model has {num_blocks} blocks; using all"
+    return None
+
+
 def resolve(targets: Iterable[str], module_paths: Iterable[str], blocks: Iterable[int]) -> list[str]:
     """The block-relative paths (``self_attn.q_proj``) that ``targets`` name among ``module_paths`` (the paths of
     the modules LoRA can wrap) inside ``blocks``. A target that names none of them is a ConfigError naming it,
