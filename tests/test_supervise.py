@@ -101,6 +101,26 @@ def test_overnights_own_error_is_found_under_unindented_lines_after_it():
     assert supervise.is_restartable(1, [])
 
 
+def test_an_error_whose_own_lines_outrun_the_tail_is_still_overnights():
+    """The stderr tail keeps STDERR_TAIL_LINES lines; a message longer than that (a reward's exception listing many
+    fields) pushed its `error:` line out, and the run read as a crash nobody explained and was restarted."""
+    read_end, write_end = os.pipe()
+    tee = supervise._Tee(os.fdopen(read_end, "rb", buffering=0))
+    message = ["step 3/10 loss 2.1", "error: reward judge.py:score raised ValidationError: 40 validation errors"]
+    message += [f"field_{i}\n  Input should be a valid number" for i in range(supervise.STDERR_TAIL_LINES)]
+    os.write(write_end, ("\n".join(message) + "\n").encode())
+    os.close(write_end)
+    tail = tee.tail()
+    assert tail[0] == message[1] and len(tail) == supervise.STDERR_TAIL_LINES + 1
+    assert not supervise.is_restartable(1, tail)
+    # the crash report that comes after an earlier error still decides
+    read_end, write_end = os.pipe()
+    tee = supervise._Tee(os.fdopen(read_end, "rb", buffering=0))
+    os.write(write_end, ("error: first\n" + "x\n" * 30 + "Traceback (most recent call last):\n" + "  f\n" * 30).encode())
+    os.close(write_end)
+    assert supervise.is_restartable(1, tee.tail())
+
+
 def test_who_is_supervised():
     class Args:
         auto_resume, devices = False, None

@@ -145,6 +145,9 @@ class _Tee:
 
     def __init__(self, stream):
         self.lines: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
+        # The last line that decides restartability (is_restartable), kept even once the tail has moved past it: an
+        # error message followed by more than STDERR_TAIL_LINES lines of its own must not read as an unexplained crash.
+        self._last_word: str | None = None
         self._partial = b""
         self._thread = threading.Thread(target=self._pump, args=(stream,), name="overnight-stderr-tee", daemon=True)
         self._thread.start()
@@ -170,13 +173,23 @@ class _Tee:
                 pass  # nobody reads our stderr any more: keep the tail for the record
             pieces = (self._partial + chunk).replace(b"\r", b"\n").split(b"\n")
             self._partial = pieces.pop()[-4096:]
-            self.lines.extend(p.decode(errors="replace") for p in pieces if p.strip())
+            self._keep(p.decode(errors="replace") for p in pieces if p.strip())
         if self._partial.strip():
-            self.lines.append(self._partial.decode(errors="replace"))
+            self._keep([self._partial.decode(errors="replace")])
+
+    def _keep(self, lines) -> None:
+        for line in lines:
+            self.lines.append(line)
+            if line.startswith(_OWN_MESSAGE + _CRASH_REPORT):
+                self._last_word = line
 
     def tail(self) -> list[str]:
+        """The last lines, with the deciding line first when it has scrolled out of them (it came before them)."""
         self._thread.join(5.0)
-        return list(self.lines)
+        lines = list(self.lines)
+        if self._last_word is not None and self._last_word not in lines:
+            lines.insert(0, self._last_word)
+        return lines
 
 
 def supervise_train(argv: list[str], run_dir: Path, max_restarts: int, webhook_url: str | None,
