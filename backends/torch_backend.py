@@ -17,15 +17,31 @@ from pathlib import Path
 from typing import Any
 
 
-def prefer_expandable_segments(environ=os.environ) -> bool:
+def prefer_expandable_segments(environ=os.environ, torch_version: str | None = None) -> bool:
     """Ask PyTorch's CUDA allocator for expandable segments unless the user configured the allocator: a long run
     with varying sequence lengths fragments fixed-size segments until an allocation fails with gigabytes "reserved
     but unallocated". The allocator reads this once, at its first CUDA allocation (c10/cuda/CUDAAllocatorConfig.h),
-    so it is set when this module loads, before any model is built; ranks and children inherit it."""
+    so it is set when this module loads, before any model is built; ranks and children inherit it. Under the name
+    the installed torch reads without complaint: torch 2.9 renamed it PYTORCH_ALLOC_CONF and prints "PYTORCH_CUDA_
+    ALLOC_CONF is deprecated" on every run that sets the old one (c10/core/AllocatorConfig.cpp); older ones read
+    only the old one. ``torch_version`` is the installed torch's, read from its metadata when not given (torch is not
+    imported yet)."""
     if any(key in environ for key in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF", "PYTORCH_HIP_ALLOC_CONF")):
         return False
-    environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+    environ[_allocator_variable(torch_version)] = "expandable_segments:True"
     return True
+
+
+def _allocator_variable(torch_version: str | None) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        release = Version(torch_version if torch_version is not None else version("torch")).release
+    except (PackageNotFoundError, InvalidVersion):
+        return "PYTORCH_CUDA_ALLOC_CONF"  # every torch reads it (the newer ones with a warning)
+    return "PYTORCH_ALLOC_CONF" if release[:2] >= (2, 9) else "PYTORCH_CUDA_ALLOC_CONF"
 
 
 prefer_expandable_segments()

@@ -1040,13 +1040,25 @@ def test_a_cublas_allocation_failure_in_a_step_becomes_backend_oom(tiny_model_di
 
 
 def test_expandable_segments_unless_the_user_configured_the_allocator():
+    """Under the name the torch installed reads without a warning: torch 2.9 renamed PYTORCH_CUDA_ALLOC_CONF to
+    PYTORCH_ALLOC_CONF and warns on every run that sets the old one; torch before 2.9 reads only the old one."""
+    import torch
+
     from overnight.backends.torch_backend import prefer_expandable_segments
 
-    environ: dict = {}
-    assert prefer_expandable_segments(environ) and environ == {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
-    for key in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
+    for version, name in (("2.4.1", "PYTORCH_CUDA_ALLOC_CONF"), ("2.8.0+cu128", "PYTORCH_CUDA_ALLOC_CONF"),
+                          ("2.9.0", "PYTORCH_ALLOC_CONF"), ("2.11.0+cu130", "PYTORCH_ALLOC_CONF"),
+                          ("2.13.0+cpu", "PYTORCH_ALLOC_CONF")):
+        environ: dict = {}
+        assert prefer_expandable_segments(environ, version) and environ == {name: "expandable_segments:True"}, version
+    installed: dict = {}
+    assert prefer_expandable_segments(installed)  # this machine's torch, read from its metadata
+    wanted = "PYTORCH_ALLOC_CONF" if tuple(map(int, torch.__version__.split(".")[:2])) >= (2, 9) \
+        else "PYTORCH_CUDA_ALLOC_CONF"
+    assert installed == {wanted: "expandable_segments:True"}
+    for key in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF", "PYTORCH_HIP_ALLOC_CONF"):
         mine = {key: "max_split_size_mb:128"}
-        assert not prefer_expandable_segments(mine) and mine == {key: "max_split_size_mb:128"}
+        assert not prefer_expandable_segments(mine, "2.11.0") and mine == {key: "max_split_size_mb:128"}
 
 
 def test_cuda_memory_is_the_peak_since_the_last_report_with_the_device_total(monkeypatch):
