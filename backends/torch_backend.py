@@ -5,6 +5,7 @@ Only numpy arrays, Python numbers, strings and Paths leave this module (SPEC §2
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import json
 import math
@@ -79,6 +80,35 @@ def _is_oom(exc: BaseException) -> bool:
     if isinstance(exc, (_OOM, MemoryError)):
         return True
     return isinstance(exc, RuntimeError) and any(text in str(exc).lower() for text in _OOM_TEXTS)
+
+
+# torch's words for an op it has no deterministic kernel for, in strict deterministic mode (Context.cpp,
+# alertNotDeterministic): "<op> does not have a deterministic implementation, but you set ...".
+_NO_DETERMINISTIC_KERNEL = " does not have a deterministic implementation"
+
+
+def _say_which_op_is_not_deterministic(method):
+    """A backend call whose model runs an op with no deterministic CUDA kernel under train.deterministic (a model's
+    own code can: a float cumsum, histc, ...) ends as that key's error, naming the op and the way out, instead of
+    torch's RuntimeError from deep inside the step."""
+    @functools.wraps(method)
+    def said(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except RuntimeError as exc:
+            text = str(exc)
+            if _NO_DETERMINISTIC_KERNEL not in text:
+                raise
+            op = text.split(_NO_DETERMINISTIC_KERNEL, 1)[0].strip().splitlines()[-1][-120:]
+            raise ConfigError(
+                f"config key 'train.deterministic': this model runs {op}, which torch {torch.__version__} has no "
+                "deterministic CUDA kernel for, so its steps cannot be bit-reproducible -> set "
+                "train.deterministic=false (a resume may change it; losses then repeat only up to float rounding)"
+            ) from None
+
+    return said
+
+
 STATE_FORMAT = 1
 # Sampling on an accelerator reads back whether every row has ended once per this many tokens (see _decode).
 STOP_CHECK_EVERY = 8
@@ -269,6 +299,7 @@ class TorchBackend:
         picked = hidden[torch.arange(ids.shape[0], device=hidden.device), positions].float()
         return (picked @ self._score.weight.t()).squeeze(-1)
 
+    @_say_which_op_is_not_deterministic
     def reward_scores(self, batch: Batch) -> np.ndarray:
         """reward: each row's score, float32 (B,), without gradients or dropout (validation, tests, export checks)."""
         self._model.eval()
@@ -297,15 +328,18 @@ class TorchBackend:
         on_cuda = self._device.type == "cuda"
         if on_cuda:
             # The losses' sums are deterministic by construction (_row_sums); what can still reorder float sums from
-            # run to run on CUDA is in kernels overnight does not write (some backward kernels, attention's memory-
-            # efficient one among them, pick a deterministic algorithm only in this mode), so a bit-exact resume
-            # needs it. Its price: every torch.empty is filled (fill_uninitialized_memory), bitsandbytes'
-            # dequantisation buffers included. cuBLAS needs its workspace fixed for it, before its first call. The
-            # CPU's kernels are deterministic already: there the mode would only add the fills.
+            # run to run on CUDA is in kernels overnight does not write (attention's backward above all: flash and
+            # memory-efficient attention accumulate dQ across key blocks with atomics), so a bit-exact resume needs
+            # the mode, and the strict one: with warn_only=True torch keeps both attention backwards
+            # non-deterministic and only warns once (aten/src/ATen/native/transformers/cuda/attention_backward.cu),
+            # and still picks cuDNN's attention (sdp_utils.cpp). Strict, an op with no deterministic CUDA kernel
+            # raises instead, said as this key (_say_which_op_is_not_deterministic). Its price: every torch.empty is
+            # filled (fill_uninitialized_memory), bitsandbytes' dequantisation buffers included. The CPU's kernels
+            # are deterministic already: there the mode would only add the fills.
             deterministic = bool(self._cfg.train.deterministic)
             if deterministic:
-                os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-            torch.use_deterministic_algorithms(deterministic, warn_only=True)
+                fix_cublas_workspace(os.environ)
+            torch.use_deterministic_algorithms(deterministic)
         if self._optimizer_name == "paged_adamw_8bit" and not on_cuda:
             raise ConfigError(
                 "config key 'train.optimizer': paged_adamw_8bit needs a CUDA GPU (bitsandbytes paged optimizers are "
@@ -744,6 +778,7 @@ class TorchBackend:
             return -sums[0::2].sum() * token_scale + self._beta * odds_ratio_loss * pair_scale
         return -sums.sum() * token_scale
 
+    @_say_which_op_is_not_deterministic
     def train_step(self, micro_batches: list[Batch], lr: float,
                    step_scales: tuple[float, float, int] | None = None) -> StepResult:
         self._model.train()
@@ -888,6 +923,7 @@ class TorchBackend:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
+    @_say_which_op_is_not_deterministic
     def eval_loss(self, batch: Batch) -> tuple[float, int]:
         """(objective x weight, weight) with the batch's own normalisers; weight = target tokens (sft, cpt) or
         pairs (dpo, orpo), as src/backend/objectives.py defines."""
@@ -906,6 +942,7 @@ class TorchBackend:
         self._recover_from_oom()
         raise OutOfMemory(f"out of memory evaluating a batch of {batch.num_rows} rows: {message}")
 
+    @_say_which_op_is_not_deterministic
     def sample(self, prompts, seeds: list[int], max_new_tokens: int, temperature: float,
                top_p: float, stop_ids: tuple[int, ...]) -> np.ndarray:
         """One sampled continuation per seed, all rows in one batch (src/backend/__init__.py), KV cache, adapter
@@ -932,7 +969,7 @@ class TorchBackend:
                 # The smallest set of most likely tokens whose probability reaches top_p (the first one always).
                 order = torch.argsort(scaled, dim=-1, descending=True)
                 probs = torch.softmax(scaled.gather(-1, order), dim=-1)
-                drop_sorted = (probs.cumsum(dim=-1) - probs) >= top_p
+                drop_sorted = _probability_before(probs) >= round(top_p * _TOP_P_UNIT)
                 drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
                 scaled = scaled.masked_fill(drop, -math.inf)
             # In place in one buffer kept across tokens: the same values as torch.rand per row and
@@ -1028,6 +1065,7 @@ class TorchBackend:
             past, logits = result[cache_name], result.logits[:, -1].float()
         return out.cpu().numpy()
 
+    @_say_which_op_is_not_deterministic
     def token_logps(self, batch: Batch, adapter: bool = True) -> np.ndarray:
         self._model.eval()
         ids, attn, _, sel, _ = self._tensors(batch)
@@ -1038,6 +1076,7 @@ class TorchBackend:
         out[rows, cols + 1] = values.float().cpu().numpy()
         return out
 
+    @_say_which_op_is_not_deterministic
     def generate(self, prompts, max_new_tokens: int, stop_ids: tuple[int, ...]):
         """Greedy continuations, without the prompt, each ending before its first stop token (not included): one
         array for one prompt, a list for a list, decoded in one batch (src/backend/__init__.py)."""
@@ -1367,6 +1406,21 @@ def _row_sums(values: torch.Tensor, sel: tuple[torch.Tensor, torch.Tensor], shap
     return values.new_zeros(tuple(shape)).index_put(tuple(sel), values).sum(dim=-1)
 
 
+# top-p's probabilities in units of 2^-52: each is rounded by at most 2^-53, so a running sum is off by under
+# vocabulary x 2^-53 (1e-11 at 128k tokens, below a float32 sum's own rounding), and the integer sums are exact;
+# a row's total is about 2^52, far inside int64.
+_TOP_P_UNIT = 2 ** 52
+
+
+def _probability_before(probs: torch.Tensor) -> torch.Tensor:
+    """Per row of sorted probabilities, the probability of the tokens before each one, as an int64 count of
+    _TOP_P_UNIT. A float cumsum on CUDA adds in an order that can change from run to run (CUB's scan), and strict
+    deterministic mode (train.deterministic) refuses it; the integer one is exact, so the same on every run and
+    every device."""
+    units = torch.round(probs.double() * _TOP_P_UNIT).long()
+    return units.cumsum(dim=-1) - units
+
+
 def _until_stop(row: np.ndarray, stop_ids: tuple[int, ...]) -> np.ndarray:
     """A decoded row up to its first stop token (not included), its -1 tail dropped."""
     row = row[row >= 0].astype(np.int64)
@@ -1395,6 +1449,27 @@ def _first_line(exc: BaseException) -> str:
 
 def _oom_message(exc: BaseException) -> str:
     return _first_line(exc) if str(exc).strip() else "CUDA out of memory"
+
+
+# cuBLAS's reproducible workspace settings, the only values torch's deterministic mode accepts
+# (aten/src/ATen/Context.cpp, checkCuBLASConfigDeterministic).
+DETERMINISTIC_CUBLAS_WORKSPACES = (":4096:8", ":16:8")
+
+
+def fix_cublas_workspace(environ=os.environ) -> None:
+    """train.deterministic on CUDA: cuBLAS's workspace fixed (CUBLAS_WORKSPACE_CONFIG), read once by torch at its
+    first cuBLAS handle (CublasHandlePool.cpp), so set before any matmul. Strict deterministic mode refuses every
+    cuBLAS matmul while it is unset or set otherwise: a value of the user's that is not one of the two is refused here,
+    before the model loads, rather than by the first step's matmul."""
+    value = environ.get("CUBLAS_WORKSPACE_CONFIG")
+    if value is None:
+        environ["CUBLAS_WORKSPACE_CONFIG"] = DETERMINISTIC_CUBLAS_WORKSPACES[0]
+    elif value not in DETERMINISTIC_CUBLAS_WORKSPACES:
+        raise ConfigError(
+            f"config key 'train.deterministic': the environment sets CUBLAS_WORKSPACE_CONFIG={value!r}, and a "
+            f"deterministic run needs {' or '.join(DETERMINISTIC_CUBLAS_WORKSPACES)} (cuBLAS's reproducible "
+            "workspaces; torch refuses its matmuls otherwise) -> unset it (overnight then sets :4096:8), set one of "
+            "those, or set train.deterministic=false")
 
 
 # What follows ".lora_" in a PEFT parameter's name (lora_A, lora_B, lora_magnitude_vector) -> its portable suffix.

@@ -96,10 +96,11 @@ class TrainConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     optimizer: str = "adamw"  # adamw | paged_adamw_8bit (torch on CUDA only)
-    # torch on CUDA: torch.use_deterministic_algorithms for the whole run, so its gradients (some backward kernels,
-    # attention's among them) are bit-reproducible too and a resume continues exactly; its cost is not measured on a
-    # GPU yet. The losses' own sums are deterministic either way. Not a training key: either value trains the same
-    # model, so it may change between a run and its resume. mlx has no such mode and ignores it.
+    # torch on CUDA: torch.use_deterministic_algorithms (strict) for the whole run, so its gradients (attention's
+    # backward above all) are bit-reproducible too and a resume continues exactly; a model op with no deterministic
+    # CUDA kernel is then refused by this key, naming the op. Its cost is not measured on a GPU yet. The losses' own
+    # sums are deterministic either way. Not a training key: either value trains the same model, so it may change
+    # between a run and its resume. mlx has no such mode and ignores it.
     deterministic: bool = True
     seed: int = 42
     report_every: int = 10  # steps between metrics.jsonl train lines and heartbeat rewrites

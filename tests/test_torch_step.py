@@ -94,9 +94,110 @@ def test_train_deterministic_sets_the_global_mode_on_cuda_only_when_true(tiny_mo
         cuda._pick_device()
         assert cuda._device.type == "cuda"
         assert torch.are_deterministic_algorithms_enabled() is deterministic
-        assert ("CUBLAS_WORKSPACE_CONFIG" in os.environ) is deterministic
+        # strict: with warn_only torch keeps flash and memory-efficient attention's backward non-deterministic
+        assert not torch.is_deterministic_algorithms_warn_only_enabled()
+        assert os.environ.get("CUBLAS_WORKSPACE_CONFIG") == (":4096:8" if deterministic else None)
     finally:
         torch.use_deterministic_algorithms(was[0], warn_only=was[1])
+
+
+def test_a_cublas_workspace_deterministic_mode_refuses_is_refused_before_loading():
+    """CUBLAS_WORKSPACE_CONFIG: set to :4096:8 when unset, a user's :16:8 kept (the two values torch's strict mode
+    accepts), anything else refused by the key and the variable's name (torch would refuse the first matmul)."""
+    from overnight.backends.torch_backend import fix_cublas_workspace
+    from overnight.config import ConfigError
+
+    unset: dict = {}
+    fix_cublas_workspace(unset)
+    assert unset == {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
+    small = {"CUBLAS_WORKSPACE_CONFIG": ":16:8"}
+    fix_cublas_workspace(small)
+    assert small == {"CUBLAS_WORKSPACE_CONFIG": ":16:8"}
+    for value in (":0:0", ":4096:2", "4096:8", ""):
+        with pytest.raises(ConfigError, match="train.deterministic.*CUBLAS_WORKSPACE_CONFIG.*:4096:8 or :16:8"):
+            fix_cublas_workspace({"CUBLAS_WORKSPACE_CONFIG": value})
+
+
+def test_an_op_without_a_deterministic_kernel_is_said_as_the_config_key():
+    """Strict mode raises torch's own RuntimeError for such an op (put_ does on the CPU too): every backend call
+    that runs the model says it as train.deterministic, naming the op; other errors pass unchanged."""
+    import torch
+
+    from overnight.backends.torch_backend import TorchBackend, _say_which_op_is_not_deterministic
+    from overnight.config import ConfigError
+
+    for name in ("train_step", "eval_loss", "sample", "generate", "token_logps", "reward_scores"):
+        assert getattr(getattr(TorchBackend, name), "__wrapped__", None) is not None, name
+
+    class Calls:
+        @_say_which_op_is_not_deterministic
+        def put(self):
+            torch.zeros(3).put_(torch.tensor([0]), torch.tensor([1.0]))
+
+        @_say_which_op_is_not_deterministic
+        def other(self):
+            raise RuntimeError("shape mismatch")
+
+    was = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        with pytest.raises(ConfigError, match=r"'train.deterministic': this model runs put_, .*"
+                                              r"train.deterministic=false"):
+            Calls().put()
+        with pytest.raises(RuntimeError, match="shape mismatch"):
+            Calls().other()
+    finally:
+        torch.use_deterministic_algorithms(was[0], warn_only=was[1])
+
+
+# aten ops CUDA's strict deterministic mode refuses (torch.use_deterministic_algorithms' list), with the condition
+# under which it does; none may run in overnight's own steps, evals and sampling.
+def _refused_on_cuda(func, args, kwargs) -> bool:
+    name = func.overloadpacket.__name__
+    if name in ("cumsum", "cumsum_"):
+        return args[0].is_floating_point() or args[0].is_complex()
+    if name == "bincount":
+        return len(args) > 1 and args[1] is not None or kwargs.get("weights") is not None
+    if name == "nll_loss2d_forward":
+        return args[3] != 0  # reduction other than none
+    if name == "median":
+        return func.__name__ != "median.default"  # with indices
+    return name in ("histc", "put", "put_", "_ctc_loss_backward", "grid_sampler_2d_backward", "max_unpool2d",
+                    "max_unpool3d", "avg_pool3d_backward", "adaptive_avg_pool2d_backward",
+                    "adaptive_avg_pool3d_backward", "adaptive_max_pool2d_backward", "fractional_max_pool2d_backward",
+                    "fractional_max_pool3d_backward", "upsample_linear1d_backward", "upsample_bilinear2d_backward",
+                    "upsample_bicubic2d_backward", "upsample_trilinear3d_backward", "reflection_pad1d_backward",
+                    "reflection_pad2d_backward", "reflection_pad3d_backward")
+
+
+@pytest.mark.parametrize("method", ["sft", "dpo", "grpo", "reward"])
+def test_no_step_eval_or_sampling_runs_an_op_cuda_deterministic_mode_refuses(tiny_model_dir, method):
+    """Under train.deterministic CUDA raises at any op without a deterministic kernel (a float cumsum among them:
+    top-p sampling took one): every aten op of a training step, an eval, and for grpo nucleus sampling, watched
+    on the CPU."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Watch(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.refused = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if _refused_on_cuda(func, args, kwargs or {}):
+                self.refused.add(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    backend, _ = make_backend(tiny_model_dir, data__method=method, grpo__beta=0.05)
+    batch = _grpo_batch(tiny_model_dir) if method == "grpo" else \
+        sft_batch(tiny_model_dir) if method == "sft" else preference_batch(tiny_model_dir)
+    with Watch() as watch:
+        backend.train_step([batch], 1e-2)
+        backend.eval_loss(batch)
+        if method == "grpo":
+            samples = backend.sample(batch.input_ids[0, :4], [1, 2, 3], 6, 0.9, 0.5, ())
+    assert not watch.refused, watch.refused
+    if method == "grpo":
+        assert samples.shape == (3, 6)
 
 
 def test_without_deterministic_mode_two_runs_give_the_same_losses(tiny_model_dir):
