@@ -661,8 +661,11 @@ class MLXBackend:
     def _set_memory_limit(self, details: dict[str, Any]) -> None:
         recommended = mx.device_info().get("max_recommended_working_set_size")
         if recommended:
-            # Keep the weights resident and make MLX reclaim its cache before it pushes past what the
-            # GPU may use; the default memory limit (1.5x) lets a long run drift into swap overnight.
+            # The memory limit is where evaluation stops queueing work and waits for the GPU to finish (and free)
+            # what is in flight (mlx/transforms.cpp); the default, 1.5x the working set, lets a long run drift into
+            # swap overnight. The wired limit keeps that much of MLX's buffers resident (macOS 15+; above the
+            # working set it raises, hence exactly it, as mlx-lm sets it). MLX already reclaims its cache before
+            # an allocation would take the total past 95% of the working set (allocator.cpp's gc limit).
             self.limit_bytes = int(recommended)
             mx.set_memory_limit(self.limit_bytes)
             try:
