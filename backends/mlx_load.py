@@ -31,6 +31,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from overnight.config import ConfigError
+from overnight.errors import TrainingError
 from overnight.fsutil import atomic_write_text, fsync_dir, fsync_file, pid_alive, sha256_file
 from overnight.models.provided import cache_dir
 
@@ -52,7 +53,23 @@ def load_base(model_dir: Path, quantization: Any, details: dict[str, Any],
     which in details["quantization"] and where the weights came from in details["base_weights"]. ``dtype`` (an mx
     dtype; None keeps the checkpoint's) is what the floating weights that stay unquantized are cast to: before they
     are evaluated where nothing is quantized (so a big bf16 model is never held in two dtypes), after quantizing
-    otherwise (the cache holds the checkpoint's dtype; what is cast then is small: norms, scales)."""
+    otherwise (the cache holds the checkpoint's dtype; what is cast then is small: norms, scales). A model that does
+    not fit is TrainingError, said with what to change: a supervised run would otherwise be relaunched into the
+    same failure."""
+    try:
+        return _load_base(model_dir, quantization, details, is_oom, dtype)
+    except Exception as exc:  # noqa: BLE001 - anything but an out of memory passes unchanged
+        if not is_oom(exc):
+            raise
+        text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else exc.__class__.__name__
+        smaller = "model.quantization.bits=4, " if quantization.bits != 4 else ""
+        raise TrainingError(f"out of memory loading the base model {model_dir} ({text}); it does not fit in this "
+                            f"machine's memory: use {smaller}a smaller model, or close what else holds memory") \
+            from None
+
+
+def _load_base(model_dir: Path, quantization: Any, details: dict[str, Any],
+               is_oom: Callable[[BaseException], bool], dtype: Any = None) -> nn.Module:
     from mlx_lm.utils import quantize_model
 
     bits, group_size = quantization.bits, quantization.group_size

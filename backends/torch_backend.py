@@ -60,6 +60,7 @@ from overnight.backend.adapter_formats import PEFT_SCORE_KEY, PORTABLE_SCORE_KEY
     reward_head_text
 from overnight.backends import noise, torch_stored_dtype
 from overnight.config import ConfigError
+from overnight.errors import TrainingError
 from overnight.fsutil import give_default_modes
 
 noise.install()  # before bitsandbytes is imported: its import logs a line that is not the user's business
@@ -68,8 +69,10 @@ _OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 # Allocation failures that arrive as a plain RuntimeError rather than _OOM, as ATen/cuda/Exceptions.h and
 # c10/cuda/CUDAException.h word them: cuBLAS/cuSPARSE/cuSOLVER/cuFFT ("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when
 # calling `cublasCreate(handle)`"), cuDNN ("cuDNN error: CUDNN_STATUS_ALLOC_FAILED", a workspace that does not fit:
-# "..._NOT_ENOUGH_WORKSPACE") and a raw CUDA call ("CUDA error: out of memory").
-_OOM_TEXTS = ("out of memory", "_alloc_failed", "not_enough_workspace")
+# "..._NOT_ENOUGH_WORKSPACE"), a raw CUDA call ("CUDA error: out of memory"), and host memory, which torch's CPU
+# allocator words "DefaultCPUAllocator: can't allocate memory" (c10/core/impl/alloc_cpu.cpp): reading a model's
+# weights on a machine with little RAM.
+_OOM_TEXTS = ("out of memory", "_alloc_failed", "not_enough_workspace", "can't allocate memory")
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -382,7 +385,8 @@ class TorchBackend:
                 model = AutoModelForCausalLM.from_pretrained(str(model_dir), **load_kwargs)
         except Exception as exc:  # noqa: BLE001 - a truncated or corrupt weight file raises SafetensorError, not OSError
             if _is_oom(exc):
-                raise
+                # Said, not a crash: a supervised run would otherwise be relaunched into the same failure.
+                raise TrainingError(_load_out_of_memory(model_dir, bits, self._device, exc)) from None
             raise ConfigError(
                 f"config key 'model.path': cannot load a causal LM from {model_dir}: {exc.__class__.__name__}: "
                 f"{str(exc)[:300]}. Check that the weight files are complete (re-download or re-copy the model)"
@@ -1440,6 +1444,15 @@ def _installed_older_than(distribution: str, minimum: str) -> str | None:
         return installed if Version(installed) < Version(minimum) else None
     except (PackageNotFoundError, InvalidVersion):
         return None
+
+
+def _load_out_of_memory(model_dir: Path, bits: int, device: torch.device, exc: BaseException) -> str:
+    on_gpu = device.type == "cuda" and "can't allocate memory" not in str(exc) and not isinstance(exc, MemoryError)
+    smaller = "model.quantization.bits=4, " if bits != 4 else ""
+    where = (f"GPU memory ({device}): use {smaller}a smaller model or a GPU with more memory, and check that no other "
+             "process holds this one (nvidia-smi)") if on_gpu else \
+        f"host memory: use {smaller}a smaller model, or a machine (or container) with more RAM"
+    return f"out of memory loading the base model {model_dir} ({_first_line(exc)}); it does not fit in {where}"
 
 
 def _first_line(exc: BaseException) -> str:

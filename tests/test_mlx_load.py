@@ -279,6 +279,24 @@ def measure_load_peaks(model_dir: str) -> dict:
             "base_weights": details["base_weights"]}
 
 
+@pytest.mark.parametrize("bits", [0, 4])
+def test_a_model_that_does_not_fit_is_said_not_crashed(tiny_model_dir, monkeypatch, bits):
+    """An allocation MLX refuses while the base loads (Metal's words for a tensor over its largest buffer) ends as
+    overnight's error with what to change, not a crash a supervised run would be relaunched into; any other failure
+    is still the model folder's."""
+    from overnight.errors import TrainingError
+
+    def refused(model):
+        raise RuntimeError("[metal::malloc] Attempting to allocate 18253611008 bytes which is greater than the "
+                           "maximum allowed buffer size of 17179869184 bytes.")
+
+    monkeypatch.setattr(mlx_load, "evaluate_by_block", refused)
+    with pytest.raises(TrainingError, match="out of memory loading the base model .*maximum allowed buffer size") \
+            as raised:
+        _load(tiny_model_dir, SimpleNamespace(bits=bits, group_size=64))
+    assert ("model.quantization.bits=4" in str(raised.value)) is (bits != 4)
+
+
 def test_peak_memory_is_the_quantized_model_plus_about_one_block(tmp_path, cache):
     # 8 blocks of 1.3 MB in bf16: reading the whole model before quantizing it (mlx_lm.load, then
     # quantize_model) peaks above the full-precision size; block by block stays near quantized + one block.

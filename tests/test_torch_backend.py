@@ -1022,6 +1022,29 @@ def test_library_allocation_failures_are_out_of_memory(text, oom):
     assert not _is_oom(OutOfMemory("out of memory in a step")) and not _is_oom(PeerLost("out of memory on rank 1"))
 
 
+def test_a_model_that_does_not_fit_is_said_not_crashed(tiny_model_dir, monkeypatch):
+    """Out of memory while the base model loads (on a GPU, or in host memory while its weights are read) ends as
+    overnight's error with what to change, not a traceback a supervised run would be relaunched into; the host's
+    failure is torch's own, from an allocation that cannot succeed."""
+    import torch
+    import transformers
+
+    from overnight.backends.torch_backend import _is_oom
+    from overnight.errors import TrainingError
+
+    def too_big(*args, **kwargs):
+        return torch.empty(2 ** 50, dtype=torch.uint8)  # DefaultCPUAllocator: can't allocate memory
+
+    try:
+        too_big()
+    except RuntimeError as exc:
+        assert _is_oom(exc), exc
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", too_big)
+    with pytest.raises(TrainingError, match=r"out of memory loading the base model .*can't allocate memory.*host "
+                                            r"memory: use model.quantization.bits=4, a smaller model"):
+        make_backend(tiny_model_dir)
+
+
 def test_a_cublas_allocation_failure_in_a_step_becomes_backend_oom(tiny_model_dir, monkeypatch):
     from overnight.backend import OutOfMemory
 
