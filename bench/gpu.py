@@ -239,7 +239,7 @@ def env_step(dry_run: bool) -> dict:
             pass
     return {"device": device, "cuda": cuda, "machine": machine, "bf16_peak_tflops_spec": spec,
             "matmul_tflops_measured": matmul_tflops(torch, cuda), "torch_cuda": torch.version.cuda,
-            "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF")}
+            "alloc_conf": {k: os.environ.get(k) for k in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")}}
 
 
 def matmul_tflops(torch, cuda: bool) -> float:

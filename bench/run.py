@@ -190,6 +190,7 @@ def summarize(args, pair: str, bits: int, runs: dict[str, list[dict]], tokens: d
                  "target_tokens_per_s": sps * tokens["target_tokens_per_step"],
                  "peak_rss_mb": statistics.median(rss), "peak_rss_mb_runs": rss,
                  "first_loss": runs[side][0]["first_loss"], "wall_s_runs": [r["wall_s"] for r in runs[side]]}
+        entry["compute_dtype"] = runs[side][0].get("compute_dtype")
         if all("peak_gpu_mb" in r for r in runs[side]):  # CUDA: torch's own peak allocation in each run
             entry["peak_gpu_mb"] = statistics.median(r["peak_gpu_mb"] for r in runs[side])
             entry["peak_gpu_reserved_mb"] = statistics.median(r["peak_gpu_reserved_mb"] for r in runs[side])
@@ -318,9 +319,11 @@ def summarize_grpo(args, bits: int, runs: dict[str, list[dict]], step: dict) -> 
             "shape": {"prompts": args.grpo_batch, "group": args.grpo_group, "new_tokens": args.new_tokens,
                       "temperature": args.temperature, "top_p": args.top_p},
             "sides": {"overnight": {"tokens_per_s": ours, "tokens_per_s_runs": ours_runs,
+                                    "compute_dtype": runs["grpo-sampler"][0].get("compute_dtype"),
                                     "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in runs["grpo-sampler"])},
                       "before": {"tokens_per_s": before, "tokens_per_s_runs": before_runs},
                       "hfgen": {"tokens_per_s": ref, "tokens_per_s_runs": ref_runs,
+                                "compute_dtype": runs["hfgen"][0].get("compute_dtype"),
                                 "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in runs["hfgen"])}},
             "speedup_vs_reference": ours / ref, "speedup_vs_before": ours / before,
             "same_tokens_as_before": all(r["same_tokens_as_before"] for r in runs["grpo-sampler"]),
@@ -358,6 +361,22 @@ def grpo_markdown(settings: list[dict]) -> list[str]:
     return lines
 
 
+def compute(settings: list[dict]) -> str:
+    """The compute dtype each trainer ran in, as their runs recorded it; results from before it was recorded ran on
+    the CPU in float32."""
+    seen = {}
+    for s in settings:
+        for side, entry in s["sides"].items():
+            name = "overnight" if side == "overnight" else s["reference"]
+            if entry.get("compute_dtype"):
+                seen.setdefault(name, entry["compute_dtype"])
+    if not seen:
+        return "fp32 compute"
+    if len(set(seen.values())) == 1:
+        return f"{next(iter(seen.values()))} compute"
+    return "compute " + ", ".join(f"{name} {dtype}" for name, dtype in seen.items())
+
+
 def markdown(result: dict) -> str:
     m = result["machine"]
     c = result["config"]
@@ -370,8 +389,9 @@ def markdown(result: dict) -> str:
     if c.get("command"):
         lines.append(f"Command: `{c['command']}`.")
     training = [s for s in result["settings"] if s["backend"] != "grpo"]
+    gpu = any("peak_gpu_mb" in e for s in training for e in s["sides"].values())
     lines += [
-        f"Model {Path(c['model']).name}, fp32 compute; LoRA rank {c['rank']}, alpha {c['alpha']:g} (scale "
+        f"Model {Path(c['model']).name}, {compute(training)}; LoRA rank {c['rank']}, alpha {c['alpha']:g} (scale "
         f"{c['alpha'] / c['rank']:g}), dropout {c['dropout']:g}, {c['targets']} on the last {c['layers']} blocks; "
         f"batch {c['batch_size']}, max_seq_length {c['seq']}, {c['steps']} steps ({c['warmup']} warm-up left out), "
         f"{c['rounds']} alternating rounds (A B A B ...), medians; CPU threads per run: "
@@ -379,11 +399,13 @@ def markdown(result: dict) -> str:
         f"({result['tokens']['input_tokens_per_step']:.0f} per step; target tokens "
         f"{result['tokens']['target_tokens_per_step']:.0f}).",
         "",
-        "| backend | quant | trainer | steps/s | input tok/s | peak RSS MB | overnight / ref steps/s | "
-        "RSS ratio | loop+ckpt overhead, default cadence | eval+predictions, default cadence |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| backend | quant | trainer | steps/s | input tok/s | peak RSS MB | "
+        + ("peak GPU MB | " if gpu else "") + "overnight / ref steps/s | "
+        + ("GPU memory ratio | " if gpu else "RSS ratio | ")
+        + "loop+ckpt overhead, default cadence | eval+predictions, default cadence |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |" + (" ---: |" if gpu else ""),
     ] if training else [
-        f"Model {Path(c['model']).name}, fp32 compute; LoRA rank {c['rank']}, alpha {c['alpha']:g}, dropout "
+        f"Model {Path(c['model']).name}, {compute(result['settings'])}; LoRA rank {c['rank']}, alpha {c['alpha']:g}, dropout "
         f"{c['dropout']:g}, {c['targets']} on the last {c['layers']} blocks; max_seq_length {c['seq']}; "
         f"{c['rounds']} alternating rounds; CPU threads per run: {c['threads'] or 'default'}."]
     for s in training:
@@ -392,10 +414,14 @@ def markdown(result: dict) -> str:
             name = "overnight" if side == "overnight" else s["reference"]
             ratio = f"**{s['speedup_steps_per_s']:.2f}x**" if side == "overnight" else ""
             rss = f"{s['peak_rss_ratio']:.2f}" if side == "overnight" else ""
+            if gpu:  # on a GPU the memory that matters is the device's: torch's own peak allocation
+                rss = f"{s['peak_gpu_ratio']:.2f}" if side == "overnight" and "peak_gpu_ratio" in s else ""
             over = f"{100 * entry['overhead_default_cadence']:.2f}%" if side == "overnight" else ""
             evals = f"{100 * entry['eval_share_default_cadence']:.2f}%" if side == "overnight" else ""
             lines.append(f"| {s['backend']} | {quant} | {name} | {entry['steps_per_s']:.3f} | "
-                         f"{entry['input_tokens_per_s']:.0f} | {entry['peak_rss_mb']:.0f} | {ratio} | {rss} | {over} | "
+                         f"{entry['input_tokens_per_s']:.0f} | {entry['peak_rss_mb']:.0f} | "
+                         + (f"{entry['peak_gpu_mb']:.0f} | " if gpu and "peak_gpu_mb" in entry else "| " if gpu else "")
+                         + f"{ratio} | {rss} | {over} | "
                          f"{evals} |")
     lines += grpo_markdown([s for s in result["settings"] if s["backend"] == "grpo"])
     return "\n".join(lines) + "\n"

@@ -109,13 +109,18 @@ def run_overnight(spec: dict) -> dict:
     if code != 0:
         raise SystemExit(f"overnight train exited {code}")
     origin = rec["step_starts"][0]
+    # The dtype overnight chose (model.dtype auto: bf16 on a GPU that has it, fp32 on the CPU), from the run's record.
+    start = next((json.loads(line) for line in (Path(s["out_dir"]) / "metrics.jsonl").read_text().splitlines()
+                  if '"start"' in line and json.loads(line).get("event") == "start"), {})
+    compute = (start.get("setup") or {}).get("compute_dtype")
     # What the loop spends outside train_step: data, metrics, progress, memory, eval, predictions, checkpoints.
     outside = rec["loop_s"] - sum(rec["step_s"])
     return {"step_ends": [t - origin for t in rec["step_ends"]], "step_s": rec["step_s"],
             "first_loss": rec["losses"][0], "losses": rec["losses"], "wall_s": wall, "loop_s": rec["loop_s"],
             "setup_s": rec["loop_start"] - t0, "outside_step_s": outside, "eval_s": sum(rec["eval_s"]),
             "evals": len(rec["eval_s"]), "generate_s": sum(rec["generate_s"]),
-            "checkpoint_s": sum(rec["checkpoint_s"]), "checkpoints": len(rec["checkpoint_s"])}
+            "checkpoint_s": sum(rec["checkpoint_s"]), "checkpoints": len(rec["checkpoint_s"]),
+            "compute_dtype": compute}
 
 
 # --------------------------------------------------------------------------- HF Trainer + PEFT
@@ -194,7 +199,7 @@ def run_hf(spec: dict) -> dict:
     wall = _now() - t0
     origin = starts[0]
     return {"step_ends": [t - origin for t in ends], "first_loss": first_loss, "wall_s": wall,
-            "optimizer": str(args.optim)}
+            "optimizer": str(args.optim), "compute_dtype": str(dtype).replace("torch.", "")}
 
 
 # --------------------------------------------------------------------------- mlx_lm.lora
@@ -336,7 +341,7 @@ def run_grpo_sampler(spec: dict) -> dict:
     previous, old = _timed_reps(spec, before)
     return {"rows": len(rows), "tokens": int((out >= 0).sum()), "sample_s": batched, "before_s": previous,
             "before_tokens": int((old >= 0).sum()), "same_tokens_as_before": bool(np.array_equal(out, old)),
-            "device": str(backend._device)}
+            "device": str(backend.placement[0]), "compute_dtype": str(backend.placement[1]).replace("torch.", "")}
 
 
 def run_hfgen(spec: dict) -> dict:
@@ -384,7 +389,8 @@ def run_hfgen(spec: dict) -> dict:
         return out[:, width:].cpu().numpy()
 
     times, out = _timed_reps(s, sample)
-    return {"rows": int(out.shape[0]), "tokens": int(out.size), "sample_s": times}
+    return {"rows": int(out.shape[0]), "tokens": int(out.size), "sample_s": times,
+            "compute_dtype": str(dtype).replace("torch.", "")}
 
 
 def run_grpo_step(spec: dict) -> dict:

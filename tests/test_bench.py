@@ -63,6 +63,29 @@ def test_bench_writes_json_and_markdown_with_ratios(tiny_model_dir, tmp_path):
     assert rendered.returncode == 0, rendered.stderr[-2000:]
     assert out.with_suffix(".md").read_text() == table
 
+    # The compute dtype each trainer ran in is recorded and said (it was printed as "fp32 compute" whatever ran),
+    # and a CUDA run's table carries the device's peak memory and the ratio of it, not only the host's RSS.
+    assert {side["compute_dtype"] for side in data["settings"][0]["sides"].values()} == {"float32"}
+    assert grpo["sides"]["overnight"]["compute_dtype"] == "float32"
+    assert "float32 compute;" in table
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import run as bench_run
+    finally:
+        sys.path.pop(0)
+    on_gpu = json.loads(json.dumps(data))
+    torch_pair = on_gpu["settings"][0]
+    for side, mb in (("overnight", 1000.0), ("hf", 2000.0)):
+        torch_pair["sides"][side].update(compute_dtype="bfloat16", peak_gpu_mb=mb)
+    torch_pair["peak_gpu_ratio"] = 0.5
+    on_gpu["settings"] = [torch_pair]
+    gpu_table = bench_run.markdown(on_gpu)
+    assert "bfloat16 compute;" in gpu_table and "| peak GPU MB |" in gpu_table and "GPU memory ratio" in gpu_table
+    ours = next(line for line in gpu_table.splitlines() if line.startswith("| torch | none | overnight |"))
+    assert "| 1000 |" in ours and "| 0.50 |" in ours
+    header = next(line for line in gpu_table.splitlines() if line.startswith("| backend"))
+    assert header.count("|") == ours.count("|") == gpu_table.splitlines()[gpu_table.splitlines().index(header) + 1].count("|")
+
 
 def _bench_flops():
     """bench/flops.py (bench/ is scripts, not a package)."""
