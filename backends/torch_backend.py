@@ -499,6 +499,13 @@ class TorchBackend:
         if self._kept_16bit:
             details["stored_16bit"] = (f"{', '.join(self._kept_16bit)} kept in the checkpoint's 16-bit dtype, "
                                        f"upcast to {details['compute_dtype']} on use (frozen; exact)")
+        if self._compute_dtype == torch.float16:
+            # HF Trainer's fp16 runs a GradScaler; overnight has none (nor has mlx-lm, whose fp16 overnight's mlx
+            # backend matches): an activation gradient under fp16's 6e-8 becomes 0, and LoRA then learns less than
+            # the loss says, without any error.
+            details["float16_note"] = ("model.dtype=float16 computes without loss scaling: gradients smaller than "
+                                       "float16 can hold are lost; bfloat16 (a GPU that has it) or float32 has no "
+                                       "such floor")
         if bits == 4 and cfg.model.quantization.group_size != 64:
             details["note"] = (f"model.quantization.group_size={cfg.model.quantization.group_size} is not used by "
                                "bitsandbytes, whose NF4 blocksize is 64")

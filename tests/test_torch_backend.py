@@ -1506,3 +1506,13 @@ def test_importing_the_backend_never_asks_the_hub_for_a_bitsandbytes_kernel(tmp_
                              capture_output=True, text=True, env=env, timeout=300)
     if control.stdout.strip() == "True":
         assert mark.exists()
+
+
+def test_float16_compute_is_said_to_have_no_loss_scaling(tiny_model_dir):
+    """model.dtype=float16 trains without a grad scaler (as mlx-lm's fp16 does): the start banner says so, since
+    gradients below float16's range are lost without any error; bfloat16 and float32 carry no such note."""
+    _, info = make_backend(tiny_model_dir, bits=0, model__dtype="float16")
+    assert info.details["compute_dtype"] == "float16"
+    assert "without loss scaling" in info.details["float16_note"]
+    _, info = make_backend(tiny_model_dir, bits=0, model__dtype="bfloat16")
+    assert "float16_note" not in info.details
