@@ -46,6 +46,22 @@ def test_write_and_read_round_trip_exactly(tmp_path):
             np.testing.assert_array_equal(ours[key], theirs[key])
 
 
+def test_the_same_state_is_the_same_bytes_in_every_process(tmp_path):
+    """safetensors orders several metadata keys by a per-process hash: the same state was a different file in each
+    run (found comparing an upgraded resume with a fresh run). Written in separate processes, byte for byte equal."""
+    code = ("import sys, numpy as np; from pathlib import Path; sys.path.insert(0, sys.argv[2]); "
+            "from test_portable import _state; from overnight.runs import portable; "
+            "portable.write(Path(sys.argv[1]), _state(np.random.default_rng(0)), 'torch')")
+    files = []
+    for i in range(4):
+        (tmp_path / str(i)).mkdir()
+        subprocess.run([sys.executable, "-c", code, str(tmp_path / str(i)), str(ROOT / "tests")], check=True,
+                       cwd=ROOT, env={**os.environ, "PYTHONHASHSEED": str(i)})
+        files.append((tmp_path / str(i) / portable.FILE).read_bytes())
+    assert all(f == files[0] for f in files)
+    assert portable.read(tmp_path / "0").meta["backend"] == "torch"
+
+
 def test_a_checkpoint_that_does_not_fit_is_refused_naming_what_differs(tmp_path):
     state = _state(np.random.default_rng(0))
     expected = {k: v.shape for k, v in state.weights.items()}

@@ -55,7 +55,24 @@ def write(directory: Path, state: PortableState, backend: str) -> Path:
             "moments": "yes" if state.has_moments else "no"}
     path = Path(directory) / FILE
     save_file(tensors, str(path), metadata=meta)
+    _sort_metadata(path)
     return path
+
+
+def _sort_metadata(path: Path) -> None:
+    """The safetensors writer orders __metadata__ by a hash map's iteration, which changes from process to process:
+    the same state gave different bytes on every save. Its keys sorted in place, the header the same length (the
+    same compact JSON, only reordered), so the same state is the same file."""
+    with open(path, "r+b") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        raw = handle.read(length)
+        header = json.loads(raw)
+        header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) != len(raw.rstrip(b" ")):
+            return  # not the compact form this expects: left as written (still a valid file)
+        handle.seek(8)
+        handle.write(text + b" " * (length - len(text)))
 
 
 def read(directory: Path) -> PortableState:
