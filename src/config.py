@@ -94,13 +94,14 @@ class TrainConfig:
     warmup_steps: int = 50
     min_lr_ratio: float = 0.0  # the schedule decays to learning_rate * min_lr_ratio
     weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = 1.0  # clip the global gradient norm to this; 0 = no clipping (both backends)
     optimizer: str = "adamw"  # adamw | paged_adamw_8bit (torch on CUDA only)
     # torch on CUDA: torch.use_deterministic_algorithms (strict) for the whole run, so its gradients (attention's
     # backward above all) are bit-reproducible too and a resume continues exactly; a model op with no deterministic
     # CUDA kernel is then refused by this key, naming the op. Its cost is not measured on a GPU yet. The losses' own
     # sums are deterministic either way. Not a training key: either value trains the same model, so it may change
-    # between a run and its resume. mlx has no such mode and ignores it.
+    # between a run and its resume. mlx and torch on the CPU have no such mode to switch: false is said at the start
+    # there as changing nothing.
     deterministic: bool = True
     seed: int = 42
     report_every: int = 10  # steps between metrics.jsonl train lines and heartbeat rewrites
@@ -266,6 +267,69 @@ def applies_to_method(key: str, method: str) -> bool:
     if key == "preference.beta":
         return method in ("dpo", "orpo")
     return True
+
+
+# Keys only some methods read: (prefix or key, the methods that read it, what the others do instead). A method's
+# own keys are grpo.*, reward.* and preference.beta; the rest are eval or data keys whose work another key does in
+# some methods, or that have nothing to act on there.
+METHOD_KEYS = (
+    ("grpo.", ("grpo",), {}),
+    ("reward.", ("reward",), {}),
+    ("preference.beta", ("dpo", "orpo"), {}),
+    ("data.mask_prompt", ("sft",), {"cpt": "its text rows are all targets",
+                                    "dpo": "a pair's prompt is never a target", "orpo": "a pair's prompt is never "
+                                    "a target", "reward": "a reward model reads whole rows", "grpo": "its prompts "
+                                    "are never targets"}),
+    ("eval.max_batches", ("sft", "cpt", "dpo", "orpo", "reward"),
+     {"grpo": "its eval answers grpo.eval_prompts validation prompts"}),
+    ("eval.max_new_tokens", ("sft", "cpt", "dpo", "orpo"),
+     {"grpo": "its answers are grpo.max_new_tokens long", "reward": "a reward model generates nothing"}),
+    ("eval.predictions", ("sft", "cpt", "dpo", "orpo", "grpo"), {"reward": "a reward model generates nothing"}),
+    ("early_stopping.stuck_steps", ("sft", "cpt", "dpo", "orpo", "reward"),
+     {"grpo": "its breaker is grpo.dead_reward_patience"}),
+)
+# Keys another key switches off: (key, the switch, why it is off).
+SWITCHED_KEYS = tuple(
+    (f"early_stopping.{name}", lambda c: c.early_stopping.enabled, "early_stopping.enabled is false (only the "
+     "non-finite and stuck-loss breakers run)")
+    for name in ("patience", "min_delta", "warmup_steps", "check_every_steps", "grad_spike_threshold",
+                 "grad_spike_patience")
+) + tuple(
+    (f"report.{name}", lambda c: c.report.wandb, "report.wandb is false") for name in ("wandb_project", "wandb_entity")
+) + tuple(
+    (f"data.hf_dataset.{name}", lambda c: bool(c.data.hf_dataset.name), "data.hf_dataset.name is not set")
+    for name in ("config", "train_split", "val_split")
+) + (
+    ("data.path", lambda c: not c.data.hf_dataset.name, "data.hf_dataset.name is set (the rows come from that "
+     "dataset)"),
+    ("model.quantization.group_size", lambda c: c.model.quantization.bits != 0,
+     "model.quantization.bits is 0 (nothing is quantized)"),
+)
+
+
+def unused_keys(cfg: Config, given: set[str]) -> list[str]:
+    """A warning for each key given (in the YAML or on the command line) a value other than its default that this
+    config never reads: a key of another method, or one its switch turns off. Said, not refused: one config file
+    may serve several methods (sft, then a reward model, then grpo on the same YAML with --method), and a
+    config.yaml a run wrote holds every key."""
+    default, warnings = Config(), []
+    for key in sorted(given):
+        value = cfg.get(key)
+        if value == default.get(key):
+            continue
+        method = cfg.data.method
+        readers, instead = next(((methods, instead) for name, methods, instead in METHOD_KEYS
+                                 if key == name or (name.endswith(".") and key.startswith(name))), (None, {}))
+        if readers is not None and method not in readers:
+            who = " and ".join([", ".join(readers[:-1]), readers[-1]] if len(readers) > 1 else readers)
+            why = (f"data.method {method} does not read it (only {who} {'does' if len(readers) == 1 else 'do'}"
+                   f"{'; ' + instead[method] if method in instead else ''})")
+        else:
+            why = next((reason for name, on, reason in SWITCHED_KEYS if name == key and not on(cfg)), None)
+        if why:
+            shown = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+            warnings.append(f"config key '{key}' is set to {shown}, but {why}; it changes nothing in this run")
+    return warnings
 
 
 CHOICES = {
@@ -533,6 +597,7 @@ def validate(cfg: Config) -> Config:
     _check_bounds(cfg)
     _check_lora(cfg)
     _check_grpo(cfg)
+    _check_zero_means_nothing(cfg)
     if cfg.train.min_lr_ratio > 1:
         raise ConfigError(f"config key 'train.min_lr_ratio' must be in [0, 1], got {cfg.train.min_lr_ratio}")
     if cfg.train.epochs is not None and not cfg.train.epochs > 0:
@@ -600,6 +665,26 @@ def _check_lora(cfg: Config) -> None:
     if cfg.lora.use_dora and cfg.lora.init_from:
         raise ConfigError("config key 'lora.use_dora': lora.init_from starts only LoRA's A and B, not DoRA's "
                           "magnitudes; leave one of the two out")
+
+
+def _check_zero_means_nothing(cfg: Config) -> None:
+    """Values the bounds above let through that would train, or stop, or predict nothing without saying so."""
+    if cfg.lora.alpha == 0:
+        # the adapter's output is scaled by lora.alpha / lora.rank: at 0 it adds nothing and gets no gradient
+        raise ConfigError("config key 'lora.alpha' must be above 0 (LoRA's update is scaled by lora.alpha / "
+                          "lora.rank, so 0 trains nothing), got 0; e.g. twice lora.rank")
+    if cfg.data.method == "dpo" and cfg.preference.beta == 0:
+        # -logsigmoid(0 * margin) is log 2 for every pair: no gradient, while orpo's beta 0 is its sft term alone
+        raise ConfigError("config key 'preference.beta' must be above 0 for method dpo (it scales the reward "
+                          "margin; at 0 every pair's loss is log 2 and nothing trains), got 0; TRL's default is 0.1")
+    if not cfg.early_stopping.grad_spike_threshold > 0:
+        raise ConfigError(f"config key 'early_stopping.grad_spike_threshold' must be above 0 (a gradient norm above "
+                          f"it counts as a spike; .inf turns the check off), got "
+                          f"{cfg.early_stopping.grad_spike_threshold}")
+    if cfg.eval.predictions > 0 and cfg.eval.max_new_tokens == 0 and cfg.data.method not in ("grpo", "reward"):
+        raise ConfigError("config key 'eval.max_new_tokens' is 0 while eval.predictions is "
+                          f"{cfg.eval.predictions}: every prediction would be empty; give it at least 1, or set "
+                          "eval.predictions=0 to write no predictions")
 
 
 def _check_grpo(cfg: Config) -> None:
@@ -694,6 +779,7 @@ def build_config(yaml_path: Path | None = None, flags: dict[str, Any] | None = N
     train.max_steps and train.epochs are one setting: both in the YAML, or both on the command line (flags and
     --set together), is refused; the command line's one replaces the YAML's other."""
     cfg = Config()
+    in_yaml: set[str] = set()
     # --set values are read first: a list the shell split at a space leaves its tail where the config file goes,
     # and the broken list is the mistake to name, not "config file v_proj] does not exist".
     set_values = []
@@ -704,7 +790,6 @@ def build_config(yaml_path: Path | None = None, flags: dict[str, Any] | None = N
         set_values.append((key.strip(), set_value(key.strip(), raw)))
     if yaml_path is not None:
         values = load_yaml(yaml_path, cfg.warnings)
-        in_yaml: set[str] = set()
         try:
             _apply(cfg, values, given=in_yaml)
         except ConfigError as exc:
@@ -719,7 +804,9 @@ def build_config(yaml_path: Path | None = None, flags: dict[str, Any] | None = N
     _one_length(on_command_line, "the command line")
     if "train.max_steps" in on_command_line:
         cfg.train.epochs = None  # --max-steps replaces the YAML's train.epochs
-    return validate(cfg)
+    validate(cfg)
+    cfg.warnings += unused_keys(cfg, in_yaml | on_command_line)
+    return cfg
 
 
 def dump_config(cfg: Config, path: Path) -> None:

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from overnight.config import ConfigError, build_config, load_yaml
@@ -232,3 +234,69 @@ def test_data_columns_maps_row_keys_and_refuses_other_keys_by_name(tmp_path):
         build_config(sets=["data.columns={prompt: q, text: q}"])
     with pytest.raises(ConfigError, match=r"unknown config key 'data.hf_dataset.split' \(did you mean"):
         build_config(sets=["data.hf_dataset.split=train"])
+
+
+@pytest.mark.parametrize("sets, needle", [
+    (["lora.alpha=0"], "'lora.alpha' must be above 0"),
+    (["data.method=dpo", "preference.beta=0"], "'preference.beta' must be above 0 for method dpo"),
+    (["early_stopping.grad_spike_threshold=0"], "'early_stopping.grad_spike_threshold' must be above 0"),
+    (["early_stopping.grad_spike_threshold=-5"], "'early_stopping.grad_spike_threshold' must be above 0"),
+    (["eval.max_new_tokens=0"], "'eval.max_new_tokens' is 0 while eval.predictions is 3"),
+])
+def test_a_value_that_would_train_or_predict_nothing_is_refused_by_name(sets, needle):
+    """lora.alpha 0 scales LoRA's update to 0 (no gradient either), dpo's beta 0 makes every pair's loss log 2, a
+    spike threshold of 0 stops every run after grad_spike_patience steps, and predictions of 0 tokens are empty:
+    each was accepted and trained (or predicted) nothing without a word."""
+    with pytest.raises(ConfigError, match=needle):
+        build_config(None, {}, sets)
+
+
+def test_the_same_values_where_they_mean_something_are_accepted():
+    assert build_config(None, {}, ["data.method=orpo", "preference.beta=0"]).preference.beta == 0  # orpo's sft term
+    assert build_config(None, {}, ["eval.max_new_tokens=0", "eval.predictions=0"]).eval.max_new_tokens == 0
+    assert build_config(None, {}, ["early_stopping.grad_spike_threshold=.inf"]).early_stopping.grad_spike_threshold \
+        == float("inf")
+
+
+@pytest.mark.parametrize("sets, key, why", [
+    (["grpo.temperature=0.7"], "grpo.temperature", "data.method sft does not read it (only grpo does)"),
+    (["data.method=grpo", "grpo.rewards=[exact_match]", "eval.max_batches=4"], "eval.max_batches",
+     "data.method grpo does not read it (only sft, cpt, dpo, orpo and reward do; its eval answers grpo.eval_prompts"),
+    (["data.method=grpo", "grpo.rewards=[exact_match]", "eval.max_new_tokens=10"], "eval.max_new_tokens",
+     "its answers are grpo.max_new_tokens long"),
+    (["data.method=grpo", "grpo.rewards=[exact_match]", "early_stopping.stuck_steps=4"], "early_stopping.stuck_steps",
+     "its breaker is grpo.dead_reward_patience"),
+    (["data.method=reward", "eval.predictions=5"], "eval.predictions", "a reward model generates nothing"),
+    (["data.method=dpo", "data.mask_prompt=false"], "data.mask_prompt", "a pair's prompt is never a target"),
+    (["preference.beta=0.5"], "preference.beta", "only dpo and orpo do"),
+    (["reward.center_coefficient=0.01"], "reward.center_coefficient", "only reward does"),
+    (["early_stopping.enabled=false", "early_stopping.patience=3"], "early_stopping.patience",
+     "early_stopping.enabled is false"),
+    (["report.wandb_project=mine"], "report.wandb_project", "report.wandb is false"),
+    (["data.hf_dataset.config=main"], "data.hf_dataset.config", "data.hf_dataset.name is not set"),
+    (["data.hf_dataset.name=org/set", "data.path=mine"], "data.path", "data.hf_dataset.name is set"),
+    (["model.quantization.bits=0", "model.quantization.group_size=32"], "model.quantization.group_size",
+     "model.quantization.bits is 0 (nothing is quantized)"),
+])
+def test_a_key_this_run_never_reads_is_said_at_the_start(sets, key, why):
+    """A key of another method, or one that another key switches off, changed nothing without a word; it is a
+    warning naming the key and why (one YAML may serve several methods, so not refused)."""
+    warnings = build_config(None, {}, sets).warnings
+    assert len(warnings) == 1 and warnings[0].startswith(f"config key '{key}' is set to ") and why in warnings[0], \
+        warnings
+    assert warnings[0].endswith("it changes nothing in this run")
+
+
+def test_keys_left_at_their_defaults_and_the_shipped_configs_warn_of_nothing(tmp_path):
+    """A config.yaml a run wrote holds every key at its value, other methods' defaults included; and no preset
+    sets a key its method does not read (configs/grpo.yaml had eval.max_batches)."""
+    from overnight.config import Config, dump_config
+
+    dumped = tmp_path / "config.yaml"
+    dump_config(Config(), dumped)
+    assert build_config(dumped).warnings == []
+    assert build_config(None, {}, ["data.method=sft", "grpo.temperature=1.0", "eval.predictions=3"]).warnings == []
+    configs = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+    assert len(configs) >= 10
+    for path in configs:
+        assert build_config(path, {}, ["model.path=m"]).warnings == [], path
