@@ -340,6 +340,69 @@ def _load_model(model_dir: Path, quantization: Any, details: dict[str, Any], dty
     return mlx_load.load_base(model_dir, quantization, details, is_oom=_is_oom, dtype=dtype)
 
 
+# The group sizes mx.quantize takes for affine quantization (mlx 0.32: "The supported group sizes are 32, 64, and
+# 128"); any other raised ValueError from inside the load, a crash the supervisor restarted.
+MLX_GROUP_SIZES = (32, 64, 128)
+
+
+def _check_quantization(model_dir: Path, quantization: Any, details: dict[str, Any]) -> None:
+    """model.quantization against what this folder and MLX can do, before anything loads: a folder another library
+    saved quantized, or a group size MLX cannot quantize with, is refused by name; on a folder mlx-lm quantized
+    already (used as it is), values other than the folder's are said as not applied."""
+    from overnight.backend import model_folder
+
+    config = model_folder.read_config(model_dir)
+    recorded = model_folder.mlx_quantization(model_dir, config)
+    saved = config.get("quantization_config")
+    if recorded is None and isinstance(saved, dict) and saved:
+        # mlx-lm's load then failed on the extra tensors (absmax, quant_map, ...), said as weight files to check
+        raise ConfigError(f"config key 'model.path': {model_dir} is saved quantized by "
+                          f"{saved.get('quant_method') or 'another library'} (config.json's quantization_config), "
+                          "which mlx-lm cannot read. Give the mlx backend the original unquantized model (it "
+                          "quantizes it itself as it loads: model.quantization.bits), or train this one with "
+                          "--backend torch")
+    if recorded is not None:
+        differs = [f"model.quantization.{key}={getattr(quantization, key)}" for key in ("bits", "group_size")
+                   if recorded and recorded.get(key) != getattr(quantization, key)]
+        if differs:
+            details["quantization_note"] = (
+                f"{differs[0]} is not applied: {model_dir} is quantized already ({recorded['bits']}-bit, group "
+                f"{recorded['group_size']}) and trains as it is; give the original model to quantize it another way")
+        return
+    if quantization.bits and quantization.group_size not in MLX_GROUP_SIZES:
+        raise ConfigError(f"config key 'model.quantization.group_size': MLX quantizes in groups of "
+                          f"{', '.join(map(str, MLX_GROUP_SIZES[:-1]))} or {MLX_GROUP_SIZES[-1]} weights, not "
+                          f"{quantization.group_size} -> model.quantization.group_size=64 (the default)")
+
+
+def _unquantized_note(model: nn.Module, group_size: int) -> str | None:
+    """mlx-lm's quantize_model leaves a layer whose input size is not a multiple of the group size in full
+    precision without a word (a 576-wide model at group 128 kept every attention projection): said, with the group
+    sizes that would quantize them all."""
+    left = [(name, int(m.weight.shape[-1])) for name, m in model.named_modules()
+            if hasattr(m, "to_quantized") and hasattr(m, "weight") and m.weight.shape[-1] % group_size]
+    if not left:
+        return None
+    quantized = sum(1 for _, m in model.named_modules() if hasattr(m, "scales") and hasattr(m, "group_size"))
+    fits = [g for g in MLX_GROUP_SIZES if all(size % g == 0 for _, size in left)]
+    name, size = left[0]
+    return (f"model.quantization.group_size={group_size}: {len(left)} of {len(left) + quantized} layers stay "
+            f"unquantized (their input size is not a multiple of {group_size}, e.g. {name}: {size})"
+            + (f" -> model.quantization.group_size={max(fits)} quantizes them all" if fits else ""))
+
+
+def _say_compute_dtype(model: nn.Module, named: str, details: dict[str, Any]) -> None:
+    """details["compute_dtype"]: the dtype of the weights that stay floating (model.dtype, or with auto the
+    checkpoint's), which activations take; float16 is said as torch says it (no loss scaling on either)."""
+    kinds = [v.dtype for _, v in tree_flatten(model.parameters()) if mx.issubdtype(v.dtype, mx.floating)]
+    dtype = max(set(kinds), key=kinds.count) if kinds else mx.float32
+    details["compute_dtype"] = str(dtype).rsplit(".", 1)[-1]
+    if dtype == mx.float16:
+        which = "model.dtype=float16" if named == "float16" else "model.dtype=auto (the checkpoint's float16)"
+        details["float16_note"] = (f"{which} computes without loss scaling: gradients smaller than float16 can hold "
+                                   "are lost; model.dtype=bfloat16 or float32 has no such floor")
+
+
 def _lora_keys(layers: list[nn.Module], num_layers: int, targets: list[str]) -> list[str]:
     """The paths inside a block (mlx-lm's `keys`) that lora.targets names in the last num_layers blocks, by the
     rule both backends share (src/backend/lora_targets.py)."""
@@ -556,9 +619,18 @@ class MLXBackend:
             )
         self._read_config(cfg, seed)
         details: dict[str, Any] = {"device": str(mx.default_device()), "method": self.method}
+        if not cfg.train.deterministic:
+            details["deterministic_note"] = ("train.deterministic=false changes nothing on mlx: it has no "
+                                             "deterministic mode to turn off (the key switches torch's on CUDA)")
         model_dir = _resolve_model_dir(cfg.model.path)
+        _check_quantization(model_dir, cfg.model.quantization, details)
         model = _load_model(model_dir, cfg.model.quantization, details,
                             None if cfg.model.dtype == "auto" else getattr(mx, cfg.model.dtype))
+        _say_compute_dtype(model, cfg.model.dtype, details)
+        if details["quantization"].endswith("quantized in memory"):
+            note = _unquantized_note(model, cfg.model.quantization.group_size)
+            if note:
+                details["quantization_note"] = note
         base_params = get_total_parameters(model)
         # Before LoRA is attached: the probe's forward then sees the base alone, dropout not yet in the graph.
         self._head, vocab = find_plain_head(model)

@@ -332,6 +332,88 @@ def test_prequantized_mlx_model_is_used_as_is(tiny_model_dir, tmp_path):
     info = backend.setup(_config(mlx_dir, bits=4), 0)
     assert info.details["quantization"].startswith("pre-quantized 4-bit")
     assert isinstance(backend.model.layers[0].self_attn.q_proj.linear, nn.QuantizedLinear)
+    assert not any(key.endswith("note") for key in info.details if key != "lora_layers_note"), info.details
+    # model.quantization asking for something else is said as not applied (it was used as is without a word)
+    for over, said in (({"bits": 8}, "model.quantization.bits=8"), ({"bits": 0}, "model.quantization.bits=0")):
+        info = MLXBackend().setup(_config(mlx_dir, **over), 0)
+        assert info.details["quantization_note"].startswith(f"{said} is not applied: {mlx_dir} is quantized already "
+                                                            "(4-bit, group 64)"), info.details
+    cfg = _config(mlx_dir, bits=4)
+    cfg.model.quantization.group_size = 16  # not one MLX quantizes with, but nothing is quantized here
+    info = MLXBackend().setup(cfg, 0)
+    assert info.details["quantization_note"].startswith("model.quantization.group_size=16 is not applied")
+
+
+def test_a_group_size_mlx_cannot_quantize_with_is_refused_before_loading(tiny_model_dir, monkeypatch):
+    """mx.quantize takes groups of 32, 64 or 128: another raised a ValueError from inside the load (a crash, exit 1,
+    that the supervisor restarted into the same failure)."""
+    from overnight.backends import mlx_load
+
+    monkeypatch.setattr(mlx_load, "load_base", lambda *a, **k: pytest.fail("loaded before the refusal"))
+    for group in (16, 100, 256):
+        cfg = _config(tiny_model_dir, bits=4)
+        cfg.model.quantization.group_size = group
+        with pytest.raises(ConfigError, match=f"config key 'model.quantization.group_size': MLX quantizes in groups "
+                                              f"of 32, 64 or 128 weights, not {group}"):
+            MLXBackend().setup(cfg, 0)
+
+
+def test_a_folder_another_library_saved_quantized_is_refused_as_such(tiny_model_dir, tmp_path):
+    """A bitsandbytes 4-bit upload failed in mlx-lm's load on its absmax/quant_map tensors, said as weight files to
+    check; it is refused for what it is, before loading, as the torch backend refuses an MLX-quantized folder."""
+    import shutil
+
+    folder = tmp_path / "bnb-4bit"
+    shutil.copytree(tiny_model_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=f"config key 'model.path': {folder} is saved quantized by bitsandbytes .*"
+                                          "--backend torch"):
+        MLXBackend().setup(_config(folder, bits=4), 0)
+
+
+def test_layers_a_group_size_leaves_unquantized_are_said(tiny_model_dir):
+    """mlx-lm's quantize_model skips a layer whose input size is not a multiple of the group size: at group 128 the
+    tiny model (hidden 64) kept 14 of its 16 layers in float32 under a banner saying 4-bit."""
+    cfg = _config(tiny_model_dir, bits=4)
+    cfg.model.quantization.group_size = 128
+    backend = MLXBackend()
+    info = backend.setup(cfg, 0)
+    assert not isinstance(backend.model.layers[0].self_attn.q_proj.linear, nn.QuantizedLinear)
+    assert isinstance(backend.model.layers[0].mlp.down_proj.linear, nn.QuantizedLinear)  # its input is 128 wide
+    note = info.details["quantization_note"]
+    assert note.startswith("model.quantization.group_size=128: 14 of 16 layers stay unquantized (their input size "
+                           "is not a multiple of 128, e.g. "), note
+    assert note.endswith("-> model.quantization.group_size=64 quantizes them all")
+    assert "quantization_note" not in MLXBackend().setup(_config(tiny_model_dir, bits=4), 0).details
+
+
+def test_deterministic_off_and_float16_compute_are_said(tiny_model_dir, tmp_path):
+    """train.deterministic=false changed nothing on mlx without a word; float16 compute (named, or the checkpoint's
+    under auto) has no loss scaling on mlx either, as torch's banner already said."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    half = tmp_path / "tiny-float16"
+    shutil.copytree(tiny_model_dir, half)
+    weights = load_file(str(half / "model.safetensors"))
+    save_file({k: v.astype(np.float16) for k, v in weights.items()}, str(half / "model.safetensors"))
+    details = MLXBackend().setup(_config(half), 0).details
+    assert details["compute_dtype"] == "float16"
+    assert details["float16_note"].startswith("model.dtype=auto (the checkpoint's float16) computes without loss "
+                                              "scaling")
+    cfg = _config(tiny_model_dir)
+    cfg.train.deterministic = False
+    cfg.model.dtype = "float16"
+    details = MLXBackend().setup(cfg, 0).details
+    assert details["deterministic_note"].startswith("train.deterministic=false changes nothing on mlx")
+    assert details["compute_dtype"] == "float16"
+    assert details["float16_note"].startswith("model.dtype=float16 computes without loss scaling")
+    details = MLXBackend().setup(_config(tiny_model_dir), 0).details
+    assert details["compute_dtype"] == "float32"
+    assert not {"deterministic_note", "float16_note"} & set(details)
 
 
 def _heldout_loss(model, batches) -> float:
