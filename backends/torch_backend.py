@@ -245,7 +245,9 @@ class TorchBackend:
         self._read_config(cfg)
         self._pick_device()
         model_dir = self._resolve_model_dir(cfg.model.path)
-        model_folder.refuse_mlx_quantized_for_torch(model_dir, model_folder.read_config(model_dir))
+        folder_config = model_folder.read_config(model_dir)
+        model_folder.refuse_mlx_quantized_for_torch(model_dir, folder_config)
+        self._read_folder_quantization(model_dir, folder_config)
         tokenizer = _load_tokenizer(model_dir)
         skeleton = _meta_skeleton(model_dir)
         self._check_lora_targets_before_loading(skeleton)
@@ -324,6 +326,31 @@ class TorchBackend:
         self._grpo = cfg.grpo
         self._optimizer_name = cfg.train.optimizer
 
+    def _read_folder_quantization(self, model_dir: Path, folder_config: dict) -> None:
+        """The quantization the base loads with (self._bits, self._prequantized): model.quantization.bits, unless the
+        folder was saved quantized (a bitsandbytes 4-bit upload, GPTQ, ...), which transformers loads as it is
+        whatever is asked; model.quantization then is said as not applied (it read as "none" or "int8" while the
+        layers were 4-bit)."""
+        bits = self._cfg.model.quantization.bits
+        saved = folder_config.get("quantization_config")
+        self._prequantized, self._bits, self._quantization_note = None, bits, None
+        if not isinstance(saved, dict) or not saved:
+            return
+        method = str(saved.get("quant_method") or "quantized")
+        if method == "bitsandbytes":
+            self._bits = 4 if saved.get("load_in_4bit") else 8 if saved.get("load_in_8bit") else bits
+            kind = (f"bitsandbytes {saved.get('bnb_4bit_quant_type', 'fp4')}"
+                    f"{', double quantization' if saved.get('bnb_4bit_use_double_quant') else ''}"
+                    if self._bits == 4 else "bitsandbytes int8")
+            same = self._bits == bits
+        else:
+            kind, same = method, False
+        self._prequantized = f"pre-quantized {kind} (saved in the model folder), used as is"
+        if not same:
+            self._quantization_note = (f"model.quantization.bits={bits} is not applied: {model_dir} is saved "
+                                       f"quantized ({kind}) and trains as it is; give the original model to "
+                                       "quantize it another way")
+
     def _pick_device(self) -> None:
         """This process's device and compute dtype, and CUDA's deterministic mode (train.deterministic). In a
         data-parallel job each rank has its own GPU (connect() set it current): QLoRA per rank."""
@@ -343,6 +370,9 @@ class TorchBackend:
             if deterministic:
                 fix_cublas_workspace(os.environ)
             torch.use_deterministic_algorithms(deterministic)
+        self._deterministic_note = None if on_cuda or self._cfg.train.deterministic else (
+            "train.deterministic=false changes nothing on the CPU: its kernels are deterministic, there is no mode "
+            "to turn off (the key switches torch's on CUDA)")
         if self._optimizer_name == "paged_adamw_8bit" and not on_cuda:
             raise ConfigError(
                 "config key 'train.optimizer': paged_adamw_8bit needs a CUDA GPU (bitsandbytes paged optimizers are "
@@ -373,11 +403,11 @@ class TorchBackend:
         weights named in ``stored`` loaded in their 16-bit dtype."""
         from transformers import AutoModelForCausalLM
 
-        bits = self._cfg.model.quantization.bits
+        bits = self._bits
         load_kwargs: dict[str, Any] = {"dtype": self._compute_dtype}
-        if bits in (4, 8):
+        if bits in (4, 8) and self._prequantized is None:
             load_kwargs["quantization_config"] = self._quantization_config(bits)
-        if self._device.type == "cuda" or bits in (4, 8):
+        if self._device.type == "cuda" or bits in (4, 8) or self._prequantized is not None:
             # Straight onto the device: no full-precision copy of a large model in host memory first.
             load_kwargs["device_map"] = {"": self._device.index if self._device.type == "cuda" else "cpu"}
         try:
@@ -393,6 +423,12 @@ class TorchBackend:
             ) from None
         model.config.use_cache = False
         _keep_4bit_weights_unpacked(model)
+        if self._prequantized is not None:
+            # the folder's bnb_4bit_compute_dtype (often float32 or float16) would run every 4-bit matmul in it
+            # whatever model.dtype says: the compute dtype is the config's, as for a base quantized here
+            for module in model.modules():
+                if getattr(module, "compute_dtype", None) is not None:
+                    module.compute_dtype = self._compute_dtype
         return model
 
     def _quantization_config(self, bits: int):
@@ -434,7 +470,7 @@ class TorchBackend:
         from peft import LoraConfig, get_peft_model
 
         lora = self._cfg.lora
-        if lora.use_dora and self._cfg.model.quantization.bits == 8 and self._device.type != "cuda":
+        if lora.use_dora and self._bits == 8 and self._device.type != "cuda":
             # bitsandbytes' int8 layer on the CPU cannot be dequantized for DoRA's norm once it has run: PEFT's
             # forward raised AttributeError at the first step (tests/test_dora.py)
             raise ConfigError("config key 'lora.use_dora': DoRA on an 8-bit base does not run on the CPU "
@@ -472,7 +508,7 @@ class TorchBackend:
         return model, (layers if layers is not None else list(range(num_layers)))
 
     def _setup_info(self, model_dir: Path, tokenizer, lora_layers: list[int]) -> SetupInfo:
-        cfg, bits = self._cfg, self._cfg.model.quantization.bits
+        cfg, bits = self._cfg, self._bits
         trainable, total = self._model.get_nb_trainable_parameters()
         lora_modules = sorted({name.split(".lora_")[0] for name in self._param_names})
         details = {
@@ -483,8 +519,8 @@ class TorchBackend:
                           else f"output head on target positions only, {self._chunk_rows} a chunk" if self._plain_head
                           else "the model's own head on target positions, all at once (its logits are not a plain "
                                "projection of the decoder's output)"),
-            "quantization": {0: "none", 4: "bitsandbytes nf4, double quantization, blocksize 64",
-                             8: "bitsandbytes int8"}[bits],
+            "quantization": self._prequantized or {0: "none", 4: "bitsandbytes nf4, double quantization, blocksize 64",
+                                                   8: "bitsandbytes int8"}[bits],
             "lora_layers": lora_layers,
             "lora_modules": len(lora_modules),
             "lora_scale": cfg.lora.alpha / cfg.lora.rank,
@@ -506,9 +542,17 @@ class TorchBackend:
             details["float16_note"] = ("model.dtype=float16 computes without loss scaling: gradients smaller than "
                                        "float16 can hold are lost; bfloat16 (a GPU that has it) or float32 has no "
                                        "such floor")
-        if bits == 4 and cfg.model.quantization.group_size != 64:
-            details["note"] = (f"model.quantization.group_size={cfg.model.quantization.group_size} is not used by "
-                               "bitsandbytes, whose NF4 blocksize is 64")
+        group_size = cfg.model.quantization.group_size
+        if self._quantization_note:
+            details["quantization_note"] = self._quantization_note
+        elif bits == 4 and group_size != 64:
+            details["note"] = (f"model.quantization.group_size={group_size} is not used by bitsandbytes, whose NF4 "
+                               "blocksize is 64")
+        elif bits == 8 and group_size != 64:
+            details["note"] = (f"model.quantization.group_size={group_size} is not used by bitsandbytes' int8, which "
+                               "scales each row of a weight as a whole (LLM.int8)")
+        if self._deterministic_note:
+            details["deterministic_note"] = self._deterministic_note
         return SetupInfo(trainable_params=int(trainable), total_params=int(total), model_dir=model_dir, details=details)
 
     @staticmethod

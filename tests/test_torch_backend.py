@@ -311,6 +311,48 @@ def test_8bit_path_trains(tiny_model_dir):
     assert losses[-1] < losses[0]
 
 
+@pytest.mark.skipif(not has("bitsandbytes"), reason="needs bitsandbytes")
+def test_a_folder_saved_quantized_is_said_as_it_is_and_computes_in_the_configs_dtype(tiny_model_dir, tmp_path):
+    """A bitsandbytes 4-bit upload (config.json's quantization_config) loads 4-bit whatever model.quantization says:
+    the banner read "not quantized" (bits 0) or "int8" (bits 8) over 4-bit layers, and the folder's
+    bnb_4bit_compute_dtype, not model.dtype, ran every 4-bit matmul."""
+    import bitsandbytes as bnb
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    saved = tmp_path / "tiny-bnb-4bit"
+    quantized = AutoModelForCausalLM.from_pretrained(
+        str(tiny_model_dir), device_map={"": "cpu"}, quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32))
+    quantized.save_pretrained(str(saved))
+    for extra in tiny_model_dir.iterdir():
+        if extra.name not in ("config.json", "model.safetensors"):
+            shutil.copy(extra, saved / extra.name)
+    for bits in (0, 8):
+        backend, info = make_backend(saved, bits=bits)
+        assert any(isinstance(m, bnb.nn.Linear4bit) for m in backend._model.modules())
+        assert info.details["quantization"] == ("pre-quantized bitsandbytes nf4 (saved in the model folder), used as "
+                                                "is")
+        assert info.details["quantization_note"].startswith(
+            f"model.quantization.bits={bits} is not applied: {saved} is saved quantized (bitsandbytes nf4)")
+    backend, info = make_backend(saved, bits=4, model__dtype="bfloat16")
+    assert "quantization_note" not in info.details
+    layers = [m for m in backend._model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers and {m.compute_dtype for m in layers} == {torch.bfloat16}
+    assert math.isfinite(backend.train_step([sft_batch(tiny_model_dir)], 1e-2).loss)
+
+
+def test_settings_bitsandbytes_and_the_cpu_do_not_use_are_said(tiny_model_dir):
+    """model.quantization.group_size on an int8 base and train.deterministic=false on the CPU changed nothing
+    without a word (the 4-bit group size note was the only one)."""
+    _, info = make_backend(tiny_model_dir, bits=8, model__quantization__group_size=32, train__deterministic=False)
+    assert info.details["note"] == ("model.quantization.group_size=32 is not used by bitsandbytes' int8, which "
+                                    "scales each row of a weight as a whole (LLM.int8)")
+    assert info.details["deterministic_note"].startswith("train.deterministic=false changes nothing on the CPU")
+    _, info = make_backend(tiny_model_dir)
+    assert not {"note", "deterministic_note", "quantization_note"} & set(info.details)
+
+
 # --------------------------------------------------------------------------- checkpoints
 
 
