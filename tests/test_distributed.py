@@ -210,6 +210,21 @@ def test_job_exit_code_prefers_what_the_user_must_act_on_then_rank_zero():
     assert job_exit_code({1: 130}, 2, 1, None) == 130
     assert job_exit_code({}, 2, 0, 2) == 130  # the signal came before any rank could handle it
 
+
+def test_a_taken_port_is_retried_even_when_rank_zero_handled_the_launchers_sigterm():
+    """A rank whose port was taken exits 1; mlx.launch then SIGTERMs rank 0, which, when it handles the signal
+    before the supervisor's kill (a loaded machine), exits 143 and spoke for the job: it ended 143 instead of
+    starting again on other ports (test_mlx_job_whose_port_another_program_holds_starts_again_and_trains failed so
+    in a full run beside other work)."""
+    from overnight.runs.launch import job_exit_code, port_outcome
+
+    assert port_outcome(job_exit_code({0: 143, 1: 1}, 2, 1, None), True, False) == (1, True)
+    assert port_outcome(job_exit_code({1: 1}, 2, 1, None), True, False) == (1, True)  # rank 0 killed first
+    # the user's own Ctrl-C / SIGTERM during the join is theirs: no retry, their code
+    assert port_outcome(job_exit_code({0: 143, 1: 1}, 2, 1, 15), True, True) == (143, False)
+    assert port_outcome(job_exit_code({0: 143, 1: 143}, 2, 1, None), False, False) == (143, False)
+    assert port_outcome(job_exit_code({0: 2, 1: 1}, 2, 1, None), True, False) == (2, False)  # a refusal wins
+
 # -- the global batch -----------------------------------------------------------------------------------
 
 class _Counter:

@@ -221,6 +221,16 @@ def job_exit_code(exits: Mapping[int, int], devices: int, launcher_code: int, si
     return launcher_code if launcher_code > 0 else 1
 
 
+def port_outcome(code: int, port_noted: bool, signalled: bool) -> tuple[int, bool]:
+    """(the job's exit code, whether to start it again on other ports) once a rank noted that its port was taken.
+    The launcher then stops the other ranks with SIGTERM (mlx.launch does), and a rank that handles it in time exits
+    143 like a user's stop (it won the race against the supervisor's kill under load: session 15's CI-like run); with
+    no signal received here that 143 is the launcher's, and the job ended because of the port."""
+    if port_noted and not signalled and code == 143:
+        code = 1
+    return code, code == 1 and port_noted and not signalled
+
+
 class _Relay:
     """The ranks' stderr (a FIFO in the job folder) copied to this process's stderr as it comes."""
 
@@ -329,8 +339,9 @@ def _supervise_once(command: list[str], devices: int, poll_s: float, grace_s: fl
         if launcher_log is not None and not started:  # the launcher failed by itself: its words are all there is
             launcher_log.seek(0)
             sys.stderr.write(launcher_log.read().decode(errors="replace"))
-        code = job_exit_code(exits, devices, launched.returncode, received[0] if received else None)
-        port_taken = code == 1 and bool(read_rank_notes(job_dir, "port")) and not received
+        code, port_taken = port_outcome(job_exit_code(exits, devices, launched.returncode,
+                                                      received[0] if received else None),
+                                        bool(read_rank_notes(job_dir, "port")), bool(received))
         if code and (final or not port_taken):
             _say_job_end(code, devices, started, exits)
         return code, port_taken
