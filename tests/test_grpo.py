@@ -776,3 +776,32 @@ def test_the_readme_grpo_example_raises_the_reward_of_smollm2(tmp_path):
     lines = [json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()]
     assert lines[0]["step"] == 1 and "<|im_start|>assistant\n" in lines[0]["prompt"]  # the template was used
     assert lines[-1]["step"] == 16
+
+
+def test_completions_jsonl_after_a_kill_and_resume_holds_the_uninterrupted_runs_lines(tiny_model_dir, tmp_path):
+    """A process killed after its checkpoint at step 1 had logged steps 2 and 3, the last line cut mid-write; the
+    resumed one logs steps 2 and 3 again. The file ends as an uninterrupted run's: no step twice, no torn line."""
+    ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
+    ref_dir.mkdir(), run_dir.mkdir()
+    ref, _ = _source(tiny_model_dir, f"{REWARDS}:even_tokens", log_completions_every=1, dead_reward_patience=99)
+    ref.run_dir, ref.cfg.train.max_steps = ref_dir, 3
+    for step in (1, 2, 3):
+        ref.next_batch()
+        ref.after_step(step, _step())
+    killed, _ = _source(tiny_model_dir, f"{REWARDS}:even_tokens", log_completions_every=1, dead_reward_patience=99)
+    killed.run_dir, killed.cfg.train.max_steps = run_dir, 3
+    killed.next_batch()
+    killed.after_step(1, _step())
+    saved = json.loads(json.dumps(killed.state()))  # the checkpoint at step 1
+    for step in (2, 3):
+        killed.next_batch()
+        killed.after_step(step, _step())
+    with open(run_dir / "completions.jsonl", "a") as handle:
+        handle.write('{"step": 4, "prompt": "cut sh')  # SIGKILL mid-write
+    resumed, _ = _source(tiny_model_dir, f"{REWARDS}:even_tokens", log_completions_every=1, dead_reward_patience=99)
+    resumed.run_dir, resumed.cfg.train.max_steps = run_dir, 3
+    resumed.restore(saved)
+    for step in (2, 3):
+        resumed.next_batch()
+        resumed.after_step(step, _step())
+    assert (run_dir / "completions.jsonl").read_text() == (ref_dir / "completions.jsonl").read_text()

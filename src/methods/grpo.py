@@ -288,7 +288,7 @@ class GrpoSource(BatchSource):
         """completions.jsonl (TRL's completions table): one line per completion of this step, as trained: the
         prompt as the model saw it (chat template included), the completion as the rewards saw it, its length in
         tokens, each reward (null where one did not apply), the weighted total and the advantage. Rank 0 only;
-        appended (a resumed run writes the steps after its checkpoint again, as metrics.jsonl); non-critical: a
+        appended (a resume first drops the lines past its checkpoint: _trim_completions); non-critical: a
         failure to write is one warning and training goes on."""
         if self.run_dir is None:
             return
@@ -327,6 +327,38 @@ class GrpoSource(BatchSource):
                                 f"has {getattr(self.g, key)} -> resume with the same setting, or start fresh")
         self.order.restore(state["order"])
         self.calls, self.dead_run, self._step = int(state["calls"]), int(state["dead_run"]), list(state["replay"])
+        # The global micro-batches per step do not change on a resume (a job's world size may, its global batch not).
+        self._trim_completions(self.calls // (self.cfg.train.grad_accumulation * self.world.size))
+
+    def _trim_completions(self, step: int) -> None:
+        """completions.jsonl as the uninterrupted run had it at the checkpoint: the lines of the steps after it
+        (which this process samples and logs again, the same) and a line a kill cut mid-write are dropped, so
+        the file never holds a step twice nor a torn line glued to the next one. Non-critical, as the writing."""
+        path = None if self.run_dir is None else self.run_dir / COMPLETIONS_FILE
+        if path is None or not path.is_file():
+            return
+        import json
+        import os
+
+        def kept(line: str) -> bool:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                return False
+            return isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step
+
+        try:
+            text = path.read_text(encoding="utf-8", errors="replace")
+            keep = [line for line in text.splitlines() if kept(line)]
+            if "".join(line + "\n" for line in keep) == text:
+                return
+            temporary = path.with_name(COMPLETIONS_FILE + ".tmp")
+            temporary.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+            os.replace(temporary, path)
+        except OSError as exc:
+            self._log_failed = True
+            self.say(f"warning: trimming {COMPLETIONS_FILE} to the checkpoint's step {step} failed "
+                     f"({exc.__class__.__name__}: {exc}); it may hold the steps after it twice; training goes on")
 
     def close(self) -> None:
         self.order.close()
