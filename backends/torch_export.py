@@ -44,6 +44,7 @@ from overnight.backend.adapter_formats import CONFIG, PEFT_MAGNITUDE, PEFT_WEIGH
     peft_score_head, read_safetensors, refuse_beyond_plain_lora, split_magnitudes
 from overnight.commands.fuse import ExportRefused, copy_base_files, run_export_job, sequence_classifier_config
 from overnight.errors import UsageError
+from overnight.runs.checkpoint import _fault
 
 _SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
 # How each float dtype's bytes are viewed in numpy: bf16 as its raw 16 bits.
@@ -328,6 +329,7 @@ class ShardWriter:
         self.handle.write(struct.pack("<Q", len(blob)) + blob)
 
     def write(self, data) -> None:
+        _fault("fuse-write")  # the full-disk test's (OVERNIGHT_FAULT); nothing in normal use
         self.handle.write(data)
 
     def close(self) -> None:

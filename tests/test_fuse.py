@@ -902,3 +902,18 @@ def test_a_model_type_transformers_cannot_classify_is_refused_by_name(tmp_path):
         sequence_classifier_architecture(tmp_path, {"model_type": "novel", "architectures": ["NovelForCausalLM"]})
     with pytest.raises(ExportRefused, match="not a ...ForCausalLM"):
         sequence_classifier_architecture(tmp_path, {"model_type": "llama"})
+
+
+@needs_torch
+@pytest.mark.torch
+def test_a_fuse_that_fills_the_disk_says_so_without_a_traceback_and_leaves_nothing(torch_run, tmp_path):
+    out = tmp_path / "out" / "fused"
+    out.parent.mkdir()
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OVERNIGHT_FAULT="fuse-write:3:enospc")
+    result = subprocess.run([sys.executable, "-m", "overnight", "fuse", str(torch_run), "--output", str(out)],
+                            capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL, timeout=600, cwd=ROOT)
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    assert "disk full while writing the fused model" in result.stderr, result.stderr
+    assert "No space left on device" in result.stderr and "free that much in" in result.stderr, result.stderr
+    assert list(out.parent.iterdir()) == []

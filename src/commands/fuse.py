@@ -33,9 +33,9 @@ from typing import Callable
 import yaml
 
 from overnight.backend import BACKENDS, EXPORTERS, _installed
-from overnight.runs.checkpoint import STEP_DIR, CheckpointInfo, CheckpointManager
-from overnight.backend.adapter_formats import MLX_HEAD_WEIGHTS, REWARD_HEAD, check_output_dir, detect_format, \
-    write_folder_atomically
+from overnight.runs.checkpoint import STEP_DIR, CheckpointInfo, CheckpointManager, disk_full
+from overnight.backend.adapter_formats import MLX_HEAD_WEIGHTS, REWARD_HEAD, _human_size, check_output_dir, \
+    detect_format, write_folder_atomically
 from overnight.errors import EXIT_CRASH, EXIT_OK, EXIT_RESUME_REFUSED, UsageError
 from overnight.runs.fingerprint import _model_identity
 from overnight.fsutil import sha256_file
@@ -57,6 +57,15 @@ class NoValidCheckpoint(Exception):
 
 class ExportFailed(RuntimeError):
     """The exporter stopped without a result: exit 1, with what it said."""
+
+
+class DiskFull(ExportFailed):
+    """The disk filled up while the fused model (as large as the base) was written: exit 1, said as that, with no
+    traceback; the partial folder is removed like any failed write."""
+
+
+# The exporter's exit code for a full disk (2 is its refusal, 1 a crash), so the fuse can say what to do about it
+EXPORT_DISK_FULL = 4
 
 
 @dataclass
@@ -81,6 +90,11 @@ def run_export_job(export, argv: list[str]) -> int:
     except (ExportRefused, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
+    except Exception as exc:  # noqa: BLE001 - a full disk is said as one; anything else is a crash, re-raised
+        if not disk_full(exc, Path(job["output"]).parent):
+            raise
+        print(f"error: {exc.__class__.__name__}: {exc}", file=sys.stderr, flush=True)
+        return EXPORT_DISK_FULL
     Path(job["result"]).write_text(json.dumps(result), encoding="utf-8")
     return 0
 
@@ -241,6 +255,9 @@ def _verified_adapter_copy(checkpoint: Path, scratch: Path) -> Path:
     try:
         shutil.copytree(checkpoint / "adapter", copy)
     except OSError as exc:
+        if disk_full(exc, scratch, by_free_space=False):
+            raise DiskFull(f"disk full copying the adapter into {scratch} ({exc}); free some space in "
+                           f"{scratch.parent} (or point TMPDIR elsewhere) and run fuse again") from None
         raise NoValidCheckpoint(f"{checkpoint / 'adapter'} could not be read ({exc}); run fuse again") from None
     for file in sorted(p for p in copy.rglob("*") if p.is_file()):
         meta = files.get("adapter/" + file.relative_to(copy).as_posix())
@@ -259,6 +276,9 @@ def _run_exporter(backend: str, job: dict, scratch: Path) -> dict:
     proc = subprocess.run([sys.executable, "-m", module, str(job_path)], capture_output=True, text=True,
                           env=env, stdin=subprocess.DEVNULL)
     said = (proc.stderr or "").strip()
+    if proc.returncode == EXPORT_DISK_FULL:
+        lines = [line for line in said.splitlines() if line.startswith("error: ")]
+        raise DiskFull(lines[-1][len("error: "):] if lines else said[-1000:])
     if proc.returncode == 2:  # the exporter's own refusal, one line starting "error: "
         lines = [line for line in said.splitlines() if line.startswith("error: ")]
         raise UsageError(lines[-1][len("error: "):] if lines else said[-1000:])
@@ -302,8 +322,16 @@ def fuse(run_dir: Path, choice: str, output: Path, dequantize: bool = False, ggu
         job = {"base": str(base_path), "adapter": str(adapter), "dequantize": bool(dequantize), "gguf": gguf_by_mlx,
                "gguf_name": GGUF_NAME, "bits": int(trained["bits"] or 0),
                "group_size": int(trained["group_size"] or 64), "reward": reward}
-        write_folder_atomically(output, lambda folder: result.update(
-            _run_exporter(backend, job | {"output": str(folder)}, Path(scratch))), say)
+        try:
+            write_folder_atomically(output, lambda folder: result.update(
+                _run_exporter(backend, job | {"output": str(folder)}, Path(scratch))), say)
+        except (DiskFull, OSError) as exc:
+            if not isinstance(exc, DiskFull) and not disk_full(exc, output.parent, by_free_space=False):
+                raise
+            raise DiskFull(f"disk full while writing the fused model beside {output} ({exc}); the partial folder was "
+                           f"removed. The fused model takes about {_human_size(_weights_size(base_path))} (the "
+                           f"base's weight files): free that much in {output.parent.resolve()} or give --output on "
+                           "another disk") from None
     result["step"] = chosen.info.step
     say(f"fused model: {output} ({result['format']}, {result['weights']})")
     if (backend == "torch" or reward) and dequantize:
@@ -312,6 +340,13 @@ def fuse(run_dir: Path, choice: str, output: Path, dequantize: bool = False, ggu
     if gguf:
         _say_gguf(output, backend, result, gguf_by_mlx, say)
     return result
+
+
+def _weights_size(base: str) -> int:
+    """Bytes of the base's weight files: about what a fused model takes (a hub id's cached folder is not looked up)."""
+    folder = Path(base).expanduser()
+    return sum(p.stat().st_size for pattern in ("*.safetensors", "*.bin") for p in folder.glob(pattern)
+               if p.is_file()) if folder.is_dir() else 0
 
 
 def _is_reward_run(run_dir: Path) -> bool:
