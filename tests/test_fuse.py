@@ -917,3 +917,24 @@ def test_a_fuse_that_fills_the_disk_says_so_without_a_traceback_and_leaves_nothi
     assert "disk full while writing the fused model" in result.stderr, result.stderr
     assert "No space left on device" in result.stderr and "free that much in" in result.stderr, result.stderr
     assert list(out.parent.iterdir()) == []
+
+
+@needs_torch
+def test_the_base_files_copied_include_the_named_chat_templates(tiny_model_dir, tmp_path):
+    """transformers keeps a model's extra chat templates (tool_use, rag, ...) as additional_chat_templates/NAME.jinja;
+    a fused model without them fails apply_chat_template(chat_template="tool_use") that the base served."""
+    from transformers import AutoTokenizer
+
+    from overnight.commands.fuse import copy_base_files
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model_dir, base)
+    (base / "additional_chat_templates").mkdir()
+    (base / "additional_chat_templates" / "tool_use.jinja").write_text("{{ 'TOOLS:' + messages[0]['content'] }}")
+    fused = tmp_path / "fused"
+    fused.mkdir()
+    copied = copy_base_files(base, fused)
+    assert "additional_chat_templates/tool_use.jinja" in copied
+    tokenizer = AutoTokenizer.from_pretrained(str(fused))
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], chat_template="tool_use", tokenize=False)
+    assert text == "TOOLS:hi"

@@ -45,6 +45,7 @@ from overnight.runs.rundir import read_metrics
 # and the model code of trust_remote_code models.
 BASE_FILE_PATTERNS = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt",
                       "chat_template*", "generation_config.json", "*.tiktoken", "tiktoken.model", "*.py")
+CHAT_TEMPLATE_DIR = "additional_chat_templates"
 GGUF_NAME = "model.gguf"
 # mlx-lm's GGUF writer (mlx_lm/gguf.py, reached through mlx_lm.fuse --export-gguf) knows these model types only.
 MLX_GGUF_MODEL_TYPES = ("llama", "mistral", "mixtral")
@@ -122,6 +123,13 @@ def copy_base_files(base_dir: Path, output: Path) -> list[str]:
             if source.is_file():
                 (output / source.name).write_bytes(source.read_bytes())
                 copied.append(source.name)
+    # A model's named chat templates (tool_use, rag, ...) live in a folder of their own (transformers'
+    # CHAT_TEMPLATE_DIR): without it apply_chat_template(chat_template="tool_use") fails on the fused model.
+    for source in sorted((Path(base_dir) / CHAT_TEMPLATE_DIR).glob("*.jinja")):
+        if source.is_file():
+            (output / CHAT_TEMPLATE_DIR).mkdir(exist_ok=True)
+            (output / CHAT_TEMPLATE_DIR / source.name).write_bytes(source.read_bytes())
+            copied.append(f"{CHAT_TEMPLATE_DIR}/{source.name}")
     return sorted(set(copied))
 
 
