@@ -145,6 +145,19 @@ def huge(prompts, completions, **kw):
 
 def spread(prompts, completions, **kw):
     return [1e30 if c == "big" else -1e30 for c in completions]
+
+
+async def async_scores(prompts, completions, **kw):
+    return [float(_parse(c)) for c in completions]
+
+
+def lazy_scores(prompts, completions, **kw):
+    for c in completions:
+        yield float(_parse(c))
+
+
+def text(prompts, completions, **kw):
+    return "10"
 '''
 
 
@@ -198,3 +211,26 @@ def test_a_reward_file_that_exits_on_import_is_a_config_error_with_its_line(tmp_
         rw.load_rewards(cfg_with(f"{tmp_path / 'exits.py'}:f"))
     assert "importing" in str(info.value) and "SystemExit" in str(info.value)
     assert f"{tmp_path / 'exits.py'}:3 in <module>: sys.exit('no GPU here')" in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["async_scores", "lazy_scores"])
+def test_async_and_generator_rewards_score_and_fail_as_the_users_own(name, tmp_path):
+    """TRL's GRPOTrainer awaits an `async def` reward; a generator's body runs as its values are read. Either way
+    the values are scored, and what the body raises is that reward's failure with the row and the user's lines
+    (not an escaped ValueError, a 'returned coroutine', nor asyncio's frames)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "coroutine ... was never awaited" would be a RuntimeWarning
+        assert _score(_user_reward(tmp_path, name), ["1", "2", "3", "4"]).total.tolist() == [1.0, 2.0, 3.0, 4.0]
+    with pytest.raises(rw.RewardError) as info:
+        _score(_user_reward(tmp_path, name), ["1", "2", "x", "3"])
+    text, path = str(info.value), tmp_path / "user_rewards.py"
+    assert f":{name} raised ValueError: invalid literal" in text and "on row train.jsonl:2" in text
+    assert text.rstrip().endswith(f"{path}:5 in _parse: return int(text)  # line 5: the user's bug")
+    assert "asyncio" not in text and "methods/rewards.py" not in text
+
+
+def test_a_reward_returning_a_string_is_named_as_such(tmp_path):
+    with pytest.raises(rw.RewardError, match=r":text returned str, not a list with one number"):
+        _score(_user_reward(tmp_path, "text"), ["a", "b"])

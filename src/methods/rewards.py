@@ -4,7 +4,8 @@ A reward has TRL's signature, so a reward function written for TRL's GRPOTrainer
 
     f(prompts: list, completions: list, completion_ids: list[list[int]], **fields) -> list[float | None]
 
-one entry per completion; ``prompts`` repeats each prompt once per completion of its group. For prompt rows
+one entry per completion (a list, a numpy array, a generator; an ``async def`` reward is awaited, as TRL
+does); ``prompts`` repeats each prompt once per completion of its group. For prompt rows
 prompts and completions are strings; for chat rows (TRL's "conversational" data) a prompt is the list of
 messages and a completion is ``[{"role": "assistant", "content": text}]``. Every other key of the data row
 (e.g. ``answer``) arrives as a keyword argument holding one value per completion. ``None`` means "this
@@ -19,15 +20,17 @@ A reward is named in grpo.rewards as
 """
 from __future__ import annotations
 
+import asyncio
 import importlib
 import importlib.util
+import inspect
 import math
 import re
 import sys
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -42,6 +45,7 @@ LIMIT = 1e30
 # ends the process past the run's records with its heartbeat left "running".
 CAUGHT = (Exception, SystemExit, KeyboardInterrupt)
 _PACKAGE = Path(__file__).resolve().parents[1]  # overnight's own files: their frames are not the user's
+_ASYNCIO = Path(asyncio.__file__).resolve().parent  # nor those of the event loop an async reward is awaited in
 
 
 class RewardError(TrainingError):
@@ -227,11 +231,13 @@ def score(rewards: Sequence[Reward], prompts: list, completions: list, completio
     table = np.full((n, len(rewards)), np.nan, dtype=np.float64)
     for j, reward in enumerate(rewards):
         try:
-            values = reward.func(prompts=prompts, completions=completions, completion_ids=completion_ids, **fields)
+            values = _call(reward, prompts=prompts, completions=completions, completion_ids=completion_ids, **fields)
         except CAUGHT as exc:  # whatever a user's reward raises stops the run, named
             raise RewardError(_failure(reward, exc, _failing_row(reward, prompts, completions, completion_ids,
                                                                  fields, row_name, groups, group_size))) from None
         try:
+            if isinstance(values, (str, bytes, dict, set, frozenset)):  # iterable, but no list of scores
+                raise TypeError
             values = list(values)
         except TypeError:
             raise RewardError(f"reward {reward.name} returned {type(values).__name__}, not a list with one number "
@@ -266,6 +272,20 @@ def score(rewards: Sequence[Reward], prompts: list, completions: list, completio
     return Scored(total, table)
 
 
+def _call(reward: Reward, **kwargs) -> Any:
+    """What the reward returns, with all of its own code run here, where its exceptions are its failure: an
+    ``async def`` reward awaited (TRL's GRPOTrainer takes those), a generator's or other iterator's body read out."""
+    values = reward.func(**kwargs)
+    if inspect.isawaitable(values):
+        async def wait():
+            return await values
+
+        values = asyncio.run(wait())
+    if isinstance(values, Iterator):
+        values = list(values)
+    return values
+
+
 def _raised(exc: BaseException) -> str:
     if isinstance(exc, SystemExit):
         return f"SystemExit (sys.exit({exc.code!r}) ends the process: a reward returns its scores instead)"
@@ -278,7 +298,7 @@ def user_frames(exc: BaseException, keep: int = 8) -> str:
     lines = []
     for frame in traceback.extract_tb(exc.__traceback__):
         path = Path(frame.filename)
-        if frame.filename.startswith("<") or _PACKAGE in path.resolve().parents:
+        if frame.filename.startswith("<") or any(p in path.resolve().parents for p in (_PACKAGE, _ASYNCIO)):
             continue
         lines.append(f"  {frame.filename}:{frame.lineno} in {frame.name}" + (f": {frame.line}" if frame.line else ""))
     return ("\n" + "\n".join(lines[-keep:])) if lines else ""
@@ -296,8 +316,8 @@ def _failing_row(reward, prompts, completions, completion_ids, fields, row_name,
     for g in range(groups):
         part = slice(g * group_size, (g + 1) * group_size)
         try:
-            reward.func(prompts=prompts[part], completions=completions[part], completion_ids=completion_ids[part],
-                        **{k: v[part] for k, v in fields.items()})
+            _call(reward, prompts=prompts[part], completions=completions[part], completion_ids=completion_ids[part],
+                  **{k: v[part] for k, v in fields.items()})
         except CAUGHT:
             return row_name(g)
     return None
