@@ -362,6 +362,19 @@ def test_no_advantage_for_patience_steps_stops_the_run(reward, words, tiny_model
     assert source.after_step(3, _step(float("nan")))[1].code == "non_finite"
 
 
+def test_a_dead_reward_where_no_reward_applied_says_so_not_that_every_reward_was_0(tiny_model_dir, tmp_path):
+    """None is "does not apply" (TRL's nansum makes the total 0): a run where every reward returned None for every
+    completion is told that, so the user looks at what the function returns None for, not at its scores."""
+    (tmp_path / "none_rewards.py").write_text("def never(prompts, completions, **kw):\n"
+                                              "    return [None] * len(completions)\n")
+    source, _ = _source(tiny_model_dir, f"{tmp_path / 'none_rewards.py'}:never")
+    for step in (1, 2):
+        source.next_batch()
+        _, stop = source.after_step(step, _step())
+    assert stop.code == "dead_reward" and "every reward was 0" not in stop.message
+    assert "no reward applied: every reward returned None for every completion on 2 steps" in stop.message
+
+
 def test_the_loss_unchanged_rule_is_off_for_a_source_with_its_own_breaker():
     from overnight.config import EarlyStoppingConfig
     from overnight.train.stopping import EarlyStopping

@@ -259,7 +259,10 @@ class GrpoSource(BatchSource):
                                  "train.learning_rate or grpo.beta, and check for fp16/bf16 overflow")
         if dead:
             names, chat = ", ".join(r.name for r in self.rewards), self.rows.source.format == "chat"
-            what = "every reward was 0" if all_zero else (
+            # None is "does not apply" and counts 0 in the total (TRL's nansum): that is what to look at, not scores
+            none_applied = all(bool(np.isnan(s.per_reward).all()) for s in scored)
+            what = ("no reward applied: every reward returned None for every completion" if none_applied
+                    else "every reward was 0") if all_zero else (
                 f"every completion of each prompt got the same reward ({float(groups.mean()):.4g} on average; if "
                 "that is the best score possible, the task is learned and the run can end here)")
             return tracked, Stop("dead_reward", (
