@@ -938,3 +938,31 @@ def test_the_base_files_copied_include_the_named_chat_templates(tiny_model_dir, 
     tokenizer = AutoTokenizer.from_pretrained(str(fused))
     text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], chat_template="tool_use", tokenize=False)
     assert text == "TOOLS:hi"
+
+
+@needs_torch
+@needs_mlx
+@pytest.mark.mlx
+@pytest.mark.parametrize("missing", ["mlx", "torch"])
+def test_a_checkpoint_whose_backend_is_not_installed_here_is_fused_by_the_other(missing, mlx_run, torch_run,
+                                                                                 tiny_model_dir, tmp_path, monkeypatch):
+    """A portable run moved from the Mac to a GPU box: its best checkpoint may be mlx's, on a machine without mlx
+    (and the other way). Its adapter crosses exactly and the installed backend's exporter fuses it (before: exit 2,
+    'mlx backend not installed')."""
+    from overnight.commands import fuse as fuse_module
+
+    run = mlx_run if missing == "mlx" else torch_run
+    monkeypatch.setattr(fuse_module, "_installed", lambda modules: missing not in modules)
+    said: list[str] = []
+    result = fuse_module.fuse(run, "best", tmp_path / "fused", say=said.append)
+    assert any(f"written by the {missing} backend, which is not installed here" in line for line in said), said
+    if missing == "mlx":
+        assert result["format"] == "Hugging Face folder for transformers"
+        reference = mlx_forward(mlx_trained_model(tiny_model_dir, best_adapter(run), bits=0))
+        merged = torch_forward(torch_model(tmp_path / "fused"))
+    else:
+        assert result["format"] == "MLX folder for mlx_lm.load"
+        reference = torch_forward(torch_model(tiny_model_dir, best_adapter(run)))
+        merged = mlx_forward(mlx_fused(tmp_path / "fused"))
+    assert max_diff(reference(TOKENS), merged(TOKENS)) < TOLERANCE
+    assert greedy(reference) == greedy(merged)

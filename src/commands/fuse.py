@@ -35,7 +35,7 @@ import yaml
 from overnight.backend import BACKENDS, EXPORTERS, _installed
 from overnight.runs.checkpoint import STEP_DIR, CheckpointInfo, CheckpointManager, disk_full
 from overnight.backend.adapter_formats import MLX_HEAD_WEIGHTS, REWARD_HEAD, _human_size, check_output_dir, \
-    detect_format, write_folder_atomically
+    convert_adapter, detect_format, write_folder_atomically
 from overnight.errors import EXIT_CRASH, EXIT_OK, EXIT_RESUME_REFUSED, UsageError
 from overnight.runs.fingerprint import _model_identity
 from overnight.fsutil import sha256_file
@@ -313,8 +313,7 @@ def fuse(run_dir: Path, choice: str, output: Path, dequantize: bool = False, ggu
     reward = reward or _has_score_head(chosen.info.path / "adapter")
     _refuse_reward_gguf(run_dir, reward and gguf)
     trained = _trained_on(chosen, run_dir)
-    backend = trained["backend"]
-    _check_exporter(backend)
+    backend, written_by = _exporter_here(trained["backend"]), trained["backend"]
     base_path = base or trained["model_path"]
     if not base_path:
         raise UsageError(f"the checkpoint in {chosen.info.path} does not record its base model; pass --base DIR")
@@ -322,11 +321,16 @@ def fuse(run_dir: Path, choice: str, output: Path, dequantize: bool = False, ggu
 
     gguf_by_mlx = bool(gguf) and backend == "mlx" and _mlx_writes_gguf(base_path, trained, dequantize)
 
+    if backend != written_by:
+        say(f"note: checkpoint step {chosen.info.step} was written by the {written_by} backend, which is not "
+            f"installed here: its adapter is converted exactly (as convert-adapter does) and fused by the {backend} "
+            "exporter")
     say(f"fusing {run_dir} checkpoint step {chosen.info.step} ({chosen.why}; verified) into {base_path} "
         f"with the {backend} exporter")
     result: dict = {}
     with tempfile.TemporaryDirectory(prefix="overnight-fuse-") as scratch:
         adapter = _verified_adapter_copy(chosen.info.path, Path(scratch))
+        adapter = _in_format_of(backend, adapter, Path(scratch), str(base_path), written_by)
         job = {"base": str(base_path), "adapter": str(adapter), "dequantize": bool(dequantize), "gguf": gguf_by_mlx,
                "gguf_name": GGUF_NAME, "bits": int(trained["bits"] or 0),
                "group_size": int(trained["group_size"] or 64), "reward": reward}
@@ -397,6 +401,34 @@ def _check_run_dir(run_dir: Path) -> None:
     if step_folder and run_dir.resolve().parent.name == "checkpoints":
         raise UsageError(f"{run_dir} is one checkpoint; give the run directory and the step: overnight fuse "
                          f"{run_dir.resolve().parent.parent} --checkpoint {int(step_folder.group(1))} --output ...")
+
+
+def _exporter_here(backend: str) -> str:
+    """The backend whose exporter fuses: the one that wrote the checkpoint, or, when only the other is installed
+    here (a portable run moved from the Mac to a GPU box, its best checkpoint still mlx's), that other one: the
+    adapter crosses exactly (_in_format_of), and each exporter merges into the Hugging Face base as its backend
+    trains on it."""
+    other = {"mlx": "torch", "torch": "mlx"}.get(backend)
+    if (backend in EXPORTERS and not _installed(BACKENDS[backend][2]) and other in EXPORTERS
+            and _installed(BACKENDS[other][2])):
+        return other
+    _check_exporter(backend)
+    return backend
+
+
+def _in_format_of(backend: str, adapter: Path, scratch: Path, base: str, written_by: str) -> Path:
+    """``adapter`` in the format ``backend``'s exporter reads (PEFT for torch, mlx-lm's for mlx), converted in
+    ``scratch`` when the checkpoint was written by the other backend."""
+    want = "peft" if backend == "torch" else "mlx"
+    if detect_format(adapter) == want:
+        return adapter
+    try:
+        return convert_adapter(adapter, want, scratch / f"adapter-{want}", base, say=lambda _: None)
+    except UsageError as exc:
+        raise UsageError(f"the checkpoint's adapter was written by the {written_by} backend, which is not installed "
+                         f"here, and it cannot be converted for the {backend} exporter: {exc}. Fuse it where "
+                         f"{written_by} is installed, or choose a checkpoint the {backend} backend wrote "
+                         "(--checkpoint latest or STEP; see overnight checkpoints RUN_DIR)") from None
 
 
 def _check_exporter(backend: str) -> None:
