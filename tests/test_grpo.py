@@ -494,7 +494,8 @@ KILL_SETTINGS = {
 
 def _kill_args(backend, model, out, steps, extra):
     return grpo_args(backend, model, out, steps, "--auto-resume", "--set", "checkpoint.every_steps=2",
-                     "--set", "checkpoint.keep_last=2", "--set", "eval.every_steps=3", *extra)
+                     "--set", "checkpoint.keep_last=2", "--set", "eval.every_steps=3",
+                     "--set", "grpo.log_completions_every=1", *extra)
 
 
 @pytest.mark.slow
@@ -542,6 +543,8 @@ def test_grpo_resume_after_random_sigkills_is_exact(backend, tiny_model_dir, tmp
     assert all(tuple(e[f] for f in fields) == expected[e["step"]] for e in train_events(out))
     evals = {e["step"]: e["val_reward"] for e in read_metrics(ref) if e["event"] == "eval"}
     assert {e["step"]: e["val_reward"] for e in read_metrics(out) if e["event"] == "eval"} == evals
+    # completions.jsonl: each resume dropped what the killed process logged past its checkpoint (a cut line too)
+    assert (out / "completions.jsonl").read_text() == (ref / "completions.jsonl").read_text()
     assert_adapter_equal(out, ref)
 
 
