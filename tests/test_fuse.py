@@ -966,3 +966,27 @@ def test_a_checkpoint_whose_backend_is_not_installed_here_is_fused_by_the_other(
         merged = mlx_forward(mlx_fused(tmp_path / "fused"))
     assert max_diff(reference(TOKENS), merged(TOKENS)) < TOLERANCE
     assert greedy(reference) == greedy(merged)
+
+
+@needs_torch
+@pytest.mark.torch
+def test_a_fuse_interrupted_with_ctrl_c_says_so_and_leaves_nothing(torch_run, tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    out.mkdir()
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OVERNIGHT_FAULT="fuse-write:1:sleep=60")
+    proc = subprocess.Popen([sys.executable, "-m", "overnight", "fuse", str(torch_run), "--output", str(out / "fused")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            stdin=subprocess.DEVNULL, cwd=ROOT)
+    deadline = time.monotonic() + 120
+    while not list(out.glob(".fused.tmp-*/*.safetensors")):  # the exporter is inside its first write
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.1)
+    os.kill(proc.pid, signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert f"fuse interrupted; nothing was written to {out / 'fused'}" in stderr, stderr
+    assert "training" not in stderr and "Traceback" not in stderr, stderr
+    assert list(out.iterdir()) == []

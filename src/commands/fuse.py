@@ -36,7 +36,7 @@ from overnight.backend import BACKENDS, EXPORTERS, _installed
 from overnight.runs.checkpoint import STEP_DIR, CheckpointInfo, CheckpointManager, disk_full
 from overnight.backend.adapter_formats import MLX_HEAD_WEIGHTS, REWARD_HEAD, _human_size, check_output_dir, \
     convert_adapter, detect_format, write_folder_atomically
-from overnight.errors import EXIT_CRASH, EXIT_OK, EXIT_RESUME_REFUSED, UsageError
+from overnight.errors import EXIT_CRASH, EXIT_OK, EXIT_RESUME_REFUSED, EXIT_SIGINT, UsageError
 from overnight.runs.fingerprint import _model_identity
 from overnight.fsutil import sha256_file
 from overnight.runs.rundir import read_metrics
@@ -479,4 +479,7 @@ def fuse_main(run_dir: str, choice: str, output: str, dequantize: bool, gguf: bo
     except ExportFailed as exc:
         print(f"error: {exc}\nnothing was written to {output}", file=sys.stderr, flush=True)
         return EXIT_CRASH
+    except KeyboardInterrupt:  # the exporter is killed and its temporary folder removed on the way here
+        print(f"\nfuse interrupted; nothing was written to {output}", file=sys.stderr, flush=True)
+        return EXIT_SIGINT
     return EXIT_OK
