@@ -346,6 +346,8 @@ def fuse(run_dir: Path, choice: str, output: Path, dequantize: bool = False, ggu
                            "another disk") from None
     result["step"] = chosen.info.step
     say(f"fused model: {output} ({result['format']}, {result['weights']})")
+    if result.get("note"):
+        say(f"note: {result['note']}")
     if (backend == "torch" or reward) and dequantize:
         say(f"note: --dequantize changes nothing for a {'reward' if reward else 'torch'} run: its fused model is "
             "always full precision")
