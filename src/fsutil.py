@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import secrets
 import stat
@@ -122,3 +123,27 @@ def overnight_cache_dir() -> Path:
         return Path(os.environ["OVERNIGHT_CACHE"]).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base).expanduser() / "overnight"
+
+
+def drop_jsonl_lines_after(path: Path, step: int) -> bool:
+    """A per-step log (predictions.jsonl, completions.jsonl) as the uninterrupted run had it at checkpoint ``step``:
+    the lines of later steps (the resumed run writes those steps again, the same) and a line a kill cut mid-write
+    (else the next line is glued to it, both unreadable) are dropped, atomically. False when there was nothing to
+    drop; OSError when the file cannot be rewritten (the caller warns: these logs are non-critical)."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+
+    def kept(line: str) -> bool:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            return False
+        return isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step
+
+    text = path.read_text(encoding="utf-8", errors="replace")
+    keep = "".join(line + "\n" for line in text.splitlines() if kept(line))
+    if keep == text:
+        return False
+    atomic_write_text(path, keep)
+    return True

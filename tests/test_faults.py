@@ -253,6 +253,8 @@ def test_qlora_kill_after_an_eval_before_the_next_checkpoint_is_exact(backend, r
     assert_losses_match(out, ref.run, steps)
     assert_adapter_equal(out, ref.run)
     assert_each_sample_once_per_epoch(record, ref.record, steps, SAMPLES)
+    # the eval at 6 ran twice; its predictions are in the file once, as in the uninterrupted run's
+    assert (out / "predictions.jsonl").read_text() == (ref.run / "predictions.jsonl").read_text()
 
 
 # What the default-path kill below trains: a reward model (its score head in every checkpoint), DoRA (its magnitude

@@ -31,6 +31,7 @@ from overnight.data.source import BatchSource
 from overnight.data.formats import DataError, where
 from overnight.data.tokenizer import encode_prompt, fit_prompt, prompts_use_chat_template
 from overnight.distributed import Solo, all_gather_json, eval_share
+from overnight.fsutil import drop_jsonl_lines_after
 from overnight.train.loop import TrainingError
 from overnight.train.stopping import Stop
 
@@ -337,27 +338,10 @@ class GrpoSource(BatchSource):
         """completions.jsonl as the uninterrupted run had it at the checkpoint: the lines of the steps after it
         (which this process samples and logs again, the same) and a line a kill cut mid-write are dropped, so
         the file never holds a step twice nor a torn line glued to the next one. Non-critical, as the writing."""
-        path = None if self.run_dir is None else self.run_dir / COMPLETIONS_FILE
-        if path is None or not path.is_file():
+        if self.run_dir is None:
             return
-        import json
-        import os
-
-        def kept(line: str) -> bool:
-            try:
-                record = json.loads(line)
-            except ValueError:
-                return False
-            return isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step
-
         try:
-            text = path.read_text(encoding="utf-8", errors="replace")
-            keep = [line for line in text.splitlines() if kept(line)]
-            if "".join(line + "\n" for line in keep) == text:
-                return
-            temporary = path.with_name(COMPLETIONS_FILE + ".tmp")
-            temporary.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
-            os.replace(temporary, path)
+            drop_jsonl_lines_after(self.run_dir / COMPLETIONS_FILE, step)
         except OSError as exc:
             self._log_failed = True
             self.say(f"warning: trimming {COMPLETIONS_FILE} to the checkpoint's step {step} failed "

@@ -22,6 +22,7 @@ from overnight import data, distributed
 from overnight.backend import BackendUnavailable, PeerLost, PortTaken, get_backend
 from overnight.config import ConfigError, build_config, dump_config
 from overnight.errors import EXIT_CRASH, EXIT_OK, EXIT_USAGE, ResumeRefused, RunLocked, TrainingError, UsageError
+from overnight.fsutil import drop_jsonl_lines_after
 from overnight.integrations.cloud import KeepAwake, runpod_warning
 from overnight.integrations.notify import Notifier
 from overnight.integrations.trackers import open_reporter
@@ -32,7 +33,7 @@ from overnight.runs import init_adapter, launch, lock, portable, resume, supervi
 from overnight.runs.checkpoint import CheckpointError, CheckpointInfo, CheckpointManager, disk_full
 from overnight.runs.console import is_quiet, quiet_this_process, say, stderr_now
 from overnight.runs.effects import FollowerEffects, RunEffects
-from overnight.runs.rundir import RunFiles, last_logged_step
+from overnight.runs.rundir import PREDICTIONS_FILE, RunFiles, last_logged_step
 from overnight.runs.signals import SignalFlag, StoppedDuringSetup, stop_setup_on_signals
 from overnight.train import loop, schedule
 from overnight.train.progress import DataCheckProgress, Progress
@@ -403,6 +404,13 @@ class TrainingRun:
                 self.checkpoints.set_aside_after(plan.checkpoint.step)  # --resume-from / --before-step: new timeline
                 # A keep_last lowered on resume frees its space now, before the first save needs it.
                 self.checkpoints.prune_on_resume((plan.state.get("best") or {}).get("best_step"))
+                # The evals after the checkpoint run again: their predictions would be in the file twice, and a line
+                # a kill cut would swallow the next one.
+                try:
+                    drop_jsonl_lines_after(self.run_dir / PREDICTIONS_FILE, plan.checkpoint.step)
+                except OSError as exc:
+                    say(f"warning: trimming {PREDICTIONS_FILE} to step {plan.checkpoint.step} failed ({exc}); it may "
+                        "hold the evals after it twice; training goes on")
             self.world.barrier()  # every rank has loaded the checkpoint before any trains on
             say(f"resuming from step {plan.checkpoint.step} ({plan.checkpoint.path})")
             # the setup again: another machine or library may pick another loss head or dtype for the same config

@@ -19,8 +19,11 @@ from overnight.fsutil import atomic_write_text
 # (.lock, see lock.py) and earlier archive-* folders stay where they are.
 OWNED_NAMES = ("config.yaml", "metrics.jsonl", "heartbeat.json", "predictions.jsonl", "completions.jsonl",
                "checkpoints", "adapter", "tb", "wandb", "report.png")
+PREDICTIONS_FILE = "predictions.jsonl"  # written by the methods' predictors (src/methods), trimmed on resume
 # Temporary names of the writes above that a crash can leave behind (atomic writes, the adapter export).
-OWNED_TEMP_PREFIXES = ("adapter.tmp-", ".heartbeat.json.tmp-", ".config.yaml.tmp-")
+OWNED_TEMP_PREFIXES = ("adapter.tmp-", ".heartbeat.json.tmp-", ".config.yaml.tmp-", ".predictions.jsonl.tmp-",
+                       ".completions.jsonl.tmp-")
+
 
 
 def owned_entries(run_dir: Path) -> list[Path]:
