@@ -298,6 +298,8 @@ def test_a_grpo_run_gets_a_reward_panel_and_a_reward_line(tmp_path):
     s = dict(line.split(": ", 1) for line in summary(tmp_path, timeline))
     assert s["reward"] == ("0.3000 (mean of the first 5 train lines) -> 0.8000 (the last 5, to step 10); "
                            "val_reward 0.5000 -> 1.0000 over 2 evals")
+    # the best eval is said by its reward too (val_loss alone read -1.0000 for the best greedy reward 1.0)
+    assert s["best"].endswith("val_reward 1.0000, val_loss -1.0000 (= -val_reward)"), s["best"]
     sft = dict(line.split(": ", 1) for line in summary(tmp_path, build_timeline(short_timeline([1, 2]))))
     assert "reward" not in sft and "train loss" in {ax.get_title() for ax in figure(
         build_timeline(short_timeline([1, 2])), "t")[0].axes}

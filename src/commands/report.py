@@ -202,7 +202,9 @@ def summary(run_dir: Path, t: Timeline) -> list[str]:
         lines.append("best: no evaluation recorded")
     else:
         ev = t.evals.get(best, {})
-        parts = [f"val_loss {_fmt(ev.get('val_loss'))}"] + [
+        # grpo's val_loss is -val_reward (so scoring is unchanged): the reward is what its user reads
+        parts = ([f"val_reward {_fmt(ev.get('val_reward'))}"] if "val_reward" in ev else []) + [
+            f"val_loss {_fmt(ev.get('val_loss'))}" + (" (= -val_reward)" if "val_reward" in ev else "")] + [
             f"{name} {_fmt(ev.get(name))}" for name in ("val_accuracy", "gap", "ppl_ratio", "momentum") if name in ev]
         score = f"score {_fmt(ev.get('score'))} = 0.5 val_loss + 0.3 gap + 0.1 ppl_ratio + 0.1 momentum; " \
             if "score" in ev else ""
