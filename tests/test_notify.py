@@ -145,3 +145,34 @@ def test_ctrl_c_while_waiting_for_a_slow_webhook_at_exit_keeps_the_runs_record(t
     assert proc.returncode == 130, stderr
     assert "the run had already ended (completed)" in stderr and "Traceback" not in stderr
     assert json.loads((out / "heartbeat.json").read_text())["state"] == "completed"
+
+
+def test_a_failing_webhooks_warning_does_not_print_the_secret_in_its_url():
+    # Slack/Discord-style hooks carry their token in the path, some in the query or in user:password@.
+    url = closed_port_url().replace("http://", "http://bot:hunter2@") + "/T0SECRET/B0SECRET?token=xoxb-SECRET"
+    warnings = []
+    notify = Notifier(url, warn=warnings.append)
+    notify("checkpoint", step=1)
+    assert notify.close() is True
+    assert len(warnings) == 1 and "127.0.0.1" in warnings[0]
+    assert "SECRET" not in warnings[0] and "hunter2" not in warnings[0], warnings[0]
+
+
+def test_the_not_delivered_warning_does_not_print_the_secret_in_its_url():
+    slow = Recorder(delay_s=5)
+    try:
+        warnings = []
+        notify = Notifier(slow.url + "/T0SECRET", warn=warnings.append)
+        notify("job_completed", step=3)
+        notify.close(timeout=0.5)
+        assert "not delivered" in warnings[-1] and "SECRET" not in warnings[-1], warnings[-1]
+    finally:
+        slow.close()
+
+
+def test_a_url_without_scheme_is_not_echoed_by_urllibs_error():
+    warnings = []
+    notify = Notifier("hooks.example.com/services/T0SECRET", warn=warnings.append)
+    notify("checkpoint", step=1)
+    assert notify.close() is True
+    assert len(warnings) == 1 and "unknown url type" in warnings[0] and "SECRET" not in warnings[0], warnings[0]

@@ -12,10 +12,25 @@ import socket
 import sys
 import threading
 import time
+import urllib.parse
 import urllib.request
 
 POST_TIMEOUT_S = 10.0
 CLOSE_TIMEOUT_S = 10.0  # the most the end of a run waits for undelivered events
+
+
+def safe_url(url: str) -> str:
+    """The URL as it may be printed: scheme, host and port only. Webhook URLs are credentials (Slack, Discord
+    and most others put the token in the path, some in the query or in user:password@), and warnings end up
+    in logs that are shared."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        host = parts.hostname or "?"
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        return "(webhook_url, not shown)"
+    hidden = "/..." if parts.path.strip("/") or parts.query or parts.fragment else ""
+    return f"{parts.scheme or '?'}://{host}{port}{hidden}"
 
 
 class Notifier:
@@ -47,7 +62,9 @@ class Notifier:
             except Exception as exc:  # noqa: BLE001 (non-critical by contract)
                 if not self._warned:
                     self._warned = True
-                    self._warn(f"warning: webhook {self.url} failed ({exc}); training goes on")
+                    # urllib names the whole URL in some errors (ValueError: unknown url type: '...').
+                    why = str(exc).replace(self.url, safe_url(self.url))
+                    self._warn(f"warning: webhook {safe_url(self.url)} failed ({why}); training goes on")
 
     def close(self, timeout: float = CLOSE_TIMEOUT_S) -> bool:
         """Deliver what is queued, waiting at most ``timeout`` seconds; True when nothing was left behind."""
@@ -56,6 +73,7 @@ class Notifier:
         self._queue.put(None)
         self._thread.join(timeout)
         if self._thread.is_alive():
-            self._warn(f"warning: webhook {self.url}: some events were not delivered within {timeout:.0f}s of exit")
+            self._warn(f"warning: webhook {safe_url(self.url)}: some events were not delivered "
+                       f"within {timeout:.0f}s of exit")
             return False
         return True
