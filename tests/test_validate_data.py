@@ -212,3 +212,47 @@ def test_the_hint_in_a_training_refusal_checks_what_the_run_checked(tmp_path, ti
     checked = overnight(*shlex.split(hint)[1:])
     assert checked.returncode == 2 and "25 problem(s):" in checked.stdout, checked.stdout + checked.stderr
     assert run(tmp_path)[0] == 0  # the hint without --method: "no problems"
+
+
+# validate-data refuses and warns as train does, on the same flags
+
+
+def train_check(tmp_path, model, data, method, sets, capsys) -> tuple[str, str]:
+    """train's own pre-training check (config, data, method) as the command line runs it, without the model:
+    (the error it refuses with or "", the warnings it said)."""
+    from overnight.commands.cli import FLAG_KEYS, build_parser
+    from overnight.runs.lifecycle import EXPECTED_ERRORS, check_before_training
+
+    argv = ["train", "--model", str(model), "--data", str(data), "--method", method, "--output",
+            str(tmp_path / "run")] + [a for s in sets for a in ("--set", s)]
+    args = build_parser().parse_args(argv)
+    capsys.readouterr()
+    try:
+        check_before_training(args, {key: getattr(args, name) for name, key in FLAG_KEYS.items()})
+        error = ""
+    except EXPECTED_ERRORS as exc:
+        error = str(exc)
+    said = capsys.readouterr().out
+    assert not (tmp_path / "run").exists()
+    return error, "\n".join(line for line in said.splitlines() if line.startswith("warning: "))
+
+
+def test_validate_data_refuses_a_grpo_row_without_the_field_a_reward_reads(tmp_path, tiny_model_dir, capsys):
+    sets = ["grpo.rewards=[exact_match=solution]"]
+    error, _ = train_check(tmp_path, tiny_model_dir, DATA_DIR / "grpo", "grpo", sets, capsys)
+    assert "train.jsonl:1: key 'solution': missing; reward exact_match=solution reads it" in error
+    code, text = run(DATA_DIR / "grpo", "grpo", tiny_model_dir, sets=sets)
+    assert code == 2 and f"error: {error}" in text
+    assert run(DATA_DIR / "grpo", "grpo", tiny_model_dir, sets=["grpo.rewards=[exact_match=answer]"])[0] == 0
+
+
+def test_validate_data_warns_of_a_config_key_the_method_never_reads(tmp_path, tiny_model_dir, capsys):
+    sets = ["grpo.group_size=8", "preference.beta=0.2"]
+    error, warnings = train_check(tmp_path, tiny_model_dir, DATA_DIR, "sft", sets, capsys)
+    assert error == "" and warnings.count("warning: ") == 2
+    assert "config key 'grpo.group_size' is set to 8, but data.method sft does not read it" in warnings
+    code, text = run(DATA_DIR, "sft", tiny_model_dir, sets=sets)
+    assert code == 0 and warnings and warnings in text
+    code, text = run(DATA_DIR, None, None, sets=sets)  # inferred sft from the rows: the same words
+    assert code == 0 and warnings in text
+    assert "warning" not in run(DATA_DIR, "sft", None)[1]

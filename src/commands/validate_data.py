@@ -15,10 +15,11 @@ from typing import Callable
 import numpy as np
 
 from overnight.backend.objectives import PAIRED
-from overnight.config import Config, ConfigError, set_dotted, validate
+from overnight.config import Config, ConfigError, set_dotted, unused_keys, validate
 from overnight.data import DataError, check_data, find_data_files, load_tokenizer
 from overnight.data.formats import (METHOD_FORMATS, detect_format, iter_lines, label_of, no_target_fix, parse_line,
                                     row_ref, where)
+from overnight.methods.registry import method as method_of
 from overnight.train.progress import DataCheckProgress
 
 
@@ -62,7 +63,7 @@ def validate_data_main(path: str | None, method: str | None, model: str | None, 
         if path is not None and hub:
             raise DataError(f"both {path} and data.hf_dataset.name={hub} name the data -> pass one of them")
         path = path if path is not None else cfg.data.path
-        train_file, _ = find_data_files(Path(path), cfg.data.columns, cfg.data.hf_dataset)
+        train_file, val_file = find_data_files(Path(path), cfg.data.columns, cfg.data.hf_dataset)
         if method is None:
             method, how = infer_method(train_file), "inferred from the rows; pass --method to check for another"
         elif method not in METHOD_FORMATS:
@@ -70,6 +71,9 @@ def validate_data_main(path: str | None, method: str | None, model: str | None, 
         else:
             how = "as asked"
         cfg.data.method = method
+        # train's start warnings for these keys, said before its refusals as train says them
+        for warning in unused_keys(cfg, given):
+            out(f"warning: {warning}")
         if model:
             from overnight.models.provided import resolve_model_path
 
@@ -80,6 +84,8 @@ def validate_data_main(path: str | None, method: str | None, model: str | None, 
             report = check_data(Path(path), method, tokenizer=tokenizer, cfg=cfg, on_progress=shown)
         finally:
             shown.done()
+        if report.ok:  # what train checks next (grpo: the fields its rewards read), or the data is not ready
+            method_of(method).check(cfg, train_file, val_file)
     except DataError as exc:
         out(f"error: {exc}")
         return 2
