@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -316,3 +317,20 @@ def test_wandb_that_cannot_log_in_warns_once_and_training_completes(tmp_path, ti
     assert (out / "adapter").is_dir()
     state = json.loads((out / "checkpoints" / "step-00000005" / "trainer_state.json").read_text())
     assert state["report"] == {}
+
+
+@needs_wandb
+def test_wandb_config_does_not_carry_the_webhook_url(tmp_path, tiny_model_dir):
+    # The webhook URL is a credential (its path or query is the token); W&B's config is uploaded and shared.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}/hooks/T0SECRET"
+    out = tmp_path / "run"
+    result = train(base_args(tiny_model_dir, out, 2, "--set", "report.wandb=true", "--set",
+                             f"notify.webhook_url={url}"), wandb_env(tmp_path))
+    assert result.returncode == 0, result.stderr
+    [run] = offline_runs(out)
+    stored = b"".join(p.read_bytes() for p in run.rglob("*") if p.is_file())
+    assert f"http://127.0.0.1:{url.split(':')[2].split('/')[0]}/...".encode() in stored  # what may be shown
+    assert b"T0SECRET" not in stored
+    assert "T0SECRET" not in result.stdout + result.stderr

@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from overnight.integrations.notify import safe_url
+
 # Events that mark the run's life rather than measure it: text in TensorBoard, summary fields in W&B.
 LIFECYCLE = ("start", "resume", "checkpoint", "stop", "interrupted", "end", "failed")
 EXTRA_HINT = "pip install 'overnight[report]'"
@@ -86,6 +88,16 @@ class TensorBoardSink:
         self.writer.close()
 
 
+def tracked_config(cfg) -> dict:
+    """The config as W&B stores and shares it: the webhook URL is a credential (its path or query is the token),
+    so only its scheme and host go along."""
+    data = cfg.to_dict()
+    notify = data.get("notify")
+    if isinstance(notify, dict) and notify.get("webhook_url"):
+        data["notify"] = {**notify, "webhook_url": safe_url(notify["webhook_url"])}
+    return data
+
+
 class WandbSink:
     name = "W&B"
 
@@ -93,13 +105,19 @@ class WandbSink:
         import wandb
 
         r = cfg.report
+        url = cfg.notify.webhook_url
+        if url:
+            # W&B records sys.argv (at init, and again when it builds its job at finish), and a webhook URL given
+            # as `--set notify.webhook_url=...` would go along with its token. The command line was parsed long
+            # before; nothing in this process reads sys.argv again.
+            sys.argv = [a.replace(url, safe_url(url)) for a in sys.argv]
         # console "off": the terminal (the progress line, its carriage returns) stays overnight's own.
         settings = wandb.Settings(console="off")
         self.run = wandb.init(project=r.wandb_project or None, entity=r.wandb_entity or None,
                               name=Path(run_dir).resolve().name, dir=str(run_dir), id=run_id,
                               resume="allow" if run_id else None, settings=settings)
         # Not passed to init: on a resume with a changed value (a larger max_steps) init would refuse it.
-        self.run.config.update(cfg.to_dict(), allow_val_change=True)
+        self.run.config.update(tracked_config(cfg), allow_val_change=True)
         self.skip_below = skip_below
 
     def event(self, record: dict) -> None:
