@@ -207,8 +207,8 @@ def test_the_hint_in_a_training_refusal_checks_what_the_run_checked(tmp_path, ti
     refused = overnight(*args)
     assert refused.returncode == 2 and "25 problem(s)" in refused.stderr, refused.stderr
     hint = refused.stderr.split("... and 5 more (`", 1)[1].split("`", 1)[0]
-    assert hint == (f"overnight validate-data {tmp_path} --method grpo --model {tiny_model_dir} "
-                    "--max-seq-length 128"), hint
+    assert hint == (f"overnight validate-data {tmp_path} --method grpo --set 'grpo.rewards=[exact_match]' "
+                    f"--model {tiny_model_dir} --max-seq-length 128"), hint
     checked = overnight(*shlex.split(hint)[1:])
     assert checked.returncode == 2 and "25 problem(s):" in checked.stdout, checked.stdout + checked.stderr
     assert run(tmp_path)[0] == 0  # the hint without --method: "no problems"
@@ -256,3 +256,15 @@ def test_validate_data_warns_of_a_config_key_the_method_never_reads(tmp_path, ti
     code, text = run(DATA_DIR, None, None, sets=sets)  # inferred sft from the rows: the same words
     assert code == 0 and warnings in text
     assert "warning" not in run(DATA_DIR, "sft", None)[1]
+
+
+def test_validate_data_checks_the_config_for_the_method_it_checks(tmp_path, tiny_model_dir, capsys):
+    """--method grpo with no grpo.rewards: train refuses the config; validate-data checked it as sft's and said the
+    data was ready."""
+    from overnight.config import ConfigError
+
+    error, _ = train_check(tmp_path, tiny_model_dir, DATA_DIR / "grpo", "grpo", [], capsys)
+    assert error.startswith("config key 'grpo.rewards' is empty: method grpo needs at least one reward")
+    with pytest.raises(ConfigError) as refused:
+        run(DATA_DIR / "grpo", "grpo", tiny_model_dir)
+    assert str(refused.value) == error

@@ -47,6 +47,8 @@ def validate_data_main(path: str | None, method: str | None, model: str | None, 
         if not sep:
             raise ConfigError(f"--set expects KEY=VALUE, got '{item}' (e.g. --set data.mask_prompt=false)")
         set_dotted(cfg, key.strip(), raw, given)
+    if method in METHOD_FORMATS:  # the config is refused or not for the method the run trains, as train does
+        cfg.data.method = method
     validate(cfg)
     if method is None and "data.method" in given:
         method = cfg.data.method
@@ -71,6 +73,7 @@ def validate_data_main(path: str | None, method: str | None, model: str | None, 
         else:
             how = "as asked"
         cfg.data.method = method
+        validate(cfg)  # again for an inferred method (grpo's keys, for one)
         # train's start warnings for these keys, said before its refusals as train says them
         for warning in unused_keys(cfg, given):
             out(f"warning: {warning}")

@@ -84,6 +84,13 @@ def _rng(*keys: int) -> np.random.Generator:
 # ---------------------------------------------------------------------------
 # Validation
 
+def _hint_sets(cfg, method: str) -> tuple[str, ...]:
+    """grpo.rewards for a grpo run: validate-data refuses grpo without one, so a hint without it checks nothing."""
+    if method != "grpo" or cfg is None or not cfg.grpo.rewards:
+        return ()
+    return (f"grpo.rewards=[{', '.join(cfg.grpo.rewards)}]",)
+
+
 def check_data(data_path: Path, method: str, *, tokenizer: TextTokenizer | None = None,
                cfg: Any = None, on_progress: Callable[[Path, int, int, int], None] | None = None) -> DataReport:
     """One full validating pass over the train and validation files; collects every problem.
@@ -107,7 +114,8 @@ def check_data(data_path: Path, method: str, *, tokenizer: TextTokenizer | None 
     reports = [check_file(path, method, measure, max_len, _progress_for(path, on_progress))
                for path in (train, val) if path is not None]
     report = DataReport(method, reports[0], reports[1] if len(reports) > 1 else None, max_len, truncate, packing,
-                        mask_prompt, Path(data_path), tokenizer.model_dir if tokenizer is not None else None)
+                        mask_prompt, Path(data_path), tokenizer.model_dir if tokenizer is not None else None,
+                        _hint_sets(cfg, method))
     for f in report.files:
         _check_file_fits(f, report, method, tokenizer, cfg)
     if packing and max_len < 2:

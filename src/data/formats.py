@@ -163,13 +163,18 @@ class Problem:
 
 
 def validate_data_command(path: Path, method: str | None, model_dir: Path | str | None = None,
-                          max_seq_length: int | None = None) -> str:
+                          max_seq_length: int | None = None, sets: tuple[str, ...] = ()) -> str:
     """The `overnight validate-data` command that checks what the run checked: the method decides which rows fit
-    (validate-data infers sft or dpo otherwise), and only a tokenizer finds rows too long for max_seq_length."""
+    (validate-data infers sft or dpo otherwise), only a tokenizer finds rows too long for max_seq_length, and
+    ``sets`` are the --set values without which validate-data refuses the config (grpo's rewards)."""
+    import shlex
+
     label = label_of(path)
     parts = ["overnight validate-data", *(label.command_args if label else [str(path)])]
     if method:
         parts += ["--method", method]
+    for item in sets:
+        parts += ["--set", shlex.quote(item)]
     if model_dir:
         parts += ["--model", str(model_dir)]
         if max_seq_length is not None:
@@ -596,6 +601,7 @@ class DataReport:
     mask_prompt: bool = True
     data_path: Path | None = None  # as the user named it (a folder or a file), for the validate-data hint
     model_dir: Path | None = None  # the tokenizer's folder, when the rows were tokenized
+    sets: tuple[str, ...] = ()  # --set values the validate-data hint needs (validate_data_command)
 
     @property
     def files(self) -> list[FileReport]:
@@ -636,7 +642,7 @@ class DataReport:
         lines += [f"  {p}" for p in shown]
         if self.problem_count > len(shown):
             named = self.train.path if label_of(self.train.path) else self.data_path or self.train.path
-            command = validate_data_command(named, self.method, self.model_dir, self.max_seq_length)
+            command = validate_data_command(named, self.method, self.model_dir, self.max_seq_length, self.sets)
             lines.append(f"  ... and {self.problem_count - len(shown)} more ({command} lists them all)")
         raise DataError("\n".join(lines))
 
