@@ -151,3 +151,39 @@ def test_a_failed_heartbeat_is_written_over_the_old_one_when_no_new_file_fits(tm
     files.heartbeat(8, "failed", reason="disk full")
     written = json.loads((tmp_path / "heartbeat.json").read_text())
     assert written["state"] == "failed" and written["step"] == 8 and written["reason"] == "disk full"
+
+
+def test_checkpoints_lists_those_a_resume_from_an_earlier_step_set_aside(finished_run, tmp_path):
+    import shutil
+
+    from overnight.runs.checkpoint import CheckpointManager
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    manager = CheckpointManager(run, log=lambda message: None)
+    first = manager.list()[0].step
+    moved = manager.set_aside_after(first)  # what --resume-from FIRST does before training again
+    assert moved
+    listing = overnight("checkpoints", str(run))
+    assert listing.returncode == 0 and "Traceback" not in listing.stderr
+    for path in moved:
+        line = next((line for line in listing.stdout.splitlines() if path.name in line), None)
+        assert line is not None and "superseded" in line, listing.stdout
+        assert str(path) in line  # where to find it, e.g. to fuse the abandoned timeline's best
+
+
+def test_checkpoints_shows_the_quarantined_when_none_is_left_in_the_timeline(finished_run, tmp_path):
+    import shutil
+
+    from overnight.runs.checkpoint import CheckpointInfo, CheckpointManager
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    manager = CheckpointManager(run, log=lambda message: None)
+    for info in manager.list():
+        manager.quarantine(CheckpointInfo(info.step, info.path, False, "damaged by the test"))
+    assert "overnight checkpoints" in status(run)  # status sends the user there ...
+    listing = overnight("checkpoints", str(run))
+    assert listing.returncode == 0 and "Traceback" not in listing.stderr
+    assert listing.stdout.count("quarantined: step-") == len(manager.quarantined())  # ... which shows them
+    assert "damaged by the test" in listing.stdout

@@ -134,9 +134,22 @@ def restarts_note(run_dir: Path) -> str | None:
 def list_checkpoints(run_dir: Path, say: Callable[[str], None]) -> None:
     manager = CheckpointManager(run_dir, log=lambda message: None)
     infos = manager.list()
-    if not infos:
+    if infos:
+        _checkpoint_table(manager, infos, run_dir, say)
+    else:
         say(f"no checkpoints in {manager.root}")
-        return
+    # Also when the timeline is empty: `status` sends a user here when no checkpoint verifies.
+    for entry in manager.quarantined():
+        why = (entry / "QUARANTINED.txt").read_text().strip() if (entry / "QUARANTINED.txt").exists() else ""
+        say(f"{'':>8}  quarantined: {entry.name} ({why})")
+    # Out of the timeline but whole: a user who resumed from an earlier step may still want one (its best, to
+    # fuse), and nothing else says where they went.
+    superseded = manager.root / "superseded"
+    for entry in sorted(superseded.iterdir()) if superseded.is_dir() else []:
+        say(f"{'':>8}  superseded: {entry} (set aside by a resume from an earlier step; kept, not verified)")
+
+
+def _checkpoint_table(manager: CheckpointManager, infos: list, run_dir: Path, say: Callable[[str], None]) -> None:
     records = read_metrics(run_dir)
     evals = {r.get("step"): r for r in records if r.get("event") == "eval"}
     best_step, newest = None, None
@@ -158,6 +171,3 @@ def list_checkpoints(run_dir: Path, say: Callable[[str], None]) -> None:
         val = f"{ev['val_loss']:.4f}" if isinstance(ev.get("val_loss"), float) else "-"
         score = f"{ev['score']:.4f}" if isinstance(ev.get("score"), float) else "-"
         say(f"{info.step:>8}  {status[:40]:<40} {val:>9} {score:>9}  {'*' if info.step == best_step else ''}")
-    for entry in manager.quarantined():
-        why = (entry / "QUARANTINED.txt").read_text().strip() if (entry / "QUARANTINED.txt").exists() else ""
-        say(f"{'':>8}  quarantined: {entry.name} ({why})")
