@@ -187,3 +187,16 @@ def test_checkpoints_shows_the_quarantined_when_none_is_left_in_the_timeline(fin
     assert listing.returncode == 0 and "Traceback" not in listing.stderr
     assert listing.stdout.count("quarantined: step-") == len(manager.quarantined())  # ... which shows them
     assert "damaged by the test" in listing.stdout
+
+
+def test_a_fresh_heartbeat_from_another_host_is_not_called_interrupted_outright(tmp_path):
+    # A shared volume whose filesystem does not carry flocks between hosts (some NFS/Lustre/SMB setups): the run
+    # on the other host holds its lock where this host cannot see it. "interrupted; continue with --auto-resume"
+    # would have the user start a second trainer on the same folder.
+    (tmp_path / ".lock").write_bytes(b"")
+    beat(tmp_path, host="gpu-node-7", pid=4242)
+    text = status(tmp_path)
+    assert "gpu-node-7" in text and "pid 4242" in text and "check" in text, text
+    beat(tmp_path, host="gpu-node-7", pid=4242, time=time.time() - 3 * 3600)  # long silent: gone
+    text = status(tmp_path)
+    assert "interrupted at step 7" in text and "gpu-node-7" not in text, text

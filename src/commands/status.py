@@ -99,6 +99,13 @@ def show_status(run_dir: Path, say: Callable[[str], None]) -> None:
         say(f"running at step {step} (heartbeat {ago}, {lock.describe(holder)}){stuck}")
     elif not beat:
         say(f"{run_dir}: not running (no usable heartbeat.json, and no process holds the run's lock)")
+    elif (state == "running" and held is False and beat.get("host") not in (None, socket.gethostname())
+          and age is not None and age < STALE_AFTER_S):
+        # Free as seen from here, but a shared volume's filesystem may not carry flocks between hosts: the
+        # other host's run can hold its lock where we cannot see it, and a resume here would be a second writer.
+        say(f"interrupted at step {step}, or still running on host {beat['host']} (pid {beat.get('pid', '?')}, "
+            f"heartbeat {ago}): its lock is free as seen from this host, which a shared filesystem may not "
+            f"share between hosts; check on {beat['host']} before continuing with: overnight train ... --auto-resume")
     elif state == "running":
         say(f"interrupted at step {step} ({why_not}); continue with: overnight train ... --auto-resume")
     elif state == "stopped":
