@@ -217,14 +217,14 @@ def test_the_hint_in_a_training_refusal_checks_what_the_run_checked(tmp_path, ti
 # validate-data refuses and warns as train does, on the same flags
 
 
-def train_check(tmp_path, model, data, method, sets, capsys) -> tuple[str, str]:
+def train_check(tmp_path, model, data, method, sets, capsys, argv=None) -> tuple[str, str]:
     """train's own pre-training check (config, data, method) as the command line runs it, without the model:
     (the error it refuses with or "", the warnings it said)."""
     from overnight.commands.cli import FLAG_KEYS, build_parser
     from overnight.runs.lifecycle import EXPECTED_ERRORS, check_before_training
 
-    argv = ["train", "--model", str(model), "--data", str(data), "--method", method, "--output",
-            str(tmp_path / "run")] + [a for s in sets for a in ("--set", s)]
+    argv = argv or (["train", "--model", str(model), "--data", str(data), "--method", method, "--output",
+                     str(tmp_path / "run")] + [a for s in sets for a in ("--set", s)])
     args = build_parser().parse_args(argv)
     capsys.readouterr()
     try:
@@ -268,3 +268,20 @@ def test_validate_data_checks_the_config_for_the_method_it_checks(tmp_path, tiny
     with pytest.raises(ConfigError) as refused:
         run(DATA_DIR / "grpo", "grpo", tiny_model_dir)
     assert str(refused.value) == error
+
+
+def test_validate_data_reads_the_runs_config_file_as_train_does(tmp_path, tiny_model_dir, capsys):
+    """--config: the YAML's method, data, local model and keys, with train's warning and refusal."""
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model: {{path: {tiny_model_dir}}}\ndata: {{path: {DATA_DIR / 'grpo'}, method: grpo}}\n"
+                      "grpo: {rewards: [exact_match=solution]}\npreference: {beta: 0.3}\n")
+    error, warnings = train_check(tmp_path, None, None, None, [], capsys,
+                                  ["train", str(config), "--output", str(tmp_path / "run")])
+    assert "key 'solution': missing" in error and "config key 'preference.beta' is set to 0.3" in warnings
+    lines: list[str] = []
+    assert validate_data_main(None, None, None, out=lines.append, config=str(config)) == 2
+    assert lines[0] == warnings and f"error: {error}" in lines
+    config.write_text(config.read_text().replace("solution", "answer"))
+    lines = []
+    assert validate_data_main(None, None, None, out=lines.append, config=str(config)) == 0
+    assert "tokens per row" in "\n".join(lines)  # the config's local model: train's length checks

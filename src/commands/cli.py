@@ -68,7 +68,8 @@ def cmd_convert_adapter(args) -> int:
 def cmd_validate_data(args) -> int:
     from overnight.commands.validate_data import validate_data_main
 
-    return validate_data_main(args.path, args.method, args.model, args.max_seq_length, sets=args.set)
+    return validate_data_main(args.path, args.method, args.model, args.max_seq_length, sets=args.set,
+                              config=args.config)
 
 
 def cmd_tiny_model(args) -> int:
@@ -208,6 +209,8 @@ def _add_validate_data_command(sub) -> None:
     v = sub.add_parser("validate-data", help="check a dataset before training")
     v.add_argument("path", metavar="DIR_OR_FILE", nargs="?",
                    help="what train's --data takes; leave it out for --set data.hf_dataset.name=ORG/NAME")
+    v.add_argument("--config", metavar="FILE", default=None,
+                   help="the run's config file, read as train reads it (its data.path, data.method, local model.path)")
     v.add_argument("--method", choices=list(CHOICES["data.method"]), default=None)
     v.add_argument("--model", metavar="DIR", default=None, help="tokenize with this model's tokenizer for length stats")
     v.add_argument("--max-seq-length", type=int, metavar="N", default=None,

@@ -15,7 +15,7 @@ from typing import Callable
 import numpy as np
 
 from overnight.backend.objectives import PAIRED
-from overnight.config import Config, ConfigError, set_dotted, unused_keys, validate
+from overnight.config import build_config, unused_keys, validate
 from overnight.data import DataError, check_data, find_data_files, load_tokenizer
 from overnight.data.formats import (METHOD_FORMATS, detect_format, iter_lines, label_of, no_target_fix, parse_line,
                                     row_ref, where)
@@ -36,22 +36,26 @@ def infer_method(train_file: Path) -> str:
 
 
 def validate_data_main(path: str | None, method: str | None, model: str | None, max_seq_length: int | None = None,
-                       out: Callable[[str], None] = print, sets: list[str] | None = None) -> int:
+                       out: Callable[[str], None] = print, sets: list[str] | None = None,
+                       config: str | None = None) -> int:
     """``sets``: `--set KEY=VALUE` as for train (e.g. data.chat_template_kwargs, data.mask_prompt), so rows are
-    checked as the run will encode them. Chat templates that print today's date get today's: a run pins its start
-    date instead, so lengths can differ by a token on another day."""
-    cfg = Config()
-    given: set[str] = set()
-    for item in sets or []:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--set expects KEY=VALUE, got '{item}' (e.g. --set data.mask_prompt=false)")
-        set_dotted(cfg, key.strip(), raw, given)
-    if method in METHOD_FORMATS:  # the config is refused or not for the method the run trains, as train does
-        cfg.data.method = method
-    validate(cfg)
-    if method is None and "data.method" in given:
-        method = cfg.data.method
+    checked as the run will encode them; ``config``: the run's YAML, read as train reads it (its data.path,
+    data.method and a local model.path stand in for PATH, --method and --model). Chat templates that print today's
+    date get today's: a run pins its start date instead, so lengths can differ by a token on another day."""
+    # The config is refused or not for the method the run trains, as train refuses it.
+    cfg = build_config(Path(config) if config else None, {"data.method": method} if method in METHOD_FORMATS else {},
+                       sets)
+    on_command_line = {item.partition("=")[0].strip() for item in sets or []}
+    asked = "as asked" if method is not None or not config else f"data.method of {config}"
+    if method is None and (config or "data.method" in on_command_line):
+        method = cfg.data.method  # what train trains; only a bare check infers it from the rows
+    if method is not None:
+        for warning in cfg.warnings:  # train's start warnings, said before its refusals as train says them
+            out(f"warning: {warning}")
+    if config and not model and Path(cfg.model.path).expanduser().is_dir():
+        model = cfg.model.path  # train tokenizes with a local model: the same length checks
+    if config and path is None and not cfg.data.hf_dataset.name:
+        path = cfg.data.path
     if max_seq_length is not None:
         cfg.model.max_seq_length = max_seq_length
     try:
@@ -71,12 +75,12 @@ def validate_data_main(path: str | None, method: str | None, model: str | None, 
         elif method not in METHOD_FORMATS:
             raise DataError(f"unknown method '{method}' -> use one of {', '.join(METHOD_FORMATS)}")
         else:
-            how = "as asked"
-        cfg.data.method = method
-        validate(cfg)  # again for an inferred method (grpo's keys, for one)
-        # train's start warnings for these keys, said before its refusals as train says them
-        for warning in unused_keys(cfg, given):
-            out(f"warning: {warning}")
+            how = asked
+        if how.startswith("inferred"):  # inferred: the config and train's warnings for that method
+            cfg.data.method = method
+            validate(cfg)
+            for warning in unused_keys(cfg, on_command_line):
+                out(f"warning: {warning}")
         if model:
             from overnight.models.provided import resolve_model_path
 
