@@ -285,3 +285,14 @@ def test_validate_data_reads_the_runs_config_file_as_train_does(tmp_path, tiny_m
     lines = []
     assert validate_data_main(None, None, None, out=lines.append, config=str(config)) == 0
     assert "tokens per row" in "\n".join(lines)  # the config's local model: train's length checks
+
+
+def test_validate_data_piped_into_head_is_no_crash(tiny_model_dir):
+    """`overnight validate-data ... | head -1`: the reader goes away after a line; it crashed with a traceback."""
+    proc = subprocess.Popen([sys.executable, "-m", "overnight", "validate-data", str(DATA_DIR), "--model",
+                             str(tiny_model_dir)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
+                            stdin=subprocess.DEVNULL)
+    proc.stdout.readline()
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0 and "Traceback" not in err, err

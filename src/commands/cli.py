@@ -69,7 +69,7 @@ def cmd_validate_data(args) -> int:
     from overnight.commands.validate_data import validate_data_main
 
     return validate_data_main(args.path, args.method, args.model, args.max_seq_length, sets=args.set,
-                              config=args.config)
+                              config=args.config, out=say)  # say: a reader that went away (`| head`) is no crash
 
 
 def cmd_tiny_model(args) -> int:
