@@ -200,3 +200,10 @@ def test_a_fresh_heartbeat_from_another_host_is_not_called_interrupted_outright(
     beat(tmp_path, host="gpu-node-7", pid=4242, time=time.time() - 3 * 3600)  # long silent: gone
     text = status(tmp_path)
     assert "interrupted at step 7" in text and "gpu-node-7" not in text, text
+
+
+def test_a_run_stopped_by_a_signal_says_how_to_continue(tmp_path):
+    (tmp_path / ".lock").write_bytes(b"")
+    beat(tmp_path, state="interrupted", reason="SIGINT: checkpoint saved at step 7")
+    text = status(tmp_path)
+    assert "interrupted at step 7: SIGINT" in text and "--auto-resume" in text, text

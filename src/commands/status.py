@@ -110,6 +110,8 @@ def show_status(run_dir: Path, say: Callable[[str], None]) -> None:
         say(f"interrupted at step {step} ({why_not}); continue with: overnight train ... --auto-resume")
     elif state == "stopped":
         say(f"stopped early at step {step}: {beat.get('reason')}")
+    elif state == "interrupted":  # Ctrl-C, SIGTERM: told what to do like a run that was killed
+        say(f"interrupted at step {step}: {beat.get('reason')}; continue with: overnight train ... --auto-resume")
     elif state == "completed":
         say(f"completed at step {step}: {beat.get('reason')}")
     else:
