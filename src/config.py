@@ -598,6 +598,12 @@ def validate(cfg: Config) -> Config:
     _check_lora(cfg)
     _check_grpo(cfg)
     _check_zero_means_nothing(cfg)
+    url = cfg.notify.webhook_url
+    if url and not (isinstance(url, str) and url.split("://", 1)[0].lower() in ("http", "https") and "://" in url):
+        # urllib can only post to http(s); anything else failed at run time as one warning and nothing arrived
+        # all night. The value is not repeated: a webhook URL carries its secret.
+        raise ConfigError("config key 'notify.webhook_url' must be an http:// or https:// URL (the webhook's "
+                          "full address, e.g. https://hooks.example.com/services/...); nothing could be posted to it")
     if cfg.train.min_lr_ratio > 1:
         raise ConfigError(f"config key 'train.min_lr_ratio' must be in [0, 1], got {cfg.train.min_lr_ratio}")
     if cfg.train.epochs is not None and not cfg.train.epochs > 0:

@@ -300,3 +300,15 @@ def test_keys_left_at_their_defaults_and_the_shipped_configs_warn_of_nothing(tmp
     assert len(configs) >= 10
     for path in configs:
         assert build_config(path, {}, ["model.path=m"]).warnings == [], path
+
+
+@pytest.mark.parametrize("url", ["hooks.example.com/services/T0SECRET", "ftp://hooks.example.com/T0SECRET",
+                                 "https//hooks.example.com/T0SECRET"])
+def test_a_webhook_url_nothing_can_be_posted_to_is_refused_without_echoing_it(url):
+    """Without http(s):// the webhook failed at run time as one warning and no notification arrived all night; the
+    refusal names the key, never the URL (its path carries the secret)."""
+    with pytest.raises(ConfigError) as refused:
+        build_config(None, None, [f"notify.webhook_url={url}"])
+    assert "notify.webhook_url" in str(refused.value) and "T0SECRET" not in str(refused.value)
+    assert build_config(None, None, ["notify.webhook_url=https://hooks.example.com/T0SECRET"]).notify.webhook_url
+
