@@ -997,3 +997,31 @@ def test_a_fuse_interrupted_with_ctrl_c_says_so_and_leaves_nothing(torch_run, tm
     assert f"fuse interrupted; nothing was written to {out / 'fused'}" in stderr, stderr
     assert "training" not in stderr and "Traceback" not in stderr, stderr
     assert list(out.iterdir()) == []
+
+
+def test_ctrl_c_that_reaches_another_thread_still_stops_the_exporter_wait(tmp_path, monkeypatch):
+    """The kernel may hand SIGINT to any thread of the fuse process (a library's); Python then only sets its flag,
+    and a wait on the exporter with no timeout did not see it until the exporter ended: the suite's Ctrl-C test hung
+    60 s once in a full run. The wait wakes twice a second, so the KeyboardInterrupt comes at once, the exporter
+    killed."""
+    import signal
+    import threading
+    import time
+
+    from overnight.commands import fuse
+
+    slow = tmp_path / "slow_exporter.py"
+    slow.write_text("import time\ntime.sleep(30)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    monkeypatch.setitem(fuse.EXPORTERS, "torch", "slow_exporter")
+
+    def interrupt_from_this_thread():
+        time.sleep(1.0)
+        signal.pthread_kill(threading.get_ident(), signal.SIGINT)  # delivered here, not to the main thread
+
+    threading.Thread(target=interrupt_from_this_thread, daemon=True).start()
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        fuse._run_exporter("torch", {}, tmp_path)
+    assert time.monotonic() - started < 10

@@ -281,9 +281,22 @@ def _run_exporter(backend: str, job: dict, scratch: Path) -> dict:
     result_path.unlink(missing_ok=True)
     job_path.write_text(json.dumps(job | {"result": str(result_path)}), encoding="utf-8")
     env = dict(os.environ, TOKENIZERS_PARALLELISM=os.environ.get("TOKENIZERS_PARALLELISM", "false"))
-    proc = subprocess.run([sys.executable, "-m", module, str(job_path)], capture_output=True, text=True,
-                          env=env, stdin=subprocess.DEVNULL)
-    said = (proc.stderr or "").strip()
+    with subprocess.Popen([sys.executable, "-m", module, str(job_path)], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, env=env, stdin=subprocess.DEVNULL) as proc:
+        try:
+            while True:
+                # Woken twice a second: a Ctrl-C the kernel delivered to another thread of this process (a
+                # library's) only sets Python's flag, and a wait with no timeout would not see it until the
+                # exporter ends (a fuse took minutes to answer Ctrl-C, once in the test suite's full run).
+                try:
+                    _, stderr = proc.communicate(timeout=0.5)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+        except BaseException:
+            proc.kill()
+            raise
+    said = (stderr or "").strip()
     if proc.returncode == EXPORT_DISK_FULL:
         lines = [line for line in said.splitlines() if line.startswith("error: ")]
         raise DiskFull(lines[-1][len("error: "):] if lines else said[-1000:])
