@@ -984,9 +984,12 @@ def test_a_fuse_interrupted_with_ctrl_c_says_so_and_leaves_nothing(torch_run, tm
     out = tmp_path / "out"
     out.mkdir()
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OVERNIGHT_FAULT="fuse-write:1:sleep=60")
+    # SIG_DFL in the child: a suite started in the background by a script (`.ci/run &`) hands every process SIGINT
+    # ignored (POSIX), and fuse, unlike train, keeps what it was given: the Ctrl-C a terminal sends is the case here.
     proc = subprocess.Popen([sys.executable, "-m", "overnight", "fuse", str(torch_run), "--output", str(out / "fused")],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            stdin=subprocess.DEVNULL, cwd=ROOT)
+                            stdin=subprocess.DEVNULL, cwd=ROOT,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not list(out.glob(".fused.tmp-*/*.safetensors")):  # the exporter is inside its first write
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
@@ -1020,8 +1023,13 @@ def test_ctrl_c_that_reaches_another_thread_still_stops_the_exporter_wait(tmp_pa
         time.sleep(1.0)
         signal.pthread_kill(threading.get_ident(), signal.SIGINT)  # delivered here, not to the main thread
 
-    threading.Thread(target=interrupt_from_this_thread, daemon=True).start()
-    started = time.monotonic()
-    with pytest.raises(KeyboardInterrupt):
-        fuse._run_exporter("torch", {}, tmp_path)
-    assert time.monotonic() - started < 10
+    # Python's own Ctrl-C handler, as in a terminal (a suite run in the background inherits SIGINT ignored)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        threading.Thread(target=interrupt_from_this_thread, daemon=True).start()
+        started = time.monotonic()
+        with pytest.raises(KeyboardInterrupt):
+            fuse._run_exporter("torch", {}, tmp_path)
+        assert time.monotonic() - started < 10
+    finally:
+        signal.signal(signal.SIGINT, previous)
