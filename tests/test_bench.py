@@ -68,11 +68,7 @@ def test_bench_writes_json_and_markdown_with_ratios(tiny_model_dir, tmp_path):
     assert {side["compute_dtype"] for side in data["settings"][0]["sides"].values()} == {"float32"}
     assert grpo["sides"]["overnight"]["compute_dtype"] == "float32"
     assert "float32 compute;" in table
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        import run as bench_run
-    finally:
-        sys.path.pop(0)
+    bench_run = _bench("run")
     on_gpu = json.loads(json.dumps(data))
     torch_pair = on_gpu["settings"][0]
     for side, mb in (("overnight", 1000.0), ("hf", 2000.0)):
@@ -87,14 +83,19 @@ def test_bench_writes_json_and_markdown_with_ratios(tiny_model_dir, tmp_path):
     assert header.count("|") == ours.count("|") == gpu_table.splitlines()[gpu_table.splitlines().index(header) + 1].count("|")
 
 
-def _bench_flops():
-    """bench/flops.py (bench/ is scripts, not a package)."""
+def _bench(name: str):
+    """A module of bench/ (scripts, not a package; gpu.py imports no ML framework at the top)."""
+    import importlib
+
     sys.path.insert(0, str(ROOT / "bench"))
     try:
-        import flops
+        return importlib.import_module(name)
     finally:
         sys.path.pop(0)
-    return flops
+
+
+def _bench_flops():
+    return _bench("flops")
 
 
 def test_flop_ceiling_counts_the_head_and_the_backward_depth():
@@ -142,13 +143,7 @@ def test_gpu_script_dry_run_writes_every_step_with_numbers(tmp_path):
 
 
 def _bench_gpu():
-    """bench/gpu.py (imports no ML framework at the top)."""
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        import gpu
-    finally:
-        sys.path.pop(0)
-    return gpu
+    return _bench("gpu")
 
 
 def test_gpu_script_records_a_step_that_does_not_fit_before_the_deadline_as_not_run():
